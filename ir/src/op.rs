@@ -1,0 +1,623 @@
+//! The closed set of primitive operations and their type rules.
+//!
+//! Softmax, LayerNorm, RMSNorm, GELU and attention are *not* primitives: the frontend lowers them
+//! to these ops, and the optimizer recognises and fuses the patterns (see ARCHITECTURE.md).
+
+use std::fmt;
+
+use crate::{DType, Dim, Shape, TensorType};
+
+/// A scalar constant. Floats are stored as bits so that ops can be compared and hashed exactly.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Literal {
+    /// A floating-point value, as the bits of an `f64`.
+    Float(u64),
+    /// An integer value.
+    Int(i64),
+    /// A boolean value.
+    Bool(bool),
+}
+
+impl Literal {
+    /// A float literal.
+    pub fn float(v: f64) -> Literal {
+        Literal::Float(v.to_bits())
+    }
+
+    /// The value as an `f64` (booleans as 0 or 1).
+    pub fn as_f64(self) -> f64 {
+        match self {
+            Literal::Float(b) => f64::from_bits(b),
+            Literal::Int(i) => i as f64,
+            Literal::Bool(b) => b as u8 as f64,
+        }
+    }
+}
+
+impl fmt::Display for Literal {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match *self {
+            Literal::Float(b) => {
+                let v = f64::from_bits(b);
+                if v.is_finite() && v == v.trunc() && v.abs() < 1e15 {
+                    write!(f, "{v:.1}")
+                } else {
+                    write!(f, "{v:e}")
+                }
+            }
+            Literal::Int(i) => write!(f, "{i}"),
+            Literal::Bool(b) => write!(f, "{b}"),
+        }
+    }
+}
+
+/// Elementwise binary arithmetic, with numpy broadcasting.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum BinaryOp {
+    /// `a + b`
+    Add,
+    /// `a - b`
+    Sub,
+    /// `a * b`
+    Mul,
+    /// `a / b`
+    Div,
+    /// `max(a, b)`
+    Max,
+    /// `min(a, b)`
+    Min,
+    /// `a ^ b`
+    Pow,
+}
+
+/// Elementwise comparison, with numpy broadcasting; the result is `bool`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum CmpOp {
+    /// `a == b`
+    Eq,
+    /// `a != b`
+    Ne,
+    /// `a < b`
+    Lt,
+    /// `a <= b`
+    Le,
+    /// `a > b`
+    Gt,
+    /// `a >= b`
+    Ge,
+}
+
+/// Elementwise unary function.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum UnaryOp {
+    /// `-x`
+    Neg,
+    /// `|x|`
+    Abs,
+    /// `e^x`
+    Exp,
+    /// natural logarithm
+    Log,
+    /// square root
+    Sqrt,
+    /// `1 / sqrt(x)`
+    Rsqrt,
+    /// hyperbolic tangent
+    Tanh,
+    /// the Gauss error function
+    Erf,
+    /// `1 / (1 + e^-x)`
+    Sigmoid,
+    /// `max(x, 0)`
+    Relu,
+    /// `1 / x`
+    Recip,
+    /// sine
+    Sin,
+    /// cosine
+    Cos,
+    /// logical not (bool only)
+    Not,
+}
+
+/// Reduction over a set of axes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum ReduceOp {
+    /// Sum.
+    Sum,
+    /// Arithmetic mean.
+    Mean,
+    /// Maximum.
+    Max,
+    /// Minimum.
+    Min,
+}
+
+/// A primitive operation. Operand order is part of each variant's contract.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub enum Op {
+    /// A named graph input (no operands). The type is declared by the graph.
+    Input {
+        /// Name the caller binds a tensor to.
+        name: String,
+        /// Declared type.
+        ty: TensorType,
+    },
+    /// A named weight (no operands), bound from a checkpoint.
+    Param {
+        /// Checkpoint name, e.g. `encoder.layer.0.attention.self.query.weight`.
+        name: String,
+        /// Declared type; parameters always have fully known shapes.
+        ty: TensorType,
+    },
+    /// A rank-0 constant (no operands).
+    Scalar {
+        /// The value.
+        value: Literal,
+        /// Its dtype.
+        dtype: DType,
+    },
+    /// `[0, 1, …, len-1]` as a rank-1 tensor (no operands); positions and masks are built from it.
+    Iota {
+        /// Length, possibly symbolic.
+        len: Dim,
+        /// Element type (integer or float).
+        dtype: DType,
+    },
+    /// Batched matrix product `a @ b` with numpy `matmul` broadcasting over leading axes.
+    /// Operands: `a [.., m, k]` (or `[.., k, m]` if `transpose_a`), `b [.., k, n]` (or
+    /// `[.., n, k]` if `transpose_b`). Both operands have rank ≥ 2.
+    MatMul {
+        /// Use `a`'s last two axes swapped.
+        transpose_a: bool,
+        /// Use `b`'s last two axes swapped.
+        transpose_b: bool,
+    },
+    /// Elementwise arithmetic on two broadcast-compatible operands of one dtype.
+    Binary(BinaryOp),
+    /// Elementwise comparison of two broadcast-compatible operands of one dtype.
+    Compare(CmpOp),
+    /// `where(cond, a, b)`: operands `cond: bool`, `a`, `b` of one dtype, all broadcast together.
+    Where,
+    /// Elementwise unary function.
+    Unary(UnaryOp),
+    /// Reduction over `axes` (sorted, unique).
+    Reduce {
+        /// Which reduction.
+        op: ReduceOp,
+        /// Axes reduced.
+        axes: Vec<usize>,
+        /// Keep reduced axes as extent 1.
+        keep_dims: bool,
+    },
+    /// Same elements in row-major order, new shape with the same element count.
+    Reshape {
+        /// Target shape.
+        shape: Shape,
+    },
+    /// Axis permutation: output axis `i` is input axis `perm[i]`.
+    Transpose {
+        /// The permutation.
+        perm: Vec<usize>,
+    },
+    /// numpy `broadcast_to`: extents of 1 stretch, new leading axes are added.
+    Broadcast {
+        /// Target shape.
+        shape: Shape,
+    },
+    /// Elements `start..end` along `axis` (constant bounds).
+    Slice {
+        /// Axis sliced.
+        axis: usize,
+        /// First index kept.
+        start: u64,
+        /// One past the last index kept.
+        end: u64,
+    },
+    /// Concatenation of all operands (at least one) along `axis`; the axis must be of known extent.
+    Concat {
+        /// Axis joined.
+        axis: usize,
+    },
+    /// `table` indexed along `axis` by integer `indices`: output shape is
+    /// `table[..axis] ++ indices ++ table[axis+1..]`. Operands: `table`, `indices`.
+    Gather {
+        /// Axis of the table that is indexed.
+        axis: usize,
+    },
+    /// Elementwise conversion to another dtype.
+    Cast {
+        /// Target dtype.
+        to: DType,
+    },
+}
+
+/// Why an op cannot be applied to operands of the given types.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct TypeError(pub String);
+
+fn err<T>(msg: impl Into<String>) -> Result<T, TypeError> {
+    Err(TypeError(msg.into()))
+}
+
+fn fmt_shape(s: &[Dim]) -> String {
+    let parts: Vec<String> = s.iter().map(|d| d.to_string()).collect();
+    format!("[{}]", parts.join(", "))
+}
+
+/// numpy broadcasting of several shapes.
+pub(crate) fn broadcast_shapes(shapes: &[&Shape]) -> Result<Shape, TypeError> {
+    let rank = shapes.iter().map(|s| s.len()).max().unwrap_or(0);
+    let mut out = Vec::with_capacity(rank);
+    for i in 0..rank {
+        let mut d = Dim::known(1);
+        for s in shapes {
+            let Some(off) = (i + s.len()).checked_sub(rank) else { continue };
+            let e = &s[off];
+            if e.is_one() {
+                continue;
+            }
+            if d.is_one() {
+                d = e.clone();
+            } else if *e != d {
+                let all: Vec<String> = shapes.iter().map(|s| fmt_shape(s)).collect();
+                return err(format!("shapes {} do not broadcast (axis {i}: {d} vs {e})", all.join(" and ")));
+            }
+        }
+        out.push(d);
+    }
+    Ok(out)
+}
+
+impl Op {
+    /// Number of operands the op takes, or `None` for variadic ops (`Concat`).
+    pub fn arity(&self) -> Option<usize> {
+        Some(match self {
+            Op::Input { .. } | Op::Param { .. } | Op::Scalar { .. } | Op::Iota { .. } => 0,
+            Op::MatMul { .. } | Op::Binary(_) | Op::Compare(_) | Op::Gather { .. } => 2,
+            Op::Where => 3,
+            Op::Unary(_)
+            | Op::Reduce { .. }
+            | Op::Reshape { .. }
+            | Op::Transpose { .. }
+            | Op::Broadcast { .. }
+            | Op::Slice { .. }
+            | Op::Cast { .. } => 1,
+            Op::Concat { .. } => return None,
+        })
+    }
+
+    /// A short lower-case mnemonic, used by the text form.
+    pub fn mnemonic(&self) -> &'static str {
+        match self {
+            Op::Input { .. } => "input",
+            Op::Param { .. } => "param",
+            Op::Scalar { .. } => "scalar",
+            Op::Iota { .. } => "iota",
+            Op::MatMul { .. } => "matmul",
+            Op::Binary(b) => match b {
+                BinaryOp::Add => "add",
+                BinaryOp::Sub => "sub",
+                BinaryOp::Mul => "mul",
+                BinaryOp::Div => "div",
+                BinaryOp::Max => "max",
+                BinaryOp::Min => "min",
+                BinaryOp::Pow => "pow",
+            },
+            Op::Compare(c) => match c {
+                CmpOp::Eq => "eq",
+                CmpOp::Ne => "ne",
+                CmpOp::Lt => "lt",
+                CmpOp::Le => "le",
+                CmpOp::Gt => "gt",
+                CmpOp::Ge => "ge",
+            },
+            Op::Where => "where",
+            Op::Unary(u) => match u {
+                UnaryOp::Neg => "neg",
+                UnaryOp::Abs => "abs",
+                UnaryOp::Exp => "exp",
+                UnaryOp::Log => "log",
+                UnaryOp::Sqrt => "sqrt",
+                UnaryOp::Rsqrt => "rsqrt",
+                UnaryOp::Tanh => "tanh",
+                UnaryOp::Erf => "erf",
+                UnaryOp::Sigmoid => "sigmoid",
+                UnaryOp::Relu => "relu",
+                UnaryOp::Recip => "recip",
+                UnaryOp::Sin => "sin",
+                UnaryOp::Cos => "cos",
+                UnaryOp::Not => "not",
+            },
+            Op::Reduce { op, .. } => match op {
+                ReduceOp::Sum => "reduce_sum",
+                ReduceOp::Mean => "reduce_mean",
+                ReduceOp::Max => "reduce_max",
+                ReduceOp::Min => "reduce_min",
+            },
+            Op::Reshape { .. } => "reshape",
+            Op::Transpose { .. } => "transpose",
+            Op::Broadcast { .. } => "broadcast",
+            Op::Slice { .. } => "slice",
+            Op::Concat { .. } => "concat",
+            Op::Gather { .. } => "gather",
+            Op::Cast { .. } => "cast",
+        }
+    }
+
+    /// The op's attributes in the text form (`axes=[2] keep_dims`), empty if it has none.
+    pub fn attrs(&self) -> String {
+        match self {
+            Op::Input { name, .. } | Op::Param { name, .. } => format!("{name:?}"),
+            Op::Scalar { value, dtype } => format!("{value}:{dtype}"),
+            Op::Iota { len, dtype } => format!("len={len} {dtype}"),
+            Op::MatMul { transpose_a, transpose_b } => {
+                let mut s = Vec::new();
+                if *transpose_a {
+                    s.push("ta");
+                }
+                if *transpose_b {
+                    s.push("tb");
+                }
+                s.join(" ")
+            }
+            Op::Reduce { axes, keep_dims, .. } => {
+                format!("axes={axes:?}{}", if *keep_dims { " keep_dims" } else { "" })
+            }
+            Op::Reshape { shape } | Op::Broadcast { shape } => fmt_shape(shape),
+            Op::Transpose { perm } => format!("perm={perm:?}"),
+            Op::Slice { axis, start, end } => format!("axis={axis} {start}..{end}"),
+            Op::Concat { axis } | Op::Gather { axis } => format!("axis={axis}"),
+            Op::Cast { to } => format!("to={to}"),
+            Op::Binary(_) | Op::Compare(_) | Op::Where | Op::Unary(_) => String::new(),
+        }
+    }
+
+    /// Computes the output type from the operand types, or explains why they do not fit.
+    pub fn infer(&self, args: &[&TensorType]) -> Result<TensorType, TypeError> {
+        if let Some(n) = self.arity() {
+            if args.len() != n {
+                return err(format!("{} takes {n} operand(s), got {}", self.mnemonic(), args.len()));
+            }
+        } else if args.is_empty() {
+            return err(format!("{} takes at least one operand", self.mnemonic()));
+        }
+        match self {
+            Op::Input { ty, .. } | Op::Param { ty, .. } => Ok(ty.clone()),
+            Op::Scalar { value, dtype } => {
+                let ok = match value {
+                    Literal::Float(_) => dtype.is_float(),
+                    Literal::Int(_) => dtype.is_int() || dtype.is_float(),
+                    Literal::Bool(_) => *dtype == DType::Bool,
+                };
+                if !ok {
+                    return err(format!("literal {value} cannot have dtype {dtype}"));
+                }
+                Ok(TensorType::new(*dtype, vec![]))
+            }
+            Op::Iota { len, dtype } => {
+                if !(dtype.is_int() || dtype.is_float()) {
+                    return err(format!("iota needs a numeric dtype, got {dtype}"));
+                }
+                Ok(TensorType::new(*dtype, vec![len.clone()]))
+            }
+            Op::MatMul { transpose_a, transpose_b } => {
+                let (a, b) = (args[0], args[1]);
+                if a.dtype != b.dtype || !a.dtype.is_float() {
+                    return err(format!("matmul needs two float operands of one dtype, got {a} and {b}"));
+                }
+                if a.rank() < 2 || b.rank() < 2 {
+                    return err(format!("matmul operands need rank >= 2, got {a} and {b}"));
+                }
+                let (ra, rb) = (a.rank(), b.rank());
+                let (m, ka) = if *transpose_a { (&a.shape[ra - 1], &a.shape[ra - 2]) } else { (&a.shape[ra - 2], &a.shape[ra - 1]) };
+                let (kb, n) = if *transpose_b { (&b.shape[rb - 1], &b.shape[rb - 2]) } else { (&b.shape[rb - 2], &b.shape[rb - 1]) };
+                if ka != kb {
+                    return err(format!(
+                        "matmul contraction mismatch: {a}{} has k = {ka}, {b}{} has k = {kb}",
+                        if *transpose_a { "ᵀ" } else { "" },
+                        if *transpose_b { "ᵀ" } else { "" }
+                    ));
+                }
+                let batch_a: Shape = a.shape[..ra - 2].to_vec();
+                let batch_b: Shape = b.shape[..rb - 2].to_vec();
+                let mut shape = broadcast_shapes(&[&batch_a, &batch_b])?;
+                shape.push(m.clone());
+                shape.push(n.clone());
+                Ok(TensorType::new(a.dtype, shape))
+            }
+            Op::Binary(b) => {
+                let (x, y) = (args[0], args[1]);
+                if x.dtype != y.dtype {
+                    return err(format!("{} needs operands of one dtype, got {x} and {y}", self.mnemonic()));
+                }
+                if x.dtype == DType::Bool {
+                    return err(format!("{} is not defined on bool", self.mnemonic()));
+                }
+                if *b == BinaryOp::Pow && !x.dtype.is_float() {
+                    return err(format!("pow needs float operands, got {}", x.dtype));
+                }
+                Ok(TensorType::new(x.dtype, broadcast_shapes(&[&x.shape, &y.shape])?))
+            }
+            Op::Compare(_) => {
+                let (x, y) = (args[0], args[1]);
+                if x.dtype != y.dtype {
+                    return err(format!("{} needs operands of one dtype, got {x} and {y}", self.mnemonic()));
+                }
+                Ok(TensorType::new(DType::Bool, broadcast_shapes(&[&x.shape, &y.shape])?))
+            }
+            Op::Where => {
+                let (c, x, y) = (args[0], args[1], args[2]);
+                if c.dtype != DType::Bool {
+                    return err(format!("where needs a bool condition, got {c}"));
+                }
+                if x.dtype != y.dtype {
+                    return err(format!("where needs branches of one dtype, got {x} and {y}"));
+                }
+                Ok(TensorType::new(x.dtype, broadcast_shapes(&[&c.shape, &x.shape, &y.shape])?))
+            }
+            Op::Unary(u) => {
+                let x = args[0];
+                let ok = match u {
+                    UnaryOp::Not => x.dtype == DType::Bool,
+                    UnaryOp::Neg | UnaryOp::Abs | UnaryOp::Relu => x.dtype != DType::Bool,
+                    _ => x.dtype.is_float(),
+                };
+                if !ok {
+                    return err(format!("{} is not defined on {}", self.mnemonic(), x.dtype));
+                }
+                Ok(x.clone())
+            }
+            Op::Reduce { op, axes, keep_dims } => {
+                let x = args[0];
+                if x.dtype == DType::Bool || (*op == ReduceOp::Mean && !x.dtype.is_float()) {
+                    return err(format!("{} is not defined on {}", self.mnemonic(), x.dtype));
+                }
+                if axes.is_empty() || axes.windows(2).any(|w| w[0] >= w[1]) || axes.iter().any(|&a| a >= x.rank()) {
+                    return err(format!("reduce axes {axes:?} must be sorted, unique and below the rank of {x}"));
+                }
+                let mut shape = Vec::new();
+                for (i, d) in x.shape.iter().enumerate() {
+                    if axes.contains(&i) {
+                        if *keep_dims {
+                            shape.push(Dim::known(1));
+                        }
+                    } else {
+                        shape.push(d.clone());
+                    }
+                }
+                Ok(TensorType::new(x.dtype, shape))
+            }
+            Op::Reshape { shape } => {
+                let x = args[0];
+                let (from, to) = (Dim::product(&x.shape), Dim::product(shape));
+                if from != to {
+                    return err(format!(
+                        "cannot reshape {x} ({from} elements) to {} ({to} elements)",
+                        fmt_shape(shape)
+                    ));
+                }
+                Ok(TensorType::new(x.dtype, shape.clone()))
+            }
+            Op::Transpose { perm } => {
+                let x = args[0];
+                let mut seen = vec![false; x.rank()];
+                if perm.len() != x.rank() || perm.iter().any(|&p| p >= x.rank() || std::mem::replace(&mut seen[p], true)) {
+                    return err(format!("{perm:?} is not a permutation of the axes of {x}"));
+                }
+                Ok(TensorType::new(x.dtype, perm.iter().map(|&p| x.shape[p].clone()).collect()))
+            }
+            Op::Broadcast { shape } => {
+                let x = args[0];
+                let b = broadcast_shapes(&[&x.shape, shape])?;
+                if &b != shape {
+                    return err(format!("cannot broadcast {x} to {}", fmt_shape(shape)));
+                }
+                Ok(TensorType::new(x.dtype, shape.clone()))
+            }
+            Op::Slice { axis, start, end } => {
+                let x = args[0];
+                let Some(d) = x.shape.get(*axis) else {
+                    return err(format!("slice axis {axis} out of range for {x}"));
+                };
+                let Some(n) = d.as_known() else {
+                    return err(format!("slice along symbolic axis {axis} ({d}) of {x} is not supported"));
+                };
+                if start >= end || *end > n {
+                    return err(format!("slice {start}..{end} out of range for axis {axis} of {x}"));
+                }
+                let mut shape = x.shape.clone();
+                shape[*axis] = Dim::known(end - start);
+                Ok(TensorType::new(x.dtype, shape))
+            }
+            Op::Concat { axis } => {
+                let first = args[0];
+                if *axis >= first.rank() {
+                    return err(format!("concat axis {axis} out of range for {first}"));
+                }
+                let mut total = 0u64;
+                for a in args {
+                    if a.dtype != first.dtype || a.rank() != first.rank() {
+                        return err(format!("concat operands {first} and {a} differ in dtype or rank"));
+                    }
+                    for (i, (x, y)) in a.shape.iter().zip(&first.shape).enumerate() {
+                        if i != *axis && x != y {
+                            return err(format!("concat operands {first} and {a} differ on axis {i}"));
+                        }
+                    }
+                    match a.shape[*axis].as_known() {
+                        Some(n) => total += n,
+                        None => return err(format!("concat along symbolic axis {axis} of {a} is not supported")),
+                    }
+                }
+                let mut shape = first.shape.clone();
+                shape[*axis] = Dim::known(total);
+                Ok(TensorType::new(first.dtype, shape))
+            }
+            Op::Gather { axis } => {
+                let (t, idx) = (args[0], args[1]);
+                if !idx.dtype.is_int() {
+                    return err(format!("gather indices must be integers, got {idx}"));
+                }
+                if *axis >= t.rank() {
+                    return err(format!("gather axis {axis} out of range for {t}"));
+                }
+                let mut shape = t.shape[..*axis].to_vec();
+                shape.extend(idx.shape.iter().cloned());
+                shape.extend(t.shape[axis + 1..].iter().cloned());
+                Ok(TensorType::new(t.dtype, shape))
+            }
+            Op::Cast { to } => Ok(TensorType::new(*to, args[0].shape.clone())),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn t(dtype: DType, dims: &[&str]) -> TensorType {
+        TensorType::new(
+            dtype,
+            dims.iter().map(|d| d.parse::<u64>().map(Dim::known).unwrap_or_else(|_| Dim::sym(*d))).collect(),
+        )
+    }
+
+    #[test]
+    fn matmul_broadcasts_batch_axes() {
+        let a = t(DType::F32, &["batch", "seq", "384"]);
+        let w = t(DType::F32, &["1536", "384"]);
+        let out = Op::MatMul { transpose_a: false, transpose_b: true }.infer(&[&a, &w]).unwrap();
+        assert_eq!(out.to_string(), "f32[batch, seq, 1536]");
+        let bad = Op::MatMul { transpose_a: false, transpose_b: false }.infer(&[&a, &w]).unwrap_err();
+        assert!(bad.0.contains("contraction mismatch"), "{bad}");
+    }
+
+    #[test]
+    fn binary_broadcast_and_mismatch() {
+        let a = t(DType::F32, &["batch", "seq", "384"]);
+        let b = t(DType::F32, &["384"]);
+        assert_eq!(Op::Binary(BinaryOp::Add).infer(&[&a, &b]).unwrap(), a);
+        let c = t(DType::F32, &["batch", "seq", "1536"]);
+        let e = Op::Binary(BinaryOp::Add).infer(&[&a, &c]).unwrap_err();
+        assert!(e.0.contains("do not broadcast"), "{e}");
+    }
+
+    #[test]
+    fn reshape_checks_symbolic_element_count() {
+        let a = t(DType::F32, &["batch", "seq", "384"]);
+        let ok = Op::Reshape { shape: vec![Dim::sym("batch"), Dim::sym("seq"), Dim::known(12), Dim::known(32)] };
+        assert!(ok.infer(&[&a]).is_ok());
+        let bad = Op::Reshape { shape: vec![Dim::sym("batch"), Dim::known(12), Dim::known(32)] };
+        assert!(bad.infer(&[&a]).is_err());
+    }
+
+    #[test]
+    fn gather_shapes() {
+        let table = t(DType::F32, &["30522", "384"]);
+        let ids = t(DType::I64, &["batch", "seq"]);
+        let out = Op::Gather { axis: 0 }.infer(&[&table, &ids]).unwrap();
+        assert_eq!(out.to_string(), "f32[batch, seq, 384]");
+    }
+}
