@@ -1,1 +1,194 @@
-//! wip
+//! The reference interpreter: executes any verified [`Graph`] in plain Rust.
+//!
+//! It is the ground truth every backend and every rewrite is checked against, so it favours
+//! clarity and accuracy over speed: floats are computed in `f64` and rounded to the node's dtype
+//! after every op (so an f32 graph sees f32 storage rounding, as a backend would), while matrix
+//! products and reductions accumulate in `f64`.
+//!
+//! Assumes the graph passed [`kiln_ir::verify`]. Everything a caller supplies (inputs, weights)
+//! is checked and reported as an [`InterpError`]; nothing a caller supplies can make it panic.
+
+mod eval;
+mod value;
+
+use std::collections::{BTreeMap, HashMap};
+
+use kiln_ir::{Bindings, Graph, NodeId, Op, Tensor};
+
+pub use value::Value;
+
+/// Why a graph could not be executed with the given inputs and weights.
+#[derive(Debug, thiserror::Error)]
+pub enum InterpError {
+    /// A declared input was not supplied.
+    #[error("missing input `{0}`")]
+    MissingInput(String),
+    /// An input was supplied that the graph does not declare.
+    #[error("unknown input `{name}` (the graph's inputs are: {expected})")]
+    UnknownInput {
+        /// The supplied name.
+        name: String,
+        /// The declared names.
+        expected: String,
+    },
+    /// A supplied input does not fit the declared type.
+    #[error("input `{name}`: {msg}")]
+    BadInput {
+        /// Input name.
+        name: String,
+        /// What does not fit.
+        msg: String,
+    },
+    /// A weight is missing or does not fit its declared type.
+    #[error("weight `{name}`: {msg}")]
+    BadWeight {
+        /// Weight name.
+        name: String,
+        /// What is wrong.
+        msg: String,
+    },
+    /// A node failed at run time (for example an embedding index out of range).
+    #[error("node `{node}` ({op}): {msg}")]
+    Node {
+        /// Node name.
+        node: String,
+        /// Op mnemonic.
+        op: &'static str,
+        /// What went wrong.
+        msg: String,
+    },
+}
+
+/// Runs `graph` on named `inputs` with `weights`, returning the outputs in declaration order.
+pub fn run(
+    graph: &Graph,
+    weights: &BTreeMap<String, Tensor>,
+    inputs: &BTreeMap<String, Tensor>,
+) -> Result<Vec<(String, Tensor)>, InterpError> {
+    let bindings = bind_inputs(graph, inputs)?;
+    let order = graph.topo_order().map_err(|n| InterpError::Node {
+        node: graph.node(n).name.clone(),
+        op: graph.node(n).op.mnemonic(),
+        msg: "graph has a cycle (it was not verified)".into(),
+    })?;
+    // Free each value after its last use so memory tracks the live set, not the whole graph.
+    let mut remaining: HashMap<NodeId, usize> = HashMap::new();
+    for &id in &order {
+        for a in graph.args(id) {
+            *remaining.entry(a).or_default() += 1;
+        }
+    }
+    for o in graph.outputs() {
+        *remaining.entry(o.node).or_default() += 1;
+    }
+    let mut values: HashMap<NodeId, Value> = HashMap::new();
+    for &id in &order {
+        let node = graph.node(id);
+        let args = graph.args(id);
+        let v = match &node.op {
+            Op::Input { name, ty } => {
+                let t = inputs.get(name).ok_or_else(|| InterpError::MissingInput(name.clone()))?;
+                Value::from_tensor(t, ty.dtype)
+            }
+            Op::Param { name, ty } => {
+                let t = weights
+                    .get(name)
+                    .ok_or_else(|| InterpError::BadWeight { name: name.clone(), msg: "not supplied".into() })?;
+                let want: Vec<usize> = ty.shape.iter().map(|d| d.as_known().unwrap_or(0) as usize).collect();
+                if t.dtype() != ty.dtype || t.shape() != want.as_slice() {
+                    return Err(InterpError::BadWeight {
+                        name: name.clone(),
+                        msg: format!("expected {ty}, got {}{:?}", t.dtype(), t.shape()),
+                    });
+                }
+                Value::from_tensor(t, ty.dtype)
+            }
+            op => {
+                let operands: Vec<&Value> = args.iter().map(|a| &values[a]).collect();
+                eval::eval(op, &node.ty, &operands, &bindings).map_err(|msg| InterpError::Node {
+                    node: node.name.clone(),
+                    op: node.op.mnemonic(),
+                    msg,
+                })?
+            }
+        };
+        values.insert(id, v);
+        for a in args {
+            let r = remaining.get_mut(&a).expect("every operand was counted");
+            *r -= 1;
+            if *r == 0 {
+                values.remove(&a);
+            }
+        }
+    }
+    graph
+        .outputs()
+        .iter()
+        .map(|o| {
+            let v = &values[&o.node];
+            Ok((o.name.clone(), v.to_tensor()))
+        })
+        .collect()
+}
+
+/// Checks inputs against the declared types and binds the symbolic dims they determine.
+pub fn bind_inputs(graph: &Graph, inputs: &BTreeMap<String, Tensor>) -> Result<Bindings, InterpError> {
+    let declared: Vec<(&str, &kiln_ir::TensorType)> = graph
+        .inputs()
+        .iter()
+        .filter_map(|i| match &graph.node(*i).op {
+            Op::Input { name, ty } => Some((name.as_str(), ty)),
+            _ => None,
+        })
+        .collect();
+    for name in inputs.keys() {
+        if !declared.iter().any(|(n, _)| n == name) {
+            let expected: Vec<&str> = declared.iter().map(|(n, _)| *n).collect();
+            return Err(InterpError::UnknownInput { name: name.clone(), expected: expected.join(", ") });
+        }
+    }
+    let mut bindings = Bindings::new();
+    let mut origin: BTreeMap<String, String> = BTreeMap::new();
+    // Single-symbol axes bind first; products and constants are checked once everything is bound.
+    for pass in 0..2 {
+        for (name, ty) in &declared {
+            let t = inputs.get(*name).ok_or_else(|| InterpError::MissingInput(name.to_string()))?;
+            let bad = |msg: String| InterpError::BadInput { name: name.to_string(), msg };
+            if t.dtype() != ty.dtype {
+                return Err(bad(format!("expected dtype {}, got {}", ty.dtype, t.dtype())));
+            }
+            if t.shape().len() != ty.rank() {
+                return Err(bad(format!("expected shape {ty} (rank {}), got {:?}", ty.rank(), t.shape())));
+            }
+            for (axis, (d, &actual)) in ty.shape.iter().zip(t.shape()).enumerate() {
+                let syms = d.symbols();
+                if pass == 0 && syms.len() == 1 && d.as_known().is_none() && d == &kiln_ir::Dim::sym(syms[0].clone()) {
+                    let s = &syms[0];
+                    match bindings.get(s) {
+                        Some(&prev) if prev != actual => {
+                            return Err(bad(format!(
+                                "axis {axis} is `{s}` = {actual}, but {} already set `{s}` = {prev}",
+                                origin[s]
+                            )))
+                        }
+                        Some(_) => {}
+                        None => {
+                            if actual == 0 {
+                                return Err(bad(format!("axis {axis} (`{s}`) has extent 0")));
+                            }
+                            bindings.insert(s.clone(), actual);
+                            origin.insert(s.clone(), format!("input `{name}` axis {axis}"));
+                        }
+                    }
+                } else if pass == 1 {
+                    match d.eval(&bindings) {
+                        Ok(v) if v == actual => {}
+                        Ok(v) => return Err(bad(format!("axis {axis} must be {d} = {v}, got {actual}"))),
+                        Err(s) => return Err(bad(format!("axis {axis} ({d}) uses `{s}`, which no input axis determines"))),
+                    }
+                }
+            }
+        }
+    }
+    Ok(bindings)
+}
