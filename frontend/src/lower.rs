@@ -170,7 +170,7 @@ pub fn lower(file: &str, src: &str, spec: &Spec, opts: &Options) -> Result<Lower
             }
             Some(Binding::Poisoned) => {}
             None => {
-                let d = undefined(path.field("value"), binding, &scope);
+                let d = undefined(path, binding, &scope);
                 l.report(d);
             }
         }
@@ -493,13 +493,13 @@ impl<'a> Lowerer<'a> {
         let one = |id: NodeId| Ok(vec![(name.to_string(), id)]);
         match layer {
             Layer::Embedding { ids, weight, rows, dim } => {
+                let rows = self.pos(rows, &scope.env, path, "rows")?;
+                let dim = self.pos(dim, &scope.env, path, "dim")?;
                 let i = self.get(scope, path, "ids", ids)?;
                 let it = self.ty(i);
                 if !it.dtype.is_int() {
                     return Err(Diagnostic::at(path.field("ids"), format!("Embedding ids must be integers, but `{ids}` is {it}")).into());
                 }
-                let rows = self.pos(rows, &scope.env, path, "rows")?;
-                let dim = self.pos(dim, &scope.env, path, "dim")?;
                 let w = self.param(weight, &[rows, dim], ParamRole::Table, &scope.env, path, "weight")?;
                 one(self.add(Op::Gather { axis: 0 }, &[w, i], n, path, kind)?)
             }
@@ -510,10 +510,11 @@ impl<'a> Lowerer<'a> {
                 one(self.add(Op::Iota { len: t.shape[ax].clone(), dtype: DType::I64 }, &[], n, path, kind)?)
             }
             Layer::Linear { x, param, weight, bias, in_features, out_features, layout } => {
-                let xi = self.get(scope, path, "x", x)?;
-                self.float_input(xi, path, "x", kind)?;
+                // Config fields first: their errors do not depend on earlier layers having lowered.
                 let fin = self.pos(in_features, &scope.env, path, "in_features")?;
                 let fout = self.pos(out_features, &scope.env, path, "out_features")?;
+                let xi = self.get(scope, path, "x", x)?;
+                self.float_input(xi, path, "x", kind)?;
                 self.check_last(xi, fin, path, "x", kind, "in_features")?;
                 let (wn, bn) = self.weight_names(param, weight, bias, path, kind)?;
                 let wfield = if param.is_some() { "param" } else { "weight" };
@@ -531,10 +532,10 @@ impl<'a> Lowerer<'a> {
                 one(y)
             }
             Layer::LayerNorm { x, param, weight, bias, dim, eps } => {
-                let xi = self.get(scope, path, "x", x)?;
-                let t = self.float_input(xi, path, "x", kind)?;
                 let d = self.pos(dim, &scope.env, path, "dim")?;
                 let eps = self.float(eps, &scope.env, path, "eps")?;
+                let xi = self.get(scope, path, "x", x)?;
+                let t = self.float_input(xi, path, "x", kind)?;
                 self.check_last(xi, d, path, "x", kind, "dim")?;
                 let (wn, bn) = self.weight_names(param, weight, bias, path, kind)?;
                 let wfield = if param.is_some() { "param" } else { "weight" };
@@ -557,10 +558,10 @@ impl<'a> Lowerer<'a> {
                 one(y)
             }
             Layer::RMSNorm { x, param, weight, dim, eps } => {
-                let xi = self.get(scope, path, "x", x)?;
-                let t = self.float_input(xi, path, "x", kind)?;
                 let d = self.pos(dim, &scope.env, path, "dim")?;
                 let eps = self.float(eps, &scope.env, path, "eps")?;
+                let xi = self.get(scope, path, "x", x)?;
+                let t = self.float_input(xi, path, "x", kind)?;
                 self.check_last(xi, d, path, "x", kind, "dim")?;
                 let (wn, _) = self.weight_names(param, weight, &Some(BiasField::Flag(false)), path, kind)?;
                 let wfield = if param.is_some() { "param" } else { "weight" };
@@ -642,13 +643,6 @@ impl<'a> Lowerer<'a> {
                 one(self.bin(BinaryOp::Mul, xi, c, n, path, kind)?)
             }
             Layer::Attention { q, k, v, heads, kv_heads, causal, mask, rope, scale } => {
-                let qi = self.get(scope, path, "q", q)?;
-                let ki = self.get(scope, path, "k", k)?;
-                let vi = self.get(scope, path, "v", v)?;
-                let mi = match mask {
-                    Some(m) => Some(self.get(scope, path, "mask", m)?),
-                    None => None,
-                };
                 let h = self.pos(heads, &scope.env, path, "heads")?;
                 let kvh = match kv_heads {
                     Some(e) => self.pos(e, &scope.env, path, "kv_heads")?,
@@ -656,6 +650,13 @@ impl<'a> Lowerer<'a> {
                 };
                 let scale = match scale {
                     Some(s) => Some(self.float(s, &scope.env, path, "scale")?),
+                    None => None,
+                };
+                let qi = self.get(scope, path, "q", q)?;
+                let ki = self.get(scope, path, "k", k)?;
+                let vi = self.get(scope, path, "v", v)?;
+                let mi = match mask {
+                    Some(m) => Some(self.get(scope, path, "mask", m)?),
                     None => None,
                 };
                 let a = AttnArgs { q: qi, k: ki, v: vi, mask: mi, heads: h, kv_heads: kvh, causal: *causal, rope: rope.clone(), scale };
@@ -934,7 +935,7 @@ impl<'a> Lowerer<'a> {
             return Err(Diagnostic::at(path.field("q"), format!("the feature axis of `q` must be a constant, got {qt}")).into());
         };
         if qd % a.heads != 0 {
-            return Err(Diagnostic::at(path.field("heads"), format!("q has {qd} features, which do not split into {} heads", a.heads)).into());
+            return Err(Diagnostic::at(path.field("heads"), format!("the query has {qd} features, which do not split into {} heads", a.heads)).into());
         }
         if a.heads % a.kv_heads != 0 {
             return Err(Diagnostic::at(path.field("kv_heads"), format!("heads = {} is not a multiple of kv_heads = {}", a.heads, a.kv_heads)).into());

@@ -34,7 +34,8 @@ fn explain(code: &ron::Error) -> (String, Vec<String>) {
             if !hint.is_empty() {
                 notes.insert(0, hint);
             }
-            (format!("unknown op or variant `{found}`"), notes)
+            let what = if expected.contains(&"Linear") { "op" } else { "value" };
+            (format!("unknown {what} `{found}`"), notes)
         }
         E::NoSuchStructField { expected, found, outer } => {
             let mut notes = vec![format!("expected one of: {}", expected.join(", "))];

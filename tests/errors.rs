@@ -1,0 +1,238 @@
+//! Every class of user mistake gets a located, explained error. The rendered messages are
+//! snapshot-tested; `INSTA_UPDATE=always cargo test --test errors` rewrites them.
+
+mod common;
+
+use kiln_frontend::{lower_source, FrontendError, Lowered, Options};
+
+/// A small valid spec; each case below breaks one thing in it.
+const BASE: &str = r#"Model(
+    name: "tiny",
+    config: { "hidden": 64, "heads": 4, "ffn": "4 * hidden", "eps": 1e-5 },
+    dims: { "batch": 8, "seq": 32 },
+    inputs: { "x": (dtype: f32, shape: ["batch", "seq", "hidden"]) },
+    blocks: {
+        "layer": (
+            body: {
+                "ln": LayerNorm(x: "x", param: "l.{i}.ln", dim: "hidden", eps: "eps"),
+                "q": Linear(x: "ln", param: "l.{i}.q", in_features: "hidden", out_features: "hidden"),
+                "ctx": Attention(q: "q", k: "q", v: "q", heads: "heads", causal: true),
+                "out": Add(a: "x", b: "ctx"),
+            },
+            output: "out",
+        ),
+    },
+    body: {
+        "h": Repeat(block: "layer", x: "x", times: 2),
+        "up": Linear(x: "h", param: "up", in_features: "hidden", out_features: "ffn"),
+    },
+    outputs: { "y": "up" },
+)
+"#;
+
+fn lower(src: &str) -> Result<Lowered, FrontendError> {
+    lower_source("tiny.ron", src, &Options::default())
+}
+
+/// Lowers `BASE` with one substitution and returns the rendered error.
+fn error_of(from: &str, to: &str) -> String {
+    assert!(BASE.contains(from), "case does not apply: {from}");
+    let src = BASE.replacen(from, to, 1);
+    match lower(&src) {
+        Ok(_) => panic!("expected an error after replacing {from:?} with {to:?}"),
+        Err(e) => e.to_string(),
+    }
+}
+
+#[test]
+fn base_spec_is_valid() {
+    let l = lower(BASE).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(l.params.len(), 2 * 4 + 2);
+}
+
+#[test]
+fn syntax_error() {
+    insta::assert_snapshot!(error_of(r#"dims: { "batch": 8, "seq": 32 },"#, r#"dims: { "batch": 8 "seq": 32 },"#));
+}
+
+#[test]
+fn unknown_op() {
+    insta::assert_snapshot!(error_of("Add(a: \"x\"", "Plus(a: \"x\""));
+}
+
+#[test]
+fn unknown_field() {
+    insta::assert_snapshot!(error_of("out_features: \"ffn\"", "out_feature: \"ffn\""));
+}
+
+#[test]
+fn missing_field() {
+    insta::assert_snapshot!(error_of(", out_features: \"ffn\"", ""));
+}
+
+#[test]
+fn duplicate_binding() {
+    insta::assert_snapshot!(error_of(r#""out": Add("#, r#""q": Add("#));
+}
+
+#[test]
+fn undefined_tensor_name() {
+    insta::assert_snapshot!(error_of(r#"Add(a: "x", b: "ctx")"#, r#"Add(a: "x", b: "cxt")"#));
+}
+
+#[test]
+fn undefined_config_name() {
+    insta::assert_snapshot!(error_of(r#"out_features: "ffn""#, r#"out_features: "fnn""#));
+}
+
+#[test]
+fn non_integer_config_expression() {
+    insta::assert_snapshot!(error_of(r#""ffn": "4 * hidden""#, r#""ffn": "hidden / 5""#));
+}
+
+#[test]
+fn linear_input_width_mismatch() {
+    insta::assert_snapshot!(error_of(r#"in_features: "hidden", out_features: "ffn""#, r#"in_features: "ffn", out_features: "ffn""#));
+}
+
+#[test]
+fn use_before_binding_and_bad_output() {
+    let src = BASE.replace(r#""up": Linear("#, r#""early": Add(a: "h", b: "up"),
+        "up": Linear("#).replace(r#"outputs: { "y": "up" }"#, r#"outputs: { "y": "up", "z": "missing" }"#);
+    insta::assert_snapshot!(lower(&src).err().expect("errors").to_string());
+}
+
+#[test]
+fn add_of_mismatched_shapes() {
+    let src = BASE.replace(r#"outputs: { "y": "up" }"#, r#"outputs: { "y": "sum" }"#).replace(
+        r#""up": Linear(x: "h", param: "up", in_features: "hidden", out_features: "ffn"),"#,
+        r#""up": Linear(x: "h", param: "up", in_features: "hidden", out_features: "ffn"),
+        "sum": Add(a: "h", b: "up"),"#,
+    );
+    insta::assert_snapshot!(lower(&src).err().expect("shape error").to_string());
+}
+
+#[test]
+fn heads_do_not_divide_width() {
+    insta::assert_snapshot!(error_of(r#""heads": 4"#, r#""heads": 5"#));
+}
+
+#[test]
+fn undefined_block() {
+    insta::assert_snapshot!(error_of(r#"Repeat(block: "layer""#, r#"Repeat(block: "layers""#));
+}
+
+#[test]
+fn undefined_dim_in_input_shape() {
+    insta::assert_snapshot!(error_of(r#"shape: ["batch", "seq", "hidden"]"#, r#"shape: ["batch", "sequence", "hidden"]"#));
+}
+
+#[test]
+fn unknown_dtype() {
+    insta::assert_snapshot!(error_of("dtype: f32", "dtype: float32"));
+}
+
+#[test]
+fn several_errors_are_reported_together() {
+    let src = BASE
+        .replace(r#"Add(a: "x", b: "ctx")"#, r#"Add(a: "x", b: "cxt")"#)
+        .replace(r#"out_features: "ffn""#, r#"out_features: "fnn""#)
+        .replace(r#""heads": 4"#, r#""heads": 5"#);
+    let e = lower(&src).err().expect("errors").to_string();
+    assert!(e.ends_with("3 errors in tiny.ron\n"), "{e}");
+    insta::assert_snapshot!(e);
+}
+
+// ----- checkpoint binding -----
+
+fn checkpoint(tensors: &[(&str, Vec<usize>, safetensors::Dtype)]) -> std::path::PathBuf {
+    use safetensors::tensor::TensorView;
+    let bufs: Vec<Vec<u8>> = tensors
+        .iter()
+        .map(|(_, shape, dt)| vec![0u8; shape.iter().product::<usize>() * dt.bitsize() / 8])
+        .collect();
+    let views: Vec<(String, TensorView)> = tensors
+        .iter()
+        .zip(&bufs)
+        .map(|((n, s, dt), b)| (n.to_string(), TensorView::new(*dt, s.clone(), b).expect("valid view")))
+        .collect();
+    let bytes = safetensors::serialize(views, None).expect("serialize");
+    let dir = std::env::temp_dir().join(format!("kiln-errors-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let path = dir.join(format!("ckpt-{}.safetensors", tensors.len() * 1000 + tensors.iter().map(|t| t.1.len()).sum::<usize>() * 10 + tensors.first().map_or(0, |t| t.0.len())));
+    std::fs::write(&path, bytes).expect("write checkpoint");
+    path
+}
+
+fn good_tensors() -> Vec<(&'static str, Vec<usize>, safetensors::Dtype)> {
+    use safetensors::Dtype::F32;
+    let mut v = Vec::new();
+    for i in 0..2 {
+        let leak = |s: String| -> &'static str { Box::leak(s.into_boxed_str()) };
+        v.push((leak(format!("l.{i}.ln.weight")), vec![64], F32));
+        v.push((leak(format!("l.{i}.ln.bias")), vec![64], F32));
+        v.push((leak(format!("l.{i}.q.weight")), vec![64, 64], F32));
+        v.push((leak(format!("l.{i}.q.bias")), vec![64], F32));
+    }
+    v.push(("up.weight", vec![256, 64], F32));
+    v.push(("up.bias", vec![256], F32));
+    v
+}
+
+fn bind_error(tensors: &[(&str, Vec<usize>, safetensors::Dtype)]) -> String {
+    let l = lower(BASE).unwrap_or_else(|e| panic!("{e}"));
+    let path = checkpoint(tensors);
+    let r = kiln_frontend::weights::load_safetensors(&l, &path);
+    std::fs::remove_file(&path).ok();
+    match r {
+        Ok(_) => panic!("expected a binding error"),
+        Err(e) => e.to_string().replace(&path.display().to_string(), "ckpt.safetensors"),
+    }
+}
+
+#[test]
+fn good_checkpoint_binds() {
+    let l = lower(BASE).unwrap_or_else(|e| panic!("{e}"));
+    let path = checkpoint(&good_tensors());
+    let w = kiln_frontend::weights::load_safetensors(&l, &path).unwrap_or_else(|e| panic!("{e}"));
+    std::fs::remove_file(&path).ok();
+    assert_eq!(w.len(), 10);
+}
+
+#[test]
+fn missing_weight() {
+    let mut t = good_tensors();
+    t.retain(|(n, _, _)| *n != "l.1.q.weight");
+    insta::assert_snapshot!(bind_error(&t));
+}
+
+#[test]
+fn misshaped_and_mistyped_weights() {
+    let mut t = good_tensors();
+    for e in &mut t {
+        if e.0 == "up.weight" {
+            e.1 = vec![64, 256];
+        }
+        if e.0 == "l.0.ln.bias" {
+            e.2 = safetensors::Dtype::F16;
+        }
+    }
+    insta::assert_snapshot!(bind_error(&t));
+}
+
+#[test]
+fn extra_weight() {
+    let mut t = good_tensors();
+    t.push(("pooler.dense.weight", vec![4, 4], safetensors::Dtype::F32));
+    insta::assert_snapshot!(bind_error(&t));
+}
+
+#[test]
+fn not_a_checkpoint() {
+    let l = lower(BASE).unwrap_or_else(|e| panic!("{e}"));
+    let path = std::env::temp_dir().join(format!("kiln-not-a-checkpoint-{}.safetensors", std::process::id()));
+    std::fs::write(&path, b"this is not safetensors").expect("write");
+    let e = kiln_frontend::weights::load_safetensors(&l, &path).err().expect("error").to_string();
+    std::fs::remove_file(&path).ok();
+    assert!(e.contains("not a valid safetensors checkpoint"), "{e}");
+}
