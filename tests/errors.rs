@@ -159,7 +159,10 @@ fn checkpoint(tensors: &[(&str, Vec<usize>, safetensors::Dtype)]) -> std::path::
     let bytes = safetensors::serialize(views, None).expect("serialize");
     let dir = std::env::temp_dir().join(format!("kiln-errors-{}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("temp dir");
-    let path = dir.join(format!("ckpt-{}.safetensors", tensors.len() * 1000 + tensors.iter().map(|t| t.1.len()).sum::<usize>() * 10 + tensors.first().map_or(0, |t| t.0.len())));
+    // Tests run in parallel threads: every checkpoint gets its own file.
+    static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let path = dir.join(format!("ckpt-{n}.safetensors"));
     std::fs::write(&path, bytes).expect("write checkpoint");
     path
 }
