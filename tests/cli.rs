@@ -1,0 +1,89 @@
+//! The `kiln` binary: exit status, stdout and stderr.
+
+mod common;
+
+use std::process::{Command, Output};
+
+fn kiln(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_kiln")).args(args).current_dir(common::root()).output().expect("kiln runs")
+}
+
+fn text(o: &Output) -> (String, String) {
+    (String::from_utf8_lossy(&o.stdout).into_owned(), String::from_utf8_lossy(&o.stderr).into_owned())
+}
+
+#[test]
+fn check_prints_params_and_flops() {
+    let o = kiln(&["check", "specs/gpt2.ron", "--dim", "seq=128"]);
+    let (out, err) = text(&o);
+    assert!(o.status.success(), "{err}");
+    assert!(out.contains("params   124439808"), "{out}");
+    assert!(out.contains("FLOP at batch=1, seq=128"), "{out}");
+}
+
+#[test]
+fn check_binds_a_checkpoint() {
+    let o = kiln(&[
+        "check", "specs/gpt2.ron", "--set", "layers=2", "--set", "hidden=64", "--set", "heads=4", "--set", "vocab=256", "--set", "max_pos=64",
+        "--weights", "tests/data/gpt2_tiny/model.safetensors",
+    ]);
+    let (out, err) = text(&o);
+    assert!(o.status.success(), "{err}");
+    assert!(out.contains("all 28 bound and checked"), "{out}");
+}
+
+#[test]
+fn run_writes_npy_and_matches_reference() {
+    let dir = std::env::temp_dir().join(format!("kiln-cli-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let out_file = dir.join("logits.npy");
+    let o = kiln(&[
+        "run", "specs/llama.ron", "--set", "layers=2", "--set", "hidden=64", "--set", "heads=4", "--set", "kv_heads=2", "--set", "ffn=128",
+        "--set", "vocab=256", "--set", "eps=1e-6", "--weights", "tests/data/llama_tiny/model.safetensors",
+        "--input", "input_ids=tests/data/llama_tiny/input_ids.npy", "--output", out_file.to_str().unwrap(),
+    ]);
+    let (out, err) = text(&o);
+    assert!(o.status.success(), "{err}");
+    assert!(out.starts_with("logits: f32 [2, 10, 256]"), "{out}");
+    let got = kiln_runtime::npy::read(&out_file).unwrap();
+    let err = got.max_abs_diff(&common::npy("llama_tiny/logits.npy")).unwrap();
+    assert!(err < 1e-4, "max abs error {err}");
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+#[test]
+fn run_with_random_weights() {
+    let o = kiln(&["run", "specs/mlp.ron", "--random-weights", "7", "--input", "x=tests/data/mlp_x.npy"]);
+    let (out, err) = text(&o);
+    assert!(o.status.success(), "{err}");
+    assert!(out.contains("probs: f32 [3, 10]"), "{out}");
+}
+
+#[test]
+fn inspect_text_and_dot() {
+    let o = kiln(&["inspect", "specs/mlp.ron"]);
+    assert!(o.status.success());
+    assert!(text(&o).0.starts_with("graph mlp(x: f32[batch, 16]) {"));
+    let o = kiln(&["inspect", "specs/mlp.ron", "--format", "dot"]);
+    assert!(o.status.success());
+    assert!(text(&o).0.starts_with("digraph \"mlp\""));
+}
+
+#[test]
+fn errors_exit_nonzero_with_message_on_stderr() {
+    let cases: &[(&[&str], &str)] = &[
+        (&["check", "specs/nope.ron"], "specs/nope.ron: No such file"),
+        (&["check", "specs/gpt2.ron", "--set", "layer=2"], "did you mean `layers`?"),
+        (&["check", "specs/gpt2.ron", "--dim", "seq=5000"], "between 1 and the declared bound 1024"),
+        (&["run", "specs/mlp.ron", "--random-weights", "1", "--input", "y=tests/data/mlp_x.npy"], "unknown input `y`"),
+        (&["run", "specs/mlp.ron", "--random-weights", "1", "--input", "x=tests/data/gpt2_tiny/input_ids.npy"], "expected dtype f32, got i64"),
+        (&["run", "specs/mlp.ron", "--random-weights", "1", "--input", "x=Cargo.toml"], "not a .npy file"),
+        (&["check", "specs/mlp.ron", "--weights", "tests/data/gpt2_tiny/model.safetensors"], "missing from"),
+    ];
+    for (args, want) in cases {
+        let o = kiln(args);
+        let (out, err) = text(&o);
+        assert!(!o.status.success(), "{args:?} succeeded: {out}");
+        assert!(err.contains(want), "{args:?}: expected {want:?} in stderr:\n{err}");
+    }
+}
