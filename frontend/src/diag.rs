@@ -279,7 +279,9 @@ impl<'s> Locator<'s> {
             found = Some(self.toks[hit].span.clone());
             if last {
                 if let (Step::Field(_), Some(v)) = (step, self.toks.get(value)) {
-                    if v.kind != Kind::Open && v.kind != Kind::Ident {
+                    let opens = |i: usize| self.toks.get(i).map(|t| t.kind) == Some(Kind::Open);
+                    // A scalar value (`"name"`, `4`, `true`), not a container or `Variant(`.
+                    if v.kind != Kind::Open && !(v.kind == Kind::Ident && opens(value + 1)) {
                         found = Some(v.span.clone());
                     }
                 }
