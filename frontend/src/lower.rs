@@ -13,6 +13,11 @@ use crate::ast::{BiasField, Block, ConfigValue, DTypeName, FloatExpr, IntExpr, L
 use crate::diag::{Diagnostic, SpecError, SpecPath};
 use crate::expr::Env;
 
+/// The largest weight tensor a spec may declare (2^34 elements, 64 GiB of f32).
+const MAX_PARAM_ELEMENTS: u64 = 1 << 34;
+/// The most applications one `Repeat` may expand to.
+const MAX_REPEAT: i64 = 10_000;
+
 /// Options that change how a spec is lowered.
 #[derive(Clone, Debug, Default)]
 pub struct Options {
@@ -413,6 +418,10 @@ impl<'a> Lowerer<'a> {
     fn param(&mut self, template: &str, shape: &[u64], role: ParamRole, env: &Env, path: &SpecPath, field: &str) -> LResult<NodeId> {
         let name = env.template(template).map_err(|m| Diagnostic::at(path.field(field), m))?;
         let name = format!("{}{name}", self.weight_prefix);
+        let elements = shape.iter().try_fold(1u64, |a, d| a.checked_mul(*d));
+        if elements.is_none_or(|n| n > MAX_PARAM_ELEMENTS) {
+            return Err(Diagnostic::at(path.field(field), format!("weight `{name}` would have shape {shape:?}, more than {MAX_PARAM_ELEMENTS} elements")).into());
+        }
         let ty = TensorType::new(DType::F32, shape.iter().map(|d| Dim::known(*d)).collect());
         if let Some(&i) = self.param_index.get(&name) {
             let p = &self.params[i];
@@ -774,8 +783,8 @@ impl<'a> Lowerer<'a> {
             Layer::Repeat { block, x, times, index } => {
                 let mut cur = self.get(scope, path, "x", x)?;
                 let times = self.int(times, &scope.env, path, "times")?;
-                if times < 0 {
-                    return Err(Diagnostic::at(path.field("times"), format!("cannot repeat {times} times")).into());
+                if !(0..=MAX_REPEAT).contains(&times) {
+                    return Err(Diagnostic::at(path.field("times"), format!("cannot repeat {times} times (0 to {MAX_REPEAT})")).into());
                 }
                 let b = self.block(block, path, scope)?;
                 for i in 0..times {
