@@ -15,7 +15,7 @@ pub type Shape = Vec<Dim>;
 /// equal exactly when they denote the same product for every binding of the symbols. Sums are not
 /// representable yet; ops that would need them (concatenating along a symbolic axis) are rejected
 /// by type inference.
-#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize)]
 pub struct Dim {
     coeff: u64,
     syms: Vec<String>,

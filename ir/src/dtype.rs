@@ -8,7 +8,7 @@ use std::str::FromStr;
 /// Quantized weights (int8/int4 with per-channel or per-group scales) and sparse encodings are not
 /// element types: they will be a separate encoding on parameters, so that every op keeps seeing the
 /// logical dtype of its operands.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize)]
 pub enum DType {
     /// IEEE binary32.
     F32,

@@ -37,7 +37,7 @@ pub use tensor::{Tensor, TensorData, TensorError};
 pub use verify::{verify, VerifyError};
 
 /// The type of a tensor value: element type and (possibly symbolic) shape.
-#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 pub struct TensorType {
     /// Element type.
     pub dtype: DType,

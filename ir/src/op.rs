@@ -8,7 +8,7 @@ use std::fmt;
 use crate::{DType, Dim, Shape, TensorType};
 
 /// A scalar constant. Floats are stored as bits so that ops can be compared and hashed exactly.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 pub enum Literal {
     /// A floating-point value, as the bits of an `f64`.
     Float(u64),
@@ -52,7 +52,7 @@ impl fmt::Display for Literal {
 }
 
 /// Elementwise binary arithmetic, with numpy broadcasting.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 pub enum BinaryOp {
     /// `a + b`
     Add,
@@ -71,7 +71,7 @@ pub enum BinaryOp {
 }
 
 /// Elementwise comparison, with numpy broadcasting; the result is `bool`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 pub enum CmpOp {
     /// `a == b`
     Eq,
@@ -88,7 +88,7 @@ pub enum CmpOp {
 }
 
 /// Elementwise unary function.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 pub enum UnaryOp {
     /// `-x`
     Neg,
@@ -121,7 +121,7 @@ pub enum UnaryOp {
 }
 
 /// Reduction over a set of axes.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 pub enum ReduceOp {
     /// Sum.
     Sum,
@@ -134,7 +134,7 @@ pub enum ReduceOp {
 }
 
 /// A primitive operation. Operand order is part of each variant's contract.
-#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 pub enum Op {
     /// A named graph input (no operands). The type is declared by the graph.
     Input {

@@ -151,6 +151,25 @@ impl Tensor {
         }
     }
 
+    /// The elements' bytes in host order (every supported host is little-endian).
+    pub fn as_bytes(&self) -> &[u8] {
+        fn raw<T>(v: &[T]) -> &[u8] {
+            // SAFETY: every element type here is plain data without padding (bool is one byte
+            // holding 0 or 1, f16/bf16 are transparent u16s), so its bytes may be read as u8.
+            unsafe { std::slice::from_raw_parts(v.as_ptr() as *const u8, std::mem::size_of_val(v)) }
+        }
+        match &self.data {
+            TensorData::F32(v) => raw(v),
+            TensorData::F16(v) => raw(v),
+            TensorData::BF16(v) => raw(v),
+            TensorData::I64(v) => raw(v),
+            TensorData::I32(v) => raw(v),
+            TensorData::I8(v) => raw(v),
+            TensorData::U8(v) => raw(v),
+            TensorData::Bool(v) => raw(v),
+        }
+    }
+
     /// The shape.
     pub fn shape(&self) -> &[usize] {
         &self.shape

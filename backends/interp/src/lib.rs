@@ -17,6 +17,15 @@ use kiln_ir::{Bindings, Graph, NodeId, Op, Tensor};
 
 pub use value::Value;
 
+/// Evaluates one primitive op (not an input or param) on concrete values; `out` is its output type
+/// and `bindings` give the symbolic dims. Used by runtimes for ops they have no kernel for.
+pub fn eval_op(op: &Op, out: &kiln_ir::TensorType, args: &[&Value], bindings: &Bindings) -> Result<Value, String> {
+    if matches!(op, Op::Input { .. } | Op::Param { .. }) {
+        return Err("inputs and params are not evaluated by eval_op".into());
+    }
+    eval::eval(op, out, args, bindings)
+}
+
 /// Why a graph could not be executed with the given inputs and weights.
 #[derive(Debug, thiserror::Error)]
 pub enum InterpError {

@@ -1,0 +1,388 @@
+//! Loading and running a model.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::time::Instant;
+
+use kiln_ir::{DType, Tensor};
+
+use crate::artifact;
+use crate::kernels::{self, Buf, KernelFn};
+use crate::plan::{Manifest, Step, Storage};
+use crate::{LoadError, RunError};
+
+enum Bytes {
+    Map(memmap2::Mmap),
+    Owned(Vec<kernels::Align64>, usize),
+    #[allow(dead_code)]
+    Empty,
+}
+
+impl Bytes {
+    fn as_slice(&self) -> &[u8] {
+        match self {
+            Bytes::Map(m) => m,
+            Bytes::Owned(v, len) => &kernels::bytes_of(v)[..*len],
+            Bytes::Empty => &[],
+        }
+    }
+}
+
+/// Measurements of one run.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct RunStats {
+    /// Bytes of the activation arena (every temporary, with liveness-based reuse).
+    pub peak_activation_bytes: usize,
+    /// What the same temporaries would take without reuse.
+    pub unshared_activation_bytes: usize,
+}
+
+/// A loaded model, ready to run.
+pub struct Model {
+    bytes: Bytes,
+    manifest: Manifest,
+    weights: std::ops::Range<usize>,
+    /// Executable copy of the code section; kernels point into it.
+    _code: Option<memmap2::Mmap>,
+    kernels: Vec<KernelFn>,
+    pool: rayon::ThreadPool,
+    threads: usize,
+    /// Seconds spent in `load` after the file was mapped.
+    pub load_seconds: f64,
+}
+
+fn cpu_has(feature: &str) -> Option<bool> {
+    #[cfg(target_arch = "x86_64")]
+    {
+        Some(match feature {
+            "sse3" => std::arch::is_x86_feature_detected!("sse3"),
+            "ssse3" => std::arch::is_x86_feature_detected!("ssse3"),
+            "sse4.1" => std::arch::is_x86_feature_detected!("sse4.1"),
+            "sse4.2" => std::arch::is_x86_feature_detected!("sse4.2"),
+            "popcnt" => std::arch::is_x86_feature_detected!("popcnt"),
+            "avx" => std::arch::is_x86_feature_detected!("avx"),
+            "avx2" => std::arch::is_x86_feature_detected!("avx2"),
+            "fma" => std::arch::is_x86_feature_detected!("fma"),
+            "bmi1" => std::arch::is_x86_feature_detected!("bmi1"),
+            "bmi2" => std::arch::is_x86_feature_detected!("bmi2"),
+            "lzcnt" => std::arch::is_x86_feature_detected!("lzcnt"),
+            _ => return None,
+        })
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = feature;
+        None
+    }
+}
+
+impl Model {
+    /// Maps and validates an artifact file.
+    pub fn load(path: &Path) -> Result<Model, LoadError> {
+        let map = artifact::map(path)?;
+        Model::from_parts(Bytes::Map(map))
+    }
+
+    /// Validates an artifact held in memory (the bytes are copied).
+    pub fn from_bytes(b: &[u8]) -> Result<Model, LoadError> {
+        Model::from_parts(Bytes::Owned(kernels::aligned_copy(b), b.len()))
+    }
+
+    fn from_parts(bytes: Bytes) -> Result<Model, LoadError> {
+        let start = Instant::now();
+        let s = artifact::decode(bytes.as_slice())?;
+        let m = s.manifest;
+        if m.target.arch != std::env::consts::ARCH {
+            return Err(LoadError::Target { wanted: m.target.arch.clone(), have: std::env::consts::ARCH.to_string() });
+        }
+        for f in &m.target.features {
+            match cpu_has(f) {
+                Some(true) => {}
+                Some(false) => return Err(LoadError::Target { wanted: format!("a CPU with {f}"), have: format!("a CPU without {f}") }),
+                None => return Err(LoadError::Target { wanted: format!("CPU feature `{f}`"), have: "a runtime that does not know it".into() }),
+            }
+        }
+        crate::validate::manifest(&m, s.weights.len(), s.code.len())?;
+        let code_bytes = &bytes.as_slice()[s.code.clone()];
+        let (code, kernels) = if m.kernels.is_empty() {
+            (None, Vec::new())
+        } else {
+            let exec = kernels::executable(code_bytes).map_err(|e| LoadError::Corrupt(format!("cannot map code executable: {e}")))?;
+            let base = exec.as_ptr();
+            let fns = m
+                .kernels
+                .iter()
+                .map(|k| {
+                    // SAFETY: the offset was validated to lie in the code section, which holds
+                    // functions with the kernel ABI at the offsets the compiler recorded.
+                    unsafe { std::mem::transmute::<*const u8, KernelFn>(base.add(k.offset as usize)) }
+                })
+                .collect();
+            (Some(exec), fns)
+        };
+        let threads = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+        let pool = kernels::pool(threads).map_err(LoadError::Corrupt)?;
+        Ok(Model { bytes, manifest: m, weights: s.weights, _code: code, kernels, pool, threads, load_seconds: start.elapsed().as_secs_f64() })
+    }
+
+    /// Sets the number of threads kernels use (default: all cores).
+    pub fn set_threads(&mut self, n: usize) -> Result<(), String> {
+        let n = n.max(1);
+        self.pool = kernels::pool(n)?;
+        self.threads = n;
+        Ok(())
+    }
+
+    /// The manifest (signature, plan, kernels).
+    pub fn manifest(&self) -> &Manifest {
+        &self.manifest
+    }
+
+    /// Runs the model.
+    pub fn run(&self, inputs: &BTreeMap<String, Tensor>) -> Result<Vec<(String, Tensor)>, RunError> {
+        self.run_with_stats(inputs).map(|(o, _)| o)
+    }
+
+    /// Runs the model and reports memory use.
+    pub fn run_with_stats(&self, inputs: &BTreeMap<String, Tensor>) -> Result<(Vec<(String, Tensor)>, RunStats), RunError> {
+        let m = &self.manifest;
+        let syms = self.bind(inputs)?;
+        let shapes: Vec<Vec<usize>> = m.values.iter().map(|v| v.shape.iter().map(|d| d.eval(&syms)).collect()).collect();
+        let sizes: Vec<usize> = m
+            .values
+            .iter()
+            .zip(&shapes)
+            .map(|(v, s)| s.iter().fold(v.dtype.size_bytes(), |a, d| a.saturating_mul(*d)))
+            .collect();
+        let (offsets, arena_len, unshared) = self.plan_memory(&sizes);
+        let mut arena = vec![kernels::Align64::default(); arena_len.div_ceil(64)];
+        let arena_ptr = arena.as_mut_ptr() as *mut u8;
+        let weights = &self.bytes.as_slice()[self.weights.clone()];
+        // Base pointer and byte length of every value.
+        let mut bufs: Vec<Buf> = vec![Buf { ptr: std::ptr::null_mut(), len: 0 }; m.values.len()];
+        for (i, v) in m.values.iter().enumerate() {
+            bufs[i] = match &v.storage {
+                Storage::Input(n) => {
+                    let t = &inputs[&m.inputs[*n as usize].name];
+                    Buf { ptr: t.as_bytes().as_ptr() as *mut u8, len: t.as_bytes().len() }
+                }
+                Storage::Weight { offset, len } => Buf { ptr: weights[*offset as usize..].as_ptr() as *mut u8, len: *len as usize },
+                // SAFETY: offsets come from `plan_memory`, which keeps every buffer inside the arena.
+                Storage::Temp => Buf { ptr: unsafe { arena_ptr.add(offsets[i]) }, len: sizes[i] },
+                Storage::Alias(src) => {
+                    let b = bufs[*src as usize];
+                    if b.len != sizes[i] {
+                        return Err(self.step_err(usize::MAX, i, format!("reshape of {} bytes into {} bytes", b.len, sizes[i])));
+                    }
+                    b
+                }
+            };
+        }
+        self.pool.install(|| -> Result<(), RunError> {
+            for (si, step) in m.steps.iter().enumerate() {
+                self.exec(si, step, &bufs, &shapes, &syms).map_err(|msg| {
+                    let out = step_out(step);
+                    RunError::Step { step: si, node: m.values[out].name.clone(), msg }
+                })?;
+            }
+            Ok(())
+        })?;
+        let mut outs = Vec::new();
+        for p in &m.outputs {
+            let v = p.value as usize;
+            let b = bufs[v];
+            // SAFETY: `b` is a live buffer of `b.len` bytes (arena, weights or a caller's input).
+            let bytes = unsafe { std::slice::from_raw_parts(b.ptr as *const u8, b.len) };
+            let t = Tensor::from_le_bytes(m.values[v].dtype, shapes[v].clone(), bytes)
+                .map_err(|e| self.step_err(usize::MAX, v, e.to_string()))?;
+            outs.push((p.name.clone(), t));
+        }
+        drop(arena);
+        Ok((outs, RunStats { peak_activation_bytes: arena_len, unshared_activation_bytes: unshared }))
+    }
+
+    fn step_err(&self, step: usize, value: usize, msg: String) -> RunError {
+        RunError::Step { step, node: self.manifest.values.get(value).map(|v| v.name.clone()).unwrap_or_default(), msg }
+    }
+
+    fn bind(&self, inputs: &BTreeMap<String, Tensor>) -> Result<Vec<usize>, RunError> {
+        let m = &self.manifest;
+        for k in inputs.keys() {
+            if !m.inputs.iter().any(|p| &p.name == k) {
+                let names: Vec<&str> = m.inputs.iter().map(|p| p.name.as_str()).collect();
+                return Err(RunError::UnknownInput { name: k.clone(), expected: names.join(", ") });
+            }
+        }
+        let mut syms: Vec<Option<(usize, String)>> = vec![None; m.dims.len()];
+        for pass in 0..2 {
+            for p in &m.inputs {
+                let t = inputs.get(&p.name).ok_or_else(|| RunError::MissingInput(p.name.clone()))?;
+                let v = &m.values[p.value as usize];
+                let bad = |msg: String| RunError::BadInput { name: p.name.clone(), msg };
+                if t.dtype() != v.dtype {
+                    return Err(bad(format!("expected dtype {}, got {}", v.dtype, t.dtype())));
+                }
+                if t.shape().len() != v.shape.len() {
+                    return Err(bad(format!("expected rank {}, got shape {:?}", v.shape.len(), t.shape())));
+                }
+                for (axis, (d, &n)) in v.shape.iter().zip(t.shape()).enumerate() {
+                    if pass == 0 && d.coeff == 1 && d.syms.len() == 1 {
+                        let s = d.syms[0] as usize;
+                        let (name, bound) = &m.dims[s];
+                        if n == 0 || n as u64 > *bound {
+                            return Err(bad(format!("axis {axis} is `{name}` = {n}, outside the compiled range 1..={bound}")));
+                        }
+                        match &syms[s] {
+                            Some((prev, from)) if *prev != n => {
+                                return Err(bad(format!("axis {axis} is `{name}` = {n}, but {from} set `{name}` = {prev}")))
+                            }
+                            Some(_) => {}
+                            None => syms[s] = Some((n, format!("input `{}` axis {axis}", p.name))),
+                        }
+                    } else if pass == 1 {
+                        let vals: Vec<usize> = syms.iter().map(|s| s.as_ref().map_or(0, |x| x.0)).collect();
+                        if d.syms.iter().any(|s| syms[*s as usize].is_none()) {
+                            return Err(bad(format!("axis {axis} uses a dim no input axis determines")));
+                        }
+                        if d.eval(&vals) != n {
+                            return Err(bad(format!("axis {axis} must be {}, got {n}", d.eval(&vals))));
+                        }
+                    }
+                }
+            }
+        }
+        syms.into_iter()
+            .enumerate()
+            .map(|(i, s)| s.map(|x| x.0).ok_or_else(|| RunError::BadInput { name: m.dims[i].0.clone(), msg: "no input determines this dim".into() }))
+            .collect()
+    }
+
+    /// Liveness-based first-fit placement of every temporary in one arena.
+    fn plan_memory(&self, sizes: &[usize]) -> (Vec<usize>, usize, usize) {
+        let m = &self.manifest;
+        let n = m.values.len();
+        let root = |mut v: usize| {
+            while let Storage::Alias(s) = m.values[v].storage {
+                v = s as usize;
+            }
+            v
+        };
+        let mut def = vec![usize::MAX; n];
+        let mut last = vec![0usize; n];
+        for (si, step) in m.steps.iter().enumerate() {
+            def[step_out(step)] = si;
+            for v in step_inputs(step) {
+                let r = root(v as usize);
+                last[r] = last[r].max(si);
+            }
+        }
+        for p in &m.outputs {
+            last[root(p.value as usize)] = usize::MAX;
+        }
+        let mut offsets = vec![0usize; n];
+        let mut live: Vec<(usize, usize, usize)> = Vec::new(); // (offset, size, last use)
+        let mut top = 0usize;
+        let mut unshared = 0usize;
+        let mut order: Vec<usize> = (0..n).filter(|v| matches!(m.values[*v].storage, Storage::Temp)).collect();
+        order.sort_by_key(|v| def[*v]);
+        for v in order {
+            let size = sizes[v].div_ceil(64) * 64;
+            unshared += size;
+            let now = def[v];
+            live.retain(|(_, _, l)| *l >= now);
+            live.sort_unstable();
+            let mut at = 0usize;
+            for (o, s, _) in &live {
+                if at + size <= *o {
+                    break;
+                }
+                at = at.max(o + s);
+            }
+            offsets[v] = at;
+            top = top.max(at + size);
+            live.push((at, size, last[v].max(now)));
+        }
+        (offsets, top, unshared)
+    }
+
+    fn exec(&self, _si: usize, step: &Step, bufs: &[Buf], shapes: &[Vec<usize>], syms: &[usize]) -> Result<(), String> {
+        match step {
+            Step::Kernel { kernel, kind, inputs, contiguous, out, space } => {
+                let space: Vec<usize> = space.iter().map(|d| d.eval(syms)).collect();
+                let ins: Vec<(Buf, &[usize])> = inputs.iter().map(|v| (bufs[*v as usize], shapes[*v as usize].as_slice())).collect();
+                kernels::run_kernel(self.kernels[*kernel as usize], *kind, &ins, contiguous, (bufs[*out as usize], &shapes[*out as usize]), &space, &self.manifest.kernels[*kernel as usize], self.threads)
+            }
+            Step::MatMul { a, b, out, ta, tb } => kernels::matmul(
+                (bufs[*a as usize], &shapes[*a as usize]),
+                (bufs[*b as usize], &shapes[*b as usize]),
+                (bufs[*out as usize], &shapes[*out as usize]),
+                *ta,
+                *tb,
+                self.threads,
+            ),
+            Step::Gather { table, idx, out, axis } => {
+                let m = &self.manifest;
+                kernels::gather(
+                    (bufs[*table as usize], &shapes[*table as usize], m.values[*table as usize].dtype),
+                    (bufs[*idx as usize], &shapes[*idx as usize], m.values[*idx as usize].dtype),
+                    (bufs[*out as usize], &shapes[*out as usize]),
+                    *axis as usize,
+                )
+            }
+            Step::Transpose { x, out, perm } => {
+                let es = self.manifest.values[*x as usize].dtype.size_bytes();
+                kernels::transpose((bufs[*x as usize], &shapes[*x as usize]), (bufs[*out as usize], &shapes[*out as usize]), perm, es)
+            }
+            Step::Slice { x, out, axis, start } => {
+                let es = self.manifest.values[*x as usize].dtype.size_bytes();
+                kernels::slice((bufs[*x as usize], &shapes[*x as usize]), (bufs[*out as usize], &shapes[*out as usize]), *axis as usize, *start as usize, es)
+            }
+            Step::Concat { xs, out, axis } => {
+                let es = self.manifest.values[*out as usize].dtype.size_bytes();
+                let parts: Vec<(Buf, &[usize])> = xs.iter().map(|v| (bufs[*v as usize], shapes[*v as usize].as_slice())).collect();
+                kernels::concat(&parts, (bufs[*out as usize], &shapes[*out as usize]), *axis as usize, es)
+            }
+            Step::Broadcast { x, out } => {
+                let es = self.manifest.values[*x as usize].dtype.size_bytes();
+                kernels::broadcast((bufs[*x as usize], &shapes[*x as usize]), (bufs[*out as usize], &shapes[*out as usize]), es)
+            }
+            Step::Fallback { op, inputs, out } => {
+                let m = &self.manifest;
+                let args: Vec<(Buf, &[usize], DType)> =
+                    inputs.iter().map(|v| (bufs[*v as usize], shapes[*v as usize].as_slice(), m.values[*v as usize].dtype)).collect();
+                let o = *out as usize;
+                let names: Vec<String> = m.dims.iter().map(|d| d.0.clone()).collect();
+                kernels::fallback(op, &args, (bufs[o], &shapes[o], m.values[o].dtype), &names, syms)
+            }
+        }
+    }
+}
+
+fn step_out(step: &Step) -> usize {
+    (match step {
+        Step::Kernel { out, .. }
+        | Step::MatMul { out, .. }
+        | Step::Gather { out, .. }
+        | Step::Transpose { out, .. }
+        | Step::Slice { out, .. }
+        | Step::Concat { out, .. }
+        | Step::Broadcast { out, .. }
+        | Step::Fallback { out, .. } => *out,
+    }) as usize
+}
+
+fn step_inputs(step: &Step) -> Vec<u32> {
+    match step {
+        Step::Kernel { inputs, .. } | Step::Fallback { inputs, .. } => inputs.clone(),
+        Step::MatMul { a, b, .. } => vec![*a, *b],
+        Step::Gather { table, idx, .. } => vec![*table, *idx],
+        Step::Transpose { x, .. } | Step::Slice { x, .. } | Step::Broadcast { x, .. } => vec![*x],
+        Step::Concat { xs, .. } => xs.clone(),
+    }
+}
+
+impl std::fmt::Debug for Model {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Model").field("name", &self.manifest.name).field("steps", &self.manifest.steps.len()).finish()
+    }
+}

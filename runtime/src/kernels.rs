@@ -1,0 +1,473 @@
+//! Executors of plan steps: the calling side of generated kernels, the GEMM, and data movement.
+//!
+//! Every function checks the concrete shapes it is given before touching memory, so a manifest
+//! whose shapes disagree is an error, not an out-of-bounds access.
+
+use kiln_ir::{DType, Dim, Op, Tensor, TensorType};
+use rayon::prelude::*;
+
+use crate::plan::{KernelDecl, KernelKind};
+
+/// The ABI of generated kernels: `rows` rows of `n` elements; `offs` holds, per row, the element
+/// offset of every operand (inputs, then the output); `ptrs` the operands' base addresses.
+pub type KernelFn = unsafe extern "C" fn(rows: i64, n: i64, offs: *const i64, ptrs: *const *mut u8);
+
+/// A value's memory.
+#[derive(Clone, Copy, Debug)]
+pub struct Buf {
+    /// Base address.
+    pub ptr: *mut u8,
+    /// Length in bytes.
+    pub len: usize,
+}
+
+// SAFETY: buffers are handed to parallel workers that write disjoint parts of an output and only
+// read inputs; the executor never lets two steps run at once.
+unsafe impl Send for Buf {}
+unsafe impl Sync for Buf {}
+
+/// 64 bytes aligned to 64.
+#[derive(Clone, Copy)]
+#[repr(C, align(64))]
+pub struct Align64([u8; 64]);
+
+impl Default for Align64 {
+    fn default() -> Self {
+        Align64([0; 64])
+    }
+}
+
+/// Copies bytes into 64-byte aligned storage (the tail of the last block is zero).
+pub fn aligned_copy(b: &[u8]) -> Vec<Align64> {
+    let mut v = vec![Align64::default(); b.len().div_ceil(64)];
+    bytes_of_mut(&mut v)[..b.len()].copy_from_slice(b);
+    v
+}
+
+/// The bytes of an aligned copy, including the zero tail.
+pub fn bytes_of(v: &[Align64]) -> &[u8] {
+    // SAFETY: Align64 is plain bytes.
+    unsafe { std::slice::from_raw_parts(v.as_ptr() as *const u8, v.len() * 64) }
+}
+
+fn bytes_of_mut(v: &mut [Align64]) -> &mut [u8] {
+    // SAFETY: Align64 is plain bytes.
+    unsafe { std::slice::from_raw_parts_mut(v.as_mut_ptr() as *mut u8, v.len() * 64) }
+}
+
+/// Copies machine code into fresh executable memory.
+pub fn executable(code: &[u8]) -> std::io::Result<memmap2::Mmap> {
+    let mut m = memmap2::MmapMut::map_anon(code.len().max(1))?;
+    m[..code.len()].copy_from_slice(code);
+    m.make_exec()
+}
+
+/// A thread pool of `n` workers.
+pub fn pool(n: usize) -> Result<rayon::ThreadPool, String> {
+    rayon::ThreadPoolBuilder::new().num_threads(n).build().map_err(|e| e.to_string())
+}
+
+/// Element strides of `shape` broadcast to `space` (0 on stretched axes), or an error.
+fn bstrides(shape: &[usize], space: &[usize]) -> Result<Vec<usize>, String> {
+    if shape.len() > space.len() {
+        return Err(format!("operand of shape {shape:?} does not broadcast to {space:?}"));
+    }
+    let off = space.len() - shape.len();
+    let mut own = vec![0usize; shape.len()];
+    let mut acc = 1usize;
+    for i in (0..shape.len()).rev() {
+        own[i] = acc;
+        acc = acc.saturating_mul(shape[i]);
+    }
+    (0..space.len())
+        .map(|i| {
+            if i < off {
+                return Ok(0);
+            }
+            let d = shape[i - off];
+            if d == space[i] {
+                Ok(if d == 1 { 0 } else { own[i - off] })
+            } else if d == 1 {
+                Ok(0)
+            } else {
+                Err(format!("operand of shape {shape:?} does not broadcast to {space:?}"))
+            }
+        })
+        .collect()
+}
+
+fn elems(shape: &[usize]) -> usize {
+    shape.iter().fold(1usize, |a, d| a.saturating_mul(*d))
+}
+
+fn check_len(what: &str, b: Buf, shape: &[usize], es: usize) -> Result<(), String> {
+    if elems(shape).saturating_mul(es) != b.len {
+        return Err(format!("{what} buffer of {} bytes does not hold shape {shape:?}", b.len));
+    }
+    Ok(())
+}
+
+/// Runs a generated kernel over its iteration space, splitting rows across threads.
+#[allow(clippy::too_many_arguments)]
+pub fn run_kernel(
+    f: KernelFn,
+    kind: KernelKind,
+    inputs: &[(Buf, &[usize])],
+    contiguous: &[bool],
+    out: (Buf, &[usize]),
+    space: &[usize],
+    decl: &KernelDecl,
+    threads: usize,
+) -> Result<(), String> {
+    let r = space.len();
+    let (rows, n) = if r == 0 { (1, 1) } else { (elems(&space[..r - 1]), space[r - 1]) };
+    let nops = inputs.len() + 1;
+    let mut strides = Vec::with_capacity(nops);
+    for (i, (b, s)) in inputs.iter().enumerate() {
+        check_len("kernel input", *b, s, decl.inputs[i].size_bytes())?;
+        let st = bstrides(s, space)?;
+        let last = st.last().copied().unwrap_or(0);
+        // The code reads input i with unit stride along the last axis iff it was generated so.
+        if n > 1 && (last == 1) != contiguous[i] {
+            return Err(format!("input {i} of shape {s:?} does not match the kernel's layout for space {space:?}"));
+        }
+        strides.push(st);
+    }
+    check_len("kernel output", out.0, out.1, decl.output.size_bytes())?;
+    match kind {
+        KernelKind::Map => {
+            if out.1 != space {
+                return Err(format!("output shape {:?} differs from the iteration space {space:?}", out.1));
+            }
+            strides.push(bstrides(out.1, space)?);
+        }
+        KernelKind::ReduceLast => {
+            if elems(out.1) != rows {
+                return Err(format!("reduction output {:?} does not have one element per row of {space:?}", out.1));
+            }
+            let mut s = vec![0usize; r];
+            let mut acc = 1;
+            for i in (0..r.saturating_sub(1)).rev() {
+                s[i] = acc;
+                acc *= space[i];
+            }
+            strides.push(s);
+        }
+    }
+    if rows == 0 || n == 0 {
+        return Ok(());
+    }
+    // Row offsets table: rows × nops element offsets.
+    let mut offs = vec![0i64; rows * nops];
+    let mut idx = vec![0usize; r.saturating_sub(1)];
+    let mut cur = vec![0usize; nops];
+    for row in 0..rows {
+        for j in 0..nops {
+            offs[row * nops + j] = cur[j] as i64;
+        }
+        for ax in (0..idx.len()).rev() {
+            idx[ax] += 1;
+            for j in 0..nops {
+                cur[j] += strides[j][ax];
+            }
+            if idx[ax] < space[ax] {
+                break;
+            }
+            for j in 0..nops {
+                cur[j] -= strides[j][ax] * space[ax];
+            }
+            idx[ax] = 0;
+        }
+    }
+    let ptrs: Vec<usize> = inputs.iter().map(|(b, _)| b.ptr as usize).chain(std::iter::once(out.0.ptr as usize)).collect();
+    let work = rows * n;
+    let chunks = if threads <= 1 || work < 32 * 1024 { 1 } else { (threads * 4).min(rows) };
+    let per = rows.div_ceil(chunks);
+    let call = |c: usize| {
+        let start = c * per;
+        let count = per.min(rows - start.min(rows));
+        if count > 0 {
+            // SAFETY: the offsets were computed from checked shapes, so every row the kernel
+            // touches lies inside its operand; chunks write disjoint rows of the output.
+            unsafe { f(count as i64, n as i64, offs.as_ptr().add(start * nops), ptrs.as_ptr() as *const *mut u8) };
+        }
+    };
+    if chunks == 1 {
+        call(0);
+    } else {
+        (0..chunks).into_par_iter().for_each(call);
+    }
+    Ok(())
+}
+
+/// Batched f32 matrix product with numpy broadcasting over leading axes.
+pub fn matmul(a: (Buf, &[usize]), b: (Buf, &[usize]), out: (Buf, &[usize]), ta: bool, tb: bool, threads: usize) -> Result<(), String> {
+    let (sa, sb, so) = (a.1, b.1, out.1);
+    if sa.len() < 2 || sb.len() < 2 || so.len() < 2 {
+        return Err("matmul operands need rank >= 2".into());
+    }
+    check_len("matmul lhs", a.0, sa, 4)?;
+    check_len("matmul rhs", b.0, sb, 4)?;
+    check_len("matmul output", out.0, so, 4)?;
+    let (ra, rb, ro) = (sa.len(), sb.len(), so.len());
+    let (m, ka) = if ta { (sa[ra - 1], sa[ra - 2]) } else { (sa[ra - 2], sa[ra - 1]) };
+    let (kb, n) = if tb { (sb[rb - 1], sb[rb - 2]) } else { (sb[rb - 2], sb[rb - 1]) };
+    if ka != kb || so[ro - 2] != m || so[ro - 1] != n {
+        return Err(format!("matmul shapes {sa:?} x {sb:?} -> {so:?} do not fit"));
+    }
+    let k = ka;
+    let batch = &so[..ro - 2];
+    let bsa = bstrides(&sa[..ra - 2], batch)?;
+    let bsb = bstrides(&sb[..rb - 2], batch)?;
+    let nb = elems(batch);
+    let (mat_a, mat_b) = (sa[ra - 2] * sa[ra - 1], sb[rb - 2] * sb[rb - 1]);
+    let (a_rs, a_cs) = if ta { (1isize, m as isize) } else { (k as isize, 1isize) };
+    let (b_rs, b_cs) = if tb { (1isize, k as isize) } else { (n as isize, 1isize) };
+    let (ap, bp, op) = (a.0.ptr as usize, b.0.ptr as usize, out.0.ptr as usize);
+    let par = |big: bool| if big && threads > 1 { gemm::Parallelism::Rayon(threads) } else { gemm::Parallelism::None };
+    // SAFETY (all calls below): shapes were checked against buffer lengths, and the strides
+    // describe row-major matrices inside those buffers.
+    let one = |a_off: usize, b_off: usize, o_off: usize, rows: usize, p: gemm::Parallelism| unsafe {
+        gemm::gemm::<f32>(
+            rows, n, k,
+            (op as *mut f32).add(o_off), 1, n as isize, false,
+            (ap as *const f32).add(a_off), a_cs, a_rs,
+            (bp as *const f32).add(b_off), b_cs, b_rs,
+            0.0, 1.0, false, false, false, p,
+        )
+    };
+    if nb == 0 || m == 0 || n == 0 {
+        return Ok(());
+    }
+    if k == 0 {
+        // SAFETY: the output buffer holds exactly this many f32s.
+        unsafe { std::ptr::write_bytes(out.0.ptr, 0, out.0.len) };
+        return Ok(());
+    }
+    // A shared right operand and a row-major left one: one tall GEMM over every batch row.
+    if !ta && bsb.iter().all(|s| *s == 0) && sa[..ra - 2].len() == batch.len() && sa[..ra - 2] == *batch {
+        one(0, 0, 0, nb * m, par(true));
+        return Ok(());
+    }
+    let offsets = |bi: usize| {
+        let (mut rem, mut oa, mut ob) = (bi, 0usize, 0usize);
+        for ax in (0..batch.len()).rev() {
+            let i = rem % batch[ax];
+            rem /= batch[ax];
+            oa += i * bsa[ax];
+            ob += i * bsb[ax];
+        }
+        (oa * mat_a, ob * mat_b)
+    };
+    if nb >= threads && threads > 1 {
+        (0..nb).into_par_iter().for_each(|bi| {
+            let (oa, ob) = offsets(bi);
+            one(oa, ob, bi * m * n, m, gemm::Parallelism::None);
+        });
+    } else {
+        for bi in 0..nb {
+            let (oa, ob) = offsets(bi);
+            one(oa, ob, bi * m * n, m, par(m * n * k > 1 << 18));
+        }
+    }
+    Ok(())
+}
+
+/// `table` rows picked by `idx` along `axis`.
+pub fn gather(table: (Buf, &[usize], DType), idx: (Buf, &[usize], DType), out: (Buf, &[usize]), axis: usize) -> Result<(), String> {
+    let (ts, is, os) = (table.1, idx.1, out.1);
+    let es = table.2.size_bytes();
+    if axis >= ts.len() {
+        return Err("gather axis out of range".into());
+    }
+    let mut want = ts[..axis].to_vec();
+    want.extend_from_slice(is);
+    want.extend_from_slice(&ts[axis + 1..]);
+    if want != os {
+        return Err(format!("gather of {ts:?} by {is:?} cannot give {os:?}"));
+    }
+    check_len("gather table", table.0, ts, es)?;
+    check_len("gather indices", idx.0, is, idx.2.size_bytes())?;
+    check_len("gather output", out.0, os, es)?;
+    let outer = elems(&ts[..axis]);
+    let rows = ts[axis];
+    let inner = elems(&ts[axis + 1..]) * es;
+    let ni = elems(is);
+    let read = |k: usize| -> i64 {
+        // SAFETY: k < ni and the index buffer holds ni elements of its dtype.
+        unsafe {
+            match idx.2 {
+                DType::I64 => *(idx.0.ptr as *const i64).add(k),
+                _ => *(idx.0.ptr as *const i32).add(k) as i64,
+            }
+        }
+    };
+    for o in 0..outer {
+        for k in 0..ni {
+            let i = read(k);
+            if i < 0 || i as usize >= rows {
+                return Err(format!("index {i} at position {k} is out of range for {rows} rows"));
+            }
+            // SAFETY: the source row and destination slot lie inside the checked buffers.
+            unsafe {
+                std::ptr::copy_nonoverlapping(
+                    table.0.ptr.add((o * rows + i as usize) * inner),
+                    out.0.ptr.add((o * ni + k) * inner),
+                    inner,
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Copies elements of `x` to `out` where `out`'s element `i` comes from `x` at the offset given
+/// by `src_strides` (in elements) over `out`'s shape, moving the unit-stride tail in blocks.
+fn strided_copy(x: Buf, out: Buf, oshape: &[usize], src_strides: &[usize], es: usize) {
+    let r = oshape.len();
+    // Longest tail of axes that are contiguous in the source too: copied as one block.
+    let mut block = 1usize;
+    let mut tail = r;
+    while tail > 0 && src_strides[tail - 1] == block {
+        block *= oshape[tail - 1];
+        tail -= 1;
+    }
+    let outer = elems(&oshape[..tail]);
+    let bytes = block * es;
+    let mut idx = vec![0usize; tail];
+    let mut src = 0usize;
+    for o in 0..outer {
+        // SAFETY: callers checked both buffers against their shapes; `src` stays in range.
+        unsafe { std::ptr::copy_nonoverlapping(x.ptr.add(src * es), out.ptr.add(o * bytes), bytes) };
+        for ax in (0..tail).rev() {
+            idx[ax] += 1;
+            src += src_strides[ax];
+            if idx[ax] < oshape[ax] {
+                break;
+            }
+            src -= src_strides[ax] * oshape[ax];
+            idx[ax] = 0;
+        }
+    }
+}
+
+fn own_strides(shape: &[usize]) -> Vec<usize> {
+    let mut s = vec![1usize; shape.len()];
+    for i in (0..shape.len().saturating_sub(1)).rev() {
+        s[i] = s[i + 1] * shape[i + 1];
+    }
+    s
+}
+
+/// Axis permutation.
+pub fn transpose(x: (Buf, &[usize]), out: (Buf, &[usize]), perm: &[u32], es: usize) -> Result<(), String> {
+    let mut seen = vec![false; x.1.len()];
+    if perm.len() != x.1.len() || perm.iter().any(|p| (*p as usize) >= seen.len() || std::mem::replace(&mut seen[*p as usize], true)) {
+        return Err("invalid permutation".into());
+    }
+    let want: Vec<usize> = perm.iter().map(|p| x.1[*p as usize]).collect();
+    if want != out.1 {
+        return Err(format!("transpose of {:?} cannot give {:?}", x.1, out.1));
+    }
+    check_len("transpose input", x.0, x.1, es)?;
+    check_len("transpose output", out.0, out.1, es)?;
+    let s = own_strides(x.1);
+    let src: Vec<usize> = perm.iter().map(|p| s[*p as usize]).collect();
+    strided_copy(x.0, out.0, out.1, &src, es);
+    Ok(())
+}
+
+/// Elements `start..` of one axis.
+pub fn slice(x: (Buf, &[usize]), out: (Buf, &[usize]), axis: usize, start: usize, es: usize) -> Result<(), String> {
+    if axis >= x.1.len() || x.1.len() != out.1.len() || start.saturating_add(out.1[axis]) > x.1[axis] {
+        return Err(format!("slice of {:?} at {start} cannot give {:?}", x.1, out.1));
+    }
+    if x.1.iter().zip(out.1).enumerate().any(|(i, (a, b))| i != axis && a != b) {
+        return Err(format!("slice of {:?} cannot give {:?}", x.1, out.1));
+    }
+    check_len("slice input", x.0, x.1, es)?;
+    check_len("slice output", out.0, out.1, es)?;
+    let s = own_strides(x.1);
+    let base = start * s[axis];
+    let shifted = Buf { ptr: x.0.ptr.wrapping_add(base * es), len: x.0.len - base * es };
+    strided_copy(shifted, out.0, out.1, &s, es);
+    Ok(())
+}
+
+/// Concatenation along `axis`.
+pub fn concat(parts: &[(Buf, &[usize])], out: (Buf, &[usize]), axis: usize, es: usize) -> Result<(), String> {
+    let os = out.1;
+    if axis >= os.len() {
+        return Err("concat axis out of range".into());
+    }
+    let mut total = 0;
+    for (b, s) in parts {
+        if s.len() != os.len() || s.iter().zip(os).enumerate().any(|(i, (a, o))| i != axis && a != o) {
+            return Err(format!("concat part {s:?} does not fit {os:?}"));
+        }
+        check_len("concat input", *b, s, es)?;
+        total += s[axis];
+    }
+    if total != os[axis] {
+        return Err(format!("concat parts add up to {total}, output axis has {}", os[axis]));
+    }
+    check_len("concat output", out.0, os, es)?;
+    let outer = elems(&os[..axis]);
+    let mut dst = 0usize;
+    for o in 0..outer {
+        for (b, s) in parts {
+            let chunk = elems(&s[axis..]) * es;
+            // SAFETY: offsets stay within the checked buffers.
+            unsafe { std::ptr::copy_nonoverlapping(b.ptr.add(o * chunk), out.0.ptr.add(dst), chunk) };
+            dst += chunk;
+        }
+    }
+    Ok(())
+}
+
+/// numpy broadcast, materialised.
+pub fn broadcast(x: (Buf, &[usize]), out: (Buf, &[usize]), es: usize) -> Result<(), String> {
+    check_len("broadcast input", x.0, x.1, es)?;
+    check_len("broadcast output", out.0, out.1, es)?;
+    let s = bstrides(x.1, out.1)?;
+    strided_copy(x.0, out.0, out.1, &s, es);
+    Ok(())
+}
+
+/// Runs one op with the reference evaluator (for small index and table computations).
+pub fn fallback(op: &Op, args: &[(Buf, &[usize], DType)], out: (Buf, &[usize], DType), dim_names: &[String], syms: &[usize]) -> Result<(), String> {
+    let mut vals = Vec::with_capacity(args.len());
+    let mut tys = Vec::with_capacity(args.len());
+    for (b, s, dt) in args {
+        check_len("input", *b, s, dt.size_bytes())?;
+        // SAFETY: the buffer holds exactly `s` elements of `dt`, as just checked.
+        let bytes = unsafe { std::slice::from_raw_parts(b.ptr as *const u8, b.len) };
+        let t = Tensor::from_le_bytes(*dt, s.to_vec(), bytes).map_err(|e| e.to_string())?;
+        vals.push(kiln_interp::Value::from_tensor(&t, *dt));
+        tys.push(TensorType::new(*dt, s.iter().map(|d| Dim::known(*d as u64)).collect()));
+    }
+    let bindings = dim_names.iter().cloned().zip(syms.iter().copied()).collect();
+    // Ops that mention symbolic dims (iota, reshape targets) need them bound; others are typed
+    // from their concrete operands, which also checks the plan's shapes.
+    let refs: Vec<&TensorType> = tys.iter().collect();
+    let mut ty = op.infer(&refs).map_err(|e| e.to_string())?;
+    ty.shape = ty
+        .shape
+        .iter()
+        .map(|d| d.eval(&bindings).map(|v| Dim::known(v as u64)).map_err(|s| format!("dim `{s}` is not bound")))
+        .collect::<Result<_, _>>()?;
+    let want = TensorType::new(out.2, out.1.iter().map(|d| Dim::known(*d as u64)).collect());
+    if ty != want {
+        return Err(format!("{} gives {ty}, the plan expects {want}", op.mnemonic()));
+    }
+    let arg_refs: Vec<&kiln_interp::Value> = vals.iter().collect();
+    let v = kiln_interp::eval_op(op, &ty, &arg_refs, &bindings)?;
+    let t = v.to_tensor();
+    let bytes = t.as_bytes();
+    if bytes.len() != out.0.len {
+        return Err("fallback result has the wrong size".into());
+    }
+    // SAFETY: sizes are equal, and the output buffer is a distinct temporary.
+    unsafe { std::ptr::copy_nonoverlapping(bytes.as_ptr(), out.0.ptr, bytes.len()) };
+    Ok(())
+}

@@ -1,0 +1,213 @@
+//! The execution plan stored in an artifact's manifest.
+//!
+//! The compiler writes it; [`crate::Model::load`] validates every index in it before anything runs,
+//! so the executor may index without further checks.
+
+use kiln_ir::{DType, Op};
+use serde::{Deserialize, Serialize};
+
+/// A dim as a constant times a product of symbols (indices into [`Manifest::dims`]).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DimExpr {
+    /// Constant factor.
+    pub coeff: u64,
+    /// Symbol indices.
+    pub syms: Vec<u32>,
+}
+
+impl DimExpr {
+    /// Evaluates under concrete symbol values (indexed like `Manifest::dims`).
+    pub fn eval(&self, syms: &[usize]) -> usize {
+        self.syms.iter().fold(self.coeff as usize, |a, s| a.saturating_mul(syms[*s as usize]))
+    }
+}
+
+/// What the CPU the code was generated for must have.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Target {
+    /// `std::env::consts::ARCH` of the compiling machine, e.g. `x86_64`.
+    pub arch: String,
+    /// CPU features the generated code uses (`sse4.1`, `fma`, …).
+    pub features: Vec<String>,
+}
+
+/// Where a value's bytes live.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Storage {
+    /// The caller's input number `n`.
+    Input(u32),
+    /// Read-only bytes in the artifact's weight section.
+    Weight {
+        /// Byte offset within the weight section.
+        offset: u64,
+        /// Byte length.
+        len: u64,
+    },
+    /// A buffer the runtime plans.
+    Temp,
+    /// The same bytes as another value, seen with another shape (a reshape).
+    Alias(u32),
+}
+
+/// One tensor value of the plan.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ValueDecl {
+    /// Element type.
+    pub dtype: DType,
+    /// Shape.
+    pub shape: Vec<DimExpr>,
+    /// Where it lives.
+    pub storage: Storage,
+    /// The graph node name it came from.
+    pub name: String,
+}
+
+/// A named input or output.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Port {
+    /// The name callers use.
+    pub name: String,
+    /// The value.
+    pub value: u32,
+}
+
+/// A generated kernel.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KernelDecl {
+    /// Name (the fusion group's root node).
+    pub name: String,
+    /// Byte offset of its machine code within the code section.
+    pub offset: u64,
+    /// Byte length of its machine code.
+    pub len: u64,
+    /// Element types of the inputs it reads, in order.
+    pub inputs: Vec<DType>,
+    /// Element type it writes.
+    pub output: DType,
+    /// Primitive ops fused into it.
+    pub ops: u32,
+}
+
+/// How a generated kernel walks its iteration space.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum KernelKind {
+    /// One output element per iteration element.
+    Map,
+    /// One output element per row: the last axis is reduced.
+    ReduceLast,
+}
+
+/// One step of the plan, run in order.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub enum Step {
+    /// A generated kernel. `inputs` are broadcast to `space` (the output for `Map`, the reduced
+    /// input for `ReduceLast`); `contiguous[i]` says whether input `i` advances along the last axis
+    /// (otherwise it is broadcast along it), as the code was generated.
+    Kernel {
+        /// Index into [`Manifest::kernels`].
+        kernel: u32,
+        /// Iteration pattern.
+        kind: KernelKind,
+        /// Values read.
+        inputs: Vec<u32>,
+        /// Per input: strided along the last axis (`true`) or broadcast (`false`).
+        contiguous: Vec<bool>,
+        /// Value written.
+        out: u32,
+        /// Shape iterated.
+        space: Vec<DimExpr>,
+    },
+    /// Batched f32 matrix product with numpy broadcasting.
+    MatMul {
+        /// Left operand.
+        a: u32,
+        /// Right operand.
+        b: u32,
+        /// Result.
+        out: u32,
+        /// Transpose the left operand.
+        ta: bool,
+        /// Transpose the right operand.
+        tb: bool,
+    },
+    /// Rows of a table picked by integer ids.
+    Gather {
+        /// Table.
+        table: u32,
+        /// Indices.
+        idx: u32,
+        /// Result.
+        out: u32,
+        /// Table axis indexed.
+        axis: u32,
+    },
+    /// Axis permutation.
+    Transpose {
+        /// Source.
+        x: u32,
+        /// Result.
+        out: u32,
+        /// Output axis `i` is input axis `perm[i]`.
+        perm: Vec<u32>,
+    },
+    /// A sub-range of one axis.
+    Slice {
+        /// Source.
+        x: u32,
+        /// Result.
+        out: u32,
+        /// Axis.
+        axis: u32,
+        /// First index.
+        start: u64,
+    },
+    /// Concatenation along an axis.
+    Concat {
+        /// Sources.
+        xs: Vec<u32>,
+        /// Result.
+        out: u32,
+        /// Axis.
+        axis: u32,
+    },
+    /// numpy broadcast, materialised.
+    Broadcast {
+        /// Source.
+        x: u32,
+        /// Result.
+        out: u32,
+    },
+    /// Any other op, run by the reference interpreter's evaluator (small tensors only: index and
+    /// mask arithmetic, rotary tables).
+    Fallback {
+        /// The op.
+        op: Op,
+        /// Operands.
+        inputs: Vec<u32>,
+        /// Result.
+        out: u32,
+    },
+}
+
+/// Everything about an artifact except its bytes.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Manifest {
+    /// Model name.
+    pub name: String,
+    /// Required CPU.
+    pub target: Target,
+    /// Symbolic dims with their upper bounds.
+    pub dims: Vec<(String, u64)>,
+    /// Inputs, in declaration order.
+    pub inputs: Vec<Port>,
+    /// Outputs, in declaration order.
+    pub outputs: Vec<Port>,
+    /// All values.
+    pub values: Vec<ValueDecl>,
+    /// Generated kernels.
+    pub kernels: Vec<KernelDecl>,
+    /// The program.
+    pub steps: Vec<Step>,
+    /// Optimization level it was compiled at, for reports.
+    pub opt_level: String,
+}

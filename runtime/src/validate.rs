@@ -1,0 +1,156 @@
+//! Static checks of a manifest against the artifact's sections, run once at load time. After
+//! them every index in the plan is in range, every temporary is written before it is read, and
+//! every step's element types are what its executor assumes. Shapes are symbolic and are checked
+//! per run, by each step, before it touches memory.
+
+use kiln_ir::DType;
+
+use crate::plan::{KernelKind, Manifest, Step, Storage};
+use crate::LoadError;
+
+fn bad<T>(m: String) -> Result<T, LoadError> {
+    Err(LoadError::Corrupt(m))
+}
+
+/// Validates `m` for weight and code sections of the given lengths.
+pub fn manifest(m: &Manifest, weights_len: usize, code_len: usize) -> Result<(), LoadError> {
+    let nv = m.values.len();
+    let nd = m.dims.len();
+    for (i, (name, bound)) in m.dims.iter().enumerate() {
+        if *bound == 0 || m.dims[..i].iter().any(|(n, _)| n == name) {
+            return bad(format!("dim `{name}` is repeated or has bound 0"));
+        }
+    }
+    for (i, v) in m.values.iter().enumerate() {
+        if v.shape.iter().any(|d| d.syms.iter().any(|s| *s as usize >= nd)) {
+            return bad(format!("value {i} uses an undeclared dim"));
+        }
+        match &v.storage {
+            Storage::Input(n) => {
+                if m.inputs.get(*n as usize).map(|p| p.value as usize) != Some(i) {
+                    return bad(format!("value {i} claims to be input {n}"));
+                }
+            }
+            Storage::Weight { offset, len } => {
+                if v.shape.iter().any(|d| !d.syms.is_empty()) {
+                    return bad(format!("weight value {i} has a symbolic shape"));
+                }
+                let elems = v.shape.iter().try_fold(1u64, |a, d| a.checked_mul(d.coeff));
+                let want = elems.and_then(|e| e.checked_mul(v.dtype.size_bytes() as u64));
+                let end = offset.checked_add(*len);
+                if want != Some(*len) || end.is_none_or(|e| e > weights_len as u64) || offset % v.dtype.size_bytes() as u64 != 0 {
+                    return bad(format!("weight value {i} (`{}`) lies outside the weight section or has the wrong size", v.name));
+                }
+            }
+            Storage::Temp => {}
+            Storage::Alias(src) => {
+                let Some(s) = m.values.get(*src as usize).filter(|_| (*src as usize) < i) else {
+                    return bad(format!("value {i} aliases a later or missing value"));
+                };
+                if s.dtype != v.dtype {
+                    return bad(format!("value {i} aliases a value of another dtype"));
+                }
+            }
+        }
+    }
+    for p in m.inputs.iter().chain(&m.outputs) {
+        if p.value as usize >= nv {
+            return bad(format!("port `{}` names a missing value", p.name));
+        }
+    }
+    for (i, p) in m.inputs.iter().enumerate() {
+        if m.values[p.value as usize].storage != Storage::Input(i as u32) {
+            return bad(format!("input `{}` is not backed by its input storage", p.name));
+        }
+    }
+    for k in &m.kernels {
+        let end = k.offset.checked_add(k.len);
+        if k.len == 0 || end.is_none_or(|e| e > code_len as u64) || k.offset % 16 != 0 {
+            return bad(format!("kernel `{}` lies outside the code section", k.name));
+        }
+    }
+    // Temporaries: written once, by a step, before anything reads them.
+    let mut written = vec![false; nv];
+    let root = |mut v: usize| {
+        let mut hops = 0;
+        while let Storage::Alias(s) = m.values[v].storage {
+            v = s as usize;
+            hops += 1;
+            if hops > nv {
+                break;
+            }
+        }
+        v
+    };
+    let readable = |v: usize, written: &Vec<bool>| {
+        let r = root(v);
+        !matches!(m.values[r].storage, Storage::Temp) || written[r]
+    };
+    for (si, step) in m.steps.iter().enumerate() {
+        let (ins, out): (Vec<u32>, u32) = match step {
+            Step::Kernel { inputs, out, .. } => (inputs.clone(), *out),
+            Step::MatMul { a, b, out, .. } => (vec![*a, *b], *out),
+            Step::Gather { table, idx, out, .. } => (vec![*table, *idx], *out),
+            Step::Transpose { x, out, .. } | Step::Slice { x, out, .. } | Step::Broadcast { x, out } => (vec![*x], *out),
+            Step::Concat { xs, out, .. } => (xs.clone(), *out),
+            Step::Fallback { inputs, out, .. } => (inputs.clone(), *out),
+        };
+        for v in ins.iter().chain(std::iter::once(&out)) {
+            if *v as usize >= nv {
+                return bad(format!("step {si} names a missing value {v}"));
+            }
+        }
+        for v in &ins {
+            if !readable(*v as usize, &written) {
+                return bad(format!("step {si} reads value {v} before it is computed"));
+            }
+        }
+        let o = out as usize;
+        if m.values[o].storage != Storage::Temp || written[o] {
+            return bad(format!("step {si} writes value {o}, which is not a fresh temporary"));
+        }
+        written[o] = true;
+        let dt = |v: u32| m.values[v as usize].dtype;
+        match step {
+            Step::Kernel { kernel, kind, inputs, contiguous, out, space } => {
+                let Some(k) = m.kernels.get(*kernel as usize) else {
+                    return bad(format!("step {si} calls a missing kernel"));
+                };
+                let types: Vec<DType> = inputs.iter().map(|v| dt(*v)).collect();
+                if k.inputs != types || k.output != dt(*out) || contiguous.len() != inputs.len() {
+                    return bad(format!("step {si} does not match kernel `{}`'s signature", k.name));
+                }
+                if space.iter().any(|d| d.syms.iter().any(|s| *s as usize >= nd)) || (*kind == KernelKind::ReduceLast && space.is_empty()) {
+                    return bad(format!("step {si} has an invalid iteration space"));
+                }
+            }
+            Step::MatMul { a, b, out, .. } => {
+                if dt(*a) != DType::F32 || dt(*b) != DType::F32 || dt(*out) != DType::F32 {
+                    return bad(format!("step {si}: matmul on non-f32 values"));
+                }
+            }
+            Step::Gather { table, idx, out, .. } => {
+                if !matches!(dt(*idx), DType::I64 | DType::I32) || dt(*table) != dt(*out) {
+                    return bad(format!("step {si}: gather types"));
+                }
+            }
+            Step::Transpose { x, out, .. } | Step::Slice { x, out, .. } | Step::Broadcast { x, out } => {
+                if dt(*x) != dt(*out) {
+                    return bad(format!("step {si}: changes dtype"));
+                }
+            }
+            Step::Concat { xs, out, .. } => {
+                if xs.is_empty() || xs.iter().any(|x| dt(*x) != dt(*out)) {
+                    return bad(format!("step {si}: concat types"));
+                }
+            }
+            Step::Fallback { .. } => {}
+        }
+    }
+    for p in &m.outputs {
+        if !readable(p.value as usize, &written) {
+            return bad(format!("output `{}` is never computed", p.name));
+        }
+    }
+    Ok(())
+}
