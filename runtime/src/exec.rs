@@ -66,6 +66,13 @@ fn cpu_has(feature: &str) -> Option<bool> {
             "bmi1" => std::arch::is_x86_feature_detected!("bmi1"),
             "bmi2" => std::arch::is_x86_feature_detected!("bmi2"),
             "lzcnt" => std::arch::is_x86_feature_detected!("lzcnt"),
+            "cmpxchg16b" => std::arch::is_x86_feature_detected!("cmpxchg16b"),
+            "f16c" => std::arch::is_x86_feature_detected!("f16c"),
+            "avx512f" => std::arch::is_x86_feature_detected!("avx512f"),
+            "avx512vl" => std::arch::is_x86_feature_detected!("avx512vl"),
+            "avx512dq" => std::arch::is_x86_feature_detected!("avx512dq"),
+            "avx512bitalg" => std::arch::is_x86_feature_detected!("avx512bitalg"),
+            "avx512vbmi" => std::arch::is_x86_feature_detected!("avx512vbmi"),
             _ => return None,
         })
     }

@@ -1,1 +1,77 @@
-//! wip
+//! kiln's CPU backend.
+//!
+//! [`compile`] plans a verified graph ([`plan`]), generates every fused kernel with Cranelift
+//! ([`codegen`]) and returns the pieces of an artifact; [`compile_to_file`] writes it. The runtime
+//! (`kiln-runtime`) loads and runs the result without this crate.
+
+pub mod codegen;
+pub mod plan;
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use kiln_ir::{Graph, Tensor};
+use kiln_runtime::plan::{Manifest, Target};
+
+/// Why a graph could not be compiled.
+#[derive(Debug, thiserror::Error)]
+pub enum CompileError {
+    /// A parameter has no weight.
+    #[error("no weight for parameter `{0}`")]
+    MissingWeight(String),
+    /// A weight does not fit its parameter.
+    #[error("weight `{name}` is {got}, the graph expects {expected}")]
+    BadWeight {
+        /// Weight name.
+        name: String,
+        /// Declared type.
+        expected: String,
+        /// What was supplied.
+        got: String,
+    },
+    /// Cranelift could not be set up or failed on a kernel.
+    #[error("code generation failed: {0}")]
+    Codegen(String),
+    /// A bug in kiln.
+    #[error("internal compiler error: {0}")]
+    Internal(String),
+    /// The artifact could not be written.
+    #[error("{0}")]
+    Write(#[from] kiln_runtime::LoadError),
+}
+
+/// An artifact's pieces.
+pub struct Compiled {
+    /// The manifest.
+    pub manifest: Manifest,
+    /// The weight section.
+    pub weights: Vec<u8>,
+    /// The code section.
+    pub code: Vec<u8>,
+}
+
+/// Compiles `graph` for this machine's CPU.
+pub fn compile(graph: &Graph, weights: &BTreeMap<String, Tensor>, dims: &[(String, u64)], opt_level: &str) -> Result<Compiled, CompileError> {
+    let cg = codegen::Codegen::host().map_err(CompileError::Codegen)?;
+    let target = Target { arch: std::env::consts::ARCH.to_string(), features: cg.features.clone() };
+    let planned = plan::plan(graph, weights, dims, target, opt_level)?;
+    let mut manifest = planned.manifest;
+    let mut code = Vec::new();
+    for (decl, spec) in manifest.kernels.iter_mut().zip(&planned.kernels) {
+        let bytes = cg.compile(spec).map_err(|e| CompileError::Codegen(format!("kernel `{}`: {e}", spec.name)))?;
+        while code.len() % 16 != 0 {
+            code.push(0xCC);
+        }
+        decl.offset = code.len() as u64;
+        decl.len = bytes.len() as u64;
+        code.extend_from_slice(&bytes);
+    }
+    Ok(Compiled { manifest, weights: planned.weights, code })
+}
+
+/// Compiles and writes an artifact file.
+pub fn compile_to_file(graph: &Graph, weights: &BTreeMap<String, Tensor>, dims: &[(String, u64)], opt_level: &str, path: &Path) -> Result<Compiled, CompileError> {
+    let c = compile(graph, weights, dims, opt_level)?;
+    kiln_runtime::artifact::write(path, &c.manifest, &c.weights, &c.code)?;
+    Ok(c)
+}

@@ -1,0 +1,329 @@
+//! From a graph to an execution plan: fusion groups become generated kernels, matrix products
+//! become GEMM calls, data movement becomes copy steps, and the few remaining small ops (index
+//! and mask arithmetic, rotary tables) are evaluated by the reference evaluator at run time.
+//!
+//! A fusion group is a tree of f32 elementwise ops of one shape, rooted at a node whose value is
+//! needed elsewhere; a reduction over the last axis can root a group too, fusing its elementwise
+//! producers into the reduction's loop. A node joins a group only if all its users are already in
+//! it, so no value is computed twice.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+
+use kiln_ir::{BinaryOp, CmpOp, DType, Dim, Graph, NodeId, Op, ReduceOp, Tensor, UnaryOp};
+use kiln_runtime::plan::{DimExpr, KernelKind, Manifest, Port, Step, Storage, Target, ValueDecl};
+
+use crate::CompileError;
+
+/// One expression node inside a kernel.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Expr {
+    /// Kernel input number `i`.
+    Input(usize),
+    /// An f32 constant.
+    Const(f32),
+    /// Unary function.
+    Unary(UnaryOp, usize),
+    /// Binary arithmetic.
+    Binary(BinaryOp, usize, usize),
+    /// Comparison producing a condition.
+    Compare(CmpOp, usize, usize),
+    /// `cond ? a : b`.
+    Where(usize, usize, usize),
+}
+
+/// What the code generator needs to produce one kernel.
+#[derive(Clone, Debug)]
+pub struct KernelSpec {
+    /// Name (the root node's).
+    pub name: String,
+    /// Map or reduce-last.
+    pub kind: KernelKind,
+    /// For `ReduceLast`: which reduction.
+    pub reduce: Option<ReduceOp>,
+    /// Input element types and whether each is contiguous along the last axis.
+    pub inputs: Vec<(DType, bool)>,
+    /// Output element type.
+    pub output: DType,
+    /// Expressions in dependency order; the last is the result (before any reduction).
+    pub exprs: Vec<Expr>,
+    /// Primitive ops fused.
+    pub ops: usize,
+}
+
+/// The plan before code generation.
+pub struct Planned {
+    /// The manifest, with kernel code offsets still zero.
+    pub manifest: Manifest,
+    /// The weight section.
+    pub weights: Vec<u8>,
+    /// One spec per manifest kernel.
+    pub kernels: Vec<KernelSpec>,
+}
+
+fn kernel_unary(u: UnaryOp) -> bool {
+    matches!(
+        u,
+        UnaryOp::Neg | UnaryOp::Abs | UnaryOp::Exp | UnaryOp::Sqrt | UnaryOp::Rsqrt | UnaryOp::Tanh | UnaryOp::Erf | UnaryOp::Sigmoid | UnaryOp::Relu | UnaryOp::Recip
+    )
+}
+
+/// Whether `id` can live inside a generated kernel.
+fn fusible(g: &Graph, id: NodeId) -> bool {
+    let n = g.node(id);
+    let f32_args = || g.args(id).iter().all(|a| g.node(*a).ty.dtype == DType::F32);
+    match &n.op {
+        Op::Binary(b) => n.ty.dtype == DType::F32 && *b != BinaryOp::Pow,
+        Op::Unary(u) => n.ty.dtype == DType::F32 && kernel_unary(*u),
+        Op::Compare(_) => f32_args(),
+        Op::Where => n.ty.dtype == DType::F32,
+        _ => false,
+    }
+}
+
+fn is_f32_scalar(g: &Graph, id: NodeId) -> Option<f32> {
+    match &g.node(id).op {
+        Op::Scalar { value, dtype: DType::F32 } => Some(value.as_f64() as f32),
+        _ => None,
+    }
+}
+
+fn reduce_last(g: &Graph, id: NodeId) -> Option<ReduceOp> {
+    match &g.node(id).op {
+        Op::Reduce { op, axes, .. } => {
+            let x = &g.node(g.args(id)[0]).ty;
+            (x.dtype == DType::F32 && axes.len() == 1 && axes[0] + 1 == x.rank()).then_some(*op)
+        }
+        _ => None,
+    }
+}
+
+struct Group {
+    root: NodeId,
+    members: HashSet<NodeId>,
+}
+
+/// Plans `graph` (already verified and optimized) with its weights.
+pub fn plan(graph: &Graph, weights: &BTreeMap<String, Tensor>, dims: &[(String, u64)], target: Target, opt_level: &str) -> Result<Planned, CompileError> {
+    let order = graph.topo_order().map_err(|_| CompileError::Internal("graph has a cycle".into()))?;
+    let outputs: HashSet<NodeId> = graph.outputs().iter().map(|o| o.node).collect();
+    let users: HashMap<NodeId, Vec<NodeId>> = order.iter().map(|&n| (n, graph.users(n))).collect();
+
+    // 1. Fusion groups, formed from the outputs backwards.
+    let mut group_of: HashMap<NodeId, usize> = HashMap::new();
+    let mut groups: Vec<Group> = Vec::new();
+    for &x in order.iter().rev() {
+        if group_of.contains_key(&x) {
+            continue;
+        }
+        let reduce = reduce_last(graph, x);
+        if !fusible(graph, x) && reduce.is_none() {
+            continue;
+        }
+        let space = if reduce.is_some() { graph.node(graph.args(x)[0]).ty.shape.clone() } else { graph.node(x).ty.shape.clone() };
+        let gi = groups.len();
+        let mut members = HashSet::from([x]);
+        group_of.insert(x, gi);
+        let mut stack = graph.args(x);
+        while let Some(y) = stack.pop() {
+            if members.contains(&y) || group_of.contains_key(&y) || outputs.contains(&y) {
+                continue;
+            }
+            if fusible(graph, y) && graph.node(y).ty.shape == space && users[&y].iter().all(|u| members.contains(u)) {
+                members.insert(y);
+                group_of.insert(y, gi);
+                stack.extend(graph.args(y));
+            }
+        }
+        groups.push(Group { root: x, members });
+    }
+
+    // 2. Which nodes need a value: outputs, group leaves, operands of everything else.
+    let interior = |n: NodeId| group_of.get(&n).is_some_and(|g| groups[*g].root != n);
+    let mut needed: HashSet<NodeId> = outputs.clone();
+    for &n in &order {
+        if interior(n) {
+            continue;
+        }
+        match group_of.get(&n) {
+            Some(&gi) => {
+                for m in &groups[gi].members {
+                    for a in graph.args(*m) {
+                        if !groups[gi].members.contains(&a) && is_f32_scalar(graph, a).is_none() {
+                            needed.insert(a);
+                        }
+                    }
+                }
+            }
+            None => needed.extend(graph.args(n)),
+        }
+    }
+
+    // 3. Values and steps, in topological order.
+    let sym_index: HashMap<&str, u32> = dims.iter().enumerate().map(|(i, (n, _))| (n.as_str(), i as u32)).collect();
+    let dim_expr = |d: &Dim| -> Result<DimExpr, CompileError> {
+        let mut syms = Vec::new();
+        for s in d.symbols() {
+            syms.push(*sym_index.get(s.as_str()).ok_or_else(|| CompileError::Internal(format!("dim `{s}` has no declared bound")))?);
+        }
+        let coeff = Dim::product(std::iter::empty()).mul(d);
+        let coeff = d.symbols().iter().fold(coeff, |acc, s| acc.div(&Dim::sym(s.clone())).expect("a dim divides by its own symbols"));
+        Ok(DimExpr { coeff: coeff.as_known().expect("symbols divided out"), syms })
+    };
+    let shape_expr = |s: &[Dim]| s.iter().map(&dim_expr).collect::<Result<Vec<_>, _>>();
+
+    let mut values: Vec<ValueDecl> = Vec::new();
+    let mut value_of: HashMap<NodeId, u32> = HashMap::new();
+    let mut steps = Vec::new();
+    let mut kernels = Vec::new();
+    let mut kernel_decls = Vec::new();
+    let mut wbytes: Vec<u8> = Vec::new();
+    let mut inputs = Vec::new();
+    for &n in &order {
+        if interior(n) || (!needed.contains(&n) && !group_of.contains_key(&n)) {
+            continue;
+        }
+        let node = graph.node(n);
+        let args = graph.args(n);
+        let mut decl = ValueDecl { dtype: node.ty.dtype, shape: shape_expr(&node.ty.shape)?, storage: Storage::Temp, name: node.name.clone() };
+        let vid = values.len() as u32;
+        let val = |a: &NodeId| value_of.get(a).copied().ok_or_else(|| CompileError::Internal(format!("operand of `{}` has no value", node.name)));
+        match &node.op {
+            Op::Input { name, .. } => {
+                decl.storage = Storage::Input(inputs.len() as u32);
+                inputs.push(Port { name: name.clone(), value: vid });
+            }
+            Op::Param { name, ty } => {
+                let t = weights.get(name).ok_or_else(|| CompileError::MissingWeight(name.clone()))?;
+                let want: Vec<usize> = ty.shape.iter().map(|d| d.as_known().unwrap_or(0) as usize).collect();
+                if t.dtype() != ty.dtype || t.shape() != want.as_slice() {
+                    return Err(CompileError::BadWeight { name: name.clone(), expected: ty.to_string(), got: format!("{}{:?}", t.dtype(), t.shape()) });
+                }
+                while wbytes.len() % kiln_runtime::artifact::ALIGN != 0 {
+                    wbytes.push(0);
+                }
+                decl.storage = Storage::Weight { offset: wbytes.len() as u64, len: t.as_bytes().len() as u64 };
+                wbytes.extend_from_slice(t.as_bytes());
+            }
+            Op::Reshape { .. } => decl.storage = Storage::Alias(val(&args[0])?),
+            Op::MatMul { transpose_a, transpose_b } => {
+                steps.push(Step::MatMul { a: val(&args[0])?, b: val(&args[1])?, out: vid, ta: *transpose_a, tb: *transpose_b })
+            }
+            Op::Gather { axis } if matches!(graph.node(args[1]).ty.dtype, DType::I64 | DType::I32) => {
+                steps.push(Step::Gather { table: val(&args[0])?, idx: val(&args[1])?, out: vid, axis: *axis as u32 })
+            }
+            Op::Transpose { perm } => steps.push(Step::Transpose { x: val(&args[0])?, out: vid, perm: perm.iter().map(|p| *p as u32).collect() }),
+            Op::Slice { axis, start, .. } => steps.push(Step::Slice { x: val(&args[0])?, out: vid, axis: *axis as u32, start: *start }),
+            Op::Concat { axis } => steps.push(Step::Concat { xs: args.iter().map(&val).collect::<Result<_, _>>()?, out: vid, axis: *axis as u32 }),
+            Op::Broadcast { .. } => steps.push(Step::Broadcast { x: val(&args[0])?, out: vid }),
+            _ if group_of.contains_key(&n) => {
+                let g = &groups[group_of[&n]];
+                let (spec, leaves) = kernel_spec(graph, g, n)?;
+                let k = kernels.len() as u32;
+                let space = if spec.kind == KernelKind::ReduceLast { graph.node(args[0]).ty.shape.clone() } else { node.ty.shape.clone() };
+                steps.push(Step::Kernel {
+                    kernel: k,
+                    kind: spec.kind,
+                    inputs: leaves.iter().map(&val).collect::<Result<_, _>>()?,
+                    contiguous: spec.inputs.iter().map(|i| i.1).collect(),
+                    out: vid,
+                    space: shape_expr(&space)?,
+                });
+                kernel_decls.push(kiln_runtime::plan::KernelDecl {
+                    name: node.name.clone(),
+                    offset: 0,
+                    len: 0,
+                    inputs: spec.inputs.iter().map(|i| i.0).collect(),
+                    output: spec.output,
+                    ops: spec.ops as u32,
+                });
+                kernels.push(spec);
+            }
+            op => steps.push(Step::Fallback { op: op.clone(), inputs: args.iter().map(&val).collect::<Result<_, _>>()?, out: vid }),
+        }
+        values.push(decl);
+        value_of.insert(n, vid);
+    }
+    let outputs = graph
+        .outputs()
+        .iter()
+        .map(|o| Ok(Port { name: o.name.clone(), value: *value_of.get(&o.node).ok_or_else(|| CompileError::Internal(format!("output `{}` has no value", o.name)))? }))
+        .collect::<Result<Vec<_>, CompileError>>()?;
+    let manifest = Manifest {
+        name: graph.name.clone(),
+        target,
+        dims: dims.to_vec(),
+        inputs,
+        outputs,
+        values,
+        kernels: kernel_decls,
+        steps,
+        opt_level: opt_level.to_string(),
+    };
+    Ok(Planned { manifest, weights: wbytes, kernels })
+}
+
+/// The expression tree of a group rooted at `root`, and the graph nodes feeding its inputs.
+fn kernel_spec(g: &Graph, group: &Group, root: NodeId) -> Result<(KernelSpec, Vec<NodeId>), CompileError> {
+    let reduce = reduce_last(g, root);
+    let top = if reduce.is_some() { g.args(root)[0] } else { root };
+    let space = g.node(top).ty.shape.clone();
+    let mut exprs = Vec::new();
+    let mut memo: HashMap<NodeId, usize> = HashMap::new();
+    let mut leaves: Vec<NodeId> = Vec::new();
+    let mut inputs = Vec::new();
+    let mut ops = usize::from(reduce.is_some());
+    // Iterative post-order over the group's expression tree.
+    let mut stack = vec![(top, false)];
+    while let Some((n, expanded)) = stack.pop() {
+        if memo.contains_key(&n) {
+            continue;
+        }
+        let inside = group.members.contains(&n);
+        if let Some(c) = is_f32_scalar(g, n) {
+            memo.insert(n, exprs.len());
+            exprs.push(Expr::Const(c));
+            continue;
+        }
+        if !inside {
+            let ty = &g.node(n).ty;
+            let last_in = ty.shape.last();
+            let last_space = space.last();
+            let contiguous = ty.rank() > 0 && last_in == last_space && !last_in.is_some_and(|d| d.is_one());
+            memo.insert(n, exprs.len());
+            exprs.push(Expr::Input(leaves.len()));
+            leaves.push(n);
+            inputs.push((ty.dtype, contiguous));
+            continue;
+        }
+        let args = g.args(n);
+        if !expanded {
+            stack.push((n, true));
+            for a in args.iter().rev() {
+                stack.push((*a, false));
+            }
+            continue;
+        }
+        let a = |i: usize| memo[&args[i]];
+        let e = match &g.node(n).op {
+            Op::Unary(u) => Expr::Unary(*u, a(0)),
+            Op::Binary(b) => Expr::Binary(*b, a(0), a(1)),
+            Op::Compare(c) => Expr::Compare(*c, a(0), a(1)),
+            Op::Where => Expr::Where(a(0), a(1), a(2)),
+            other => return Err(CompileError::Internal(format!("`{}` ({}) in a fusion group", g.node(n).name, other.mnemonic()))),
+        };
+        ops += 1;
+        memo.insert(n, exprs.len());
+        exprs.push(e);
+    }
+    let output = g.node(root).ty.dtype;
+    let spec = KernelSpec {
+        name: g.node(root).name.clone(),
+        kind: if reduce.is_some() { KernelKind::ReduceLast } else { KernelKind::Map },
+        reduce,
+        inputs,
+        output,
+        exprs,
+        ops,
+    };
+    Ok((spec, leaves))
+}
