@@ -3,11 +3,13 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::time::Instant;
 
 use anyhow::{anyhow, bail, Context, Result};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use kiln_frontend::{FrontendError, Lowered, Options};
 use kiln_ir::{Bindings, Op, Tensor};
+use kiln_passes::OptLevel;
 
 #[derive(Parser)]
 #[command(name = "kiln", version, about = "Compile transformer model specs to fast native code")]
@@ -31,20 +33,62 @@ enum Cmd {
         #[arg(long = "dim", value_name = "NAME=VALUE")]
         dims: Vec<String>,
     },
-    /// Run a model on .npy inputs with the reference interpreter.
+    /// Run a compiled model (.kiln), or a spec with the reference interpreter, on .npy inputs.
     Run {
-        /// The model spec (.ron).
+        /// A compiled artifact (.kiln) or a model spec (.ron).
         spec: PathBuf,
         #[command(flatten)]
         spec_opts: SpecOpts,
         #[command(flatten)]
         weights: WeightOpts,
+        /// Threads for a compiled model (default: all cores).
+        #[arg(long)]
+        threads: Option<usize>,
         /// An input, NAME=FILE.npy (repeat for each input).
         #[arg(long = "input", value_name = "NAME=FILE.npy")]
         inputs: Vec<String>,
         /// Where to write outputs: FILE.npy for the first output, or NAME=FILE.npy (repeatable).
         #[arg(long = "output", value_name = "[NAME=]FILE.npy")]
         outputs: Vec<String>,
+    },
+    /// Compile a spec and its weights into one artifact file.
+    Compile {
+        /// The model spec (.ron).
+        spec: PathBuf,
+        #[command(flatten)]
+        spec_opts: SpecOpts,
+        #[command(flatten)]
+        weights: WeightOpts,
+        /// Code generation target.
+        #[arg(long, value_enum, default_value_t = TargetArg::Cpu)]
+        target: TargetArg,
+        /// Optimization level: 0 (dead code only), 1 (+ common subexpressions), 2 (currently the
+        /// O1 pipeline; the e-graph optimizer will extend it).
+        #[arg(short = 'O', value_name = "LEVEL", default_value = "2", value_parser = clap::value_parser!(u8).range(0..=2))]
+        opt: u8,
+        /// Where to write the artifact.
+        #[arg(short = 'o', long = "output", value_name = "MODEL.kiln")]
+        output: PathBuf,
+    },
+    /// Time a compiled model on generated inputs.
+    Bench {
+        /// The artifact (.kiln).
+        model: PathBuf,
+        /// Input shapes, NAME=1x128 (repeat for each input).
+        #[arg(long = "shape", value_name = "NAME=DIMS")]
+        shapes: Vec<String>,
+        /// Timed iterations.
+        #[arg(long, default_value_t = 20)]
+        iters: usize,
+        /// Untimed warm-up iterations.
+        #[arg(long, default_value_t = 3)]
+        warmup: usize,
+        /// Threads (default: all cores).
+        #[arg(long)]
+        threads: Option<usize>,
+        /// Print one JSON line instead of text.
+        #[arg(long)]
+        json: bool,
     },
     /// Print the lowered IR as text or Graphviz DOT.
     Inspect {
@@ -56,6 +100,12 @@ enum Cmd {
         #[arg(long, value_enum, default_value_t = Format::Text)]
         format: Format,
     },
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum TargetArg {
+    /// This machine's CPU (Cranelift code, SIMD where the CPU has it).
+    Cpu,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -75,7 +125,7 @@ struct SpecOpts {
 }
 
 #[derive(Args)]
-#[group(required = true, multiple = false)]
+#[group(required = false, multiple = false)]
 struct WeightOpts {
     /// A safetensors checkpoint.
     #[arg(long)]
@@ -168,15 +218,32 @@ fn check(spec: &Path, o: &SpecOpts, weights: Option<&Path>, dims: &[String]) -> 
     Ok(())
 }
 
-fn run(spec: &Path, o: &SpecOpts, w: &WeightOpts, inputs: &[String], outputs: &[String]) -> Result<()> {
-    let l = load_spec(spec, o)?;
-    let weights = load_weights(&l, w)?;
+fn is_artifact(path: &Path) -> bool {
+    use std::io::Read;
+    let mut magic = [0u8; 8];
+    std::fs::File::open(path).and_then(|mut f| f.read_exact(&mut magic)).is_ok() && &magic == kiln_runtime::artifact::MAGIC
+}
+
+fn run(spec: &Path, o: &SpecOpts, w: &WeightOpts, threads: Option<usize>, inputs: &[String], outputs: &[String]) -> Result<()> {
     let mut feed = BTreeMap::new();
     for s in inputs {
         let (k, f) = split_pair(s, "--input")?;
         feed.insert(k.to_string(), kiln_runtime::npy::read(f)?);
     }
-    let results = kiln_interp::run(&l.graph, &weights, &feed)?;
+    let results = if is_artifact(spec) {
+        if w.weights.is_some() || w.random_weights.is_some() || !o.set.is_empty() {
+            bail!("{}: a compiled model carries its weights and config; --weights, --random-weights and --set apply to specs", spec.display());
+        }
+        let mut model = kiln_runtime::Model::load(spec)?;
+        if let Some(t) = threads {
+            model.set_threads(t).map_err(|e| anyhow!(e))?;
+        }
+        model.run(&feed)?
+    } else {
+        let l = load_spec(spec, o)?;
+        let weights = load_weights(&l, w)?;
+        kiln_interp::run(&l.graph, &weights, &feed)?
+    };
     for (name, t) in &results {
         let v = t.to_f64_vec();
         let head: Vec<String> = v.iter().take(4).map(|x| format!("{x:.5}")).collect();
@@ -197,11 +264,118 @@ fn run(spec: &Path, o: &SpecOpts, w: &WeightOpts, inputs: &[String], outputs: &[
     Ok(())
 }
 
+fn compile(spec: &Path, o: &SpecOpts, w: &WeightOpts, opt: u8, out: &Path) -> Result<()> {
+    let start = Instant::now();
+    let mut l = load_spec(spec, o)?;
+    let weights = if w.weights.is_none() && w.random_weights.is_none() {
+        bail!("give --weights FILE or --random-weights SEED");
+    } else {
+        load_weights(&l, w)?
+    };
+    let t_front = start.elapsed();
+    let level = if opt == 0 { OptLevel::O0 } else { OptLevel::O1 };
+    let nodes = l.graph.len();
+    let report = kiln_passes::optimize(&mut l.graph, level, cfg!(debug_assertions))?;
+    let t_opt = start.elapsed() - t_front;
+    let compiled = kiln_cpu::compile_to_file(&l.graph, &weights, &l.dims, &format!("O{opt}"), out)?;
+    let total = start.elapsed();
+    let size = std::fs::metadata(out).map(|m| m.len()).unwrap_or(0);
+    let m = &compiled.manifest;
+    let fused: u32 = m.kernels.iter().map(|k| k.ops).sum();
+    println!("compiled {} to {} ({:.1} MiB)", spec.display(), out.display(), size as f64 / 1048576.0);
+    println!("  graph    {nodes} ops lowered, {} after -O{opt}", l.graph.len());
+    for r in &report {
+        println!("  pass     {:<4} {:>6} -> {:<6} removed {:<5} merged {:<5} {:.1} ms", r.pass, r.nodes_before, r.nodes_after, r.stats.removed, r.stats.merged, r.time.as_secs_f64() * 1e3);
+    }
+    if opt == 2 {
+        println!("  note     -O2 runs the -O1 pipeline until the e-graph optimizer lands");
+    }
+    println!("  plan     {} steps: {} generated kernels ({fused} ops fused), {} matmuls, {} other", m.steps.len(), m.kernels.len(),
+        m.steps.iter().filter(|s| matches!(s, kiln_runtime::plan::Step::MatMul { .. })).count(),
+        m.steps.iter().filter(|s| !matches!(s, kiln_runtime::plan::Step::MatMul { .. } | kiln_runtime::plan::Step::Kernel { .. })).count());
+    println!("  code     {} bytes for {}", compiled.code.len(), m.target.features.join(" "));
+    println!("  time     {:.0} ms (frontend + weights {:.0} ms, passes {:.0} ms, codegen + write {:.0} ms)", total.as_secs_f64() * 1e3, t_front.as_secs_f64() * 1e3, t_opt.as_secs_f64() * 1e3, (total - t_front - t_opt).as_secs_f64() * 1e3);
+    Ok(())
+}
+
+fn parse_dims(s: &str) -> Result<(String, Vec<usize>)> {
+    let (k, v) = split_pair(s, "--shape")?;
+    let dims = v.split('x').map(|d| d.parse::<usize>()).collect::<Result<Vec<_>, _>>().with_context(|| format!("--shape {s}: dims must look like 1x128"))?;
+    Ok((k.to_string(), dims))
+}
+
+/// Deterministic inputs for benchmarking: masks all ones, token types zero, ids small.
+fn bench_input(name: &str, dtype: kiln_ir::DType, shape: Vec<usize>) -> Result<Tensor> {
+    use kiln_ir::DType;
+    let n: usize = shape.iter().product();
+    Ok(match dtype {
+        DType::F32 => Tensor::from_f32(shape, (0..n).map(|k| ((k * 37) % 200) as f32 / 100.0 - 1.0).collect())?,
+        DType::I64 if name.contains("mask") => Tensor::from_i64(shape, vec![1; n])?,
+        DType::I64 if name.contains("type") => Tensor::from_i64(shape, vec![0; n])?,
+        DType::I64 => Tensor::from_i64(shape, (0..n).map(|k| ((k * 31) % 100) as i64 + 1).collect())?,
+        other => bail!("cannot generate benchmark inputs of dtype {other} (input `{name}`)"),
+    })
+}
+
+fn bench(path: &Path, shapes: &[String], iters: usize, warmup: usize, threads: Option<usize>, json: bool) -> Result<()> {
+    let t0 = Instant::now();
+    let mut model = kiln_runtime::Model::load(path)?;
+    let load_ms = t0.elapsed().as_secs_f64() * 1e3;
+    if let Some(t) = threads {
+        model.set_threads(t).map_err(|e| anyhow!(e))?;
+    }
+    let m = model.manifest().clone();
+    let mut given: BTreeMap<String, Vec<usize>> = BTreeMap::new();
+    for s in shapes {
+        let (k, d) = parse_dims(s)?;
+        given.insert(k, d);
+    }
+    let mut feed = BTreeMap::new();
+    for p in &m.inputs {
+        let v = &m.values[p.value as usize];
+        let shape = given.remove(&p.name).ok_or_else(|| anyhow!("--shape {}=…: missing (inputs: {})", p.name, m.inputs.iter().map(|p| p.name.as_str()).collect::<Vec<_>>().join(", ")))?;
+        feed.insert(p.name.clone(), bench_input(&p.name, v.dtype, shape)?);
+    }
+    if let Some(k) = given.keys().next() {
+        bail!("--shape {k}: the model has no such input");
+    }
+    let mut peak = 0;
+    for _ in 0..warmup {
+        peak = model.run_with_stats(&feed)?.1.peak_activation_bytes;
+    }
+    let mut times = Vec::with_capacity(iters);
+    for _ in 0..iters.max(1) {
+        let t = Instant::now();
+        let (_, stats) = model.run_with_stats(&feed)?;
+        times.push(t.elapsed().as_secs_f64() * 1e3);
+        peak = stats.peak_activation_bytes;
+    }
+    times.sort_by(|a, b| a.total_cmp(b));
+    let q = |p: f64| times[((times.len() - 1) as f64 * p).round() as usize];
+    let batch = feed.values().next().and_then(|t| t.shape().first().copied()).unwrap_or(1);
+    let (median, p10, p90) = (q(0.5), q(0.1), q(0.9));
+    if json {
+        println!(
+            "{{\"median_ms\": {median:.4}, \"p10_ms\": {p10:.4}, \"p90_ms\": {p90:.4}, \"iters\": {}, \"threads\": {}, \"peak_activation_bytes\": {peak}, \"load_ms\": {load_ms:.3}}}",
+            times.len(), threads.unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1))
+        );
+    } else {
+        println!("{}: {} iterations", path.display(), times.len());
+        println!("  latency     median {median:.3} ms (p10 {p10:.3}, p90 {p90:.3})");
+        println!("  throughput  {:.1} inferences/s ({} per batch)", batch as f64 * 1e3 / median, batch);
+        println!("  memory      {:.2} MiB peak activations", peak as f64 / 1048576.0);
+        println!("  load        {load_ms:.1} ms (of which validation and code mapping {:.1} ms)", model.load_seconds * 1e3);
+    }
+    Ok(())
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let r = match &cli.cmd {
         Cmd::Check { spec, spec_opts, weights, dims } => check(spec, spec_opts, weights.as_deref(), dims),
-        Cmd::Run { spec, spec_opts, weights, inputs, outputs } => run(spec, spec_opts, weights, inputs, outputs),
+        Cmd::Run { spec, spec_opts, weights, threads, inputs, outputs } => run(spec, spec_opts, weights, *threads, inputs, outputs),
+        Cmd::Compile { spec, spec_opts, weights, target: _, opt, output } => compile(spec, spec_opts, weights, *opt, output),
+        Cmd::Bench { model, shapes, iters, warmup, threads, json } => bench(model, shapes, *iters, *warmup, *threads, *json),
         Cmd::Inspect { spec, spec_opts, format } => load_spec(spec, spec_opts).map(|l| match format {
             Format::Text => print!("{}", l.graph.to_text()),
             Format::Dot => print!("{}", l.graph.to_dot()),
