@@ -45,6 +45,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
+import io
 import json
 import os
 import platform
@@ -431,7 +432,7 @@ def blas_info() -> tuple[str, list[dict]]:
     try:
         from threadpoolctl import threadpool_info
     except ImportError:
-        buf = __import__("io").StringIO()
+        buf = io.StringIO()
         with contextlib.redirect_stdout(buf):
             np.show_config()
         return "threadpoolctl not installed; numpy.show_config():\n" + buf.getvalue(), []

@@ -89,6 +89,9 @@ enum Cmd {
         /// Print one JSON line instead of text.
         #[arg(long)]
         json: bool,
+        /// Also time every step once and print where the time goes.
+        #[arg(long)]
+        profile: bool,
     },
     /// Print the lowered IR as text or Graphviz DOT.
     Inspect {
@@ -317,7 +320,7 @@ fn bench_input(name: &str, dtype: kiln_ir::DType, shape: Vec<usize>) -> Result<T
     })
 }
 
-fn bench(path: &Path, shapes: &[String], iters: usize, warmup: usize, threads: Option<usize>, json: bool) -> Result<()> {
+fn bench(path: &Path, shapes: &[String], iters: usize, warmup: usize, threads: Option<usize>, json: bool, profile: bool) -> Result<()> {
     let t0 = Instant::now();
     let mut model = kiln_runtime::Model::load(path)?;
     let load_ms = t0.elapsed().as_secs_f64() * 1e3;
@@ -366,6 +369,21 @@ fn bench(path: &Path, shapes: &[String], iters: usize, warmup: usize, threads: O
         println!("  memory      {:.2} MiB peak activations", peak as f64 / 1048576.0);
         println!("  load        {load_ms:.1} ms (of which validation and code mapping {:.1} ms)", model.load_seconds * 1e3);
     }
+    if profile {
+        let mut runs: Vec<kiln_runtime::Profile> = Vec::new();
+        for _ in 0..5 {
+            runs.push(model.profile(&feed)?);
+        }
+        // Median over runs, per kind.
+        let first = &runs[0];
+        let total: f64 = first.by_kind.iter().map(|k| k.1).sum();
+        println!("  profile (one run, by kind of step; total {:.2} ms):", total * 1e3);
+        for (kind, _, n) in &first.by_kind {
+            let mut ts: Vec<f64> = runs.iter().map(|r| r.by_kind.iter().find(|k| &k.0 == kind).map_or(0.0, |k| k.1)).collect();
+            ts.sort_by(|a, b| a.total_cmp(b));
+            println!("    {:>8.3} ms  {:>4} steps  {kind}", ts[ts.len() / 2] * 1e3, n);
+        }
+    }
     Ok(())
 }
 
@@ -375,7 +393,7 @@ fn main() -> ExitCode {
         Cmd::Check { spec, spec_opts, weights, dims } => check(spec, spec_opts, weights.as_deref(), dims),
         Cmd::Run { spec, spec_opts, weights, threads, inputs, outputs } => run(spec, spec_opts, weights, *threads, inputs, outputs),
         Cmd::Compile { spec, spec_opts, weights, target: _, opt, output } => compile(spec, spec_opts, weights, *opt, output),
-        Cmd::Bench { model, shapes, iters, warmup, threads, json } => bench(model, shapes, *iters, *warmup, *threads, *json),
+        Cmd::Bench { model, shapes, iters, warmup, threads, json, profile } => bench(model, shapes, *iters, *warmup, *threads, *json, *profile),
         Cmd::Inspect { spec, spec_opts, format } => load_spec(spec, spec_opts).map(|l| match format {
             Format::Text => print!("{}", l.graph.to_text()),
             Format::Dot => print!("{}", l.graph.to_dot()),

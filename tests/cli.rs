@@ -87,3 +87,36 @@ fn errors_exit_nonzero_with_message_on_stderr() {
         assert!(err.contains(want), "{args:?}: expected {want:?} in stderr:\n{err}");
     }
 }
+
+#[test]
+fn compile_run_and_bench_an_artifact() {
+    let dir = std::env::temp_dir().join(format!("kiln-cli-compile-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let art = dir.join("gpt2.kiln");
+    let tiny = ["--set", "layers=2", "--set", "hidden=64", "--set", "heads=4", "--set", "vocab=256", "--set", "max_pos=64"];
+    let mut args = vec!["compile", "specs/gpt2.ron"];
+    args.extend(tiny);
+    args.extend(["--weights", "tests/data/gpt2_tiny/model.safetensors", "-O1", "-o", art.to_str().unwrap()]);
+    let o = kiln(&args);
+    let (out, err) = text(&o);
+    assert!(o.status.success(), "{err}");
+    assert!(out.contains("generated kernels"), "{out}");
+    let logits = dir.join("logits.npy");
+    let o = kiln(&["run", art.to_str().unwrap(), "--input", "input_ids=tests/data/gpt2_tiny/input_ids.npy", "--output", logits.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", text(&o).1);
+    let got = kiln_runtime::npy::read(&logits).unwrap();
+    let e = got.max_abs_diff(&common::npy("gpt2_tiny/logits.npy")).unwrap();
+    assert!(e < 1e-4, "compiled GPT-2 vs transformers: {e}");
+    let o = kiln(&["bench", art.to_str().unwrap(), "--shape", "input_ids=2x16", "--iters", "3", "--warmup", "1", "--json"]);
+    let (out, err) = text(&o);
+    assert!(o.status.success(), "{err}");
+    assert!(out.trim().starts_with("{\"median_ms\": "), "{out}");
+    let o = kiln(&["bench", art.to_str().unwrap(), "--shape", "input_ids=2x65"]);
+    assert!(!o.status.success());
+    assert!(text(&o).1.contains("outside the compiled range 1..=64"), "{}", text(&o).1);
+    std::fs::write(dir.join("junk.kiln"), b"KILNART\0garbage").unwrap();
+    let o = kiln(&["run", dir.join("junk.kiln").to_str().unwrap()]);
+    assert!(!o.status.success());
+    assert!(text(&o).1.contains("invalid kiln artifact"), "{}", text(&o).1);
+    std::fs::remove_dir_all(&dir).ok();
+}

@@ -61,3 +61,23 @@ fn tiny_gpt2_is_the_same_spec_as_gpt2_small() {
     assert_eq!(full.params.len(), 12 * 12 + 4);
     assert_eq!(tiny.params.len(), 2 * 12 + 4);
 }
+
+#[test]
+fn minilm_compiled_for_cpu_matches_pytorch() {
+    let mut l = spec("minilm.ron", &[]);
+    let w = kiln_frontend::weights::load_safetensors(&l, &minilm_dir().join("model.safetensors")).unwrap_or_else(|e| panic!("{e}"));
+    kiln_passes::optimize(&mut l.graph, kiln_passes::OptLevel::O1, true).unwrap_or_else(|e| panic!("{e}"));
+    let path = std::env::temp_dir().join(format!("kiln-minilm-{}.kiln", std::process::id()));
+    kiln_cpu::compile_to_file(&l.graph, &w, &l.dims, "O1", &path).unwrap_or_else(|e| panic!("{e}"));
+    let model = kiln_runtime::Model::load(&path).unwrap_or_else(|e| panic!("{e}"));
+    std::fs::remove_file(&path).ok();
+    for prefix in ["single", "padded"] {
+        let inputs = ["input_ids", "attention_mask", "token_type_ids"]
+            .iter()
+            .map(|n| (n.to_string(), npy(&format!("minilm/{prefix}_{n}.npy"))))
+            .collect();
+        let out: std::collections::BTreeMap<String, kiln_ir::Tensor> = model.run(&inputs).unwrap_or_else(|e| panic!("{e}")).into_iter().collect();
+        let want = npy(&format!("minilm/{prefix}_last_hidden_state.npy"));
+        assert_close(&format!("compiled minilm {prefix} last_hidden_state"), &out["last_hidden_state"], &want, 1e-4);
+    }
+}

@@ -28,6 +28,9 @@ impl Bytes {
     }
 }
 
+/// The largest single value a run may allocate (1 TiB).
+const MAX_VALUE_BYTES: usize = 1 << 40;
+
 /// Measurements of one run.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct RunStats {
@@ -35,6 +38,13 @@ pub struct RunStats {
     pub peak_activation_bytes: usize,
     /// What the same temporaries would take without reuse.
     pub unshared_activation_bytes: usize,
+}
+
+/// Where one run spent its time, by kind of step.
+#[derive(Clone, Debug, Default)]
+pub struct Profile {
+    /// `(kind, seconds, steps)`, kinds such as `matmul`, `kernel:map`, `transpose`.
+    pub by_kind: Vec<(String, f64, usize)>,
 }
 
 /// A loaded model, ready to run.
@@ -152,6 +162,25 @@ impl Model {
 
     /// Runs the model and reports memory use.
     pub fn run_with_stats(&self, inputs: &BTreeMap<String, Tensor>) -> Result<(Vec<(String, Tensor)>, RunStats), RunError> {
+        self.run_inner(inputs, None)
+    }
+
+    /// Runs the model once, timing every step; returns time per kind of step, slowest first.
+    pub fn profile(&self, inputs: &BTreeMap<String, Tensor>) -> Result<Profile, RunError> {
+        let mut times = vec![0.0f64; self.manifest.steps.len()];
+        self.run_inner(inputs, Some(&mut times))?;
+        let mut by: BTreeMap<String, (f64, usize)> = BTreeMap::new();
+        for (step, t) in self.manifest.steps.iter().zip(&times) {
+            let e = by.entry(step_kind(step)).or_default();
+            e.0 += t;
+            e.1 += 1;
+        }
+        let mut by_kind: Vec<(String, f64, usize)> = by.into_iter().map(|(k, (t, n))| (k, t, n)).collect();
+        by_kind.sort_by(|a, b| b.1.total_cmp(&a.1));
+        Ok(Profile { by_kind })
+    }
+
+    fn run_inner(&self, inputs: &BTreeMap<String, Tensor>, mut times: Option<&mut Vec<f64>>) -> Result<(Vec<(String, Tensor)>, RunStats), RunError> {
         let m = &self.manifest;
         let syms = self.bind(inputs)?;
         let shapes: Vec<Vec<usize>> = m.values.iter().map(|v| v.shape.iter().map(|d| d.eval(&syms)).collect()).collect();
@@ -161,8 +190,21 @@ impl Model {
             .zip(&shapes)
             .map(|(v, s)| s.iter().fold(v.dtype.size_bytes(), |a, d| a.saturating_mul(*d)))
             .collect();
+        // A value larger than any machine's memory means the plan and the inputs disagree.
+        if let Some((i, s)) = sizes.iter().enumerate().find(|(_, s)| **s > MAX_VALUE_BYTES) {
+            return Err(self.step_err(usize::MAX, i, format!("needs a buffer of {s} bytes")));
+        }
         let (offsets, arena_len, unshared) = self.plan_memory(&sizes);
-        let mut arena = vec![kernels::Align64::default(); arena_len.div_ceil(64)];
+        if arena_len > MAX_VALUE_BYTES {
+            return Err(RunError::Step { step: usize::MAX, node: String::new(), msg: format!("activations need {arena_len} bytes") });
+        }
+        let mut arena: Vec<kernels::Align64> = Vec::new();
+        arena.try_reserve_exact(arena_len.div_ceil(64)).map_err(|_| RunError::Step {
+            step: usize::MAX,
+            node: String::new(),
+            msg: format!("cannot allocate {arena_len} bytes of activations"),
+        })?;
+        arena.resize(arena_len.div_ceil(64), kernels::Align64::default());
         let arena_ptr = arena.as_mut_ptr() as *mut u8;
         let weights = &self.bytes.as_slice()[self.weights.clone()];
         // Base pointer and byte length of every value.
@@ -187,10 +229,14 @@ impl Model {
         }
         self.pool.install(|| -> Result<(), RunError> {
             for (si, step) in m.steps.iter().enumerate() {
+                let t = Instant::now();
                 self.exec(si, step, &bufs, &shapes, &syms).map_err(|msg| {
                     let out = step_out(step);
                     RunError::Step { step: si, node: m.values[out].name.clone(), msg }
                 })?;
+                if let Some(times) = times.as_deref_mut() {
+                    times[si] += t.elapsed().as_secs_f64();
+                }
             }
             Ok(())
         })?;
@@ -293,20 +339,20 @@ impl Model {
         let mut order: Vec<usize> = (0..n).filter(|v| matches!(m.values[*v].storage, Storage::Temp)).collect();
         order.sort_by_key(|v| def[*v]);
         for v in order {
-            let size = sizes[v].div_ceil(64) * 64;
-            unshared += size;
+            let size = sizes[v].div_ceil(64).saturating_mul(64);
+            unshared = unshared.saturating_add(size);
             let now = def[v];
             live.retain(|(_, _, l)| *l >= now);
             live.sort_unstable();
             let mut at = 0usize;
             for (o, s, _) in &live {
-                if at + size <= *o {
+                if at.saturating_add(size) <= *o {
                     break;
                 }
                 at = at.max(o + s);
             }
             offsets[v] = at;
-            top = top.max(at + size);
+            top = top.max(at.saturating_add(size));
             live.push((at, size, last[v].max(now)));
         }
         (offsets, top, unshared)
@@ -362,6 +408,19 @@ impl Model {
                 kernels::fallback(op, &args, (bufs[o], &shapes[o], m.values[o].dtype), &names, syms)
             }
         }
+    }
+}
+
+fn step_kind(step: &Step) -> String {
+    match step {
+        Step::Kernel { kind, inputs, space, .. } => format!("kernel:{kind:?}:{}in:rank{}", inputs.len(), space.len()),
+        Step::MatMul { .. } => "matmul".into(),
+        Step::Gather { .. } => "gather".into(),
+        Step::Transpose { .. } => "transpose".into(),
+        Step::Slice { .. } => "slice".into(),
+        Step::Concat { .. } => "concat".into(),
+        Step::Broadcast { .. } => "broadcast".into(),
+        Step::Fallback { op, .. } => format!("fallback:{}", op.mnemonic()),
     }
 }
 

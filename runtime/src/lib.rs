@@ -21,7 +21,7 @@ pub mod npy;
 pub mod plan;
 mod validate;
 
-pub use exec::{Model, RunStats};
+pub use exec::{Model, Profile, RunStats};
 pub use kiln_ir::{DType, Tensor};
 
 /// Why an artifact could not be loaded.

@@ -63,11 +63,18 @@ pub fn manifest(m: &Manifest, weights_len: usize, code_len: usize) -> Result<(),
             return bad(format!("input `{}` is not backed by its input storage", p.name));
         }
     }
+    // The code section is exactly the kernels, in order, each 16-byte aligned: a kernel entry
+    // point can only be the start of the code the compiler emitted for it.
+    let mut next = 0u64;
     for k in &m.kernels {
         let end = k.offset.checked_add(k.len);
-        if k.len == 0 || end.is_none_or(|e| e > code_len as u64) || k.offset % 16 != 0 {
-            return bad(format!("kernel `{}` lies outside the code section", k.name));
+        if k.len == 0 || end.is_none_or(|e| e > code_len as u64) || k.offset != next.div_ceil(16) * 16 {
+            return bad(format!("kernel `{}` does not lie where the code section puts it", k.name));
         }
+        next = k.offset + k.len;
+    }
+    if next != code_len as u64 {
+        return bad(format!("the code section has {} bytes, its kernels {next}", code_len));
     }
     // Temporaries: written once, by a step, before anything reads them.
     let mut written = vec![false; nv];

@@ -1,0 +1,200 @@
+//! The artifact loader refuses damaged files with an error and never crashes, and a loaded model
+//! refuses inputs outside its compiled bounds.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::panic::{catch_unwind, AssertUnwindSafe};
+
+use common::*;
+use kiln_ir::Tensor;
+use kiln_runtime::plan::{Manifest, Step, Storage};
+use kiln_runtime::{artifact, Model};
+
+fn tiny_gpt2() -> (kiln_frontend::Lowered, kiln_cpu::Compiled) {
+    let l = spec("gpt2.ron", &[("layers", "1"), ("hidden", "32"), ("heads", "2"), ("vocab", "64"), ("max_pos", "16")]);
+    let w = kiln_frontend::weights::random(&l, 3);
+    let c = kiln_cpu::compile(&l.graph, &w, &l.dims, "O1").unwrap();
+    (l, c)
+}
+
+fn ids(b: usize, s: usize) -> BTreeMap<String, Tensor> {
+    let mut m = BTreeMap::new();
+    m.insert("input_ids".to_string(), Tensor::from_i64(vec![b, s], (0..(b * s) as i64).map(|i| i % 64).collect()).unwrap());
+    m
+}
+
+#[test]
+fn round_trip_and_bounds() {
+    let (_, c) = tiny_gpt2();
+    let bytes = artifact::encode(&c.manifest, &c.weights, &c.code).unwrap();
+    let model = Model::from_bytes(&bytes).unwrap();
+    let out = model.run(&ids(2, 5)).unwrap();
+    assert_eq!(out[0].1.shape(), &[2, 5, 64]);
+    let e = model.run(&ids(1, 17)).unwrap_err().to_string();
+    assert!(e.contains("outside the compiled range 1..=16"), "{e}");
+    let mut bad = ids(1, 4);
+    bad.insert("input_ids".into(), Tensor::from_i64(vec![1, 4], vec![0, 1, 64, 2]).unwrap());
+    let e = model.run(&bad).unwrap_err().to_string();
+    assert!(e.contains("index 64") && e.contains("out of range"), "{e}");
+}
+
+#[test]
+fn damaged_files_are_refused() {
+    let (_, c) = tiny_gpt2();
+    let bytes = artifact::encode(&c.manifest, &c.weights, &c.code).unwrap();
+    // Every truncation point in the header, and a spread of others.
+    let mut cuts: Vec<usize> = (0..80).collect();
+    cuts.extend((80..bytes.len()).step_by(bytes.len() / 97 + 1));
+    for cut in cuts {
+        assert!(Model::from_bytes(&bytes[..cut]).is_err(), "truncated at {cut} was accepted");
+    }
+    // Single-byte damage anywhere is caught by the checksum (or the header checks).
+    for (k, at) in (0..bytes.len()).step_by(bytes.len() / 211 + 1).enumerate() {
+        let mut b = bytes.clone();
+        b[at] ^= 1 << (k % 8);
+        let e = Model::from_bytes(&b).unwrap_err().to_string();
+        assert!(e.contains("invalid kiln artifact") || e.contains("version"), "{e}");
+    }
+    let mut v = bytes.clone();
+    v[8] = 9;
+    let e = Model::from_bytes(&v).unwrap_err().to_string();
+    assert!(e.contains("format version 9"), "{e}");
+}
+
+/// A tiny deterministic generator (splitmix64).
+struct Rng(u64);
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+    fn below(&mut self, n: usize) -> usize {
+        (self.next() % n.max(1) as u64) as usize
+    }
+}
+
+/// Damages one field of the manifest in a way a checksum cannot catch (a hostile or buggy writer).
+fn mutate(m: &mut Manifest, r: &mut Rng) {
+    let nv = m.values.len() as u32;
+    let pick = |r: &mut Rng, n: u32| -> u32 { if r.below(4) == 0 { n + r.below(3) as u32 } else { r.below(n as usize) as u32 } };
+    match r.below(9) {
+        0 => {
+            let v = r.below(m.values.len());
+            if let Some(d) = m.values[v].shape.get_mut(0) {
+                d.coeff = [0, 1, 2, 3, 1000, u64::MAX][r.below(6)];
+            }
+        }
+        1 => {
+            let v = r.below(m.values.len());
+            m.values[v].storage = match r.below(4) {
+                0 => Storage::Temp,
+                1 => Storage::Alias(pick(r, nv)),
+                2 => Storage::Weight { offset: r.below(1 << 20) as u64 * 4, len: r.below(1 << 16) as u64 },
+                _ => Storage::Input(r.below(2) as u32),
+            };
+        }
+        2 => {
+            let s = r.below(m.steps.len());
+            match &mut m.steps[s] {
+                Step::Kernel { inputs, out, .. } | Step::Fallback { inputs, out, .. } => {
+                    if !inputs.is_empty() && r.below(2) == 0 {
+                        let i = r.below(inputs.len());
+                        inputs[i] = pick(r, nv);
+                    } else {
+                        *out = pick(r, nv);
+                    }
+                }
+                Step::MatMul { a, b, out, .. } => *[a, b, out][r.below(3)] = pick(r, nv),
+                Step::Gather { table, idx, out, .. } => *[table, idx, out][r.below(3)] = pick(r, nv),
+                Step::Transpose { x, out, perm } => {
+                    if r.below(2) == 0 {
+                        *x = pick(r, nv);
+                    } else if !perm.is_empty() {
+                        let i = r.below(perm.len());
+                        perm[i] = r.below(5) as u32;
+                    } else {
+                        *out = pick(r, nv);
+                    }
+                }
+                Step::Slice { start, axis, .. } => {
+                    *start = r.below(100) as u64;
+                    *axis = r.below(4) as u32;
+                }
+                Step::Concat { axis, .. } => *axis = r.below(4) as u32,
+                Step::Broadcast { x, .. } => *x = pick(r, nv),
+            }
+        }
+        3 => {
+            let s = r.below(m.steps.len());
+            if let Step::Kernel { contiguous, space, kernel, .. } = &mut m.steps[s] {
+                match r.below(3) {
+                    0 if !contiguous.is_empty() => {
+                        let i = r.below(contiguous.len());
+                        contiguous[i] = !contiguous[i];
+                    }
+                    1 if !space.is_empty() => {
+                        let i = r.below(space.len());
+                        space[i].coeff += 1;
+                    }
+                    _ => *kernel = r.below(m.kernels.len() + 1) as u32,
+                }
+            }
+        }
+        4 => {
+            let k = r.below(m.kernels.len().max(1));
+            if let Some(k) = m.kernels.get_mut(k) {
+                k.offset = r.below(1 << 16) as u64 * 16;
+            }
+        }
+        5 => {
+            let a = r.below(m.steps.len());
+            let b = r.below(m.steps.len());
+            m.steps.swap(a, b);
+        }
+        6 => {
+            let o = r.below(m.outputs.len());
+            m.outputs[o].value = pick(r, nv);
+        }
+        7 => {
+            let v = r.below(m.values.len());
+            m.values[v].dtype = kiln_ir::DType::ALL[r.below(8)];
+        }
+        _ => {
+            let d = r.below(m.dims.len());
+            m.dims[d].1 = r.below(3) as u64;
+        }
+    }
+}
+
+#[test]
+fn manifests_with_damaged_fields_never_crash() {
+    let (_, c) = tiny_gpt2();
+    let mut r = Rng(5);
+    let (mut refused, mut failed, mut ran) = (0, 0, 0);
+    for i in 0..2000 {
+        let mut m = c.manifest.clone();
+        for _ in 0..1 + r.below(2) {
+            mutate(&mut m, &mut r);
+        }
+        let bytes = artifact::encode(&m, &c.weights, &c.code).unwrap();
+        let outcome = catch_unwind(AssertUnwindSafe(|| match Model::from_bytes(&bytes) {
+            Err(_) => 0,
+            Ok(model) => match model.run(&ids(2, 7)) {
+                Err(_) => 1,
+                Ok(_) => 2,
+            },
+        }));
+        match outcome {
+            Ok(0) => refused += 1,
+            Ok(1) => failed += 1,
+            Ok(_) => ran += 1,
+            Err(_) => panic!("mutation {i} panicked the runtime"),
+        }
+    }
+    eprintln!("{refused} refused at load, {failed} refused at run, {ran} ran");
+    assert!(refused + failed > 1200);
+}
