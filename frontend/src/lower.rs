@@ -994,8 +994,20 @@ impl<'a> Lowerer<'a> {
         let scores = self.add(Op::MatMul { transpose_a: false, transpose_b: true }, &[q, k], format!("{n}/scores"), path, kind)?;
         let sc = self.scalar(a.scale.unwrap_or(1.0 / (d as f64).sqrt()), dt, n);
         let mut scores = self.bin(BinaryOp::Mul, scores, sc, format!("{n}/scaled"), path, kind)?;
-        // Masked scores get the lowest finite value, as transformers does: exp() makes them 0.
+        // Masks become one additive bias, as in transformers: 0 where a key may be attended, the
+        // lowest finite f32 elsewhere (exp() makes those 0). The bias depends only on the inputs,
+        // so every layer shares it after CSE, and the per-layer work stays pure f32 arithmetic.
         let lowest = self.scalar(f32::MIN as f64, dt, n);
+        let zero_f = self.scalar(0.0, dt, n);
+        let mut bias: Option<NodeId> = None;
+        if a.causal {
+            let (sq, sk) = (qt.shape[1].clone(), kt.shape[1].clone());
+            let rows = self.add(Op::Iota { len: sq.clone(), dtype: DType::I64 }, &[], format!("{n}/causal_rows"), path, kind)?;
+            let rows = self.add(Op::Reshape { shape: vec![sq, Dim::known(1)] }, &[rows], format!("{n}/causal_rows_col"), path, kind)?;
+            let cols = self.add(Op::Iota { len: sk, dtype: DType::I64 }, &[], format!("{n}/causal_cols"), path, kind)?;
+            let keep = self.add(Op::Compare(CmpOp::Ge), &[rows, cols], format!("{n}/causal_keep"), path, kind)?;
+            bias = Some(self.add(Op::Where, &[keep, zero_f, lowest], format!("{n}/causal_bias"), path, kind)?);
+        }
         if let Some(m) = a.mask {
             let mt = self.ty(m);
             if mt.rank() != 2 || mt.shape[0] != kt.shape[0] || mt.shape[1] != kt.shape[1] {
@@ -1005,15 +1017,11 @@ impl<'a> Lowerer<'a> {
             let keep = self.add(Op::Compare(CmpOp::Ne), &[m, zero], format!("{n}/mask_keep"), path, kind)?;
             let shape = vec![mt.shape[0].clone(), Dim::known(1), Dim::known(1), mt.shape[1].clone()];
             let keep = self.add(Op::Reshape { shape }, &[keep], format!("{n}/mask_bcast"), path, kind)?;
-            scores = self.add(Op::Where, &[keep, scores, lowest], format!("{n}/masked"), path, kind)?;
+            let inner = bias.unwrap_or(zero_f);
+            bias = Some(self.add(Op::Where, &[keep, inner, lowest], format!("{n}/mask_bias"), path, kind)?);
         }
-        if a.causal {
-            let (sq, sk) = (qt.shape[1].clone(), kt.shape[1].clone());
-            let rows = self.add(Op::Iota { len: sq.clone(), dtype: DType::I64 }, &[], format!("{n}/causal_rows"), path, kind)?;
-            let rows = self.add(Op::Reshape { shape: vec![sq, Dim::known(1)] }, &[rows], format!("{n}/causal_rows_col"), path, kind)?;
-            let cols = self.add(Op::Iota { len: sk, dtype: DType::I64 }, &[], format!("{n}/causal_cols"), path, kind)?;
-            let keep = self.add(Op::Compare(CmpOp::Ge), &[rows, cols], format!("{n}/causal_keep"), path, kind)?;
-            scores = self.add(Op::Where, &[keep, scores, lowest], format!("{n}/causal"), path, kind)?;
+        if let Some(b) = bias {
+            scores = self.bin(BinaryOp::Add, scores, b, format!("{n}/masked"), path, kind)?;
         }
         let p = self.softmax(scores, 3, &format!("{n}/probs"), path)?;
         let o = self.add(Op::MatMul { transpose_a: false, transpose_b: false }, &[p, v], format!("{n}/context"), path, kind)?;

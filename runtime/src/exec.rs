@@ -365,12 +365,17 @@ impl Model {
                 let ins: Vec<(Buf, &[usize])> = inputs.iter().map(|v| (bufs[*v as usize], shapes[*v as usize].as_slice())).collect();
                 kernels::run_kernel(self.kernels[*kernel as usize], *kind, &ins, contiguous, (bufs[*out as usize], &shapes[*out as usize]), &space, &self.manifest.kernels[*kernel as usize], self.threads)
             }
-            Step::MatMul { a, b, out, ta, tb } => kernels::matmul(
+            Step::MatMul { a, b, out, ta, tb, scale, bias, acc } => kernels::matmul(
                 (bufs[*a as usize], &shapes[*a as usize]),
                 (bufs[*b as usize], &shapes[*b as usize]),
                 (bufs[*out as usize], &shapes[*out as usize]),
-                *ta,
-                *tb,
+                kernels::Epilogue {
+                    ta: *ta,
+                    tb: *tb,
+                    scale: *scale,
+                    bias: bias.map(|v| (bufs[v as usize], shapes[v as usize].as_slice())),
+                    acc: acc.map(|v| (bufs[v as usize], shapes[v as usize].as_slice())),
+                },
                 self.threads,
             ),
             Step::Gather { table, idx, out, axis } => {
@@ -440,7 +445,7 @@ fn step_out(step: &Step) -> usize {
 fn step_inputs(step: &Step) -> Vec<u32> {
     match step {
         Step::Kernel { inputs, .. } | Step::Fallback { inputs, .. } => inputs.clone(),
-        Step::MatMul { a, b, .. } => vec![*a, *b],
+        Step::MatMul { a, b, bias, acc, .. } => [*a, *b].into_iter().chain(*bias).chain(*acc).collect(),
         Step::Gather { table, idx, .. } => vec![*table, *idx],
         Step::Transpose { x, .. } | Step::Slice { x, .. } | Step::Broadcast { x, .. } => vec![*x],
         Step::Concat { xs, .. } => xs.clone(),

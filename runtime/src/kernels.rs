@@ -135,7 +135,7 @@ pub fn run_kernel(
     }
     check_len("kernel output", out.0, out.1, decl.output.size_bytes())?;
     match kind {
-        KernelKind::Map => {
+        KernelKind::Map | KernelKind::SoftmaxLast => {
             if out.1 != space {
                 return Err(format!("output shape {:?} differs from the iteration space {space:?}", out.1));
             }
@@ -200,8 +200,23 @@ pub fn run_kernel(
     Ok(())
 }
 
-/// Batched f32 matrix product with numpy broadcasting over leading axes.
-pub fn matmul(a: (Buf, &[usize]), b: (Buf, &[usize]), out: (Buf, &[usize]), ta: bool, tb: bool, threads: usize) -> Result<(), String> {
+/// How a matrix product is transposed, scaled and accumulated.
+pub struct Epilogue<'a> {
+    /// Transpose the left operand.
+    pub ta: bool,
+    /// Transpose the right operand.
+    pub tb: bool,
+    /// Multiplies the product.
+    pub scale: f32,
+    /// Added to every row.
+    pub bias: Option<(Buf, &'a [usize])>,
+    /// Added elementwise.
+    pub acc: Option<(Buf, &'a [usize])>,
+}
+
+/// Batched f32 matrix product with numpy broadcasting over leading axes, with its epilogue.
+pub fn matmul(a: (Buf, &[usize]), b: (Buf, &[usize]), out: (Buf, &[usize]), e: Epilogue, threads: usize) -> Result<(), String> {
+    let (ta, tb) = (e.ta, e.tb);
     let (sa, sb, so) = (a.1, b.1, out.1);
     if sa.len() < 2 || sb.len() < 2 || so.len() < 2 {
         return Err("matmul operands need rank >= 2".into());
@@ -221,6 +236,34 @@ pub fn matmul(a: (Buf, &[usize]), b: (Buf, &[usize]), out: (Buf, &[usize]), ta: 
     let bsb = bstrides(&sb[..rb - 2], batch)?;
     let nb = elems(batch);
     let (mat_a, mat_b) = (sa[ra - 2] * sa[ra - 1], sb[rb - 2] * sb[rb - 1]);
+    // The epilogue's addends are written into the output first; the GEMM then accumulates.
+    let read_dst = e.acc.is_some() || e.bias.is_some();
+    if let Some((acc, s)) = e.acc {
+        if s != so {
+            return Err(format!("matmul accumulator {s:?} differs from the result {so:?}"));
+        }
+        check_len("matmul accumulator", acc, s, 4)?;
+        // SAFETY: same length, distinct buffers (the output is a fresh temporary).
+        unsafe { std::ptr::copy_nonoverlapping(acc.ptr, out.0.ptr, out.0.len) };
+    }
+    if let Some((bias, s)) = e.bias {
+        if s != [n] {
+            return Err(format!("matmul bias {s:?} is not [{n}]"));
+        }
+        check_len("matmul bias", bias, s, 4)?;
+        // SAFETY: checked lengths; the output holds a whole number of rows of n floats.
+        let (bv, ov) = unsafe {
+            (std::slice::from_raw_parts(bias.ptr as *const f32, n), std::slice::from_raw_parts_mut(out.0.ptr as *mut f32, out.0.len / 4))
+        };
+        for row in ov.chunks_exact_mut(n.max(1)) {
+            if e.acc.is_some() {
+                row.iter_mut().zip(bv).for_each(|(o, b)| *o += b);
+            } else {
+                row.copy_from_slice(bv);
+            }
+        }
+    }
+    let scale = e.scale;
     let (a_rs, a_cs) = if ta { (1isize, m as isize) } else { (k as isize, 1isize) };
     let (b_rs, b_cs) = if tb { (1isize, k as isize) } else { (n as isize, 1isize) };
     let (ap, bp, op) = (a.0.ptr as usize, b.0.ptr as usize, out.0.ptr as usize);
@@ -230,18 +273,20 @@ pub fn matmul(a: (Buf, &[usize]), b: (Buf, &[usize]), out: (Buf, &[usize]), ta: 
     let one = |a_off: usize, b_off: usize, o_off: usize, rows: usize, p: gemm::Parallelism| unsafe {
         gemm::gemm::<f32>(
             rows, n, k,
-            (op as *mut f32).add(o_off), 1, n as isize, false,
+            (op as *mut f32).add(o_off), 1, n as isize, read_dst,
             (ap as *const f32).add(a_off), a_cs, a_rs,
             (bp as *const f32).add(b_off), b_cs, b_rs,
-            0.0, 1.0, false, false, false, p,
+            1.0, scale, false, false, false, p,
         )
     };
     if nb == 0 || m == 0 || n == 0 {
         return Ok(());
     }
     if k == 0 {
-        // SAFETY: the output buffer holds exactly this many f32s.
-        unsafe { std::ptr::write_bytes(out.0.ptr, 0, out.0.len) };
+        if !read_dst {
+            // SAFETY: the output buffer holds exactly this many f32s.
+            unsafe { std::ptr::write_bytes(out.0.ptr, 0, out.0.len) };
+        }
         return Ok(());
     }
     // A shared right operand and a row-major left one: one tall GEMM over every batch row.

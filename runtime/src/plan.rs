@@ -95,6 +95,8 @@ pub enum KernelKind {
     Map,
     /// One output element per row: the last axis is reduced.
     ReduceLast,
+    /// Softmax along the last axis of the kernel's expression: one output element per element.
+    SoftmaxLast,
 }
 
 /// One step of the plan, run in order.
@@ -117,7 +119,8 @@ pub enum Step {
         /// Shape iterated.
         space: Vec<DimExpr>,
     },
-    /// Batched f32 matrix product with numpy broadcasting.
+    /// Batched f32 matrix product with numpy broadcasting, and a fused epilogue:
+    /// `out = acc + bias + scale * (a @ b)`.
     MatMul {
         /// Left operand.
         a: u32,
@@ -129,6 +132,12 @@ pub enum Step {
         ta: bool,
         /// Transpose the right operand.
         tb: bool,
+        /// Multiplies the product.
+        scale: f32,
+        /// A `[n]` vector added to every row.
+        bias: Option<u32>,
+        /// A tensor of the result's shape added to it (a residual connection).
+        acc: Option<u32>,
     },
     /// Rows of a table picked by integer ids.
     Gather {

@@ -96,7 +96,7 @@ pub fn manifest(m: &Manifest, weights_len: usize, code_len: usize) -> Result<(),
     for (si, step) in m.steps.iter().enumerate() {
         let (ins, out): (Vec<u32>, u32) = match step {
             Step::Kernel { inputs, out, .. } => (inputs.clone(), *out),
-            Step::MatMul { a, b, out, .. } => (vec![*a, *b], *out),
+            Step::MatMul { a, b, out, bias, acc, .. } => ([*a, *b].into_iter().chain(*bias).chain(*acc).collect(), *out),
             Step::Gather { table, idx, out, .. } => (vec![*table, *idx], *out),
             Step::Transpose { x, out, .. } | Step::Slice { x, out, .. } | Step::Broadcast { x, out } => (vec![*x], *out),
             Step::Concat { xs, out, .. } => (xs.clone(), *out),
@@ -127,12 +127,12 @@ pub fn manifest(m: &Manifest, weights_len: usize, code_len: usize) -> Result<(),
                 if k.inputs != types || k.output != dt(*out) || contiguous.len() != inputs.len() {
                     return bad(format!("step {si} does not match kernel `{}`'s signature", k.name));
                 }
-                if space.iter().any(|d| d.syms.iter().any(|s| *s as usize >= nd)) || (*kind == KernelKind::ReduceLast && space.is_empty()) {
+                if space.iter().any(|d| d.syms.iter().any(|s| *s as usize >= nd)) || (*kind != KernelKind::Map && space.is_empty()) {
                     return bad(format!("step {si} has an invalid iteration space"));
                 }
             }
-            Step::MatMul { a, b, out, .. } => {
-                if dt(*a) != DType::F32 || dt(*b) != DType::F32 || dt(*out) != DType::F32 {
+            Step::MatMul { a, b, out, bias, acc, .. } => {
+                if [*a, *b, *out].into_iter().chain(*bias).chain(*acc).any(|v| dt(v) != DType::F32) {
                     return bad(format!("step {si}: matmul on non-f32 values"));
                 }
             }

@@ -17,6 +17,7 @@ use cranelift_codegen::settings::{self, Configurable};
 use cranelift_codegen::Context;
 use cranelift_frontend::{FunctionBuilder, FunctionBuilderContext};
 use kiln_ir::{BinaryOp, CmpOp, DType, ReduceOp, UnaryOp};
+use kiln_runtime::plan::KernelKind;
 
 use crate::plan::{Expr, KernelSpec};
 
@@ -154,26 +155,59 @@ impl Gen<'_, '_> {
             })
             .collect();
 
-        let i = self.b.declare_var(types::I64);
-        self.b.def_var(i, zero);
-        let acc_s = self.b.declare_var(types::F32);
-        let acc_v = self.b.declare_var(types::F32X4);
-        let reduce = spec.reduce;
-        if let Some(op) = reduce {
-            let init = self.reduce_init(op);
-            let s = self.b.ins().f32const(init);
-            self.b.def_var(acc_s, s);
-            let v = self.b.ins().splat(types::F32X4, s);
-            self.b.def_var(acc_v, v);
-        } else {
-            let s = self.b.ins().f32const(0.0);
-            self.b.def_var(acc_s, s);
-            let v = self.b.ins().splat(types::F32X4, s);
-            self.b.def_var(acc_v, v);
+        let out_at = addrs[nin];
+        match spec.kind {
+            KernelKind::Map => {
+                self.sweep(vector, n, |g, iv, vec| {
+                    let per = if vec { &row_vectors } else { &row_scalars };
+                    let res = g.eval(vec, iv, &addrs, per);
+                    g.store_elem(res, out_at, iv);
+                });
+            }
+            KernelKind::ReduceLast => {
+                let op = spec.reduce.expect("reductions name their op");
+                let mut total = self.reduce_sweep(vector, n, op, &addrs, &row_scalars, &row_vectors, None);
+                if op == ReduceOp::Mean {
+                    let nf = self.b.ins().fcvt_from_sint(types::F32, n);
+                    total = self.b.ins().fdiv(total, nf);
+                }
+                self.b.ins().store(Self::data(), total, out_at, 0);
+            }
+            KernelKind::SoftmaxLast => {
+                // Three sweeps over the row: max, exp(x - max) stored and summed, scale by 1/sum.
+                let max = self.reduce_sweep(vector, n, ReduceOp::Max, &addrs, &row_scalars, &row_vectors, None);
+                let sum = self.reduce_sweep(vector, n, ReduceOp::Sum, &addrs, &row_scalars, &row_vectors, Some((max, out_at)));
+                let one = self.b.ins().f32const(1.0);
+                let inv = self.b.ins().fdiv(one, sum);
+                let inv_v = self.b.ins().splat(types::F32X4, inv);
+                self.sweep(vector, n, |g, iv, vec| {
+                    let off = g.b.ins().imul_imm_s(iv, 4);
+                    let at = g.b.ins().iadd(out_at, off);
+                    let (ty, k) = if vec { (types::F32X4, inv_v) } else { (types::F32, inv) };
+                    let x = g.b.ins().load(ty, Self::data(), at, 0);
+                    let y = g.b.ins().fmul(x, k);
+                    g.b.ins().store(Self::data(), y, at, 0);
+                });
+            }
         }
+        let rv = self.b.use_var(r);
+        let next = self.b.ins().iadd_imm_s(rv, 1);
+        self.b.def_var(r, next);
+        self.b.ins().jump(row_head, &[]);
+
+        self.b.switch_to_block(exit);
+        self.b.ins().return_(&[]);
+    }
+
+    /// Emits a loop over `0..n`: four lanes at a time while it can, then one at a time. `f` emits
+    /// the body for element `i` (vector or scalar).
+    fn sweep(&mut self, vector: bool, n: Value, mut f: impl FnMut(&mut Self, Value, bool)) {
+        let i = self.b.declare_var(types::I64);
+        let zero = self.b.ins().iconst(types::I64, 0);
+        self.b.def_var(i, zero);
         let tail_head = self.b.create_block();
         let tail_body = self.b.create_block();
-        let row_end = self.b.create_block();
+        let done = self.b.create_block();
         if vector {
             let vhead = self.b.create_block();
             let vbody = self.b.create_block();
@@ -185,20 +219,7 @@ impl Gen<'_, '_> {
             self.b.ins().brif(go, vbody, &[], tail_head, &[]);
             self.b.switch_to_block(vbody);
             let iv = self.b.use_var(i);
-            let res = self.eval(true, iv, &addrs, &row_vectors);
-            let V::F(res) = res else { unreachable!("vector kernels have f32 results") };
-            match reduce {
-                Some(op) => {
-                    let a = self.b.use_var(acc_v);
-                    let na = self.combine(op, a, res);
-                    self.b.def_var(acc_v, na);
-                }
-                None => {
-                    let off = self.b.ins().imul_imm_s(iv, 4);
-                    let at = self.b.ins().iadd(addrs[nin], off);
-                    self.b.ins().store(Self::data(), res, at, 0);
-                }
-            }
+            f(self, iv, true);
             let next = self.b.ins().iadd_imm_s(iv, 4);
             self.b.def_var(i, next);
             self.b.ins().jump(vhead, &[]);
@@ -208,54 +229,73 @@ impl Gen<'_, '_> {
         self.b.switch_to_block(tail_head);
         let iv = self.b.use_var(i);
         let go = self.b.ins().icmp(cranelift_codegen::ir::condcodes::IntCC::SignedLessThan, iv, n);
-        self.b.ins().brif(go, tail_body, &[], row_end, &[]);
+        self.b.ins().brif(go, tail_body, &[], done, &[]);
         self.b.switch_to_block(tail_body);
         let iv = self.b.use_var(i);
-        let res = self.eval(false, iv, &addrs, &row_scalars);
-        match (reduce, res) {
-            (Some(op), V::F(x)) => {
-                let a = self.b.use_var(acc_s);
-                let na = self.combine(op, a, x);
-                self.b.def_var(acc_s, na);
-            }
-            (None, V::F(x)) => {
-                let off = self.b.ins().imul_imm_s(iv, 4);
-                let at = self.b.ins().iadd(addrs[nin], off);
-                self.b.ins().store(Self::data(), x, at, 0);
-            }
-            (None, V::C(c)) => {
-                let at = self.b.ins().iadd(addrs[nin], iv);
-                self.b.ins().istore8(Self::data(), c, at, 0);
-            }
-            (Some(_), V::C(_)) => unreachable!("reductions are over f32"),
-        }
+        f(self, iv, false);
         let next = self.b.ins().iadd_imm_s(iv, 1);
         self.b.def_var(i, next);
         self.b.ins().jump(tail_head, &[]);
+        self.b.switch_to_block(done);
+    }
 
-        self.b.switch_to_block(row_end);
-        if let Some(op) = reduce {
-            let mut total = self.b.use_var(acc_s);
-            if vector {
-                let v = self.b.use_var(acc_v);
-                for lane in 0..4u8 {
-                    let x = self.b.ins().extractlane(v, lane);
-                    total = self.combine(op, total, x);
-                }
+    fn store_elem(&mut self, v: V, base: Value, iv: Value) {
+        match v {
+            V::F(x) => {
+                let off = self.b.ins().imul_imm_s(iv, 4);
+                let at = self.b.ins().iadd(base, off);
+                self.b.ins().store(Self::data(), x, at, 0);
             }
-            if op == ReduceOp::Mean {
-                let nf = self.b.ins().fcvt_from_sint(types::F32, n);
-                total = self.b.ins().fdiv(total, nf);
+            V::C(c) => {
+                let at = self.b.ins().iadd(base, iv);
+                self.b.ins().istore8(Self::data(), c, at, 0);
             }
-            self.b.ins().store(Self::data(), total, addrs[nin], 0);
         }
-        let rv = self.b.use_var(r);
-        let next = self.b.ins().iadd_imm_s(rv, 1);
-        self.b.def_var(r, next);
-        self.b.ins().jump(row_head, &[]);
+    }
 
-        self.b.switch_to_block(exit);
-        self.b.ins().return_(&[]);
+    /// Reduces the kernel's expression over the row. With `exp_store = (max, out)`, reduces
+    /// `exp(x - max)` instead and stores each of those values to `out` (the softmax middle sweep).
+    #[allow(clippy::too_many_arguments)]
+    fn reduce_sweep(
+        &mut self,
+        vector: bool,
+        n: Value,
+        op: ReduceOp,
+        addrs: &[Value],
+        row_scalars: &[Option<V>],
+        row_vectors: &[Option<V>],
+        exp_store: Option<(Value, Value)>,
+    ) -> Value {
+        let init_value = self.reduce_init(op);
+        let init = self.b.ins().f32const(init_value);
+        let acc_s = self.b.declare_var(types::F32);
+        self.b.def_var(acc_s, init);
+        let acc_v = self.b.declare_var(types::F32X4);
+        let init_v = self.b.ins().splat(types::F32X4, init);
+        self.b.def_var(acc_v, init_v);
+        let shift = exp_store.map(|(m, _)| (m, self.b.ins().splat(types::F32X4, m)));
+        self.sweep(vector, n, |g, iv, vec| {
+            let per = if vec { row_vectors } else { row_scalars };
+            let V::F(mut x) = g.eval(vec, iv, addrs, per) else { unreachable!("reductions are over f32") };
+            if let (Some((ms, mv)), Some((_, out))) = (shift, exp_store) {
+                let d = g.b.ins().fsub(x, if vec { mv } else { ms });
+                x = g.exp(vec, d);
+                g.store_elem(V::F(x), out, iv);
+            }
+            let var = if vec { acc_v } else { acc_s };
+            let a = g.b.use_var(var);
+            let na = g.combine(op, a, x);
+            g.b.def_var(var, na);
+        });
+        let mut total = self.b.use_var(acc_s);
+        if vector {
+            let v = self.b.use_var(acc_v);
+            for lane in 0..4u8 {
+                let x = self.b.ins().extractlane(v, lane);
+                total = self.combine(op, total, x);
+            }
+        }
+        total
     }
 
     fn reduce_init(&self, op: ReduceOp) -> f32 {

@@ -97,8 +97,57 @@ fn reduce_last(g: &Graph, id: NodeId) -> Option<ReduceOp> {
     }
 }
 
+/// Matches `e / sum(e)` with `e = exp(x - max(x))`, all over the last axis, where only the pattern
+/// uses its intermediates. Returns `x` and the pattern's nodes.
+fn softmax_last(g: &Graph, y: NodeId, users: &HashMap<NodeId, Vec<NodeId>>, outputs: &HashSet<NodeId>) -> Option<(NodeId, [NodeId; 5])> {
+    let only = |n: NodeId, u: &[NodeId]| !outputs.contains(&n) && {
+        let mut us = users[&n].clone();
+        us.sort();
+        let mut want = u.to_vec();
+        want.sort();
+        us == want
+    };
+    if g.node(y).op != Op::Binary(BinaryOp::Div) || g.node(y).ty.dtype != DType::F32 {
+        return None;
+    }
+    let [e, s] = g.args(y)[..] else { return None };
+    let is_last = |n: NodeId, want: ReduceOp| match &g.node(n).op {
+        Op::Reduce { op, axes, keep_dims: true } => *op == want && axes.len() == 1 && axes[0] + 1 == g.node(n).ty.rank(),
+        _ => false,
+    };
+    if g.node(e).op != Op::Unary(UnaryOp::Exp) || !is_last(s, ReduceOp::Sum) || g.args(s)[0] != e {
+        return None;
+    }
+    let d = g.args(e)[0];
+    let [x, m] = g.args(d)[..] else { return None };
+    if g.node(d).op != Op::Binary(BinaryOp::Sub) || !is_last(m, ReduceOp::Max) || g.args(m)[0] != x || x == m {
+        return None;
+    }
+    let ok = only(e, &[s, y]) && only(s, &[y]) && only(d, &[e]) && only(m, &[d]) && g.node(x).ty == g.node(y).ty;
+    ok.then_some((x, [y, e, s, d, m]))
+}
+
+/// A matrix product and what follows it: `acc + bias + scale * (a @ b)`.
+struct Epilogue {
+    matmul: NodeId,
+    scale: f32,
+    bias: Option<NodeId>,
+    acc: Option<NodeId>,
+}
+
+#[derive(Clone, Copy, PartialEq)]
+enum GroupKind {
+    Map,
+    Reduce(ReduceOp),
+    Softmax,
+}
+
 struct Group {
+    /// The node whose value the kernel writes.
     root: NodeId,
+    /// The node whose value the kernel's expression computes (the root, or what it reduces).
+    top: NodeId,
+    kind: GroupKind,
     members: HashSet<NodeId>,
 }
 
@@ -108,6 +157,50 @@ pub fn plan(graph: &Graph, weights: &BTreeMap<String, Tensor>, dims: &[(String, 
     let outputs: HashSet<NodeId> = graph.outputs().iter().map(|o| o.node).collect();
     let users: HashMap<NodeId, Vec<NodeId>> = order.iter().map(|&n| (n, graph.users(n))).collect();
 
+    // 0. Matrix-product epilogues: a scale, a bias row and a residual that follow a product
+    //    are folded into the GEMM call (it accumulates into a pre-filled output).
+    let mut epi: HashMap<NodeId, Epilogue> = HashMap::new();
+    let mut absorbed: HashSet<NodeId> = HashSet::new();
+    for &n in &order {
+        if !matches!(graph.node(n).op, Op::MatMul { .. }) || graph.node(n).ty.dtype != DType::F32 {
+            continue;
+        }
+        let mut e = Epilogue { matmul: n, scale: 1.0, bias: None, acc: None };
+        let mut cur = n;
+        loop {
+            let us = &users[&cur];
+            if us.len() != 1 || outputs.contains(&cur) {
+                break;
+            }
+            let u = us[0];
+            let args = graph.args(u);
+            let other = match args.as_slice() {
+                [x, y] if *x == cur && *y != cur => *y,
+                [x, y] if *y == cur && *x != cur => *x,
+                _ => break,
+            };
+            let (ct, ot, ut) = (&graph.node(cur).ty, &graph.node(other).ty, &graph.node(u).ty);
+            if ut != ct || ot.dtype != DType::F32 {
+                break;
+            }
+            match graph.node(u).op {
+                Op::Binary(BinaryOp::Mul) if e.scale == 1.0 && e.bias.is_none() && e.acc.is_none() => match is_f32_scalar(graph, other) {
+                    Some(c) => e.scale = c,
+                    None => break,
+                },
+                Op::Binary(BinaryOp::Add) if e.bias.is_none() && e.acc.is_none() && ot.rank() == 1 && ot.shape.last() == ct.shape.last() => {
+                    e.bias = Some(other)
+                }
+                Op::Binary(BinaryOp::Add) if e.acc.is_none() && ot == ct => e.acc = Some(other),
+                _ => break,
+            }
+            absorbed.insert(cur);
+            cur = u;
+        }
+        epi.insert(cur, e);
+    }
+    let special = |n: NodeId| absorbed.contains(&n) || epi.contains_key(&n);
+
     // 1. Fusion groups, formed from the outputs backwards.
     let mut group_of: HashMap<NodeId, usize> = HashMap::new();
     let mut groups: Vec<Group> = Vec::new();
@@ -115,33 +208,54 @@ pub fn plan(graph: &Graph, weights: &BTreeMap<String, Tensor>, dims: &[(String, 
         if group_of.contains_key(&x) {
             continue;
         }
+        let softmax = softmax_last(graph, x, &users, &outputs).filter(|(_, p)| p.iter().all(|n| !group_of.contains_key(n) && !special(*n)));
         let reduce = reduce_last(graph, x);
-        if !fusible(graph, x) && reduce.is_none() {
+        if special(x) || (!fusible(graph, x) && reduce.is_none() && softmax.is_none()) {
             continue;
         }
-        let space = if reduce.is_some() { graph.node(graph.args(x)[0]).ty.shape.clone() } else { graph.node(x).ty.shape.clone() };
+        let (top, kind) = match (softmax, reduce) {
+            (Some((input, _)), _) => (input, GroupKind::Softmax),
+            (None, Some(op)) => (graph.args(x)[0], GroupKind::Reduce(op)),
+            (None, None) => (x, GroupKind::Map),
+        };
+        let space = graph.node(top).ty.shape.clone();
         let gi = groups.len();
         let mut members = HashSet::from([x]);
         group_of.insert(x, gi);
-        let mut stack = graph.args(x);
+        let mut stack = match softmax {
+            Some((input, pattern)) => {
+                for p in pattern {
+                    members.insert(p);
+                    group_of.insert(p, gi);
+                }
+                vec![input]
+            }
+            None => graph.args(x),
+        };
         while let Some(y) = stack.pop() {
             if members.contains(&y) || group_of.contains_key(&y) || outputs.contains(&y) {
                 continue;
             }
-            if fusible(graph, y) && graph.node(y).ty.shape == space && users[&y].iter().all(|u| members.contains(u)) {
+            if fusible(graph, y) && !special(y) && graph.node(y).ty.shape == space && users[&y].iter().all(|u| members.contains(u)) {
                 members.insert(y);
                 group_of.insert(y, gi);
                 stack.extend(graph.args(y));
             }
         }
-        groups.push(Group { root: x, members });
+        groups.push(Group { root: x, top, kind, members });
     }
 
     // 2. Which nodes need a value: outputs, group leaves, operands of everything else.
     let interior = |n: NodeId| group_of.get(&n).is_some_and(|g| groups[*g].root != n);
+    let eff_args = |n: NodeId| -> Vec<NodeId> {
+        match epi.get(&n) {
+            Some(e) => graph.args(e.matmul).into_iter().chain(e.bias).chain(e.acc).collect(),
+            None => graph.args(n),
+        }
+    };
     let mut needed: HashSet<NodeId> = outputs.clone();
     for &n in &order {
-        if interior(n) {
+        if interior(n) || absorbed.contains(&n) {
             continue;
         }
         match group_of.get(&n) {
@@ -154,7 +268,7 @@ pub fn plan(graph: &Graph, weights: &BTreeMap<String, Tensor>, dims: &[(String, 
                     }
                 }
             }
-            None => needed.extend(graph.args(n)),
+            None => needed.extend(eff_args(n)),
         }
     }
 
@@ -179,7 +293,7 @@ pub fn plan(graph: &Graph, weights: &BTreeMap<String, Tensor>, dims: &[(String, 
     let mut wbytes: Vec<u8> = Vec::new();
     let mut inputs = Vec::new();
     for &n in &order {
-        if interior(n) || (!needed.contains(&n) && !group_of.contains_key(&n)) {
+        if interior(n) || absorbed.contains(&n) || (!needed.contains(&n) && !group_of.contains_key(&n)) {
             continue;
         }
         let node = graph.node(n);
@@ -204,10 +318,22 @@ pub fn plan(graph: &Graph, weights: &BTreeMap<String, Tensor>, dims: &[(String, 
                 decl.storage = Storage::Weight { offset: wbytes.len() as u64, len: t.as_bytes().len() as u64 };
                 wbytes.extend_from_slice(t.as_bytes());
             }
-            Op::Reshape { .. } => decl.storage = Storage::Alias(val(&args[0])?),
-            Op::MatMul { transpose_a, transpose_b } => {
-                steps.push(Step::MatMul { a: val(&args[0])?, b: val(&args[1])?, out: vid, ta: *transpose_a, tb: *transpose_b })
+            _ if epi.contains_key(&n) => {
+                let e = &epi[&n];
+                let Op::MatMul { transpose_a, transpose_b } = graph.node(e.matmul).op else { unreachable!("epilogues start at a matmul") };
+                let mm = graph.args(e.matmul);
+                steps.push(Step::MatMul {
+                    a: val(&mm[0])?,
+                    b: val(&mm[1])?,
+                    out: vid,
+                    ta: transpose_a,
+                    tb: transpose_b,
+                    scale: e.scale,
+                    bias: e.bias.as_ref().map(&val).transpose()?,
+                    acc: e.acc.as_ref().map(&val).transpose()?,
+                })
             }
+            Op::Reshape { .. } => decl.storage = Storage::Alias(val(&args[0])?),
             Op::Gather { axis } if matches!(graph.node(args[1]).ty.dtype, DType::I64 | DType::I32) => {
                 steps.push(Step::Gather { table: val(&args[0])?, idx: val(&args[1])?, out: vid, axis: *axis as u32 })
             }
@@ -217,9 +343,9 @@ pub fn plan(graph: &Graph, weights: &BTreeMap<String, Tensor>, dims: &[(String, 
             Op::Broadcast { .. } => steps.push(Step::Broadcast { x: val(&args[0])?, out: vid }),
             _ if group_of.contains_key(&n) => {
                 let g = &groups[group_of[&n]];
-                let (spec, leaves) = kernel_spec(graph, g, n)?;
+                let (spec, leaves) = kernel_spec(graph, g)?;
                 let k = kernels.len() as u32;
-                let space = if spec.kind == KernelKind::ReduceLast { graph.node(args[0]).ty.shape.clone() } else { node.ty.shape.clone() };
+                let space = graph.node(g.top).ty.shape.clone();
                 steps.push(Step::Kernel {
                     kernel: k,
                     kind: spec.kind,
@@ -263,15 +389,22 @@ pub fn plan(graph: &Graph, weights: &BTreeMap<String, Tensor>, dims: &[(String, 
 }
 
 /// The expression tree of a group rooted at `root`, and the graph nodes feeding its inputs.
-fn kernel_spec(g: &Graph, group: &Group, root: NodeId) -> Result<(KernelSpec, Vec<NodeId>), CompileError> {
-    let reduce = reduce_last(g, root);
-    let top = if reduce.is_some() { g.args(root)[0] } else { root };
+fn kernel_spec(g: &Graph, group: &Group) -> Result<(KernelSpec, Vec<NodeId>), CompileError> {
+    let (root, top) = (group.root, group.top);
+    let reduce = match group.kind {
+        GroupKind::Reduce(op) => Some(op),
+        _ => None,
+    };
     let space = g.node(top).ty.shape.clone();
     let mut exprs = Vec::new();
     let mut memo: HashMap<NodeId, usize> = HashMap::new();
     let mut leaves: Vec<NodeId> = Vec::new();
     let mut inputs = Vec::new();
-    let mut ops = usize::from(reduce.is_some());
+    let mut ops = match group.kind {
+        GroupKind::Map => 0,
+        GroupKind::Reduce(_) => 1,
+        GroupKind::Softmax => 5,
+    };
     // Iterative post-order over the group's expression tree.
     let mut stack = vec![(top, false)];
     while let Some((n, expanded)) = stack.pop() {
@@ -318,7 +451,11 @@ fn kernel_spec(g: &Graph, group: &Group, root: NodeId) -> Result<(KernelSpec, Ve
     let output = g.node(root).ty.dtype;
     let spec = KernelSpec {
         name: g.node(root).name.clone(),
-        kind: if reduce.is_some() { KernelKind::ReduceLast } else { KernelKind::Map },
+        kind: match group.kind {
+            GroupKind::Map => KernelKind::Map,
+            GroupKind::Reduce(_) => KernelKind::ReduceLast,
+            GroupKind::Softmax => KernelKind::SoftmaxLast,
+        },
         reduce,
         inputs,
         output,
