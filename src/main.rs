@@ -280,7 +280,7 @@ fn compile(spec: &Path, o: &SpecOpts, w: &WeightOpts, opt: u8, out: &Path) -> Re
     let nodes = l.graph.len();
     let report = kiln_passes::optimize(&mut l.graph, level, cfg!(debug_assertions))?;
     let t_opt = start.elapsed() - t_front;
-    let compiled = kiln_cpu::compile_to_file(&l.graph, &weights, &l.dims, &format!("O{opt}"), out)?;
+    let compiled = kiln_cpu::compile_to_file(&l.graph, &weights, &l.dims, &kiln_cpu::Options::for_level(opt), out)?;
     let total = start.elapsed();
     let size = std::fs::metadata(out).map(|m| m.len()).unwrap_or(0);
     let m = &compiled.manifest;
@@ -290,7 +290,9 @@ fn compile(spec: &Path, o: &SpecOpts, w: &WeightOpts, opt: u8, out: &Path) -> Re
     for r in &report {
         println!("  pass     {:<4} {:>6} -> {:<6} removed {:<5} merged {:<5} {:.1} ms", r.pass, r.nodes_before, r.nodes_after, r.stats.removed, r.stats.merged, r.time.as_secs_f64() * 1e3);
     }
-    if opt == 2 {
+    if opt == 0 {
+        println!("  note     -O0: no kernel fusion, every primitive op is its own step");
+    } else if opt == 2 {
         println!("  note     -O2 runs the -O1 pipeline until the e-graph optimizer lands");
     }
     println!("  plan     {} steps: {} generated kernels ({fused} ops fused), {} matmuls, {} other", m.steps.len(), m.kernels.len(),

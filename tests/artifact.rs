@@ -14,7 +14,7 @@ use kiln_runtime::{artifact, Model};
 fn tiny_gpt2() -> (kiln_frontend::Lowered, kiln_cpu::Compiled) {
     let l = spec("gpt2.ron", &[("layers", "1"), ("hidden", "32"), ("heads", "2"), ("vocab", "64"), ("max_pos", "16")]);
     let w = kiln_frontend::weights::random(&l, 3);
-    let c = kiln_cpu::compile(&l.graph, &w, &l.dims, "O1").unwrap();
+    let c = kiln_cpu::compile(&l.graph, &w, &l.dims, &kiln_cpu::Options::for_level(1)).unwrap();
     (l, c)
 }
 

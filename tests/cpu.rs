@@ -46,7 +46,7 @@ fn check_spec(name: &str, overrides: &[(&str, &str)], shapes: &[&[(&str, usize)]
         let dir = std::env::temp_dir().join(format!("kiln-cpu-{}-{name}-{level:?}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("model.kiln");
-        kiln_cpu::compile_to_file(&g, &w, &l.dims, &format!("{level:?}"), &path).unwrap_or_else(|e| panic!("{name}: {e}"));
+        kiln_cpu::compile_to_file(&g, &w, &l.dims, &kiln_cpu::Options::for_level(if level == OptLevel::O0 { 0 } else { 1 }), &path).unwrap_or_else(|e| panic!("{name}: {e}"));
         let model = kiln_runtime::Model::load(&path).unwrap_or_else(|e| panic!("{name}: {e}"));
         for (si, s) in shapes.iter().enumerate() {
             let dims: BTreeMap<&str, usize> = s.iter().copied().collect();

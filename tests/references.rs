@@ -68,7 +68,7 @@ fn minilm_compiled_for_cpu_matches_pytorch() {
     let w = kiln_frontend::weights::load_safetensors(&l, &minilm_dir().join("model.safetensors")).unwrap_or_else(|e| panic!("{e}"));
     kiln_passes::optimize(&mut l.graph, kiln_passes::OptLevel::O1, true).unwrap_or_else(|e| panic!("{e}"));
     let path = std::env::temp_dir().join(format!("kiln-minilm-{}.kiln", std::process::id()));
-    kiln_cpu::compile_to_file(&l.graph, &w, &l.dims, "O1", &path).unwrap_or_else(|e| panic!("{e}"));
+    kiln_cpu::compile_to_file(&l.graph, &w, &l.dims, &kiln_cpu::Options::for_level(1), &path).unwrap_or_else(|e| panic!("{e}"));
     let model = kiln_runtime::Model::load(&path).unwrap_or_else(|e| panic!("{e}"));
     std::fs::remove_file(&path).ok();
     for prefix in ["single", "padded"] {

@@ -40,6 +40,23 @@ pub enum CompileError {
     Write(#[from] kiln_runtime::LoadError),
 }
 
+/// How to compile.
+#[derive(Clone, Debug)]
+pub struct Options {
+    /// Fuse elementwise chains, reductions, softmax and matmul epilogues into kernels. Without
+    /// it every primitive op is its own step (the -O0 baseline).
+    pub fuse: bool,
+    /// The optimization level, recorded in the manifest.
+    pub opt_level: String,
+}
+
+impl Options {
+    /// The options for `-O<level>`.
+    pub fn for_level(level: u8) -> Options {
+        Options { fuse: level > 0, opt_level: format!("O{level}") }
+    }
+}
+
 /// An artifact's pieces.
 pub struct Compiled {
     /// The manifest.
@@ -51,10 +68,10 @@ pub struct Compiled {
 }
 
 /// Compiles `graph` for this machine's CPU.
-pub fn compile(graph: &Graph, weights: &BTreeMap<String, Tensor>, dims: &[(String, u64)], opt_level: &str) -> Result<Compiled, CompileError> {
+pub fn compile(graph: &Graph, weights: &BTreeMap<String, Tensor>, dims: &[(String, u64)], opts: &Options) -> Result<Compiled, CompileError> {
     let cg = codegen::Codegen::host().map_err(CompileError::Codegen)?;
     let target = Target { arch: std::env::consts::ARCH.to_string(), features: cg.features.clone() };
-    let planned = plan::plan(graph, weights, dims, target, opt_level)?;
+    let planned = plan::plan(graph, weights, dims, target, opts)?;
     let mut manifest = planned.manifest;
     let mut code = Vec::new();
     for (decl, spec) in manifest.kernels.iter_mut().zip(&planned.kernels) {
@@ -70,8 +87,8 @@ pub fn compile(graph: &Graph, weights: &BTreeMap<String, Tensor>, dims: &[(Strin
 }
 
 /// Compiles and writes an artifact file.
-pub fn compile_to_file(graph: &Graph, weights: &BTreeMap<String, Tensor>, dims: &[(String, u64)], opt_level: &str, path: &Path) -> Result<Compiled, CompileError> {
-    let c = compile(graph, weights, dims, opt_level)?;
+pub fn compile_to_file(graph: &Graph, weights: &BTreeMap<String, Tensor>, dims: &[(String, u64)], opts: &Options, path: &Path) -> Result<Compiled, CompileError> {
+    let c = compile(graph, weights, dims, opts)?;
     kiln_runtime::artifact::write(path, &c.manifest, &c.weights, &c.code)?;
     Ok(c)
 }

@@ -152,7 +152,8 @@ struct Group {
 }
 
 /// Plans `graph` (already verified and optimized) with its weights.
-pub fn plan(graph: &Graph, weights: &BTreeMap<String, Tensor>, dims: &[(String, u64)], target: Target, opt_level: &str) -> Result<Planned, CompileError> {
+pub fn plan(graph: &Graph, weights: &BTreeMap<String, Tensor>, dims: &[(String, u64)], target: Target, opts: &crate::Options) -> Result<Planned, CompileError> {
+    let opt_level = opts.opt_level.as_str();
     let order = graph.topo_order().map_err(|_| CompileError::Internal("graph has a cycle".into()))?;
     let outputs: HashSet<NodeId> = graph.outputs().iter().map(|o| o.node).collect();
     let users: HashMap<NodeId, Vec<NodeId>> = order.iter().map(|&n| (n, graph.users(n))).collect();
@@ -169,7 +170,7 @@ pub fn plan(graph: &Graph, weights: &BTreeMap<String, Tensor>, dims: &[(String, 
         let mut cur = n;
         loop {
             let us = &users[&cur];
-            if us.len() != 1 || outputs.contains(&cur) {
+            if !opts.fuse || us.len() != 1 || outputs.contains(&cur) {
                 break;
             }
             let u = us[0];
@@ -208,7 +209,7 @@ pub fn plan(graph: &Graph, weights: &BTreeMap<String, Tensor>, dims: &[(String, 
         if group_of.contains_key(&x) {
             continue;
         }
-        let softmax = softmax_last(graph, x, &users, &outputs).filter(|(_, p)| p.iter().all(|n| !group_of.contains_key(n) && !special(*n)));
+        let softmax = softmax_last(graph, x, &users, &outputs).filter(|_| opts.fuse).filter(|(_, p)| p.iter().all(|n| !group_of.contains_key(n) && !special(*n)));
         let reduce = reduce_last(graph, x);
         if special(x) || (!fusible(graph, x) && reduce.is_none() && softmax.is_none()) {
             continue;
@@ -230,7 +231,9 @@ pub fn plan(graph: &Graph, weights: &BTreeMap<String, Tensor>, dims: &[(String, 
                 }
                 vec![input]
             }
-            None => graph.args(x),
+            None if opts.fuse => graph.args(x),
+            // Without fusion every op is its own kernel (constants are still inlined).
+            None => Vec::new(),
         };
         while let Some(y) = stack.pop() {
             if members.contains(&y) || group_of.contains_key(&y) || outputs.contains(&y) {
