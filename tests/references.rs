@@ -81,3 +81,22 @@ fn minilm_compiled_for_cpu_matches_pytorch() {
         assert_close(&format!("compiled minilm {prefix} last_hidden_state"), &out["last_hidden_state"], &want, 1e-4);
     }
 }
+
+fn compiled_logits(name: &str, overrides: &[(&str, &str)], dir: &str) -> kiln_ir::Tensor {
+    let mut l = spec(name, overrides);
+    let w = kiln_frontend::weights::load_safetensors(&l, &data(&format!("{dir}/model.safetensors"))).unwrap_or_else(|e| panic!("{e}"));
+    kiln_passes::optimize(&mut l.graph, kiln_passes::OptLevel::O1, true).unwrap_or_else(|e| panic!("{e}"));
+    let c = kiln_cpu::compile(&l.graph, &w, &l.dims, &kiln_cpu::Options::for_level(2)).unwrap_or_else(|e| panic!("{e}"));
+    let bytes = kiln_runtime::artifact::encode(&c.manifest, &c.weights, &c.code).unwrap();
+    let model = kiln_runtime::Model::from_bytes(&bytes).unwrap_or_else(|e| panic!("{e}"));
+    let inputs = [("input_ids".to_string(), npy(&format!("{dir}/input_ids.npy")))].into_iter().collect();
+    model.run(&inputs).unwrap_or_else(|e| panic!("{e}")).remove(0).1
+}
+
+#[test]
+fn gpt2_and_llama_compiled_for_cpu_match_transformers() {
+    let g = compiled_logits("gpt2.ron", GPT2_TINY, "gpt2_tiny");
+    assert_close("compiled gpt2 logits", &g, &npy("gpt2_tiny/logits.npy"), 1e-4);
+    let l = compiled_logits("llama.ron", LLAMA_TINY, "llama_tiny");
+    assert_close("compiled llama logits", &l, &npy("llama_tiny/logits.npy"), 1e-4);
+}
