@@ -62,6 +62,19 @@ fn damaged_files_are_refused() {
     assert!(e.contains("format version 9"), "{e}");
 }
 
+#[test]
+fn wrong_target_is_refused() {
+    let (_, c) = tiny_gpt2();
+    let mut m = c.manifest.clone();
+    m.target.arch = "riscv64".into();
+    let e = Model::from_bytes(&artifact::encode(&m, &c.weights, &c.code).unwrap()).unwrap_err().to_string();
+    assert!(e.contains("compiled for riscv64"), "{e}");
+    let mut m = c.manifest.clone();
+    m.target.features.push("quantum-fp".into());
+    let e = Model::from_bytes(&artifact::encode(&m, &c.weights, &c.code).unwrap()).unwrap_err().to_string();
+    assert!(e.contains("quantum-fp"), "{e}");
+}
+
 /// A tiny deterministic generator (splitmix64).
 struct Rng(u64);
 impl Rng {

@@ -248,7 +248,7 @@ impl Gen<'_, '_> {
             }
             V::C(c) => {
                 let at = self.b.ins().iadd(base, iv);
-                self.b.ins().istore8(Self::data(), c, at, 0);
+                self.b.ins().store(Self::data(), c, at, 0);
             }
         }
     }
