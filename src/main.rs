@@ -62,8 +62,8 @@ enum Cmd {
         /// Code generation target.
         #[arg(long, value_enum, default_value_t = TargetArg::Cpu)]
         target: TargetArg,
-        /// Optimization level: 0 (dead code only), 1 (+ common subexpressions), 2 (currently the
-        /// O1 pipeline; the e-graph optimizer will extend it).
+        /// Optimization level: 0 (dead code only, no kernel fusion), 1 (+ common subexpressions,
+        /// kernel fusion), 2 (+ algebraic simplification by equality saturation).
         #[arg(short = 'O', value_name = "LEVEL", default_value = "2", value_parser = clap::value_parser!(u8).range(0..=2))]
         opt: u8,
         /// Where to write the artifact.
@@ -276,7 +276,11 @@ fn compile(spec: &Path, o: &SpecOpts, w: &WeightOpts, opt: u8, out: &Path) -> Re
         load_weights(&l, w)?
     };
     let t_front = start.elapsed();
-    let level = if opt == 0 { OptLevel::O0 } else { OptLevel::O1 };
+    let level = match opt {
+        0 => OptLevel::O0,
+        1 => OptLevel::O1,
+        _ => OptLevel::O2,
+    };
     let nodes = l.graph.len();
     let report = kiln_passes::optimize(&mut l.graph, level, cfg!(debug_assertions))?;
     let t_opt = start.elapsed() - t_front;
@@ -288,12 +292,13 @@ fn compile(spec: &Path, o: &SpecOpts, w: &WeightOpts, opt: u8, out: &Path) -> Re
     println!("compiled {} to {} ({:.1} MiB)", spec.display(), out.display(), size as f64 / 1048576.0);
     println!("  graph    {nodes} ops lowered, {} after -O{opt}", l.graph.len());
     for r in &report {
-        println!("  pass     {:<4} {:>6} -> {:<6} removed {:<5} merged {:<5} {:.1} ms", r.pass, r.nodes_before, r.nodes_after, r.stats.removed, r.stats.merged, r.time.as_secs_f64() * 1e3);
+        println!("  pass     {:<8} {:>6} -> {:<6} removed {:<5} merged {:<5} {:.1} ms", r.pass, r.nodes_before, r.nodes_after, r.stats.removed, r.stats.merged, r.time.as_secs_f64() * 1e3);
+        for n in &r.stats.notes {
+            println!("             {n}");
+        }
     }
     if opt == 0 {
         println!("  note     -O0: no kernel fusion, every primitive op is its own step");
-    } else if opt == 2 {
-        println!("  note     -O2 runs the -O1 pipeline until the e-graph optimizer lands");
     }
     println!("  plan     {} steps: {} generated kernels ({fused} ops fused), {} matmuls, {} other", m.steps.len(), m.kernels.len(),
         m.steps.iter().filter(|s| matches!(s, kiln_runtime::plan::Step::MatMul { .. })).count(),

@@ -33,5 +33,5 @@ pub fn run(g: &mut Graph) -> PassStats {
             }
         }
     }
-    PassStats { removed: 0, merged }
+    PassStats { removed: 0, merged, notes: Vec::new() }
 }

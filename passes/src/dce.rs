@@ -23,5 +23,5 @@ pub fn run(g: &mut Graph) -> PassStats {
     for n in &dead {
         g.remove(*n);
     }
-    PassStats { removed: dead.len(), merged: 0 }
+    PassStats { removed: dead.len(), merged: 0, notes: Vec::new() }
 }

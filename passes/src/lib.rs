@@ -10,6 +10,9 @@
 
 pub mod cse;
 pub mod dce;
+pub mod egraph;
+pub mod rules;
+pub mod simplify;
 
 use std::time::{Duration, Instant};
 
@@ -22,6 +25,8 @@ pub struct PassStats {
     pub removed: usize,
     /// Nodes whose uses were redirected to an equivalent node.
     pub merged: usize,
+    /// What else the pass reports (rules fired, saturation stop reason).
+    pub notes: Vec<String>,
 }
 
 /// One line of a pipeline report.
@@ -57,6 +62,8 @@ pub enum OptLevel {
     O0,
     /// Dead code and common subexpressions.
     O1,
+    /// O1 plus algebraic simplification by equality saturation.
+    O2,
 }
 
 type PassFn = fn(&mut Graph) -> PassStats;
@@ -65,6 +72,7 @@ fn pipeline(level: OptLevel) -> &'static [(&'static str, PassFn)] {
     match level {
         OptLevel::O0 => &[("dce", dce::run)],
         OptLevel::O1 => &[("dce", dce::run), ("cse", cse::run), ("dce", dce::run)],
+        OptLevel::O2 => &[("dce", dce::run), ("cse", cse::run), ("dce", dce::run), ("simplify", simplify::run), ("dce", dce::run)],
     }
 }
 

@@ -1,0 +1,69 @@
+//! Algebraic rewrite rules over [`TensorLang`], with their conditions as small named functions.
+//!
+//! Every rule keeps the matched e-class's type (conditions check it where broadcasting could
+//! change a shape) and is checked by execution: `tests/rules.rs` evaluates both sides of each rule
+//! with the reference interpreter on random tensors.
+
+use egg::{rewrite as rw, Id, Rewrite, Subst, Var};
+
+use crate::egraph::{TensorAnalysis, TensorEGraph, TensorLang};
+
+/// A rewrite rule over the tensor language.
+pub type Rule = Rewrite<TensorLang, TensorAnalysis>;
+
+fn konst(eg: &TensorEGraph, s: &Subst, v: &str) -> Option<f64> {
+    let var: Var = v.parse().expect("pattern variable");
+    eg[s[var]].data.konst
+}
+
+/// `?v` is the constant `c`.
+fn is_const_value(v: &'static str, c: f64) -> impl Fn(&mut TensorEGraph, Id, &Subst) -> bool {
+    move |eg, _, s| konst(eg, s, v) == Some(c)
+}
+
+/// `?v` is a rank-0 constant.
+fn is_const(v: &'static str) -> impl Fn(&mut TensorEGraph, Id, &Subst) -> bool {
+    move |eg, _, s| konst(eg, s, v).is_some()
+}
+
+/// `?v` is a non-zero rank-0 float constant.
+fn is_nonzero_float(v: &'static str) -> impl Fn(&mut TensorEGraph, Id, &Subst) -> bool {
+    move |eg, _, s| {
+        let var: Var = v.parse().expect("pattern variable");
+        let float = eg[s[var]].data.ty.as_ref().is_some_and(|t| t.dtype.is_float());
+        float && konst(eg, s, v).is_some_and(|c| c != 0.0)
+    }
+}
+
+/// Replacing the match by `?v` keeps its type (no broadcast is lost).
+fn keeps_type(v: &'static str) -> impl Fn(&mut TensorEGraph, Id, &Subst) -> bool {
+    move |eg, id, s| {
+        let var: Var = v.parse().expect("pattern variable");
+        eg[id].data.ty.is_some() && eg[id].data.ty == eg[s[var]].data.ty
+    }
+}
+
+fn both(a: impl Fn(&mut TensorEGraph, Id, &Subst) -> bool, b: impl Fn(&mut TensorEGraph, Id, &Subst) -> bool) -> impl Fn(&mut TensorEGraph, Id, &Subst) -> bool {
+    move |eg, id, s| a(eg, id, s) && b(eg, id, s)
+}
+
+/// The algebraic rule set: identities, constant reassociation and canonical constant placement,
+/// division by a constant as multiplication, and small strength reductions. Constant folding is
+/// done by the analysis, not by rules.
+pub fn algebraic() -> Vec<Rule> {
+    vec![
+        rw!("mul-one"; "(mul ?a ?b)" => "?a" if both(is_const_value("?b", 1.0), keeps_type("?a"))),
+        rw!("div-one"; "(div ?a ?b)" => "?a" if both(is_const_value("?b", 1.0), keeps_type("?a"))),
+        rw!("add-zero"; "(add ?a ?b)" => "?a" if both(is_const_value("?b", 0.0), keeps_type("?a"))),
+        rw!("sub-zero"; "(sub ?a ?b)" => "?a" if both(is_const_value("?b", 0.0), keeps_type("?a"))),
+        rw!("const-right-mul"; "(mul ?c ?a)" => "(mul ?a ?c)" if is_const("?c")),
+        rw!("const-right-add"; "(add ?c ?a)" => "(add ?a ?c)" if is_const("?c")),
+        rw!("sub-const-to-add"; "(sub ?a ?c)" => "(add ?a (neg ?c))" if is_const("?c")),
+        rw!("div-const-to-mul"; "(div ?a ?c)" => "(mul ?a (recip ?c))" if is_nonzero_float("?c")),
+        rw!("mul-const-assoc"; "(mul (mul ?a ?c1) ?c2)" => "(mul ?a (mul ?c1 ?c2))" if both(is_const("?c1"), is_const("?c2"))),
+        rw!("add-const-assoc"; "(add (add ?a ?c1) ?c2)" => "(add ?a (add ?c1 ?c2))" if both(is_const("?c1"), is_const("?c2"))),
+        rw!("neg-neg"; "(neg (neg ?a))" => "?a"),
+        rw!("recip-sqrt"; "(recip (sqrt ?a))" => "(rsqrt ?a)"),
+        rw!("recip-recip"; "(recip (recip ?a))" => "?a"),
+    ]
+}

@@ -1,0 +1,94 @@
+//! Algebraic simplification by equality saturation.
+//!
+//! Loads the graph into an e-graph (`egraph.rs`), applies the algebraic rules (`rules.rs`) with
+//! explicit iteration, node and time limits, and extracts the cheapest equivalent graph. Assumes a
+//! verified graph; leaves a verified graph whose outputs equal the input's up to floating-point
+//! reassociation. Reports which rules fired and why saturation stopped — a limit is reported,
+//! never hidden. Does not fuse or change layouts: those are later rule sets.
+
+use std::time::Duration;
+
+use egg::{CostFunction, Id, Language, Rewrite, Runner, StopReason};
+use kiln_ir::Graph;
+
+use crate::egraph::{self, TensorAnalysis, TensorLang};
+use crate::PassStats;
+
+/// Limits of one saturation run.
+#[derive(Clone, Copy, Debug)]
+pub struct Limits {
+    /// Rule-application rounds.
+    pub iterations: usize,
+    /// E-nodes.
+    pub nodes: usize,
+    /// Wall time.
+    pub time: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits { iterations: 12, nodes: 200_000, time: Duration::from_secs(3) }
+    }
+}
+
+/// Cost of a graph: divisions and square roots are dear, constants free.
+pub struct OpCost;
+
+impl CostFunction<TensorLang> for OpCost {
+    type Cost = f64;
+    fn cost<C: FnMut(Id) -> f64>(&mut self, enode: &TensorLang, mut costs: C) -> f64 {
+        let own = match enode {
+            TensorLang::Const(_) => 0.0,
+            TensorLang::Div(_) | TensorLang::Sqrt(_) => 4.0,
+            TensorLang::Recip(_) | TensorLang::Rsqrt(_) | TensorLang::Exp(_) => 2.0,
+            _ => 1.0,
+        };
+        enode.fold(own, |sum, id| sum + costs(id))
+    }
+}
+
+/// Runs `rules` on `graph` and replaces it by the cheapest equivalent.
+pub fn run_rules(graph: &mut Graph, rules: &[Rewrite<TensorLang, TensorAnalysis>], limits: Limits) -> PassStats {
+    let loaded = egraph::load(graph);
+    let before = loaded.egraph.total_number_of_nodes();
+    let runner = Runner::default()
+        .with_iter_limit(limits.iterations)
+        .with_node_limit(limits.nodes)
+        .with_time_limit(limits.time)
+        .with_egraph(loaded.egraph)
+        .run(rules);
+    let mut fired: std::collections::BTreeMap<String, usize> = std::collections::BTreeMap::new();
+    for it in &runner.iterations {
+        for (rule, n) in &it.applied {
+            *fired.entry(rule.to_string()).or_default() += n;
+        }
+    }
+    let stop = match &runner.stop_reason {
+        Some(StopReason::Saturated) => "saturated".to_string(),
+        Some(StopReason::IterationLimit(n)) => format!("iteration limit ({n})"),
+        Some(StopReason::NodeLimit(n)) => format!("node limit ({n})"),
+        Some(StopReason::TimeLimit(t)) => format!("time limit ({t:.1} s)"),
+        Some(StopReason::Other(s)) => s.clone(),
+        None => "not run".into(),
+    };
+    let mut notes = vec![format!(
+        "e-graph: {before} -> {} nodes in {} iterations, stopped: {stop}",
+        runner.egraph.total_number_of_nodes(),
+        runner.iterations.len()
+    )];
+    let fired_text: Vec<String> = fired.iter().map(|(r, n)| format!("{r} x{n}")).collect();
+    if !fired_text.is_empty() {
+        notes.push(format!("rules fired: {}", fired_text.join(", ")));
+    }
+    let loaded = egraph::Loaded { egraph: runner.egraph, ..loaded };
+    let loaded = egraph::Loaded { outputs: loaded.outputs.iter().map(|(n, c)| (n.clone(), loaded.egraph.find(*c))).collect(), ..loaded };
+    let new = egraph::extract(&loaded, &graph.name, OpCost);
+    let removed = graph.len().saturating_sub(new.len());
+    *graph = new;
+    PassStats { removed, merged: 0, notes }
+}
+
+/// The pass: the algebraic rule set with default limits.
+pub fn run(graph: &mut Graph) -> PassStats {
+    run_rules(graph, &crate::rules::algebraic(), Limits::default())
+}
