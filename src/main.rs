@@ -69,6 +69,12 @@ enum Cmd {
         /// Where to write the artifact.
         #[arg(short = 'o', long = "output", value_name = "MODEL.kiln")]
         output: PathBuf,
+        /// Write the text IR before and after every pass into this directory.
+        #[arg(long, value_name = "DIR")]
+        dump_ir: Option<PathBuf>,
+        /// Do not apply this rewrite rule (repeatable), to bisect a numeric difference.
+        #[arg(long = "disable-rule", value_name = "NAME")]
+        disable_rule: Vec<String>,
     },
     /// Time a compiled model on generated inputs.
     Bench {
@@ -267,7 +273,7 @@ fn run(spec: &Path, o: &SpecOpts, w: &WeightOpts, threads: Option<usize>, inputs
     Ok(())
 }
 
-fn compile(spec: &Path, o: &SpecOpts, w: &WeightOpts, opt: u8, out: &Path) -> Result<()> {
+fn compile(spec: &Path, o: &SpecOpts, w: &WeightOpts, opt: u8, out: &Path, popts: &kiln_passes::PipelineOptions) -> Result<()> {
     let start = Instant::now();
     let mut l = load_spec(spec, o)?;
     let weights = if w.weights.is_none() && w.random_weights.is_none() {
@@ -282,7 +288,7 @@ fn compile(spec: &Path, o: &SpecOpts, w: &WeightOpts, opt: u8, out: &Path) -> Re
         _ => OptLevel::O2,
     };
     let nodes = l.graph.len();
-    let report = kiln_passes::optimize(&mut l.graph, level, cfg!(debug_assertions))?;
+    let report = kiln_passes::optimize_with(&mut l.graph, level, popts)?;
     let t_opt = start.elapsed() - t_front;
     let compiled = kiln_cpu::compile_to_file(&l.graph, &weights, &l.dims, &kiln_cpu::Options::for_level(opt), out)?;
     let total = start.elapsed();
@@ -399,7 +405,10 @@ fn main() -> ExitCode {
     let r = match &cli.cmd {
         Cmd::Check { spec, spec_opts, weights, dims } => check(spec, spec_opts, weights.as_deref(), dims),
         Cmd::Run { spec, spec_opts, weights, threads, inputs, outputs } => run(spec, spec_opts, weights, *threads, inputs, outputs),
-        Cmd::Compile { spec, spec_opts, weights, target: _, opt, output } => compile(spec, spec_opts, weights, *opt, output),
+        Cmd::Compile { spec, spec_opts, weights, target: _, opt, output, dump_ir, disable_rule } => {
+            let popts = kiln_passes::PipelineOptions { verify_each: cfg!(debug_assertions), disabled_rules: disable_rule.clone(), dump_dir: dump_ir.clone() };
+            compile(spec, spec_opts, weights, *opt, output, &popts)
+        }
         Cmd::Bench { model, shapes, iters, warmup, threads, json, profile } => bench(model, shapes, *iters, *warmup, *threads, *json, *profile),
         Cmd::Inspect { spec, spec_opts, format } => load_spec(spec, spec_opts).map(|l| match format {
             Format::Text => print!("{}", l.graph.to_text()),

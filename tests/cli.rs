@@ -120,3 +120,26 @@ fn compile_run_and_bench_an_artifact() {
     assert!(text(&o).1.contains("invalid kiln artifact"), "{}", text(&o).1);
     std::fs::remove_dir_all(&dir).ok();
 }
+
+#[test]
+fn compile_dumps_ir_and_disables_rules() {
+    let dir = std::env::temp_dir().join(format!("kiln-cli-dump-{}", std::process::id()));
+    let art = dir.join("m.kiln");
+    std::fs::create_dir_all(&dir).unwrap();
+    let dump = dir.join("ir");
+    let o = kiln(&[
+        "compile", "specs/mlp.ron", "--random-weights", "1", "-O2", "-o", art.to_str().unwrap(),
+        "--dump-ir", dump.to_str().unwrap(), "--disable-rule", "mul-one",
+    ]);
+    let (out, err) = text(&o);
+    assert!(o.status.success(), "{err}");
+    assert!(out.contains("stopped: saturated"), "{out}");
+    let mut files: Vec<String> = std::fs::read_dir(&dump).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
+    files.sort();
+    assert_eq!(files, ["00-input.txt", "01-dce.txt", "02-cse.txt", "03-dce.txt", "04-simplify.txt", "05-dce.txt"]);
+    assert!(std::fs::read_to_string(dump.join("04-simplify.txt")).unwrap().starts_with("graph mlp("));
+    let o = kiln(&["compile", "specs/mlp.ron", "--random-weights", "1", "-o", art.to_str().unwrap(), "--disable-rule", "mul-uno"]);
+    assert!(!o.status.success());
+    assert!(text(&o).1.contains("no rewrite rule is called `mul-uno`"), "{}", text(&o).1);
+    std::fs::remove_dir_all(&dir).ok();
+}

@@ -44,3 +44,24 @@ fn ir_text_of_mlp_after_o1() {
     optimize(&mut l.graph, OptLevel::O1, true).unwrap_or_else(|e| panic!("{e}"));
     insta::assert_snapshot!(l.graph.to_text());
 }
+
+/// The IR after every pipeline, for every spec (one layer, small widths so the snapshots stay
+/// readable). A change here in review must be explainable.
+#[test]
+fn ir_snapshots_after_each_pipeline() {
+    let specs: &[(&str, &[(&str, &str)])] = &[
+        ("minilm.ron", &[("layers", "1"), ("hidden", "32"), ("heads", "2"), ("ffn", "64"), ("vocab", "100"), ("max_pos", "16")]),
+        ("gpt2.ron", &[("layers", "1"), ("hidden", "32"), ("heads", "2"), ("vocab", "100"), ("max_pos", "16")]),
+        ("llama.ron", &[("layers", "1"), ("hidden", "32"), ("heads", "4"), ("kv_heads", "2"), ("ffn", "64"), ("vocab", "100")]),
+        ("mlp.ron", &[]),
+    ];
+    for (name, overrides) in specs {
+        let l = spec(name, overrides);
+        for level in [OptLevel::O0, OptLevel::O1, OptLevel::O2] {
+            let mut g = l.graph.clone();
+            optimize(&mut g, level, true).unwrap_or_else(|e| panic!("{e}"));
+            let stem = name.trim_end_matches(".ron");
+            insta::assert_snapshot!(format!("ir_{stem}_{level:?}"), g.to_text());
+        }
+    }
+}

@@ -13,7 +13,7 @@ use kiln_ir::{Graph, NodeId, Op};
 use crate::PassStats;
 
 /// Runs the pass.
-pub fn run(g: &mut Graph) -> PassStats {
+pub fn run(g: &mut Graph, _: &crate::PipelineOptions) -> PassStats {
     let order = g.topo_order().expect("CSE runs on verified, acyclic graphs");
     let mut seen: HashMap<(Op, Vec<NodeId>), NodeId> = HashMap::new();
     let mut merged = 0;

@@ -11,7 +11,7 @@ use kiln_ir::{Graph, NodeId, Op};
 use crate::PassStats;
 
 /// Runs the pass.
-pub fn run(g: &mut Graph) -> PassStats {
+pub fn run(g: &mut Graph, _: &crate::PipelineOptions) -> PassStats {
     let mut live: HashSet<NodeId> = HashSet::new();
     let mut stack: Vec<NodeId> = g.outputs().iter().map(|o| o.node).collect();
     while let Some(n) = stack.pop() {

@@ -44,15 +44,46 @@ pub struct PassReport {
     pub time: Duration,
 }
 
-/// A pass left the graph invalid: a compiler bug.
+/// Why a pipeline stopped.
 #[derive(Debug, thiserror::Error)]
-#[error("internal compiler error: the graph is invalid after pass `{pass}`: {source}")]
-pub struct PassError {
-    /// The pass that ran last.
-    pub pass: &'static str,
-    /// The broken invariant.
-    #[source]
-    pub source: VerifyError,
+pub enum PassError {
+    /// A pass left the graph invalid: a compiler bug.
+    #[error("internal compiler error: the graph is invalid after pass `{pass}`: {source}")]
+    Verify {
+        /// The pass that ran last.
+        pass: &'static str,
+        /// The broken invariant.
+        #[source]
+        source: VerifyError,
+    },
+    /// An IR dump could not be written.
+    #[error("writing {path}: {source}")]
+    Dump {
+        /// The file.
+        path: String,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// `--disable-rule` named no rule.
+    #[error("no rewrite rule is called `{name}` (rules: {known})")]
+    UnknownRule {
+        /// The name given.
+        name: String,
+        /// Every rule's name.
+        known: String,
+    },
+}
+
+/// How to run a pipeline.
+#[derive(Clone, Debug, Default)]
+pub struct PipelineOptions {
+    /// Run the verifier after every pass (tests and debug builds should).
+    pub verify_each: bool,
+    /// Rewrite rules not to apply, by name.
+    pub disabled_rules: Vec<String>,
+    /// Write the text IR before the first pass and after every pass into this directory.
+    pub dump_dir: Option<std::path::PathBuf>,
 }
 
 /// Optimization pipelines.
@@ -66,7 +97,7 @@ pub enum OptLevel {
     O2,
 }
 
-type PassFn = fn(&mut Graph) -> PassStats;
+type PassFn = fn(&mut Graph, &PipelineOptions) -> PassStats;
 
 fn pipeline(level: OptLevel) -> &'static [(&'static str, PassFn)] {
     match level {
@@ -76,19 +107,38 @@ fn pipeline(level: OptLevel) -> &'static [(&'static str, PassFn)] {
     }
 }
 
-/// Runs the pipeline for `level`; verifies after every pass when `verify_each` is set (tests and
-/// debug builds should set it).
+/// Runs the pipeline for `level`; verifies after every pass when `verify_each` is set.
 pub fn optimize(graph: &mut Graph, level: OptLevel, verify_each: bool) -> Result<Vec<PassReport>, PassError> {
+    optimize_with(graph, level, &PipelineOptions { verify_each, ..PipelineOptions::default() })
+}
+
+/// Runs the pipeline for `level` with options (rule switches, IR dumps).
+pub fn optimize_with(graph: &mut Graph, level: OptLevel, opts: &PipelineOptions) -> Result<Vec<PassReport>, PassError> {
+    let known: Vec<String> = rules::algebraic().iter().map(|r| r.name.to_string()).collect();
+    for name in &opts.disabled_rules {
+        if !known.contains(name) {
+            return Err(PassError::UnknownRule { name: name.clone(), known: known.join(", ") });
+        }
+    }
+    let dump = |step: usize, pass: &str, g: &Graph| -> Result<(), PassError> {
+        let Some(dir) = &opts.dump_dir else { return Ok(()) };
+        let path = dir.join(format!("{step:02}-{pass}.txt"));
+        std::fs::create_dir_all(dir)
+            .and_then(|_| std::fs::write(&path, g.to_text()))
+            .map_err(|source| PassError::Dump { path: path.display().to_string(), source })
+    };
+    dump(0, "input", graph)?;
     let mut reports = Vec::new();
-    for (name, pass) in pipeline(level) {
+    for (i, (name, pass)) in pipeline(level).iter().enumerate() {
         let nodes_before = graph.len();
         let start = Instant::now();
-        let stats = pass(graph);
+        let stats = pass(graph, opts);
         let time = start.elapsed();
         log::debug!("pass {name}: {nodes_before} -> {} nodes in {time:?}", graph.len());
-        if verify_each {
-            verify(graph).map_err(|source| PassError { pass: name, source })?;
+        if opts.verify_each {
+            verify(graph).map_err(|source| PassError::Verify { pass: name, source })?;
         }
+        dump(i + 1, name, graph)?;
         reports.push(PassReport { pass: name, nodes_before, nodes_after: graph.len(), stats, time });
     }
     Ok(reports)

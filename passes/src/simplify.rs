@@ -88,7 +88,8 @@ pub fn run_rules(graph: &mut Graph, rules: &[Rewrite<TensorLang, TensorAnalysis>
     PassStats { removed, merged: 0, notes }
 }
 
-/// The pass: the algebraic rule set with default limits.
-pub fn run(graph: &mut Graph) -> PassStats {
-    run_rules(graph, &crate::rules::algebraic(), Limits::default())
+/// The pass: the algebraic rule set, less any disabled rules, with default limits.
+pub fn run(graph: &mut Graph, opts: &crate::PipelineOptions) -> PassStats {
+    let rules: Vec<_> = crate::rules::algebraic().into_iter().filter(|r| !opts.disabled_rules.iter().any(|d| r.name.as_str() == d)).collect();
+    run_rules(graph, &rules, Limits::default())
 }
