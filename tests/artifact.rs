@@ -139,6 +139,18 @@ fn mutate(m: &mut Manifest, r: &mut Rng) {
                 }
                 Step::Concat { axis, .. } => *axis = r.below(4) as u32,
                 Step::Broadcast { x, .. } => *x = pick(r, nv),
+                Step::Attention { q, k, v, out, kernel_inputs, contiguous, .. } => match r.below(4) {
+                    0 => *[q, k, v, out][r.below(4)] = pick(r, nv),
+                    1 if !kernel_inputs.is_empty() => {
+                        let i = r.below(kernel_inputs.len());
+                        kernel_inputs[i] = if r.below(2) == 0 { None } else { Some(pick(r, nv)) };
+                    }
+                    2 if !contiguous.is_empty() => {
+                        let i = r.below(contiguous.len());
+                        contiguous[i] = !contiguous[i];
+                    }
+                    _ => *out = pick(r, nv),
+                },
             }
         }
         3 => {

@@ -404,6 +404,20 @@ impl Model {
                 let es = self.manifest.values[*x as usize].dtype.size_bytes();
                 kernels::broadcast((bufs[*x as usize], &shapes[*x as usize]), (bufs[*out as usize], &shapes[*out as usize]), es)
             }
+            Step::Attention { q, k, v, out, scale, kernel, kernel_inputs, contiguous } => {
+                let ins: Vec<Option<(Buf, &[usize])>> = kernel_inputs.iter().map(|i| i.map(|x| (bufs[x as usize], shapes[x as usize].as_slice()))).collect();
+                kernels::attention(
+                    (bufs[*q as usize], &shapes[*q as usize]),
+                    (bufs[*k as usize], &shapes[*k as usize]),
+                    (bufs[*v as usize], &shapes[*v as usize]),
+                    (bufs[*out as usize], &shapes[*out as usize]),
+                    *scale,
+                    self.kernels[*kernel as usize],
+                    &ins,
+                    contiguous,
+                    self.threads,
+                )
+            }
             Step::Fallback { op, inputs, out } => {
                 let m = &self.manifest;
                 let args: Vec<(Buf, &[usize], DType)> =
@@ -426,6 +440,7 @@ fn step_kind(step: &Step) -> String {
         Step::Concat { .. } => "concat".into(),
         Step::Broadcast { .. } => "broadcast".into(),
         Step::Fallback { op, .. } => format!("fallback:{}", op.mnemonic()),
+        Step::Attention { .. } => "attention".into(),
     }
 }
 
@@ -438,7 +453,8 @@ fn step_out(step: &Step) -> usize {
         | Step::Slice { out, .. }
         | Step::Concat { out, .. }
         | Step::Broadcast { out, .. }
-        | Step::Fallback { out, .. } => *out,
+        | Step::Fallback { out, .. }
+        | Step::Attention { out, .. } => *out,
     }) as usize
 }
 
@@ -449,6 +465,7 @@ fn step_inputs(step: &Step) -> Vec<u32> {
         Step::Gather { table, idx, .. } => vec![*table, *idx],
         Step::Transpose { x, .. } | Step::Slice { x, .. } | Step::Broadcast { x, .. } => vec![*x],
         Step::Concat { xs, .. } => xs.clone(),
+        Step::Attention { q, k, v, kernel_inputs, .. } => [*q, *k, *v].into_iter().chain(kernel_inputs.iter().flatten().copied()).collect(),
     }
 }
 

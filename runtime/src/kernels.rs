@@ -516,3 +516,120 @@ pub fn fallback(op: &Op, args: &[(Buf, &[usize], DType)], out: (Buf, &[usize], D
     unsafe { std::ptr::copy_nonoverlapping(bytes.as_ptr(), out.0.ptr, bytes.len()) };
     Ok(())
 }
+
+/// Query rows per attention block: the score block (rows × keys f32) stays in L2.
+const ATTN_ROWS: usize = 64;
+
+/// Blocked attention: see `Step::Attention`.
+#[allow(clippy::too_many_arguments)]
+pub fn attention(
+    q: (Buf, &[usize]),
+    k: (Buf, &[usize]),
+    v: (Buf, &[usize]),
+    out: (Buf, &[usize]),
+    scale: f32,
+    softmax: KernelFn,
+    inputs: &[Option<(Buf, &[usize])>],
+    contiguous: &[bool],
+    threads: usize,
+) -> Result<(), String> {
+    let (qs, ks, vs, os) = (q.1, k.1, v.1, out.1);
+    if contiguous.len() != inputs.len() {
+        return Err("attention kernel layout does not match its inputs".into());
+    }
+    if qs.len() != 4 || ks.len() != 4 || vs.len() != 4 || os.len() != 4 {
+        return Err("attention operands must have rank 4".into());
+    }
+    let (b, h, sq, d) = (qs[0], qs[1], qs[2], qs[3]);
+    let (sk, dv) = (ks[2], vs[3]);
+    if ks != [b, h, sk, d] || vs != [b, h, sk, dv] || os != [b, h, sq, dv] {
+        return Err(format!("attention shapes q {qs:?}, k {ks:?}, v {vs:?}, out {os:?} do not fit"));
+    }
+    for (what, x) in [("q", q), ("k", k), ("v", v), ("out", out)] {
+        check_len(what, x.0, x.1, 4)?;
+    }
+    let space = [b, h, sq, sk];
+    // Per kernel input: strides over [b, h, sq, sk] (the score block is laid out separately).
+    let mut strides = Vec::new();
+    for (i, c) in inputs.iter().zip(contiguous) {
+        match i {
+            None if *c || sk == 1 => strides.push(None),
+            None => return Err("the score block is contiguous, the kernel reads it as broadcast".into()),
+            Some((buf, s)) => {
+                check_len("attention kernel input", *buf, s, 4)?;
+                let st = bstrides(s, &space)?;
+                if sk > 1 && (st[3] == 1) != *c {
+                    return Err(format!("attention input {s:?} does not match the kernel's layout"));
+                }
+                strides.push(Some(st));
+            }
+        }
+    }
+    if b * h * sq == 0 || sk == 0 {
+        return Ok(());
+    }
+    let nops = inputs.len() + 1;
+    let (qp, kp, vp, op) = (q.0.ptr as usize, k.0.ptr as usize, v.0.ptr as usize, out.0.ptr as usize);
+    let input_ptrs: Vec<usize> = inputs.iter().map(|i| i.map_or(0, |(buf, _)| buf.ptr as usize)).collect();
+    let work = |bh: usize| {
+        let (bi, hi) = (bh / h, bh % h);
+        let rows = ATTN_ROWS.min(sq);
+        let mut scores = vec![0f32; rows * sk];
+        let mut offs = vec![0i64; rows * nops];
+        let mut ptrs = input_ptrs.clone();
+        ptrs.push(0);
+        let mut q0 = 0;
+        while q0 < sq {
+            let r = rows.min(sq - q0);
+            let q_off = ((bh * sq) + q0) * d;
+            let k_off = bh * sk * d;
+            // SAFETY (GEMMs): offsets and extents were checked against the buffers above.
+            unsafe {
+                gemm::gemm::<f32>(
+                    r, sk, d,
+                    scores.as_mut_ptr(), 1, sk as isize, false,
+                    (qp as *const f32).add(q_off), 1, d as isize,
+                    (kp as *const f32).add(k_off), d as isize, 1,
+                    0.0, scale, false, false, false, gemm::Parallelism::None,
+                );
+            }
+            for row in 0..r {
+                for (j, st) in strides.iter().enumerate() {
+                    offs[row * nops + j] = match st {
+                        None => (row * sk) as i64,
+                        Some(st) => (bi * st[0] + hi * st[1] + (q0 + row) * st[2]) as i64,
+                    };
+                }
+                offs[row * nops + nops - 1] = (row * sk) as i64;
+            }
+            for (j, i) in inputs.iter().enumerate() {
+                if i.is_none() {
+                    ptrs[j] = scores.as_mut_ptr() as usize;
+                }
+            }
+            ptrs[nops - 1] = scores.as_mut_ptr() as usize;
+            // SAFETY: the kernel reads row `row` of each input at the offsets just computed (inside
+            // the checked buffers or the score block) and writes the score block in place; a
+            // softmax row reads each element before it writes it.
+            unsafe { softmax(r as i64, sk as i64, offs.as_ptr(), ptrs.as_ptr() as *const *mut u8) };
+            let v_off = bh * sk * dv;
+            let o_off = ((bh * sq) + q0) * dv;
+            unsafe {
+                gemm::gemm::<f32>(
+                    r, dv, sk,
+                    (op as *mut f32).add(o_off), 1, dv as isize, false,
+                    scores.as_ptr(), 1, sk as isize,
+                    (vp as *const f32).add(v_off), 1, dv as isize,
+                    0.0, 1.0, false, false, false, gemm::Parallelism::None,
+                );
+            }
+            q0 += r;
+        }
+    };
+    if threads > 1 && b * h > 1 {
+        (0..b * h).into_par_iter().for_each(work);
+    } else {
+        (0..b * h).for_each(work);
+    }
+    Ok(())
+}

@@ -186,6 +186,28 @@ pub enum Step {
         /// Result.
         out: u32,
     },
+    /// Attention without materialising the score matrix: per batch and head, blocks of query
+    /// rows get `scale * q kᵀ` (GEMM into a cache-sized buffer), the softmax kernel (whose input
+    /// `None` is that score block and `Some(v)` a value broadcast to `[b, h, sq, sk]`, such as a
+    /// mask bias), and `@ v` (GEMM into the output rows).
+    Attention {
+        /// Queries `[b, h, sq, d]`.
+        q: u32,
+        /// Keys `[b, h, sk, d]`.
+        k: u32,
+        /// Values `[b, h, sk, dv]`.
+        v: u32,
+        /// Result `[b, h, sq, dv]`.
+        out: u32,
+        /// Multiplies the scores.
+        scale: f32,
+        /// The softmax kernel (kind `SoftmaxLast`).
+        kernel: u32,
+        /// The kernel's inputs: `None` for the score block, `Some(value)` otherwise.
+        kernel_inputs: Vec<Option<u32>>,
+        /// Per kernel input: contiguous along the key axis (`true`) or one value per row.
+        contiguous: Vec<bool>,
+    },
     /// Any other op, run by the reference interpreter's evaluator (small tensors only: index and
     /// mask arithmetic, rotary tables).
     Fallback {

@@ -101,6 +101,7 @@ pub fn manifest(m: &Manifest, weights_len: usize, code_len: usize) -> Result<(),
             Step::Transpose { x, out, .. } | Step::Slice { x, out, .. } | Step::Broadcast { x, out } => (vec![*x], *out),
             Step::Concat { xs, out, .. } => (xs.clone(), *out),
             Step::Fallback { inputs, out, .. } => (inputs.clone(), *out),
+            Step::Attention { q, k, v, out, kernel_inputs, .. } => ([*q, *k, *v].into_iter().chain(kernel_inputs.iter().flatten().copied()).collect(), *out),
         };
         for v in ins.iter().chain(std::iter::once(&out)) {
             if *v as usize >= nv {
@@ -152,6 +153,16 @@ pub fn manifest(m: &Manifest, weights_len: usize, code_len: usize) -> Result<(),
                 }
             }
             Step::Fallback { .. } => {}
+            Step::Attention { q, k, v, out, kernel, kernel_inputs, contiguous, .. } => {
+                let Some(kd) = m.kernels.get(*kernel as usize) else {
+                    return bad(format!("step {si} calls a missing kernel"));
+                };
+                let blocks = kernel_inputs.iter().filter(|i| i.is_none()).count();
+                let types: Vec<DType> = kernel_inputs.iter().map(|i| i.map_or(DType::F32, dt)).collect();
+                if blocks != 1 || contiguous.len() != kernel_inputs.len() || kd.inputs != types || kd.output != DType::F32 || [*q, *k, *v, *out].iter().any(|x| dt(*x) != DType::F32) {
+                    return bad(format!("step {si}: attention does not match kernel `{}`", kd.name));
+                }
+            }
         }
     }
     for p in &m.outputs {

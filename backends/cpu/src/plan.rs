@@ -248,6 +248,52 @@ pub fn plan(graph: &Graph, weights: &BTreeMap<String, Tensor>, dims: &[(String, 
         groups.push(Group { root: x, top, kind, members });
     }
 
+    // 1b. Attention: scores = scale * q kᵀ feeding only a softmax group whose result feeds only
+    //     `@ v` become one blocked step; neither the scores nor the probabilities are stored.
+    let mut attn: HashMap<NodeId, (usize, NodeId)> = HashMap::new(); // pv -> (group, scores)
+    let mut attn_skip: HashSet<NodeId> = HashSet::new();
+    for (gi, g) in groups.iter().enumerate() {
+        if !opts.fuse || g.kind != GroupKind::Softmax || outputs.contains(&g.root) {
+            continue;
+        }
+        let [pv] = users[&g.root][..] else { continue };
+        let pv_ok = matches!(graph.node(pv).op, Op::MatMul { transpose_a: false, transpose_b: false })
+            && graph.args(pv)[0] == g.root
+            && epi.get(&pv).is_some_and(|e| e.matmul == pv && e.scale == 1.0 && e.bias.is_none() && e.acc.is_none());
+        if !pv_ok {
+            continue;
+        }
+        let leaves: Vec<NodeId> = g
+            .members
+            .iter()
+            .flat_map(|m| graph.args(*m))
+            .filter(|a| !g.members.contains(a) && is_f32_scalar(graph, *a).is_none())
+            .collect::<HashSet<_>>()
+            .into_iter()
+            .collect();
+        let scores: Vec<NodeId> = leaves
+            .iter()
+            .copied()
+            .filter(|s| {
+                epi.get(s).is_some_and(|e| {
+                    e.bias.is_none() && e.acc.is_none() && matches!(graph.node(e.matmul).op, Op::MatMul { transpose_a: false, transpose_b: true })
+                }) && !outputs.contains(s)
+                    && users[s].iter().all(|u| g.members.contains(u))
+                    && graph.node(*s).ty == graph.node(g.top).ty
+            })
+            .collect();
+        let [s] = scores[..] else { continue };
+        let e = &epi[&s];
+        let (q, k, v) = (graph.args(e.matmul)[0], graph.args(e.matmul)[1], graph.args(pv)[1]);
+        let rank4 = [q, k, v, pv].iter().all(|n| graph.node(*n).ty.rank() == 4);
+        if !rank4 {
+            continue;
+        }
+        attn.insert(pv, (gi, s));
+        attn_skip.insert(s);
+        attn_skip.insert(g.root);
+    }
+
     // 2. Which nodes need a value: outputs, group leaves, operands of everything else.
     let interior = |n: NodeId| group_of.get(&n).is_some_and(|g| groups[*g].root != n);
     let eff_args = |n: NodeId| -> Vec<NodeId> {
@@ -296,7 +342,7 @@ pub fn plan(graph: &Graph, weights: &BTreeMap<String, Tensor>, dims: &[(String, 
     let mut wbytes: Vec<u8> = Vec::new();
     let mut inputs = Vec::new();
     for &n in &order {
-        if interior(n) || absorbed.contains(&n) || (!needed.contains(&n) && !group_of.contains_key(&n)) {
+        if interior(n) || absorbed.contains(&n) || attn_skip.contains(&n) || (!needed.contains(&n) && !group_of.contains_key(&n)) {
             continue;
         }
         let node = graph.node(n);
@@ -320,6 +366,26 @@ pub fn plan(graph: &Graph, weights: &BTreeMap<String, Tensor>, dims: &[(String, 
                 }
                 decl.storage = Storage::Weight { offset: wbytes.len() as u64, len: t.as_bytes().len() as u64 };
                 wbytes.extend_from_slice(t.as_bytes());
+            }
+            _ if attn.contains_key(&n) => {
+                let (gi, s) = attn[&n];
+                let g = &groups[gi];
+                let (spec, leaves) = kernel_spec(graph, g)?;
+                let e = &epi[&s];
+                let mm = graph.args(e.matmul);
+                let kernel_inputs = leaves.iter().map(|l| if *l == s { Ok(None) } else { val(l).map(Some) }).collect::<Result<Vec<_>, _>>()?;
+                let k = kernels.len() as u32;
+                let contiguous = spec.inputs.iter().map(|i| i.1).collect();
+                steps.push(Step::Attention { q: val(&mm[0])?, k: val(&mm[1])?, v: val(&args[1])?, out: vid, scale: e.scale, kernel: k, kernel_inputs, contiguous });
+                kernel_decls.push(kiln_runtime::plan::KernelDecl {
+                    name: graph.node(g.root).name.clone(),
+                    offset: 0,
+                    len: 0,
+                    inputs: spec.inputs.iter().map(|i| i.0).collect(),
+                    output: spec.output,
+                    ops: spec.ops as u32 + 2,
+                });
+                kernels.push(spec);
             }
             _ if epi.contains_key(&n) => {
                 let e = &epi[&n];
