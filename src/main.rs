@@ -294,7 +294,15 @@ fn compile(spec: &Path, o: &SpecOpts, w: &WeightOpts, opt: u8, out: &Path, popts
     let total = start.elapsed();
     let size = std::fs::metadata(out).map(|m| m.len()).unwrap_or(0);
     let m = &compiled.manifest;
-    let fused: u32 = m.kernels.iter().map(|k| k.ops).sum();
+    let kernel_steps: Vec<u32> = m
+        .steps
+        .iter()
+        .filter_map(|s| match s {
+            kiln_runtime::plan::Step::Kernel { kernel, .. } | kiln_runtime::plan::Step::Attention { kernel, .. } => Some(*kernel),
+            _ => None,
+        })
+        .collect();
+    let fused: u32 = kernel_steps.iter().map(|k| m.kernels[*k as usize].ops).sum();
     println!("compiled {} to {} ({:.1} MiB)", spec.display(), out.display(), size as f64 / 1048576.0);
     println!("  graph    {nodes} ops lowered, {} after -O{opt}", l.graph.len());
     for r in &report {
@@ -306,9 +314,9 @@ fn compile(spec: &Path, o: &SpecOpts, w: &WeightOpts, opt: u8, out: &Path, popts
     if opt == 0 {
         println!("  note     -O0: no kernel fusion, every primitive op is its own step");
     }
-    println!("  plan     {} steps: {} generated kernels ({fused} ops fused), {} matmuls, {} other", m.steps.len(), m.kernels.len(),
+    println!("  plan     {} steps: {} kernel calls ({fused} ops fused) of {} distinct generated kernels, {} matmuls, {} other", m.steps.len(), kernel_steps.len(), m.kernels.len(),
         m.steps.iter().filter(|s| matches!(s, kiln_runtime::plan::Step::MatMul { .. })).count(),
-        m.steps.iter().filter(|s| !matches!(s, kiln_runtime::plan::Step::MatMul { .. } | kiln_runtime::plan::Step::Kernel { .. })).count());
+        m.steps.iter().filter(|s| !matches!(s, kiln_runtime::plan::Step::MatMul { .. } | kiln_runtime::plan::Step::Kernel { .. } | kiln_runtime::plan::Step::Attention { .. })).count());
     println!("  code     {} bytes for {}", compiled.code.len(), m.target.features.join(" "));
     println!("  time     {:.0} ms (frontend + weights {:.0} ms, passes {:.0} ms, codegen + write {:.0} ms)", total.as_secs_f64() * 1e3, t_front.as_secs_f64() * 1e3, t_opt.as_secs_f64() * 1e3, (total - t_front - t_opt).as_secs_f64() * 1e3);
     Ok(())

@@ -374,18 +374,9 @@ pub fn plan(graph: &Graph, weights: &BTreeMap<String, Tensor>, dims: &[(String, 
                 let e = &epi[&s];
                 let mm = graph.args(e.matmul);
                 let kernel_inputs = leaves.iter().map(|l| if *l == s { Ok(None) } else { val(l).map(Some) }).collect::<Result<Vec<_>, _>>()?;
-                let k = kernels.len() as u32;
                 let contiguous = spec.inputs.iter().map(|i| i.1).collect();
+                let k = intern_kernel(&mut kernels, &mut kernel_decls, spec, graph.node(g.root).name.clone(), 2);
                 steps.push(Step::Attention { q: val(&mm[0])?, k: val(&mm[1])?, v: val(&args[1])?, out: vid, scale: e.scale, kernel: k, kernel_inputs, contiguous });
-                kernel_decls.push(kiln_runtime::plan::KernelDecl {
-                    name: graph.node(g.root).name.clone(),
-                    offset: 0,
-                    len: 0,
-                    inputs: spec.inputs.iter().map(|i| i.0).collect(),
-                    output: spec.output,
-                    ops: spec.ops as u32 + 2,
-                });
-                kernels.push(spec);
             }
             _ if epi.contains_key(&n) => {
                 let e = &epi[&n];
@@ -413,25 +404,17 @@ pub fn plan(graph: &Graph, weights: &BTreeMap<String, Tensor>, dims: &[(String, 
             _ if group_of.contains_key(&n) => {
                 let g = &groups[group_of[&n]];
                 let (spec, leaves) = kernel_spec(graph, g)?;
-                let k = kernels.len() as u32;
                 let space = graph.node(g.top).ty.shape.clone();
+                let (kind, contiguous) = (spec.kind, spec.inputs.iter().map(|i| i.1).collect());
+                let k = intern_kernel(&mut kernels, &mut kernel_decls, spec, node.name.clone(), 0);
                 steps.push(Step::Kernel {
                     kernel: k,
-                    kind: spec.kind,
+                    kind,
                     inputs: leaves.iter().map(&val).collect::<Result<_, _>>()?,
-                    contiguous: spec.inputs.iter().map(|i| i.1).collect(),
+                    contiguous,
                     out: vid,
                     space: shape_expr(&space)?,
                 });
-                kernel_decls.push(kiln_runtime::plan::KernelDecl {
-                    name: node.name.clone(),
-                    offset: 0,
-                    len: 0,
-                    inputs: spec.inputs.iter().map(|i| i.0).collect(),
-                    output: spec.output,
-                    ops: spec.ops as u32,
-                });
-                kernels.push(spec);
             }
             op => steps.push(Step::Fallback { op: op.clone(), inputs: args.iter().map(&val).collect::<Result<_, _>>()?, out: vid }),
         }
@@ -455,6 +438,25 @@ pub fn plan(graph: &Graph, weights: &BTreeMap<String, Tensor>, dims: &[(String, 
         opt_level: opt_level.to_string(),
     };
     Ok(Planned { manifest, weights: wbytes, kernels })
+}
+
+/// The index of a kernel computing `spec`: an identical earlier one (every layer of a model needs
+/// the same kernels) or a new one.
+fn intern_kernel(kernels: &mut Vec<KernelSpec>, decls: &mut Vec<kiln_runtime::plan::KernelDecl>, spec: KernelSpec, name: String, extra_ops: u32) -> u32 {
+    let same = |k: &KernelSpec| k.kind == spec.kind && k.reduce == spec.reduce && k.inputs == spec.inputs && k.output == spec.output && k.exprs == spec.exprs;
+    if let Some(i) = kernels.iter().position(same) {
+        return i as u32;
+    }
+    decls.push(kiln_runtime::plan::KernelDecl {
+        name,
+        offset: 0,
+        len: 0,
+        inputs: spec.inputs.iter().map(|i| i.0).collect(),
+        output: spec.output,
+        ops: spec.ops as u32 + extra_ops,
+    });
+    kernels.push(spec);
+    (kernels.len() - 1) as u32
 }
 
 /// The expression tree of a group rooted at `root`, and the graph nodes feeding its inputs.
