@@ -42,6 +42,56 @@ impl<'de, T: Deserialize<'de>> Deserialize<'de> for Ordered<T> {
     }
 }
 
+/// A scalar as RON wrote it, before a field decides what it may be.
+enum Raw {
+    Int(i64),
+    Float(f64),
+    Str(String),
+    Bool(bool),
+}
+
+impl<'de> Deserialize<'de> for Raw {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl Visitor<'_> for V {
+            type Value = Raw;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a number, a string or a boolean")
+            }
+            fn visit_i64<E: de::Error>(self, v: i64) -> Result<Raw, E> {
+                Ok(Raw::Int(v))
+            }
+            fn visit_u64<E: de::Error>(self, v: u64) -> Result<Raw, E> {
+                i64::try_from(v).map(Raw::Int).map_err(|_| E::custom("integer too large"))
+            }
+            fn visit_f64<E: de::Error>(self, v: f64) -> Result<Raw, E> {
+                Ok(Raw::Float(v))
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<Raw, E> {
+                Ok(Raw::Str(v.to_string()))
+            }
+            fn visit_bool<E: de::Error>(self, v: bool) -> Result<Raw, E> {
+                Ok(Raw::Bool(v))
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+/// Implements `Deserialize` for a field type by converting a [`Raw`] scalar, with `expected`
+/// naming what the field accepts.
+macro_rules! from_raw {
+    ($ty:ty, $expected:literal, |$raw:ident| $convert:expr) => {
+        impl<'de> Deserialize<'de> for $ty {
+            fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+                let $raw = Raw::deserialize(d)?;
+                let converted: Option<$ty> = $convert;
+                converted.ok_or_else(|| de::Error::custom(concat!("expected ", $expected)))
+            }
+        }
+    };
+}
+
 /// An integer written as a literal or as an expression over config names (`"hidden / heads"`).
 #[derive(Clone, Debug, PartialEq)]
 pub enum IntExpr {
@@ -51,27 +101,11 @@ pub enum IntExpr {
     Expr(String),
 }
 
-impl<'de> Deserialize<'de> for IntExpr {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        struct V;
-        impl Visitor<'_> for V {
-            type Value = IntExpr;
-            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-                f.write_str("an integer or an expression string like \"hidden / heads\"")
-            }
-            fn visit_i64<E: de::Error>(self, v: i64) -> Result<IntExpr, E> {
-                Ok(IntExpr::Lit(v))
-            }
-            fn visit_u64<E: de::Error>(self, v: u64) -> Result<IntExpr, E> {
-                i64::try_from(v).map(IntExpr::Lit).map_err(|_| E::custom("integer too large"))
-            }
-            fn visit_str<E: de::Error>(self, v: &str) -> Result<IntExpr, E> {
-                Ok(IntExpr::Expr(v.to_string()))
-            }
-        }
-        d.deserialize_any(V)
-    }
-}
+from_raw!(IntExpr, "an integer or an expression string like \"hidden / heads\"", |raw| match raw {
+    Raw::Int(v) => Some(IntExpr::Lit(v)),
+    Raw::Str(s) => Some(IntExpr::Expr(s)),
+    _ => None,
+});
 
 /// A number written as a literal or as a config name/expression (`"eps"`).
 #[derive(Clone, Debug, PartialEq)]
@@ -82,30 +116,12 @@ pub enum FloatExpr {
     Expr(String),
 }
 
-impl<'de> Deserialize<'de> for FloatExpr {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        struct V;
-        impl Visitor<'_> for V {
-            type Value = FloatExpr;
-            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-                f.write_str("a number or a config name like \"eps\"")
-            }
-            fn visit_f64<E: de::Error>(self, v: f64) -> Result<FloatExpr, E> {
-                Ok(FloatExpr::Lit(v))
-            }
-            fn visit_i64<E: de::Error>(self, v: i64) -> Result<FloatExpr, E> {
-                Ok(FloatExpr::Lit(v as f64))
-            }
-            fn visit_u64<E: de::Error>(self, v: u64) -> Result<FloatExpr, E> {
-                Ok(FloatExpr::Lit(v as f64))
-            }
-            fn visit_str<E: de::Error>(self, v: &str) -> Result<FloatExpr, E> {
-                Ok(FloatExpr::Expr(v.to_string()))
-            }
-        }
-        d.deserialize_any(V)
-    }
-}
+from_raw!(FloatExpr, "a number or a config name like \"eps\"", |raw| match raw {
+    Raw::Int(v) => Some(FloatExpr::Lit(v as f64)),
+    Raw::Float(v) => Some(FloatExpr::Lit(v)),
+    Raw::Str(s) => Some(FloatExpr::Expr(s)),
+    Raw::Bool(_) => None,
+});
 
 /// A config entry: an integer, a float, or an integer expression over earlier entries.
 #[derive(Clone, Debug, PartialEq)]
@@ -118,30 +134,12 @@ pub enum ConfigValue {
     Expr(String),
 }
 
-impl<'de> Deserialize<'de> for ConfigValue {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        struct V;
-        impl Visitor<'_> for V {
-            type Value = ConfigValue;
-            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-                f.write_str("an integer, a float, or an expression string")
-            }
-            fn visit_f64<E: de::Error>(self, v: f64) -> Result<ConfigValue, E> {
-                Ok(ConfigValue::Float(v))
-            }
-            fn visit_i64<E: de::Error>(self, v: i64) -> Result<ConfigValue, E> {
-                Ok(ConfigValue::Int(v))
-            }
-            fn visit_u64<E: de::Error>(self, v: u64) -> Result<ConfigValue, E> {
-                i64::try_from(v).map(ConfigValue::Int).map_err(|_| E::custom("integer too large"))
-            }
-            fn visit_str<E: de::Error>(self, v: &str) -> Result<ConfigValue, E> {
-                Ok(ConfigValue::Expr(v.to_string()))
-            }
-        }
-        d.deserialize_any(V)
-    }
-}
+from_raw!(ConfigValue, "an integer, a float, or an expression string", |raw| match raw {
+    Raw::Int(v) => Some(ConfigValue::Int(v)),
+    Raw::Float(v) => Some(ConfigValue::Float(v)),
+    Raw::Str(s) => Some(ConfigValue::Expr(s)),
+    Raw::Bool(_) => None,
+});
 
 /// `bias: true | false | "explicit.name"`.
 #[derive(Clone, Debug, PartialEq)]
@@ -152,24 +150,11 @@ pub enum BiasField {
     Name(String),
 }
 
-impl<'de> Deserialize<'de> for BiasField {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        struct V;
-        impl Visitor<'_> for V {
-            type Value = BiasField;
-            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-                f.write_str("true, false, or a weight name")
-            }
-            fn visit_bool<E: de::Error>(self, v: bool) -> Result<BiasField, E> {
-                Ok(BiasField::Flag(v))
-            }
-            fn visit_str<E: de::Error>(self, v: &str) -> Result<BiasField, E> {
-                Ok(BiasField::Name(v.to_string()))
-            }
-        }
-        d.deserialize_any(V)
-    }
-}
+from_raw!(BiasField, "true, false, or a weight name", |raw| match raw {
+    Raw::Bool(b) => Some(BiasField::Flag(b)),
+    Raw::Str(s) => Some(BiasField::Name(s)),
+    _ => None,
+});
 
 /// Element types as written in specs.
 #[derive(Clone, Copy, Debug, Deserialize, PartialEq)]

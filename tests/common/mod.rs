@@ -59,3 +59,22 @@ pub fn assert_close(what: &str, got: &Tensor, want: &Tensor, tol: f64) {
     eprintln!("{what}: max abs error {err:.3e} (tolerance {tol:.0e})");
     assert!(err <= tol, "{what}: max abs error {err:e} exceeds {tol:e}");
 }
+
+/// A tiny deterministic generator (splitmix64), so failures reproduce.
+pub struct Rng(pub u64);
+
+impl Rng {
+    /// The next 64 random bits.
+    pub fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    /// A number in `0..n`.
+    pub fn below(&mut self, n: usize) -> usize {
+        (self.next() % n.max(1) as u64) as usize
+    }
+}
