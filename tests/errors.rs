@@ -99,7 +99,7 @@ fn linear_input_width_mismatch() {
 fn use_before_binding_and_bad_output() {
     let src = BASE.replace(r#""up": Linear("#, r#""early": Add(a: "h", b: "up"),
         "up": Linear("#).replace(r#"outputs: { "y": "up" }"#, r#"outputs: { "y": "up", "z": "missing" }"#);
-    insta::assert_snapshot!(lower(&src).err().expect("errors").to_string());
+    insta::assert_snapshot!(lower(&src).expect_err("errors").to_string());
 }
 
 #[test]
@@ -109,7 +109,7 @@ fn add_of_mismatched_shapes() {
         r#""up": Linear(x: "h", param: "up", in_features: "hidden", out_features: "ffn"),
         "sum": Add(a: "h", b: "up"),"#,
     );
-    insta::assert_snapshot!(lower(&src).err().expect("shape error").to_string());
+    insta::assert_snapshot!(lower(&src).expect_err("shape error").to_string());
 }
 
 #[test]
@@ -138,7 +138,7 @@ fn several_errors_are_reported_together() {
         .replace(r#"Add(a: "x", b: "ctx")"#, r#"Add(a: "x", b: "cxt")"#)
         .replace(r#"out_features: "ffn""#, r#"out_features: "fnn""#)
         .replace(r#""heads": 4"#, r#""heads": 5"#);
-    let e = lower(&src).err().expect("errors").to_string();
+    let e = lower(&src).expect_err("errors").to_string();
     assert!(e.ends_with("3 errors in tiny.ron\n"), "{e}");
     insta::assert_snapshot!(e);
 }
@@ -235,7 +235,7 @@ fn not_a_checkpoint() {
     let l = lower(BASE).unwrap_or_else(|e| panic!("{e}"));
     let path = std::env::temp_dir().join(format!("kiln-not-a-checkpoint-{}.safetensors", std::process::id()));
     std::fs::write(&path, b"this is not safetensors").expect("write");
-    let e = kiln_frontend::weights::load_safetensors(&l, &path).err().expect("error").to_string();
+    let e = kiln_frontend::weights::load_safetensors(&l, &path).expect_err("error").to_string();
     std::fs::remove_file(&path).ok();
     assert!(e.contains("not a valid safetensors checkpoint"), "{e}");
 }

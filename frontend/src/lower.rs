@@ -946,7 +946,7 @@ impl<'a> Lowerer<'a> {
         if qd % a.heads != 0 {
             return Err(Diagnostic::at(path.field("heads"), format!("the query has {qd} features, which do not split into {} heads", a.heads)).into());
         }
-        if a.heads % a.kv_heads != 0 {
+        if !a.heads.is_multiple_of(a.kv_heads) {
             return Err(Diagnostic::at(path.field("kv_heads"), format!("heads = {} is not a multiple of kv_heads = {}", a.heads, a.kv_heads)).into());
         }
         let d = qd / a.heads;

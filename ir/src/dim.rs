@@ -60,7 +60,7 @@ impl Dim {
 
     /// Exact division by a constant, if the constant divides the coefficient.
     pub fn div_known(&self, d: u64) -> Option<Dim> {
-        (d != 0 && self.coeff % d == 0).then(|| Dim { coeff: self.coeff / d, syms: self.syms.clone() })
+        (d != 0 && self.coeff.is_multiple_of(d)).then(|| Dim { coeff: self.coeff / d, syms: self.syms.clone() })
     }
 
     /// Exact division by another dim, if it divides this one symbolically.

@@ -113,7 +113,7 @@ impl Tensor {
     /// Decodes little-endian bytes of `dtype` (the layout of safetensors and `.npy` files).
     pub fn from_le_bytes(dtype: DType, shape: Vec<usize>, bytes: &[u8]) -> Result<Tensor, TensorError> {
         let n = bytes.len() / dtype.size_bytes();
-        if bytes.len() % dtype.size_bytes() != 0 {
+        if !bytes.len().is_multiple_of(dtype.size_bytes()) {
             return Err(TensorError::Length { expected: shape.iter().product(), shape, got: n });
         }
         fn chunks<const N: usize>(b: &[u8]) -> impl Iterator<Item = [u8; N]> + '_ {

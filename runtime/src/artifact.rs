@@ -31,7 +31,7 @@ const TRAILER: usize = 8;
 pub const ALIGN: usize = 64;
 
 fn pad_to(buf: &mut Vec<u8>, align: usize) {
-    while buf.len() % align != 0 {
+    while !buf.len().is_multiple_of(align) {
         buf.push(0);
     }
 }

@@ -361,7 +361,7 @@ pub fn plan(graph: &Graph, weights: &BTreeMap<String, Tensor>, dims: &[(String, 
                 if t.dtype() != ty.dtype || t.shape() != want.as_slice() {
                     return Err(CompileError::BadWeight { name: name.clone(), expected: ty.to_string(), got: format!("{}{:?}", t.dtype(), t.shape()) });
                 }
-                while wbytes.len() % kiln_runtime::artifact::ALIGN != 0 {
+                while !wbytes.len().is_multiple_of(kiln_runtime::artifact::ALIGN) {
                     wbytes.push(0);
                 }
                 decl.storage = Storage::Weight { offset: wbytes.len() as u64, len: t.as_bytes().len() as u64 };
