@@ -125,7 +125,7 @@ fn mutate(m: &mut Manifest, r: &mut Rng) {
                 }
                 Step::Concat { axis, .. } => *axis = r.below(4) as u32,
                 Step::Broadcast { x, .. } => *x = pick(r, nv),
-                Step::Attention { q, k, v, out, kernel_inputs, contiguous, .. } => match r.below(4) {
+                Step::Attention { q, k, v, out, kernel_inputs, contiguous, seq_major, .. } => match r.below(5) {
                     0 => *[q, k, v, out][r.below(4)] = pick(r, nv),
                     1 if !kernel_inputs.is_empty() => {
                         let i = r.below(kernel_inputs.len());
@@ -134,6 +134,10 @@ fn mutate(m: &mut Manifest, r: &mut Rng) {
                     2 if !contiguous.is_empty() => {
                         let i = r.below(contiguous.len());
                         contiguous[i] = !contiguous[i];
+                    }
+                    3 => {
+                        let i = r.below(4);
+                        seq_major[i] = !seq_major[i];
                     }
                     _ => *out = pick(r, nv),
                 },

@@ -531,20 +531,26 @@ pub fn attention(
     softmax: KernelFn,
     inputs: &[Option<(Buf, &[usize])>],
     contiguous: &[bool],
+    seq_major: [bool; 4],
     threads: usize,
 ) -> Result<(), String> {
-    let (qs, ks, vs, os) = (q.1, k.1, v.1, out.1);
     if contiguous.len() != inputs.len() {
         return Err("attention kernel layout does not match its inputs".into());
     }
-    if qs.len() != 4 || ks.len() != 4 || vs.len() != 4 || os.len() != 4 {
+    if [q.1, k.1, v.1, out.1].iter().any(|s| s.len() != 4) {
         return Err("attention operands must have rank 4".into());
     }
+    // Every operand seen as [b, h, s, d]; a seq-major one is stored [b, s, h, d].
+    let logical = |s: &[usize], sm: bool| if sm { [s[0], s[2], s[1], s[3]] } else { [s[0], s[1], s[2], s[3]] };
+    let (qs, ks, vs, os) = (logical(q.1, seq_major[0]), logical(k.1, seq_major[1]), logical(v.1, seq_major[2]), logical(out.1, seq_major[3]));
     let (b, h, sq, d) = (qs[0], qs[1], qs[2], qs[3]);
     let (sk, dv) = (ks[2], vs[3]);
     if ks != [b, h, sk, d] || vs != [b, h, sk, dv] || os != [b, h, sq, dv] {
         return Err(format!("attention shapes q {qs:?}, k {ks:?}, v {vs:?}, out {os:?} do not fit"));
     }
+    // (batch, head, row) element strides of each operand.
+    let st = |l: [usize; 4], sm: bool| if sm { (l[2] * l[1] * l[3], l[3], l[1] * l[3]) } else { (l[1] * l[2] * l[3], l[2] * l[3], l[3]) };
+    let (qst, kst, vst, ost) = (st(qs, seq_major[0]), st(ks, seq_major[1]), st(vs, seq_major[2]), st(os, seq_major[3]));
     for (what, x) in [("q", q), ("k", k), ("v", v), ("out", out)] {
         check_len(what, x.0, x.1, 4)?;
     }
@@ -581,15 +587,15 @@ pub fn attention(
         let mut q0 = 0;
         while q0 < sq {
             let r = rows.min(sq - q0);
-            let q_off = ((bh * sq) + q0) * d;
-            let k_off = bh * sk * d;
+            let q_off = bi * qst.0 + hi * qst.1 + q0 * qst.2;
+            let k_off = bi * kst.0 + hi * kst.1;
             // SAFETY (GEMMs): offsets and extents were checked against the buffers above.
             unsafe {
                 gemm::gemm::<f32>(
                     r, sk, d,
                     scores.as_mut_ptr(), 1, sk as isize, false,
-                    (qp as *const f32).add(q_off), 1, d as isize,
-                    (kp as *const f32).add(k_off), d as isize, 1,
+                    (qp as *const f32).add(q_off), 1, qst.2 as isize,
+                    (kp as *const f32).add(k_off), kst.2 as isize, 1,
                     0.0, scale, false, false, false, gemm::Parallelism::None,
                 );
             }
@@ -612,14 +618,14 @@ pub fn attention(
             // the checked buffers or the score block) and writes the score block in place; a
             // softmax row reads each element before it writes it.
             unsafe { softmax(r as i64, sk as i64, offs.as_ptr(), ptrs.as_ptr() as *const *mut u8) };
-            let v_off = bh * sk * dv;
-            let o_off = ((bh * sq) + q0) * dv;
+            let v_off = bi * vst.0 + hi * vst.1;
+            let o_off = bi * ost.0 + hi * ost.1 + q0 * ost.2;
             unsafe {
                 gemm::gemm::<f32>(
                     r, dv, sk,
-                    (op as *mut f32).add(o_off), 1, dv as isize, false,
+                    (op as *mut f32).add(o_off), 1, ost.2 as isize, false,
                     scores.as_ptr(), 1, sk as isize,
-                    (vp as *const f32).add(v_off), 1, dv as isize,
+                    (vp as *const f32).add(v_off), 1, vst.2 as isize,
                     0.0, 1.0, false, false, false, gemm::Parallelism::None,
                 );
             }

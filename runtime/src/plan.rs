@@ -207,6 +207,9 @@ pub enum Step {
         kernel_inputs: Vec<Option<u32>>,
         /// Per kernel input: contiguous along the key axis (`true`) or one value per row.
         contiguous: Vec<bool>,
+        /// For q, k, v and out: stored `[b, s, h, d]` (the head split's transpose folded in)
+        /// instead of `[b, h, s, d]`.
+        seq_major: [bool; 4],
     },
     /// Any other op, run by the reference interpreter's evaluator (small tensors only: index and
     /// mask arithmetic, rotary tables).

@@ -127,6 +127,18 @@ fn softmax_last(g: &Graph, y: NodeId, users: &HashMap<NodeId, Vec<NodeId>>, outp
     ok.then_some((x, [y, e, s, d, m]))
 }
 
+/// An attention block: the softmax group, its scores, its operands (possibly seen through a
+/// folded head-split transpose), and the other inputs of its softmax kernel.
+struct AttnPlan {
+    group: usize,
+    scores: NodeId,
+    q: NodeId,
+    k: NodeId,
+    v: NodeId,
+    seq_major: [bool; 4],
+    leaves: Vec<NodeId>,
+}
+
 /// A matrix product and what follows it: `acc + bias + scale * (a @ b)`.
 struct Epilogue {
     matmul: NodeId,
@@ -250,7 +262,7 @@ pub fn plan(graph: &Graph, weights: &BTreeMap<String, Tensor>, dims: &[(String, 
 
     // 1b. Attention: scores = scale * q kᵀ feeding only a softmax group whose result feeds only
     //     `@ v` become one blocked step; neither the scores nor the probabilities are stored.
-    let mut attn: HashMap<NodeId, (usize, NodeId)> = HashMap::new(); // pv -> (group, scores)
+    let mut attn: HashMap<NodeId, AttnPlan> = HashMap::new(); // keyed by the node it computes
     let mut attn_skip: HashSet<NodeId> = HashSet::new();
     for (gi, g) in groups.iter().enumerate() {
         if !opts.fuse || g.kind != GroupKind::Softmax || outputs.contains(&g.root) {
@@ -289,7 +301,27 @@ pub fn plan(graph: &Graph, weights: &BTreeMap<String, Tensor>, dims: &[(String, 
         if !rank4 {
             continue;
         }
-        attn.insert(pv, (gi, s));
+        // Head-split transposes feeding only this attention, and the head merge after it, are
+        // folded into the step as strides.
+        let fold = |x: NodeId, consumer: NodeId| match &graph.node(x).op {
+            Op::Transpose { perm } if perm[..] == [0, 2, 1, 3] && users[&x] == [consumer] && !outputs.contains(&x) => (graph.args(x)[0], true),
+            _ => (x, false),
+        };
+        let ((qn, qsm), (kn, ksm), (vn, vsm)) = if q == k { ((q, false), (k, false), fold(v, pv)) } else { (fold(q, e.matmul), fold(k, e.matmul), fold(v, pv)) };
+        let (emit, osm) = match users[&pv][..] {
+            [t] if !outputs.contains(&pv) && matches!(&graph.node(t).op, Op::Transpose { perm } if perm[..] == [0, 2, 1, 3]) => (t, true),
+            _ => (pv, false),
+        };
+        for (folded, node) in [(qsm, q), (ksm, k), (vsm, v)] {
+            if folded {
+                attn_skip.insert(node);
+            }
+        }
+        if emit != pv {
+            attn_skip.insert(pv);
+        }
+        let bias_leaves = leaves.iter().copied().filter(|l| *l != s).collect();
+        attn.insert(emit, AttnPlan { group: gi, scores: s, q: qn, k: kn, v: vn, seq_major: [qsm, ksm, vsm, osm], leaves: bias_leaves });
         attn_skip.insert(s);
         attn_skip.insert(g.root);
     }
@@ -304,7 +336,12 @@ pub fn plan(graph: &Graph, weights: &BTreeMap<String, Tensor>, dims: &[(String, 
     };
     let mut needed: HashSet<NodeId> = outputs.clone();
     for &n in &order {
-        if interior(n) || absorbed.contains(&n) {
+        if interior(n) || absorbed.contains(&n) || attn_skip.contains(&n) {
+            continue;
+        }
+        if let Some(a) = attn.get(&n) {
+            needed.extend([a.q, a.k, a.v]);
+            needed.extend(a.leaves.iter().copied());
             continue;
         }
         match group_of.get(&n) {
@@ -368,15 +405,24 @@ pub fn plan(graph: &Graph, weights: &BTreeMap<String, Tensor>, dims: &[(String, 
                 wbytes.extend_from_slice(t.as_bytes());
             }
             _ if attn.contains_key(&n) => {
-                let (gi, s) = attn[&n];
-                let g = &groups[gi];
+                let a = &attn[&n];
+                let g = &groups[a.group];
                 let (spec, leaves) = kernel_spec(graph, g)?;
-                let e = &epi[&s];
-                let mm = graph.args(e.matmul);
+                let s = a.scores;
                 let kernel_inputs = leaves.iter().map(|l| if *l == s { Ok(None) } else { val(l).map(Some) }).collect::<Result<Vec<_>, _>>()?;
                 let contiguous = spec.inputs.iter().map(|i| i.1).collect();
                 let k = intern_kernel(&mut kernels, &mut kernel_decls, spec, graph.node(g.root).name.clone(), 2);
-                steps.push(Step::Attention { q: val(&mm[0])?, k: val(&mm[1])?, v: val(&args[1])?, out: vid, scale: e.scale, kernel: k, kernel_inputs, contiguous });
+                steps.push(Step::Attention {
+                    q: val(&a.q)?,
+                    k: val(&a.k)?,
+                    v: val(&a.v)?,
+                    out: vid,
+                    scale: epi[&s].scale,
+                    kernel: k,
+                    kernel_inputs,
+                    contiguous,
+                    seq_major: a.seq_major,
+                });
             }
             _ if epi.contains_key(&n) => {
                 let e = &epi[&n];
