@@ -136,7 +136,7 @@ fn compile_dumps_ir_and_disables_rules() {
     assert!(out.contains("stopped: saturated"), "{out}");
     let mut files: Vec<String> = std::fs::read_dir(&dump).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
     files.sort();
-    assert_eq!(files, ["00-input.txt", "01-dce.txt", "02-cse.txt", "03-dce.txt", "04-simplify.txt", "05-dce.txt"]);
+    assert_eq!(files, ["00-input.txt", "01-dce.txt", "02-cse.txt", "03-dce.txt", "04-simplify.txt", "05-merge-projections.txt", "06-dce.txt"]);
     assert!(std::fs::read_to_string(dump.join("04-simplify.txt")).unwrap().starts_with("graph mlp("));
     let o = kiln(&["compile", "specs/mlp.ron", "--random-weights", "1", "-o", art.to_str().unwrap(), "--disable-rule", "mul-uno"]);
     assert!(!o.status.success());

@@ -40,7 +40,7 @@ fn inputs_for(l: &kiln_frontend::Lowered, dims: &BTreeMap<&str, usize>, seed: u6
 fn check_spec(name: &str, overrides: &[(&str, &str)], shapes: &[&[(&str, usize)]], vocab: i64, tol: f64) {
     let l = spec(name, overrides);
     let w = kiln_frontend::weights::random(&l, 11);
-    for level in [OptLevel::O0, OptLevel::O1] {
+    for level in [OptLevel::O0, OptLevel::O1, OptLevel::O2] {
         let mut g = l.graph.clone();
         optimize(&mut g, level, true).unwrap();
         let dir = std::env::temp_dir().join(format!("kiln-cpu-{}-{name}-{level:?}", std::process::id()));

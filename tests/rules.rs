@@ -172,7 +172,8 @@ fn o2_simplifies_every_spec_and_keeps_outputs() {
         let report = kiln_passes::optimize(&mut o2, kiln_passes::OptLevel::O2, true).unwrap();
         let s = report.iter().find(|r| r.pass == "simplify").unwrap();
         assert!(s.stats.notes.iter().any(|n| n.contains("stopped: saturated")), "{name}: {:?}", s.stats.notes);
-        assert!(o2.len() <= o1.len(), "{name}: O2 has {} nodes, O1 {}", o2.len(), o1.len());
+        let matmuls = |g: &Graph| g.node_ids().filter(|n| matches!(g.node(*n).op, Op::MatMul { .. })).count();
+        assert!(matmuls(&o2) < matmuls(&o1), "{name}: O2 has {} matmuls, O1 {}", matmuls(&o2), matmuls(&o1));
         let w = kiln_frontend::weights::random(&l, 5);
         let dims: BTreeMap<&str, usize> = [("batch", 2), ("seq", 7)].into_iter().collect();
         let mut feed = BTreeMap::new();

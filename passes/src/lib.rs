@@ -11,6 +11,7 @@
 pub mod cse;
 pub mod dce;
 pub mod egraph;
+pub mod merge_projections;
 pub mod rules;
 pub mod simplify;
 
@@ -93,7 +94,7 @@ pub enum OptLevel {
     O0,
     /// Dead code and common subexpressions.
     O1,
-    /// O1 plus algebraic simplification by equality saturation.
+    /// O1 plus algebraic simplification by equality saturation and merged projections.
     O2,
 }
 
@@ -103,7 +104,14 @@ fn pipeline(level: OptLevel) -> &'static [(&'static str, PassFn)] {
     match level {
         OptLevel::O0 => &[("dce", dce::run)],
         OptLevel::O1 => &[("dce", dce::run), ("cse", cse::run), ("dce", dce::run)],
-        OptLevel::O2 => &[("dce", dce::run), ("cse", cse::run), ("dce", dce::run), ("simplify", simplify::run), ("dce", dce::run)],
+        OptLevel::O2 => &[
+            ("dce", dce::run),
+            ("cse", cse::run),
+            ("dce", dce::run),
+            ("simplify", simplify::run),
+            ("merge-projections", merge_projections::run),
+            ("dce", dce::run),
+        ],
     }
 }
 

@@ -127,6 +127,45 @@ fn softmax_last(g: &Graph, y: NodeId, users: &HashMap<NodeId, Vec<NodeId>>, outp
     ok.then_some((x, [y, e, s, d, m]))
 }
 
+/// The largest tensor a weight-only subgraph may be folded into (elements).
+const MAX_FOLD: u64 = 1 << 26;
+
+/// Values of nodes that depend only on weights and constants (not on inputs or symbolic dims),
+/// computed with the reference evaluator. Rank-0 constants stay inline in kernels.
+fn fold_static(graph: &Graph, weights: &BTreeMap<String, Tensor>, order: &[NodeId]) -> Result<HashMap<NodeId, Tensor>, CompileError> {
+    let mut vals: HashMap<NodeId, kiln_interp::Value> = HashMap::new();
+    let mut folded = HashMap::new();
+    let bindings = kiln_ir::Bindings::new();
+    for &n in order {
+        let node = graph.node(n);
+        let known = node.ty.shape.iter().all(|d| d.as_known().is_some());
+        let size: Option<u64> = node.ty.shape.iter().try_fold(1u64, |a, d| d.as_known().and_then(|k| a.checked_mul(k)));
+        match &node.op {
+            Op::Param { name, ty } => {
+                if let Some(t) = weights.get(name) {
+                    vals.insert(n, kiln_interp::Value::from_tensor(t, ty.dtype));
+                }
+            }
+            Op::Input { .. } => {}
+            op => {
+                let args = graph.args(n);
+                let ready = !args.is_empty() || matches!(op, Op::Scalar { .. } | Op::Iota { .. });
+                if !ready || !known || size.is_none_or(|s| s > MAX_FOLD) || !args.iter().all(|a| vals.contains_key(a)) {
+                    continue;
+                }
+                let operands: Vec<&kiln_interp::Value> = args.iter().map(|a| &vals[a]).collect();
+                let v = kiln_interp::eval_op(op, &node.ty, &operands, &bindings).map_err(|e| CompileError::Internal(format!("folding `{}`: {e}", node.name)))?;
+                // Scalars stay inline; anything computed from weights or tables is stored.
+                if node.ty.rank() > 0 && !args.is_empty() {
+                    folded.insert(n, v.to_tensor());
+                }
+                vals.insert(n, v);
+            }
+        }
+    }
+    Ok(folded)
+}
+
 /// An attention block: the softmax group, its scores, its operands (possibly seen through a
 /// folded head-split transpose), and the other inputs of its softmax kernel.
 struct AttnPlan {
@@ -170,12 +209,21 @@ pub fn plan(graph: &Graph, weights: &BTreeMap<String, Tensor>, dims: &[(String, 
     let outputs: HashSet<NodeId> = graph.outputs().iter().map(|o| o.node).collect();
     let users: HashMap<NodeId, Vec<NodeId>> = order.iter().map(|&n| (n, graph.users(n))).collect();
 
+    // 0a. Weight-only subgraphs (concatenated projections, rotary frequency tables) are computed
+    //     now, with the reference evaluator, and stored as weights.
+    let folded = fold_static(graph, weights, &order)?;
+    let fold_boundary: HashSet<NodeId> = folded
+        .keys()
+        .copied()
+        .filter(|n| outputs.contains(n) || users[n].iter().any(|u| !folded.contains_key(u)))
+        .collect();
+
     // 0. Matrix-product epilogues: a scale, a bias row and a residual that follow a product
     //    are folded into the GEMM call (it accumulates into a pre-filled output).
     let mut epi: HashMap<NodeId, Epilogue> = HashMap::new();
     let mut absorbed: HashSet<NodeId> = HashSet::new();
     for &n in &order {
-        if !matches!(graph.node(n).op, Op::MatMul { .. }) || graph.node(n).ty.dtype != DType::F32 {
+        if folded.contains_key(&n) || !matches!(graph.node(n).op, Op::MatMul { .. }) || graph.node(n).ty.dtype != DType::F32 {
             continue;
         }
         let mut e = Epilogue { matmul: n, scale: 1.0, bias: None, acc: None };
@@ -212,7 +260,7 @@ pub fn plan(graph: &Graph, weights: &BTreeMap<String, Tensor>, dims: &[(String, 
         }
         epi.insert(cur, e);
     }
-    let special = |n: NodeId| absorbed.contains(&n) || epi.contains_key(&n);
+    let special = |n: NodeId| absorbed.contains(&n) || epi.contains_key(&n) || folded.contains_key(&n);
 
     // 1. Fusion groups, formed from the outputs backwards.
     let mut group_of: HashMap<NodeId, usize> = HashMap::new();
@@ -336,7 +384,7 @@ pub fn plan(graph: &Graph, weights: &BTreeMap<String, Tensor>, dims: &[(String, 
     };
     let mut needed: HashSet<NodeId> = outputs.clone();
     for &n in &order {
-        if interior(n) || absorbed.contains(&n) || attn_skip.contains(&n) {
+        if interior(n) || absorbed.contains(&n) || attn_skip.contains(&n) || folded.contains_key(&n) {
             continue;
         }
         if let Some(a) = attn.get(&n) {
@@ -382,6 +430,9 @@ pub fn plan(graph: &Graph, weights: &BTreeMap<String, Tensor>, dims: &[(String, 
         if interior(n) || absorbed.contains(&n) || attn_skip.contains(&n) || (!needed.contains(&n) && !group_of.contains_key(&n)) {
             continue;
         }
+        if folded.contains_key(&n) && !fold_boundary.contains(&n) {
+            continue;
+        }
         let node = graph.node(n);
         let args = graph.args(n);
         let mut decl = ValueDecl { dtype: node.ty.dtype, shape: shape_expr(&node.ty.shape)?, storage: Storage::Temp, name: node.name.clone() };
@@ -391,6 +442,14 @@ pub fn plan(graph: &Graph, weights: &BTreeMap<String, Tensor>, dims: &[(String, 
             Op::Input { name, .. } => {
                 decl.storage = Storage::Input(inputs.len() as u32);
                 inputs.push(Port { name: name.clone(), value: vid });
+            }
+            _ if folded.contains_key(&n) => {
+                let t = &folded[&n];
+                while wbytes.len() % kiln_runtime::artifact::ALIGN != 0 {
+                    wbytes.push(0);
+                }
+                decl.storage = Storage::Weight { offset: wbytes.len() as u64, len: t.as_bytes().len() as u64 };
+                wbytes.extend_from_slice(t.as_bytes());
             }
             Op::Param { name, ty } => {
                 let t = weights.get(name).ok_or_else(|| CompileError::MissingWeight(name.clone()))?;
