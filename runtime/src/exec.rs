@@ -404,7 +404,7 @@ impl Model {
                 let es = self.manifest.values[*x as usize].dtype.size_bytes();
                 kernels::broadcast((bufs[*x as usize], &shapes[*x as usize]), (bufs[*out as usize], &shapes[*out as usize]), es)
             }
-            Step::Attention { q, k, v, out, scale, kernel, kernel_inputs, contiguous, seq_major } => {
+            Step::Attention { q, k, v, out, scale, kernel, kernel_inputs, contiguous, seq_major, views } => {
                 let ins: Vec<Option<(Buf, &[usize])>> = kernel_inputs.iter().map(|i| i.map(|x| (bufs[x as usize], shapes[x as usize].as_slice()))).collect();
                 kernels::attention(
                     (bufs[*q as usize], &shapes[*q as usize]),
@@ -416,6 +416,7 @@ impl Model {
                     &ins,
                     contiguous,
                     *seq_major,
+                    *views,
                     self.threads,
                 )
             }

@@ -6,7 +6,7 @@
 use kiln_ir::{DType, Dim, Op, Tensor, TensorType};
 use rayon::prelude::*;
 
-use crate::plan::{KernelDecl, KernelKind};
+use crate::plan::{ColumnView, KernelDecl, KernelKind};
 
 /// The ABI of generated kernels: `rows` rows of `n` elements; `offs` holds, per row, the element
 /// offset of every operand (inputs, then the output); `ptrs` the operands' base addresses.
@@ -532,25 +532,37 @@ pub fn attention(
     inputs: &[Option<(Buf, &[usize])>],
     contiguous: &[bool],
     seq_major: [bool; 4],
+    views: [Option<ColumnView>; 3],
     threads: usize,
 ) -> Result<(), String> {
     if contiguous.len() != inputs.len() {
         return Err("attention kernel layout does not match its inputs".into());
     }
-    if [q.1, k.1, v.1, out.1].iter().any(|s| s.len() != 4) {
-        return Err("attention operands must have rank 4".into());
-    }
-    // Every operand seen as [b, h, s, d]; a seq-major one is stored [b, s, h, d].
-    let logical = |s: &[usize], sm: bool| if sm { [s[0], s[2], s[1], s[3]] } else { [s[0], s[1], s[2], s[3]] };
-    let (qs, ks, vs, os) = (logical(q.1, seq_major[0]), logical(k.1, seq_major[1]), logical(v.1, seq_major[2]), logical(out.1, seq_major[3]));
+    // Every operand seen as [b, h, s, d] with (base, batch, head, row) element strides: stored
+    // [b, h, s, d], or [b, s, h, d] (seq-major), or heads*d columns at an offset of a [b, s, W] row.
+    let layout = |s: &[usize], sm: bool, view: Option<ColumnView>| -> Result<([usize; 4], (usize, usize, usize, usize)), String> {
+        match view {
+            Some(cv) => {
+                let (h, d, off) = (cv.heads as usize, cv.head_dim as usize, cv.offset as usize);
+                if s.len() != 3 || off.saturating_add(h.saturating_mul(d)) > s[2] {
+                    return Err(format!("column view {cv:?} does not fit a value of shape {s:?}"));
+                }
+                Ok(([s[0], h, s[1], d], (off, s[1] * s[2], d, s[2])))
+            }
+            None if s.len() != 4 => Err(format!("attention operand of shape {s:?} must have rank 4")),
+            None if sm => Ok(([s[0], s[2], s[1], s[3]], (0, s[1] * s[2] * s[3], s[3], s[2] * s[3]))),
+            None => Ok(([s[0], s[1], s[2], s[3]], (0, s[1] * s[2] * s[3], s[2] * s[3], s[3]))),
+        }
+    };
+    let (qs, qst) = layout(q.1, seq_major[0], views[0])?;
+    let (ks, kst) = layout(k.1, seq_major[1], views[1])?;
+    let (vs, vst) = layout(v.1, seq_major[2], views[2])?;
+    let (os, ost) = layout(out.1, seq_major[3], None)?;
     let (b, h, sq, d) = (qs[0], qs[1], qs[2], qs[3]);
     let (sk, dv) = (ks[2], vs[3]);
     if ks != [b, h, sk, d] || vs != [b, h, sk, dv] || os != [b, h, sq, dv] {
         return Err(format!("attention shapes q {qs:?}, k {ks:?}, v {vs:?}, out {os:?} do not fit"));
     }
-    // (batch, head, row) element strides of each operand.
-    let st = |l: [usize; 4], sm: bool| if sm { (l[2] * l[1] * l[3], l[3], l[1] * l[3]) } else { (l[1] * l[2] * l[3], l[2] * l[3], l[3]) };
-    let (qst, kst, vst, ost) = (st(qs, seq_major[0]), st(ks, seq_major[1]), st(vs, seq_major[2]), st(os, seq_major[3]));
     for (what, x) in [("q", q), ("k", k), ("v", v), ("out", out)] {
         check_len(what, x.0, x.1, 4)?;
     }
@@ -587,15 +599,15 @@ pub fn attention(
         let mut q0 = 0;
         while q0 < sq {
             let r = rows.min(sq - q0);
-            let q_off = bi * qst.0 + hi * qst.1 + q0 * qst.2;
-            let k_off = bi * kst.0 + hi * kst.1;
+            let q_off = qst.0 + bi * qst.1 + hi * qst.2 + q0 * qst.3;
+            let k_off = kst.0 + bi * kst.1 + hi * kst.2;
             // SAFETY (GEMMs): offsets and extents were checked against the buffers above.
             unsafe {
                 gemm::gemm::<f32>(
                     r, sk, d,
                     scores.as_mut_ptr(), 1, sk as isize, false,
-                    (qp as *const f32).add(q_off), 1, qst.2 as isize,
-                    (kp as *const f32).add(k_off), kst.2 as isize, 1,
+                    (qp as *const f32).add(q_off), 1, qst.3 as isize,
+                    (kp as *const f32).add(k_off), kst.3 as isize, 1,
                     0.0, scale, false, false, false, gemm::Parallelism::None,
                 );
             }
@@ -618,14 +630,14 @@ pub fn attention(
             // the checked buffers or the score block) and writes the score block in place; a
             // softmax row reads each element before it writes it.
             unsafe { softmax(r as i64, sk as i64, offs.as_ptr(), ptrs.as_ptr() as *const *mut u8) };
-            let v_off = bi * vst.0 + hi * vst.1;
-            let o_off = bi * ost.0 + hi * ost.1 + q0 * ost.2;
+            let v_off = vst.0 + bi * vst.1 + hi * vst.2;
+            let o_off = ost.0 + bi * ost.1 + hi * ost.2 + q0 * ost.3;
             unsafe {
                 gemm::gemm::<f32>(
                     r, dv, sk,
-                    (op as *mut f32).add(o_off), 1, ost.2 as isize, false,
+                    (op as *mut f32).add(o_off), 1, ost.3 as isize, false,
                     scores.as_ptr(), 1, sk as isize,
-                    (vp as *const f32).add(v_off), 1, vst.2 as isize,
+                    (vp as *const f32).add(v_off), 1, vst.3 as isize,
                     0.0, 1.0, false, false, false, gemm::Parallelism::None,
                 );
             }

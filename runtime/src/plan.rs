@@ -99,6 +99,18 @@ pub enum KernelKind {
     SoftmaxLast,
 }
 
+/// `heads × head_dim` columns starting at `offset` of each row of a `[b, s, W]` value, seen as a
+/// `[b, heads, s, head_dim]` attention operand.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ColumnView {
+    /// First column.
+    pub offset: u64,
+    /// Heads.
+    pub heads: u64,
+    /// Columns per head.
+    pub head_dim: u64,
+}
+
 /// One step of the plan, run in order.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub enum Step {
@@ -210,6 +222,8 @@ pub enum Step {
         /// For q, k, v and out: stored `[b, s, h, d]` (the head split's transpose folded in)
         /// instead of `[b, h, s, d]`.
         seq_major: [bool; 4],
+        /// For q, k and v: read as columns of a wider `[b, s, W]` value (a merged projection).
+        views: [Option<ColumnView>; 3],
     },
     /// Any other op, run by the reference interpreter's evaluator (small tensors only: index and
     /// mask arithmetic, rotary tables).

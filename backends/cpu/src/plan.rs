@@ -175,6 +175,7 @@ struct AttnPlan {
     k: NodeId,
     v: NodeId,
     seq_major: [bool; 4],
+    views: [Option<kiln_runtime::plan::ColumnView>; 3],
     leaves: Vec<NodeId>,
 }
 
@@ -365,11 +366,32 @@ pub fn plan(graph: &Graph, weights: &BTreeMap<String, Tensor>, dims: &[(String, 
                 attn_skip.insert(node);
             }
         }
+        // A folded operand that is the head split of a column slice of a wider [b, s, W] value
+        // (a merged projection, GPT-2's c_attn) is read in place.
+        let mut views = [None; 3];
+        let mut srcs = [qn, kn, vn];
+        for (i, (src, folded)) in [(qn, qsm), (kn, ksm), (vn, vsm)].into_iter().enumerate() {
+            if !folded || !matches!(graph.node(src).op, Op::Reshape { .. }) || users[&src].len() != 1 {
+                continue;
+            }
+            let sl = graph.args(src)[0];
+            let (st, ht) = (&graph.node(sl).ty, &graph.node(src).ty);
+            let Op::Slice { axis, start, .. } = graph.node(sl).op else { continue };
+            if axis != 2 || st.rank() != 3 || ht.rank() != 4 || users[&sl].len() != 1 || outputs.contains(&sl) || st.shape[..2] != ht.shape[..2] {
+                continue;
+            }
+            let (Some(hh), Some(dd)) = (ht.shape[2].as_known(), ht.shape[3].as_known()) else { continue };
+            views[i] = Some(kiln_runtime::plan::ColumnView { offset: start, heads: hh, head_dim: dd });
+            srcs[i] = graph.args(sl)[0];
+            attn_skip.insert(src);
+            attn_skip.insert(sl);
+        }
+        let [qn, kn, vn] = srcs;
         if emit != pv {
             attn_skip.insert(pv);
         }
         let bias_leaves = leaves.iter().copied().filter(|l| *l != s).collect();
-        attn.insert(emit, AttnPlan { group: gi, scores: s, q: qn, k: kn, v: vn, seq_major: [qsm, ksm, vsm, osm], leaves: bias_leaves });
+        attn.insert(emit, AttnPlan { group: gi, scores: s, q: qn, k: kn, v: vn, seq_major: [qsm, ksm, vsm, osm], views, leaves: bias_leaves });
         attn_skip.insert(s);
         attn_skip.insert(g.root);
     }
@@ -481,6 +503,7 @@ pub fn plan(graph: &Graph, weights: &BTreeMap<String, Tensor>, dims: &[(String, 
                     kernel_inputs,
                     contiguous,
                     seq_major: a.seq_major,
+                    views: a.views,
                 });
             }
             _ if epi.contains_key(&n) => {
