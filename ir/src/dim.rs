@@ -37,6 +37,11 @@ impl Dim {
         self.syms.is_empty().then_some(self.coeff)
     }
 
+    /// The constant factor (the whole value when there are no symbols).
+    pub fn coeff(&self) -> u64 {
+        self.coeff
+    }
+
     /// Whether the dim is the constant 1 (the broadcastable extent).
     pub fn is_one(&self) -> bool {
         self.as_known() == Some(1)

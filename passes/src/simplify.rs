@@ -80,8 +80,8 @@ pub fn run_rules(graph: &mut Graph, rules: &[Rewrite<TensorLang, TensorAnalysis>
     if !fired_text.is_empty() {
         notes.push(format!("rules fired: {}", fired_text.join(", ")));
     }
-    let loaded = egraph::Loaded { egraph: runner.egraph, ..loaded };
-    let loaded = egraph::Loaded { outputs: loaded.outputs.iter().map(|(n, c)| (n.clone(), loaded.egraph.find(*c))).collect(), ..loaded };
+    let outputs = loaded.outputs.iter().map(|(n, c)| (n.clone(), runner.egraph.find(*c))).collect();
+    let loaded = egraph::Loaded { egraph: runner.egraph, outputs, ..loaded };
     let new = egraph::extract(&loaded, &graph.name, OpCost);
     let removed = graph.len().saturating_sub(new.len());
     *graph = new;

@@ -10,7 +10,7 @@ fn time(m: usize, k: usize, n: usize, tb: bool, threads: usize) -> f64 {
     let par = if threads > 1 { gemm::Parallelism::Rayon(threads) } else { gemm::Parallelism::None };
     let (b_rs, b_cs) = if tb { (1isize, k as isize) } else { (n as isize, 1isize) };
     let run = |c: &mut Vec<f32>| unsafe {
-        gemm::gemm::<f32>(m, n, k, c.as_mut_ptr(), 1, n as isize, std::env::var("READ_DST").is_ok(), a.as_ptr(), 1, k as isize, b.as_ptr(), b_cs, b_rs, 1.0, 1.0, false, false, false, par)
+        gemm::gemm::<f32>(m, n, k, c.as_mut_ptr(), 1, n as isize, false, a.as_ptr(), 1, k as isize, b.as_ptr(), b_cs, b_rs, 0.0, 1.0, false, false, false, par)
     };
     run(&mut c);
     let mut samples = Vec::new();

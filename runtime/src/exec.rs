@@ -14,8 +14,6 @@ use crate::{LoadError, RunError};
 enum Bytes {
     Map(memmap2::Mmap),
     Owned(Vec<kernels::Align64>, usize),
-    #[allow(dead_code)]
-    Empty,
 }
 
 impl Bytes {
@@ -23,7 +21,6 @@ impl Bytes {
         match self {
             Bytes::Map(m) => m,
             Bytes::Owned(v, len) => &kernels::bytes_of(v)[..*len],
-            Bytes::Empty => &[],
         }
     }
 }
@@ -230,7 +227,7 @@ impl Model {
         self.pool.install(|| -> Result<(), RunError> {
             for (si, step) in m.steps.iter().enumerate() {
                 let t = Instant::now();
-                self.exec(si, step, &bufs, &shapes, &syms).map_err(|msg| {
+                self.exec(step, &bufs, &shapes, &syms).map_err(|msg| {
                     let out = step_out(step);
                     RunError::Step { step: si, node: m.values[out].name.clone(), msg }
                 })?;
@@ -358,7 +355,7 @@ impl Model {
         (offsets, top, unshared)
     }
 
-    fn exec(&self, _si: usize, step: &Step, bufs: &[Buf], shapes: &[Vec<usize>], syms: &[usize]) -> Result<(), String> {
+    fn exec(&self, step: &Step, bufs: &[Buf], shapes: &[Vec<usize>], syms: &[usize]) -> Result<(), String> {
         match step {
             Step::Kernel { kernel, kind, inputs, contiguous, out, space } => {
                 let space: Vec<usize> = space.iter().map(|d| d.eval(syms)).collect();

@@ -435,9 +435,7 @@ pub fn plan(graph: &Graph, weights: &BTreeMap<String, Tensor>, dims: &[(String, 
         for s in d.symbols() {
             syms.push(*sym_index.get(s.as_str()).ok_or_else(|| CompileError::Internal(format!("dim `{s}` has no declared bound")))?);
         }
-        let coeff = Dim::product(std::iter::empty()).mul(d);
-        let coeff = d.symbols().iter().fold(coeff, |acc, s| acc.div(&Dim::sym(s.clone())).expect("a dim divides by its own symbols"));
-        Ok(DimExpr { coeff: coeff.as_known().expect("symbols divided out"), syms })
+        Ok(DimExpr { coeff: d.coeff(), syms })
     };
     let shape_expr = |s: &[Dim]| s.iter().map(&dim_expr).collect::<Result<Vec<_>, _>>();
 
