@@ -12,7 +12,11 @@ use kiln_ir::{Bindings, Op, Tensor};
 use kiln_passes::OptLevel;
 
 #[derive(Parser)]
-#[command(name = "kiln", version, about = "Compile transformer model specs to fast native code")]
+#[command(
+    name = "kiln",
+    version,
+    about = "Compile transformer model specs to fast native code"
+)]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
@@ -145,7 +149,9 @@ struct WeightOpts {
 }
 
 fn split_pair<'a>(s: &'a str, what: &str) -> Result<(&'a str, &'a str)> {
-    s.split_once('=').filter(|(a, b)| !a.is_empty() && !b.is_empty()).ok_or_else(|| anyhow!("{what} `{s}` must look like NAME=VALUE"))
+    s.split_once('=')
+        .filter(|(a, b)| !a.is_empty() && !b.is_empty())
+        .ok_or_else(|| anyhow!("{what} `{s}` must look like NAME=VALUE"))
 }
 
 fn load_spec(path: &Path, o: &SpecOpts) -> Result<Lowered> {
@@ -154,7 +160,10 @@ fn load_spec(path: &Path, o: &SpecOpts) -> Result<Lowered> {
         let (k, v) = split_pair(s, "--set")?;
         overrides.push((k.to_string(), v.to_string()));
     }
-    let opts = Options { overrides, weight_prefix: o.weight_prefix.clone() };
+    let opts = Options {
+        overrides,
+        weight_prefix: o.weight_prefix.clone(),
+    };
     Ok(kiln_frontend::load(path, &opts)?)
 }
 
@@ -176,7 +185,11 @@ fn signature(l: &Lowered) -> (Vec<String>, Vec<String>) {
             _ => None,
         })
         .collect();
-    let outs = g.outputs().iter().map(|o| format!("{}: {}", o.name, g.node(o.node).ty)).collect();
+    let outs = g
+        .outputs()
+        .iter()
+        .map(|o| format!("{}: {}", o.name, g.node(o.node).ty))
+        .collect();
     (ins, outs)
 }
 
@@ -196,15 +209,23 @@ fn check(spec: &Path, o: &SpecOpts, weights: Option<&Path>, dims: &[String]) -> 
     }
     let mut b = Bindings::new();
     for (name, bound) in &l.dims {
-        b.insert(name.clone(), if name == "batch" { 1 } else { (*bound).min(128) as usize });
+        b.insert(
+            name.clone(),
+            if name == "batch" { 1 } else { (*bound).min(128) as usize },
+        );
     }
     for d in dims {
         let (k, v) = split_pair(d, "--dim")?;
         let Some((_, bound)) = l.dims.iter().find(|(n, _)| n == k) else {
             let known: Vec<&str> = l.dims.iter().map(|(n, _)| n.as_str()).collect();
-            bail!("--dim {k}: the spec declares no dim `{k}` (it has: {})", known.join(", "));
+            bail!(
+                "--dim {k}: the spec declares no dim `{k}` (it has: {})",
+                known.join(", ")
+            );
         };
-        let v: usize = v.parse().with_context(|| format!("--dim {k}: `{v}` is not a positive integer"))?;
+        let v: usize = v
+            .parse()
+            .with_context(|| format!("--dim {k}: `{v}` is not a positive integer"))?;
         if v == 0 || v as u64 > *bound {
             bail!("--dim {k}={v}: must be between 1 and the declared bound {bound}");
         }
@@ -218,7 +239,12 @@ fn check(spec: &Path, o: &SpecOpts, weights: Option<&Path>, dims: &[String]) -> 
     println!("  model    {}", l.graph.name);
     println!("  inputs   {}", ins.join(", "));
     println!("  outputs  {}", outs.join(", "));
-    println!("  params   {params} ({}parameters in {} tensors, {:.1} MiB as f32)", human(params as f64), l.params.len(), params as f64 * 4.0 / 1048576.0);
+    println!(
+        "  params   {params} ({}parameters in {} tensors, {:.1} MiB as f32)",
+        human(params as f64),
+        l.params.len(),
+        params as f64 * 4.0 / 1048576.0
+    );
     println!("  graph    {} primitive ops", l.graph.len());
     println!("  work     {}FLOP at {}", human(flops as f64), at.join(", "));
     if weights.is_some() {
@@ -230,10 +256,20 @@ fn check(spec: &Path, o: &SpecOpts, weights: Option<&Path>, dims: &[String]) -> 
 fn is_artifact(path: &Path) -> bool {
     use std::io::Read;
     let mut magic = [0u8; 8];
-    std::fs::File::open(path).and_then(|mut f| f.read_exact(&mut magic)).is_ok() && &magic == kiln_runtime::artifact::MAGIC
+    std::fs::File::open(path)
+        .and_then(|mut f| f.read_exact(&mut magic))
+        .is_ok()
+        && &magic == kiln_runtime::artifact::MAGIC
 }
 
-fn run(spec: &Path, o: &SpecOpts, w: &WeightOpts, threads: Option<usize>, inputs: &[String], outputs: &[String]) -> Result<()> {
+fn run(
+    spec: &Path,
+    o: &SpecOpts,
+    w: &WeightOpts,
+    threads: Option<usize>,
+    inputs: &[String],
+    outputs: &[String],
+) -> Result<()> {
     let mut feed = BTreeMap::new();
     for s in inputs {
         let (k, f) = split_pair(s, "--input")?;
@@ -256,7 +292,13 @@ fn run(spec: &Path, o: &SpecOpts, w: &WeightOpts, threads: Option<usize>, inputs
     for (name, t) in &results {
         let v = t.to_f64_vec();
         let head: Vec<String> = v.iter().take(4).map(|x| format!("{x:.5}")).collect();
-        println!("{name}: {} {:?} [{}{}]", t.dtype(), t.shape(), head.join(", "), if v.len() > 4 { ", …" } else { "" });
+        println!(
+            "{name}: {} {:?} [{}{}]",
+            t.dtype(),
+            t.shape(),
+            head.join(", "),
+            if v.len() > 4 { ", …" } else { "" }
+        );
     }
     for s in outputs {
         let (name, file) = match s.split_once('=') {
@@ -265,7 +307,10 @@ fn run(spec: &Path, o: &SpecOpts, w: &WeightOpts, threads: Option<usize>, inputs
         };
         let Some((_, t)) = results.iter().find(|(n, _)| *n == name) else {
             let names: Vec<&str> = results.iter().map(|r| r.0.as_str()).collect();
-            bail!("--output {s}: the model has no output `{name}` (it has: {})", names.join(", "));
+            bail!(
+                "--output {s}: the model has no output `{name}` (it has: {})",
+                names.join(", ")
+            );
         };
         kiln_runtime::npy::write(&file, t)?;
         eprintln!("wrote {name} to {file}");
@@ -273,7 +318,14 @@ fn run(spec: &Path, o: &SpecOpts, w: &WeightOpts, threads: Option<usize>, inputs
     Ok(())
 }
 
-fn compile(spec: &Path, o: &SpecOpts, w: &WeightOpts, opt: u8, out: &Path, popts: &kiln_passes::PipelineOptions) -> Result<()> {
+fn compile(
+    spec: &Path,
+    o: &SpecOpts,
+    w: &WeightOpts,
+    opt: u8,
+    out: &Path,
+    popts: &kiln_passes::PipelineOptions,
+) -> Result<()> {
     let start = Instant::now();
     let mut l = load_spec(spec, o)?;
     let weights = if w.weights.is_none() && w.random_weights.is_none() {
@@ -294,19 +346,33 @@ fn compile(spec: &Path, o: &SpecOpts, w: &WeightOpts, opt: u8, out: &Path, popts
     let total = start.elapsed();
     let size = std::fs::metadata(out).map(|m| m.len()).unwrap_or(0);
     let m = &compiled.manifest;
-    let kernel_steps: Vec<u32> = m
-        .steps
-        .iter()
-        .filter_map(|s| match s {
-            kiln_runtime::plan::Step::Kernel { kernel, .. } | kiln_runtime::plan::Step::Attention { kernel, .. } => Some(*kernel),
-            _ => None,
-        })
-        .collect();
+    let kernel_steps: Vec<u32> =
+        m.steps
+            .iter()
+            .filter_map(|s| match s {
+                kiln_runtime::plan::Step::Kernel { kernel, .. }
+                | kiln_runtime::plan::Step::Attention { kernel, .. } => Some(*kernel),
+                _ => None,
+            })
+            .collect();
     let fused: u32 = kernel_steps.iter().map(|k| m.kernels[*k as usize].ops).sum();
-    println!("compiled {} to {} ({:.1} MiB)", spec.display(), out.display(), size as f64 / 1048576.0);
+    println!(
+        "compiled {} to {} ({:.1} MiB)",
+        spec.display(),
+        out.display(),
+        size as f64 / 1048576.0
+    );
     println!("  graph    {nodes} ops lowered, {} after -O{opt}", l.graph.len());
     for r in &report {
-        println!("  pass     {:<8} {:>6} -> {:<6} removed {:<5} merged {:<5} {:.1} ms", r.pass, r.nodes_before, r.nodes_after, r.stats.removed, r.stats.merged, r.time.as_secs_f64() * 1e3);
+        println!(
+            "  pass     {:<8} {:>6} -> {:<6} removed {:<5} merged {:<5} {:.1} ms",
+            r.pass,
+            r.nodes_before,
+            r.nodes_after,
+            r.stats.removed,
+            r.stats.merged,
+            r.time.as_secs_f64() * 1e3
+        );
         for n in &r.stats.notes {
             println!("             {n}");
         }
@@ -317,14 +383,28 @@ fn compile(spec: &Path, o: &SpecOpts, w: &WeightOpts, opt: u8, out: &Path, popts
     println!("  plan     {} steps: {} kernel calls ({fused} ops fused) of {} distinct generated kernels, {} matmuls, {} other", m.steps.len(), kernel_steps.len(), m.kernels.len(),
         m.steps.iter().filter(|s| matches!(s, kiln_runtime::plan::Step::MatMul { .. })).count(),
         m.steps.iter().filter(|s| !matches!(s, kiln_runtime::plan::Step::MatMul { .. } | kiln_runtime::plan::Step::Kernel { .. } | kiln_runtime::plan::Step::Attention { .. })).count());
-    println!("  code     {} bytes for {}", compiled.code.len(), m.target.features.join(" "));
-    println!("  time     {:.0} ms (frontend + weights {:.0} ms, passes {:.0} ms, codegen + write {:.0} ms)", total.as_secs_f64() * 1e3, t_front.as_secs_f64() * 1e3, t_opt.as_secs_f64() * 1e3, (total - t_front - t_opt).as_secs_f64() * 1e3);
+    println!(
+        "  code     {} bytes for {}",
+        compiled.code.len(),
+        m.target.features.join(" ")
+    );
+    println!(
+        "  time     {:.0} ms (frontend + weights {:.0} ms, passes {:.0} ms, codegen + write {:.0} ms)",
+        total.as_secs_f64() * 1e3,
+        t_front.as_secs_f64() * 1e3,
+        t_opt.as_secs_f64() * 1e3,
+        (total - t_front - t_opt).as_secs_f64() * 1e3
+    );
     Ok(())
 }
 
 fn parse_dims(s: &str) -> Result<(String, Vec<usize>)> {
     let (k, v) = split_pair(s, "--shape")?;
-    let dims = v.split('x').map(|d| d.parse::<usize>()).collect::<Result<Vec<_>, _>>().with_context(|| format!("--shape {s}: dims must look like 1x128"))?;
+    let dims = v
+        .split('x')
+        .map(|d| d.parse::<usize>())
+        .collect::<Result<Vec<_>, _>>()
+        .with_context(|| format!("--shape {s}: dims must look like 1x128"))?;
     Ok((k.to_string(), dims))
 }
 
@@ -341,7 +421,15 @@ fn bench_input(name: &str, dtype: kiln_ir::DType, shape: Vec<usize>) -> Result<T
     })
 }
 
-fn bench(path: &Path, shapes: &[String], iters: usize, warmup: usize, threads: Option<usize>, json: bool, profile: bool) -> Result<()> {
+fn bench(
+    path: &Path,
+    shapes: &[String],
+    iters: usize,
+    warmup: usize,
+    threads: Option<usize>,
+    json: bool,
+    profile: bool,
+) -> Result<()> {
     let t0 = Instant::now();
     let mut model = kiln_runtime::Model::load(path)?;
     let load_ms = t0.elapsed().as_secs_f64() * 1e3;
@@ -357,7 +445,13 @@ fn bench(path: &Path, shapes: &[String], iters: usize, warmup: usize, threads: O
     let mut feed = BTreeMap::new();
     for p in &m.inputs {
         let v = &m.values[p.value as usize];
-        let shape = given.remove(&p.name).ok_or_else(|| anyhow!("--shape {}=…: missing (inputs: {})", p.name, m.inputs.iter().map(|p| p.name.as_str()).collect::<Vec<_>>().join(", ")))?;
+        let shape = given.remove(&p.name).ok_or_else(|| {
+            anyhow!(
+                "--shape {}=…: missing (inputs: {})",
+                p.name,
+                m.inputs.iter().map(|p| p.name.as_str()).collect::<Vec<_>>().join(", ")
+            )
+        })?;
         feed.insert(p.name.clone(), bench_input(&p.name, v.dtype, shape)?);
     }
     if let Some(k) = given.keys().next() {
@@ -376,7 +470,11 @@ fn bench(path: &Path, shapes: &[String], iters: usize, warmup: usize, threads: O
     }
     times.sort_by(|a, b| a.total_cmp(b));
     let q = |p: f64| times[((times.len() - 1) as f64 * p).round() as usize];
-    let batch = feed.values().next().and_then(|t| t.shape().first().copied()).unwrap_or(1);
+    let batch = feed
+        .values()
+        .next()
+        .and_then(|t| t.shape().first().copied())
+        .unwrap_or(1);
     let (median, p10, p90) = (q(0.5), q(0.1), q(0.9));
     if json {
         println!(
@@ -386,9 +484,16 @@ fn bench(path: &Path, shapes: &[String], iters: usize, warmup: usize, threads: O
     } else {
         println!("{}: {} iterations", path.display(), times.len());
         println!("  latency     median {median:.3} ms (p10 {p10:.3}, p90 {p90:.3})");
-        println!("  throughput  {:.1} inferences/s ({} per batch)", batch as f64 * 1e3 / median, batch);
+        println!(
+            "  throughput  {:.1} inferences/s ({} per batch)",
+            batch as f64 * 1e3 / median,
+            batch
+        );
         println!("  memory      {:.2} MiB peak activations", peak as f64 / 1048576.0);
-        println!("  load        {load_ms:.1} ms (of which validation and code mapping {:.1} ms)", model.load_seconds * 1e3);
+        println!(
+            "  load        {load_ms:.1} ms (of which validation and code mapping {:.1} ms)",
+            model.load_seconds * 1e3
+        );
     }
     if profile {
         let mut runs: Vec<kiln_runtime::Profile> = Vec::new();
@@ -400,7 +505,10 @@ fn bench(path: &Path, shapes: &[String], iters: usize, warmup: usize, threads: O
         let total: f64 = first.by_kind.iter().map(|k| k.1).sum();
         println!("  profile (one run, by kind of step; total {:.2} ms):", total * 1e3);
         for (kind, _, n) in &first.by_kind {
-            let mut ts: Vec<f64> = runs.iter().map(|r| r.by_kind.iter().find(|k| &k.0 == kind).map_or(0.0, |k| k.1)).collect();
+            let mut ts: Vec<f64> = runs
+                .iter()
+                .map(|r| r.by_kind.iter().find(|k| &k.0 == kind).map_or(0.0, |k| k.1))
+                .collect();
             ts.sort_by(|a, b| a.total_cmp(b));
             println!("    {:>8.3} ms  {:>4} steps  {kind}", ts[ts.len() / 2] * 1e3, n);
         }
@@ -411,14 +519,51 @@ fn bench(path: &Path, shapes: &[String], iters: usize, warmup: usize, threads: O
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let r = match &cli.cmd {
-        Cmd::Check { spec, spec_opts, weights, dims } => check(spec, spec_opts, weights.as_deref(), dims),
-        Cmd::Run { spec, spec_opts, weights, threads, inputs, outputs } => run(spec, spec_opts, weights, *threads, inputs, outputs),
-        Cmd::Compile { spec, spec_opts, weights, target: _, opt, output, dump_ir, disable_rule } => {
-            let popts = kiln_passes::PipelineOptions { verify_each: cfg!(debug_assertions), disabled_rules: disable_rule.clone(), dump_dir: dump_ir.clone() };
+        Cmd::Check {
+            spec,
+            spec_opts,
+            weights,
+            dims,
+        } => check(spec, spec_opts, weights.as_deref(), dims),
+        Cmd::Run {
+            spec,
+            spec_opts,
+            weights,
+            threads,
+            inputs,
+            outputs,
+        } => run(spec, spec_opts, weights, *threads, inputs, outputs),
+        Cmd::Compile {
+            spec,
+            spec_opts,
+            weights,
+            target: _,
+            opt,
+            output,
+            dump_ir,
+            disable_rule,
+        } => {
+            let popts = kiln_passes::PipelineOptions {
+                verify_each: cfg!(debug_assertions),
+                disabled_rules: disable_rule.clone(),
+                dump_dir: dump_ir.clone(),
+            };
             compile(spec, spec_opts, weights, *opt, output, &popts)
         }
-        Cmd::Bench { model, shapes, iters, warmup, threads, json, profile } => bench(model, shapes, *iters, *warmup, *threads, *json, *profile),
-        Cmd::Inspect { spec, spec_opts, format } => load_spec(spec, spec_opts).map(|l| match format {
+        Cmd::Bench {
+            model,
+            shapes,
+            iters,
+            warmup,
+            threads,
+            json,
+            profile,
+        } => bench(model, shapes, *iters, *warmup, *threads, *json, *profile),
+        Cmd::Inspect {
+            spec,
+            spec_opts,
+            format,
+        } => load_spec(spec, spec_opts).map(|l| match format {
             Format::Text => print!("{}", l.graph.to_text()),
             Format::Dot => print!("{}", l.graph.to_dot()),
         }),

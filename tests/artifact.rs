@@ -12,7 +12,16 @@ use kiln_runtime::plan::{Manifest, Step, Storage};
 use kiln_runtime::{artifact, Model};
 
 fn tiny_gpt2() -> (kiln_frontend::Lowered, kiln_cpu::Compiled) {
-    let l = spec("gpt2.ron", &[("layers", "1"), ("hidden", "32"), ("heads", "2"), ("vocab", "64"), ("max_pos", "16")]);
+    let l = spec(
+        "gpt2.ron",
+        &[
+            ("layers", "1"),
+            ("hidden", "32"),
+            ("heads", "2"),
+            ("vocab", "64"),
+            ("max_pos", "16"),
+        ],
+    );
     let w = kiln_frontend::weights::random(&l, 3);
     let c = kiln_cpu::compile(&l.graph, &w, &l.dims, &kiln_cpu::Options::for_level(1)).unwrap();
     (l, c)
@@ -20,7 +29,10 @@ fn tiny_gpt2() -> (kiln_frontend::Lowered, kiln_cpu::Compiled) {
 
 fn ids(b: usize, s: usize) -> BTreeMap<String, Tensor> {
     let mut m = BTreeMap::new();
-    m.insert("input_ids".to_string(), Tensor::from_i64(vec![b, s], (0..(b * s) as i64).map(|i| i % 64).collect()).unwrap());
+    m.insert(
+        "input_ids".to_string(),
+        Tensor::from_i64(vec![b, s], (0..(b * s) as i64).map(|i| i % 64).collect()).unwrap(),
+    );
     m
 }
 
@@ -34,7 +46,10 @@ fn round_trip_and_bounds() {
     let e = model.run(&ids(1, 17)).unwrap_err().to_string();
     assert!(e.contains("outside the compiled range 1..=16"), "{e}");
     let mut bad = ids(1, 4);
-    bad.insert("input_ids".into(), Tensor::from_i64(vec![1, 4], vec![0, 1, 64, 2]).unwrap());
+    bad.insert(
+        "input_ids".into(),
+        Tensor::from_i64(vec![1, 4], vec![0, 1, 64, 2]).unwrap(),
+    );
     let e = model.run(&bad).unwrap_err().to_string();
     assert!(e.contains("index 64") && e.contains("out of range"), "{e}");
 }
@@ -47,7 +62,10 @@ fn damaged_files_are_refused() {
     let mut cuts: Vec<usize> = (0..80).collect();
     cuts.extend((80..bytes.len()).step_by(bytes.len() / 97 + 1));
     for cut in cuts {
-        assert!(Model::from_bytes(&bytes[..cut]).is_err(), "truncated at {cut} was accepted");
+        assert!(
+            Model::from_bytes(&bytes[..cut]).is_err(),
+            "truncated at {cut} was accepted"
+        );
     }
     // Single-byte damage anywhere is caught by the checksum (or the header checks).
     for (k, at) in (0..bytes.len()).step_by(bytes.len() / 211 + 1).enumerate() {
@@ -67,19 +85,28 @@ fn wrong_target_is_refused() {
     let (_, c) = tiny_gpt2();
     let mut m = c.manifest.clone();
     m.target.arch = "riscv64".into();
-    let e = Model::from_bytes(&artifact::encode(&m, &c.weights, &c.code).unwrap()).unwrap_err().to_string();
+    let e = Model::from_bytes(&artifact::encode(&m, &c.weights, &c.code).unwrap())
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("compiled for riscv64"), "{e}");
     let mut m = c.manifest.clone();
     m.target.features.push("quantum-fp".into());
-    let e = Model::from_bytes(&artifact::encode(&m, &c.weights, &c.code).unwrap()).unwrap_err().to_string();
+    let e = Model::from_bytes(&artifact::encode(&m, &c.weights, &c.code).unwrap())
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("quantum-fp"), "{e}");
 }
-
 
 /// Damages one field of the manifest in a way a checksum cannot catch (a hostile or buggy writer).
 fn mutate(m: &mut Manifest, r: &mut Rng) {
     let nv = m.values.len() as u32;
-    let pick = |r: &mut Rng, n: u32| -> u32 { if r.below(4) == 0 { n + r.below(3) as u32 } else { r.below(n as usize) as u32 } };
+    let pick = |r: &mut Rng, n: u32| -> u32 {
+        if r.below(4) == 0 {
+            n + r.below(3) as u32
+        } else {
+            r.below(n as usize) as u32
+        }
+    };
     match r.below(9) {
         0 => {
             let v = r.below(m.values.len());
@@ -92,7 +119,10 @@ fn mutate(m: &mut Manifest, r: &mut Rng) {
             m.values[v].storage = match r.below(4) {
                 0 => Storage::Temp,
                 1 => Storage::Alias(pick(r, nv)),
-                2 => Storage::Weight { offset: r.below(1 << 20) as u64 * 4, len: r.below(1 << 16) as u64 },
+                2 => Storage::Weight {
+                    offset: r.below(1 << 20) as u64 * 4,
+                    len: r.below(1 << 16) as u64,
+                },
                 _ => Storage::Input(r.below(2) as u32),
             };
         }
@@ -125,7 +155,16 @@ fn mutate(m: &mut Manifest, r: &mut Rng) {
                 }
                 Step::Concat { axis, .. } => *axis = r.below(4) as u32,
                 Step::Broadcast { x, .. } => *x = pick(r, nv),
-                Step::Attention { q, k, v, out, kernel_inputs, contiguous, seq_major, .. } => match r.below(5) {
+                Step::Attention {
+                    q,
+                    k,
+                    v,
+                    out,
+                    kernel_inputs,
+                    contiguous,
+                    seq_major,
+                    ..
+                } => match r.below(5) {
                     0 => *[q, k, v, out][r.below(4)] = pick(r, nv),
                     1 if !kernel_inputs.is_empty() => {
                         let i = r.below(kernel_inputs.len());
@@ -145,7 +184,13 @@ fn mutate(m: &mut Manifest, r: &mut Rng) {
         }
         3 => {
             let s = r.below(m.steps.len());
-            if let Step::Kernel { contiguous, space, kernel, .. } = &mut m.steps[s] {
+            if let Step::Kernel {
+                contiguous,
+                space,
+                kernel,
+                ..
+            } = &mut m.steps[s]
+            {
                 match r.below(3) {
                     0 if !contiguous.is_empty() => {
                         let i = r.below(contiguous.len());

@@ -5,11 +5,18 @@ mod common;
 use std::process::{Command, Output};
 
 fn kiln(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_kiln")).args(args).current_dir(common::root()).output().expect("kiln runs")
+    Command::new(env!("CARGO_BIN_EXE_kiln"))
+        .args(args)
+        .current_dir(common::root())
+        .output()
+        .expect("kiln runs")
 }
 
 fn text(o: &Output) -> (String, String) {
-    (String::from_utf8_lossy(&o.stdout).into_owned(), String::from_utf8_lossy(&o.stderr).into_owned())
+    (
+        String::from_utf8_lossy(&o.stdout).into_owned(),
+        String::from_utf8_lossy(&o.stderr).into_owned(),
+    )
 }
 
 #[test]
@@ -24,8 +31,20 @@ fn check_prints_params_and_flops() {
 #[test]
 fn check_binds_a_checkpoint() {
     let o = kiln(&[
-        "check", "specs/gpt2.ron", "--set", "layers=2", "--set", "hidden=64", "--set", "heads=4", "--set", "vocab=256", "--set", "max_pos=64",
-        "--weights", "tests/data/gpt2_tiny/model.safetensors",
+        "check",
+        "specs/gpt2.ron",
+        "--set",
+        "layers=2",
+        "--set",
+        "hidden=64",
+        "--set",
+        "heads=4",
+        "--set",
+        "vocab=256",
+        "--set",
+        "max_pos=64",
+        "--weights",
+        "tests/data/gpt2_tiny/model.safetensors",
     ]);
     let (out, err) = text(&o);
     assert!(o.status.success(), "{err}");
@@ -38,9 +57,28 @@ fn run_writes_npy_and_matches_reference() {
     std::fs::create_dir_all(&dir).unwrap();
     let out_file = dir.join("logits.npy");
     let o = kiln(&[
-        "run", "specs/llama.ron", "--set", "layers=2", "--set", "hidden=64", "--set", "heads=4", "--set", "kv_heads=2", "--set", "ffn=128",
-        "--set", "vocab=256", "--set", "eps=1e-6", "--weights", "tests/data/llama_tiny/model.safetensors",
-        "--input", "input_ids=tests/data/llama_tiny/input_ids.npy", "--output", out_file.to_str().unwrap(),
+        "run",
+        "specs/llama.ron",
+        "--set",
+        "layers=2",
+        "--set",
+        "hidden=64",
+        "--set",
+        "heads=4",
+        "--set",
+        "kv_heads=2",
+        "--set",
+        "ffn=128",
+        "--set",
+        "vocab=256",
+        "--set",
+        "eps=1e-6",
+        "--weights",
+        "tests/data/llama_tiny/model.safetensors",
+        "--input",
+        "input_ids=tests/data/llama_tiny/input_ids.npy",
+        "--output",
+        out_file.to_str().unwrap(),
     ]);
     let (out, err) = text(&o);
     assert!(o.status.success(), "{err}");
@@ -53,7 +91,14 @@ fn run_writes_npy_and_matches_reference() {
 
 #[test]
 fn run_with_random_weights() {
-    let o = kiln(&["run", "specs/mlp.ron", "--random-weights", "7", "--input", "x=tests/data/mlp_x.npy"]);
+    let o = kiln(&[
+        "run",
+        "specs/mlp.ron",
+        "--random-weights",
+        "7",
+        "--input",
+        "x=tests/data/mlp_x.npy",
+    ]);
     let (out, err) = text(&o);
     assert!(o.status.success(), "{err}");
     assert!(out.contains("probs: f32 [3, 10]"), "{out}");
@@ -73,12 +118,56 @@ fn inspect_text_and_dot() {
 fn errors_exit_nonzero_with_message_on_stderr() {
     let cases: &[(&[&str], &str)] = &[
         (&["check", "specs/nope.ron"], "specs/nope.ron: No such file"),
-        (&["check", "specs/gpt2.ron", "--set", "layer=2"], "did you mean `layers`?"),
-        (&["check", "specs/gpt2.ron", "--dim", "seq=5000"], "between 1 and the declared bound 1024"),
-        (&["run", "specs/mlp.ron", "--random-weights", "1", "--input", "y=tests/data/mlp_x.npy"], "unknown input `y`"),
-        (&["run", "specs/mlp.ron", "--random-weights", "1", "--input", "x=tests/data/gpt2_tiny/input_ids.npy"], "expected dtype f32, got i64"),
-        (&["run", "specs/mlp.ron", "--random-weights", "1", "--input", "x=Cargo.toml"], "not a .npy file"),
-        (&["check", "specs/mlp.ron", "--weights", "tests/data/gpt2_tiny/model.safetensors"], "missing from"),
+        (
+            &["check", "specs/gpt2.ron", "--set", "layer=2"],
+            "did you mean `layers`?",
+        ),
+        (
+            &["check", "specs/gpt2.ron", "--dim", "seq=5000"],
+            "between 1 and the declared bound 1024",
+        ),
+        (
+            &[
+                "run",
+                "specs/mlp.ron",
+                "--random-weights",
+                "1",
+                "--input",
+                "y=tests/data/mlp_x.npy",
+            ],
+            "unknown input `y`",
+        ),
+        (
+            &[
+                "run",
+                "specs/mlp.ron",
+                "--random-weights",
+                "1",
+                "--input",
+                "x=tests/data/gpt2_tiny/input_ids.npy",
+            ],
+            "expected dtype f32, got i64",
+        ),
+        (
+            &[
+                "run",
+                "specs/mlp.ron",
+                "--random-weights",
+                "1",
+                "--input",
+                "x=Cargo.toml",
+            ],
+            "not a .npy file",
+        ),
+        (
+            &[
+                "check",
+                "specs/mlp.ron",
+                "--weights",
+                "tests/data/gpt2_tiny/model.safetensors",
+            ],
+            "missing from",
+        ),
     ];
     for (args, want) in cases {
         let o = kiln(args);
@@ -93,27 +182,65 @@ fn compile_run_and_bench_an_artifact() {
     let dir = std::env::temp_dir().join(format!("kiln-cli-compile-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let art = dir.join("gpt2.kiln");
-    let tiny = ["--set", "layers=2", "--set", "hidden=64", "--set", "heads=4", "--set", "vocab=256", "--set", "max_pos=64"];
+    let tiny = [
+        "--set",
+        "layers=2",
+        "--set",
+        "hidden=64",
+        "--set",
+        "heads=4",
+        "--set",
+        "vocab=256",
+        "--set",
+        "max_pos=64",
+    ];
     let mut args = vec!["compile", "specs/gpt2.ron"];
     args.extend(tiny);
-    args.extend(["--weights", "tests/data/gpt2_tiny/model.safetensors", "-O1", "-o", art.to_str().unwrap()]);
+    args.extend([
+        "--weights",
+        "tests/data/gpt2_tiny/model.safetensors",
+        "-O1",
+        "-o",
+        art.to_str().unwrap(),
+    ]);
     let o = kiln(&args);
     let (out, err) = text(&o);
     assert!(o.status.success(), "{err}");
     assert!(out.contains("generated kernels"), "{out}");
     let logits = dir.join("logits.npy");
-    let o = kiln(&["run", art.to_str().unwrap(), "--input", "input_ids=tests/data/gpt2_tiny/input_ids.npy", "--output", logits.to_str().unwrap()]);
+    let o = kiln(&[
+        "run",
+        art.to_str().unwrap(),
+        "--input",
+        "input_ids=tests/data/gpt2_tiny/input_ids.npy",
+        "--output",
+        logits.to_str().unwrap(),
+    ]);
     assert!(o.status.success(), "{}", text(&o).1);
     let got = kiln_runtime::npy::read(&logits).unwrap();
     let e = got.max_abs_diff(&common::npy("gpt2_tiny/logits.npy")).unwrap();
     assert!(e < 1e-4, "compiled GPT-2 vs transformers: {e}");
-    let o = kiln(&["bench", art.to_str().unwrap(), "--shape", "input_ids=2x16", "--iters", "3", "--warmup", "1", "--json"]);
+    let o = kiln(&[
+        "bench",
+        art.to_str().unwrap(),
+        "--shape",
+        "input_ids=2x16",
+        "--iters",
+        "3",
+        "--warmup",
+        "1",
+        "--json",
+    ]);
     let (out, err) = text(&o);
     assert!(o.status.success(), "{err}");
     assert!(out.trim().starts_with("{\"median_ms\": "), "{out}");
     let o = kiln(&["bench", art.to_str().unwrap(), "--shape", "input_ids=2x65"]);
     assert!(!o.status.success());
-    assert!(text(&o).1.contains("outside the compiled range 1..=64"), "{}", text(&o).1);
+    assert!(
+        text(&o).1.contains("outside the compiled range 1..=64"),
+        "{}",
+        text(&o).1
+    );
     std::fs::write(dir.join("junk.kiln"), b"KILNART\0garbage").unwrap();
     let o = kiln(&["run", dir.join("junk.kiln").to_str().unwrap()]);
     assert!(!o.status.success());
@@ -128,18 +255,56 @@ fn compile_dumps_ir_and_disables_rules() {
     std::fs::create_dir_all(&dir).unwrap();
     let dump = dir.join("ir");
     let o = kiln(&[
-        "compile", "specs/mlp.ron", "--random-weights", "1", "-O2", "-o", art.to_str().unwrap(),
-        "--dump-ir", dump.to_str().unwrap(), "--disable-rule", "mul-one",
+        "compile",
+        "specs/mlp.ron",
+        "--random-weights",
+        "1",
+        "-O2",
+        "-o",
+        art.to_str().unwrap(),
+        "--dump-ir",
+        dump.to_str().unwrap(),
+        "--disable-rule",
+        "mul-one",
     ]);
     let (out, err) = text(&o);
     assert!(o.status.success(), "{err}");
     assert!(out.contains("stopped: saturated"), "{out}");
-    let mut files: Vec<String> = std::fs::read_dir(&dump).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
+    let mut files: Vec<String> = std::fs::read_dir(&dump)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
     files.sort();
-    assert_eq!(files, ["00-input.txt", "01-dce.txt", "02-cse.txt", "03-dce.txt", "04-simplify.txt", "05-merge-projections.txt", "06-dce.txt"]);
-    assert!(std::fs::read_to_string(dump.join("04-simplify.txt")).unwrap().starts_with("graph mlp("));
-    let o = kiln(&["compile", "specs/mlp.ron", "--random-weights", "1", "-o", art.to_str().unwrap(), "--disable-rule", "mul-uno"]);
+    assert_eq!(
+        files,
+        [
+            "00-input.txt",
+            "01-dce.txt",
+            "02-cse.txt",
+            "03-dce.txt",
+            "04-simplify.txt",
+            "05-merge-projections.txt",
+            "06-dce.txt"
+        ]
+    );
+    assert!(std::fs::read_to_string(dump.join("04-simplify.txt"))
+        .unwrap()
+        .starts_with("graph mlp("));
+    let o = kiln(&[
+        "compile",
+        "specs/mlp.ron",
+        "--random-weights",
+        "1",
+        "-o",
+        art.to_str().unwrap(),
+        "--disable-rule",
+        "mul-uno",
+    ]);
     assert!(!o.status.success());
-    assert!(text(&o).1.contains("no rewrite rule is called `mul-uno`"), "{}", text(&o).1);
+    assert!(
+        text(&o).1.contains("no rewrite rule is called `mul-uno`"),
+        "{}",
+        text(&o).1
+    );
     std::fs::remove_dir_all(&dir).ok();
 }

@@ -10,16 +10,32 @@ use kiln_ir::{DType, Op, Tensor};
 use kiln_passes::{optimize, OptLevel};
 
 /// Deterministic inputs for a graph at concrete dims: ids in [0, vocab), masks with padding.
-fn inputs_for(l: &kiln_frontend::Lowered, dims: &BTreeMap<&str, usize>, seed: u64, vocab: i64) -> BTreeMap<String, Tensor> {
+fn inputs_for(
+    l: &kiln_frontend::Lowered,
+    dims: &BTreeMap<&str, usize>,
+    seed: u64,
+    vocab: i64,
+) -> BTreeMap<String, Tensor> {
     let mut state = seed;
     let mut next = move || {
-        state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        state = state
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
         (state >> 33) as f64 / (1u64 << 31) as f64
     };
     let mut out = BTreeMap::new();
     for &i in l.graph.inputs() {
-        let Op::Input { name, ty } = &l.graph.node(i).op else { continue };
-        let shape: Vec<usize> = ty.shape.iter().map(|d| d.eval(&dims.iter().map(|(k, v)| (k.to_string(), *v)).collect()).unwrap()).collect();
+        let Op::Input { name, ty } = &l.graph.node(i).op else {
+            continue;
+        };
+        let shape: Vec<usize> = ty
+            .shape
+            .iter()
+            .map(|d| {
+                d.eval(&dims.iter().map(|(k, v)| (k.to_string(), *v)).collect())
+                    .unwrap()
+            })
+            .collect();
         let n: usize = shape.iter().product();
         let t = match ty.dtype {
             DType::F32 => Tensor::from_f32(shape, (0..n).map(|_| (next() * 4.0 - 2.0) as f32).collect()).unwrap(),
@@ -28,7 +44,9 @@ fn inputs_for(l: &kiln_frontend::Lowered, dims: &BTreeMap<&str, usize>, seed: u6
                 let seq = *shape.last().unwrap();
                 Tensor::from_i64(shape, (0..n).map(|k| ((k % seq) + (k / seq) < seq) as i64).collect()).unwrap()
             }
-            DType::I64 if name.contains("type") => Tensor::from_i64(shape, (0..n).map(|_| (next() * 2.0) as i64).collect()).unwrap(),
+            DType::I64 if name.contains("type") => {
+                Tensor::from_i64(shape, (0..n).map(|_| (next() * 2.0) as i64).collect()).unwrap()
+            }
             DType::I64 => Tensor::from_i64(shape, (0..n).map(|_| (next() * vocab as f64) as i64).collect()).unwrap(),
             other => panic!("no generator for {other}"),
         };
@@ -46,7 +64,14 @@ fn check_spec(name: &str, overrides: &[(&str, &str)], shapes: &[&[(&str, usize)]
         let dir = std::env::temp_dir().join(format!("kiln-cpu-{}-{name}-{level:?}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("model.kiln");
-        kiln_cpu::compile_to_file(&g, &w, &l.dims, &kiln_cpu::Options::for_level(if level == OptLevel::O0 { 0 } else { 1 }), &path).unwrap_or_else(|e| panic!("{name}: {e}"));
+        kiln_cpu::compile_to_file(
+            &g,
+            &w,
+            &l.dims,
+            &kiln_cpu::Options::for_level(if level == OptLevel::O0 { 0 } else { 1 }),
+            &path,
+        )
+        .unwrap_or_else(|e| panic!("{name}: {e}"));
         let model = kiln_runtime::Model::load(&path).unwrap_or_else(|e| panic!("{name}: {e}"));
         for (si, s) in shapes.iter().enumerate() {
             let dims: BTreeMap<&str, usize> = s.iter().copied().collect();
@@ -55,9 +80,14 @@ fn check_spec(name: &str, overrides: &[(&str, &str)], shapes: &[&[(&str, usize)]
             let got = model.run(&inputs).unwrap_or_else(|e| panic!("{name} {s:?}: {e}"));
             for ((n1, a), (n2, b)) in want.iter().zip(&got) {
                 assert_eq!(n1, n2);
-                let err = a.max_abs_diff(b).unwrap_or_else(|| panic!("{name} {n1}: shape {:?} vs {:?}", a.shape(), b.shape()));
+                let err = a
+                    .max_abs_diff(b)
+                    .unwrap_or_else(|| panic!("{name} {n1}: shape {:?} vs {:?}", a.shape(), b.shape()));
                 eprintln!("{name} {level:?} {s:?} {n1}: max abs error {err:.2e}");
-                assert!(err <= tol, "{name} {level:?} {s:?} {n1}: max abs error {err:e} > {tol:e}");
+                assert!(
+                    err <= tol,
+                    "{name} {level:?} {s:?} {n1}: max abs error {err:e} > {tol:e}"
+                );
             }
         }
         std::fs::remove_dir_all(&dir).ok();
@@ -66,23 +96,73 @@ fn check_spec(name: &str, overrides: &[(&str, &str)], shapes: &[&[(&str, usize)]
 
 #[test]
 fn mlp_matches_interpreter() {
-    check_spec("mlp.ron", &[], &[&[("batch", 1)], &[("batch", 7)], &[("batch", 64)]], 0, 1e-5);
+    check_spec(
+        "mlp.ron",
+        &[],
+        &[&[("batch", 1)], &[("batch", 7)], &[("batch", 64)]],
+        0,
+        1e-5,
+    );
 }
 
 #[test]
 fn gpt2_tiny_matches_interpreter() {
-    let o = [("layers", "2"), ("hidden", "64"), ("heads", "4"), ("vocab", "256"), ("max_pos", "64")];
-    check_spec("gpt2.ron", &o, &[&[("batch", 1), ("seq", 1)], &[("batch", 2), ("seq", 13)], &[("batch", 3), ("seq", 64)]], 256, 1e-4);
+    let o = [
+        ("layers", "2"),
+        ("hidden", "64"),
+        ("heads", "4"),
+        ("vocab", "256"),
+        ("max_pos", "64"),
+    ];
+    check_spec(
+        "gpt2.ron",
+        &o,
+        &[
+            &[("batch", 1), ("seq", 1)],
+            &[("batch", 2), ("seq", 13)],
+            &[("batch", 3), ("seq", 64)],
+        ],
+        256,
+        1e-4,
+    );
 }
 
 #[test]
 fn llama_tiny_matches_interpreter() {
-    let o = [("layers", "2"), ("hidden", "64"), ("heads", "4"), ("kv_heads", "2"), ("ffn", "128"), ("vocab", "256"), ("eps", "1e-6")];
-    check_spec("llama.ron", &o, &[&[("batch", 1), ("seq", 1)], &[("batch", 2), ("seq", 9)], &[("batch", 1), ("seq", 33)]], 256, 1e-4);
+    let o = [
+        ("layers", "2"),
+        ("hidden", "64"),
+        ("heads", "4"),
+        ("kv_heads", "2"),
+        ("ffn", "128"),
+        ("vocab", "256"),
+        ("eps", "1e-6"),
+    ];
+    check_spec(
+        "llama.ron",
+        &o,
+        &[
+            &[("batch", 1), ("seq", 1)],
+            &[("batch", 2), ("seq", 9)],
+            &[("batch", 1), ("seq", 33)],
+        ],
+        256,
+        1e-4,
+    );
 }
 
 #[test]
 fn minilm_small_matches_interpreter() {
     let o = [("layers", "2")];
-    check_spec("minilm.ron", &o, &[&[("batch", 1), ("seq", 5)], &[("batch", 3), ("seq", 17)], &[("batch", 2), ("seq", 150)]], 30522, 1e-4);
+    check_spec(
+        "minilm.ron",
+        &o,
+        &[
+            &[("batch", 1), ("seq", 5)],
+            &[("batch", 3), ("seq", 17)],
+            &[("batch", 2), ("seq", 150)],
+        ],
+        30522,
+        1e-4,
+    );
 }

@@ -52,7 +52,10 @@ fn base_spec_is_valid() {
 
 #[test]
 fn syntax_error() {
-    insta::assert_snapshot!(error_of(r#"dims: { "batch": 8, "seq": 32 },"#, r#"dims: { "batch": 8 "seq": 32 },"#));
+    insta::assert_snapshot!(error_of(
+        r#"dims: { "batch": 8, "seq": 32 },"#,
+        r#"dims: { "batch": 8 "seq": 32 },"#
+    ));
 }
 
 #[test]
@@ -92,23 +95,33 @@ fn non_integer_config_expression() {
 
 #[test]
 fn linear_input_width_mismatch() {
-    insta::assert_snapshot!(error_of(r#"in_features: "hidden", out_features: "ffn""#, r#"in_features: "ffn", out_features: "ffn""#));
+    insta::assert_snapshot!(error_of(
+        r#"in_features: "hidden", out_features: "ffn""#,
+        r#"in_features: "ffn", out_features: "ffn""#
+    ));
 }
 
 #[test]
 fn use_before_binding_and_bad_output() {
-    let src = BASE.replace(r#""up": Linear("#, r#""early": Add(a: "h", b: "up"),
-        "up": Linear("#).replace(r#"outputs: { "y": "up" }"#, r#"outputs: { "y": "up", "z": "missing" }"#);
+    let src = BASE
+        .replace(
+            r#""up": Linear("#,
+            r#""early": Add(a: "h", b: "up"),
+        "up": Linear("#,
+        )
+        .replace(r#"outputs: { "y": "up" }"#, r#"outputs: { "y": "up", "z": "missing" }"#);
     insta::assert_snapshot!(lower(&src).expect_err("errors").to_string());
 }
 
 #[test]
 fn add_of_mismatched_shapes() {
-    let src = BASE.replace(r#"outputs: { "y": "up" }"#, r#"outputs: { "y": "sum" }"#).replace(
-        r#""up": Linear(x: "h", param: "up", in_features: "hidden", out_features: "ffn"),"#,
-        r#""up": Linear(x: "h", param: "up", in_features: "hidden", out_features: "ffn"),
+    let src = BASE
+        .replace(r#"outputs: { "y": "up" }"#, r#"outputs: { "y": "sum" }"#)
+        .replace(
+            r#""up": Linear(x: "h", param: "up", in_features: "hidden", out_features: "ffn"),"#,
+            r#""up": Linear(x: "h", param: "up", in_features: "hidden", out_features: "ffn"),
         "sum": Add(a: "h", b: "up"),"#,
-    );
+        );
     insta::assert_snapshot!(lower(&src).expect_err("shape error").to_string());
 }
 
@@ -124,7 +137,10 @@ fn undefined_block() {
 
 #[test]
 fn undefined_dim_in_input_shape() {
-    insta::assert_snapshot!(error_of(r#"shape: ["batch", "seq", "hidden"]"#, r#"shape: ["batch", "sequence", "hidden"]"#));
+    insta::assert_snapshot!(error_of(
+        r#"shape: ["batch", "seq", "hidden"]"#,
+        r#"shape: ["batch", "sequence", "hidden"]"#
+    ));
 }
 
 #[test]
@@ -235,7 +251,9 @@ fn not_a_checkpoint() {
     let l = lower(BASE).unwrap_or_else(|e| panic!("{e}"));
     let path = std::env::temp_dir().join(format!("kiln-not-a-checkpoint-{}.safetensors", std::process::id()));
     std::fs::write(&path, b"this is not safetensors").expect("write");
-    let e = kiln_frontend::weights::load_safetensors(&l, &path).expect_err("error").to_string();
+    let e = kiln_frontend::weights::load_safetensors(&l, &path)
+        .expect_err("error")
+        .to_string();
     std::fs::remove_file(&path).ok();
     assert!(e.contains("not a valid safetensors checkpoint"), "{e}");
 }

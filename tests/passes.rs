@@ -7,9 +7,16 @@ use kiln_passes::{optimize, OptLevel};
 
 #[test]
 fn pipelines_preserve_gpt2_tiny_outputs() {
-    let overrides = [("layers", "2"), ("hidden", "64"), ("heads", "4"), ("vocab", "256"), ("max_pos", "64")];
+    let overrides = [
+        ("layers", "2"),
+        ("hidden", "64"),
+        ("heads", "4"),
+        ("vocab", "256"),
+        ("max_pos", "64"),
+    ];
     let l = spec("gpt2.ron", &overrides);
-    let w = kiln_frontend::weights::load_safetensors(&l, &data("gpt2_tiny/model.safetensors")).unwrap_or_else(|e| panic!("{e}"));
+    let w = kiln_frontend::weights::load_safetensors(&l, &data("gpt2_tiny/model.safetensors"))
+        .unwrap_or_else(|e| panic!("{e}"));
     let ids = npy("gpt2_tiny/input_ids.npy");
     let before = run(&l, &w, &[("input_ids", ids.clone())]);
     for level in [OptLevel::O0, OptLevel::O1] {
@@ -50,9 +57,38 @@ fn ir_text_of_mlp_after_o1() {
 #[test]
 fn ir_snapshots_after_each_pipeline() {
     let specs: &[(&str, &[(&str, &str)])] = &[
-        ("minilm.ron", &[("layers", "1"), ("hidden", "32"), ("heads", "2"), ("ffn", "64"), ("vocab", "100"), ("max_pos", "16")]),
-        ("gpt2.ron", &[("layers", "1"), ("hidden", "32"), ("heads", "2"), ("vocab", "100"), ("max_pos", "16")]),
-        ("llama.ron", &[("layers", "1"), ("hidden", "32"), ("heads", "4"), ("kv_heads", "2"), ("ffn", "64"), ("vocab", "100")]),
+        (
+            "minilm.ron",
+            &[
+                ("layers", "1"),
+                ("hidden", "32"),
+                ("heads", "2"),
+                ("ffn", "64"),
+                ("vocab", "100"),
+                ("max_pos", "16"),
+            ],
+        ),
+        (
+            "gpt2.ron",
+            &[
+                ("layers", "1"),
+                ("hidden", "32"),
+                ("heads", "2"),
+                ("vocab", "100"),
+                ("max_pos", "16"),
+            ],
+        ),
+        (
+            "llama.ron",
+            &[
+                ("layers", "1"),
+                ("hidden", "32"),
+                ("heads", "4"),
+                ("kv_heads", "2"),
+                ("ffn", "64"),
+                ("vocab", "100"),
+            ],
+        ),
         ("mlp.ron", &[]),
     ];
     for (name, overrides) in specs {

@@ -8,10 +8,31 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 use common::Rng;
 use kiln_frontend::{lower_source, Options};
 
-
 const PIECES: &[&str] = &[
-    "\"", "(", ")", "{", "}", "[", "]", ",", ":", "0", "-1", "999999999999", "\"x\"", "\"hidden\"", "\"batch\"",
-    "1e-5", "true", "Linear", "Add(a: \"x\", b: \"x\")", "// c\n", "\"{i}\"", "\"{\"", "\"1/0\"", "\"hidden / 0\"",
+    "\"",
+    "(",
+    ")",
+    "{",
+    "}",
+    "[",
+    "]",
+    ",",
+    ":",
+    "0",
+    "-1",
+    "999999999999",
+    "\"x\"",
+    "\"hidden\"",
+    "\"batch\"",
+    "1e-5",
+    "true",
+    "Linear",
+    "Add(a: \"x\", b: \"x\")",
+    "// c\n",
+    "\"{i}\"",
+    "\"{\"",
+    "\"1/0\"",
+    "\"hidden / 0\"",
 ];
 
 fn mutate(src: &str, rng: &mut Rng) -> String {
@@ -30,7 +51,11 @@ fn mutate(src: &str, rng: &mut Rng) -> String {
             _ => {
                 // Swap a number for another, or a name for a near-miss.
                 if let Some(c) = s.get_mut(at) {
-                    *c = if c.is_ascii_digit() { char::from(b'0' + rng.below(10) as u8) } else { 'z' };
+                    *c = if c.is_ascii_digit() {
+                        char::from(b'0' + rng.below(10) as u8)
+                    } else {
+                        'z'
+                    };
                 }
             }
         }
@@ -47,11 +72,18 @@ fn mutated_specs_never_panic() {
         let src = std::fs::read_to_string(root.join(name)).expect("spec exists");
         for i in 0..400 {
             let m = mutate(&src, &mut rng);
-            let r = catch_unwind(AssertUnwindSafe(|| lower_source(name, &m, &Options::default()).map(|_| ()).map_err(|e| e.to_string())));
+            let r = catch_unwind(AssertUnwindSafe(|| {
+                lower_source(name, &m, &Options::default())
+                    .map(|_| ())
+                    .map_err(|e| e.to_string())
+            }));
             match r {
                 Ok(Ok(())) => ok += 1,
                 Ok(Err(msg)) => {
-                    assert!(msg.contains("error"), "{name} mutation {i}: an error without a message: {msg}");
+                    assert!(
+                        msg.contains("error"),
+                        "{name} mutation {i}: an error without a message: {msg}"
+                    );
                     rejected += 1;
                 }
                 Err(_) => panic!("{name} mutation {i} panicked; the spec was:\n{m}"),

@@ -11,12 +11,20 @@ use kiln_passes::simplify::{run_rules, Limits};
 
 /// Builds a graph from an s-expression over inputs `x`, `y` (f32[n, 3]) and f32 constants.
 fn graph_of(src: &str) -> Graph {
-    let toks: Vec<String> = src.replace('(', " ( ").replace(')', " ) ").split_whitespace().map(String::from).collect();
+    let toks: Vec<String> = src
+        .replace('(', " ( ")
+        .replace(')', " ) ")
+        .split_whitespace()
+        .map(String::from)
+        .collect();
     let mut g = Graph::new("expr");
     let mut inputs: BTreeMap<String, NodeId> = BTreeMap::new();
     for name in ["x", "y"] {
         let ty = TensorType::new(DType::F32, vec![Dim::sym("n"), Dim::known(3)]);
-        inputs.insert(name.into(), g.add(Op::Input { name: name.into(), ty }, &[], name).unwrap());
+        inputs.insert(
+            name.into(),
+            g.add(Op::Input { name: name.into(), ty }, &[], name).unwrap(),
+        );
     }
     fn parse(toks: &[String], pos: &mut usize, g: &mut Graph, inputs: &BTreeMap<String, NodeId>) -> NodeId {
         let t = toks[*pos].clone();
@@ -26,7 +34,16 @@ fn graph_of(src: &str) -> Graph {
                 return *id;
             }
             let v: f64 = t.parse().unwrap_or_else(|_| panic!("bad atom {t}"));
-            return g.add(Op::Scalar { value: Literal::float(v), dtype: DType::F32 }, &[], format!("c{v}")).unwrap();
+            return g
+                .add(
+                    Op::Scalar {
+                        value: Literal::float(v),
+                        dtype: DType::F32,
+                    },
+                    &[],
+                    format!("c{v}"),
+                )
+                .unwrap();
         }
         let head = toks[*pos].clone();
         *pos += 1;
@@ -62,13 +79,19 @@ fn eval(g: &Graph, n: usize, seed: u64) -> Tensor {
     };
     let mut feed = BTreeMap::new();
     for name in ["x", "y"] {
-        feed.insert(name.to_string(), Tensor::from_f32(vec![n, 3], (0..n * 3).map(|_| next()).collect()).unwrap());
+        feed.insert(
+            name.to_string(),
+            Tensor::from_f32(vec![n, 3], (0..n * 3).map(|_| next()).collect()).unwrap(),
+        );
     }
     kiln_interp::run(g, &BTreeMap::new(), &feed).unwrap().remove(0).1
 }
 
 fn rule(name: &str) -> kiln_passes::rules::Rule {
-    kiln_passes::rules::algebraic().into_iter().find(|r| r.name.as_str() == name).unwrap_or_else(|| panic!("no rule {name}"))
+    kiln_passes::rules::algebraic()
+        .into_iter()
+        .find(|r| r.name.as_str() == name)
+        .unwrap_or_else(|| panic!("no rule {name}"))
 }
 
 /// Applies `rules` to the expression, checks the result is valid and equal by execution.
@@ -81,7 +104,11 @@ fn rewrite(src: &str, rules: &[kiln_passes::rules::Rule]) -> (Graph, Graph) {
         let (a, b) = (eval(&g, n, seed), eval(&h, n, seed));
         let err = a.max_abs_diff(&b).expect("same shape");
         let scale = a.to_f64_vec().iter().fold(1.0f64, |m, v| m.max(v.abs()));
-        assert!(err <= 1e-6 * scale, "{src}: rewritten graph differs by {err:e}\n{}", h.to_text());
+        assert!(
+            err <= 1e-6 * scale,
+            "{src}: rewritten graph differs by {err:e}\n{}",
+            h.to_text()
+        );
     }
     (g, h)
 }
@@ -105,9 +132,15 @@ const EXAMPLES: &[(&str, &str, bool)] = &[
 
 #[test]
 fn every_rule_is_correct_by_execution() {
-    let names: Vec<String> = kiln_passes::rules::algebraic().iter().map(|r| r.name.to_string()).collect();
+    let names: Vec<String> = kiln_passes::rules::algebraic()
+        .iter()
+        .map(|r| r.name.to_string())
+        .collect();
     for n in &names {
-        assert!(EXAMPLES.iter().any(|(r, _, _)| r == n), "rule {n} has no example in tests/rules.rs");
+        assert!(
+            EXAMPLES.iter().any(|(r, _, _)| r == n),
+            "rule {n} has no example in tests/rules.rs"
+        );
     }
     for (name, src, cheaper) in EXAMPLES {
         let (g, h) = rewrite(src, &[rule(name)]);
@@ -130,7 +163,11 @@ fn start_to_goal() {
         let (_, h) = rewrite(start, &all);
         let want = graph_of(goal);
         // Goal reached: same number of ops of each kind (rsqrt counts as recip+sqrt's result).
-        let ops = |g: &Graph| g.node_ids().filter(|n| !matches!(g.node(*n).op, Op::Input { .. } | Op::Scalar { .. })).count();
+        let ops = |g: &Graph| {
+            g.node_ids()
+                .filter(|n| !matches!(g.node(*n).op, Op::Input { .. } | Op::Scalar { .. }))
+                .count()
+        };
         let want_ops = if goal.contains("sqrt") { 1 } else { ops(&want) };
         assert_eq!(ops(&h), want_ops, "{start} => {goal}, got:\n{}", h.to_text());
     }
@@ -138,7 +175,13 @@ fn start_to_goal() {
 
 #[test]
 fn rules_do_not_fire_where_they_must_not() {
-    for (name, src) in [("mul-one", "(mul x y)"), ("div-const-to-mul", "(div x y)"), ("div-const-to-mul", "(div x 0)"), ("add-zero", "(add x y)"), ("mul-const-assoc", "(mul (mul x y) 3)")] {
+    for (name, src) in [
+        ("mul-one", "(mul x y)"),
+        ("div-const-to-mul", "(div x y)"),
+        ("div-const-to-mul", "(div x 0)"),
+        ("add-zero", "(add x y)"),
+        ("mul-const-assoc", "(mul (mul x y) 3)"),
+    ] {
         let (g, h) = rewrite(src, &[rule(name)]);
         assert_eq!(g.to_text(), h.to_text(), "{name} changed {src}");
     }
@@ -146,13 +189,23 @@ fn rules_do_not_fire_where_they_must_not() {
 
 #[test]
 fn egraph_round_trip_preserves_graphs() {
-    let tiny = [("layers", "2"), ("hidden", "64"), ("heads", "4"), ("vocab", "256"), ("max_pos", "64")];
+    let tiny = [
+        ("layers", "2"),
+        ("hidden", "64"),
+        ("heads", "4"),
+        ("vocab", "256"),
+        ("max_pos", "64"),
+    ];
     let mut l = common::spec("gpt2.ron", &tiny);
     kiln_passes::optimize(&mut l.graph, kiln_passes::OptLevel::O1, true).unwrap();
     let mut h = l.graph.clone();
     run_rules(&mut h, &[], Limits::default());
     kiln_ir::verify(&h).unwrap();
-    assert_eq!(h.len(), l.graph.len(), "a rule-free round trip keeps every (CSE'd) node");
+    assert_eq!(
+        h.len(),
+        l.graph.len(),
+        "a rule-free round trip keeps every (CSE'd) node"
+    );
     let w = kiln_frontend::weights::load_safetensors(&l, &common::data("gpt2_tiny/model.safetensors")).unwrap();
     let ids = common::npy("gpt2_tiny/input_ids.npy");
     let a = common::run(&l, &w, &[("input_ids", ids.clone())]);
@@ -164,24 +217,68 @@ fn egraph_round_trip_preserves_graphs() {
 
 #[test]
 fn o2_simplifies_every_spec_and_keeps_outputs() {
-    for (name, o) in [("minilm.ron", vec![("layers", "2")]), ("llama.ron", vec![("layers", "2"), ("hidden", "64"), ("heads", "4"), ("kv_heads", "2"), ("ffn", "128"), ("vocab", "256")])] {
+    for (name, o) in [
+        ("minilm.ron", vec![("layers", "2")]),
+        (
+            "llama.ron",
+            vec![
+                ("layers", "2"),
+                ("hidden", "64"),
+                ("heads", "4"),
+                ("kv_heads", "2"),
+                ("ffn", "128"),
+                ("vocab", "256"),
+            ],
+        ),
+    ] {
         let l = common::spec(name, &o);
         let mut o1 = l.graph.clone();
         kiln_passes::optimize(&mut o1, kiln_passes::OptLevel::O1, true).unwrap();
         let mut o2 = l.graph.clone();
         let report = kiln_passes::optimize(&mut o2, kiln_passes::OptLevel::O2, true).unwrap();
         let s = report.iter().find(|r| r.pass == "simplify").unwrap();
-        assert!(s.stats.notes.iter().any(|n| n.contains("stopped: saturated")), "{name}: {:?}", s.stats.notes);
-        let matmuls = |g: &Graph| g.node_ids().filter(|n| matches!(g.node(*n).op, Op::MatMul { .. })).count();
-        assert!(matmuls(&o2) < matmuls(&o1), "{name}: O2 has {} matmuls, O1 {}", matmuls(&o2), matmuls(&o1));
+        assert!(
+            s.stats.notes.iter().any(|n| n.contains("stopped: saturated")),
+            "{name}: {:?}",
+            s.stats.notes
+        );
+        let matmuls = |g: &Graph| {
+            g.node_ids()
+                .filter(|n| matches!(g.node(*n).op, Op::MatMul { .. }))
+                .count()
+        };
+        assert!(
+            matmuls(&o2) < matmuls(&o1),
+            "{name}: O2 has {} matmuls, O1 {}",
+            matmuls(&o2),
+            matmuls(&o1)
+        );
         let w = kiln_frontend::weights::random(&l, 5);
         let dims: BTreeMap<&str, usize> = [("batch", 2), ("seq", 7)].into_iter().collect();
         let mut feed = BTreeMap::new();
         for &i in l.graph.inputs() {
-            let Op::Input { name: n, ty } = &l.graph.node(i).op else { unreachable!() };
-            let shape: Vec<usize> = ty.shape.iter().map(|d| d.eval(&dims.iter().map(|(k, v)| (k.to_string(), *v)).collect()).unwrap()).collect();
+            let Op::Input { name: n, ty } = &l.graph.node(i).op else {
+                unreachable!()
+            };
+            let shape: Vec<usize> = ty
+                .shape
+                .iter()
+                .map(|d| {
+                    d.eval(&dims.iter().map(|(k, v)| (k.to_string(), *v)).collect())
+                        .unwrap()
+                })
+                .collect();
             let c: usize = shape.iter().product();
-            feed.insert(n.clone(), Tensor::from_i64(shape, (0..c as i64).map(|k| if n == "input_ids" { k % 50 } else { (k * 7) % 2 }).collect()).unwrap());
+            feed.insert(
+                n.clone(),
+                Tensor::from_i64(
+                    shape,
+                    (0..c as i64)
+                        .map(|k| if n == "input_ids" { k % 50 } else { (k * 7) % 2 })
+                        .collect(),
+                )
+                .unwrap(),
+            );
         }
         let run = |g: &Graph| kiln_interp::run(g, &w, &feed).unwrap();
         for ((on, a), (_, b)) in run(&o1).iter().zip(run(&o2).iter()) {

@@ -62,7 +62,9 @@ impl<'de> Deserialize<'de> for Raw {
                 Ok(Raw::Int(v))
             }
             fn visit_u64<E: de::Error>(self, v: u64) -> Result<Raw, E> {
-                i64::try_from(v).map(Raw::Int).map_err(|_| E::custom("integer too large"))
+                i64::try_from(v)
+                    .map(Raw::Int)
+                    .map_err(|_| E::custom("integer too large"))
             }
             fn visit_f64<E: de::Error>(self, v: f64) -> Result<Raw, E> {
                 Ok(Raw::Float(v))
@@ -101,11 +103,15 @@ pub enum IntExpr {
     Expr(String),
 }
 
-from_raw!(IntExpr, "an integer or an expression string like \"hidden / heads\"", |raw| match raw {
-    Raw::Int(v) => Some(IntExpr::Lit(v)),
-    Raw::Str(s) => Some(IntExpr::Expr(s)),
-    _ => None,
-});
+from_raw!(
+    IntExpr,
+    "an integer or an expression string like \"hidden / heads\"",
+    |raw| match raw {
+        Raw::Int(v) => Some(IntExpr::Lit(v)),
+        Raw::Str(s) => Some(IntExpr::Expr(s)),
+        _ => None,
+    }
+);
 
 /// A number written as a literal or as a config name/expression (`"eps"`).
 #[derive(Clone, Debug, PartialEq)]
@@ -134,12 +140,16 @@ pub enum ConfigValue {
     Expr(String),
 }
 
-from_raw!(ConfigValue, "an integer, a float, or an expression string", |raw| match raw {
-    Raw::Int(v) => Some(ConfigValue::Int(v)),
-    Raw::Float(v) => Some(ConfigValue::Float(v)),
-    Raw::Str(s) => Some(ConfigValue::Expr(s)),
-    Raw::Bool(_) => None,
-});
+from_raw!(
+    ConfigValue,
+    "an integer, a float, or an expression string",
+    |raw| match raw {
+        Raw::Int(v) => Some(ConfigValue::Int(v)),
+        Raw::Float(v) => Some(ConfigValue::Float(v)),
+        Raw::Str(s) => Some(ConfigValue::Expr(s)),
+        Raw::Bool(_) => None,
+    }
+);
 
 /// `bias: true | false | "explicit.name"`.
 #[derive(Clone, Debug, PartialEq)]
@@ -285,7 +295,12 @@ pub enum RopeStyle {
 #[allow(missing_docs)]
 pub enum Layer {
     /// Rows of a `[rows, dim]` table picked by integer ids.
-    Embedding { ids: String, weight: String, rows: IntExpr, dim: IntExpr },
+    Embedding {
+        ids: String,
+        weight: String,
+        rows: IntExpr,
+        dim: IntExpr,
+    },
     /// `0..extent` of one axis of a tensor, as i64 (position ids).
     Positions {
         of: String,

@@ -74,7 +74,13 @@ pub struct Diagnostic {
 impl Diagnostic {
     /// A diagnostic at a path.
     pub fn at(path: SpecPath, message: impl Into<String>) -> Diagnostic {
-        Diagnostic { message: message.into(), path: Some(path), span: None, label: String::new(), notes: Vec::new() }
+        Diagnostic {
+            message: message.into(),
+            path: Some(path),
+            span: None,
+            label: String::new(),
+            notes: Vec::new(),
+        }
     }
 
     /// Adds a note.
@@ -112,7 +118,11 @@ impl SpecError {
                 }
             }
         }
-        SpecError { file: file.to_string(), source: source.to_string(), diagnostics }
+        SpecError {
+            file: file.to_string(),
+            source: source.to_string(),
+            diagnostics,
+        }
     }
 
     /// Renders every diagnostic as plain text with source snippets.
@@ -136,7 +146,11 @@ impl SpecError {
             }
         }
         let n = self.diagnostics.len();
-        out.push_str(&format!("{n} error{} in {}\n", if n == 1 { "" } else { "s" }, self.file));
+        out.push_str(&format!(
+            "{n} error{} in {}\n",
+            if n == 1 { "" } else { "s" },
+            self.file
+        ));
         out
     }
 }
@@ -209,7 +223,11 @@ impl<'s> Locator<'s> {
                     Kind::Str
                 }
                 b'(' | b'[' | b'{' => {
-                    toks.push(Tok { kind: Kind::Open, span: i..i + 1, depth });
+                    toks.push(Tok {
+                        kind: Kind::Open,
+                        span: i..i + 1,
+                        depth,
+                    });
                     depth += 1;
                     i += 1;
                     continue;
@@ -238,7 +256,11 @@ impl<'s> Locator<'s> {
                     Kind::Other
                 }
             };
-            toks.push(Tok { kind, span: start..i.min(b.len()), depth });
+            toks.push(Tok {
+                kind,
+                span: start..i.min(b.len()),
+                depth,
+            });
         }
         Locator { src, toks }
     }
@@ -307,7 +329,11 @@ pub fn offset_of(src: &str, line: usize, col: usize) -> usize {
     let mut off = 0;
     for (i, l) in src.split_inclusive('\n').enumerate() {
         if i + 1 == line {
-            let c = l.char_indices().nth(col.saturating_sub(1)).map(|(b, _)| b).unwrap_or(l.len());
+            let c = l
+                .char_indices()
+                .nth(col.saturating_sub(1))
+                .map(|(b, _)| b)
+                .unwrap_or(l.len());
             return off + c;
         }
         off += l.len();
@@ -342,7 +368,12 @@ Model(
         let at = Locator::new(SRC).find(&top).unwrap().start;
         assert_eq!(offset_of(SRC, 8, 9), at);
         assert_eq!(text(top.field("x")), "\"input\"");
-        let inner = SpecPath::default().field("blocks").key("layer").field("body").key("q").field("in_features");
+        let inner = SpecPath::default()
+            .field("blocks")
+            .key("layer")
+            .field("body")
+            .key("q")
+            .field("in_features");
         assert_eq!(text(inner), "4");
         // A missing last step falls back to the nearest enclosing element.
         assert_eq!(text(SpecPath::default().field("body").key("nope")), "body");

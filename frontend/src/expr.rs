@@ -26,7 +26,9 @@ fn lex(s: &str) -> Result<Vec<Tok>, String> {
                 i += 1;
             }
             let txt: String = cs[st..i].iter().collect();
-            out.push(Tok::Int(txt.parse().map_err(|_| format!("integer `{txt}` is too large"))?));
+            out.push(Tok::Int(
+                txt.parse().map_err(|_| format!("integer `{txt}` is too large"))?,
+            ));
         } else if c.is_alphabetic() || c == '_' {
             let st = i;
             while i < cs.len() && (cs[i].is_alphanumeric() || cs[i] == '_') {
@@ -175,7 +177,9 @@ impl Env {
         let mut rest = t;
         while let Some(open) = rest.find('{') {
             out.push_str(&rest[..open]);
-            let close = rest[open..].find('}').ok_or_else(|| format!("unclosed `{{` in weight name `{t}`"))?;
+            let close = rest[open..]
+                .find('}')
+                .ok_or_else(|| format!("unclosed `{{` in weight name `{t}`"))?;
             let v = self.int(&rest[open + 1..open + close])?;
             out.push_str(&v.to_string());
             rest = &rest[open + close + 1..];
@@ -230,7 +234,9 @@ fn eval_dim(e: &Ast, env: &Env, src: &str) -> Result<D, String> {
         Ast::Bin(op, a, b) => {
             let (x, y) = (eval_dim(a, env, src)?, eval_dim(b, env, src)?);
             match (x, y) {
-                (D::Int(x), D::Int(y)) => eval_int(&Ast::Bin(*op, Box::new(Ast::Int(x)), Box::new(Ast::Int(y))), env, src).map(D::Int),
+                (D::Int(x), D::Int(y)) => {
+                    eval_int(&Ast::Bin(*op, Box::new(Ast::Int(x)), Box::new(Ast::Int(y))), env, src).map(D::Int)
+                }
                 (x, y) => {
                     let as_dim = |v: D| -> Result<Dim, String> {
                         match v {
@@ -243,7 +249,9 @@ fn eval_dim(e: &Ast, env: &Env, src: &str) -> Result<D, String> {
                         '*' => Ok(D::Dim(as_dim(x)?.mul(&as_dim(y)?))),
                         '/' => {
                             let (x, y) = (as_dim(x)?, as_dim(y)?);
-                            x.div(&y).map(D::Dim).ok_or_else(|| format!("`{src}`: {x} is not divisible by {y}"))
+                            x.div(&y)
+                                .map(D::Dim)
+                                .ok_or_else(|| format!("`{src}`: {x} is not divisible by {y}"))
                         }
                         _ => Err(format!("`{src}`: symbolic dims can only be multiplied and divided")),
                     }

@@ -48,8 +48,10 @@ pub enum FrontendError {
 
 /// Reads, parses and lowers a spec file.
 pub fn load(path: &Path, opts: &Options) -> Result<Lowered, FrontendError> {
-    let src = std::fs::read_to_string(path)
-        .map_err(|source| FrontendError::Io { path: path.display().to_string(), source })?;
+    let src = std::fs::read_to_string(path).map_err(|source| FrontendError::Io {
+        path: path.display().to_string(),
+        source,
+    })?;
     lower_source(&path.display().to_string(), &src, opts)
 }
 

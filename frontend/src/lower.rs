@@ -9,7 +9,9 @@ use std::collections::{HashMap, HashSet};
 
 use kiln_ir::{BinaryOp, CmpOp, DType, Dim, Graph, GraphError, Literal, NodeId, Op, ReduceOp, TensorType, UnaryOp};
 
-use crate::ast::{BiasField, Block, ConfigValue, DTypeName, FloatExpr, IntExpr, Layer, Layout, Ordered, Rope, RopeStyle, Spec};
+use crate::ast::{
+    BiasField, Block, ConfigValue, DTypeName, FloatExpr, IntExpr, Layer, Layout, Ordered, Rope, RopeStyle, Spec,
+};
 use crate::diag::{Diagnostic, SpecError, SpecPath};
 use crate::expr::Env;
 
@@ -162,7 +164,14 @@ pub fn lower(file: &str, src: &str, spec: &Spec, opts: &Options) -> Result<Lower
     let root = SpecPath::default();
     let env = l.config(&root, &opts.overrides);
     let (env, dims) = l.dims(&root, env);
-    let mut scope = Scope { vars: HashMap::new(), parent: None, env, prefix: String::new(), base: root.field("body"), stack: vec![] };
+    let mut scope = Scope {
+        vars: HashMap::new(),
+        parent: None,
+        env,
+        prefix: String::new(),
+        base: root.field("body"),
+        stack: vec![],
+    };
     l.inputs(&root, &mut scope);
     l.body(&spec.body, &mut scope);
     for (name, binding) in &spec.outputs.0 {
@@ -198,7 +207,8 @@ pub fn lower(file: &str, src: &str, spec: &Spec, opts: &Options) -> Result<Lower
 
 fn undefined(path: SpecPath, name: &str, scope: &Scope) -> Diagnostic {
     let names = scope.names();
-    let mut d = Diagnostic::at(path, format!("undefined name `{name}`")).label("not bound by any earlier layer or input");
+    let mut d =
+        Diagnostic::at(path, format!("undefined name `{name}`")).label("not bound by any earlier layer or input");
     if let Some(s) = crate::suggest(name, names.iter().map(String::as_str)) {
         d = d.note(format!("did you mean `{s}`?"));
     }
@@ -236,7 +246,10 @@ impl<'a> Lowerer<'a> {
         for (name, _) in overrides {
             if !self.spec.config.0.iter().any(|(n, _)| n == name) {
                 let known: Vec<&str> = self.spec.config.0.iter().map(|(n, _)| n.as_str()).collect();
-                let mut d = Diagnostic::at(root.field("config"), format!("`--set {name}=…`: the spec has no config entry `{name}`"));
+                let mut d = Diagnostic::at(
+                    root.field("config"),
+                    format!("`--set {name}=…`: the spec has no config entry `{name}`"),
+                );
                 if let Some(s) = crate::suggest(name, known) {
                     d = d.note(format!("did you mean `{s}`?"));
                 }
@@ -280,7 +293,10 @@ impl<'a> Lowerer<'a> {
         for (name, bound) in &self.spec.dims.0 {
             let path = root.field("dims").key(name);
             if env.ints.contains_key(name) || env.floats.contains_key(name) {
-                self.report(Diagnostic::at(path.clone(), format!("dim `{name}` has the name of a config entry")));
+                self.report(Diagnostic::at(
+                    path.clone(),
+                    format!("dim `{name}` has the name of a config entry"),
+                ));
             }
             let b = match bound {
                 IntExpr::Lit(v) => Ok(*v),
@@ -288,7 +304,10 @@ impl<'a> Lowerer<'a> {
             };
             match b {
                 Ok(v) if v > 0 => out.push((name.clone(), v as u64)),
-                Ok(v) => self.report(Diagnostic::at(path, format!("dim `{name}` has bound {v}; bounds must be positive"))),
+                Ok(v) => self.report(Diagnostic::at(
+                    path,
+                    format!("dim `{name}` has bound {v}; bounds must be positive"),
+                )),
                 Err(m) => self.report(Diagnostic::at(path, m)),
             }
             env.dims.push(name.clone());
@@ -305,7 +324,10 @@ impl<'a> Lowerer<'a> {
                 match self.dim(d, &scope.env) {
                     Ok(d) => shape.push(d),
                     Err(m) => {
-                        self.report(Diagnostic::at(path.field("shape"), m).note("input shapes use names from `dims` and integer expressions"));
+                        self.report(
+                            Diagnostic::at(path.field("shape"), m)
+                                .note("input shapes use names from `dims` and integer expressions"),
+                        );
                         ok = false;
                     }
                 }
@@ -336,7 +358,10 @@ impl<'a> Lowerer<'a> {
         for (name, layer) in &body.0 {
             let path = scope.base.key(name);
             if scope.vars.contains_key(name) {
-                self.report(Diagnostic::at(path.clone(), format!("`{name}` is already bound in this body")).label("second binding"));
+                self.report(
+                    Diagnostic::at(path.clone(), format!("`{name}` is already bound in this body"))
+                        .label("second binding"),
+                );
                 continue;
             }
             match self.layer(name, layer, &path, scope) {
@@ -395,7 +420,11 @@ impl<'a> Lowerer<'a> {
     fn axis(&self, axis: i64, rank: usize, path: &SpecPath, field: &str) -> LResult<usize> {
         let a = if axis < 0 { axis + rank as i64 } else { axis };
         if a < 0 || a >= rank as i64 {
-            return Err(Diagnostic::at(path.field(field), format!("axis {axis} is out of range for a tensor of rank {rank}")).into());
+            return Err(Diagnostic::at(
+                path.field(field),
+                format!("axis {axis} is out of range for a tensor of rank {rank}"),
+            )
+            .into());
         }
         Ok(a as usize)
     }
@@ -411,34 +440,81 @@ impl<'a> Lowerer<'a> {
     }
 
     fn scalar(&mut self, v: f64, dt: DType, name: &str) -> NodeId {
-        let value = if dt.is_float() { Literal::float(v) } else { Literal::Int(v as i64) };
-        self.g.add(Op::Scalar { value, dtype: dt }, &[], format!("{name}/const")).expect("a scalar of a numeric dtype is well typed")
+        let value = if dt.is_float() {
+            Literal::float(v)
+        } else {
+            Literal::Int(v as i64)
+        };
+        self.g
+            .add(Op::Scalar { value, dtype: dt }, &[], format!("{name}/const"))
+            .expect("a scalar of a numeric dtype is well typed")
     }
 
-    fn param(&mut self, template: &str, shape: &[u64], role: ParamRole, env: &Env, path: &SpecPath, field: &str) -> LResult<NodeId> {
-        let name = env.template(template).map_err(|m| Diagnostic::at(path.field(field), m))?;
+    fn param(
+        &mut self,
+        template: &str,
+        shape: &[u64],
+        role: ParamRole,
+        env: &Env,
+        path: &SpecPath,
+        field: &str,
+    ) -> LResult<NodeId> {
+        let name = env
+            .template(template)
+            .map_err(|m| Diagnostic::at(path.field(field), m))?;
         let name = format!("{}{name}", self.weight_prefix);
         let elements = shape.iter().try_fold(1u64, |a, d| a.checked_mul(*d));
         if elements.is_none_or(|n| n > MAX_PARAM_ELEMENTS) {
-            return Err(Diagnostic::at(path.field(field), format!("weight `{name}` would have shape {shape:?}, more than {MAX_PARAM_ELEMENTS} elements")).into());
+            return Err(Diagnostic::at(
+                path.field(field),
+                format!("weight `{name}` would have shape {shape:?}, more than {MAX_PARAM_ELEMENTS} elements"),
+            )
+            .into());
         }
         let ty = TensorType::new(DType::F32, shape.iter().map(|d| Dim::known(*d)).collect());
         if let Some(&i) = self.param_index.get(&name) {
             let p = &self.params[i];
             if p.ty != ty {
-                return Err(Diagnostic::at(path.field(field), format!("weight `{name}` is used as {ty} here but as {} elsewhere", p.ty))
-                    .note(format!("first used at {}", p.path))
-                    .into());
+                return Err(Diagnostic::at(
+                    path.field(field),
+                    format!("weight `{name}` is used as {ty} here but as {} elsewhere", p.ty),
+                )
+                .note(format!("first used at {}", p.path))
+                .into());
             }
             return Ok(p.node);
         }
-        let node = self.g.add(Op::Param { name: name.clone(), ty: ty.clone() }, &[], name.clone()).expect("params have no operands");
+        let node = self
+            .g
+            .add(
+                Op::Param {
+                    name: name.clone(),
+                    ty: ty.clone(),
+                },
+                &[],
+                name.clone(),
+            )
+            .expect("params have no operands");
         self.param_index.insert(name.clone(), self.params.len());
-        self.params.push(ParamDecl { name, ty, path: path.field(field), role, node });
+        self.params.push(ParamDecl {
+            name,
+            ty,
+            path: path.field(field),
+            role,
+            node,
+        });
         Ok(node)
     }
 
-    fn bin(&mut self, op: BinaryOp, a: NodeId, b: NodeId, name: String, path: &SpecPath, kind: &str) -> LResult<NodeId> {
+    fn bin(
+        &mut self,
+        op: BinaryOp,
+        a: NodeId,
+        b: NodeId,
+        name: String,
+        path: &SpecPath,
+        kind: &str,
+    ) -> LResult<NodeId> {
         self.add(Op::Binary(op), &[a, b], name, path, kind)
     }
 
@@ -449,7 +525,11 @@ impl<'a> Lowerer<'a> {
     fn float_input(&self, id: NodeId, path: &SpecPath, field: &str, kind: &str) -> LResult<TensorType> {
         let t = self.ty(id);
         if !t.dtype.is_float() {
-            return Err(Diagnostic::at(path.field(field), format!("{kind} needs a float tensor, but this is {t}")).into());
+            return Err(Diagnostic::at(
+                path.field(field),
+                format!("{kind} needs a float tensor, but this is {t}"),
+            )
+            .into());
         }
         Ok(t)
     }
@@ -466,10 +546,20 @@ impl<'a> Lowerer<'a> {
             (Some(p), None) => format!("{p}.weight"),
             (None, Some(w)) => w.clone(),
             (Some(_), Some(_)) => {
-                return Err(Diagnostic::at(path.field("weight"), format!("{kind} takes `param` (a name prefix) or `weight` (a full name), not both")).into())
+                return Err(Diagnostic::at(
+                    path.field("weight"),
+                    format!("{kind} takes `param` (a name prefix) or `weight` (a full name), not both"),
+                )
+                .into())
             }
             (None, None) => {
-                return Err(Diagnostic::at(path.clone(), format!("{kind} needs `param: \"prefix\"` (binds prefix.weight and prefix.bias) or `weight: \"full.name\"`")).into())
+                return Err(Diagnostic::at(
+                    path.clone(),
+                    format!(
+                    "{kind} needs `param: \"prefix\"` (binds prefix.weight and prefix.bias) or `weight: \"full.name\"`"
+                ),
+                )
+                .into())
             }
         };
         let b = match (bias, param) {
@@ -478,7 +568,11 @@ impl<'a> Lowerer<'a> {
             (Some(BiasField::Flag(true)) | None, Some(p)) => Some(format!("{p}.bias")),
             (None, None) => None,
             (Some(BiasField::Flag(true)), None) => {
-                return Err(Diagnostic::at(path.field("bias"), "`bias: true` needs `param` to name the bias; write `bias: \"full.name\"`").into())
+                return Err(Diagnostic::at(
+                    path.field("bias"),
+                    "`bias: true` needs `param` to name the bias; write `bias: \"full.name\"`",
+                )
+                .into())
             }
         };
         Ok((w, b))
@@ -487,16 +581,25 @@ impl<'a> Lowerer<'a> {
     fn check_last(&self, x: NodeId, want: u64, path: &SpecPath, field: &str, kind: &str, what: &str) -> LResult<()> {
         let t = self.ty(x);
         if last(&t) != Some(&Dim::known(want)) {
-            return Err(Diagnostic::at(path.field(field), format!("{kind} expects the last axis of its input to be {what} = {want}, but this is {t}"))
-                .label("shape mismatch")
-                .into());
+            return Err(Diagnostic::at(
+                path.field(field),
+                format!("{kind} expects the last axis of its input to be {what} = {want}, but this is {t}"),
+            )
+            .label("shape mismatch")
+            .into());
         }
         Ok(())
     }
 
     // ----- layers -----
 
-    fn layer(&mut self, name: &str, layer: &Layer, path: &SpecPath, scope: &mut Scope) -> LResult<Vec<(String, NodeId)>> {
+    fn layer(
+        &mut self,
+        name: &str,
+        layer: &Layer,
+        path: &SpecPath,
+        scope: &mut Scope,
+    ) -> LResult<Vec<(String, NodeId)>> {
         let kind = layer.kind();
         let n = format!("{}{name}", scope.prefix);
         let one = |id: NodeId| Ok(vec![(name.to_string(), id)]);
@@ -507,7 +610,11 @@ impl<'a> Lowerer<'a> {
                 let i = self.get(scope, path, "ids", ids)?;
                 let it = self.ty(i);
                 if !it.dtype.is_int() {
-                    return Err(Diagnostic::at(path.field("ids"), format!("Embedding ids must be integers, but `{ids}` is {it}")).into());
+                    return Err(Diagnostic::at(
+                        path.field("ids"),
+                        format!("Embedding ids must be integers, but `{ids}` is {it}"),
+                    )
+                    .into());
                 }
                 let w = self.param(weight, &[rows, dim], ParamRole::Table, &scope.env, path, "weight")?;
                 one(self.add(Op::Gather { axis: 0 }, &[w, i], n, path, kind)?)
@@ -516,9 +623,26 @@ impl<'a> Lowerer<'a> {
                 let x = self.get(scope, path, "of", of)?;
                 let t = self.ty(x);
                 let ax = self.axis(*axis, t.rank(), path, "axis")?;
-                one(self.add(Op::Iota { len: t.shape[ax].clone(), dtype: DType::I64 }, &[], n, path, kind)?)
+                one(self.add(
+                    Op::Iota {
+                        len: t.shape[ax].clone(),
+                        dtype: DType::I64,
+                    },
+                    &[],
+                    n,
+                    path,
+                    kind,
+                )?)
             }
-            Layer::Linear { x, param, weight, bias, in_features, out_features, layout } => {
+            Layer::Linear {
+                x,
+                param,
+                weight,
+                bias,
+                in_features,
+                out_features,
+                layout,
+            } => {
                 // Config fields first: their errors do not depend on earlier layers having lowered.
                 let fin = self.pos(in_features, &scope.env, path, "in_features")?;
                 let fout = self.pos(out_features, &scope.env, path, "out_features")?;
@@ -532,15 +656,35 @@ impl<'a> Lowerer<'a> {
                     Layout::InOut => ([fin, fout], false),
                 };
                 let w = self.param(&wn, &shape, ParamRole::Matrix, &scope.env, path, wfield)?;
-                let mut y = self.add(Op::MatMul { transpose_a: false, transpose_b: tb }, &[xi, w], format!("{n}/matmul"), path, kind)?;
+                let mut y = self.add(
+                    Op::MatMul {
+                        transpose_a: false,
+                        transpose_b: tb,
+                    },
+                    &[xi, w],
+                    format!("{n}/matmul"),
+                    path,
+                    kind,
+                )?;
                 if let Some(bn) = bn {
-                    let bfield = if matches!(bias, Some(BiasField::Name(_))) { "bias" } else { wfield };
+                    let bfield = if matches!(bias, Some(BiasField::Name(_))) {
+                        "bias"
+                    } else {
+                        wfield
+                    };
                     let b = self.param(&bn, &[fout], ParamRole::Bias, &scope.env, path, bfield)?;
                     y = self.bin(BinaryOp::Add, y, b, format!("{n}/bias"), path, kind)?;
                 }
                 one(y)
             }
-            Layer::LayerNorm { x, param, weight, bias, dim, eps } => {
+            Layer::LayerNorm {
+                x,
+                param,
+                weight,
+                bias,
+                dim,
+                eps,
+            } => {
                 let d = self.pos(dim, &scope.env, path, "dim")?;
                 let eps = self.float(eps, &scope.env, path, "eps")?;
                 let xi = self.get(scope, path, "x", x)?;
@@ -549,10 +693,30 @@ impl<'a> Lowerer<'a> {
                 let (wn, bn) = self.weight_names(param, weight, bias, path, kind)?;
                 let wfield = if param.is_some() { "param" } else { "weight" };
                 let ax = vec![t.rank() - 1];
-                let mean = self.add(Op::Reduce { op: ReduceOp::Mean, axes: ax.clone(), keep_dims: true }, &[xi], format!("{n}/mean"), path, kind)?;
+                let mean = self.add(
+                    Op::Reduce {
+                        op: ReduceOp::Mean,
+                        axes: ax.clone(),
+                        keep_dims: true,
+                    },
+                    &[xi],
+                    format!("{n}/mean"),
+                    path,
+                    kind,
+                )?;
                 let xc = self.bin(BinaryOp::Sub, xi, mean, format!("{n}/center"), path, kind)?;
                 let sq = self.bin(BinaryOp::Mul, xc, xc, format!("{n}/square"), path, kind)?;
-                let var = self.add(Op::Reduce { op: ReduceOp::Mean, axes: ax, keep_dims: true }, &[sq], format!("{n}/var"), path, kind)?;
+                let var = self.add(
+                    Op::Reduce {
+                        op: ReduceOp::Mean,
+                        axes: ax,
+                        keep_dims: true,
+                    },
+                    &[sq],
+                    format!("{n}/var"),
+                    path,
+                    kind,
+                )?;
                 let e = self.scalar(eps, t.dtype, &format!("{n}/eps"));
                 let ve = self.bin(BinaryOp::Add, var, e, format!("{n}/var_eps"), path, kind)?;
                 let r = self.un(UnaryOp::Rsqrt, ve, format!("{n}/rstd"), path, kind)?;
@@ -560,13 +724,23 @@ impl<'a> Lowerer<'a> {
                 let w = self.param(&wn, &[d], ParamRole::Scale, &scope.env, path, wfield)?;
                 let mut y = self.bin(BinaryOp::Mul, y, w, format!("{n}/scale"), path, kind)?;
                 if let Some(bn) = bn {
-                    let bfield = if matches!(bias, Some(BiasField::Name(_))) { "bias" } else { wfield };
+                    let bfield = if matches!(bias, Some(BiasField::Name(_))) {
+                        "bias"
+                    } else {
+                        wfield
+                    };
                     let b = self.param(&bn, &[d], ParamRole::Bias, &scope.env, path, bfield)?;
                     y = self.bin(BinaryOp::Add, y, b, format!("{n}/shift"), path, kind)?;
                 }
                 one(y)
             }
-            Layer::RMSNorm { x, param, weight, dim, eps } => {
+            Layer::RMSNorm {
+                x,
+                param,
+                weight,
+                dim,
+                eps,
+            } => {
                 let d = self.pos(dim, &scope.env, path, "dim")?;
                 let eps = self.float(eps, &scope.env, path, "eps")?;
                 let xi = self.get(scope, path, "x", x)?;
@@ -575,7 +749,17 @@ impl<'a> Lowerer<'a> {
                 let (wn, _) = self.weight_names(param, weight, &Some(BiasField::Flag(false)), path, kind)?;
                 let wfield = if param.is_some() { "param" } else { "weight" };
                 let sq = self.bin(BinaryOp::Mul, xi, xi, format!("{n}/square"), path, kind)?;
-                let ms = self.add(Op::Reduce { op: ReduceOp::Mean, axes: vec![t.rank() - 1], keep_dims: true }, &[sq], format!("{n}/mean_square"), path, kind)?;
+                let ms = self.add(
+                    Op::Reduce {
+                        op: ReduceOp::Mean,
+                        axes: vec![t.rank() - 1],
+                        keep_dims: true,
+                    },
+                    &[sq],
+                    format!("{n}/mean_square"),
+                    path,
+                    kind,
+                )?;
                 let e = self.scalar(eps, t.dtype, &format!("{n}/eps"));
                 let me = self.bin(BinaryOp::Add, ms, e, format!("{n}/ms_eps"), path, kind)?;
                 let r = self.un(UnaryOp::Rsqrt, me, format!("{n}/rrms"), path, kind)?;
@@ -651,7 +835,17 @@ impl<'a> Lowerer<'a> {
                 let c = self.scalar(by, t.dtype, &n);
                 one(self.bin(BinaryOp::Mul, xi, c, n, path, kind)?)
             }
-            Layer::Attention { q, k, v, heads, kv_heads, causal, mask, rope, scale } => {
+            Layer::Attention {
+                q,
+                k,
+                v,
+                heads,
+                kv_heads,
+                causal,
+                mask,
+                rope,
+                scale,
+            } => {
                 let h = self.pos(heads, &scope.env, path, "heads")?;
                 let kvh = match kv_heads {
                     Some(e) => self.pos(e, &scope.env, path, "kv_heads")?,
@@ -668,7 +862,17 @@ impl<'a> Lowerer<'a> {
                     Some(m) => Some(self.get(scope, path, "mask", m)?),
                     None => None,
                 };
-                let a = AttnArgs { q: qi, k: ki, v: vi, mask: mi, heads: h, kv_heads: kvh, causal: *causal, rope: rope.clone(), scale };
+                let a = AttnArgs {
+                    q: qi,
+                    k: ki,
+                    v: vi,
+                    mask: mi,
+                    heads: h,
+                    kv_heads: kvh,
+                    causal: *causal,
+                    rope: rope.clone(),
+                    scale,
+                };
                 one(self.attention(a, &n, path, &scope.env)?)
             }
             Layer::Split { x, parts, sizes, axis } => {
@@ -676,13 +880,23 @@ impl<'a> Lowerer<'a> {
                 let t = self.ty(xi);
                 let ax = self.axis(*axis, t.rank(), path, "axis")?;
                 let Some(extent) = t.shape[ax].as_known() else {
-                    return Err(Diagnostic::at(path.field("axis"), format!("Split along a symbolic axis ({}) is not supported", t.shape[ax])).into());
+                    return Err(Diagnostic::at(
+                        path.field("axis"),
+                        format!("Split along a symbolic axis ({}) is not supported", t.shape[ax]),
+                    )
+                    .into());
                 };
                 let sizes: Vec<u64> = match (parts, sizes) {
                     (Some(p), None) => {
                         let p = self.pos(p, &scope.env, path, "parts")?;
                         if extent % p != 0 {
-                            return Err(Diagnostic::at(path.field("parts"), format!("axis {ax} of {t} has extent {extent}, which does not split into {p} equal parts")).into());
+                            return Err(Diagnostic::at(
+                                path.field("parts"),
+                                format!(
+                                    "axis {ax} of {t} has extent {extent}, which does not split into {p} equal parts"
+                                ),
+                            )
+                            .into());
                         }
                         vec![extent / p; p as usize]
                     }
@@ -692,16 +906,37 @@ impl<'a> Lowerer<'a> {
                             v.push(self.pos(e, &scope.env, path, "sizes")?);
                         }
                         if v.iter().sum::<u64>() != extent {
-                            return Err(Diagnostic::at(path.field("sizes"), format!("sizes {v:?} add up to {}, but axis {ax} of {t} has extent {extent}", v.iter().sum::<u64>())).into());
+                            return Err(Diagnostic::at(
+                                path.field("sizes"),
+                                format!(
+                                    "sizes {v:?} add up to {}, but axis {ax} of {t} has extent {extent}",
+                                    v.iter().sum::<u64>()
+                                ),
+                            )
+                            .into());
                         }
                         v
                     }
-                    _ => return Err(Diagnostic::at(path.clone(), "Split needs exactly one of `parts` or `sizes`").into()),
+                    _ => {
+                        return Err(
+                            Diagnostic::at(path.clone(), "Split needs exactly one of `parts` or `sizes`").into(),
+                        )
+                    }
                 };
                 let mut out = Vec::new();
                 let mut start = 0;
                 for (i, s) in sizes.iter().enumerate() {
-                    let id = self.add(Op::Slice { axis: ax, start, end: start + s }, &[xi], format!("{n}.{i}"), path, kind)?;
+                    let id = self.add(
+                        Op::Slice {
+                            axis: ax,
+                            start,
+                            end: start + s,
+                        },
+                        &[xi],
+                        format!("{n}.{i}"),
+                        path,
+                        kind,
+                    )?;
                     out.push((format!("{name}.{i}"), id));
                     start += s;
                 }
@@ -716,18 +951,40 @@ impl<'a> Lowerer<'a> {
                 if s < 0 || e <= s {
                     return Err(Diagnostic::at(path.clone(), format!("Slice {s}..{e} is empty or negative")).into());
                 }
-                one(self.add(Op::Slice { axis: ax, start: s as u64, end: e as u64 }, &[xi], n, path, kind)?)
+                one(self.add(
+                    Op::Slice {
+                        axis: ax,
+                        start: s as u64,
+                        end: e as u64,
+                    },
+                    &[xi],
+                    n,
+                    path,
+                    kind,
+                )?)
             }
             Layer::MatMul { a, b, transpose_b } => {
                 let ai = self.get(scope, path, "a", a)?;
                 let bi = self.get(scope, path, "b", b)?;
-                one(self.add(Op::MatMul { transpose_a: false, transpose_b: *transpose_b }, &[ai, bi], n, path, kind)?)
+                one(self.add(
+                    Op::MatMul {
+                        transpose_a: false,
+                        transpose_b: *transpose_b,
+                    },
+                    &[ai, bi],
+                    n,
+                    path,
+                    kind,
+                )?)
             }
             Layer::Reshape { x, shape } => {
                 let xi = self.get(scope, path, "x", x)?;
                 let mut dims = Vec::new();
                 for d in shape {
-                    dims.push(self.dim(d, &scope.env).map_err(|m| Diagnostic::at(path.field("shape"), m))?);
+                    dims.push(
+                        self.dim(d, &scope.env)
+                            .map_err(|m| Diagnostic::at(path.field("shape"), m))?,
+                    );
                 }
                 one(self.add(Op::Reshape { shape: dims }, &[xi], n, path, kind)?)
             }
@@ -749,7 +1006,17 @@ impl<'a> Lowerer<'a> {
                 }
                 ax.sort_unstable();
                 ax.dedup();
-                one(self.add(Op::Reduce { op: ReduceOp::Mean, axes: ax, keep_dims: *keep_dims }, &[xi], n, path, kind)?)
+                one(self.add(
+                    Op::Reduce {
+                        op: ReduceOp::Mean,
+                        axes: ax,
+                        keep_dims: *keep_dims,
+                    },
+                    &[xi],
+                    n,
+                    path,
+                    kind,
+                )?)
             }
             Layer::MeanPool { x, mask } => {
                 let xi = self.get(scope, path, "x", x)?;
@@ -757,15 +1024,39 @@ impl<'a> Lowerer<'a> {
                 let t = self.float_input(xi, path, "x", kind)?;
                 let mt = self.ty(mi);
                 if t.rank() != 3 || mt.rank() != 2 || mt.shape[..] != t.shape[..2] {
-                    return Err(Diagnostic::at(path.clone(), format!("MeanPool needs x [batch, seq, d] and mask [batch, seq]; got {t} and {mt}")).into());
+                    return Err(Diagnostic::at(
+                        path.clone(),
+                        format!("MeanPool needs x [batch, seq, d] and mask [batch, seq]; got {t} and {mt}"),
+                    )
+                    .into());
                 }
                 let mf = self.add(Op::Cast { to: t.dtype }, &[mi], format!("{n}/mask_float"), path, kind)?;
                 let mut s3 = mt.shape.clone();
                 s3.push(Dim::known(1));
                 let m3 = self.add(Op::Reshape { shape: s3 }, &[mf], format!("{n}/mask3"), path, kind)?;
                 let xm = self.bin(BinaryOp::Mul, xi, m3, format!("{n}/masked"), path, kind)?;
-                let num = self.add(Op::Reduce { op: ReduceOp::Sum, axes: vec![1], keep_dims: false }, &[xm], format!("{n}/sum"), path, kind)?;
-                let den = self.add(Op::Reduce { op: ReduceOp::Sum, axes: vec![1], keep_dims: false }, &[m3], format!("{n}/count"), path, kind)?;
+                let num = self.add(
+                    Op::Reduce {
+                        op: ReduceOp::Sum,
+                        axes: vec![1],
+                        keep_dims: false,
+                    },
+                    &[xm],
+                    format!("{n}/sum"),
+                    path,
+                    kind,
+                )?;
+                let den = self.add(
+                    Op::Reduce {
+                        op: ReduceOp::Sum,
+                        axes: vec![1],
+                        keep_dims: false,
+                    },
+                    &[m3],
+                    format!("{n}/count"),
+                    path,
+                    kind,
+                )?;
                 let tiny = self.scalar(1e-9, t.dtype, &n);
                 let den = self.bin(BinaryOp::Max, den, tiny, format!("{n}/clamp"), path, kind)?;
                 one(self.bin(BinaryOp::Div, num, den, format!("{n}/mean"), path, kind)?)
@@ -774,7 +1065,17 @@ impl<'a> Lowerer<'a> {
                 let xi = self.get(scope, path, "x", x)?;
                 let t = self.float_input(xi, path, "x", kind)?;
                 let sq = self.bin(BinaryOp::Mul, xi, xi, format!("{n}/square"), path, kind)?;
-                let ss = self.add(Op::Reduce { op: ReduceOp::Sum, axes: vec![t.rank() - 1], keep_dims: true }, &[sq], format!("{n}/sum_square"), path, kind)?;
+                let ss = self.add(
+                    Op::Reduce {
+                        op: ReduceOp::Sum,
+                        axes: vec![t.rank() - 1],
+                        keep_dims: true,
+                    },
+                    &[sq],
+                    format!("{n}/sum_square"),
+                    path,
+                    kind,
+                )?;
                 let norm = self.un(UnaryOp::Sqrt, ss, format!("{n}/norm"), path, kind)?;
                 let tiny = self.scalar(1e-12, t.dtype, &n);
                 let norm = self.bin(BinaryOp::Max, norm, tiny, format!("{n}/clamp"), path, kind)?;
@@ -784,7 +1085,11 @@ impl<'a> Lowerer<'a> {
                 let mut cur = self.get(scope, path, "x", x)?;
                 let times = self.int(times, &scope.env, path, "times")?;
                 if !(0..=MAX_REPEAT).contains(&times) {
-                    return Err(Diagnostic::at(path.field("times"), format!("cannot repeat {times} times (0 to {MAX_REPEAT})")).into());
+                    return Err(Diagnostic::at(
+                        path.field("times"),
+                        format!("cannot repeat {times} times (0 to {MAX_REPEAT})"),
+                    )
+                    .into());
                 }
                 let b = self.block(block, path, scope)?;
                 for i in 0..times {
@@ -812,12 +1117,17 @@ impl<'a> Lowerer<'a> {
         match spec.blocks.0.iter().find(|(n, _)| n == name) {
             Some((_, b)) => {
                 if scope.stack.iter().any(|s| s == name) {
-                    return Err(Diagnostic::at(path.field("block"), format!("block `{name}` calls itself (through {})", scope.stack.join(" → "))).into());
+                    return Err(Diagnostic::at(
+                        path.field("block"),
+                        format!("block `{name}` calls itself (through {})", scope.stack.join(" → ")),
+                    )
+                    .into());
                 }
                 Ok(b)
             }
             None => {
-                let mut d = Diagnostic::at(path.field("block"), format!("undefined block `{name}`")).label("no such block");
+                let mut d =
+                    Diagnostic::at(path.field("block"), format!("undefined block `{name}`")).label("no such block");
                 if let Some(s) = crate::suggest(name, spec.blocks.0.iter().map(|(n, _)| n.as_str())) {
                     d = d.note(format!("did you mean `{s}`?"));
                 }
@@ -827,11 +1137,26 @@ impl<'a> Lowerer<'a> {
     }
 
     /// Lowers one application of a block to `x`, returning its output.
-    fn expand(&mut self, name: &str, b: &'a Block, x: NodeId, env: Env, prefix: String, parent: &Scope) -> LResult<NodeId> {
+    fn expand(
+        &mut self,
+        name: &str,
+        b: &'a Block,
+        x: NodeId,
+        env: Env,
+        prefix: String,
+        parent: &Scope,
+    ) -> LResult<NodeId> {
         let mut stack = parent.stack.clone();
         stack.push(name.to_string());
         let base = SpecPath::default().field("blocks").key(name);
-        let mut inner = Scope { vars: HashMap::new(), parent: Some(parent), env, prefix, base: base.field("body"), stack };
+        let mut inner = Scope {
+            vars: HashMap::new(),
+            parent: Some(parent),
+            env,
+            prefix,
+            base: base.field("body"),
+            stack,
+        };
         inner.vars.insert(b.input.clone(), Binding::Node(x));
         let before = self.diags.len();
         let seen_before = self.seen.len();
@@ -852,10 +1177,30 @@ impl<'a> Lowerer<'a> {
 
     fn softmax(&mut self, x: NodeId, ax: usize, n: &str, path: &SpecPath) -> LResult<NodeId> {
         let kind = "Softmax";
-        let m = self.add(Op::Reduce { op: ReduceOp::Max, axes: vec![ax], keep_dims: true }, &[x], format!("{n}/max"), path, kind)?;
+        let m = self.add(
+            Op::Reduce {
+                op: ReduceOp::Max,
+                axes: vec![ax],
+                keep_dims: true,
+            },
+            &[x],
+            format!("{n}/max"),
+            path,
+            kind,
+        )?;
         let d = self.bin(BinaryOp::Sub, x, m, format!("{n}/shift"), path, kind)?;
         let e = self.un(UnaryOp::Exp, d, format!("{n}/exp"), path, kind)?;
-        let s = self.add(Op::Reduce { op: ReduceOp::Sum, axes: vec![ax], keep_dims: true }, &[e], format!("{n}/sum"), path, kind)?;
+        let s = self.add(
+            Op::Reduce {
+                op: ReduceOp::Sum,
+                axes: vec![ax],
+                keep_dims: true,
+            },
+            &[e],
+            format!("{n}/sum"),
+            path,
+            kind,
+        )?;
         self.bin(BinaryOp::Div, e, s, format!("{n}/softmax"), path, kind)
     }
 
@@ -863,43 +1208,142 @@ impl<'a> Lowerer<'a> {
     fn split_heads(&mut self, x: NodeId, h: u64, d: u64, n: &str, path: &SpecPath) -> LResult<NodeId> {
         let t = self.ty(x);
         let shape = vec![t.shape[0].clone(), t.shape[1].clone(), Dim::known(h), Dim::known(d)];
-        let r = self.add(Op::Reshape { shape }, &[x], format!("{n}/split_heads"), path, "Attention")?;
-        self.add(Op::Transpose { perm: vec![0, 2, 1, 3] }, &[r], format!("{n}/heads_first"), path, "Attention")
+        let r = self.add(
+            Op::Reshape { shape },
+            &[x],
+            format!("{n}/split_heads"),
+            path,
+            "Attention",
+        )?;
+        self.add(
+            Op::Transpose { perm: vec![0, 2, 1, 3] },
+            &[r],
+            format!("{n}/heads_first"),
+            path,
+            "Attention",
+        )
     }
 
     /// Rotary embedding of `x [b, h, s, d]` on its first `rd` features.
-    fn rope(&mut self, x: NodeId, d: u64, rd: u64, theta: f64, style: RopeStyle, n: &str, path: &SpecPath) -> LResult<NodeId> {
+    fn rope(
+        &mut self,
+        x: NodeId,
+        d: u64,
+        rd: u64,
+        theta: f64,
+        style: RopeStyle,
+        n: &str,
+        path: &SpecPath,
+    ) -> LResult<NodeId> {
         let kind = "Attention";
         let t = self.ty(x);
         let dt = t.dtype;
         let seq = t.shape[2].clone();
         let half = rd / 2;
         // inv_freq[j] = 1 / theta^(2j / rd), as transformers computes it.
-        let j = self.add(Op::Iota { len: Dim::known(half), dtype: dt }, &[], format!("{n}/rope_j"), path, kind)?;
+        let j = self.add(
+            Op::Iota {
+                len: Dim::known(half),
+                dtype: dt,
+            },
+            &[],
+            format!("{n}/rope_j"),
+            path,
+            kind,
+        )?;
         let two_over = self.scalar(2.0 / rd as f64, dt, n);
         let ex = self.bin(BinaryOp::Mul, j, two_over, format!("{n}/rope_exponent"), path, kind)?;
         let th = self.scalar(theta, dt, n);
         let p = self.bin(BinaryOp::Pow, th, ex, format!("{n}/rope_pow"), path, kind)?;
         let inv = self.un(UnaryOp::Recip, p, format!("{n}/inv_freq"), path, kind)?;
-        let pos = self.add(Op::Iota { len: seq.clone(), dtype: dt }, &[], format!("{n}/rope_pos"), path, kind)?;
-        let pos2 = self.add(Op::Reshape { shape: vec![seq.clone(), Dim::known(1)] }, &[pos], format!("{n}/rope_pos_col"), path, kind)?;
+        let pos = self.add(
+            Op::Iota {
+                len: seq.clone(),
+                dtype: dt,
+            },
+            &[],
+            format!("{n}/rope_pos"),
+            path,
+            kind,
+        )?;
+        let pos2 = self.add(
+            Op::Reshape {
+                shape: vec![seq.clone(), Dim::known(1)],
+            },
+            &[pos],
+            format!("{n}/rope_pos_col"),
+            path,
+            kind,
+        )?;
         let freqs = self.bin(BinaryOp::Mul, pos2, inv, format!("{n}/rope_freqs"), path, kind)?;
         let (xr, xpass) = if rd < d {
-            let a = self.add(Op::Slice { axis: 3, start: 0, end: rd }, &[x], format!("{n}/rope_part"), path, kind)?;
-            let b = self.add(Op::Slice { axis: 3, start: rd, end: d }, &[x], format!("{n}/rope_pass"), path, kind)?;
+            let a = self.add(
+                Op::Slice {
+                    axis: 3,
+                    start: 0,
+                    end: rd,
+                },
+                &[x],
+                format!("{n}/rope_part"),
+                path,
+                kind,
+            )?;
+            let b = self.add(
+                Op::Slice {
+                    axis: 3,
+                    start: rd,
+                    end: d,
+                },
+                &[x],
+                format!("{n}/rope_pass"),
+                path,
+                kind,
+            )?;
             (a, Some(b))
         } else {
             (x, None)
         };
         let rotated = match style {
             RopeStyle::Half => {
-                let emb = self.add(Op::Concat { axis: 1 }, &[freqs, freqs], format!("{n}/rope_emb"), path, kind)?;
+                let emb = self.add(
+                    Op::Concat { axis: 1 },
+                    &[freqs, freqs],
+                    format!("{n}/rope_emb"),
+                    path,
+                    kind,
+                )?;
                 let cos = self.un(UnaryOp::Cos, emb, format!("{n}/rope_cos"), path, kind)?;
                 let sin = self.un(UnaryOp::Sin, emb, format!("{n}/rope_sin"), path, kind)?;
-                let x1 = self.add(Op::Slice { axis: 3, start: 0, end: half }, &[xr], format!("{n}/rope_x1"), path, kind)?;
-                let x2 = self.add(Op::Slice { axis: 3, start: half, end: rd }, &[xr], format!("{n}/rope_x2"), path, kind)?;
+                let x1 = self.add(
+                    Op::Slice {
+                        axis: 3,
+                        start: 0,
+                        end: half,
+                    },
+                    &[xr],
+                    format!("{n}/rope_x1"),
+                    path,
+                    kind,
+                )?;
+                let x2 = self.add(
+                    Op::Slice {
+                        axis: 3,
+                        start: half,
+                        end: rd,
+                    },
+                    &[xr],
+                    format!("{n}/rope_x2"),
+                    path,
+                    kind,
+                )?;
                 let nx2 = self.un(UnaryOp::Neg, x2, format!("{n}/rope_neg_x2"), path, kind)?;
-                let rot = self.add(Op::Concat { axis: 3 }, &[nx2, x1], format!("{n}/rope_rotate_half"), path, kind)?;
+                let rot = self.add(
+                    Op::Concat { axis: 3 },
+                    &[nx2, x1],
+                    format!("{n}/rope_rotate_half"),
+                    path,
+                    kind,
+                )?;
                 let a = self.bin(BinaryOp::Mul, xr, cos, format!("{n}/rope_xcos"), path, kind)?;
                 let b = self.bin(BinaryOp::Mul, rot, sin, format!("{n}/rope_rsin"), path, kind)?;
                 self.bin(BinaryOp::Add, a, b, format!("{n}/rope"), path, kind)?
@@ -909,9 +1353,37 @@ impl<'a> Lowerer<'a> {
                 s5.push(Dim::known(half));
                 s5.push(Dim::known(2));
                 let x5 = self.add(Op::Reshape { shape: s5 }, &[xr], format!("{n}/rope_pairs"), path, kind)?;
-                let xe = self.add(Op::Slice { axis: 4, start: 0, end: 1 }, &[x5], format!("{n}/rope_even"), path, kind)?;
-                let xo = self.add(Op::Slice { axis: 4, start: 1, end: 2 }, &[x5], format!("{n}/rope_odd"), path, kind)?;
-                let f3 = self.add(Op::Reshape { shape: vec![seq.clone(), Dim::known(half), Dim::known(1)] }, &[freqs], format!("{n}/rope_freqs3"), path, kind)?;
+                let xe = self.add(
+                    Op::Slice {
+                        axis: 4,
+                        start: 0,
+                        end: 1,
+                    },
+                    &[x5],
+                    format!("{n}/rope_even"),
+                    path,
+                    kind,
+                )?;
+                let xo = self.add(
+                    Op::Slice {
+                        axis: 4,
+                        start: 1,
+                        end: 2,
+                    },
+                    &[x5],
+                    format!("{n}/rope_odd"),
+                    path,
+                    kind,
+                )?;
+                let f3 = self.add(
+                    Op::Reshape {
+                        shape: vec![seq.clone(), Dim::known(half), Dim::known(1)],
+                    },
+                    &[freqs],
+                    format!("{n}/rope_freqs3"),
+                    path,
+                    kind,
+                )?;
                 let cos = self.un(UnaryOp::Cos, f3, format!("{n}/rope_cos"), path, kind)?;
                 let sin = self.un(UnaryOp::Sin, f3, format!("{n}/rope_sin"), path, kind)?;
                 let ec = self.bin(BinaryOp::Mul, xe, cos, format!("{n}/rope_ec"), path, kind)?;
@@ -927,7 +1399,13 @@ impl<'a> Lowerer<'a> {
             }
         };
         match xpass {
-            Some(p) => self.add(Op::Concat { axis: 3 }, &[rotated, p], format!("{n}/rope_full"), path, kind),
+            Some(p) => self.add(
+                Op::Concat { axis: 3 },
+                &[rotated, p],
+                format!("{n}/rope_full"),
+                path,
+                kind,
+            ),
             None => Ok(rotated),
         }
     }
@@ -937,30 +1415,55 @@ impl<'a> Lowerer<'a> {
         let (qt, kt, vt) = (self.ty(a.q), self.ty(a.k), self.ty(a.v));
         for (t, f) in [(&qt, "q"), (&kt, "k"), (&vt, "v")] {
             if t.rank() != 3 || !t.dtype.is_float() {
-                return Err(Diagnostic::at(path.field(f), format!("Attention expects `{f}` as a float [batch, seq, heads*head_dim] tensor, got {t}")).into());
+                return Err(Diagnostic::at(
+                    path.field(f),
+                    format!("Attention expects `{f}` as a float [batch, seq, heads*head_dim] tensor, got {t}"),
+                )
+                .into());
             }
         }
         let Some(qd) = qt.shape[2].as_known() else {
-            return Err(Diagnostic::at(path.field("q"), format!("the feature axis of `q` must be a constant, got {qt}")).into());
+            return Err(Diagnostic::at(
+                path.field("q"),
+                format!("the feature axis of `q` must be a constant, got {qt}"),
+            )
+            .into());
         };
         if qd % a.heads != 0 {
-            return Err(Diagnostic::at(path.field("heads"), format!("the query has {qd} features, which do not split into {} heads", a.heads)).into());
+            return Err(Diagnostic::at(
+                path.field("heads"),
+                format!("the query has {qd} features, which do not split into {} heads", a.heads),
+            )
+            .into());
         }
         if !a.heads.is_multiple_of(a.kv_heads) {
-            return Err(Diagnostic::at(path.field("kv_heads"), format!("heads = {} is not a multiple of kv_heads = {}", a.heads, a.kv_heads)).into());
+            return Err(Diagnostic::at(
+                path.field("kv_heads"),
+                format!("heads = {} is not a multiple of kv_heads = {}", a.heads, a.kv_heads),
+            )
+            .into());
         }
         let d = qd / a.heads;
         for (t, f) in [(&kt, "k"), (&vt, "v")] {
             if t.shape[2] != Dim::known(a.kv_heads * d) {
-                return Err(Diagnostic::at(path.field(f), format!(
-                    "`{f}` must have kv_heads * head_dim = {} * {d} = {} features, got {t}", a.kv_heads, a.kv_heads * d
-                ))
+                return Err(Diagnostic::at(
+                    path.field(f),
+                    format!(
+                        "`{f}` must have kv_heads * head_dim = {} * {d} = {} features, got {t}",
+                        a.kv_heads,
+                        a.kv_heads * d
+                    ),
+                )
                 .label("shape mismatch")
                 .into());
             }
         }
         if kt.shape[..2] != vt.shape[..2] || qt.shape[0] != kt.shape[0] {
-            return Err(Diagnostic::at(path.clone(), format!("q {qt}, k {kt} and v {vt} disagree on batch or sequence axes")).into());
+            return Err(Diagnostic::at(
+                path.clone(),
+                format!("q {qt}, k {kt} and v {vt} disagree on batch or sequence axes"),
+            )
+            .into());
         }
         let mut q = self.split_heads(a.q, a.heads, d, &format!("{n}/q"), path)?;
         let mut k = self.split_heads(a.k, a.kv_heads, d, &format!("{n}/k"), path)?;
@@ -972,7 +1475,11 @@ impl<'a> Lowerer<'a> {
                 None => d,
             };
             if rd > d || rd % 2 != 0 {
-                return Err(Diagnostic::at(path.field("rope").field("dim"), format!("rotary dim {rd} must be even and at most head_dim = {d}")).into());
+                return Err(Diagnostic::at(
+                    path.field("rope").field("dim"),
+                    format!("rotary dim {rd} must be even and at most head_dim = {d}"),
+                )
+                .into());
             }
             q = self.rope(q, d, rd, theta, r.style, &format!("{n}/q"), path)?;
             k = self.rope(k, d, rd, theta, r.style, &format!("{n}/k"), path)?;
@@ -981,17 +1488,56 @@ impl<'a> Lowerer<'a> {
             // Grouped-query attention: query head j reads kv head j / (heads / kv_heads).
             let rep = a.heads / a.kv_heads;
             let (b, s) = (kt.shape[0].clone(), kt.shape[1].clone());
-            let s5 = vec![b.clone(), Dim::known(a.kv_heads), Dim::known(1), s.clone(), Dim::known(d)];
-            let e5 = vec![b.clone(), Dim::known(a.kv_heads), Dim::known(rep), s.clone(), Dim::known(d)];
+            let s5 = vec![
+                b.clone(),
+                Dim::known(a.kv_heads),
+                Dim::known(1),
+                s.clone(),
+                Dim::known(d),
+            ];
+            let e5 = vec![
+                b.clone(),
+                Dim::known(a.kv_heads),
+                Dim::known(rep),
+                s.clone(),
+                Dim::known(d),
+            ];
             let s4 = vec![b, Dim::known(a.heads), s, Dim::known(d)];
             for (x, tag) in [(&mut k, "k"), (&mut v, "v")] {
-                let r = self.add(Op::Reshape { shape: s5.clone() }, &[*x], format!("{n}/{tag}_group"), path, kind)?;
-                let e = self.add(Op::Broadcast { shape: e5.clone() }, &[r], format!("{n}/{tag}_repeat"), path, kind)?;
-                *x = self.add(Op::Reshape { shape: s4.clone() }, &[e], format!("{n}/{tag}_shared"), path, kind)?;
+                let r = self.add(
+                    Op::Reshape { shape: s5.clone() },
+                    &[*x],
+                    format!("{n}/{tag}_group"),
+                    path,
+                    kind,
+                )?;
+                let e = self.add(
+                    Op::Broadcast { shape: e5.clone() },
+                    &[r],
+                    format!("{n}/{tag}_repeat"),
+                    path,
+                    kind,
+                )?;
+                *x = self.add(
+                    Op::Reshape { shape: s4.clone() },
+                    &[e],
+                    format!("{n}/{tag}_shared"),
+                    path,
+                    kind,
+                )?;
             }
         }
         let dt = qt.dtype;
-        let scores = self.add(Op::MatMul { transpose_a: false, transpose_b: true }, &[q, k], format!("{n}/scores"), path, kind)?;
+        let scores = self.add(
+            Op::MatMul {
+                transpose_a: false,
+                transpose_b: true,
+            },
+            &[q, k],
+            format!("{n}/scores"),
+            path,
+            kind,
+        )?;
         let sc = self.scalar(a.scale.unwrap_or(1.0 / (d as f64).sqrt()), dt, n);
         let mut scores = self.bin(BinaryOp::Mul, scores, sc, format!("{n}/scaled"), path, kind)?;
         // Masks become one additive bias, as in transformers: 0 where a key may be attended, the
@@ -1002,16 +1548,61 @@ impl<'a> Lowerer<'a> {
         let mut bias: Option<NodeId> = None;
         if a.causal {
             let (sq, sk) = (qt.shape[1].clone(), kt.shape[1].clone());
-            let rows = self.add(Op::Iota { len: sq.clone(), dtype: DType::I64 }, &[], format!("{n}/causal_rows"), path, kind)?;
-            let rows = self.add(Op::Reshape { shape: vec![sq, Dim::known(1)] }, &[rows], format!("{n}/causal_rows_col"), path, kind)?;
-            let cols = self.add(Op::Iota { len: sk, dtype: DType::I64 }, &[], format!("{n}/causal_cols"), path, kind)?;
-            let keep = self.add(Op::Compare(CmpOp::Ge), &[rows, cols], format!("{n}/causal_keep"), path, kind)?;
-            bias = Some(self.add(Op::Where, &[keep, zero_f, lowest], format!("{n}/causal_bias"), path, kind)?);
+            let rows = self.add(
+                Op::Iota {
+                    len: sq.clone(),
+                    dtype: DType::I64,
+                },
+                &[],
+                format!("{n}/causal_rows"),
+                path,
+                kind,
+            )?;
+            let rows = self.add(
+                Op::Reshape {
+                    shape: vec![sq, Dim::known(1)],
+                },
+                &[rows],
+                format!("{n}/causal_rows_col"),
+                path,
+                kind,
+            )?;
+            let cols = self.add(
+                Op::Iota {
+                    len: sk,
+                    dtype: DType::I64,
+                },
+                &[],
+                format!("{n}/causal_cols"),
+                path,
+                kind,
+            )?;
+            let keep = self.add(
+                Op::Compare(CmpOp::Ge),
+                &[rows, cols],
+                format!("{n}/causal_keep"),
+                path,
+                kind,
+            )?;
+            bias = Some(self.add(
+                Op::Where,
+                &[keep, zero_f, lowest],
+                format!("{n}/causal_bias"),
+                path,
+                kind,
+            )?);
         }
         if let Some(m) = a.mask {
             let mt = self.ty(m);
             if mt.rank() != 2 || mt.shape[0] != kt.shape[0] || mt.shape[1] != kt.shape[1] {
-                return Err(Diagnostic::at(path.field("mask"), format!("the padding mask must be [batch, seq] = [{}, {}], got {mt}", kt.shape[0], kt.shape[1])).into());
+                return Err(Diagnostic::at(
+                    path.field("mask"),
+                    format!(
+                        "the padding mask must be [batch, seq] = [{}, {}], got {mt}",
+                        kt.shape[0], kt.shape[1]
+                    ),
+                )
+                .into());
             }
             let zero = self.scalar(0.0, mt.dtype, &format!("{n}/mask"));
             let keep = self.add(Op::Compare(CmpOp::Ne), &[m, zero], format!("{n}/mask_keep"), path, kind)?;
@@ -1024,8 +1615,23 @@ impl<'a> Lowerer<'a> {
             scores = self.bin(BinaryOp::Add, scores, b, format!("{n}/masked"), path, kind)?;
         }
         let p = self.softmax(scores, 3, &format!("{n}/probs"), path)?;
-        let o = self.add(Op::MatMul { transpose_a: false, transpose_b: false }, &[p, v], format!("{n}/context"), path, kind)?;
-        let o = self.add(Op::Transpose { perm: vec![0, 2, 1, 3] }, &[o], format!("{n}/seq_first"), path, kind)?;
+        let o = self.add(
+            Op::MatMul {
+                transpose_a: false,
+                transpose_b: false,
+            },
+            &[p, v],
+            format!("{n}/context"),
+            path,
+            kind,
+        )?;
+        let o = self.add(
+            Op::Transpose { perm: vec![0, 2, 1, 3] },
+            &[o],
+            format!("{n}/seq_first"),
+            path,
+            kind,
+        )?;
         let shape = vec![qt.shape[0].clone(), qt.shape[1].clone(), Dim::known(qd)];
         self.add(Op::Reshape { shape }, &[o], format!("{n}/merge_heads"), path, kind)
     }

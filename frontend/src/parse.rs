@@ -14,7 +14,13 @@ pub fn parse(file: &str, src: &str) -> Result<Spec, SpecError> {
             end = (start + 1).min(src.len());
         }
         let (message, notes) = explain(&e.code);
-        let mut d = Diagnostic { message, path: None, span: Some(start..end), label: String::new(), notes };
+        let mut d = Diagnostic {
+            message,
+            path: None,
+            span: Some(start..end),
+            label: String::new(),
+            notes,
+        };
         if start >= src.len() {
             d.span = Some(src.len().saturating_sub(1)..src.len());
         }
@@ -54,6 +60,9 @@ fn explain(code: &ron::Error) -> (String, Vec<String>) {
             (format!("field `{field}` is given twice{within}"), vec![])
         }
         E::Message(m) => (m.clone(), vec![]),
-        other => (format!("syntax error: {other}"), vec!["see specs/ for complete examples".into()]),
+        other => (
+            format!("syntax error: {other}"),
+            vec!["see specs/ for complete examples".into()],
+        ),
     }
 }

@@ -60,11 +60,20 @@ pub fn glob_match(pattern: &str, name: &str) -> bool {
 /// Loads and checks every parameter of `lowered` from a safetensors file.
 pub fn load_safetensors(lowered: &Lowered, path: &Path) -> Result<Weights, FrontendError> {
     let p = path.display().to_string();
-    let file = std::fs::File::open(path).map_err(|source| FrontendError::Io { path: p.clone(), source })?;
+    let file = std::fs::File::open(path).map_err(|source| FrontendError::Io {
+        path: p.clone(),
+        source,
+    })?;
     // SAFETY: the map is read-only and lives only for this function; a checkpoint modified while
     // kiln reads it is outside what kiln can defend against, as for any mmap-based loader.
-    let map = unsafe { memmap2::Mmap::map(&file) }.map_err(|source| FrontendError::Io { path: p.clone(), source })?;
-    let st = SafeTensors::deserialize(&map).map_err(|e| FrontendError::Checkpoint { path: p.clone(), msg: e.to_string() })?;
+    let map = unsafe { memmap2::Mmap::map(&file) }.map_err(|source| FrontendError::Io {
+        path: p.clone(),
+        source,
+    })?;
+    let st = SafeTensors::deserialize(&map).map_err(|e| FrontendError::Checkpoint {
+        path: p.clone(),
+        msg: e.to_string(),
+    })?;
     bind(lowered, &st, &p)
 }
 
@@ -72,17 +81,30 @@ fn bind(lowered: &Lowered, st: &SafeTensors, file: &str) -> Result<Weights, Fron
     let mut diags = Vec::new();
     let mut out = Weights::new();
     for decl in &lowered.params {
-        let want: Vec<usize> = decl.ty.shape.iter().map(|d| d.as_known().unwrap_or(0) as usize).collect();
+        let want: Vec<usize> = decl
+            .ty
+            .shape
+            .iter()
+            .map(|d| d.as_known().unwrap_or(0) as usize)
+            .collect();
         let view = match st.tensor(&decl.name) {
             Ok(v) => v,
             Err(_) => {
                 let names = st.names();
-                let mut d = Diagnostic::at(decl.path.clone(), format!("weight `{}` is missing from {file}", decl.name))
-                    .label(format!("expects {}", decl.ty));
+                let mut d = Diagnostic::at(
+                    decl.path.clone(),
+                    format!("weight `{}` is missing from {file}", decl.name),
+                )
+                .label(format!("expects {}", decl.ty));
                 if let Some(s) = crate::suggest(&decl.name, names.iter().copied()) {
                     d = d.note(format!("the checkpoint has `{s}`"));
-                } else if let Some(s) = names.iter().find(|n| n.ends_with(&decl.name) || decl.name.ends_with(*n)) {
-                    d = d.note(format!("the checkpoint has `{s}`; set `weight_prefix` (or --weight-prefix) to match"));
+                } else if let Some(s) = names
+                    .iter()
+                    .find(|n| n.ends_with(&decl.name) || decl.name.ends_with(*n))
+                {
+                    d = d.note(format!(
+                        "the checkpoint has `{s}`; set `weight_prefix` (or --weight-prefix) to match"
+                    ));
                 }
                 diags.push(d);
                 continue;
@@ -91,15 +113,31 @@ fn bind(lowered: &Lowered, st: &SafeTensors, file: &str) -> Result<Weights, Fron
         let dt = st_dtype(view.dtype());
         if dt != Some(decl.ty.dtype) {
             diags.push(
-                Diagnostic::at(decl.path.clone(), format!("weight `{}` has dtype {:?} in {file}, expected {}", decl.name, view.dtype(), decl.ty.dtype))
-                    .label(format!("expects {}", decl.ty)),
+                Diagnostic::at(
+                    decl.path.clone(),
+                    format!(
+                        "weight `{}` has dtype {:?} in {file}, expected {}",
+                        decl.name,
+                        view.dtype(),
+                        decl.ty.dtype
+                    ),
+                )
+                .label(format!("expects {}", decl.ty)),
             );
             continue;
         }
         if view.shape() != want.as_slice() {
             diags.push(
-                Diagnostic::at(decl.path.clone(), format!("weight `{}` has shape {:?} in {file}, expected {}", decl.name, view.shape(), decl.ty))
-                    .label(format!("expects {}", decl.ty)),
+                Diagnostic::at(
+                    decl.path.clone(),
+                    format!(
+                        "weight `{}` has shape {:?} in {file}, expected {}",
+                        decl.name,
+                        view.shape(),
+                        decl.ty
+                    ),
+                )
+                .label(format!("expects {}", decl.ty)),
             );
             continue;
         }
@@ -107,7 +145,10 @@ fn bind(lowered: &Lowered, st: &SafeTensors, file: &str) -> Result<Weights, Fron
             Ok(t) => {
                 out.insert(decl.name.clone(), t);
             }
-            Err(e) => diags.push(Diagnostic::at(decl.path.clone(), format!("weight `{}`: {e}", decl.name))),
+            Err(e) => diags.push(Diagnostic::at(
+                decl.path.clone(),
+                format!("weight `{}`: {e}", decl.name),
+            )),
         }
     }
     let mut extra: Vec<String> = st
@@ -120,10 +161,21 @@ fn bind(lowered: &Lowered, st: &SafeTensors, file: &str) -> Result<Weights, Fron
     extra.sort();
     if !extra.is_empty() {
         let shown: Vec<String> = extra.iter().take(8).map(|n| format!("`{n}`")).collect();
-        let more = if extra.len() > 8 { format!(" and {} more", extra.len() - 8) } else { String::new() };
+        let more = if extra.len() > 8 {
+            format!(" and {} more", extra.len() - 8)
+        } else {
+            String::new()
+        };
         diags.push(
-            Diagnostic::at(crate::SpecPath::default().field("ignore_weights"), format!("{file} has {} tensor(s) the model does not use: {}{more}", extra.len(), shown.join(", ")))
-                .note("list them (globs with `*` allowed) in `ignore_weights` if they are expected"),
+            Diagnostic::at(
+                crate::SpecPath::default().field("ignore_weights"),
+                format!(
+                    "{file} has {} tensor(s) the model does not use: {}{more}",
+                    extra.len(),
+                    shown.join(", ")
+                ),
+            )
+            .note("list them (globs with `*` allowed) in `ignore_weights` if they are expected"),
         );
     }
     if diags.is_empty() {
@@ -157,7 +209,10 @@ pub fn random(lowered: &Lowered, seed: u64) -> Weights {
             ParamRole::Bias => (0.0, 0.02),
         };
         let v: Vec<f64> = (0..n).map(|_| center + scale * next()).collect();
-        out.insert(p.name.clone(), Tensor::from_f64(p.ty.dtype, shape, &v).expect("length matches shape"));
+        out.insert(
+            p.name.clone(),
+            Tensor::from_f64(p.ty.dtype, shape, &v).expect("length matches shape"),
+        );
     }
     out
 }

@@ -15,12 +15,16 @@ const SEED: &[u8] = include_bytes!("../seed/mlp.kiln");
 libfuzzer_sys::fuzz_target!(|data: &[u8]| {
     let seed = artifact::decode(SEED).expect("the seed artifact is valid");
     let Ok(text) = std::str::from_utf8(data) else { return };
-    let Ok(manifest) = ron::from_str::<kiln_runtime::plan::Manifest>(text) else { return };
+    let Ok(manifest) = ron::from_str::<kiln_runtime::plan::Manifest>(text) else {
+        return;
+    };
     if manifest.kernels != seed.manifest.kernels {
         return;
     }
     let bytes = artifact::encode(&manifest, &SEED[seed.weights.clone()], &SEED[seed.code.clone()]).expect("encodes");
-    let Ok(model) = kiln_runtime::Model::from_bytes(&bytes) else { return };
+    let Ok(model) = kiln_runtime::Model::from_bytes(&bytes) else {
+        return;
+    };
     let m = model.manifest();
     let syms: Vec<usize> = m.dims.iter().map(|(_, bound)| (*bound).min(3) as usize).collect();
     let mut feed = BTreeMap::new();

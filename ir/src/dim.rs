@@ -24,12 +24,18 @@ pub struct Dim {
 impl Dim {
     /// A constant extent.
     pub fn known(n: u64) -> Dim {
-        Dim { coeff: n, syms: Vec::new() }
+        Dim {
+            coeff: n,
+            syms: Vec::new(),
+        }
     }
 
     /// A named symbolic extent.
     pub fn sym(name: impl Into<String>) -> Dim {
-        Dim { coeff: 1, syms: vec![name.into()] }
+        Dim {
+            coeff: 1,
+            syms: vec![name.into()],
+        }
     }
 
     /// The constant value, if the dim has no symbols.
@@ -65,7 +71,10 @@ impl Dim {
 
     /// Exact division by a constant, if the constant divides the coefficient.
     pub fn div_known(&self, d: u64) -> Option<Dim> {
-        (d != 0 && self.coeff.is_multiple_of(d)).then(|| Dim { coeff: self.coeff / d, syms: self.syms.clone() })
+        (d != 0 && self.coeff.is_multiple_of(d)).then(|| Dim {
+            coeff: self.coeff / d,
+            syms: self.syms.clone(),
+        })
     }
 
     /// Exact division by another dim, if it divides this one symbolically.
@@ -75,7 +84,10 @@ impl Dim {
             let pos = syms.iter().position(|x| x == s)?;
             syms.remove(pos);
         }
-        let mut d = Dim { coeff: self.coeff, syms };
+        let mut d = Dim {
+            coeff: self.coeff,
+            syms,
+        };
         d = d.div_known(other.coeff)?;
         Some(d)
     }

@@ -26,7 +26,11 @@ impl Graph {
             }
         }
         for o in &self.outputs {
-            let _ = writeln!(out, "  {:?} [shape=oval];\n  n{} -> {:?};", o.name, num[&o.node], o.name);
+            let _ = writeln!(
+                out,
+                "  {:?} [shape=oval];\n  n{} -> {:?};",
+                o.name, num[&o.node], o.name
+            );
         }
         out.push_str("}\n");
         out
@@ -40,7 +44,16 @@ mod tests {
     #[test]
     fn dot_has_every_node_and_edge() {
         let mut g = Graph::new("g");
-        let x = g.add(Op::Input { name: "x".into(), ty: TensorType::new(DType::F32, vec![Dim::known(2)]) }, &[], "x").unwrap();
+        let x = g
+            .add(
+                Op::Input {
+                    name: "x".into(),
+                    ty: TensorType::new(DType::F32, vec![Dim::known(2)]),
+                },
+                &[],
+                "x",
+            )
+            .unwrap();
         let y = g.add(Op::Unary(UnaryOp::Exp), &[x], "y").unwrap();
         g.add_output("out", y).unwrap();
         let dot = g.to_dot();

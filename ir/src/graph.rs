@@ -80,7 +80,10 @@ pub struct Graph {
 impl Graph {
     /// An empty graph.
     pub fn new(name: impl Into<String>) -> Graph {
-        Graph { name: name.into(), ..Graph::default() }
+        Graph {
+            name: name.into(),
+            ..Graph::default()
+        }
     }
 
     /// Adds a node computing `op` over `args`, inferring and checking its type.
@@ -98,8 +101,15 @@ impl Graph {
             Err(source) => return Err(GraphError::Type { node: name, source }),
         };
         if let Op::Input { name: input, .. } = &op {
-            if self.inputs.iter().any(|i| matches!(&self.g[i.0].op, Op::Input { name: n, .. } if n == input)) {
-                return Err(GraphError::Duplicate { what: "input", name: input.clone() });
+            if self
+                .inputs
+                .iter()
+                .any(|i| matches!(&self.g[i.0].op, Op::Input { name: n, .. } if n == input))
+            {
+                return Err(GraphError::Duplicate {
+                    what: "input",
+                    name: input.clone(),
+                });
             }
         }
         let is_input = matches!(op, Op::Input { .. });
@@ -146,7 +156,11 @@ impl Graph {
 
     /// The nodes that use `id`, each once, in id order.
     pub fn users(&self, id: NodeId) -> Vec<NodeId> {
-        let mut u: Vec<NodeId> = self.g.neighbors_directed(id.0, Direction::Outgoing).map(NodeId).collect();
+        let mut u: Vec<NodeId> = self
+            .g
+            .neighbors_directed(id.0, Direction::Outgoing)
+            .map(NodeId)
+            .collect();
         u.sort();
         u.dedup();
         u
@@ -194,8 +208,11 @@ impl Graph {
             .node_indices()
             .map(|n| (n, self.g.edges_directed(n, Direction::Incoming).count()))
             .collect();
-        let mut ready: BinaryHeap<Reverse<NodeIndex<u32>>> =
-            indeg.iter().filter(|(_, d)| **d == 0).map(|(n, _)| Reverse(*n)).collect();
+        let mut ready: BinaryHeap<Reverse<NodeIndex<u32>>> = indeg
+            .iter()
+            .filter(|(_, d)| **d == 0)
+            .map(|(n, _)| Reverse(*n))
+            .collect();
         let mut order = Vec::with_capacity(indeg.len());
         while let Some(Reverse(n)) = ready.pop() {
             order.push(NodeId(n));
@@ -208,7 +225,12 @@ impl Graph {
             }
         }
         if order.len() != self.g.node_count() {
-            let stuck = indeg.iter().filter(|(_, d)| **d > 0).map(|(n, _)| *n).min().expect("a node is left");
+            let stuck = indeg
+                .iter()
+                .filter(|(_, d)| **d > 0)
+                .map(|(n, _)| *n)
+                .min()
+                .expect("a node is left");
             return Err(NodeId(stuck));
         }
         Ok(order)

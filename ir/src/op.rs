@@ -253,7 +253,9 @@ pub(crate) fn broadcast_shapes(shapes: &[&Shape]) -> Result<Shape, TypeError> {
     for i in 0..rank {
         let mut d = Dim::known(1);
         for s in shapes {
-            let Some(off) = (i + s.len()).checked_sub(rank) else { continue };
+            let Some(off) = (i + s.len()).checked_sub(rank) else {
+                continue;
+            };
             let e = &s[off];
             if e.is_one() {
                 continue;
@@ -262,7 +264,10 @@ pub(crate) fn broadcast_shapes(shapes: &[&Shape]) -> Result<Shape, TypeError> {
                 d = e.clone();
             } else if *e != d {
                 let all: Vec<String> = shapes.iter().map(|s| fmt_shape(s)).collect();
-                return err(format!("shapes {} do not broadcast (axis {i}: {d} vs {e})", all.join(" and ")));
+                return err(format!(
+                    "shapes {} do not broadcast (axis {i}: {d} vs {e})",
+                    all.join(" and ")
+                ));
             }
         }
         out.push(d);
@@ -352,7 +357,10 @@ impl Op {
             Op::Input { name, .. } | Op::Param { name, .. } => format!("{name:?}"),
             Op::Scalar { value, dtype } => format!("{value}:{dtype}"),
             Op::Iota { len, dtype } => format!("len={len} {dtype}"),
-            Op::MatMul { transpose_a, transpose_b } => {
+            Op::MatMul {
+                transpose_a,
+                transpose_b,
+            } => {
                 let mut s = Vec::new();
                 if *transpose_a {
                     s.push("ta");
@@ -402,7 +410,10 @@ impl Op {
                 }
                 Ok(TensorType::new(*dtype, vec![len.clone()]))
             }
-            Op::MatMul { transpose_a, transpose_b } => {
+            Op::MatMul {
+                transpose_a,
+                transpose_b,
+            } => {
                 let (a, b) = (args[0], args[1]);
                 if a.dtype != b.dtype || !a.dtype.is_float() {
                     return err(format!("matmul needs two float operands of one dtype, got {a} and {b}"));
@@ -411,8 +422,16 @@ impl Op {
                     return err(format!("matmul operands need rank >= 2, got {a} and {b}"));
                 }
                 let (ra, rb) = (a.rank(), b.rank());
-                let (m, ka) = if *transpose_a { (&a.shape[ra - 1], &a.shape[ra - 2]) } else { (&a.shape[ra - 2], &a.shape[ra - 1]) };
-                let (kb, n) = if *transpose_b { (&b.shape[rb - 1], &b.shape[rb - 2]) } else { (&b.shape[rb - 2], &b.shape[rb - 1]) };
+                let (m, ka) = if *transpose_a {
+                    (&a.shape[ra - 1], &a.shape[ra - 2])
+                } else {
+                    (&a.shape[ra - 2], &a.shape[ra - 1])
+                };
+                let (kb, n) = if *transpose_b {
+                    (&b.shape[rb - 1], &b.shape[rb - 2])
+                } else {
+                    (&b.shape[rb - 2], &b.shape[rb - 1])
+                };
                 if ka != kb {
                     return err(format!(
                         "matmul contraction mismatch: {a}{} has k = {ka}, {b}{} has k = {kb}",
@@ -430,7 +449,10 @@ impl Op {
             Op::Binary(b) => {
                 let (x, y) = (args[0], args[1]);
                 if x.dtype != y.dtype {
-                    return err(format!("{} needs operands of one dtype, got {x} and {y}", self.mnemonic()));
+                    return err(format!(
+                        "{} needs operands of one dtype, got {x} and {y}",
+                        self.mnemonic()
+                    ));
                 }
                 if x.dtype == DType::Bool {
                     return err(format!("{} is not defined on bool", self.mnemonic()));
@@ -443,7 +465,10 @@ impl Op {
             Op::Compare(_) => {
                 let (x, y) = (args[0], args[1]);
                 if x.dtype != y.dtype {
-                    return err(format!("{} needs operands of one dtype, got {x} and {y}", self.mnemonic()));
+                    return err(format!(
+                        "{} needs operands of one dtype, got {x} and {y}",
+                        self.mnemonic()
+                    ));
                 }
                 Ok(TensorType::new(DType::Bool, broadcast_shapes(&[&x.shape, &y.shape])?))
             }
@@ -455,7 +480,10 @@ impl Op {
                 if x.dtype != y.dtype {
                     return err(format!("where needs branches of one dtype, got {x} and {y}"));
                 }
-                Ok(TensorType::new(x.dtype, broadcast_shapes(&[&c.shape, &x.shape, &y.shape])?))
+                Ok(TensorType::new(
+                    x.dtype,
+                    broadcast_shapes(&[&c.shape, &x.shape, &y.shape])?,
+                ))
             }
             Op::Unary(u) => {
                 let x = args[0];
@@ -475,7 +503,9 @@ impl Op {
                     return err(format!("{} is not defined on {}", self.mnemonic(), x.dtype));
                 }
                 if axes.is_empty() || axes.windows(2).any(|w| w[0] >= w[1]) || axes.iter().any(|&a| a >= x.rank()) {
-                    return err(format!("reduce axes {axes:?} must be sorted, unique and below the rank of {x}"));
+                    return err(format!(
+                        "reduce axes {axes:?} must be sorted, unique and below the rank of {x}"
+                    ));
                 }
                 let mut shape = Vec::new();
                 for (i, d) in x.shape.iter().enumerate() {
@@ -503,10 +533,17 @@ impl Op {
             Op::Transpose { perm } => {
                 let x = args[0];
                 let mut seen = vec![false; x.rank()];
-                if perm.len() != x.rank() || perm.iter().any(|&p| p >= x.rank() || std::mem::replace(&mut seen[p], true)) {
+                if perm.len() != x.rank()
+                    || perm
+                        .iter()
+                        .any(|&p| p >= x.rank() || std::mem::replace(&mut seen[p], true))
+                {
                     return err(format!("{perm:?} is not a permutation of the axes of {x}"));
                 }
-                Ok(TensorType::new(x.dtype, perm.iter().map(|&p| x.shape[p].clone()).collect()))
+                Ok(TensorType::new(
+                    x.dtype,
+                    perm.iter().map(|&p| x.shape[p].clone()).collect(),
+                ))
             }
             Op::Broadcast { shape } => {
                 let x = args[0];
@@ -522,7 +559,9 @@ impl Op {
                     return err(format!("slice axis {axis} out of range for {x}"));
                 };
                 let Some(n) = d.as_known() else {
-                    return err(format!("slice along symbolic axis {axis} ({d}) of {x} is not supported"));
+                    return err(format!(
+                        "slice along symbolic axis {axis} ({d}) of {x} is not supported"
+                    ));
                 };
                 if start >= end || *end > n {
                     return err(format!("slice {start}..{end} out of range for axis {axis} of {x}"));
@@ -580,7 +619,9 @@ mod tests {
     fn t(dtype: DType, dims: &[&str]) -> TensorType {
         TensorType::new(
             dtype,
-            dims.iter().map(|d| d.parse::<u64>().map(Dim::known).unwrap_or_else(|_| Dim::sym(*d))).collect(),
+            dims.iter()
+                .map(|d| d.parse::<u64>().map(Dim::known).unwrap_or_else(|_| Dim::sym(*d)))
+                .collect(),
         )
     }
 
@@ -588,9 +629,19 @@ mod tests {
     fn matmul_broadcasts_batch_axes() {
         let a = t(DType::F32, &["batch", "seq", "384"]);
         let w = t(DType::F32, &["1536", "384"]);
-        let out = Op::MatMul { transpose_a: false, transpose_b: true }.infer(&[&a, &w]).unwrap();
+        let out = Op::MatMul {
+            transpose_a: false,
+            transpose_b: true,
+        }
+        .infer(&[&a, &w])
+        .unwrap();
         assert_eq!(out.to_string(), "f32[batch, seq, 1536]");
-        let bad = Op::MatMul { transpose_a: false, transpose_b: false }.infer(&[&a, &w]).unwrap_err();
+        let bad = Op::MatMul {
+            transpose_a: false,
+            transpose_b: false,
+        }
+        .infer(&[&a, &w])
+        .unwrap_err();
         assert!(bad.0.contains("contraction mismatch"), "{bad}");
     }
 
@@ -607,9 +658,13 @@ mod tests {
     #[test]
     fn reshape_checks_symbolic_element_count() {
         let a = t(DType::F32, &["batch", "seq", "384"]);
-        let ok = Op::Reshape { shape: vec![Dim::sym("batch"), Dim::sym("seq"), Dim::known(12), Dim::known(32)] };
+        let ok = Op::Reshape {
+            shape: vec![Dim::sym("batch"), Dim::sym("seq"), Dim::known(12), Dim::known(32)],
+        };
         assert!(ok.infer(&[&a]).is_ok());
-        let bad = Op::Reshape { shape: vec![Dim::sym("batch"), Dim::known(12), Dim::known(32)] };
+        let bad = Op::Reshape {
+            shape: vec![Dim::sym("batch"), Dim::known(12), Dim::known(32)],
+        };
         assert!(bad.infer(&[&a]).is_err());
     }
 

@@ -95,7 +95,11 @@ impl Tensor {
     pub fn new(shape: Vec<usize>, data: TensorData) -> Result<Tensor, TensorError> {
         let expected: usize = shape.iter().product();
         if expected != data.len() {
-            return Err(TensorError::Length { shape, expected, got: data.len() });
+            return Err(TensorError::Length {
+                shape,
+                expected,
+                got: data.len(),
+            });
         }
         Ok(Tensor { shape, data })
     }
@@ -114,7 +118,11 @@ impl Tensor {
     pub fn from_le_bytes(dtype: DType, shape: Vec<usize>, bytes: &[u8]) -> Result<Tensor, TensorError> {
         let n = bytes.len() / dtype.size_bytes();
         if !bytes.len().is_multiple_of(dtype.size_bytes()) {
-            return Err(TensorError::Length { expected: shape.iter().product(), shape, got: n });
+            return Err(TensorError::Length {
+                expected: shape.iter().product(),
+                shape,
+                got: n,
+            });
         }
         fn chunks<const N: usize>(b: &[u8]) -> impl Iterator<Item = [u8; N]> + '_ {
             b.chunks_exact(N).map(|c| c.try_into().expect("chunk has N bytes"))
@@ -231,7 +239,12 @@ impl Tensor {
             return None;
         }
         let (a, b) = (self.to_f64_vec(), other.to_f64_vec());
-        Some(a.iter().zip(&b).map(|(x, y)| if x == y { 0.0 } else { (x - y).abs() }).fold(0.0, f64::max))
+        Some(
+            a.iter()
+                .zip(&b)
+                .map(|(x, y)| if x == y { 0.0 } else { (x - y).abs() })
+                .fold(0.0, f64::max),
+        )
     }
 }
 

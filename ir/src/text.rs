@@ -43,7 +43,11 @@ impl Graph {
             }
             let _ = writeln!(out, "{line} : {}  # {}", node.ty, node.name);
         }
-        let outs: Vec<String> = self.outputs.iter().map(|o| format!("{}=%{}", o.name, num[&o.node])).collect();
+        let outs: Vec<String> = self
+            .outputs
+            .iter()
+            .map(|o| format!("{}=%{}", o.name, num[&o.node]))
+            .collect();
         let _ = writeln!(out, "  return {}", outs.join(", "));
         out.push_str("}\n");
         out
@@ -58,10 +62,26 @@ mod tests {
     fn text_form_is_dense_and_stable() {
         let mut g = Graph::new("tiny");
         let x = g
-            .add(Op::Input { name: "x".into(), ty: TensorType::new(DType::F32, vec![Dim::sym("batch"), Dim::known(4)]) }, &[], "x")
+            .add(
+                Op::Input {
+                    name: "x".into(),
+                    ty: TensorType::new(DType::F32, vec![Dim::sym("batch"), Dim::known(4)]),
+                },
+                &[],
+                "x",
+            )
             .unwrap();
         let dead = g.add(Op::Unary(crate::UnaryOp::Exp), &[x], "dead").unwrap();
-        let w = g.add(Op::Param { name: "w".into(), ty: TensorType::new(DType::F32, vec![Dim::known(4)]) }, &[], "w").unwrap();
+        let w = g
+            .add(
+                Op::Param {
+                    name: "w".into(),
+                    ty: TensorType::new(DType::F32, vec![Dim::known(4)]),
+                },
+                &[],
+                "w",
+            )
+            .unwrap();
         let y = g.add(Op::Binary(BinaryOp::Add), &[x, w], "y").unwrap();
         g.add_output("y", y).unwrap();
         g.remove(dead);

@@ -37,7 +37,9 @@ pub enum VerifyError {
 
 /// Checks every invariant of `graph`; returns the first violation found.
 pub fn verify(graph: &Graph) -> Result<(), VerifyError> {
-    let order = graph.topo_order().map_err(|n| VerifyError::Cycle(graph.node(n).name.clone()))?;
+    let order = graph
+        .topo_order()
+        .map_err(|n| VerifyError::Cycle(graph.node(n).name.clone()))?;
     for &id in &order {
         let node = graph.node(id);
         let mut positions: Vec<u32> = graph
@@ -65,7 +67,11 @@ pub fn verify(graph: &Graph) -> Result<(), VerifyError> {
                 })
             }
             Err(e) => {
-                return Err(VerifyError::Type { node: node.name.clone(), op: node.op.mnemonic(), msg: e.0 })
+                return Err(VerifyError::Type {
+                    node: node.name.clone(),
+                    op: node.op.mnemonic(),
+                    msg: e.0,
+                })
             }
         }
     }
@@ -79,7 +85,9 @@ pub fn verify(graph: &Graph) -> Result<(), VerifyError> {
         match &graph.node(id).op {
             Op::Input { name, .. } => {
                 if !listed.contains(&id) {
-                    return Err(VerifyError::Signature(format!("input `{name}` is not in the input list")));
+                    return Err(VerifyError::Signature(format!(
+                        "input `{name}` is not in the input list"
+                    )));
                 }
                 if !input_names.insert(name.clone()) {
                     return Err(VerifyError::Signature(format!("input name `{name}` is used twice")));
@@ -90,7 +98,9 @@ pub fn verify(graph: &Graph) -> Result<(), VerifyError> {
                     return Err(VerifyError::Signature(format!("param `{name}` appears twice")));
                 }
                 if ty.shape.iter().any(|d| d.as_known().is_none()) {
-                    return Err(VerifyError::Signature(format!("param `{name}` has a symbolic shape {ty}")));
+                    return Err(VerifyError::Signature(format!(
+                        "param `{name}` has a symbolic shape {ty}"
+                    )));
                 }
             }
             _ => {}
@@ -98,16 +108,24 @@ pub fn verify(graph: &Graph) -> Result<(), VerifyError> {
     }
     for i in &graph.inputs {
         if !graph.contains(*i) || !matches!(graph.node(*i).op, Op::Input { .. }) {
-            return Err(VerifyError::Signature("the input list names a node that is not an input".into()));
+            return Err(VerifyError::Signature(
+                "the input list names a node that is not an input".into(),
+            ));
         }
     }
     let mut out_names = HashSet::new();
     for o in &graph.outputs {
         if !graph.contains(o.node) {
-            return Err(VerifyError::Signature(format!("output `{}` names a removed node", o.name)));
+            return Err(VerifyError::Signature(format!(
+                "output `{}` names a removed node",
+                o.name
+            )));
         }
         if !out_names.insert(o.name.clone()) {
-            return Err(VerifyError::Signature(format!("output name `{}` is used twice", o.name)));
+            return Err(VerifyError::Signature(format!(
+                "output name `{}` is used twice",
+                o.name
+            )));
         }
     }
     Ok(())

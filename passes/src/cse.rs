@@ -33,5 +33,9 @@ pub fn run(g: &mut Graph, _: &crate::PipelineOptions) -> PassStats {
             }
         }
     }
-    PassStats { removed: 0, merged, notes: Vec::new() }
+    PassStats {
+        removed: 0,
+        merged,
+        notes: Vec::new(),
+    }
 }

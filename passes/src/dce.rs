@@ -19,9 +19,16 @@ pub fn run(g: &mut Graph, _: &crate::PipelineOptions) -> PassStats {
             stack.extend(g.args(n));
         }
     }
-    let dead: Vec<NodeId> = g.node_ids().filter(|n| !live.contains(n) && !matches!(g.node(*n).op, Op::Input { .. })).collect();
+    let dead: Vec<NodeId> = g
+        .node_ids()
+        .filter(|n| !live.contains(n) && !matches!(g.node(*n).op, Op::Input { .. }))
+        .collect();
     for n in &dead {
         g.remove(*n);
     }
-    PassStats { removed: dead.len(), merged: 0, notes: Vec::new() }
+    PassStats {
+        removed: dead.len(),
+        merged: 0,
+        notes: Vec::new(),
+    }
 }

@@ -22,7 +22,10 @@ pub struct Scalar {
 impl Scalar {
     /// A constant of `dtype`.
     pub fn new(v: f64, dtype: DType) -> Scalar {
-        Scalar { bits: v.to_bits(), dtype }
+        Scalar {
+            bits: v.to_bits(),
+            dtype,
+        }
     }
     /// Its value.
     pub fn value(self) -> f64 {
@@ -61,7 +64,10 @@ impl fmt::Display for OpRef {
 impl FromStr for OpRef {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        s.strip_prefix("op").and_then(|n| n.parse().ok()).map(OpRef).ok_or_else(|| format!("not an op reference: {s}"))
+        s.strip_prefix("op")
+            .and_then(|n| n.parse().ok())
+            .map(OpRef)
+            .ok_or_else(|| format!("not an op reference: {s}"))
     }
 }
 
@@ -122,7 +128,11 @@ impl TensorLang {
             TensorLang::Rsqrt(_) => Op::Unary(UnaryOp::Rsqrt),
             TensorLang::Exp(_) => Op::Unary(UnaryOp::Exp),
             TensorLang::Const(s) => {
-                let value = if s.dtype.is_float() { Literal::float(s.value()) } else { Literal::Int(s.value() as i64) };
+                let value = if s.dtype.is_float() {
+                    Literal::float(s.value())
+                } else {
+                    Literal::Int(s.value() as i64)
+                };
                 Op::Scalar { value, dtype: s.dtype }
             }
             TensorLang::Other(r, _) => table.get(*r).clone(),
@@ -141,7 +151,9 @@ impl TensorLang {
             Op::Unary(UnaryOp::Sqrt) => TensorLang::Sqrt([a(0)]),
             Op::Unary(UnaryOp::Rsqrt) => TensorLang::Rsqrt([a(0)]),
             Op::Unary(UnaryOp::Exp) => TensorLang::Exp([a(0)]),
-            Op::Scalar { value, dtype } if !matches!(value, Literal::Bool(_)) => TensorLang::Const(Scalar::new(value.as_f64(), *dtype)),
+            Op::Scalar { value, dtype } if !matches!(value, Literal::Bool(_)) => {
+                TensorLang::Const(Scalar::new(value.as_f64(), *dtype))
+            }
             other => TensorLang::Other(table.intern(other), args),
         }
     }
@@ -183,23 +195,28 @@ impl Analysis<TensorLang> for TensorAnalysis {
         let float = ty.as_ref().is_some_and(|t| t.dtype == DType::F32);
         let fold = || -> Option<f64> {
             match enode {
-            TensorLang::Const(s) => Some(s.value()),
-            _ if !float => None,
-            TensorLang::Add(_) => Some(k(0)? + k(1)?),
-            TensorLang::Sub(_) => Some(k(0)? - k(1)?),
-            TensorLang::Mul(_) => Some(k(0)? * k(1)?),
-            TensorLang::Div(_) => Some(k(0)? / k(1)?),
-            TensorLang::Neg(_) => Some(-k(0)?),
-            TensorLang::Recip(_) => Some(1.0 / k(0)?),
-            TensorLang::Sqrt(_) => Some(k(0)?.sqrt()),
-            TensorLang::Rsqrt(_) => Some(1.0 / k(0)?.sqrt()),
-            TensorLang::Exp(_) => Some(k(0)?.exp()),
-            TensorLang::Other(..) => None,
+                TensorLang::Const(s) => Some(s.value()),
+                _ if !float => None,
+                TensorLang::Add(_) => Some(k(0)? + k(1)?),
+                TensorLang::Sub(_) => Some(k(0)? - k(1)?),
+                TensorLang::Mul(_) => Some(k(0)? * k(1)?),
+                TensorLang::Div(_) => Some(k(0)? / k(1)?),
+                TensorLang::Neg(_) => Some(-k(0)?),
+                TensorLang::Recip(_) => Some(1.0 / k(0)?),
+                TensorLang::Sqrt(_) => Some(k(0)?.sqrt()),
+                TensorLang::Rsqrt(_) => Some(1.0 / k(0)?.sqrt()),
+                TensorLang::Exp(_) => Some(k(0)?.exp()),
+                TensorLang::Other(..) => None,
             }
         };
-        let konst = fold().filter(|v| v.is_finite()).map(|v| round(ty.as_ref().map_or(DType::F32, |t| t.dtype), v));
+        let konst = fold()
+            .filter(|v| v.is_finite())
+            .map(|v| round(ty.as_ref().map_or(DType::F32, |t| t.dtype), v));
         let scalar = ty.as_ref().is_some_and(|t| t.rank() == 0);
-        ClassData { ty, konst: konst.filter(|_| scalar) }
+        ClassData {
+            ty,
+            konst: konst.filter(|_| scalar),
+        }
     }
 
     fn merge(&mut self, a: &mut ClassData, b: ClassData) -> DidMerge {
@@ -254,7 +271,11 @@ pub fn load(graph: &Graph) -> Loaded {
         class.insert(n, id);
     }
     egraph.rebuild();
-    let outputs = graph.outputs().iter().map(|o| (o.name.clone(), egraph.find(class[&o.node]))).collect();
+    let outputs = graph
+        .outputs()
+        .iter()
+        .map(|o| (o.name.clone(), egraph.find(class[&o.node])))
+        .collect();
     let inputs = graph
         .inputs()
         .iter()
@@ -264,7 +285,12 @@ pub fn load(graph: &Graph) -> Loaded {
         })
         .collect();
     let names = names.into_iter().map(|(k, v)| (egraph.find(k), v)).collect();
-    Loaded { egraph, outputs, names, inputs }
+    Loaded {
+        egraph,
+        outputs,
+        names,
+        inputs,
+    }
 }
 
 /// Rebuilds a graph from the best node of every needed e-class, as chosen by `cost`.
@@ -275,7 +301,10 @@ pub fn extract(loaded: &Loaded, name: &str, cost: impl egg::CostFunction<TensorL
     let mut built: HashMap<Id, NodeId> = HashMap::new();
     // Inputs first, in signature order, so the graph keeps its interface.
     for (iname, ty) in &loaded.inputs {
-        let op = Op::Input { name: iname.clone(), ty: ty.clone() };
+        let op = Op::Input {
+            name: iname.clone(),
+            ty: ty.clone(),
+        };
         let r = eg.analysis.table.index.get(&op).copied();
         let id = g.add(op, &[], iname.clone()).expect("inputs are well typed");
         if let Some(r) = r {
@@ -284,17 +313,33 @@ pub fn extract(loaded: &Loaded, name: &str, cost: impl egg::CostFunction<TensorL
             }
         }
     }
-    fn build(c: Id, eg: &TensorEGraph, ex: &egg::Extractor<impl egg::CostFunction<TensorLang>, TensorLang, TensorAnalysis>, g: &mut Graph, built: &mut HashMap<Id, NodeId>, names: &HashMap<Id, String>) -> NodeId {
+    fn build(
+        c: Id,
+        eg: &TensorEGraph,
+        ex: &egg::Extractor<impl egg::CostFunction<TensorLang>, TensorLang, TensorAnalysis>,
+        g: &mut Graph,
+        built: &mut HashMap<Id, NodeId>,
+        names: &HashMap<Id, String>,
+    ) -> NodeId {
         let c = eg.find(c);
         if let Some(n) = built.get(&c) {
             return *n;
         }
         // Iterative would be kinder to deep graphs; transformer graphs are a few thousand nodes deep at most.
         let node = ex.find_best_node(c).clone();
-        let args: Vec<NodeId> = node.children().iter().map(|k| build(*k, eg, ex, g, built, names)).collect();
+        let args: Vec<NodeId> = node
+            .children()
+            .iter()
+            .map(|k| build(*k, eg, ex, g, built, names))
+            .collect();
         let op = node.to_op(&eg.analysis.table);
-        let name = names.get(&c).cloned().unwrap_or_else(|| format!("opt/{}", op.mnemonic()));
-        let id = g.add(op, &args, name).expect("extraction keeps types: every e-class has one type");
+        let name = names
+            .get(&c)
+            .cloned()
+            .unwrap_or_else(|| format!("opt/{}", op.mnemonic()));
+        let id = g
+            .add(op, &args, name)
+            .expect("extraction keeps types: every e-class has one type");
         built.insert(c, id);
         id
     }

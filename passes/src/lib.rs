@@ -117,7 +117,14 @@ fn pipeline(level: OptLevel) -> &'static [(&'static str, PassFn)] {
 
 /// Runs the pipeline for `level`; verifies after every pass when `verify_each` is set.
 pub fn optimize(graph: &mut Graph, level: OptLevel, verify_each: bool) -> Result<Vec<PassReport>, PassError> {
-    optimize_with(graph, level, &PipelineOptions { verify_each, ..PipelineOptions::default() })
+    optimize_with(
+        graph,
+        level,
+        &PipelineOptions {
+            verify_each,
+            ..PipelineOptions::default()
+        },
+    )
 }
 
 /// Runs the pipeline for `level` with options (rule switches, IR dumps).
@@ -125,7 +132,10 @@ pub fn optimize_with(graph: &mut Graph, level: OptLevel, opts: &PipelineOptions)
     let known: Vec<String> = rules::algebraic().iter().map(|r| r.name.to_string()).collect();
     for name in &opts.disabled_rules {
         if !known.contains(name) {
-            return Err(PassError::UnknownRule { name: name.clone(), known: known.join(", ") });
+            return Err(PassError::UnknownRule {
+                name: name.clone(),
+                known: known.join(", "),
+            });
         }
     }
     let dump = |step: usize, pass: &str, g: &Graph| -> Result<(), PassError> {
@@ -133,7 +143,10 @@ pub fn optimize_with(graph: &mut Graph, level: OptLevel, opts: &PipelineOptions)
         let path = dir.join(format!("{step:02}-{pass}.txt"));
         std::fs::create_dir_all(dir)
             .and_then(|_| std::fs::write(&path, g.to_text()))
-            .map_err(|source| PassError::Dump { path: path.display().to_string(), source })
+            .map_err(|source| PassError::Dump {
+                path: path.display().to_string(),
+                source,
+            })
     };
     dump(0, "input", graph)?;
     let mut reports = Vec::new();
@@ -147,7 +160,13 @@ pub fn optimize_with(graph: &mut Graph, level: OptLevel, opts: &PipelineOptions)
             verify(graph).map_err(|source| PassError::Verify { pass: name, source })?;
         }
         dump(i + 1, name, graph)?;
-        reports.push(PassReport { pass: name, nodes_before, nodes_after: graph.len(), stats, time });
+        reports.push(PassReport {
+            pass: name,
+            nodes_before,
+            nodes_after: graph.len(),
+            stats,
+            time,
+        });
     }
     Ok(reports)
 }

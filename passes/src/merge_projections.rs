@@ -18,7 +18,13 @@ pub fn run(g: &mut Graph, _: &crate::PipelineOptions) -> PassStats {
     // Products x @ Wᵀ with W a parameter [n, k], grouped by x.
     let mut groups: BTreeMap<NodeId, Vec<NodeId>> = BTreeMap::new();
     for id in g.node_ids().collect::<Vec<_>>() {
-        let Op::MatMul { transpose_a: false, transpose_b: true } = g.node(id).op else { continue };
+        let Op::MatMul {
+            transpose_a: false,
+            transpose_b: true,
+        } = g.node(id).op
+        else {
+            continue;
+        };
         let args = g.args(id);
         let w = &g.node(args[1]);
         if matches!(w.op, Op::Param { .. }) && w.ty.rank() == 2 && g.outputs().iter().all(|o| o.node != id) {
@@ -32,7 +38,10 @@ pub fn run(g: &mut Graph, _: &crate::PipelineOptions) -> PassStats {
             continue;
         }
         let ws: Vec<NodeId> = mms.iter().map(|m| g.args(*m)[1]).collect();
-        let widths: Vec<u64> = ws.iter().map(|w| g.node(*w).ty.shape[0].as_known().unwrap_or(0)).collect();
+        let widths: Vec<u64> = ws
+            .iter()
+            .map(|w| g.node(*w).ty.shape[0].as_known().unwrap_or(0))
+            .collect();
         // A bias add after every product, each with a [n] parameter: merge those too.
         let biases: Option<Vec<(NodeId, NodeId)>> = mms
             .iter()
@@ -50,13 +59,28 @@ pub fn run(g: &mut Graph, _: &crate::PipelineOptions) -> PassStats {
             })
             .collect();
         let name = g.node(mms[0]).name.clone();
-        let Ok(wcat) = g.add(Op::Concat { axis: 0 }, &ws, format!("{name}/merged_weight")) else { continue };
-        let Ok(mut y) = g.add(Op::MatMul { transpose_a: false, transpose_b: true }, &[x, wcat], format!("{name}/merged")) else { continue };
+        let Ok(wcat) = g.add(Op::Concat { axis: 0 }, &ws, format!("{name}/merged_weight")) else {
+            continue;
+        };
+        let Ok(mut y) = g.add(
+            Op::MatMul {
+                transpose_a: false,
+                transpose_b: true,
+            },
+            &[x, wcat],
+            format!("{name}/merged"),
+        ) else {
+            continue;
+        };
         let replaced: Vec<NodeId> = match &biases {
             Some(bs) => {
                 let bv: Vec<NodeId> = bs.iter().map(|(_, b)| *b).collect();
-                let Ok(bcat) = g.add(Op::Concat { axis: 0 }, &bv, format!("{name}/merged_bias")) else { continue };
-                let Ok(yb) = g.add(Op::Binary(BinaryOp::Add), &[y, bcat], format!("{name}/merged_bias_add")) else { continue };
+                let Ok(bcat) = g.add(Op::Concat { axis: 0 }, &bv, format!("{name}/merged_bias")) else {
+                    continue;
+                };
+                let Ok(yb) = g.add(Op::Binary(BinaryOp::Add), &[y, bcat], format!("{name}/merged_bias_add")) else {
+                    continue;
+                };
                 y = yb;
                 bs.iter().map(|(add, _)| *add).collect()
             }
@@ -66,14 +90,31 @@ pub fn run(g: &mut Graph, _: &crate::PipelineOptions) -> PassStats {
         let mut start = 0u64;
         for (old, w) in replaced.iter().zip(&widths) {
             let slice = g
-                .add(Op::Slice { axis, start, end: start + w }, &[y], g.node(*old).name.clone())
+                .add(
+                    Op::Slice {
+                        axis,
+                        start,
+                        end: start + w,
+                    },
+                    &[y],
+                    g.node(*old).name.clone(),
+                )
                 .expect("slices of the merged product have the original types");
             debug_assert_eq!(g.node(slice).ty.shape.last(), Some(&Dim::known(*w)));
             g.replace_uses(*old, slice);
             start += w;
         }
         merged += mms.len();
-        notes.push(format!("merged {} projections of `{}` into one N={start} product{}", mms.len(), g.node(x).name, if biases.is_some() { " with biases" } else { "" }));
+        notes.push(format!(
+            "merged {} projections of `{}` into one N={start} product{}",
+            mms.len(),
+            g.node(x).name,
+            if biases.is_some() { " with biases" } else { "" }
+        ));
     }
-    PassStats { removed: 0, merged, notes }
+    PassStats {
+        removed: 0,
+        merged,
+        notes,
+    }
 }

@@ -43,7 +43,10 @@ fn keeps_type(v: &'static str) -> impl Fn(&mut TensorEGraph, Id, &Subst) -> bool
     }
 }
 
-fn both(a: impl Fn(&mut TensorEGraph, Id, &Subst) -> bool, b: impl Fn(&mut TensorEGraph, Id, &Subst) -> bool) -> impl Fn(&mut TensorEGraph, Id, &Subst) -> bool {
+fn both(
+    a: impl Fn(&mut TensorEGraph, Id, &Subst) -> bool,
+    b: impl Fn(&mut TensorEGraph, Id, &Subst) -> bool,
+) -> impl Fn(&mut TensorEGraph, Id, &Subst) -> bool {
     move |eg, id, s| a(eg, id, s) && b(eg, id, s)
 }
 

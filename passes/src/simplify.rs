@@ -27,7 +27,11 @@ pub struct Limits {
 
 impl Default for Limits {
     fn default() -> Self {
-        Limits { iterations: 12, nodes: 200_000, time: Duration::from_secs(3) }
+        Limits {
+            iterations: 12,
+            nodes: 200_000,
+            time: Duration::from_secs(3),
+        }
     }
 }
 
@@ -80,16 +84,31 @@ pub fn run_rules(graph: &mut Graph, rules: &[Rewrite<TensorLang, TensorAnalysis>
     if !fired_text.is_empty() {
         notes.push(format!("rules fired: {}", fired_text.join(", ")));
     }
-    let outputs = loaded.outputs.iter().map(|(n, c)| (n.clone(), runner.egraph.find(*c))).collect();
-    let loaded = egraph::Loaded { egraph: runner.egraph, outputs, ..loaded };
+    let outputs = loaded
+        .outputs
+        .iter()
+        .map(|(n, c)| (n.clone(), runner.egraph.find(*c)))
+        .collect();
+    let loaded = egraph::Loaded {
+        egraph: runner.egraph,
+        outputs,
+        ..loaded
+    };
     let new = egraph::extract(&loaded, &graph.name, OpCost);
     let removed = graph.len().saturating_sub(new.len());
     *graph = new;
-    PassStats { removed, merged: 0, notes }
+    PassStats {
+        removed,
+        merged: 0,
+        notes,
+    }
 }
 
 /// The pass: the algebraic rule set, less any disabled rules, with default limits.
 pub fn run(graph: &mut Graph, opts: &crate::PipelineOptions) -> PassStats {
-    let rules: Vec<_> = crate::rules::algebraic().into_iter().filter(|r| !opts.disabled_rules.iter().any(|d| r.name.as_str() == d)).collect();
+    let rules: Vec<_> = crate::rules::algebraic()
+        .into_iter()
+        .filter(|r| !opts.disabled_rules.iter().any(|d| r.name.as_str() == d))
+        .collect();
     run_rules(graph, &rules, Limits::default())
 }

@@ -51,7 +51,10 @@ pub fn encode(manifest: &Manifest, weights: &[u8], code: &[u8]) -> Result<Vec<u8
     out.extend_from_slice(code);
     out[..8].copy_from_slice(MAGIC);
     out[8..12].copy_from_slice(&VERSION.to_le_bytes());
-    for (i, v) in [m_off, text.len(), w_off, weights.len(), c_off, code.len()].into_iter().enumerate() {
+    for (i, v) in [m_off, text.len(), w_off, weights.len(), c_off, code.len()]
+        .into_iter()
+        .enumerate()
+    {
         out[16 + 8 * i..24 + 8 * i].copy_from_slice(&(v as u64).to_le_bytes());
     }
     let crc = crc32fast::hash(&out);
@@ -63,7 +66,10 @@ pub fn encode(manifest: &Manifest, weights: &[u8], code: &[u8]) -> Result<Vec<u8
 /// Writes an artifact file.
 pub fn write(path: &Path, manifest: &Manifest, weights: &[u8], code: &[u8]) -> Result<(), LoadError> {
     let bytes = encode(manifest, weights, code).map_err(LoadError::Corrupt)?;
-    std::fs::write(path, bytes).map_err(|source| LoadError::Io { path: path.display().to_string(), source })
+    std::fs::write(path, bytes).map_err(|source| LoadError::Io {
+        path: path.display().to_string(),
+        source,
+    })
 }
 
 /// Byte ranges of an artifact's sections, after the checks.
@@ -89,7 +95,10 @@ pub fn decode(bytes: &[u8]) -> Result<Sections, LoadError> {
     }
     let version = u32::from_le_bytes(bytes[8..12].try_into().expect("4 bytes"));
     if version != VERSION {
-        return Err(LoadError::Version { found: version, supported: VERSION });
+        return Err(LoadError::Version {
+            found: version,
+            supported: VERSION,
+        });
     }
     let end = bytes.len() - TRAILER;
     if &bytes[end + 4..] != b"KEND" {
@@ -98,7 +107,9 @@ pub fn decode(bytes: &[u8]) -> Result<Sections, LoadError> {
     let crc = u32::from_le_bytes(bytes[end..end + 4].try_into().expect("4 bytes"));
     let actual = crc32fast::hash(&bytes[..end]);
     if crc != actual {
-        return bad(format!("checksum mismatch (stored {crc:08x}, computed {actual:08x}): the file is damaged"));
+        return bad(format!(
+            "checksum mismatch (stored {crc:08x}, computed {actual:08x}): the file is damaged"
+        ));
     }
     let word = |i: usize| u64::from_le_bytes(bytes[16 + 8 * i..24 + 8 * i].try_into().expect("8 bytes"));
     let mut ranges = Vec::new();
@@ -107,7 +118,9 @@ pub fn decode(bytes: &[u8]) -> Result<Sections, LoadError> {
         let (off, len) = (word(2 * i), word(2 * i + 1));
         let stop = off.checked_add(len).filter(|s| *s <= end as u64 && off >= prev_end);
         let Some(stop) = stop else {
-            return bad(format!("{what} section {off}+{len} lies outside the file or overlaps another section"));
+            return bad(format!(
+                "{what} section {off}+{len} lies outside the file or overlaps another section"
+            ));
         };
         if i > 0 && off % ALIGN as u64 != 0 {
             return bad(format!("{what} section is not {ALIGN}-byte aligned"));
@@ -115,15 +128,24 @@ pub fn decode(bytes: &[u8]) -> Result<Sections, LoadError> {
         prev_end = stop;
         ranges.push(off as usize..stop as usize);
     }
-    let text = std::str::from_utf8(&bytes[ranges[0].clone()]).map_err(|_| LoadError::Corrupt("manifest is not UTF-8".into()))?;
-    let manifest: Manifest = ron::from_str(text).map_err(|e| LoadError::Corrupt(format!("manifest does not parse: {e}")))?;
-    Ok(Sections { manifest, weights: ranges[1].clone(), code: ranges[2].clone() })
+    let text = std::str::from_utf8(&bytes[ranges[0].clone()])
+        .map_err(|_| LoadError::Corrupt("manifest is not UTF-8".into()))?;
+    let manifest: Manifest =
+        ron::from_str(text).map_err(|e| LoadError::Corrupt(format!("manifest does not parse: {e}")))?;
+    Ok(Sections {
+        manifest,
+        weights: ranges[1].clone(),
+        code: ranges[2].clone(),
+    })
 }
 
 /// Reads the whole file into memory-mapped form.
 pub fn map(path: &Path) -> Result<memmap2::Mmap, LoadError> {
     let p = path.display().to_string();
-    let f = std::fs::File::open(path).map_err(|source| LoadError::Io { path: p.clone(), source })?;
+    let f = std::fs::File::open(path).map_err(|source| LoadError::Io {
+        path: p.clone(),
+        source,
+    })?;
     // SAFETY: mapped read-only; the checksum is verified before any use. Modifying the file while
     // a model is loaded is unsupported, as for shared libraries.
     unsafe { memmap2::Mmap::map(&f) }.map_err(|source| LoadError::Io { path: p, source })

@@ -107,13 +107,26 @@ impl Model {
         let s = artifact::decode(bytes.as_slice())?;
         let m = s.manifest;
         if m.target.arch != std::env::consts::ARCH {
-            return Err(LoadError::Target { wanted: m.target.arch.clone(), have: std::env::consts::ARCH.to_string() });
+            return Err(LoadError::Target {
+                wanted: m.target.arch.clone(),
+                have: std::env::consts::ARCH.to_string(),
+            });
         }
         for f in &m.target.features {
             match cpu_has(f) {
                 Some(true) => {}
-                Some(false) => return Err(LoadError::Target { wanted: format!("a CPU with {f}"), have: format!("a CPU without {f}") }),
-                None => return Err(LoadError::Target { wanted: format!("CPU feature `{f}`"), have: "a runtime that does not know it".into() }),
+                Some(false) => {
+                    return Err(LoadError::Target {
+                        wanted: format!("a CPU with {f}"),
+                        have: format!("a CPU without {f}"),
+                    })
+                }
+                None => {
+                    return Err(LoadError::Target {
+                        wanted: format!("CPU feature `{f}`"),
+                        have: "a runtime that does not know it".into(),
+                    })
+                }
             }
         }
         crate::validate::manifest(&m, s.weights.len(), s.code.len())?;
@@ -121,7 +134,8 @@ impl Model {
         let (code, kernels) = if m.kernels.is_empty() {
             (None, Vec::new())
         } else {
-            let exec = kernels::executable(code_bytes).map_err(|e| LoadError::Corrupt(format!("cannot map code executable: {e}")))?;
+            let exec = kernels::executable(code_bytes)
+                .map_err(|e| LoadError::Corrupt(format!("cannot map code executable: {e}")))?;
             let base = exec.as_ptr();
             let fns = m
                 .kernels
@@ -136,7 +150,16 @@ impl Model {
         };
         let threads = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
         let pool = kernels::pool(threads).map_err(LoadError::Corrupt)?;
-        Ok(Model { bytes, manifest: m, weights: s.weights, _code: code, kernels, pool, threads, load_seconds: start.elapsed().as_secs_f64() })
+        Ok(Model {
+            bytes,
+            manifest: m,
+            weights: s.weights,
+            _code: code,
+            kernels,
+            pool,
+            threads,
+            load_seconds: start.elapsed().as_secs_f64(),
+        })
     }
 
     /// Sets the number of threads kernels use (default: all cores).
@@ -158,7 +181,10 @@ impl Model {
     }
 
     /// Runs the model and reports memory use.
-    pub fn run_with_stats(&self, inputs: &BTreeMap<String, Tensor>) -> Result<(Vec<(String, Tensor)>, RunStats), RunError> {
+    pub fn run_with_stats(
+        &self,
+        inputs: &BTreeMap<String, Tensor>,
+    ) -> Result<(Vec<(String, Tensor)>, RunStats), RunError> {
         self.run_inner(inputs, None)
     }
 
@@ -177,10 +203,18 @@ impl Model {
         Ok(Profile { by_kind })
     }
 
-    fn run_inner(&self, inputs: &BTreeMap<String, Tensor>, mut times: Option<&mut Vec<f64>>) -> Result<(Vec<(String, Tensor)>, RunStats), RunError> {
+    fn run_inner(
+        &self,
+        inputs: &BTreeMap<String, Tensor>,
+        mut times: Option<&mut Vec<f64>>,
+    ) -> Result<(Vec<(String, Tensor)>, RunStats), RunError> {
         let m = &self.manifest;
         let syms = self.bind(inputs)?;
-        let shapes: Vec<Vec<usize>> = m.values.iter().map(|v| v.shape.iter().map(|d| d.eval(&syms)).collect()).collect();
+        let shapes: Vec<Vec<usize>> = m
+            .values
+            .iter()
+            .map(|v| v.shape.iter().map(|d| d.eval(&syms)).collect())
+            .collect();
         let sizes: Vec<usize> = m
             .values
             .iter()
@@ -193,32 +227,57 @@ impl Model {
         }
         let (offsets, arena_len, unshared) = self.plan_memory(&sizes);
         if arena_len > MAX_VALUE_BYTES {
-            return Err(RunError::Step { step: usize::MAX, node: String::new(), msg: format!("activations need {arena_len} bytes") });
+            return Err(RunError::Step {
+                step: usize::MAX,
+                node: String::new(),
+                msg: format!("activations need {arena_len} bytes"),
+            });
         }
         let mut arena: Vec<kernels::Align64> = Vec::new();
-        arena.try_reserve_exact(arena_len.div_ceil(64)).map_err(|_| RunError::Step {
-            step: usize::MAX,
-            node: String::new(),
-            msg: format!("cannot allocate {arena_len} bytes of activations"),
-        })?;
+        arena
+            .try_reserve_exact(arena_len.div_ceil(64))
+            .map_err(|_| RunError::Step {
+                step: usize::MAX,
+                node: String::new(),
+                msg: format!("cannot allocate {arena_len} bytes of activations"),
+            })?;
         arena.resize(arena_len.div_ceil(64), kernels::Align64::default());
         let arena_ptr = arena.as_mut_ptr() as *mut u8;
         let weights = &self.bytes.as_slice()[self.weights.clone()];
         // Base pointer and byte length of every value.
-        let mut bufs: Vec<Buf> = vec![Buf { ptr: std::ptr::null_mut(), len: 0 }; m.values.len()];
+        let mut bufs: Vec<Buf> = vec![
+            Buf {
+                ptr: std::ptr::null_mut(),
+                len: 0
+            };
+            m.values.len()
+        ];
         for (i, v) in m.values.iter().enumerate() {
             bufs[i] = match &v.storage {
                 Storage::Input(n) => {
                     let t = &inputs[&m.inputs[*n as usize].name];
-                    Buf { ptr: t.as_bytes().as_ptr() as *mut u8, len: t.as_bytes().len() }
+                    Buf {
+                        ptr: t.as_bytes().as_ptr() as *mut u8,
+                        len: t.as_bytes().len(),
+                    }
                 }
-                Storage::Weight { offset, len } => Buf { ptr: weights[*offset as usize..].as_ptr() as *mut u8, len: *len as usize },
+                Storage::Weight { offset, len } => Buf {
+                    ptr: weights[*offset as usize..].as_ptr() as *mut u8,
+                    len: *len as usize,
+                },
                 // SAFETY: offsets come from `plan_memory`, which keeps every buffer inside the arena.
-                Storage::Temp => Buf { ptr: unsafe { arena_ptr.add(offsets[i]) }, len: sizes[i] },
+                Storage::Temp => Buf {
+                    ptr: unsafe { arena_ptr.add(offsets[i]) },
+                    len: sizes[i],
+                },
                 Storage::Alias(src) => {
                     let b = bufs[*src as usize];
                     if b.len != sizes[i] {
-                        return Err(self.step_err(usize::MAX, i, format!("reshape of {} bytes into {} bytes", b.len, sizes[i])));
+                        return Err(self.step_err(
+                            usize::MAX,
+                            i,
+                            format!("reshape of {} bytes into {} bytes", b.len, sizes[i]),
+                        ));
                     }
                     b
                 }
@@ -229,7 +288,11 @@ impl Model {
                 let t = Instant::now();
                 self.exec(step, &bufs, &shapes, &syms).map_err(|msg| {
                     let out = step_out(step);
-                    RunError::Step { step: si, node: m.values[out].name.clone(), msg }
+                    RunError::Step {
+                        step: si,
+                        node: m.values[out].name.clone(),
+                        msg,
+                    }
                 })?;
                 if let Some(times) = times.as_deref_mut() {
                     times[si] += t.elapsed().as_secs_f64();
@@ -248,11 +311,26 @@ impl Model {
             outs.push((p.name.clone(), t));
         }
         drop(arena);
-        Ok((outs, RunStats { peak_activation_bytes: arena_len, unshared_activation_bytes: unshared }))
+        Ok((
+            outs,
+            RunStats {
+                peak_activation_bytes: arena_len,
+                unshared_activation_bytes: unshared,
+            },
+        ))
     }
 
     fn step_err(&self, step: usize, value: usize, msg: String) -> RunError {
-        RunError::Step { step, node: self.manifest.values.get(value).map(|v| v.name.clone()).unwrap_or_default(), msg }
+        RunError::Step {
+            step,
+            node: self
+                .manifest
+                .values
+                .get(value)
+                .map(|v| v.name.clone())
+                .unwrap_or_default(),
+            msg,
+        }
     }
 
     fn bind(&self, inputs: &BTreeMap<String, Tensor>) -> Result<Vec<usize>, RunError> {
@@ -260,31 +338,47 @@ impl Model {
         for k in inputs.keys() {
             if !m.inputs.iter().any(|p| &p.name == k) {
                 let names: Vec<&str> = m.inputs.iter().map(|p| p.name.as_str()).collect();
-                return Err(RunError::UnknownInput { name: k.clone(), expected: names.join(", ") });
+                return Err(RunError::UnknownInput {
+                    name: k.clone(),
+                    expected: names.join(", "),
+                });
             }
         }
         let mut syms: Vec<Option<(usize, String)>> = vec![None; m.dims.len()];
         for pass in 0..2 {
             for p in &m.inputs {
-                let t = inputs.get(&p.name).ok_or_else(|| RunError::MissingInput(p.name.clone()))?;
+                let t = inputs
+                    .get(&p.name)
+                    .ok_or_else(|| RunError::MissingInput(p.name.clone()))?;
                 let v = &m.values[p.value as usize];
-                let bad = |msg: String| RunError::BadInput { name: p.name.clone(), msg };
+                let bad = |msg: String| RunError::BadInput {
+                    name: p.name.clone(),
+                    msg,
+                };
                 if t.dtype() != v.dtype {
                     return Err(bad(format!("expected dtype {}, got {}", v.dtype, t.dtype())));
                 }
                 if t.shape().len() != v.shape.len() {
-                    return Err(bad(format!("expected rank {}, got shape {:?}", v.shape.len(), t.shape())));
+                    return Err(bad(format!(
+                        "expected rank {}, got shape {:?}",
+                        v.shape.len(),
+                        t.shape()
+                    )));
                 }
                 for (axis, (d, &n)) in v.shape.iter().zip(t.shape()).enumerate() {
                     if pass == 0 && d.coeff == 1 && d.syms.len() == 1 {
                         let s = d.syms[0] as usize;
                         let (name, bound) = &m.dims[s];
                         if n == 0 || n as u64 > *bound {
-                            return Err(bad(format!("axis {axis} is `{name}` = {n}, outside the compiled range 1..={bound}")));
+                            return Err(bad(format!(
+                                "axis {axis} is `{name}` = {n}, outside the compiled range 1..={bound}"
+                            )));
                         }
                         match &syms[s] {
                             Some((prev, from)) if *prev != n => {
-                                return Err(bad(format!("axis {axis} is `{name}` = {n}, but {from} set `{name}` = {prev}")))
+                                return Err(bad(format!(
+                                    "axis {axis} is `{name}` = {n}, but {from} set `{name}` = {prev}"
+                                )))
                             }
                             Some(_) => {}
                             None => syms[s] = Some((n, format!("input `{}` axis {axis}", p.name))),
@@ -303,7 +397,12 @@ impl Model {
         }
         syms.into_iter()
             .enumerate()
-            .map(|(i, s)| s.map(|x| x.0).ok_or_else(|| RunError::BadInput { name: m.dims[i].0.clone(), msg: "no input determines this dim".into() }))
+            .map(|(i, s)| {
+                s.map(|x| x.0).ok_or_else(|| RunError::BadInput {
+                    name: m.dims[i].0.clone(),
+                    msg: "no input determines this dim".into(),
+                })
+            })
             .collect()
     }
 
@@ -333,7 +432,9 @@ impl Model {
         let mut live: Vec<(usize, usize, usize)> = Vec::new(); // (offset, size, last use)
         let mut top = 0usize;
         let mut unshared = 0usize;
-        let mut order: Vec<usize> = (0..n).filter(|v| matches!(m.values[*v].storage, Storage::Temp)).collect();
+        let mut order: Vec<usize> = (0..n)
+            .filter(|v| matches!(m.values[*v].storage, Storage::Temp))
+            .collect();
         order.sort_by_key(|v| def[*v]);
         for v in order {
             let size = sizes[v].div_ceil(64).saturating_mul(64);
@@ -357,12 +458,40 @@ impl Model {
 
     fn exec(&self, step: &Step, bufs: &[Buf], shapes: &[Vec<usize>], syms: &[usize]) -> Result<(), String> {
         match step {
-            Step::Kernel { kernel, kind, inputs, contiguous, out, space } => {
+            Step::Kernel {
+                kernel,
+                kind,
+                inputs,
+                contiguous,
+                out,
+                space,
+            } => {
                 let space: Vec<usize> = space.iter().map(|d| d.eval(syms)).collect();
-                let ins: Vec<(Buf, &[usize])> = inputs.iter().map(|v| (bufs[*v as usize], shapes[*v as usize].as_slice())).collect();
-                kernels::run_kernel(self.kernels[*kernel as usize], *kind, &ins, contiguous, (bufs[*out as usize], &shapes[*out as usize]), &space, &self.manifest.kernels[*kernel as usize], self.threads)
+                let ins: Vec<(Buf, &[usize])> = inputs
+                    .iter()
+                    .map(|v| (bufs[*v as usize], shapes[*v as usize].as_slice()))
+                    .collect();
+                kernels::run_kernel(
+                    self.kernels[*kernel as usize],
+                    *kind,
+                    &ins,
+                    contiguous,
+                    (bufs[*out as usize], &shapes[*out as usize]),
+                    &space,
+                    &self.manifest.kernels[*kernel as usize],
+                    self.threads,
+                )
             }
-            Step::MatMul { a, b, out, ta, tb, scale, bias, acc } => kernels::matmul(
+            Step::MatMul {
+                a,
+                b,
+                out,
+                ta,
+                tb,
+                scale,
+                bias,
+                acc,
+            } => kernels::matmul(
                 (bufs[*a as usize], &shapes[*a as usize]),
                 (bufs[*b as usize], &shapes[*b as usize]),
                 (bufs[*out as usize], &shapes[*out as usize]),
@@ -378,31 +507,76 @@ impl Model {
             Step::Gather { table, idx, out, axis } => {
                 let m = &self.manifest;
                 kernels::gather(
-                    (bufs[*table as usize], &shapes[*table as usize], m.values[*table as usize].dtype),
-                    (bufs[*idx as usize], &shapes[*idx as usize], m.values[*idx as usize].dtype),
+                    (
+                        bufs[*table as usize],
+                        &shapes[*table as usize],
+                        m.values[*table as usize].dtype,
+                    ),
+                    (
+                        bufs[*idx as usize],
+                        &shapes[*idx as usize],
+                        m.values[*idx as usize].dtype,
+                    ),
                     (bufs[*out as usize], &shapes[*out as usize]),
                     *axis as usize,
                 )
             }
             Step::Transpose { x, out, perm } => {
                 let es = self.manifest.values[*x as usize].dtype.size_bytes();
-                kernels::transpose((bufs[*x as usize], &shapes[*x as usize]), (bufs[*out as usize], &shapes[*out as usize]), perm, es)
+                kernels::transpose(
+                    (bufs[*x as usize], &shapes[*x as usize]),
+                    (bufs[*out as usize], &shapes[*out as usize]),
+                    perm,
+                    es,
+                )
             }
             Step::Slice { x, out, axis, start } => {
                 let es = self.manifest.values[*x as usize].dtype.size_bytes();
-                kernels::slice((bufs[*x as usize], &shapes[*x as usize]), (bufs[*out as usize], &shapes[*out as usize]), *axis as usize, *start as usize, es)
+                kernels::slice(
+                    (bufs[*x as usize], &shapes[*x as usize]),
+                    (bufs[*out as usize], &shapes[*out as usize]),
+                    *axis as usize,
+                    *start as usize,
+                    es,
+                )
             }
             Step::Concat { xs, out, axis } => {
                 let es = self.manifest.values[*out as usize].dtype.size_bytes();
-                let parts: Vec<(Buf, &[usize])> = xs.iter().map(|v| (bufs[*v as usize], shapes[*v as usize].as_slice())).collect();
-                kernels::concat(&parts, (bufs[*out as usize], &shapes[*out as usize]), *axis as usize, es)
+                let parts: Vec<(Buf, &[usize])> = xs
+                    .iter()
+                    .map(|v| (bufs[*v as usize], shapes[*v as usize].as_slice()))
+                    .collect();
+                kernels::concat(
+                    &parts,
+                    (bufs[*out as usize], &shapes[*out as usize]),
+                    *axis as usize,
+                    es,
+                )
             }
             Step::Broadcast { x, out } => {
                 let es = self.manifest.values[*x as usize].dtype.size_bytes();
-                kernels::broadcast((bufs[*x as usize], &shapes[*x as usize]), (bufs[*out as usize], &shapes[*out as usize]), es)
+                kernels::broadcast(
+                    (bufs[*x as usize], &shapes[*x as usize]),
+                    (bufs[*out as usize], &shapes[*out as usize]),
+                    es,
+                )
             }
-            Step::Attention { q, k, v, out, scale, kernel, kernel_inputs, contiguous, seq_major, views } => {
-                let ins: Vec<Option<(Buf, &[usize])>> = kernel_inputs.iter().map(|i| i.map(|x| (bufs[x as usize], shapes[x as usize].as_slice()))).collect();
+            Step::Attention {
+                q,
+                k,
+                v,
+                out,
+                scale,
+                kernel,
+                kernel_inputs,
+                contiguous,
+                seq_major,
+                views,
+            } => {
+                let ins: Vec<Option<(Buf, &[usize])>> = kernel_inputs
+                    .iter()
+                    .map(|i| i.map(|x| (bufs[x as usize], shapes[x as usize].as_slice())))
+                    .collect();
                 kernels::attention(
                     (bufs[*q as usize], &shapes[*q as usize]),
                     (bufs[*k as usize], &shapes[*k as usize]),
@@ -419,8 +593,16 @@ impl Model {
             }
             Step::Fallback { op, inputs, out } => {
                 let m = &self.manifest;
-                let args: Vec<(Buf, &[usize], DType)> =
-                    inputs.iter().map(|v| (bufs[*v as usize], shapes[*v as usize].as_slice(), m.values[*v as usize].dtype)).collect();
+                let args: Vec<(Buf, &[usize], DType)> = inputs
+                    .iter()
+                    .map(|v| {
+                        (
+                            bufs[*v as usize],
+                            shapes[*v as usize].as_slice(),
+                            m.values[*v as usize].dtype,
+                        )
+                    })
+                    .collect();
                 let o = *out as usize;
                 let names: Vec<String> = m.dims.iter().map(|d| d.0.clone()).collect();
                 kernels::fallback(op, &args, (bufs[o], &shapes[o], m.values[o].dtype), &names, syms)
@@ -431,7 +613,9 @@ impl Model {
 
 fn step_kind(step: &Step) -> String {
     match step {
-        Step::Kernel { kind, inputs, space, .. } => format!("kernel:{kind:?}:{}in:rank{}", inputs.len(), space.len()),
+        Step::Kernel {
+            kind, inputs, space, ..
+        } => format!("kernel:{kind:?}:{}in:rank{}", inputs.len(), space.len()),
         Step::MatMul { .. } => "matmul".into(),
         Step::Gather { .. } => "gather".into(),
         Step::Transpose { .. } => "transpose".into(),
@@ -464,12 +648,20 @@ fn step_inputs(step: &Step) -> Vec<u32> {
         Step::Gather { table, idx, .. } => vec![*table, *idx],
         Step::Transpose { x, .. } | Step::Slice { x, .. } | Step::Broadcast { x, .. } => vec![*x],
         Step::Concat { xs, .. } => xs.clone(),
-        Step::Attention { q, k, v, kernel_inputs, .. } => [*q, *k, *v].into_iter().chain(kernel_inputs.iter().flatten().copied()).collect(),
+        Step::Attention {
+            q, k, v, kernel_inputs, ..
+        } => [*q, *k, *v]
+            .into_iter()
+            .chain(kernel_inputs.iter().flatten().copied())
+            .collect(),
     }
 }
 
 impl std::fmt::Debug for Model {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Model").field("name", &self.manifest.name).field("steps", &self.manifest.steps.len()).finish()
+        f.debug_struct("Model")
+            .field("name", &self.manifest.name)
+            .field("steps", &self.manifest.steps.len())
+            .finish()
     }
 }

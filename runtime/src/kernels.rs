@@ -64,7 +64,10 @@ pub fn executable(code: &[u8]) -> std::io::Result<memmap2::Mmap> {
 
 /// A thread pool of `n` workers.
 pub fn pool(n: usize) -> Result<rayon::ThreadPool, String> {
-    rayon::ThreadPoolBuilder::new().num_threads(n).build().map_err(|e| e.to_string())
+    rayon::ThreadPoolBuilder::new()
+        .num_threads(n)
+        .build()
+        .map_err(|e| e.to_string())
 }
 
 /// Element strides of `shape` broadcast to `space` (0 on stretched axes), or an error.
@@ -102,7 +105,10 @@ fn elems(shape: &[usize]) -> usize {
 
 fn check_len(what: &str, b: Buf, shape: &[usize], es: usize) -> Result<(), String> {
     if elems(shape).saturating_mul(es) != b.len {
-        return Err(format!("{what} buffer of {} bytes does not hold shape {shape:?}", b.len));
+        return Err(format!(
+            "{what} buffer of {} bytes does not hold shape {shape:?}",
+            b.len
+        ));
     }
     Ok(())
 }
@@ -120,7 +126,11 @@ pub fn run_kernel(
     threads: usize,
 ) -> Result<(), String> {
     let r = space.len();
-    let (rows, n) = if r == 0 { (1, 1) } else { (elems(&space[..r - 1]), space[r - 1]) };
+    let (rows, n) = if r == 0 {
+        (1, 1)
+    } else {
+        (elems(&space[..r - 1]), space[r - 1])
+    };
     let nops = inputs.len() + 1;
     let mut strides = Vec::with_capacity(nops);
     for (i, (b, s)) in inputs.iter().enumerate() {
@@ -129,7 +139,9 @@ pub fn run_kernel(
         let last = st.last().copied().unwrap_or(0);
         // The code reads input i with unit stride along the last axis iff it was generated so.
         if n > 1 && (last == 1) != contiguous[i] {
-            return Err(format!("input {i} of shape {s:?} does not match the kernel's layout for space {space:?}"));
+            return Err(format!(
+                "input {i} of shape {s:?} does not match the kernel's layout for space {space:?}"
+            ));
         }
         strides.push(st);
     }
@@ -137,13 +149,19 @@ pub fn run_kernel(
     match kind {
         KernelKind::Map | KernelKind::SoftmaxLast => {
             if out.1 != space {
-                return Err(format!("output shape {:?} differs from the iteration space {space:?}", out.1));
+                return Err(format!(
+                    "output shape {:?} differs from the iteration space {space:?}",
+                    out.1
+                ));
             }
             strides.push(bstrides(out.1, space)?);
         }
         KernelKind::ReduceLast => {
             if elems(out.1) != rows {
-                return Err(format!("reduction output {:?} does not have one element per row of {space:?}", out.1));
+                return Err(format!(
+                    "reduction output {:?} does not have one element per row of {space:?}",
+                    out.1
+                ));
             }
             let mut s = vec![0usize; r];
             let mut acc = 1;
@@ -179,9 +197,17 @@ pub fn run_kernel(
             idx[ax] = 0;
         }
     }
-    let ptrs: Vec<usize> = inputs.iter().map(|(b, _)| b.ptr as usize).chain(std::iter::once(out.0.ptr as usize)).collect();
+    let ptrs: Vec<usize> = inputs
+        .iter()
+        .map(|(b, _)| b.ptr as usize)
+        .chain(std::iter::once(out.0.ptr as usize))
+        .collect();
     let work = rows * n;
-    let chunks = if threads <= 1 || work < 32 * 1024 { 1 } else { (threads * 4).min(rows) };
+    let chunks = if threads <= 1 || work < 32 * 1024 {
+        1
+    } else {
+        (threads * 4).min(rows)
+    };
     let per = rows.div_ceil(chunks);
     let call = |c: usize| {
         let start = c * per;
@@ -189,7 +215,14 @@ pub fn run_kernel(
         if count > 0 {
             // SAFETY: the offsets were computed from checked shapes, so every row the kernel
             // touches lies inside its operand; chunks write disjoint rows of the output.
-            unsafe { f(count as i64, n as i64, offs.as_ptr().add(start * nops), ptrs.as_ptr() as *const *mut u8) };
+            unsafe {
+                f(
+                    count as i64,
+                    n as i64,
+                    offs.as_ptr().add(start * nops),
+                    ptrs.as_ptr() as *const *mut u8,
+                )
+            };
         }
     };
     if chunks == 1 {
@@ -215,7 +248,13 @@ pub struct Epilogue<'a> {
 }
 
 /// Batched f32 matrix product with numpy broadcasting over leading axes, with its epilogue.
-pub fn matmul(a: (Buf, &[usize]), b: (Buf, &[usize]), out: (Buf, &[usize]), e: Epilogue, threads: usize) -> Result<(), String> {
+pub fn matmul(
+    a: (Buf, &[usize]),
+    b: (Buf, &[usize]),
+    out: (Buf, &[usize]),
+    e: Epilogue,
+    threads: usize,
+) -> Result<(), String> {
     let (ta, tb) = (e.ta, e.tb);
     let (sa, sb, so) = (a.1, b.1, out.1);
     if sa.len() < 2 || sb.len() < 2 || so.len() < 2 {
@@ -225,8 +264,16 @@ pub fn matmul(a: (Buf, &[usize]), b: (Buf, &[usize]), out: (Buf, &[usize]), e: E
     check_len("matmul rhs", b.0, sb, 4)?;
     check_len("matmul output", out.0, so, 4)?;
     let (ra, rb, ro) = (sa.len(), sb.len(), so.len());
-    let (m, ka) = if ta { (sa[ra - 1], sa[ra - 2]) } else { (sa[ra - 2], sa[ra - 1]) };
-    let (kb, n) = if tb { (sb[rb - 1], sb[rb - 2]) } else { (sb[rb - 2], sb[rb - 1]) };
+    let (m, ka) = if ta {
+        (sa[ra - 1], sa[ra - 2])
+    } else {
+        (sa[ra - 2], sa[ra - 1])
+    };
+    let (kb, n) = if tb {
+        (sb[rb - 1], sb[rb - 2])
+    } else {
+        (sb[rb - 2], sb[rb - 1])
+    };
     if ka != kb || so[ro - 2] != m || so[ro - 1] != n {
         return Err(format!("matmul shapes {sa:?} x {sb:?} -> {so:?} do not fit"));
     }
@@ -253,7 +300,10 @@ pub fn matmul(a: (Buf, &[usize]), b: (Buf, &[usize]), out: (Buf, &[usize]), e: E
         check_len("matmul bias", bias, s, 4)?;
         // SAFETY: checked lengths; the output holds a whole number of rows of n floats.
         let (bv, ov) = unsafe {
-            (std::slice::from_raw_parts(bias.ptr as *const f32, n), std::slice::from_raw_parts_mut(out.0.ptr as *mut f32, out.0.len / 4))
+            (
+                std::slice::from_raw_parts(bias.ptr as *const f32, n),
+                std::slice::from_raw_parts_mut(out.0.ptr as *mut f32, out.0.len / 4),
+            )
         };
         for row in ov.chunks_exact_mut(n.max(1)) {
             if e.acc.is_some() {
@@ -267,16 +317,36 @@ pub fn matmul(a: (Buf, &[usize]), b: (Buf, &[usize]), out: (Buf, &[usize]), e: E
     let (a_rs, a_cs) = if ta { (1isize, m as isize) } else { (k as isize, 1isize) };
     let (b_rs, b_cs) = if tb { (1isize, k as isize) } else { (n as isize, 1isize) };
     let (ap, bp, op) = (a.0.ptr as usize, b.0.ptr as usize, out.0.ptr as usize);
-    let par = |big: bool| if big && threads > 1 { gemm::Parallelism::Rayon(threads) } else { gemm::Parallelism::None };
+    let par = |big: bool| {
+        if big && threads > 1 {
+            gemm::Parallelism::Rayon(threads)
+        } else {
+            gemm::Parallelism::None
+        }
+    };
     // SAFETY (all calls below): shapes were checked against buffer lengths, and the strides
     // describe row-major matrices inside those buffers.
     let one = |a_off: usize, b_off: usize, o_off: usize, rows: usize, p: gemm::Parallelism| unsafe {
         gemm::gemm::<f32>(
-            rows, n, k,
-            (op as *mut f32).add(o_off), 1, n as isize, read_dst,
-            (ap as *const f32).add(a_off), a_cs, a_rs,
-            (bp as *const f32).add(b_off), b_cs, b_rs,
-            1.0, scale, false, false, false, p,
+            rows,
+            n,
+            k,
+            (op as *mut f32).add(o_off),
+            1,
+            n as isize,
+            read_dst,
+            (ap as *const f32).add(a_off),
+            a_cs,
+            a_rs,
+            (bp as *const f32).add(b_off),
+            b_cs,
+            b_rs,
+            1.0,
+            scale,
+            false,
+            false,
+            false,
+            p,
         )
     };
     if nb == 0 || m == 0 || n == 0 {
@@ -319,7 +389,12 @@ pub fn matmul(a: (Buf, &[usize]), b: (Buf, &[usize]), out: (Buf, &[usize]), e: E
 }
 
 /// `table` rows picked by `idx` along `axis`.
-pub fn gather(table: (Buf, &[usize], DType), idx: (Buf, &[usize], DType), out: (Buf, &[usize]), axis: usize) -> Result<(), String> {
+pub fn gather(
+    table: (Buf, &[usize], DType),
+    idx: (Buf, &[usize], DType),
+    out: (Buf, &[usize]),
+    axis: usize,
+) -> Result<(), String> {
     let (ts, is, os) = (table.1, idx.1, out.1);
     let es = table.2.size_bytes();
     if axis >= ts.len() {
@@ -407,7 +482,11 @@ fn own_strides(shape: &[usize]) -> Vec<usize> {
 /// Axis permutation.
 pub fn transpose(x: (Buf, &[usize]), out: (Buf, &[usize]), perm: &[u32], es: usize) -> Result<(), String> {
     let mut seen = vec![false; x.1.len()];
-    if perm.len() != x.1.len() || perm.iter().any(|p| (*p as usize) >= seen.len() || std::mem::replace(&mut seen[*p as usize], true)) {
+    if perm.len() != x.1.len()
+        || perm
+            .iter()
+            .any(|p| (*p as usize) >= seen.len() || std::mem::replace(&mut seen[*p as usize], true))
+    {
         return Err("invalid permutation".into());
     }
     let want: Vec<usize> = perm.iter().map(|p| x.1[*p as usize]).collect();
@@ -434,7 +513,10 @@ pub fn slice(x: (Buf, &[usize]), out: (Buf, &[usize]), axis: usize, start: usize
     check_len("slice output", out.0, out.1, es)?;
     let s = own_strides(x.1);
     let base = start * s[axis];
-    let shifted = Buf { ptr: x.0.ptr.wrapping_add(base * es), len: x.0.len - base * es };
+    let shifted = Buf {
+        ptr: x.0.ptr.wrapping_add(base * es),
+        len: x.0.len - base * es,
+    };
     strided_copy(shifted, out.0, out.1, &s, es);
     Ok(())
 }
@@ -480,7 +562,13 @@ pub fn broadcast(x: (Buf, &[usize]), out: (Buf, &[usize]), es: usize) -> Result<
 }
 
 /// Runs one op with the reference evaluator (for small index and table computations).
-pub fn fallback(op: &Op, args: &[(Buf, &[usize], DType)], out: (Buf, &[usize], DType), dim_names: &[String], syms: &[usize]) -> Result<(), String> {
+pub fn fallback(
+    op: &Op,
+    args: &[(Buf, &[usize], DType)],
+    out: (Buf, &[usize], DType),
+    dim_names: &[String],
+    syms: &[usize],
+) -> Result<(), String> {
     let mut vals = Vec::with_capacity(args.len());
     let mut tys = Vec::with_capacity(args.len());
     for (b, s, dt) in args {
@@ -499,7 +587,11 @@ pub fn fallback(op: &Op, args: &[(Buf, &[usize], DType)], out: (Buf, &[usize], D
     ty.shape = ty
         .shape
         .iter()
-        .map(|d| d.eval(&bindings).map(|v| Dim::known(v as u64)).map_err(|s| format!("dim `{s}` is not bound")))
+        .map(|d| {
+            d.eval(&bindings)
+                .map(|v| Dim::known(v as u64))
+                .map_err(|s| format!("dim `{s}` is not bound"))
+        })
         .collect::<Result<_, _>>()?;
     let want = TensorType::new(out.2, out.1.iter().map(|d| Dim::known(*d as u64)).collect());
     if ty != want {
@@ -540,7 +632,10 @@ pub fn attention(
     }
     // Every operand seen as [b, h, s, d] with (base, batch, head, row) element strides: stored
     // [b, h, s, d], or [b, s, h, d] (seq-major), or heads*d columns at an offset of a [b, s, W] row.
-    let layout = |s: &[usize], sm: bool, view: Option<ColumnView>| -> Result<([usize; 4], (usize, usize, usize, usize)), String> {
+    let layout = |s: &[usize],
+                  sm: bool,
+                  view: Option<ColumnView>|
+     -> Result<([usize; 4], (usize, usize, usize, usize)), String> {
         match view {
             Some(cv) => {
                 let (h, d, off) = (cv.heads as usize, cv.head_dim as usize, cv.offset as usize);
@@ -561,7 +656,9 @@ pub fn attention(
     let (b, h, sq, d) = (qs[0], qs[1], qs[2], qs[3]);
     let (sk, dv) = (ks[2], vs[3]);
     if ks != [b, h, sk, d] || vs != [b, h, sk, dv] || os != [b, h, sq, dv] {
-        return Err(format!("attention shapes q {qs:?}, k {ks:?}, v {vs:?}, out {os:?} do not fit"));
+        return Err(format!(
+            "attention shapes q {qs:?}, k {ks:?}, v {vs:?}, out {os:?} do not fit"
+        ));
     }
     for (what, x) in [("q", q), ("k", k), ("v", v), ("out", out)] {
         check_len(what, x.0, x.1, 4)?;
@@ -588,7 +685,10 @@ pub fn attention(
     }
     let nops = inputs.len() + 1;
     let (qp, kp, vp, op) = (q.0.ptr as usize, k.0.ptr as usize, v.0.ptr as usize, out.0.ptr as usize);
-    let input_ptrs: Vec<usize> = inputs.iter().map(|i| i.map_or(0, |(buf, _)| buf.ptr as usize)).collect();
+    let input_ptrs: Vec<usize> = inputs
+        .iter()
+        .map(|i| i.map_or(0, |(buf, _)| buf.ptr as usize))
+        .collect();
     let work = |bh: usize| {
         let (bi, hi) = (bh / h, bh % h);
         let rows = ATTN_ROWS.min(sq);
@@ -604,11 +704,25 @@ pub fn attention(
             // SAFETY (GEMMs): offsets and extents were checked against the buffers above.
             unsafe {
                 gemm::gemm::<f32>(
-                    r, sk, d,
-                    scores.as_mut_ptr(), 1, sk as isize, false,
-                    (qp as *const f32).add(q_off), 1, qst.3 as isize,
-                    (kp as *const f32).add(k_off), kst.3 as isize, 1,
-                    0.0, scale, false, false, false, gemm::Parallelism::None,
+                    r,
+                    sk,
+                    d,
+                    scores.as_mut_ptr(),
+                    1,
+                    sk as isize,
+                    false,
+                    (qp as *const f32).add(q_off),
+                    1,
+                    qst.3 as isize,
+                    (kp as *const f32).add(k_off),
+                    kst.3 as isize,
+                    1,
+                    0.0,
+                    scale,
+                    false,
+                    false,
+                    false,
+                    gemm::Parallelism::None,
                 );
             }
             for row in 0..r {
@@ -634,11 +748,25 @@ pub fn attention(
             let o_off = ost.0 + bi * ost.1 + hi * ost.2 + q0 * ost.3;
             unsafe {
                 gemm::gemm::<f32>(
-                    r, dv, sk,
-                    (op as *mut f32).add(o_off), 1, ost.3 as isize, false,
-                    scores.as_ptr(), 1, sk as isize,
-                    (vp as *const f32).add(v_off), 1, vst.3 as isize,
-                    0.0, 1.0, false, false, false, gemm::Parallelism::None,
+                    r,
+                    dv,
+                    sk,
+                    (op as *mut f32).add(o_off),
+                    1,
+                    ost.3 as isize,
+                    false,
+                    scores.as_ptr(),
+                    1,
+                    sk as isize,
+                    (vp as *const f32).add(v_off),
+                    1,
+                    vst.3 as isize,
+                    0.0,
+                    1.0,
+                    false,
+                    false,
+                    false,
+                    gemm::Parallelism::None,
                 );
             }
             q0 += r;

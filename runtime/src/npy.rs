@@ -36,8 +36,14 @@ fn descr_dtype(descr: &str) -> Result<DType, String> {
         "|i1" => DType::I8,
         "|u1" => DType::U8,
         "|b1" => DType::Bool,
-        "<f8" => return Err("dtype float64 is not supported; save the array as float32 (`a.astype(np.float32)`)".into()),
-        other => return Err(format!("unsupported dtype descriptor {other:?} (expected one of <f4, <f2, <i8, <i4, |i1, |u1, |b1)")),
+        "<f8" => {
+            return Err("dtype float64 is not supported; save the array as float32 (`a.astype(np.float32)`)".into())
+        }
+        other => {
+            return Err(format!(
+                "unsupported dtype descriptor {other:?} (expected one of <f4, <f2, <i8, <i4, |i1, |u1, |b1)"
+            ))
+        }
     })
 }
 
@@ -71,32 +77,53 @@ fn dict_value<'a>(header: &'a str, key: &str) -> Option<&'a str> {
 
 /// Decodes a `.npy` file's bytes. `path` only labels errors.
 pub fn decode(bytes: &[u8], path: &str) -> Result<Tensor, NpyError> {
-    let bad = |msg: String| NpyError::Format { path: path.to_string(), msg };
+    let bad = |msg: String| NpyError::Format {
+        path: path.to_string(),
+        msg,
+    };
     if bytes.len() < 10 || &bytes[..6] != b"\x93NUMPY" {
         return Err(bad("not a .npy file (missing the \\x93NUMPY magic)".into()));
     }
     let (hlen, hstart): (usize, usize) = match bytes[6] {
         1 => (u16::from_le_bytes([bytes[8], bytes[9]]) as usize, 10),
-        2 | 3 if bytes.len() >= 12 => (u32::from_le_bytes([bytes[8], bytes[9], bytes[10], bytes[11]]) as usize, 12),
+        2 | 3 if bytes.len() >= 12 => (
+            u32::from_le_bytes([bytes[8], bytes[9], bytes[10], bytes[11]]) as usize,
+            12,
+        ),
         v => return Err(bad(format!("unsupported .npy format version {v}"))),
     };
-    let hend = hstart.checked_add(hlen).filter(|e| *e <= bytes.len()).ok_or_else(|| bad("header runs past the end of the file".into()))?;
+    let hend = hstart
+        .checked_add(hlen)
+        .filter(|e| *e <= bytes.len())
+        .ok_or_else(|| bad("header runs past the end of the file".into()))?;
     let header = std::str::from_utf8(&bytes[hstart..hend]).map_err(|_| bad("header is not text".into()))?;
     let descr = dict_value(header, "descr").ok_or_else(|| bad("header has no 'descr'".into()))?;
     let dtype = descr_dtype(descr.trim_matches('\'')).map_err(bad)?;
     match dict_value(header, "fortran_order") {
         Some("False") => {}
-        Some("True") => return Err(bad("Fortran-order arrays are not supported; save with np.ascontiguousarray".into())),
+        Some("True") => {
+            return Err(bad(
+                "Fortran-order arrays are not supported; save with np.ascontiguousarray".into(),
+            ))
+        }
         _ => return Err(bad("header has no valid 'fortran_order'".into())),
     }
     let shape_txt = dict_value(header, "shape").ok_or_else(|| bad("header has no 'shape'".into()))?;
     let inner = shape_txt.trim_start_matches('(').trim_end_matches(')');
     let mut shape = Vec::new();
     for part in inner.split(',').map(str::trim).filter(|p| !p.is_empty()) {
-        shape.push(part.parse::<usize>().map_err(|_| bad(format!("bad shape {shape_txt}")))?);
+        shape.push(
+            part.parse::<usize>()
+                .map_err(|_| bad(format!("bad shape {shape_txt}")))?,
+        );
     }
-    let count = shape.iter().try_fold(1usize, |a, d| a.checked_mul(*d)).ok_or_else(|| bad("shape overflows".into()))?;
-    let need = count.checked_mul(dtype.size_bytes()).ok_or_else(|| bad("shape overflows".into()))?;
+    let count = shape
+        .iter()
+        .try_fold(1usize, |a, d| a.checked_mul(*d))
+        .ok_or_else(|| bad("shape overflows".into()))?;
+    let need = count
+        .checked_mul(dtype.size_bytes())
+        .ok_or_else(|| bad("shape overflows".into()))?;
     let data = &bytes[hend..];
     if data.len() != need {
         return Err(bad(format!(
@@ -133,7 +160,10 @@ pub fn encode(t: &Tensor) -> Result<Vec<u8>, String> {
 /// Reads a `.npy` file.
 pub fn read(path: impl AsRef<Path>) -> Result<Tensor, NpyError> {
     let p = path.as_ref().display().to_string();
-    let bytes = std::fs::read(path.as_ref()).map_err(|source| NpyError::Io { path: p.clone(), source })?;
+    let bytes = std::fs::read(path.as_ref()).map_err(|source| NpyError::Io {
+        path: p.clone(),
+        source,
+    })?;
     decode(&bytes, &p)
 }
 
@@ -160,7 +190,11 @@ mod tests {
 
     #[test]
     fn reads_numpy_written_file() {
-        let t = read(concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/data/gpt2_tiny/input_ids.npy")).unwrap();
+        let t = read(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../tests/data/gpt2_tiny/input_ids.npy"
+        ))
+        .unwrap();
         assert_eq!(t.shape(), &[2, 10]);
         assert_eq!(t.dtype(), DType::I64);
     }

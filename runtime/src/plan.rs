@@ -18,7 +18,9 @@ pub struct DimExpr {
 impl DimExpr {
     /// Evaluates under concrete symbol values (indexed like `Manifest::dims`).
     pub fn eval(&self, syms: &[usize]) -> usize {
-        self.syms.iter().fold(self.coeff as usize, |a, s| a.saturating_mul(syms[*s as usize]))
+        self.syms
+            .iter()
+            .fold(self.coeff as usize, |a, s| a.saturating_mul(syms[*s as usize]))
     }
 }
 

@@ -38,8 +38,14 @@ pub fn manifest(m: &Manifest, weights_len: usize, code_len: usize) -> Result<(),
                 let elems = v.shape.iter().try_fold(1u64, |a, d| a.checked_mul(d.coeff));
                 let want = elems.and_then(|e| e.checked_mul(v.dtype.size_bytes() as u64));
                 let end = offset.checked_add(*len);
-                if want != Some(*len) || end.is_none_or(|e| e > weights_len as u64) || offset % v.dtype.size_bytes() as u64 != 0 {
-                    return bad(format!("weight value {i} (`{}`) lies outside the weight section or has the wrong size", v.name));
+                if want != Some(*len)
+                    || end.is_none_or(|e| e > weights_len as u64)
+                    || offset % v.dtype.size_bytes() as u64 != 0
+                {
+                    return bad(format!(
+                        "weight value {i} (`{}`) lies outside the weight section or has the wrong size",
+                        v.name
+                    ));
                 }
             }
             Storage::Temp => {}
@@ -69,7 +75,10 @@ pub fn manifest(m: &Manifest, weights_len: usize, code_len: usize) -> Result<(),
     for k in &m.kernels {
         let end = k.offset.checked_add(k.len);
         if k.len == 0 || end.is_none_or(|e| e > code_len as u64) || k.offset != next.div_ceil(16) * 16 {
-            return bad(format!("kernel `{}` does not lie where the code section puts it", k.name));
+            return bad(format!(
+                "kernel `{}` does not lie where the code section puts it",
+                k.name
+            ));
         }
         next = k.offset + k.len;
     }
@@ -96,12 +105,29 @@ pub fn manifest(m: &Manifest, weights_len: usize, code_len: usize) -> Result<(),
     for (si, step) in m.steps.iter().enumerate() {
         let (ins, out): (Vec<u32>, u32) = match step {
             Step::Kernel { inputs, out, .. } => (inputs.clone(), *out),
-            Step::MatMul { a, b, out, bias, acc, .. } => ([*a, *b].into_iter().chain(*bias).chain(*acc).collect(), *out),
+            Step::MatMul {
+                a, b, out, bias, acc, ..
+            } => ([*a, *b].into_iter().chain(*bias).chain(*acc).collect(), *out),
             Step::Gather { table, idx, out, .. } => (vec![*table, *idx], *out),
-            Step::Transpose { x, out, .. } | Step::Slice { x, out, .. } | Step::Broadcast { x, out } => (vec![*x], *out),
+            Step::Transpose { x, out, .. } | Step::Slice { x, out, .. } | Step::Broadcast { x, out } => {
+                (vec![*x], *out)
+            }
             Step::Concat { xs, out, .. } => (xs.clone(), *out),
             Step::Fallback { inputs, out, .. } => (inputs.clone(), *out),
-            Step::Attention { q, k, v, out, kernel_inputs, .. } => ([*q, *k, *v].into_iter().chain(kernel_inputs.iter().flatten().copied()).collect(), *out),
+            Step::Attention {
+                q,
+                k,
+                v,
+                out,
+                kernel_inputs,
+                ..
+            } => (
+                [*q, *k, *v]
+                    .into_iter()
+                    .chain(kernel_inputs.iter().flatten().copied())
+                    .collect(),
+                *out,
+            ),
         };
         for v in ins.iter().chain(std::iter::once(&out)) {
             if *v as usize >= nv {
@@ -120,7 +146,14 @@ pub fn manifest(m: &Manifest, weights_len: usize, code_len: usize) -> Result<(),
         written[o] = true;
         let dt = |v: u32| m.values[v as usize].dtype;
         match step {
-            Step::Kernel { kernel, kind, inputs, contiguous, out, space } => {
+            Step::Kernel {
+                kernel,
+                kind,
+                inputs,
+                contiguous,
+                out,
+                space,
+            } => {
                 let Some(k) = m.kernels.get(*kernel as usize) else {
                     return bad(format!("step {si} calls a missing kernel"));
                 };
@@ -128,12 +161,21 @@ pub fn manifest(m: &Manifest, weights_len: usize, code_len: usize) -> Result<(),
                 if k.inputs != types || k.output != dt(*out) || contiguous.len() != inputs.len() {
                     return bad(format!("step {si} does not match kernel `{}`'s signature", k.name));
                 }
-                if space.iter().any(|d| d.syms.iter().any(|s| *s as usize >= nd)) || (*kind != KernelKind::Map && space.is_empty()) {
+                if space.iter().any(|d| d.syms.iter().any(|s| *s as usize >= nd))
+                    || (*kind != KernelKind::Map && space.is_empty())
+                {
                     return bad(format!("step {si} has an invalid iteration space"));
                 }
             }
-            Step::MatMul { a, b, out, bias, acc, .. } => {
-                if [*a, *b, *out].into_iter().chain(*bias).chain(*acc).any(|v| dt(v) != DType::F32) {
+            Step::MatMul {
+                a, b, out, bias, acc, ..
+            } => {
+                if [*a, *b, *out]
+                    .into_iter()
+                    .chain(*bias)
+                    .chain(*acc)
+                    .any(|v| dt(v) != DType::F32)
+                {
                     return bad(format!("step {si}: matmul on non-f32 values"));
                 }
             }
@@ -153,13 +195,27 @@ pub fn manifest(m: &Manifest, weights_len: usize, code_len: usize) -> Result<(),
                 }
             }
             Step::Fallback { .. } => {}
-            Step::Attention { q, k, v, out, kernel, kernel_inputs, contiguous, .. } => {
+            Step::Attention {
+                q,
+                k,
+                v,
+                out,
+                kernel,
+                kernel_inputs,
+                contiguous,
+                ..
+            } => {
                 let Some(kd) = m.kernels.get(*kernel as usize) else {
                     return bad(format!("step {si} calls a missing kernel"));
                 };
                 let blocks = kernel_inputs.iter().filter(|i| i.is_none()).count();
                 let types: Vec<DType> = kernel_inputs.iter().map(|i| i.map_or(DType::F32, dt)).collect();
-                if blocks != 1 || contiguous.len() != kernel_inputs.len() || kd.inputs != types || kd.output != DType::F32 || [*q, *k, *v, *out].iter().any(|x| dt(*x) != DType::F32) {
+                if blocks != 1
+                    || contiguous.len() != kernel_inputs.len()
+                    || kd.inputs != types
+                    || kd.output != DType::F32
+                    || [*q, *k, *v, *out].iter().any(|x| dt(*x) != DType::F32)
+                {
                     return bad(format!("step {si}: attention does not match kernel `{}`", kd.name));
                 }
             }

@@ -49,7 +49,10 @@ pub fn minilm_dir() -> PathBuf {
 /// Runs the interpreter and returns the outputs by name.
 pub fn run(l: &Lowered, weights: &BTreeMap<String, Tensor>, inputs: &[(&str, Tensor)]) -> BTreeMap<String, Tensor> {
     let feed = inputs.iter().map(|(k, v)| (k.to_string(), v.clone())).collect();
-    kiln_interp::run(&l.graph, weights, &feed).unwrap_or_else(|e| panic!("{e}")).into_iter().collect()
+    kiln_interp::run(&l.graph, weights, &feed)
+        .unwrap_or_else(|e| panic!("{e}"))
+        .into_iter()
+        .collect()
 }
 
 /// Asserts `got` matches `want` within `tol` max abs error, reporting the error seen.

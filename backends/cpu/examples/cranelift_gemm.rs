@@ -19,8 +19,14 @@ fn build() -> (memmap2::Mmap, GemmFn) {
     let mut flags = settings::builder();
     flags.set("opt_level", "speed").unwrap();
     flags.set("is_pic", "true").unwrap();
-    let isa = cranelift_native::builder().unwrap().finish(settings::Flags::new(flags)).unwrap();
-    let fma = isa.isa_flags().iter().any(|f| f.name == "has_fma" && f.as_bool() == Some(true));
+    let isa = cranelift_native::builder()
+        .unwrap()
+        .finish(settings::Flags::new(flags))
+        .unwrap();
+    let fma = isa
+        .isa_flags()
+        .iter()
+        .any(|f| f.name == "has_fma" && f.as_bool() == Some(true));
     let mut sig = Signature::new(isa.default_call_conv());
     for _ in 0..6 {
         sig.params.push(AbiParam::new(types::I64));
@@ -40,8 +46,17 @@ fn build() -> (memmap2::Mmap, GemmFn) {
     let accs: Vec<_> = (0..8).map(|_| b.declare_var(types::F32X4)).collect();
     let zero = b.ins().iconst(types::I64, 0);
     b.def_var(j, zero);
-    let (jh, jb, ih, ib, kh, kb, ke, ie, exit) =
-        (b.create_block(), b.create_block(), b.create_block(), b.create_block(), b.create_block(), b.create_block(), b.create_block(), b.create_block(), b.create_block());
+    let (jh, jb, ih, ib, kh, kb, ke, ie, exit) = (
+        b.create_block(),
+        b.create_block(),
+        b.create_block(),
+        b.create_block(),
+        b.create_block(),
+        b.create_block(),
+        b.create_block(),
+        b.create_block(),
+        b.create_block(),
+    );
     b.ins().jump(jh, &[]);
     // for j in (0..n).step_by(8)
     b.switch_to_block(jh);
@@ -166,9 +181,31 @@ fn main() {
         let mut c = vec![0f32; m * n];
         let mut c2 = vec![0f32; m * n];
         // SAFETY: shapes match the buffers; m % 4 == 0 and n % 8 == 0.
-        let cl = gflops(m, k, n, || unsafe { f(a.as_ptr(), bm.as_ptr(), c.as_mut_ptr(), m as i64, n as i64, k as i64) });
+        let cl = gflops(m, k, n, || unsafe {
+            f(a.as_ptr(), bm.as_ptr(), c.as_mut_ptr(), m as i64, n as i64, k as i64)
+        });
         let lib = gflops(m, k, n, || unsafe {
-            gemm::gemm::<f32>(m, n, k, c2.as_mut_ptr(), 1, n as isize, false, a.as_ptr(), 1, k as isize, bm.as_ptr(), 1, n as isize, 0.0, 1.0, false, false, false, gemm::Parallelism::None)
+            gemm::gemm::<f32>(
+                m,
+                n,
+                k,
+                c2.as_mut_ptr(),
+                1,
+                n as isize,
+                false,
+                a.as_ptr(),
+                1,
+                k as isize,
+                bm.as_ptr(),
+                1,
+                n as isize,
+                0.0,
+                1.0,
+                false,
+                false,
+                false,
+                gemm::Parallelism::None,
+            )
         });
         let err = c.iter().zip(&c2).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
         println!("  {m}x{k}x{n}: cranelift 4x8 f32x4 tile {cl:.1}, gemm crate {lib:.1} (max diff {err:.1e})");

@@ -11,7 +11,9 @@
 
 use cranelift_codegen::control::ControlPlane;
 use cranelift_codegen::ir::condcodes::FloatCC;
-use cranelift_codegen::ir::{types, AbiParam, Endianness, Function, InstBuilder, MemFlagsData as MemFlags, Signature, Type, UserFuncName, Value};
+use cranelift_codegen::ir::{
+    types, AbiParam, Endianness, Function, InstBuilder, MemFlagsData as MemFlags, Signature, Type, UserFuncName, Value,
+};
 use cranelift_codegen::isa::OwnedTargetIsa;
 use cranelift_codegen::settings::{self, Configurable};
 use cranelift_codegen::Context;
@@ -43,7 +45,9 @@ impl Codegen {
             if v.as_bool() != Some(true) {
                 continue;
             }
-            let Some(name) = v.name.strip_prefix("has_") else { continue };
+            let Some(name) = v.name.strip_prefix("has_") else {
+                continue;
+            };
             let name = match name {
                 "sse41" => "sse4.1".to_string(),
                 "sse42" => "sse4.2".to_string(),
@@ -68,14 +72,23 @@ impl Codegen {
         let mut fctx = FunctionBuilderContext::new();
         let mut b = FunctionBuilder::new(&mut func, &mut fctx);
         let vector = spec.inputs.iter().all(|(d, _)| *d == DType::F32) && spec.output == DType::F32;
-        let mut g = Gen { b: &mut b, fma: self.fma, spec };
+        let mut g = Gen {
+            b: &mut b,
+            fma: self.fma,
+            spec,
+        };
         g.body(vector);
         b.seal_all_blocks();
         b.finalize(self.isa.frontend_config());
         let mut ctx = Context::for_function(func);
-        let code = ctx.compile(&*self.isa, &mut ControlPlane::default()).map_err(|e| format!("{:?}", e.inner))?;
+        let code = ctx
+            .compile(&*self.isa, &mut ControlPlane::default())
+            .map_err(|e| format!("{:?}", e.inner))?;
         if !code.buffer.relocs().is_empty() {
-            return Err(format!("kernel `{}` needs relocations, which artifacts cannot carry", spec.name));
+            return Err(format!(
+                "kernel `{}` needs relocations, which artifacts cannot carry",
+                spec.name
+            ));
         }
         Ok(code.code_buffer().to_vec())
     }
@@ -114,7 +127,9 @@ impl Gen<'_, '_> {
         let p = self.b.block_params(entry).to_vec();
         let (rows, n, offs, ptrs) = (p[0], p[1], p[2], p[3]);
         let trusted = MemFlags::trusted();
-        let bases: Vec<Value> = (0..=nin).map(|j| self.b.ins().load(types::I64, trusted, ptrs, (8 * j) as i32)).collect();
+        let bases: Vec<Value> = (0..=nin)
+            .map(|j| self.b.ins().load(types::I64, trusted, ptrs, (8 * j) as i32))
+            .collect();
 
         let r = self.b.declare_var(types::I64);
         let zero = self.b.ins().iconst(types::I64, 0);
@@ -126,7 +141,10 @@ impl Gen<'_, '_> {
 
         self.b.switch_to_block(row_head);
         let rv = self.b.use_var(r);
-        let more = self.b.ins().icmp(cranelift_codegen::ir::condcodes::IntCC::SignedLessThan, rv, rows);
+        let more = self
+            .b
+            .ins()
+            .icmp(cranelift_codegen::ir::condcodes::IntCC::SignedLessThan, rv, rows);
         self.b.ins().brif(more, row_body, &[], exit, &[]);
 
         self.b.switch_to_block(row_body);
@@ -176,7 +194,15 @@ impl Gen<'_, '_> {
             KernelKind::SoftmaxLast => {
                 // Three sweeps over the row: max, exp(x - max) stored and summed, scale by 1/sum.
                 let max = self.reduce_sweep(vector, n, ReduceOp::Max, &addrs, &row_scalars, &row_vectors, None);
-                let sum = self.reduce_sweep(vector, n, ReduceOp::Sum, &addrs, &row_scalars, &row_vectors, Some((max, out_at)));
+                let sum = self.reduce_sweep(
+                    vector,
+                    n,
+                    ReduceOp::Sum,
+                    &addrs,
+                    &row_scalars,
+                    &row_vectors,
+                    Some((max, out_at)),
+                );
                 let one = self.b.ins().f32const(1.0);
                 let inv = self.b.ins().fdiv(one, sum);
                 let inv_v = self.b.ins().splat(types::F32X4, inv);
@@ -215,7 +241,10 @@ impl Gen<'_, '_> {
             self.b.ins().jump(vhead, &[]);
             self.b.switch_to_block(vhead);
             let iv = self.b.use_var(i);
-            let go = self.b.ins().icmp(cranelift_codegen::ir::condcodes::IntCC::SignedLessThan, iv, vend);
+            let go = self
+                .b
+                .ins()
+                .icmp(cranelift_codegen::ir::condcodes::IntCC::SignedLessThan, iv, vend);
             self.b.ins().brif(go, vbody, &[], tail_head, &[]);
             self.b.switch_to_block(vbody);
             let iv = self.b.use_var(i);
@@ -228,7 +257,10 @@ impl Gen<'_, '_> {
         }
         self.b.switch_to_block(tail_head);
         let iv = self.b.use_var(i);
-        let go = self.b.ins().icmp(cranelift_codegen::ir::condcodes::IntCC::SignedLessThan, iv, n);
+        let go = self
+            .b
+            .ins()
+            .icmp(cranelift_codegen::ir::condcodes::IntCC::SignedLessThan, iv, n);
         self.b.ins().brif(go, tail_body, &[], done, &[]);
         self.b.switch_to_block(tail_body);
         let iv = self.b.use_var(i);
@@ -276,7 +308,9 @@ impl Gen<'_, '_> {
         let shift = exp_store.map(|(m, _)| (m, self.b.ins().splat(types::F32X4, m)));
         self.sweep(vector, n, |g, iv, vec| {
             let per = if vec { row_vectors } else { row_scalars };
-            let V::F(mut x) = g.eval(vec, iv, addrs, per) else { unreachable!("reductions are over f32") };
+            let V::F(mut x) = g.eval(vec, iv, addrs, per) else {
+                unreachable!("reductions are over f32")
+            };
             if let (Some((ms, mv)), Some((_, out))) = (shift, exp_store) {
                 let d = g.b.ins().fsub(x, if vec { mv } else { ms });
                 x = g.exp(vec, d);
@@ -338,7 +372,10 @@ impl Gen<'_, '_> {
         match dt {
             DType::Bool => {
                 let raw = self.b.ins().uload8(types::I32, Self::data(), at, 0);
-                let c = self.b.ins().icmp_imm_s(cranelift_codegen::ir::condcodes::IntCC::NotEqual, raw, 0);
+                let c = self
+                    .b
+                    .ins()
+                    .icmp_imm_s(cranelift_codegen::ir::condcodes::IntCC::NotEqual, raw, 0);
                 V::C(c)
             }
             _ => V::F(self.b.ins().load(types::F32, Self::data(), at, 0)),
@@ -388,7 +425,9 @@ impl Gen<'_, '_> {
                     V::C(self.b.ins().fcmp(cc, f(vals[*a]), f(vals[*c])))
                 }
                 Expr::Where(c, a, x) => {
-                    let V::C(c) = vals[*c] else { unreachable!("where conditions are conditions") };
+                    let V::C(c) = vals[*c] else {
+                        unreachable!("where conditions are conditions")
+                    };
                     V::F(self.select(c, f(vals[*a]), f(vals[*x])))
                 }
             };
@@ -432,7 +471,11 @@ impl Gen<'_, '_> {
     }
 
     fn to_float(&mut self, vector: bool, x: Value) -> Value {
-        let (ty, flags) = if vector { (types::F32X4, Self::lanes()) } else { (types::F32, MemFlags::new()) };
+        let (ty, flags) = if vector {
+            (types::F32X4, Self::lanes())
+        } else {
+            (types::F32, MemFlags::new())
+        };
         self.b.ins().bitcast(ty, flags, x)
     }
 
@@ -470,7 +513,16 @@ impl Gen<'_, '_> {
         let r = self.mul_add(nf, ln2_hi, x);
         let r = self.mul_add(nf, ln2_lo, r);
         // e^r on |r| <= ln2/2, Taylor to degree 7.
-        let coeffs = [1.0 / 5040.0, 1.0 / 720.0, 1.0 / 120.0, 1.0 / 24.0, 1.0 / 6.0, 0.5, 1.0, 1.0];
+        let coeffs = [
+            1.0 / 5040.0,
+            1.0 / 720.0,
+            1.0 / 120.0,
+            1.0 / 24.0,
+            1.0 / 6.0,
+            0.5,
+            1.0,
+            1.0,
+        ];
         let mut p = self.konst(vector, coeffs[0]);
         for c in &coeffs[1..] {
             let cv = self.konst(vector, *c);

@@ -53,7 +53,10 @@ pub struct Options {
 impl Options {
     /// The options for `-O<level>`.
     pub fn for_level(level: u8) -> Options {
-        Options { fuse: level > 0, opt_level: format!("O{level}") }
+        Options {
+            fuse: level > 0,
+            opt_level: format!("O{level}"),
+        }
     }
 }
 
@@ -68,14 +71,24 @@ pub struct Compiled {
 }
 
 /// Compiles `graph` for this machine's CPU.
-pub fn compile(graph: &Graph, weights: &BTreeMap<String, Tensor>, dims: &[(String, u64)], opts: &Options) -> Result<Compiled, CompileError> {
+pub fn compile(
+    graph: &Graph,
+    weights: &BTreeMap<String, Tensor>,
+    dims: &[(String, u64)],
+    opts: &Options,
+) -> Result<Compiled, CompileError> {
     let cg = codegen::Codegen::host().map_err(CompileError::Codegen)?;
-    let target = Target { arch: std::env::consts::ARCH.to_string(), features: cg.features.clone() };
+    let target = Target {
+        arch: std::env::consts::ARCH.to_string(),
+        features: cg.features.clone(),
+    };
     let planned = plan::plan(graph, weights, dims, target, opts)?;
     let mut manifest = planned.manifest;
     let mut code = Vec::new();
     for (decl, spec) in manifest.kernels.iter_mut().zip(&planned.kernels) {
-        let bytes = cg.compile(spec).map_err(|e| CompileError::Codegen(format!("kernel `{}`: {e}", spec.name)))?;
+        let bytes = cg
+            .compile(spec)
+            .map_err(|e| CompileError::Codegen(format!("kernel `{}`: {e}", spec.name)))?;
         while code.len() % 16 != 0 {
             code.push(0xCC);
         }
@@ -83,11 +96,21 @@ pub fn compile(graph: &Graph, weights: &BTreeMap<String, Tensor>, dims: &[(Strin
         decl.len = bytes.len() as u64;
         code.extend_from_slice(&bytes);
     }
-    Ok(Compiled { manifest, weights: planned.weights, code })
+    Ok(Compiled {
+        manifest,
+        weights: planned.weights,
+        code,
+    })
 }
 
 /// Compiles and writes an artifact file.
-pub fn compile_to_file(graph: &Graph, weights: &BTreeMap<String, Tensor>, dims: &[(String, u64)], opts: &Options, path: &Path) -> Result<Compiled, CompileError> {
+pub fn compile_to_file(
+    graph: &Graph,
+    weights: &BTreeMap<String, Tensor>,
+    dims: &[(String, u64)],
+    opts: &Options,
+    path: &Path,
+) -> Result<Compiled, CompileError> {
     let c = compile(graph, weights, dims, opts)?;
     kiln_runtime::artifact::write(path, &c.manifest, &c.weights, &c.code)?;
     Ok(c)

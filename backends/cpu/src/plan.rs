@@ -63,7 +63,16 @@ pub struct Planned {
 fn kernel_unary(u: UnaryOp) -> bool {
     matches!(
         u,
-        UnaryOp::Neg | UnaryOp::Abs | UnaryOp::Exp | UnaryOp::Sqrt | UnaryOp::Rsqrt | UnaryOp::Tanh | UnaryOp::Erf | UnaryOp::Sigmoid | UnaryOp::Relu | UnaryOp::Recip
+        UnaryOp::Neg
+            | UnaryOp::Abs
+            | UnaryOp::Exp
+            | UnaryOp::Sqrt
+            | UnaryOp::Rsqrt
+            | UnaryOp::Tanh
+            | UnaryOp::Erf
+            | UnaryOp::Sigmoid
+            | UnaryOp::Relu
+            | UnaryOp::Recip
     )
 }
 
@@ -82,7 +91,10 @@ fn fusible(g: &Graph, id: NodeId) -> bool {
 
 fn is_f32_scalar(g: &Graph, id: NodeId) -> Option<f32> {
     match &g.node(id).op {
-        Op::Scalar { value, dtype: DType::F32 } => Some(value.as_f64() as f32),
+        Op::Scalar {
+            value,
+            dtype: DType::F32,
+        } => Some(value.as_f64() as f32),
         _ => None,
     }
 }
@@ -99,20 +111,31 @@ fn reduce_last(g: &Graph, id: NodeId) -> Option<ReduceOp> {
 
 /// Matches `e / sum(e)` with `e = exp(x - max(x))`, all over the last axis, where only the pattern
 /// uses its intermediates. Returns `x` and the pattern's nodes.
-fn softmax_last(g: &Graph, y: NodeId, users: &HashMap<NodeId, Vec<NodeId>>, outputs: &HashSet<NodeId>) -> Option<(NodeId, [NodeId; 5])> {
-    let only = |n: NodeId, u: &[NodeId]| !outputs.contains(&n) && {
-        let mut us = users[&n].clone();
-        us.sort();
-        let mut want = u.to_vec();
-        want.sort();
-        us == want
+fn softmax_last(
+    g: &Graph,
+    y: NodeId,
+    users: &HashMap<NodeId, Vec<NodeId>>,
+    outputs: &HashSet<NodeId>,
+) -> Option<(NodeId, [NodeId; 5])> {
+    let only = |n: NodeId, u: &[NodeId]| {
+        !outputs.contains(&n) && {
+            let mut us = users[&n].clone();
+            us.sort();
+            let mut want = u.to_vec();
+            want.sort();
+            us == want
+        }
     };
     if g.node(y).op != Op::Binary(BinaryOp::Div) || g.node(y).ty.dtype != DType::F32 {
         return None;
     }
     let [e, s] = g.args(y)[..] else { return None };
     let is_last = |n: NodeId, want: ReduceOp| match &g.node(n).op {
-        Op::Reduce { op, axes, keep_dims: true } => *op == want && axes.len() == 1 && axes[0] + 1 == g.node(n).ty.rank(),
+        Op::Reduce {
+            op,
+            axes,
+            keep_dims: true,
+        } => *op == want && axes.len() == 1 && axes[0] + 1 == g.node(n).ty.rank(),
         _ => false,
     };
     if g.node(e).op != Op::Unary(UnaryOp::Exp) || !is_last(s, ReduceOp::Sum) || g.args(s)[0] != e {
@@ -132,14 +155,22 @@ const MAX_FOLD: u64 = 1 << 26;
 
 /// Values of nodes that depend only on weights and constants (not on inputs or symbolic dims),
 /// computed with the reference evaluator. Rank-0 constants stay inline in kernels.
-fn fold_static(graph: &Graph, weights: &BTreeMap<String, Tensor>, order: &[NodeId]) -> Result<HashMap<NodeId, Tensor>, CompileError> {
+fn fold_static(
+    graph: &Graph,
+    weights: &BTreeMap<String, Tensor>,
+    order: &[NodeId],
+) -> Result<HashMap<NodeId, Tensor>, CompileError> {
     let mut vals: HashMap<NodeId, kiln_interp::Value> = HashMap::new();
     let mut folded = HashMap::new();
     let bindings = kiln_ir::Bindings::new();
     for &n in order {
         let node = graph.node(n);
         let known = node.ty.shape.iter().all(|d| d.as_known().is_some());
-        let size: Option<u64> = node.ty.shape.iter().try_fold(1u64, |a, d| d.as_known().and_then(|k| a.checked_mul(k)));
+        let size: Option<u64> = node
+            .ty
+            .shape
+            .iter()
+            .try_fold(1u64, |a, d| d.as_known().and_then(|k| a.checked_mul(k)));
         match &node.op {
             Op::Param { name, ty } => {
                 if let Some(t) = weights.get(name) {
@@ -154,7 +185,8 @@ fn fold_static(graph: &Graph, weights: &BTreeMap<String, Tensor>, order: &[NodeI
                     continue;
                 }
                 let operands: Vec<&kiln_interp::Value> = args.iter().map(|a| &vals[a]).collect();
-                let v = kiln_interp::eval_op(op, &node.ty, &operands, &bindings).map_err(|e| CompileError::Internal(format!("folding `{}`: {e}", node.name)))?;
+                let v = kiln_interp::eval_op(op, &node.ty, &operands, &bindings)
+                    .map_err(|e| CompileError::Internal(format!("folding `{}`: {e}", node.name)))?;
                 // Scalars stay inline; anything computed from weights or tables is stored.
                 if node.ty.rank() > 0 && !args.is_empty() {
                     folded.insert(n, v.to_tensor());
@@ -204,9 +236,17 @@ struct Group {
 }
 
 /// Plans `graph` (already verified and optimized) with its weights.
-pub fn plan(graph: &Graph, weights: &BTreeMap<String, Tensor>, dims: &[(String, u64)], target: Target, opts: &crate::Options) -> Result<Planned, CompileError> {
+pub fn plan(
+    graph: &Graph,
+    weights: &BTreeMap<String, Tensor>,
+    dims: &[(String, u64)],
+    target: Target,
+    opts: &crate::Options,
+) -> Result<Planned, CompileError> {
     let opt_level = opts.opt_level.as_str();
-    let order = graph.topo_order().map_err(|_| CompileError::Internal("graph has a cycle".into()))?;
+    let order = graph
+        .topo_order()
+        .map_err(|_| CompileError::Internal("graph has a cycle".into()))?;
     let outputs: HashSet<NodeId> = graph.outputs().iter().map(|o| o.node).collect();
     let users: HashMap<NodeId, Vec<NodeId>> = order.iter().map(|&n| (n, graph.users(n))).collect();
 
@@ -224,10 +264,18 @@ pub fn plan(graph: &Graph, weights: &BTreeMap<String, Tensor>, dims: &[(String, 
     let mut epi: HashMap<NodeId, Epilogue> = HashMap::new();
     let mut absorbed: HashSet<NodeId> = HashSet::new();
     for &n in &order {
-        if folded.contains_key(&n) || !matches!(graph.node(n).op, Op::MatMul { .. }) || graph.node(n).ty.dtype != DType::F32 {
+        if folded.contains_key(&n)
+            || !matches!(graph.node(n).op, Op::MatMul { .. })
+            || graph.node(n).ty.dtype != DType::F32
+        {
             continue;
         }
-        let mut e = Epilogue { matmul: n, scale: 1.0, bias: None, acc: None };
+        let mut e = Epilogue {
+            matmul: n,
+            scale: 1.0,
+            bias: None,
+            acc: None,
+        };
         let mut cur = n;
         loop {
             let us = &users[&cur];
@@ -246,11 +294,15 @@ pub fn plan(graph: &Graph, weights: &BTreeMap<String, Tensor>, dims: &[(String, 
                 break;
             }
             match graph.node(u).op {
-                Op::Binary(BinaryOp::Mul) if e.scale == 1.0 && e.bias.is_none() && e.acc.is_none() => match is_f32_scalar(graph, other) {
-                    Some(c) => e.scale = c,
-                    None => break,
-                },
-                Op::Binary(BinaryOp::Add) if e.bias.is_none() && e.acc.is_none() && ot.rank() == 1 && ot.shape.last() == ct.shape.last() => {
+                Op::Binary(BinaryOp::Mul) if e.scale == 1.0 && e.bias.is_none() && e.acc.is_none() => {
+                    match is_f32_scalar(graph, other) {
+                        Some(c) => e.scale = c,
+                        None => break,
+                    }
+                }
+                Op::Binary(BinaryOp::Add)
+                    if e.bias.is_none() && e.acc.is_none() && ot.rank() == 1 && ot.shape.last() == ct.shape.last() =>
+                {
                     e.bias = Some(other)
                 }
                 Op::Binary(BinaryOp::Add) if e.acc.is_none() && ot == ct => e.acc = Some(other),
@@ -270,7 +322,9 @@ pub fn plan(graph: &Graph, weights: &BTreeMap<String, Tensor>, dims: &[(String, 
         if group_of.contains_key(&x) {
             continue;
         }
-        let softmax = softmax_last(graph, x, &users, &outputs).filter(|_| opts.fuse).filter(|(_, p)| p.iter().all(|n| !group_of.contains_key(n) && !special(*n)));
+        let softmax = softmax_last(graph, x, &users, &outputs)
+            .filter(|_| opts.fuse)
+            .filter(|(_, p)| p.iter().all(|n| !group_of.contains_key(n) && !special(*n)));
         let reduce = reduce_last(graph, x);
         if special(x) || (!fusible(graph, x) && reduce.is_none() && softmax.is_none()) {
             continue;
@@ -300,13 +354,22 @@ pub fn plan(graph: &Graph, weights: &BTreeMap<String, Tensor>, dims: &[(String, 
             if members.contains(&y) || group_of.contains_key(&y) || outputs.contains(&y) {
                 continue;
             }
-            if fusible(graph, y) && !special(y) && graph.node(y).ty.shape == space && users[&y].iter().all(|u| members.contains(u)) {
+            if fusible(graph, y)
+                && !special(y)
+                && graph.node(y).ty.shape == space
+                && users[&y].iter().all(|u| members.contains(u))
+            {
                 members.insert(y);
                 group_of.insert(y, gi);
                 stack.extend(graph.args(y));
             }
         }
-        groups.push(Group { root: x, top, kind, members });
+        groups.push(Group {
+            root: x,
+            top,
+            kind,
+            members,
+        });
     }
 
     // 1b. Attention: scores = scale * q kᵀ feeding only a softmax group whose result feeds only
@@ -318,9 +381,16 @@ pub fn plan(graph: &Graph, weights: &BTreeMap<String, Tensor>, dims: &[(String, 
             continue;
         }
         let [pv] = users[&g.root][..] else { continue };
-        let pv_ok = matches!(graph.node(pv).op, Op::MatMul { transpose_a: false, transpose_b: false })
-            && graph.args(pv)[0] == g.root
-            && epi.get(&pv).is_some_and(|e| e.matmul == pv && e.scale == 1.0 && e.bias.is_none() && e.acc.is_none());
+        let pv_ok = matches!(
+            graph.node(pv).op,
+            Op::MatMul {
+                transpose_a: false,
+                transpose_b: false
+            }
+        ) && graph.args(pv)[0] == g.root
+            && epi
+                .get(&pv)
+                .is_some_and(|e| e.matmul == pv && e.scale == 1.0 && e.bias.is_none() && e.acc.is_none());
         if !pv_ok {
             continue;
         }
@@ -337,7 +407,15 @@ pub fn plan(graph: &Graph, weights: &BTreeMap<String, Tensor>, dims: &[(String, 
             .copied()
             .filter(|s| {
                 epi.get(s).is_some_and(|e| {
-                    e.bias.is_none() && e.acc.is_none() && matches!(graph.node(e.matmul).op, Op::MatMul { transpose_a: false, transpose_b: true })
+                    e.bias.is_none()
+                        && e.acc.is_none()
+                        && matches!(
+                            graph.node(e.matmul).op,
+                            Op::MatMul {
+                                transpose_a: false,
+                                transpose_b: true
+                            }
+                        )
                 }) && !outputs.contains(s)
                     && users[s].iter().all(|u| g.members.contains(u))
                     && graph.node(*s).ty == graph.node(g.top).ty
@@ -353,12 +431,22 @@ pub fn plan(graph: &Graph, weights: &BTreeMap<String, Tensor>, dims: &[(String, 
         // Head-split transposes feeding only this attention, and the head merge after it, are
         // folded into the step as strides.
         let fold = |x: NodeId, consumer: NodeId| match &graph.node(x).op {
-            Op::Transpose { perm } if perm[..] == [0, 2, 1, 3] && users[&x] == [consumer] && !outputs.contains(&x) => (graph.args(x)[0], true),
+            Op::Transpose { perm } if perm[..] == [0, 2, 1, 3] && users[&x] == [consumer] && !outputs.contains(&x) => {
+                (graph.args(x)[0], true)
+            }
             _ => (x, false),
         };
-        let ((qn, qsm), (kn, ksm), (vn, vsm)) = if q == k { ((q, false), (k, false), fold(v, pv)) } else { (fold(q, e.matmul), fold(k, e.matmul), fold(v, pv)) };
+        let ((qn, qsm), (kn, ksm), (vn, vsm)) = if q == k {
+            ((q, false), (k, false), fold(v, pv))
+        } else {
+            (fold(q, e.matmul), fold(k, e.matmul), fold(v, pv))
+        };
         let (emit, osm) = match users[&pv][..] {
-            [t] if !outputs.contains(&pv) && matches!(&graph.node(t).op, Op::Transpose { perm } if perm[..] == [0, 2, 1, 3]) => (t, true),
+            [t] if !outputs.contains(&pv)
+                && matches!(&graph.node(t).op, Op::Transpose { perm } if perm[..] == [0, 2, 1, 3]) =>
+            {
+                (t, true)
+            }
             _ => (pv, false),
         };
         for (folded, node) in [(qsm, q), (ksm, k), (vsm, v)] {
@@ -376,12 +464,26 @@ pub fn plan(graph: &Graph, weights: &BTreeMap<String, Tensor>, dims: &[(String, 
             }
             let sl = graph.args(src)[0];
             let (st, ht) = (&graph.node(sl).ty, &graph.node(src).ty);
-            let Op::Slice { axis, start, .. } = graph.node(sl).op else { continue };
-            if axis != 2 || st.rank() != 3 || ht.rank() != 4 || users[&sl].len() != 1 || outputs.contains(&sl) || st.shape[..2] != ht.shape[..2] {
+            let Op::Slice { axis, start, .. } = graph.node(sl).op else {
+                continue;
+            };
+            if axis != 2
+                || st.rank() != 3
+                || ht.rank() != 4
+                || users[&sl].len() != 1
+                || outputs.contains(&sl)
+                || st.shape[..2] != ht.shape[..2]
+            {
                 continue;
             }
-            let (Some(hh), Some(dd)) = (ht.shape[2].as_known(), ht.shape[3].as_known()) else { continue };
-            views[i] = Some(kiln_runtime::plan::ColumnView { offset: start, heads: hh, head_dim: dd });
+            let (Some(hh), Some(dd)) = (ht.shape[2].as_known(), ht.shape[3].as_known()) else {
+                continue;
+            };
+            views[i] = Some(kiln_runtime::plan::ColumnView {
+                offset: start,
+                heads: hh,
+                head_dim: dd,
+            });
             srcs[i] = graph.args(sl)[0];
             attn_skip.insert(src);
             attn_skip.insert(sl);
@@ -391,7 +493,19 @@ pub fn plan(graph: &Graph, weights: &BTreeMap<String, Tensor>, dims: &[(String, 
             attn_skip.insert(pv);
         }
         let bias_leaves = leaves.iter().copied().filter(|l| *l != s).collect();
-        attn.insert(emit, AttnPlan { group: gi, scores: s, q: qn, k: kn, v: vn, seq_major: [qsm, ksm, vsm, osm], views, leaves: bias_leaves });
+        attn.insert(
+            emit,
+            AttnPlan {
+                group: gi,
+                scores: s,
+                q: qn,
+                k: kn,
+                v: vn,
+                seq_major: [qsm, ksm, vsm, osm],
+                views,
+                leaves: bias_leaves,
+            },
+        );
         attn_skip.insert(s);
         attn_skip.insert(g.root);
     }
@@ -429,11 +543,19 @@ pub fn plan(graph: &Graph, weights: &BTreeMap<String, Tensor>, dims: &[(String, 
     }
 
     // 3. Values and steps, in topological order.
-    let sym_index: HashMap<&str, u32> = dims.iter().enumerate().map(|(i, (n, _))| (n.as_str(), i as u32)).collect();
+    let sym_index: HashMap<&str, u32> = dims
+        .iter()
+        .enumerate()
+        .map(|(i, (n, _))| (n.as_str(), i as u32))
+        .collect();
     let dim_expr = |d: &Dim| -> Result<DimExpr, CompileError> {
         let mut syms = Vec::new();
         for s in d.symbols() {
-            syms.push(*sym_index.get(s.as_str()).ok_or_else(|| CompileError::Internal(format!("dim `{s}` has no declared bound")))?);
+            syms.push(
+                *sym_index
+                    .get(s.as_str())
+                    .ok_or_else(|| CompileError::Internal(format!("dim `{s}` has no declared bound")))?,
+            );
         }
         Ok(DimExpr { coeff: d.coeff(), syms })
     };
@@ -447,7 +569,11 @@ pub fn plan(graph: &Graph, weights: &BTreeMap<String, Tensor>, dims: &[(String, 
     let mut wbytes: Vec<u8> = Vec::new();
     let mut inputs = Vec::new();
     for &n in &order {
-        if interior(n) || absorbed.contains(&n) || attn_skip.contains(&n) || (!needed.contains(&n) && !group_of.contains_key(&n)) {
+        if interior(n)
+            || absorbed.contains(&n)
+            || attn_skip.contains(&n)
+            || (!needed.contains(&n) && !group_of.contains_key(&n))
+        {
             continue;
         }
         if folded.contains_key(&n) && !fold_boundary.contains(&n) {
@@ -455,32 +581,57 @@ pub fn plan(graph: &Graph, weights: &BTreeMap<String, Tensor>, dims: &[(String, 
         }
         let node = graph.node(n);
         let args = graph.args(n);
-        let mut decl = ValueDecl { dtype: node.ty.dtype, shape: shape_expr(&node.ty.shape)?, storage: Storage::Temp, name: node.name.clone() };
+        let mut decl = ValueDecl {
+            dtype: node.ty.dtype,
+            shape: shape_expr(&node.ty.shape)?,
+            storage: Storage::Temp,
+            name: node.name.clone(),
+        };
         let vid = values.len() as u32;
-        let val = |a: &NodeId| value_of.get(a).copied().ok_or_else(|| CompileError::Internal(format!("operand of `{}` has no value", node.name)));
+        let val = |a: &NodeId| {
+            value_of
+                .get(a)
+                .copied()
+                .ok_or_else(|| CompileError::Internal(format!("operand of `{}` has no value", node.name)))
+        };
         match &node.op {
             Op::Input { name, .. } => {
                 decl.storage = Storage::Input(inputs.len() as u32);
-                inputs.push(Port { name: name.clone(), value: vid });
+                inputs.push(Port {
+                    name: name.clone(),
+                    value: vid,
+                });
             }
             _ if folded.contains_key(&n) => {
                 let t = &folded[&n];
                 while wbytes.len() % kiln_runtime::artifact::ALIGN != 0 {
                     wbytes.push(0);
                 }
-                decl.storage = Storage::Weight { offset: wbytes.len() as u64, len: t.as_bytes().len() as u64 };
+                decl.storage = Storage::Weight {
+                    offset: wbytes.len() as u64,
+                    len: t.as_bytes().len() as u64,
+                };
                 wbytes.extend_from_slice(t.as_bytes());
             }
             Op::Param { name, ty } => {
-                let t = weights.get(name).ok_or_else(|| CompileError::MissingWeight(name.clone()))?;
+                let t = weights
+                    .get(name)
+                    .ok_or_else(|| CompileError::MissingWeight(name.clone()))?;
                 let want: Vec<usize> = ty.shape.iter().map(|d| d.as_known().unwrap_or(0) as usize).collect();
                 if t.dtype() != ty.dtype || t.shape() != want.as_slice() {
-                    return Err(CompileError::BadWeight { name: name.clone(), expected: ty.to_string(), got: format!("{}{:?}", t.dtype(), t.shape()) });
+                    return Err(CompileError::BadWeight {
+                        name: name.clone(),
+                        expected: ty.to_string(),
+                        got: format!("{}{:?}", t.dtype(), t.shape()),
+                    });
                 }
                 while !wbytes.len().is_multiple_of(kiln_runtime::artifact::ALIGN) {
                     wbytes.push(0);
                 }
-                decl.storage = Storage::Weight { offset: wbytes.len() as u64, len: t.as_bytes().len() as u64 };
+                decl.storage = Storage::Weight {
+                    offset: wbytes.len() as u64,
+                    len: t.as_bytes().len() as u64,
+                };
                 wbytes.extend_from_slice(t.as_bytes());
             }
             _ if attn.contains_key(&n) => {
@@ -488,9 +639,18 @@ pub fn plan(graph: &Graph, weights: &BTreeMap<String, Tensor>, dims: &[(String, 
                 let g = &groups[a.group];
                 let (spec, leaves) = kernel_spec(graph, g)?;
                 let s = a.scores;
-                let kernel_inputs = leaves.iter().map(|l| if *l == s { Ok(None) } else { val(l).map(Some) }).collect::<Result<Vec<_>, _>>()?;
+                let kernel_inputs = leaves
+                    .iter()
+                    .map(|l| if *l == s { Ok(None) } else { val(l).map(Some) })
+                    .collect::<Result<Vec<_>, _>>()?;
                 let contiguous = spec.inputs.iter().map(|i| i.1).collect();
-                let k = intern_kernel(&mut kernels, &mut kernel_decls, spec, graph.node(g.root).name.clone(), 2);
+                let k = intern_kernel(
+                    &mut kernels,
+                    &mut kernel_decls,
+                    spec,
+                    graph.node(g.root).name.clone(),
+                    2,
+                );
                 steps.push(Step::Attention {
                     q: val(&a.q)?,
                     k: val(&a.k)?,
@@ -506,7 +666,13 @@ pub fn plan(graph: &Graph, weights: &BTreeMap<String, Tensor>, dims: &[(String, 
             }
             _ if epi.contains_key(&n) => {
                 let e = &epi[&n];
-                let Op::MatMul { transpose_a, transpose_b } = graph.node(e.matmul).op else { unreachable!("epilogues start at a matmul") };
+                let Op::MatMul {
+                    transpose_a,
+                    transpose_b,
+                } = graph.node(e.matmul).op
+                else {
+                    unreachable!("epilogues start at a matmul")
+                };
                 let mm = graph.args(e.matmul);
                 steps.push(Step::MatMul {
                     a: val(&mm[0])?,
@@ -521,12 +687,33 @@ pub fn plan(graph: &Graph, weights: &BTreeMap<String, Tensor>, dims: &[(String, 
             }
             Op::Reshape { .. } => decl.storage = Storage::Alias(val(&args[0])?),
             Op::Gather { axis } if matches!(graph.node(args[1]).ty.dtype, DType::I64 | DType::I32) => {
-                steps.push(Step::Gather { table: val(&args[0])?, idx: val(&args[1])?, out: vid, axis: *axis as u32 })
+                steps.push(Step::Gather {
+                    table: val(&args[0])?,
+                    idx: val(&args[1])?,
+                    out: vid,
+                    axis: *axis as u32,
+                })
             }
-            Op::Transpose { perm } => steps.push(Step::Transpose { x: val(&args[0])?, out: vid, perm: perm.iter().map(|p| *p as u32).collect() }),
-            Op::Slice { axis, start, .. } => steps.push(Step::Slice { x: val(&args[0])?, out: vid, axis: *axis as u32, start: *start }),
-            Op::Concat { axis } => steps.push(Step::Concat { xs: args.iter().map(&val).collect::<Result<_, _>>()?, out: vid, axis: *axis as u32 }),
-            Op::Broadcast { .. } => steps.push(Step::Broadcast { x: val(&args[0])?, out: vid }),
+            Op::Transpose { perm } => steps.push(Step::Transpose {
+                x: val(&args[0])?,
+                out: vid,
+                perm: perm.iter().map(|p| *p as u32).collect(),
+            }),
+            Op::Slice { axis, start, .. } => steps.push(Step::Slice {
+                x: val(&args[0])?,
+                out: vid,
+                axis: *axis as u32,
+                start: *start,
+            }),
+            Op::Concat { axis } => steps.push(Step::Concat {
+                xs: args.iter().map(&val).collect::<Result<_, _>>()?,
+                out: vid,
+                axis: *axis as u32,
+            }),
+            Op::Broadcast { .. } => steps.push(Step::Broadcast {
+                x: val(&args[0])?,
+                out: vid,
+            }),
             _ if group_of.contains_key(&n) => {
                 let g = &groups[group_of[&n]];
                 let (spec, leaves) = kernel_spec(graph, g)?;
@@ -542,7 +729,11 @@ pub fn plan(graph: &Graph, weights: &BTreeMap<String, Tensor>, dims: &[(String, 
                     space: shape_expr(&space)?,
                 });
             }
-            op => steps.push(Step::Fallback { op: op.clone(), inputs: args.iter().map(&val).collect::<Result<_, _>>()?, out: vid }),
+            op => steps.push(Step::Fallback {
+                op: op.clone(),
+                inputs: args.iter().map(&val).collect::<Result<_, _>>()?,
+                out: vid,
+            }),
         }
         values.push(decl);
         value_of.insert(n, vid);
@@ -550,7 +741,14 @@ pub fn plan(graph: &Graph, weights: &BTreeMap<String, Tensor>, dims: &[(String, 
     let outputs = graph
         .outputs()
         .iter()
-        .map(|o| Ok(Port { name: o.name.clone(), value: *value_of.get(&o.node).ok_or_else(|| CompileError::Internal(format!("output `{}` has no value", o.name)))? }))
+        .map(|o| {
+            Ok(Port {
+                name: o.name.clone(),
+                value: *value_of
+                    .get(&o.node)
+                    .ok_or_else(|| CompileError::Internal(format!("output `{}` has no value", o.name)))?,
+            })
+        })
         .collect::<Result<Vec<_>, CompileError>>()?;
     let manifest = Manifest {
         name: graph.name.clone(),
@@ -563,13 +761,29 @@ pub fn plan(graph: &Graph, weights: &BTreeMap<String, Tensor>, dims: &[(String, 
         steps,
         opt_level: opt_level.to_string(),
     };
-    Ok(Planned { manifest, weights: wbytes, kernels })
+    Ok(Planned {
+        manifest,
+        weights: wbytes,
+        kernels,
+    })
 }
 
 /// The index of a kernel computing `spec`: an identical earlier one (every layer of a model needs
 /// the same kernels) or a new one.
-fn intern_kernel(kernels: &mut Vec<KernelSpec>, decls: &mut Vec<kiln_runtime::plan::KernelDecl>, spec: KernelSpec, name: String, extra_ops: u32) -> u32 {
-    let same = |k: &KernelSpec| k.kind == spec.kind && k.reduce == spec.reduce && k.inputs == spec.inputs && k.output == spec.output && k.exprs == spec.exprs;
+fn intern_kernel(
+    kernels: &mut Vec<KernelSpec>,
+    decls: &mut Vec<kiln_runtime::plan::KernelDecl>,
+    spec: KernelSpec,
+    name: String,
+    extra_ops: u32,
+) -> u32 {
+    let same = |k: &KernelSpec| {
+        k.kind == spec.kind
+            && k.reduce == spec.reduce
+            && k.inputs == spec.inputs
+            && k.output == spec.output
+            && k.exprs == spec.exprs
+    };
     if let Some(i) = kernels.iter().position(same) {
         return i as u32;
     }
@@ -639,7 +853,13 @@ fn kernel_spec(g: &Graph, group: &Group) -> Result<(KernelSpec, Vec<NodeId>), Co
             Op::Binary(b) => Expr::Binary(*b, a(0), a(1)),
             Op::Compare(c) => Expr::Compare(*c, a(0), a(1)),
             Op::Where => Expr::Where(a(0), a(1), a(2)),
-            other => return Err(CompileError::Internal(format!("`{}` ({}) in a fusion group", g.node(n).name, other.mnemonic()))),
+            other => {
+                return Err(CompileError::Internal(format!(
+                    "`{}` ({}) in a fusion group",
+                    g.node(n).name,
+                    other.mnemonic()
+                )))
+            }
         };
         ops += 1;
         memo.insert(n, exprs.len());

@@ -17,7 +17,13 @@ fn broadcast_strides(shape: &[usize], out: &[usize]) -> Vec<usize> {
     let own = strides(shape);
     let off = out.len() - shape.len();
     (0..out.len())
-        .map(|i| if i < off || shape[i - off] == 1 { 0 } else { own[i - off] })
+        .map(|i| {
+            if i < off || shape[i - off] == 1 {
+                0
+            } else {
+                own[i - off]
+            }
+        })
         .collect()
 }
 
@@ -117,9 +123,11 @@ pub fn eval(op: &Op, ty: &TensorType, args: &[&Value], b: &Bindings) -> Result<V
             let int = !dt.is_float();
             let mut out = vec![0.0; n];
             let mut fail = None;
-            for_each_broadcast(&out_shape, [&sx, &sy], |o, [i, j]| match binary(*bop, int, x.data[i], y.data[j]) {
-                Ok(v) => out[o] = v,
-                Err(e) => fail = Some(e),
+            for_each_broadcast(&out_shape, [&sx, &sy], |o, [i, j]| {
+                match binary(*bop, int, x.data[i], y.data[j]) {
+                    Ok(v) => out[o] = v,
+                    Err(e) => fail = Some(e),
+                }
             });
             if let Some(e) = fail {
                 return Err(e);
@@ -131,7 +139,9 @@ pub fn eval(op: &Op, ty: &TensorType, args: &[&Value], b: &Bindings) -> Result<V
             let sx = broadcast_strides(&x.shape, &out_shape);
             let sy = broadcast_strides(&y.shape, &out_shape);
             let mut out = vec![0.0; n];
-            for_each_broadcast(&out_shape, [&sx, &sy], |o, [i, j]| out[o] = compare(*c, x.data[i], y.data[j]));
+            for_each_broadcast(&out_shape, [&sx, &sy], |o, [i, j]| {
+                out[o] = compare(*c, x.data[i], y.data[j])
+            });
             out
         }
         Op::Where => {
@@ -161,7 +171,10 @@ pub fn eval(op: &Op, ty: &TensorType, args: &[&Value], b: &Bindings) -> Result<V
             for_each_broadcast(&out_shape, [&src], |o, [i]| out[o] = x.data[i]);
             out
         }
-        Op::MatMul { transpose_a, transpose_b } => matmul(args[0], args[1], *transpose_a, *transpose_b, &out_shape),
+        Op::MatMul {
+            transpose_a,
+            transpose_b,
+        } => matmul(args[0], args[1], *transpose_a, *transpose_b, &out_shape),
         Op::Reduce { op, axes, .. } => reduce(args[0], *op, axes),
         Op::Slice { axis, start, end } => {
             let x = args[0];
@@ -210,9 +223,19 @@ pub fn eval(op: &Op, ty: &TensorType, args: &[&Value], b: &Bindings) -> Result<V
             return Ok(Value::rounded(dt, out_shape, data));
         }
         // Float to integer casts truncate toward zero, like C and PyTorch.
-        return Ok(Value::rounded(dt, out_shape, data.into_iter().map(|x| if to.is_float() { x } else { x.trunc() }).collect()));
+        return Ok(Value::rounded(
+            dt,
+            out_shape,
+            data.into_iter()
+                .map(|x| if to.is_float() { x } else { x.trunc() })
+                .collect(),
+        ));
     }
-    let mut v = Value { dtype: dt, shape: out_shape, data };
+    let mut v = Value {
+        dtype: dt,
+        shape: out_shape,
+        data,
+    };
     if dt != DType::Bool {
         for x in &mut v.data {
             *x = round_to(dt, *x);
@@ -261,9 +284,16 @@ fn matmul(a: &Value, b: &Value, ta: bool, tb: bool, out_shape: &[usize]) -> Vec<
 
 fn reduce(x: &Value, op: ReduceOp, axes: &[usize]) -> Vec<f64> {
     // Map each input element to its output slot by zeroing the reduced axes' strides.
-    let kept: Vec<usize> = x.shape.iter().enumerate().map(|(i, &d)| if axes.contains(&i) { 1 } else { d }).collect();
+    let kept: Vec<usize> = x
+        .shape
+        .iter()
+        .enumerate()
+        .map(|(i, &d)| if axes.contains(&i) { 1 } else { d })
+        .collect();
     let ks = strides(&kept);
-    let to_out: Vec<usize> = (0..x.shape.len()).map(|i| if axes.contains(&i) { 0 } else { ks[i] }).collect();
+    let to_out: Vec<usize> = (0..x.shape.len())
+        .map(|i| if axes.contains(&i) { 0 } else { ks[i] })
+        .collect();
     let n_out: usize = kept.iter().product();
     let count: usize = axes.iter().map(|&a| x.shape[a]).product();
     let init = match op {

@@ -96,13 +96,16 @@ pub fn run(
         let args = graph.args(id);
         let v = match &node.op {
             Op::Input { name, ty } => {
-                let t = inputs.get(name).ok_or_else(|| InterpError::MissingInput(name.clone()))?;
+                let t = inputs
+                    .get(name)
+                    .ok_or_else(|| InterpError::MissingInput(name.clone()))?;
                 Value::from_tensor(t, ty.dtype)
             }
             Op::Param { name, ty } => {
-                let t = weights
-                    .get(name)
-                    .ok_or_else(|| InterpError::BadWeight { name: name.clone(), msg: "not supplied".into() })?;
+                let t = weights.get(name).ok_or_else(|| InterpError::BadWeight {
+                    name: name.clone(),
+                    msg: "not supplied".into(),
+                })?;
                 let want: Vec<usize> = ty.shape.iter().map(|d| d.as_known().unwrap_or(0) as usize).collect();
                 if t.dtype() != ty.dtype || t.shape() != want.as_slice() {
                     return Err(InterpError::BadWeight {
@@ -153,7 +156,10 @@ pub fn bind_inputs(graph: &Graph, inputs: &BTreeMap<String, Tensor>) -> Result<B
     for name in inputs.keys() {
         if !declared.iter().any(|(n, _)| n == name) {
             let expected: Vec<&str> = declared.iter().map(|(n, _)| *n).collect();
-            return Err(InterpError::UnknownInput { name: name.clone(), expected: expected.join(", ") });
+            return Err(InterpError::UnknownInput {
+                name: name.clone(),
+                expected: expected.join(", "),
+            });
         }
     }
     let mut bindings = Bindings::new();
@@ -161,13 +167,22 @@ pub fn bind_inputs(graph: &Graph, inputs: &BTreeMap<String, Tensor>) -> Result<B
     // Single-symbol axes bind first; products and constants are checked once everything is bound.
     for pass in 0..2 {
         for (name, ty) in &declared {
-            let t = inputs.get(*name).ok_or_else(|| InterpError::MissingInput(name.to_string()))?;
-            let bad = |msg: String| InterpError::BadInput { name: name.to_string(), msg };
+            let t = inputs
+                .get(*name)
+                .ok_or_else(|| InterpError::MissingInput(name.to_string()))?;
+            let bad = |msg: String| InterpError::BadInput {
+                name: name.to_string(),
+                msg,
+            };
             if t.dtype() != ty.dtype {
                 return Err(bad(format!("expected dtype {}, got {}", ty.dtype, t.dtype())));
             }
             if t.shape().len() != ty.rank() {
-                return Err(bad(format!("expected shape {ty} (rank {}), got {:?}", ty.rank(), t.shape())));
+                return Err(bad(format!(
+                    "expected shape {ty} (rank {}), got {:?}",
+                    ty.rank(),
+                    t.shape()
+                )));
             }
             for (axis, (d, &actual)) in ty.shape.iter().zip(t.shape()).enumerate() {
                 let syms = d.symbols();
@@ -193,7 +208,11 @@ pub fn bind_inputs(graph: &Graph, inputs: &BTreeMap<String, Tensor>) -> Result<B
                     match d.eval(&bindings) {
                         Ok(v) if v == actual => {}
                         Ok(v) => return Err(bad(format!("axis {axis} must be {d} = {v}, got {actual}"))),
-                        Err(s) => return Err(bad(format!("axis {axis} ({d}) uses `{s}`, which no input axis determines"))),
+                        Err(s) => {
+                            return Err(bad(format!(
+                                "axis {axis} ({d}) uses `{s}`, which no input axis determines"
+                            )))
+                        }
                     }
                 }
             }

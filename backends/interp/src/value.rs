@@ -18,7 +18,11 @@ pub struct Value {
 impl Value {
     /// Widens a tensor (already checked to be of `dtype`).
     pub fn from_tensor(t: &Tensor, dtype: DType) -> Value {
-        Value { dtype, shape: t.shape().to_vec(), data: t.to_f64_vec() }
+        Value {
+            dtype,
+            shape: t.shape().to_vec(),
+            data: t.to_f64_vec(),
+        }
     }
 
     /// Narrows back to a tensor of the value's dtype.
