@@ -516,6 +516,20 @@ fn bench(
     Ok(())
 }
 
+/// The error and its causes, leaving out a cause whose text the message above it already quotes
+/// (kiln's error types name their source in their own message).
+fn error_chain(e: &anyhow::Error) -> String {
+    let mut out = e.to_string();
+    for cause in e.chain().skip(1) {
+        let c = cause.to_string();
+        if !out.contains(&c) {
+            out.push_str(": ");
+            out.push_str(&c);
+        }
+    }
+    out
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let r = match &cli.cmd {
@@ -574,7 +588,7 @@ fn main() -> ExitCode {
             // Spec errors are already rendered with their own `error:` headers and snippets.
             match e.downcast_ref::<FrontendError>() {
                 Some(FrontendError::Spec(s)) => eprint!("{s}"),
-                _ => eprintln!("error: {e:#}"),
+                _ => eprintln!("error: {}", error_chain(&e)),
             }
             ExitCode::FAILURE
         }
