@@ -10,6 +10,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use kiln_frontend::{FrontendError, Lowered, Options};
 use kiln_ir::{Bindings, Op, Tensor};
 use kiln_passes::OptLevel;
+use kiln_runtime::plan::{KernelKind, Step};
 
 #[derive(Parser)]
 #[command(
@@ -79,6 +80,10 @@ enum Cmd {
         /// Do not apply this rewrite rule (repeatable), to bisect a numeric difference.
         #[arg(long = "disable-rule", value_name = "NAME")]
         disable_rule: Vec<String>,
+        /// Print what every pass did (nodes, rules fired, saturation stop reason), the fusion
+        /// groups formed, steps per layer, and the cost model's estimate before and after.
+        #[arg(long)]
+        report: bool,
     },
     /// Time a compiled model on generated inputs.
     Bench {
@@ -325,6 +330,7 @@ fn compile(
     opt: u8,
     out: &Path,
     popts: &kiln_passes::PipelineOptions,
+    show_report: bool,
 ) -> Result<()> {
     let start = Instant::now();
     let mut l = load_spec(spec, o)?;
@@ -340,22 +346,15 @@ fn compile(
         _ => OptLevel::O2,
     };
     let nodes = l.graph.len();
+    let model = popts.cost_model();
+    let cost_before = model.graph_ns(&l.graph);
     let report = kiln_passes::optimize_with(&mut l.graph, level, popts)?;
+    let cost_after = model.graph_ns(&l.graph);
     let t_opt = start.elapsed() - t_front;
     let compiled = kiln_cpu::compile_to_file(&l.graph, &weights, &l.dims, &kiln_cpu::Options::for_level(opt), out)?;
     let total = start.elapsed();
     let size = std::fs::metadata(out).map(|m| m.len()).unwrap_or(0);
     let m = &compiled.manifest;
-    let kernel_steps: Vec<u32> =
-        m.steps
-            .iter()
-            .filter_map(|s| match s {
-                kiln_runtime::plan::Step::Kernel { kernel, .. }
-                | kiln_runtime::plan::Step::Attention { kernel, .. } => Some(*kernel),
-                _ => None,
-            })
-            .collect();
-    let fused: u32 = kernel_steps.iter().map(|k| m.kernels[*k as usize].ops).sum();
     println!(
         "compiled {} to {} ({:.1} MiB)",
         spec.display(),
@@ -363,26 +362,30 @@ fn compile(
         size as f64 / 1048576.0
     );
     println!("  graph    {nodes} ops lowered, {} after -O{opt}", l.graph.len());
-    for r in &report {
+    if show_report {
+        print_pass_report(&report);
         println!(
-            "  pass     {:<8} {:>6} -> {:<6} removed {:<5} merged {:<5} {:.1} ms",
-            r.pass,
-            r.nodes_before,
-            r.nodes_after,
-            r.stats.removed,
-            r.stats.merged,
-            r.time.as_secs_f64() * 1e3
+            "  cost     {:.2} ms -> {:.2} ms estimated by the {} cost model (symbolic dims at {}, no fusion)",
+            cost_before / 1e6,
+            cost_after / 1e6,
+            model.name,
+            model.symbol_extent
         );
-        for n in &r.stats.notes {
-            println!("             {n}");
-        }
     }
     if opt == 0 {
         println!("  note     -O0: no kernel fusion, every primitive op is its own step");
     }
-    println!("  plan     {} steps: {} kernel calls ({fused} ops fused) of {} distinct generated kernels, {} matmuls, {} other", m.steps.len(), kernel_steps.len(), m.kernels.len(),
-        m.steps.iter().filter(|s| matches!(s, kiln_runtime::plan::Step::MatMul { .. })).count(),
-        m.steps.iter().filter(|s| !matches!(s, kiln_runtime::plan::Step::MatMul { .. } | kiln_runtime::plan::Step::Kernel { .. } | kiln_runtime::plan::Step::Attention { .. })).count());
+    let mut summary = plan_summary(&m.steps, &m.kernels);
+    summary.distinct = m.kernels.len();
+    println!("  plan     {}", summary.line());
+    if show_report {
+        for line in summary.groups() {
+            println!("  fusion   {line}");
+        }
+        if let Some((layer, per)) = steps_per_layer(m) {
+            println!("  layer    {layer}: {}", per.line());
+        }
+    }
     println!(
         "  code     {} bytes for {}",
         compiled.code.len(),
@@ -396,6 +399,132 @@ fn compile(
         (total - t_front - t_opt).as_secs_f64() * 1e3
     );
     Ok(())
+}
+
+fn print_pass_report(report: &[kiln_passes::PassReport]) {
+    for r in report {
+        println!(
+            "  pass     {:<17} {:>6} -> {:<6} removed {:<5} merged {:<5} {:.1} ms",
+            r.pass,
+            r.nodes_before,
+            r.nodes_after,
+            r.stats.removed,
+            r.stats.merged,
+            r.time.as_secs_f64() * 1e3
+        );
+        for n in &r.stats.notes {
+            println!("             {n}");
+        }
+    }
+}
+
+/// Counts of plan steps by kind.
+#[derive(Default)]
+struct PlanSummary {
+    steps: usize,
+    kernels: BTreeMap<&'static str, (usize, u32)>,
+    distinct: usize,
+    matmuls: usize,
+    epilogues: usize,
+    attention: usize,
+    other: usize,
+}
+
+impl PlanSummary {
+    fn line(&self) -> String {
+        let calls: usize = self.kernels.values().map(|(n, _)| n).sum();
+        let fused: u32 = self.kernels.values().map(|(_, f)| f).sum();
+        format!(
+            "{} steps: {calls} kernel calls ({fused} ops fused){}, {} matmuls, {} attention, {} other",
+            self.steps,
+            if self.distinct > 0 {
+                format!(" of {} distinct generated kernels", self.distinct)
+            } else {
+                String::new()
+            },
+            self.matmuls,
+            self.attention,
+            self.other
+        )
+    }
+
+    fn groups(&self) -> Vec<String> {
+        let mut v: Vec<String> = self
+            .kernels
+            .iter()
+            .map(|(k, (n, f))| format!("{n} {k} kernel calls fusing {f} ops"))
+            .collect();
+        v.push(format!(
+            "{} of {} matmuls carry a fused epilogue (scale, bias or residual)",
+            self.epilogues, self.matmuls
+        ));
+        v.push(format!(
+            "{} attention steps (scores, mask, softmax and @v in one blocked step)",
+            self.attention
+        ));
+        v
+    }
+}
+
+fn plan_summary<'a>(
+    steps: impl IntoIterator<Item = &'a Step>,
+    kernels: &[kiln_runtime::plan::KernelDecl],
+) -> PlanSummary {
+    let mut s = PlanSummary::default();
+    for st in steps {
+        s.steps += 1;
+        match st {
+            Step::Kernel { kernel, kind, .. } => {
+                let k = match kind {
+                    KernelKind::Map => "elementwise",
+                    KernelKind::ReduceLast => "row-reduction",
+                    KernelKind::SoftmaxLast => "softmax",
+                };
+                let e = s.kernels.entry(k).or_default();
+                e.0 += 1;
+                e.1 += kernels[*kernel as usize].ops;
+            }
+            Step::MatMul { scale, bias, acc, .. } => {
+                s.matmuls += 1;
+                if *scale != 1.0 || bias.is_some() || acc.is_some() {
+                    s.epilogues += 1;
+                }
+            }
+            Step::Attention { .. } => s.attention += 1,
+            _ => s.other += 1,
+        }
+    }
+    s
+}
+
+/// The steps of the first repeated layer (values named `NAME.0/…`), if the model has layers.
+fn steps_per_layer(m: &kiln_runtime::plan::Manifest) -> Option<(String, PlanSummary)> {
+    let layer_of = |v: u32| -> Option<String> {
+        let name = &m.values[v as usize].name;
+        let (head, _) = name.split_once('/')?;
+        let (_, idx) = head.rsplit_once('.')?;
+        idx.parse::<u32>().ok().map(|_| head.to_string())
+    };
+    let first = m.steps.iter().find_map(|s| layer_of(step_out(s)))?;
+    let steps = m
+        .steps
+        .iter()
+        .filter(|s| layer_of(step_out(s)).as_deref() == Some(&first));
+    Some((first.clone(), plan_summary(steps, &m.kernels)))
+}
+
+fn step_out(s: &Step) -> u32 {
+    match s {
+        Step::Kernel { out, .. }
+        | Step::MatMul { out, .. }
+        | Step::Gather { out, .. }
+        | Step::Transpose { out, .. }
+        | Step::Slice { out, .. }
+        | Step::Concat { out, .. }
+        | Step::Broadcast { out, .. }
+        | Step::Attention { out, .. }
+        | Step::Fallback { out, .. } => *out,
+    }
 }
 
 fn parse_dims(s: &str) -> Result<(String, Vec<usize>)> {
@@ -556,13 +685,15 @@ fn main() -> ExitCode {
             output,
             dump_ir,
             disable_rule,
+            report,
         } => {
             let popts = kiln_passes::PipelineOptions {
                 verify_each: cfg!(debug_assertions),
                 disabled_rules: disable_rule.clone(),
                 dump_dir: dump_ir.clone(),
+                target: Some("cpu"),
             };
-            compile(spec, spec_opts, weights, *opt, output, &popts)
+            compile(spec, spec_opts, weights, *opt, output, &popts, *report)
         }
         Cmd::Bench {
             model,

@@ -207,6 +207,10 @@ fn compile_run_and_bench_an_artifact() {
     let (out, err) = text(&o);
     assert!(o.status.success(), "{err}");
     assert!(out.contains("generated kernels"), "{out}");
+    assert!(
+        !out.contains("pass "),
+        "the per-pass report is only printed with --report: {out}"
+    );
     let logits = dir.join("logits.npy");
     let o = kiln(&[
         "run",
@@ -266,6 +270,7 @@ fn compile_dumps_ir_and_disables_rules() {
         dump.to_str().unwrap(),
         "--disable-rule",
         "mul-one",
+        "--report",
     ]);
     let (out, err) = text(&o);
     assert!(o.status.success(), "{err}");
@@ -283,8 +288,11 @@ fn compile_dumps_ir_and_disables_rules() {
             "02-cse.txt",
             "03-dce.txt",
             "04-simplify.txt",
-            "05-merge-projections.txt",
-            "06-dce.txt"
+            "05-narrow.txt",
+            "06-dce.txt",
+            "07-cse.txt",
+            "08-merge-projections.txt",
+            "09-dce.txt"
         ]
     );
     assert!(std::fs::read_to_string(dump.join("04-simplify.txt"))

@@ -7,6 +7,7 @@ mod common;
 use std::collections::BTreeMap;
 
 use kiln_ir::{BinaryOp, DType, Dim, Graph, Literal, NodeId, Op, Tensor, TensorType, UnaryOp};
+use kiln_passes::cost::CostModel;
 use kiln_passes::simplify::{run_rules, Limits};
 
 /// Builds a graph from an s-expression over inputs `x`, `y` (f32[n, 3]) and f32 constants.
@@ -98,7 +99,7 @@ fn rule(name: &str) -> kiln_passes::rules::Rule {
 fn rewrite(src: &str, rules: &[kiln_passes::rules::Rule]) -> (Graph, Graph) {
     let g = graph_of(src);
     let mut h = g.clone();
-    run_rules(&mut h, rules, Limits::default());
+    run_rules(&mut h, rules, Limits::default(), CostModel::cpu());
     kiln_ir::verify(&h).unwrap_or_else(|e| panic!("{src}: {e}"));
     for (n, seed) in [(1, 3), (4, 5), (9, 7)] {
         let (a, b) = (eval(&g, n, seed), eval(&h, n, seed));
@@ -132,13 +133,10 @@ const EXAMPLES: &[(&str, &str, bool)] = &[
 
 #[test]
 fn every_rule_is_correct_by_execution() {
-    let names: Vec<String> = kiln_passes::rules::algebraic()
-        .iter()
-        .map(|r| r.name.to_string())
-        .collect();
+    let names: Vec<String> = kiln_passes::rules::all().iter().map(|r| r.name.to_string()).collect();
     for n in &names {
         assert!(
-            EXAMPLES.iter().any(|(r, _, _)| r == n),
+            EXAMPLES.iter().any(|(r, _, _)| r == n) || LAYOUT.iter().any(|(r, _)| r == n),
             "rule {n} has no example in tests/rules.rs"
         );
     }
@@ -199,7 +197,7 @@ fn egraph_round_trip_preserves_graphs() {
     let mut l = common::spec("gpt2.ron", &tiny);
     kiln_passes::optimize(&mut l.graph, kiln_passes::OptLevel::O1, true).unwrap();
     let mut h = l.graph.clone();
-    run_rules(&mut h, &[], Limits::default());
+    run_rules(&mut h, &[], Limits::default(), CostModel::cpu());
     kiln_ir::verify(&h).unwrap();
     assert_eq!(
         h.len(),
@@ -285,5 +283,247 @@ fn o2_simplifies_every_spec_and_keeps_outputs() {
             let e = a.max_abs_diff(b).unwrap();
             assert!(e < 1e-5, "{name} {on}: O2 differs from O1 by {e}");
         }
+    }
+}
+
+// ------------------------------------------------------------------------------------ layout
+
+/// Inputs of the layout examples: `x`, `y`: f32[n, 4, 6]; `z`: f32[4, 6].
+fn layout_inputs(g: &mut Graph) -> [NodeId; 3] {
+    let n = Dim::sym("n");
+    let mut add = |name: &str, shape: Vec<Dim>| {
+        let ty = TensorType::new(DType::F32, shape);
+        g.add(Op::Input { name: name.into(), ty }, &[], name).unwrap()
+    };
+    let x = add("x", vec![n.clone(), Dim::known(4), Dim::known(6)]);
+    let y = add("y", vec![n, Dim::known(4), Dim::known(6)]);
+    let z = add("z", vec![Dim::known(4), Dim::known(6)]);
+    [x, y, z]
+}
+
+fn op1(g: &mut Graph, op: Op, a: NodeId) -> NodeId {
+    g.add(op, &[a], "t").unwrap()
+}
+
+fn tr(perm: &[usize]) -> Op {
+    Op::Transpose { perm: perm.to_vec() }
+}
+
+fn mm(ta: bool, tb: bool) -> Op {
+    Op::MatMul {
+        transpose_a: ta,
+        transpose_b: tb,
+    }
+}
+
+type Build = fn(&mut Graph, [NodeId; 3]) -> NodeId;
+
+/// One or more examples per layout rule; each must fire and keep the value.
+const LAYOUT: &[(&str, Build)] = &[
+    ("transpose-transpose", |g, [x, _, _]| {
+        let t = op1(g, tr(&[1, 0, 2]), x);
+        op1(g, tr(&[2, 0, 1]), t)
+    }),
+    ("transpose-transpose", |g, [x, _, _]| {
+        let t = op1(g, tr(&[0, 2, 1]), x);
+        op1(g, tr(&[0, 2, 1]), t)
+    }),
+    ("transpose-identity", |g, [x, _, _]| op1(g, tr(&[0, 1, 2]), x)),
+    ("transpose-into-matmul", |g, [x, y, _]| {
+        let t = op1(g, tr(&[0, 2, 1]), y);
+        g.add(mm(false, false), &[x, t], "mm").unwrap()
+    }),
+    ("transpose-into-matmul", |g, [x, y, _]| {
+        let t = op1(g, tr(&[0, 2, 1]), x);
+        g.add(mm(false, false), &[t, y], "mm").unwrap()
+    }),
+    ("reshape-reshape", |g, [x, _, _]| {
+        let r = op1(
+            g,
+            Op::Reshape {
+                shape: vec![Dim::sym("n"), Dim::known(24)],
+            },
+            x,
+        );
+        op1(
+            g,
+            Op::Reshape {
+                shape: vec![Dim::sym("n"), Dim::known(2), Dim::known(12)],
+            },
+            r,
+        )
+    }),
+    ("reshape-reshape", |g, [x, _, _]| {
+        let r = op1(
+            g,
+            Op::Reshape {
+                shape: vec![Dim::sym("n"), Dim::known(24)],
+            },
+            x,
+        );
+        op1(
+            g,
+            Op::Reshape {
+                shape: vec![Dim::sym("n"), Dim::known(4), Dim::known(6)],
+            },
+            r,
+        )
+    }),
+    ("broadcast-hoist", |g, [_, _, z]| {
+        let b = op1(
+            g,
+            Op::Broadcast {
+                shape: vec![Dim::sym("n"), Dim::known(4), Dim::known(6)],
+            },
+            z,
+        );
+        op1(g, Op::Unary(UnaryOp::Tanh), b)
+    }),
+];
+
+fn layout_feed(n: usize, seed: u64) -> BTreeMap<String, Tensor> {
+    let mut rng = common::Rng(seed);
+    let mut feed = BTreeMap::new();
+    for (name, shape) in [("x", vec![n, 4, 6]), ("y", vec![n, 4, 6]), ("z", vec![4, 6])] {
+        let c: usize = shape.iter().product();
+        feed.insert(
+            name.to_string(),
+            Tensor::from_f32(
+                shape,
+                (0..c).map(|_| (rng.below(2001) as f32 - 1000.0) / 500.0).collect(),
+            )
+            .unwrap(),
+        );
+    }
+    feed
+}
+
+#[test]
+fn every_layout_rule_is_correct_by_execution() {
+    for (name, build) in LAYOUT {
+        let mut g = Graph::new("layout");
+        let ins = layout_inputs(&mut g);
+        let out = build(&mut g, ins);
+        g.add_output("out", out).unwrap();
+        let only: Vec<_> = kiln_passes::rules::all()
+            .into_iter()
+            .filter(|r| r.name.as_str() == *name)
+            .collect();
+        let mut h = g.clone();
+        let stats = run_rules(&mut h, &only, Limits::default(), CostModel::cpu());
+        kiln_ir::verify(&h).unwrap_or_else(|e| panic!("{name}: {e}"));
+        assert!(
+            stats.notes.iter().any(|n| n.contains(name)),
+            "{name} did not fire:\n{}",
+            h.to_text()
+        );
+        assert!(
+            h.len() < g.len() || *name == "broadcast-hoist",
+            "{name} did not simplify:\n{}",
+            h.to_text()
+        );
+        // Every node the rule made says so.
+        assert!(
+            h.node_ids().any(|n| h.node(n).rules.iter().any(|r| r == name)) || h.len() <= 4,
+            "{name}: no node records the rule:\n{}",
+            h.to_text()
+        );
+        for (n, seed) in [(1, 1), (3, 2), (5, 3)] {
+            let feed = layout_feed(n, seed);
+            let a = kiln_interp::run(&g, &BTreeMap::new(), &feed).unwrap().remove(0).1;
+            let b = kiln_interp::run(&h, &BTreeMap::new(), &feed).unwrap().remove(0).1;
+            let e = a.max_abs_diff(&b).expect("same shape");
+            assert!(e <= 1e-6, "{name}: differs by {e}\n{}", h.to_text());
+        }
+    }
+}
+
+#[test]
+fn disabled_layout_rule_does_not_fire() {
+    let mut g = Graph::new("layout");
+    let [x, y, _] = layout_inputs(&mut g);
+    let t = op1(&mut g, tr(&[0, 2, 1]), y);
+    let m = g.add(mm(false, false), &[x, t], "mm").unwrap();
+    g.add_output("out", m).unwrap();
+    let opts = kiln_passes::PipelineOptions {
+        verify_each: true,
+        disabled_rules: vec!["transpose-into-matmul".into()],
+        ..Default::default()
+    };
+    let mut h = g.clone();
+    kiln_passes::optimize_with(&mut h, kiln_passes::OptLevel::O2, &opts).unwrap();
+    assert!(h.node_ids().any(|n| matches!(h.node(n).op, Op::Transpose { .. })));
+    let mut k = g.clone();
+    kiln_passes::optimize(&mut k, kiln_passes::OptLevel::O2, true).unwrap();
+    assert!(
+        !k.node_ids().any(|n| matches!(k.node(n).op, Op::Transpose { .. })),
+        "{}",
+        k.to_text()
+    );
+}
+
+/// The decoder-prefill pattern: a gather of the last position after a norm and a projection
+/// moves ahead of both, and the values stay the same.
+#[test]
+fn narrow_moves_a_last_position_gather_ahead_of_norm_and_matmul() {
+    let mut g = Graph::new("narrow");
+    let [x, _, z] = layout_inputs(&mut g);
+    let mean = g
+        .add(
+            Op::Reduce {
+                op: kiln_ir::ReduceOp::Mean,
+                axes: vec![2],
+                keep_dims: true,
+            },
+            &[x],
+            "mean",
+        )
+        .unwrap();
+    let d = g.add(Op::Binary(BinaryOp::Sub), &[x, mean], "d").unwrap();
+    let sq = g.add(Op::Binary(BinaryOp::Mul), &[d, d], "sq").unwrap();
+    let var = g
+        .add(
+            Op::Reduce {
+                op: kiln_ir::ReduceOp::Mean,
+                axes: vec![2],
+                keep_dims: true,
+            },
+            &[sq],
+            "var",
+        )
+        .unwrap();
+    let r = g.add(Op::Unary(UnaryOp::Rsqrt), &[var], "r").unwrap();
+    let nrm = g.add(Op::Binary(BinaryOp::Mul), &[d, r], "norm").unwrap();
+    let logits = g.add(mm(false, true), &[nrm, z], "logits").unwrap();
+    let idx = g
+        .add(
+            Op::Input {
+                name: "last".into(),
+                ty: TensorType::new(DType::I64, vec![Dim::known(1)]),
+            },
+            &[],
+            "last",
+        )
+        .unwrap();
+    let out = g.add(Op::Gather { axis: 1 }, &[logits, idx], "out").unwrap();
+    g.add_output("out", out).unwrap();
+    let mut h = g.clone();
+    kiln_passes::optimize(&mut h, kiln_passes::OptLevel::O2, true).unwrap();
+    let mm_rows: Vec<String> = h
+        .node_ids()
+        .filter(|n| matches!(h.node(*n).op, Op::MatMul { .. } | Op::Reduce { .. }))
+        .map(|n| h.node(n).ty.to_string())
+        .collect();
+    assert!(
+        mm_rows.iter().all(|t| t.contains("[n, 1,")),
+        "{mm_rows:?}\n{}",
+        h.to_text()
+    );
+    for (n, seed) in [(1, 4), (3, 5)] {
+        let mut feed = layout_feed(n, seed);
+        feed.insert("last".into(), Tensor::from_i64(vec![1], vec![2]).unwrap());
+        let a = kiln_interp::run(&g, &BTreeMap::new(), &feed).unwrap().remove(0).1;
+        let b = kiln_interp::run(&h, &BTreeMap::new(), &feed).unwrap().remove(0).1;
+        assert!(a.max_abs_diff(&b).unwrap() <= 1e-6);
     }
 }

@@ -26,6 +26,9 @@ pub struct Node {
     pub ty: TensorType,
     /// Where it came from in the model (`layer.3/attention/scores`); kept through every pass.
     pub name: String,
+    /// The rewrite rules (or passes) that produced this node, empty for nodes as the frontend
+    /// built them. Lets a numeric mismatch be bisected to one rule (`--disable-rule`).
+    pub rules: Vec<String>,
 }
 
 /// A named graph result.
@@ -113,7 +116,12 @@ impl Graph {
             }
         }
         let is_input = matches!(op, Op::Input { .. });
-        let id = NodeId(self.g.add_node(Node { op, ty, name }));
+        let id = NodeId(self.g.add_node(Node {
+            op,
+            ty,
+            name,
+            rules: Vec::new(),
+        }));
         for (i, a) in args.iter().enumerate() {
             self.g.add_edge(a.0, id.0, i as u32);
         }
@@ -131,6 +139,14 @@ impl Graph {
         }
         self.outputs.push(Output { name, node });
         Ok(())
+    }
+
+    /// Records that `rules` produced node `id` (merged with what it already records, sorted).
+    pub fn add_rules(&mut self, id: NodeId, rules: impl IntoIterator<Item = String>) {
+        let node = &mut self.g[id.0];
+        node.rules.extend(rules);
+        node.rules.sort();
+        node.rules.dedup();
     }
 
     /// The node behind `id`. Panics if `id` is from another graph, which is a compiler bug.

@@ -41,7 +41,11 @@ impl Graph {
                 line.push_str(if attrs.is_empty() { " " } else { ", " });
                 line.push_str(&args.join(", "));
             }
-            let _ = writeln!(out, "{line} : {}  # {}", node.ty, node.name);
+            let _ = write!(out, "{line} : {}  # {}", node.ty, node.name);
+            if !node.rules.is_empty() {
+                let _ = write!(out, "  [{}]", node.rules.join(", "));
+            }
+            out.push('\n');
         }
         let outs: Vec<String> = self
             .outputs

@@ -139,7 +139,8 @@ impl TensorLang {
         }
     }
 
-    fn from_op(op: &Op, args: Vec<Id>, table: &mut OpTable) -> TensorLang {
+    /// The e-node for `op` applied to `args` (arithmetic as first-class nodes, the rest by reference).
+    pub fn from_op(op: &Op, args: Vec<Id>, table: &mut OpTable) -> TensorLang {
         let a = |i: usize| args[i];
         match op {
             Op::Binary(BinaryOp::Add) => TensorLang::Add([a(0), a(1)]),
@@ -173,6 +174,19 @@ pub struct ClassData {
 pub struct TensorAnalysis {
     /// The op table `Other` nodes refer to.
     pub table: OpTable,
+    /// The rules that added an equivalent form to each e-class (by the id the rule saw; look up
+    /// through [`egg::EGraph::find`]). Extraction turns it into per-node provenance.
+    pub provenance: HashMap<Id, std::collections::BTreeSet<String>>,
+}
+
+impl TensorAnalysis {
+    /// The op of `node` (a reference into the table for `Other` nodes).
+    pub fn op_of<'a>(&'a self, node: &TensorLang) -> std::borrow::Cow<'a, Op> {
+        match node {
+            TensorLang::Other(r, _) => std::borrow::Cow::Borrowed(self.table.get(*r)),
+            n => std::borrow::Cow::Owned(n.to_op(&self.table)),
+        }
+    }
 }
 
 fn round(dtype: DType, v: f64) -> f64 {
@@ -254,6 +268,10 @@ pub struct Loaded {
     pub names: HashMap<Id, String>,
     /// The graph's inputs in order (the signature survives even if unused).
     pub inputs: Vec<(String, TensorType)>,
+    /// Every e-node as loaded: an extracted node not among them was made by a rule.
+    pub original: Vec<TensorLang>,
+    /// Provenance the loaded nodes already carried, by e-class.
+    pub rules: HashMap<Id, Vec<String>>,
 }
 
 /// Loads `graph` into a fresh e-graph.
@@ -261,13 +279,19 @@ pub fn load(graph: &Graph) -> Loaded {
     let mut egraph = TensorEGraph::new(TensorAnalysis::default()).with_explanations_disabled();
     let mut class: HashMap<NodeId, Id> = HashMap::new();
     let mut names = HashMap::new();
+    let mut original = Vec::new();
+    let mut rules: HashMap<Id, Vec<String>> = HashMap::new();
     let order = graph.topo_order().expect("optimizer input is verified");
     for n in order {
         let node = graph.node(n);
         let args: Vec<Id> = graph.args(n).iter().map(|a| class[a]).collect();
         let enode = TensorLang::from_op(&node.op, args, &mut egraph.analysis.table);
+        original.push(enode.clone());
         let id = egraph.add(enode);
         names.entry(egraph.find(id)).or_insert_with(|| node.name.clone());
+        if !node.rules.is_empty() {
+            rules.entry(id).or_default().extend(node.rules.iter().cloned());
+        }
         class.insert(n, id);
     }
     egraph.rebuild();
@@ -290,13 +314,39 @@ pub fn load(graph: &Graph) -> Loaded {
         outputs,
         names,
         inputs,
+        original,
+        rules,
     }
 }
 
-/// Rebuilds a graph from the best node of every needed e-class, as chosen by `cost`.
-pub fn extract(loaded: &Loaded, name: &str, cost: impl egg::CostFunction<TensorLang>) -> Graph {
+/// Rebuilds a graph from the best node of every needed e-class, as chosen by `cost`. A node that
+/// was not in the loaded graph records the rules that fired on its e-class (or `pass`, when it was
+/// built inside a rule's right-hand side).
+pub fn extract(loaded: &Loaded, name: &str, pass: &str, cost: impl egg::CostFunction<TensorLang>) -> Graph {
     let eg = &loaded.egraph;
     let extractor = egg::Extractor::new(eg, cost);
+    let canon = |n: &TensorLang| n.clone().map_children(|c| eg.find(c));
+    let original: std::collections::HashSet<TensorLang> = loaded.original.iter().map(canon).collect();
+    let mut provenance: HashMap<Id, Vec<String>> = HashMap::new();
+    for (id, rules) in &eg.analysis.provenance {
+        provenance
+            .entry(eg.find(*id))
+            .or_default()
+            .extend(rules.iter().cloned());
+    }
+    let mut carried: HashMap<Id, Vec<String>> = HashMap::new();
+    for (id, rules) in &loaded.rules {
+        carried.entry(eg.find(*id)).or_default().extend(rules.iter().cloned());
+    }
+    let ctx = Ctx {
+        eg,
+        ex: &extractor,
+        names: &loaded.names,
+        original: &original,
+        provenance: &provenance,
+        carried: &carried,
+        pass,
+    };
     let mut g = Graph::new(name);
     let mut built: HashMap<Id, NodeId> = HashMap::new();
     // Inputs first, in signature order, so the graph keeps its interface.
@@ -313,39 +363,55 @@ pub fn extract(loaded: &Loaded, name: &str, cost: impl egg::CostFunction<TensorL
             }
         }
     }
-    fn build(
-        c: Id,
-        eg: &TensorEGraph,
-        ex: &egg::Extractor<impl egg::CostFunction<TensorLang>, TensorLang, TensorAnalysis>,
-        g: &mut Graph,
-        built: &mut HashMap<Id, NodeId>,
-        names: &HashMap<Id, String>,
-    ) -> NodeId {
-        let c = eg.find(c);
-        if let Some(n) = built.get(&c) {
-            return *n;
-        }
-        // Iterative would be kinder to deep graphs; transformer graphs are a few thousand nodes deep at most.
-        let node = ex.find_best_node(c).clone();
-        let args: Vec<NodeId> = node
-            .children()
-            .iter()
-            .map(|k| build(*k, eg, ex, g, built, names))
-            .collect();
-        let op = node.to_op(&eg.analysis.table);
-        let name = names
-            .get(&c)
-            .cloned()
-            .unwrap_or_else(|| format!("opt/{}", op.mnemonic()));
-        let id = g
-            .add(op, &args, name)
-            .expect("extraction keeps types: every e-class has one type");
-        built.insert(c, id);
-        id
-    }
     for (oname, c) in &loaded.outputs {
-        let id = build(*c, eg, &extractor, &mut g, &mut built, &loaded.names);
+        let id = build(*c, &ctx, &mut g, &mut built);
         g.add_output(oname.clone(), id).expect("output names are unique");
     }
     g
+}
+
+struct Ctx<'a, C: egg::CostFunction<TensorLang>> {
+    eg: &'a TensorEGraph,
+    ex: &'a egg::Extractor<'a, C, TensorLang, TensorAnalysis>,
+    names: &'a HashMap<Id, String>,
+    original: &'a std::collections::HashSet<TensorLang>,
+    provenance: &'a HashMap<Id, Vec<String>>,
+    carried: &'a HashMap<Id, Vec<String>>,
+    pass: &'a str,
+}
+
+fn build<C: egg::CostFunction<TensorLang>>(
+    c: Id,
+    cx: &Ctx<'_, C>,
+    g: &mut Graph,
+    built: &mut HashMap<Id, NodeId>,
+) -> NodeId {
+    let eg = cx.eg;
+    let c = eg.find(c);
+    if let Some(n) = built.get(&c) {
+        return *n;
+    }
+    // Recursive; transformer graphs are a few thousand nodes deep at most.
+    let node = cx.ex.find_best_node(c).clone();
+    let args: Vec<NodeId> = node.children().iter().map(|k| build(*k, cx, g, built)).collect();
+    let op = node.to_op(&eg.analysis.table);
+    let name = cx
+        .names
+        .get(&c)
+        .cloned()
+        .unwrap_or_else(|| format!("opt/{}", op.mnemonic()));
+    let id = g
+        .add(op, &args, name)
+        .expect("extraction keeps types: every e-class has one type");
+    if let Some(r) = cx.carried.get(&c) {
+        g.add_rules(id, r.iter().cloned());
+    }
+    if !cx.original.contains(&node.clone().map_children(|k| eg.find(k))) {
+        match cx.provenance.get(&c) {
+            Some(r) => g.add_rules(id, r.iter().cloned()),
+            None => g.add_rules(id, [cx.pass.to_string()]),
+        }
+    }
+    built.insert(c, id);
+    id
 }

@@ -8,10 +8,13 @@
 
 #![deny(missing_docs)]
 
+pub mod cost;
 pub mod cse;
 pub mod dce;
 pub mod egraph;
+pub mod layout;
 pub mod merge_projections;
+pub mod narrow;
 pub mod rules;
 pub mod simplify;
 
@@ -85,6 +88,17 @@ pub struct PipelineOptions {
     pub disabled_rules: Vec<String>,
     /// Write the text IR before the first pass and after every pass into this directory.
     pub dump_dir: Option<std::path::PathBuf>,
+    /// The target whose cost model drives extraction (`cpu` when unset).
+    pub target: Option<&'static str>,
+}
+
+impl PipelineOptions {
+    /// The cost model of the target.
+    pub fn cost_model(&self) -> cost::CostModel {
+        self.target
+            .and_then(cost::CostModel::for_target)
+            .unwrap_or_else(cost::CostModel::cpu)
+    }
 }
 
 /// Optimization pipelines.
@@ -94,7 +108,8 @@ pub enum OptLevel {
     O0,
     /// Dead code and common subexpressions.
     O1,
-    /// O1 plus algebraic simplification by equality saturation and merged projections.
+    /// O1 plus algebraic and layout rewrites by equality saturation, early narrowing, and merged
+    /// projections.
     O2,
 }
 
@@ -109,6 +124,9 @@ fn pipeline(level: OptLevel) -> &'static [(&'static str, PassFn)] {
             ("cse", cse::run),
             ("dce", dce::run),
             ("simplify", simplify::run),
+            ("narrow", narrow::run),
+            ("dce", dce::run),
+            ("cse", cse::run),
             ("merge-projections", merge_projections::run),
             ("dce", dce::run),
         ],
@@ -129,7 +147,7 @@ pub fn optimize(graph: &mut Graph, level: OptLevel, verify_each: bool) -> Result
 
 /// Runs the pipeline for `level` with options (rule switches, IR dumps).
 pub fn optimize_with(graph: &mut Graph, level: OptLevel, opts: &PipelineOptions) -> Result<Vec<PassReport>, PassError> {
-    let known: Vec<String> = rules::algebraic().iter().map(|r| r.name.to_string()).collect();
+    let known: Vec<String> = rules::all().iter().map(|r| r.name.to_string()).collect();
     for name in &opts.disabled_rules {
         if !known.contains(name) {
             return Err(PassError::UnknownRule {

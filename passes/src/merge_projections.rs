@@ -13,6 +13,8 @@ use kiln_ir::{BinaryOp, Dim, Graph, NodeId, Op};
 
 use crate::PassStats;
 
+const RULE: &str = "merge-projections";
+
 /// Runs the pass.
 pub fn run(g: &mut Graph, _: &crate::PipelineOptions) -> PassStats {
     // Products x @ Wᵀ with W a parameter [n, k], grouped by x.
@@ -86,6 +88,14 @@ pub fn run(g: &mut Graph, _: &crate::PipelineOptions) -> PassStats {
             }
             None => mms.clone(),
         };
+        for n in [wcat, y] {
+            g.add_rules(n, [RULE.to_string()]);
+        }
+        if let Some(b) = g.args(y).get(1).copied().filter(|_| biases.is_some()) {
+            g.add_rules(b, [RULE.to_string()]);
+            let mm = g.args(y)[0];
+            g.add_rules(mm, [RULE.to_string()]);
+        }
         let axis = g.node(y).ty.rank() - 1;
         let mut start = 0u64;
         for (old, w) in replaced.iter().zip(&widths) {
@@ -101,6 +111,7 @@ pub fn run(g: &mut Graph, _: &crate::PipelineOptions) -> PassStats {
                 )
                 .expect("slices of the merged product have the original types");
             debug_assert_eq!(g.node(slice).ty.shape.last(), Some(&Dim::known(*w)));
+            g.add_rules(slice, [RULE.to_string()]);
             g.replace_uses(*old, slice);
             start += w;
         }

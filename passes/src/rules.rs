@@ -4,7 +4,9 @@
 //! change a shape) and is checked by execution: `tests/rules.rs` evaluates both sides of each rule
 //! with the reference interpreter on random tensors.
 
-use egg::{rewrite as rw, Id, Rewrite, Subst, Var};
+use std::sync::Arc;
+
+use egg::{rewrite as rw, Applier, Id, PatternAst, Rewrite, SearchMatches, Searcher, Subst, Symbol, Var};
 
 use crate::egraph::{TensorAnalysis, TensorEGraph, TensorLang};
 
@@ -50,11 +52,71 @@ fn both(
     move |eg, id, s| a(eg, id, s) && b(eg, id, s)
 }
 
+/// A rule's searcher, shared.
+struct Search(Arc<dyn Searcher<TensorLang, TensorAnalysis> + Send + Sync>);
+
+impl Searcher<TensorLang, TensorAnalysis> for Search {
+    fn search_eclass_with_limit(
+        &self,
+        eg: &TensorEGraph,
+        eclass: Id,
+        limit: usize,
+    ) -> Option<SearchMatches<'_, TensorLang>> {
+        self.0.search_eclass_with_limit(eg, eclass, limit)
+    }
+    fn search_with_limit(&self, eg: &TensorEGraph, limit: usize) -> Vec<SearchMatches<'_, TensorLang>> {
+        self.0.search_with_limit(eg, limit)
+    }
+    fn get_pattern_ast(&self) -> Option<&PatternAst<TensorLang>> {
+        self.0.get_pattern_ast()
+    }
+    fn vars(&self) -> Vec<Var> {
+        self.0.vars()
+    }
+}
+
+/// A rule's applier that records the rule on every e-class it changes (node provenance).
+struct Tracked(Arc<dyn Applier<TensorLang, TensorAnalysis> + Send + Sync>);
+
+impl Applier<TensorLang, TensorAnalysis> for Tracked {
+    fn apply_matches(&self, eg: &mut TensorEGraph, matches: &[SearchMatches<TensorLang>], rule: Symbol) -> Vec<Id> {
+        let changed = self.0.apply_matches(eg, matches, rule);
+        for id in &changed {
+            eg.analysis.provenance.entry(*id).or_default().insert(rule.to_string());
+        }
+        changed
+    }
+    fn apply_one(
+        &self,
+        eg: &mut TensorEGraph,
+        eclass: Id,
+        subst: &Subst,
+        ast: Option<&PatternAst<TensorLang>>,
+        rule: Symbol,
+    ) -> Vec<Id> {
+        self.0.apply_one(eg, eclass, subst, ast, rule)
+    }
+    fn vars(&self) -> Vec<Var> {
+        self.0.vars()
+    }
+}
+
+fn tracked(r: Rule) -> Rule {
+    Rewrite::new(r.name, Search(r.searcher), Tracked(r.applier)).expect("same variables as the rule")
+}
+
+/// Every rule of the `simplify` pass: [`algebraic`] and the layout rules.
+pub fn all() -> Vec<Rule> {
+    let mut v = algebraic();
+    v.extend(crate::layout::layout());
+    v
+}
+
 /// The algebraic rule set: identities, constant reassociation and canonical constant placement,
 /// division by a constant as multiplication, and small strength reductions. Constant folding is
 /// done by the analysis, not by rules.
 pub fn algebraic() -> Vec<Rule> {
-    vec![
+    let rules = vec![
         rw!("mul-one"; "(mul ?a ?b)" => "?a" if both(is_const_value("?b", 1.0), keeps_type("?a"))),
         rw!("div-one"; "(div ?a ?b)" => "?a" if both(is_const_value("?b", 1.0), keeps_type("?a"))),
         rw!("add-zero"; "(add ?a ?b)" => "?a" if both(is_const_value("?b", 0.0), keeps_type("?a"))),
@@ -68,5 +130,6 @@ pub fn algebraic() -> Vec<Rule> {
         rw!("neg-neg"; "(neg (neg ?a))" => "?a"),
         rw!("recip-sqrt"; "(recip (sqrt ?a))" => "(rsqrt ?a)"),
         rw!("recip-recip"; "(recip (recip ?a))" => "?a"),
-    ]
+    ];
+    rules.into_iter().map(tracked).collect()
 }

@@ -4,13 +4,14 @@
 //! explicit iteration, node and time limits, and extracts the cheapest equivalent graph. Assumes a
 //! verified graph; leaves a verified graph whose outputs equal the input's up to floating-point
 //! reassociation. Reports which rules fired and why saturation stopped — a limit is reported,
-//! never hidden. Does not fuse or change layouts: those are later rule sets.
+//! never hidden. Fusion is the backend's (see ARCHITECTURE.md).
 
 use std::time::Duration;
 
-use egg::{CostFunction, Id, Language, Rewrite, Runner, StopReason};
+use egg::{Rewrite, Runner, StopReason};
 use kiln_ir::Graph;
 
+use crate::cost::{CostModel, ExtractCost};
 use crate::egraph::{self, TensorAnalysis, TensorLang};
 use crate::PassStats;
 
@@ -35,24 +36,13 @@ impl Default for Limits {
     }
 }
 
-/// Cost of a graph: divisions and square roots are dear, constants free.
-pub struct OpCost;
-
-impl CostFunction<TensorLang> for OpCost {
-    type Cost = f64;
-    fn cost<C: FnMut(Id) -> f64>(&mut self, enode: &TensorLang, mut costs: C) -> f64 {
-        let own = match enode {
-            TensorLang::Const(_) => 0.0,
-            TensorLang::Div(_) | TensorLang::Sqrt(_) => 4.0,
-            TensorLang::Recip(_) | TensorLang::Rsqrt(_) | TensorLang::Exp(_) => 2.0,
-            _ => 1.0,
-        };
-        enode.fold(own, |sum, id| sum + costs(id))
-    }
-}
-
 /// Runs `rules` on `graph` and replaces it by the cheapest equivalent.
-pub fn run_rules(graph: &mut Graph, rules: &[Rewrite<TensorLang, TensorAnalysis>], limits: Limits) -> PassStats {
+pub fn run_rules(
+    graph: &mut Graph,
+    rules: &[Rewrite<TensorLang, TensorAnalysis>],
+    limits: Limits,
+    model: CostModel,
+) -> PassStats {
     let loaded = egraph::load(graph);
     let before = loaded.egraph.total_number_of_nodes();
     let runner = Runner::default()
@@ -94,7 +84,11 @@ pub fn run_rules(graph: &mut Graph, rules: &[Rewrite<TensorLang, TensorAnalysis>
         outputs,
         ..loaded
     };
-    let new = egraph::extract(&loaded, &graph.name, OpCost);
+    let cost = ExtractCost {
+        egraph: &loaded.egraph,
+        model,
+    };
+    let new = egraph::extract(&loaded, &graph.name, "simplify", cost);
     let removed = graph.len().saturating_sub(new.len());
     *graph = new;
     PassStats {
@@ -104,11 +98,12 @@ pub fn run_rules(graph: &mut Graph, rules: &[Rewrite<TensorLang, TensorAnalysis>
     }
 }
 
-/// The pass: the algebraic rule set, less any disabled rules, with default limits.
+/// The pass: the algebraic and layout rule sets, less any disabled rules, with default limits,
+/// extracted with the target's cost model.
 pub fn run(graph: &mut Graph, opts: &crate::PipelineOptions) -> PassStats {
-    let rules: Vec<_> = crate::rules::algebraic()
+    let rules: Vec<_> = crate::rules::all()
         .into_iter()
         .filter(|r| !opts.disabled_rules.iter().any(|d| r.name.as_str() == d))
         .collect();
-    run_rules(graph, &rules, Limits::default())
+    run_rules(graph, &rules, Limits::default(), opts.cost_model())
 }
