@@ -1,5 +1,7 @@
 //! The `kiln` command line.
 
+mod generate;
+
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -80,11 +82,16 @@ enum Cmd {
         /// Do not apply this rewrite rule (repeatable), to bisect a numeric difference.
         #[arg(long = "disable-rule", value_name = "NAME")]
         disable_rule: Vec<String>,
+        /// A Hugging Face tokenizer.json to carry in the artifact (for `kiln generate --prompt`).
+        #[arg(long, value_name = "FILE")]
+        tokenizer: Option<PathBuf>,
         /// Print what every pass did (nodes, rules fired, saturation stop reason), the fusion
         /// groups formed, steps per layer, and the cost model's estimate before and after.
         #[arg(long)]
         report: bool,
     },
+    /// Generate text (or token ids) with an artifact compiled with `--generate`.
+    Generate(generate::GenerateArgs),
     /// Time a compiled model on generated inputs.
     Bench {
         /// The artifact (.kiln).
@@ -140,6 +147,10 @@ struct SpecOpts {
     /// Replace the spec's weight-name prefix.
     #[arg(long)]
     weight_prefix: Option<String>,
+    /// Lower for text generation: attention keeps a key/value cache, logits come for the last
+    /// position only (decoder specs; run the artifact with `kiln generate`).
+    #[arg(long)]
+    generate: bool,
 }
 
 #[derive(Args)]
@@ -168,6 +179,7 @@ fn load_spec(path: &Path, o: &SpecOpts) -> Result<Lowered> {
     let opts = Options {
         overrides,
         weight_prefix: o.weight_prefix.clone(),
+        decode: o.generate,
     };
     Ok(kiln_frontend::load(path, &opts)?)
 }
@@ -331,7 +343,17 @@ fn compile(
     out: &Path,
     popts: &kiln_passes::PipelineOptions,
     show_report: bool,
+    tokenizer: Option<&Path>,
 ) -> Result<()> {
+    let tokenizer = match tokenizer {
+        Some(p) => {
+            let text = std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?;
+            tokenizers::Tokenizer::from_bytes(text.as_bytes())
+                .map_err(|e| anyhow!("{}: not a valid tokenizer.json: {e}", p.display()))?;
+            Some(text)
+        }
+        None => None,
+    };
     let start = Instant::now();
     let mut l = load_spec(spec, o)?;
     let weights = if w.weights.is_none() && w.random_weights.is_none() {
@@ -351,7 +373,11 @@ fn compile(
     let report = kiln_passes::optimize_with(&mut l.graph, level, popts)?;
     let cost_after = model.graph_ns(&l.graph);
     let t_opt = start.elapsed() - t_front;
-    let compiled = kiln_cpu::compile_to_file(&l.graph, &weights, &l.dims, &kiln_cpu::Options::for_level(opt), out)?;
+    let copts = kiln_cpu::Options {
+        tokenizer,
+        ..kiln_cpu::Options::for_level(opt)
+    };
+    let compiled = kiln_cpu::compile_to_file(&l.graph, &weights, &l.dims, &copts, out)?;
     let total = start.elapsed();
     let size = std::fs::metadata(out).map(|m| m.len()).unwrap_or(0);
     let m = &compiled.manifest;
@@ -523,6 +549,7 @@ fn step_out(s: &Step) -> u32 {
         | Step::Concat { out, .. }
         | Step::Broadcast { out, .. }
         | Step::Attention { out, .. }
+        | Step::CacheAppend { out, .. }
         | Step::Fallback { out, .. } => *out,
     }
 }
@@ -686,6 +713,7 @@ fn main() -> ExitCode {
             dump_ir,
             disable_rule,
             report,
+            tokenizer,
         } => {
             let popts = kiln_passes::PipelineOptions {
                 verify_each: cfg!(debug_assertions),
@@ -693,7 +721,16 @@ fn main() -> ExitCode {
                 dump_dir: dump_ir.clone(),
                 target: Some("cpu"),
             };
-            compile(spec, spec_opts, weights, *opt, output, &popts, *report)
+            compile(
+                spec,
+                spec_opts,
+                weights,
+                *opt,
+                output,
+                &popts,
+                *report,
+                tokenizer.as_deref(),
+            )
         }
         Cmd::Bench {
             model,
@@ -704,6 +741,7 @@ fn main() -> ExitCode {
             json,
             profile,
         } => bench(model, shapes, *iters, *warmup, *threads, *json, *profile),
+        Cmd::Generate(args) => generate::generate(args),
         Cmd::Inspect {
             spec,
             spec_opts,

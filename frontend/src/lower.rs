@@ -27,6 +27,32 @@ pub struct Options {
     pub overrides: Vec<(String, String)>,
     /// Replaces the spec's `weight_prefix`.
     pub weight_prefix: Option<String>,
+    /// Lower for autoregressive decoding: causal attention reads and appends to a key/value cache,
+    /// and the logits are computed for the last position only (see [`DECODE_INPUTS`]).
+    pub decode: bool,
+}
+
+/// The inputs a decoding graph adds to the spec's token ids, all `i64`, filled in by the runtime:
+/// `positions [batch, seq]` (position ids of the new tokens), `cache_slots [seq]` (the cache entry
+/// each new token goes to), `key_mask [batch, kv]` (1 for cache entries that hold a real token, 0
+/// for left padding) and `last_index [1]` (the position whose logits are returned).
+pub const DECODE_INPUTS: [&str; 4] = ["positions", "cache_slots", "key_mask", "last_index"];
+
+/// The symbolic dim of a decoding graph's cache length (cached plus new positions).
+pub const CACHE_DIM: &str = "kv";
+
+/// The extra inputs of a decoding graph.
+#[derive(Clone)]
+struct DecodeInputs {
+    positions: NodeId,
+    slots: NodeId,
+    key_mask: NodeId,
+    last: NodeId,
+    /// The `seq` dim of the token ids.
+    seq: Dim,
+    /// The cache length.
+    kv: Dim,
+    next_slot: u32,
 }
 
 /// What a parameter is for; decides how random weights are drawn.
@@ -148,6 +174,7 @@ struct Lowerer<'a> {
     params: Vec<ParamDecl>,
     param_index: HashMap<String, usize>,
     weight_prefix: String,
+    decode: Option<DecodeInputs>,
 }
 
 /// Lowers a parsed spec.
@@ -160,10 +187,11 @@ pub fn lower(file: &str, src: &str, spec: &Spec, opts: &Options) -> Result<Lower
         params: Vec::new(),
         param_index: HashMap::new(),
         weight_prefix: opts.weight_prefix.clone().unwrap_or_else(|| spec.weight_prefix.clone()),
+        decode: None,
     };
     let root = SpecPath::default();
     let env = l.config(&root, &opts.overrides);
-    let (env, dims) = l.dims(&root, env);
+    let (env, mut dims) = l.dims(&root, env);
     let mut scope = Scope {
         vars: HashMap::new(),
         parent: None,
@@ -173,11 +201,26 @@ pub fn lower(file: &str, src: &str, spec: &Spec, opts: &Options) -> Result<Lower
         stack: vec![],
     };
     l.inputs(&root, &mut scope);
+    if opts.decode && l.diags.is_empty() {
+        if let Some(bound) = l.decode_inputs(&root, &dims) {
+            dims.push((CACHE_DIM.to_string(), bound));
+        }
+    }
     l.body(&spec.body, &mut scope);
     for (name, binding) in &spec.outputs.0 {
         let path = root.field("outputs").key(name);
         match scope.lookup(binding) {
             Some(Binding::Node(id)) => {
+                let id = match l.decode.clone() {
+                    Some(d) => match l.last_position(id, &d, &path) {
+                        Ok(id) => id,
+                        Err(e) => {
+                            l.report(e);
+                            continue;
+                        }
+                    },
+                    None => id,
+                };
                 if let Err(e) = l.g.add_output(name.clone(), id) {
                     l.report(Diagnostic::at(path, e.to_string()));
                 }
@@ -233,6 +276,75 @@ fn last(ty: &TensorType) -> Option<&Dim> {
 }
 
 impl<'a> Lowerer<'a> {
+    /// Adds the decoding inputs; returns the cache length bound (the token axis's bound).
+    fn decode_inputs(&mut self, root: &SpecPath, dims: &[(String, u64)]) -> Option<u64> {
+        let ids: Vec<NodeId> = self.g.inputs().to_vec();
+        let ty = match ids.as_slice() {
+            [one] => Some(self.ty(*one)),
+            _ => None,
+        };
+        let bad = |msg: String| {
+            Diagnostic::at(root.field("inputs"), msg)
+                .note("decoding (`--generate`) needs one input: integer token ids [batch, seq] with symbolic dims")
+        };
+        let Some(ty) = ty.filter(|t| t.dtype.is_int() && t.rank() == 2) else {
+            self.report(bad(format!(
+                "decoding needs exactly one integer [batch, seq] input, the spec has {}",
+                ids.len()
+            )));
+            return None;
+        };
+        let sym = |d: &Dim| (d.coeff() == 1 && d.symbols().len() == 1).then(|| d.symbols()[0].clone());
+        let (Some(_), Some(seq)) = (sym(&ty.shape[0]), sym(&ty.shape[1])) else {
+            self.report(bad(format!(
+                "the token ids must be [batch, seq] with symbolic dims, got {ty}"
+            )));
+            return None;
+        };
+        if dims.iter().any(|(n, _)| n == CACHE_DIM) {
+            self.report(Diagnostic::at(
+                root.field("dims").key(CACHE_DIM),
+                format!("`{CACHE_DIM}` is the cache length of a decoding graph; rename this dim"),
+            ));
+            return None;
+        }
+        let bound = dims.iter().find(|(n, _)| *n == seq).map(|(_, b)| *b)?;
+        let (b, s) = (ty.shape[0].clone(), ty.shape[1].clone());
+        let kv = Dim::sym(CACHE_DIM);
+        let mut input = |name: &str, shape: Vec<Dim>| {
+            let ty = TensorType::new(DType::I64, shape);
+            self.g.add(Op::Input { name: name.into(), ty }, &[], name).ok()
+        };
+        let positions = input(DECODE_INPUTS[0], vec![b.clone(), s.clone()])?;
+        let slots = input(DECODE_INPUTS[1], vec![s.clone()])?;
+        let key_mask = input(DECODE_INPUTS[2], vec![b, kv.clone()])?;
+        let last = input(DECODE_INPUTS[3], vec![Dim::known(1)])?;
+        self.decode = Some(DecodeInputs {
+            positions,
+            slots,
+            key_mask,
+            last,
+            seq: s,
+            kv,
+            next_slot: 0,
+        });
+        Some(bound)
+    }
+
+    /// A decoding graph returns `[batch, 1, …]`: the output at `last_index` only.
+    fn last_position(&mut self, id: NodeId, d: &DecodeInputs, path: &SpecPath) -> Result<NodeId, Diagnostic> {
+        let t = self.ty(id);
+        if t.rank() < 2 || t.shape[1] != d.seq {
+            return Err(Diagnostic::at(
+                path.clone(),
+                format!("decoding returns the last position of each output, so outputs must be [batch, seq, …]; this one is {t}"),
+            ));
+        }
+        self.g
+            .add(Op::Gather { axis: 1 }, &[id, d.last], "last_position")
+            .map_err(|e| Diagnostic::at(path.clone(), e.to_string()))
+    }
+
     fn report(&mut self, d: Diagnostic) {
         // A block expanded N times would otherwise say the same thing N times.
         let key = format!("{}|{:?}", d.message, d.path);
@@ -623,6 +735,17 @@ impl<'a> Lowerer<'a> {
                 let x = self.get(scope, path, "of", of)?;
                 let t = self.ty(x);
                 let ax = self.axis(*axis, t.rank(), path, "axis")?;
+                if let Some(d) = &self.decode {
+                    // Decoding: the runtime supplies each token's position (cached tokens come first).
+                    if t.rank() == 2 && ax == 1 && t.shape[1] == d.seq {
+                        return one(d.positions);
+                    }
+                    return Err(Diagnostic::at(
+                        path.field("of"),
+                        format!("when decoding, positions are those of the token ids [batch, seq]; `{of}` is {t}"),
+                    )
+                    .into());
+                }
                 one(self.add(
                     Op::Iota {
                         len: t.shape[ax].clone(),
@@ -1256,26 +1379,46 @@ impl<'a> Lowerer<'a> {
         let th = self.scalar(theta, dt, n);
         let p = self.bin(BinaryOp::Pow, th, ex, format!("{n}/rope_pow"), path, kind)?;
         let inv = self.un(UnaryOp::Recip, p, format!("{n}/inv_freq"), path, kind)?;
-        let pos = self.add(
-            Op::Iota {
-                len: seq.clone(),
-                dtype: dt,
-            },
-            &[],
-            format!("{n}/rope_pos"),
-            path,
-            kind,
-        )?;
-        let pos2 = self.add(
-            Op::Reshape {
-                shape: vec![seq.clone(), Dim::known(1)],
-            },
-            &[pos],
-            format!("{n}/rope_pos_col"),
-            path,
-            kind,
-        )?;
+        // Positions as a column: [seq, 1] (all rows alike), or [batch, 1, seq, 1] when decoding.
+        let pos2 = match self.decode.as_ref().map(|d| d.positions) {
+            Some(p) => {
+                let b = self.ty(p).shape[0].clone();
+                let pf = self.add(Op::Cast { to: dt }, &[p], format!("{n}/rope_pos"), path, kind)?;
+                self.add(
+                    Op::Reshape {
+                        shape: vec![b, Dim::known(1), seq.clone(), Dim::known(1)],
+                    },
+                    &[pf],
+                    format!("{n}/rope_pos_col"),
+                    path,
+                    kind,
+                )?
+            }
+            None => {
+                let pos = self.add(
+                    Op::Iota {
+                        len: seq.clone(),
+                        dtype: dt,
+                    },
+                    &[],
+                    format!("{n}/rope_pos"),
+                    path,
+                    kind,
+                )?;
+                self.add(
+                    Op::Reshape {
+                        shape: vec![seq.clone(), Dim::known(1)],
+                    },
+                    &[pos],
+                    format!("{n}/rope_pos_col"),
+                    path,
+                    kind,
+                )?
+            }
+        };
         let freqs = self.bin(BinaryOp::Mul, pos2, inv, format!("{n}/rope_freqs"), path, kind)?;
+        let fshape = self.ty(freqs).shape;
+        let flast = fshape.len() - 1;
         let (xr, xpass) = if rd < d {
             let a = self.add(
                 Op::Slice {
@@ -1306,7 +1449,7 @@ impl<'a> Lowerer<'a> {
         let rotated = match style {
             RopeStyle::Half => {
                 let emb = self.add(
-                    Op::Concat { axis: 1 },
+                    Op::Concat { axis: flast },
                     &[freqs, freqs],
                     format!("{n}/rope_emb"),
                     path,
@@ -1375,10 +1518,10 @@ impl<'a> Lowerer<'a> {
                     path,
                     kind,
                 )?;
+                let mut f3shape = fshape.clone();
+                f3shape.push(Dim::known(1));
                 let f3 = self.add(
-                    Op::Reshape {
-                        shape: vec![seq.clone(), Dim::known(half), Dim::known(1)],
-                    },
+                    Op::Reshape { shape: f3shape },
                     &[freqs],
                     format!("{n}/rope_freqs3"),
                     path,
@@ -1484,10 +1627,39 @@ impl<'a> Lowerer<'a> {
             q = self.rope(q, d, rd, theta, r.style, &format!("{n}/q"), path)?;
             k = self.rope(k, d, rd, theta, r.style, &format!("{n}/k"), path)?;
         }
+        let mut mask = a.mask;
+        let mut causal_rows = None;
+        if let Some(dec) = self.decode.clone() {
+            if !a.causal || a.mask.is_some() {
+                return Err(Diagnostic::at(
+                    path.clone(),
+                    "decoding (`--generate`) supports causal self-attention without an explicit mask",
+                )
+                .into());
+            }
+            // Keys and values of the new tokens join the cache; attention reads all of it.
+            for (x, tag) in [(&mut k, "k"), (&mut v, "v")] {
+                let slot = self.decode.as_ref().map_or(0, |d| d.next_slot);
+                *x = self.add(
+                    Op::CacheAppend {
+                        slot,
+                        len: dec.kv.clone(),
+                    },
+                    &[*x],
+                    format!("{n}/{tag}_cache"),
+                    path,
+                    kind,
+                )?;
+                self.decode.as_mut().expect("decoding").next_slot += 1;
+            }
+            mask = Some(dec.key_mask);
+            causal_rows = Some(dec.slots);
+        }
+        let key_len = self.ty(k).shape[2].clone();
         if a.kv_heads != a.heads {
             // Grouped-query attention: query head j reads kv head j / (heads / kv_heads).
             let rep = a.heads / a.kv_heads;
-            let (b, s) = (kt.shape[0].clone(), kt.shape[1].clone());
+            let (b, s) = (kt.shape[0].clone(), key_len.clone());
             let s5 = vec![
                 b.clone(),
                 Dim::known(a.kv_heads),
@@ -1547,17 +1719,21 @@ impl<'a> Lowerer<'a> {
         let zero_f = self.scalar(0.0, dt, n);
         let mut bias: Option<NodeId> = None;
         if a.causal {
-            let (sq, sk) = (qt.shape[1].clone(), kt.shape[1].clone());
-            let rows = self.add(
-                Op::Iota {
-                    len: sq.clone(),
-                    dtype: DType::I64,
-                },
-                &[],
-                format!("{n}/causal_rows"),
-                path,
-                kind,
-            )?;
+            let (sq, sk) = (qt.shape[1].clone(), key_len.clone());
+            // Query i sits at cache entry `cache_slots[i]` when decoding, at i otherwise.
+            let rows = match causal_rows {
+                Some(r) => r,
+                None => self.add(
+                    Op::Iota {
+                        len: sq.clone(),
+                        dtype: DType::I64,
+                    },
+                    &[],
+                    format!("{n}/causal_rows"),
+                    path,
+                    kind,
+                )?,
+            };
             let rows = self.add(
                 Op::Reshape {
                     shape: vec![sq, Dim::known(1)],
@@ -1592,14 +1768,14 @@ impl<'a> Lowerer<'a> {
                 kind,
             )?);
         }
-        if let Some(m) = a.mask {
+        if let Some(m) = mask {
             let mt = self.ty(m);
-            if mt.rank() != 2 || mt.shape[0] != kt.shape[0] || mt.shape[1] != kt.shape[1] {
+            if mt.rank() != 2 || mt.shape[0] != kt.shape[0] || mt.shape[1] != key_len {
                 return Err(Diagnostic::at(
                     path.field("mask"),
                     format!(
                         "the padding mask must be [batch, seq] = [{}, {}], got {mt}",
-                        kt.shape[0], kt.shape[1]
+                        kt.shape[0], key_len
                     ),
                 )
                 .into());

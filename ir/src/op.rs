@@ -230,6 +230,16 @@ pub enum Op {
         /// Target dtype.
         to: DType,
     },
+    /// A key/value cache (the one stateful op): appends its operand `[b, h, t, d]` to cache slot
+    /// `slot` after the `len - t` entries it already holds, and returns all `len` entries,
+    /// `[b, h, len, d]`. The runtime owns the cache and binds `len` (a symbolic dim) to the number
+    /// of cached positions after the append.
+    CacheAppend {
+        /// Which cache (one per layer for keys, one for values).
+        slot: u32,
+        /// Entries held after the append.
+        len: Dim,
+    },
 }
 
 /// Why an op cannot be applied to operands of the given types.
@@ -288,7 +298,8 @@ impl Op {
             | Op::Transpose { .. }
             | Op::Broadcast { .. }
             | Op::Slice { .. }
-            | Op::Cast { .. } => 1,
+            | Op::Cast { .. }
+            | Op::CacheAppend { .. } => 1,
             Op::Concat { .. } => return None,
         })
     }
@@ -347,6 +358,7 @@ impl Op {
             Op::Slice { .. } => "slice",
             Op::Concat { .. } => "concat",
             Op::Gather { .. } => "gather",
+            Op::CacheAppend { .. } => "cache_append",
             Op::Cast { .. } => "cast",
         }
     }
@@ -377,6 +389,7 @@ impl Op {
             Op::Transpose { perm } => format!("perm={perm:?}"),
             Op::Slice { axis, start, end } => format!("axis={axis} {start}..{end}"),
             Op::Concat { axis } | Op::Gather { axis } => format!("axis={axis}"),
+            Op::CacheAppend { slot, len } => format!("slot={slot} len={len}"),
             Op::Cast { to } => format!("to={to}"),
             Op::Binary(_) | Op::Compare(_) | Op::Where | Op::Unary(_) => String::new(),
         }
@@ -608,6 +621,15 @@ impl Op {
                 Ok(TensorType::new(t.dtype, shape))
             }
             Op::Cast { to } => Ok(TensorType::new(*to, args[0].shape.clone())),
+            Op::CacheAppend { len, .. } => {
+                let t = args[0];
+                if t.rank() != 4 || !t.dtype.is_float() {
+                    return err(format!("cache_append takes a float [b, h, t, d] operand, got {t}"));
+                }
+                let mut shape = t.shape.clone();
+                shape[2] = len.clone();
+                Ok(TensorType::new(t.dtype, shape))
+            }
         }
     }
 }

@@ -125,9 +125,12 @@ impl CostModel {
             }
             Op::Compare(_) | Op::Where | Op::Cast { .. } => moved(self.elements(out) / self.vector_flops_per_ns),
             Op::Reduce { .. } => moved(self.elements(args[0]) / self.vector_flops_per_ns),
-            Op::Transpose { .. } | Op::Broadcast { .. } | Op::Slice { .. } | Op::Concat { .. } | Op::Gather { .. } => {
-                moved(0.0)
-            }
+            Op::Transpose { .. }
+            | Op::Broadcast { .. }
+            | Op::Slice { .. }
+            | Op::Concat { .. }
+            | Op::Gather { .. }
+            | Op::CacheAppend { .. } => moved(0.0),
         }
     }
 

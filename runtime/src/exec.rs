@@ -185,13 +185,13 @@ impl Model {
         &self,
         inputs: &BTreeMap<String, Tensor>,
     ) -> Result<(Vec<(String, Tensor)>, RunStats), RunError> {
-        self.run_inner(inputs, None)
+        self.run_inner(inputs, None, None)
     }
 
     /// Runs the model once, timing every step; returns time per kind of step, slowest first.
     pub fn profile(&self, inputs: &BTreeMap<String, Tensor>) -> Result<Profile, RunError> {
         let mut times = vec![0.0f64; self.manifest.steps.len()];
-        self.run_inner(inputs, Some(&mut times))?;
+        self.run_inner(inputs, Some(&mut times), None)?;
         let mut by: BTreeMap<String, (f64, usize)> = BTreeMap::new();
         for (step, t) in self.manifest.steps.iter().zip(&times) {
             let e = by.entry(step_kind(step)).or_default();
@@ -203,10 +203,11 @@ impl Model {
         Ok(Profile { by_kind })
     }
 
-    fn run_inner(
+    pub(crate) fn run_inner(
         &self,
         inputs: &BTreeMap<String, Tensor>,
         mut times: Option<&mut Vec<f64>>,
+        mut cache: Option<&mut crate::session::KvCache>,
     ) -> Result<(Vec<(String, Tensor)>, RunStats), RunError> {
         let m = &self.manifest;
         let syms = self.bind(inputs)?;
@@ -286,14 +287,15 @@ impl Model {
         self.pool.install(|| -> Result<(), RunError> {
             for (si, step) in m.steps.iter().enumerate() {
                 let t = Instant::now();
-                self.exec(step, &bufs, &shapes, &syms).map_err(|msg| {
-                    let out = step_out(step);
-                    RunError::Step {
-                        step: si,
-                        node: m.values[out].name.clone(),
-                        msg,
-                    }
-                })?;
+                self.exec(step, &bufs, &shapes, &syms, cache.as_deref_mut())
+                    .map_err(|msg| {
+                        let out = step_out(step);
+                        RunError::Step {
+                            step: si,
+                            node: m.values[out].name.clone(),
+                            msg,
+                        }
+                    })?;
                 if let Some(times) = times.as_deref_mut() {
                     times[si] += t.elapsed().as_secs_f64();
                 }
@@ -456,8 +458,25 @@ impl Model {
         (offsets, top, unshared)
     }
 
-    fn exec(&self, step: &Step, bufs: &[Buf], shapes: &[Vec<usize>], syms: &[usize]) -> Result<(), String> {
+    fn exec(
+        &self,
+        step: &Step,
+        bufs: &[Buf],
+        shapes: &[Vec<usize>],
+        syms: &[usize],
+        cache: Option<&mut crate::session::KvCache>,
+    ) -> Result<(), String> {
         match step {
+            Step::CacheAppend { x, out, slot } => {
+                let Some(cache) = cache else {
+                    return Err(
+                        "this model keeps a key/value cache: run it through a generation session (`kiln generate`, `Model::session`)"
+                            .into(),
+                    );
+                };
+                let (x, out) = (*x as usize, *out as usize);
+                cache.append(*slot, (bufs[x], &shapes[x]), (bufs[out], &shapes[out]))
+            }
             Step::Kernel {
                 kernel,
                 kind,
@@ -623,6 +642,7 @@ fn step_kind(step: &Step) -> String {
         Step::Concat { .. } => "concat".into(),
         Step::Broadcast { .. } => "broadcast".into(),
         Step::Fallback { op, .. } => format!("fallback:{}", op.mnemonic()),
+        Step::CacheAppend { .. } => "cache".into(),
         Step::Attention { .. } => "attention".into(),
     }
 }
@@ -637,6 +657,7 @@ fn step_out(step: &Step) -> usize {
         | Step::Concat { out, .. }
         | Step::Broadcast { out, .. }
         | Step::Fallback { out, .. }
+        | Step::CacheAppend { out, .. }
         | Step::Attention { out, .. } => *out,
     }) as usize
 }
@@ -646,7 +667,9 @@ fn step_inputs(step: &Step) -> Vec<u32> {
         Step::Kernel { inputs, .. } | Step::Fallback { inputs, .. } => inputs.clone(),
         Step::MatMul { a, b, bias, acc, .. } => [*a, *b].into_iter().chain(*bias).chain(*acc).collect(),
         Step::Gather { table, idx, .. } => vec![*table, *idx],
-        Step::Transpose { x, .. } | Step::Slice { x, .. } | Step::Broadcast { x, .. } => vec![*x],
+        Step::Transpose { x, .. } | Step::Slice { x, .. } | Step::Broadcast { x, .. } | Step::CacheAppend { x, .. } => {
+            vec![*x]
+        }
         Step::Concat { xs, .. } => xs.clone(),
         Step::Attention {
             q, k, v, kernel_inputs, ..

@@ -19,10 +19,12 @@ mod exec;
 mod kernels;
 pub mod npy;
 pub mod plan;
+pub mod session;
 mod validate;
 
 pub use exec::{Model, Profile, RunStats};
 pub use kiln_ir::{DType, Tensor};
+pub use session::{Feed, KvCache, Sampler, Sampling, Session};
 
 /// Why an artifact could not be loaded.
 #[derive(Debug, thiserror::Error)]

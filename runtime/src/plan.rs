@@ -227,6 +227,16 @@ pub enum Step {
         /// For q, k and v: read as columns of a wider `[b, s, W]` value (a merged projection).
         views: [Option<ColumnView>; 3],
     },
+    /// Appends `x [b, h, t, d]` to the session's key/value cache `slot` and writes the cache's
+    /// first `len` entries (`out [b, h, len, d]`). Only runs inside a decoding session.
+    CacheAppend {
+        /// The new entries.
+        x: u32,
+        /// Every entry, old and new.
+        out: u32,
+        /// Cache slot.
+        slot: u32,
+    },
     /// Any other op, run by the reference interpreter's evaluator (small tensors only: index and
     /// mask arithmetic, rotary tables).
     Fallback {
@@ -260,4 +270,7 @@ pub struct Manifest {
     pub steps: Vec<Step>,
     /// Optimization level it was compiled at, for reports.
     pub opt_level: String,
+    /// A Hugging Face `tokenizer.json` carried for text generation.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tokenizer: Option<String>,
 }

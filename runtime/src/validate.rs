@@ -87,6 +87,7 @@ pub fn manifest(m: &Manifest, weights_len: usize, code_len: usize) -> Result<(),
     }
     // Temporaries: written once, by a step, before anything reads them.
     let mut written = vec![false; nv];
+    let mut slots = std::collections::HashSet::new();
     let root = |mut v: usize| {
         let mut hops = 0;
         while let Storage::Alias(s) = m.values[v].storage {
@@ -109,9 +110,10 @@ pub fn manifest(m: &Manifest, weights_len: usize, code_len: usize) -> Result<(),
                 a, b, out, bias, acc, ..
             } => ([*a, *b].into_iter().chain(*bias).chain(*acc).collect(), *out),
             Step::Gather { table, idx, out, .. } => (vec![*table, *idx], *out),
-            Step::Transpose { x, out, .. } | Step::Slice { x, out, .. } | Step::Broadcast { x, out } => {
-                (vec![*x], *out)
-            }
+            Step::Transpose { x, out, .. }
+            | Step::Slice { x, out, .. }
+            | Step::Broadcast { x, out }
+            | Step::CacheAppend { x, out, .. } => (vec![*x], *out),
             Step::Concat { xs, out, .. } => (xs.clone(), *out),
             Step::Fallback { inputs, out, .. } => (inputs.clone(), *out),
             Step::Attention {
@@ -195,6 +197,17 @@ pub fn manifest(m: &Manifest, weights_len: usize, code_len: usize) -> Result<(),
                 }
             }
             Step::Fallback { .. } => {}
+            Step::CacheAppend { x, out, slot } => {
+                if dt(*x) != DType::F32 || dt(*out) != DType::F32 {
+                    return bad(format!("step {si}: cache_append on non-f32 values"));
+                }
+                if m.values[*x as usize].shape.len() != 4 || m.values[*out as usize].shape.len() != 4 {
+                    return bad(format!("step {si}: cache_append operands must have rank 4"));
+                }
+                if !slots.insert(*slot) {
+                    return bad(format!("step {si}: cache slot {slot} is written twice"));
+                }
+            }
             Step::Attention {
                 q,
                 k,

@@ -25,9 +25,15 @@ pub fn npy(rel: &str) -> Tensor {
 
 /// Lowers a spec from `specs/` with config overrides.
 pub fn spec(name: &str, overrides: &[(&str, &str)]) -> Lowered {
+    spec_with(name, overrides, false)
+}
+
+/// Lowers a spec from `specs/`, for decoding (`--generate`) when `decode` is set.
+pub fn spec_with(name: &str, overrides: &[(&str, &str)], decode: bool) -> Lowered {
     let opts = Options {
         overrides: overrides.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
         weight_prefix: None,
+        decode,
     };
     kiln_frontend::load(&root().join("specs").join(name), &opts).unwrap_or_else(|e| panic!("{e}"))
 }

@@ -48,6 +48,8 @@ pub struct Options {
     pub fuse: bool,
     /// The optimization level, recorded in the manifest.
     pub opt_level: String,
+    /// A `tokenizer.json` to carry in the artifact.
+    pub tokenizer: Option<String>,
 }
 
 impl Options {
@@ -56,6 +58,7 @@ impl Options {
         Options {
             fuse: level > 0,
             opt_level: format!("O{level}"),
+            tokenizer: None,
         }
     }
 }
@@ -84,6 +87,7 @@ pub fn compile(
     };
     let planned = plan::plan(graph, weights, dims, target, opts)?;
     let mut manifest = planned.manifest;
+    manifest.tokenizer = opts.tokenizer.clone();
     let mut code = Vec::new();
     for (decl, spec) in manifest.kernels.iter_mut().zip(&planned.kernels) {
         let bytes = cg

@@ -714,6 +714,11 @@ pub fn plan(
                 x: val(&args[0])?,
                 out: vid,
             }),
+            Op::CacheAppend { slot, .. } if node.ty.dtype == DType::F32 => steps.push(Step::CacheAppend {
+                x: val(&args[0])?,
+                out: vid,
+                slot: *slot,
+            }),
             _ if group_of.contains_key(&n) => {
                 let g = &groups[group_of[&n]];
                 let (spec, leaves) = kernel_spec(graph, g)?;
@@ -760,6 +765,7 @@ pub fn plan(
         kernels: kernel_decls,
         steps,
         opt_level: opt_level.to_string(),
+        tokenizer: None,
     };
     Ok(Planned {
         manifest,

@@ -116,6 +116,7 @@ pub fn eval(op: &Op, ty: &TensorType, args: &[&Value], b: &Bindings) -> Result<V
         Op::Iota { .. } => (0..n).map(|i| i as f64).collect(),
         Op::Unary(u) => args[0].data.iter().map(|x| unary(*u, *x)).collect(),
         Op::Cast { .. } => args[0].data.clone(),
+        Op::CacheAppend { .. } => return Err("cache_append runs only with a cache (`run_with_cache`)".into()),
         Op::Binary(bop) => {
             let (x, y) = (args[0], args[1]);
             let sx = broadcast_strides(&x.shape, &out_shape);

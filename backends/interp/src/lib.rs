@@ -68,11 +68,70 @@ pub enum InterpError {
     },
 }
 
+/// The state of a decoding graph's key/value caches between runs: the entries of every slot.
+#[derive(Clone, Debug, Default)]
+pub struct KvCache {
+    slots: BTreeMap<u32, Value>,
+}
+
+impl KvCache {
+    /// Cached positions (0 before the first run).
+    pub fn len(&self) -> usize {
+        self.slots.values().next().map_or(0, |v| v.shape[2])
+    }
+
+    /// Whether nothing is cached yet.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    fn append(&mut self, slot: u32, new: &Value, len: usize) -> Result<Value, String> {
+        let t = new.shape[2];
+        let past = self.slots.get(&slot).map_or(0, |v| v.shape[2]);
+        if past + t != len {
+            return Err(format!(
+                "the cache holds {past} positions and {t} are appended, but the inputs say {len}"
+            ));
+        }
+        let (b, h, d) = (new.shape[0], new.shape[1], new.shape[3]);
+        if let Some(old) = self.slots.get(&slot) {
+            if old.shape[0] != b || old.shape[1] != h || old.shape[3] != d {
+                return Err(format!("appending {:?} to a cache of {:?}", new.shape, old.shape));
+            }
+        }
+        let mut data = Vec::with_capacity(b * h * len * d);
+        for bh in 0..b * h {
+            if let Some(old) = self.slots.get(&slot) {
+                data.extend_from_slice(&old.data[bh * past * d..(bh + 1) * past * d]);
+            }
+            data.extend_from_slice(&new.data[bh * t * d..(bh + 1) * t * d]);
+        }
+        let v = Value {
+            dtype: new.dtype,
+            shape: vec![b, h, len, d],
+            data,
+        };
+        self.slots.insert(slot, v.clone());
+        Ok(v)
+    }
+}
+
 /// Runs `graph` on named `inputs` with `weights`, returning the outputs in declaration order.
+/// A decoding graph starts from an empty cache (a prefill).
 pub fn run(
     graph: &Graph,
     weights: &BTreeMap<String, Tensor>,
     inputs: &BTreeMap<String, Tensor>,
+) -> Result<Vec<(String, Tensor)>, InterpError> {
+    run_with_cache(graph, weights, inputs, &mut KvCache::default())
+}
+
+/// Runs a decoding graph one step further: its `cache_append` ops append to `cache`.
+pub fn run_with_cache(
+    graph: &Graph,
+    weights: &BTreeMap<String, Tensor>,
+    inputs: &BTreeMap<String, Tensor>,
+    cache: &mut KvCache,
 ) -> Result<Vec<(String, Tensor)>, InterpError> {
     let bindings = bind_inputs(graph, inputs)?;
     let order = graph.topo_order().map_err(|n| InterpError::Node {
@@ -114,6 +173,20 @@ pub fn run(
                     });
                 }
                 Value::from_tensor(t, ty.dtype)
+            }
+            Op::CacheAppend { slot, len } => {
+                let len = len.eval(&bindings).map_err(|msg| InterpError::Node {
+                    node: node.name.clone(),
+                    op: node.op.mnemonic(),
+                    msg,
+                })?;
+                cache
+                    .append(*slot, &values[&args[0]], len)
+                    .map_err(|msg| InterpError::Node {
+                        node: node.name.clone(),
+                        op: node.op.mnemonic(),
+                        msg,
+                    })?
             }
             op => {
                 let operands: Vec<&Value> = args.iter().map(|a| &values[a]).collect();

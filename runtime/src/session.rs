@@ -1,0 +1,491 @@
+//! Autoregressive generation. A decoding artifact (`kiln compile --generate`) has one plan that
+//! serves as both entry points: the prefill runs it on the whole prompt (`seq` = prompt length),
+//! each decode step on one new token per sequence (`seq` = 1); both read the same weights.
+//!
+//! A [`Session`] owns the key/value cache of one batch of sequences and derives the decoding inputs
+//! of every step ([`Feed`]): prompts of different lengths are **left-padded** to a rectangle, so
+//! every sequence's next token goes to the same cache entry; `key_mask` hides the padding, and
+//! position ids count real tokens only, as transformers does with left padding.
+//!
+//! Cache layout: one buffer per `cache_append` slot (keys and values of each layer), allocated at
+//! the first step as `[batch, heads, capacity, head_dim]` f32, capacity being the compiled bound of
+//! the `kv` dim. Appending writes `t` rows per head in place; a head's rows are contiguous, so
+//! attention reads each head's keys as one matrix.
+
+use std::collections::BTreeMap;
+
+use kiln_ir::Tensor;
+
+use crate::kernels::Buf;
+use crate::plan::Step;
+use crate::{Model, RunError};
+
+/// The cache dim's name in a decoding graph.
+pub const CACHE_DIM: &str = "kv";
+/// The decoding inputs, in the order the frontend adds them.
+pub const DECODE_INPUTS: [&str; 4] = ["positions", "cache_slots", "key_mask", "last_index"];
+
+struct Slot {
+    data: Vec<f32>,
+    shape: [usize; 3],
+}
+
+/// The key/value cache of one batch of sequences.
+pub struct KvCache {
+    slots: BTreeMap<u32, Slot>,
+    len: usize,
+    capacity: usize,
+}
+
+impl KvCache {
+    /// An empty cache holding up to `capacity` positions.
+    pub fn new(capacity: usize) -> KvCache {
+        KvCache {
+            slots: BTreeMap::new(),
+            len: 0,
+            capacity,
+        }
+    }
+
+    /// Cached positions.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether nothing is cached.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Bytes held by all slots.
+    pub fn bytes(&self) -> usize {
+        self.slots.values().map(|s| s.data.len() * 4).sum()
+    }
+
+    /// Appends `x [b, h, t, d]` to `slot` after the cached entries and copies all of them to
+    /// `out [b, h, len, d]`.
+    pub(crate) fn append(&mut self, slot: u32, x: (Buf, &[usize]), out: (Buf, &[usize])) -> Result<(), String> {
+        let (xs, os) = (x.1, out.1);
+        if xs.len() != 4 || os.len() != 4 || xs[0] != os[0] || xs[1] != os[1] || xs[3] != os[3] {
+            return Err(format!("cache_append of {xs:?} into {os:?}"));
+        }
+        let (b, h, t, d, len) = (xs[0], xs[1], xs[2], xs[3], os[2]);
+        if len != self.len + t {
+            return Err(format!(
+                "the cache holds {} positions and {t} are appended, but the inputs say {len}",
+                self.len
+            ));
+        }
+        if len > self.capacity {
+            return Err(format!(
+                "the cache holds at most {} positions, {len} needed",
+                self.capacity
+            ));
+        }
+        if x.0.len < b * h * t * d * 4 || out.0.len < b * h * len * d * 4 {
+            return Err("cache_append buffers are too small".into());
+        }
+        let cap = self.capacity;
+        let s = match self.slots.entry(slot) {
+            std::collections::btree_map::Entry::Occupied(e) => e.into_mut(),
+            std::collections::btree_map::Entry::Vacant(e) => {
+                let n = b
+                    .checked_mul(h)
+                    .and_then(|n| n.checked_mul(cap))
+                    .and_then(|n| n.checked_mul(d))
+                    .ok_or("cache size overflows")?;
+                let mut data = Vec::new();
+                data.try_reserve_exact(n)
+                    .map_err(|_| format!("cannot allocate a cache of {n} floats"))?;
+                data.resize(n, 0.0);
+                e.insert(Slot { data, shape: [b, h, d] })
+            }
+        };
+        if s.shape != [b, h, d] {
+            return Err(format!("appending {xs:?} to a cache of {:?}", s.shape));
+        }
+        // SAFETY: both buffers were checked to hold the elements addressed below.
+        let xv = unsafe { std::slice::from_raw_parts(x.0.ptr as *const f32, b * h * t * d) };
+        let ov = unsafe { std::slice::from_raw_parts_mut(out.0.ptr as *mut f32, b * h * len * d) };
+        let past = self.len;
+        for bh in 0..b * h {
+            let base = bh * cap * d;
+            s.data[base + past * d..base + len * d].copy_from_slice(&xv[bh * t * d..(bh + 1) * t * d]);
+            ov[bh * len * d..(bh + 1) * len * d].copy_from_slice(&s.data[base..base + len * d]);
+        }
+        Ok(())
+    }
+}
+
+/// Derives the inputs of each decoding step for a left-padded batch.
+#[derive(Clone, Debug)]
+pub struct Feed {
+    ids: String,
+    pads: Vec<usize>,
+    len: usize,
+    capacity: usize,
+    pad_id: i64,
+}
+
+impl Feed {
+    /// A feed for a graph whose token-id input is called `ids`, with a cache of `capacity`.
+    pub fn new(ids: &str, capacity: usize) -> Feed {
+        Feed {
+            ids: ids.to_string(),
+            pads: Vec::new(),
+            len: 0,
+            capacity,
+            pad_id: 0,
+        }
+    }
+
+    /// Positions cached so far.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether nothing was fed yet.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Sequences in the batch.
+    pub fn batch(&self) -> usize {
+        self.pads.len()
+    }
+
+    /// Inputs of the prefill: the prompts, left-padded.
+    pub fn prefill(&mut self, prompts: &[Vec<i64>]) -> Result<BTreeMap<String, Tensor>, String> {
+        if !self.is_empty() {
+            return Err("the session already holds a prefilled batch".into());
+        }
+        if prompts.is_empty() {
+            return Err("no prompts".into());
+        }
+        if let Some(i) = prompts.iter().position(|p| p.is_empty()) {
+            return Err(format!("prompt {i} is empty; every prompt needs at least one token"));
+        }
+        let t = prompts.iter().map(Vec::len).max().unwrap_or(0);
+        self.pads = prompts.iter().map(|p| t - p.len()).collect();
+        let mut ids = Vec::with_capacity(prompts.len() * t);
+        for (p, pad) in prompts.iter().zip(&self.pads) {
+            ids.extend(std::iter::repeat_n(self.pad_id, *pad));
+            ids.extend_from_slice(p);
+        }
+        self.inputs(ids, t)
+    }
+
+    /// Inputs of one decode step: one new token per sequence.
+    pub fn step(&mut self, tokens: &[i64]) -> Result<BTreeMap<String, Tensor>, String> {
+        if self.is_empty() {
+            return Err("decode step before the prefill".into());
+        }
+        if tokens.len() != self.batch() {
+            return Err(format!("{} tokens for a batch of {}", tokens.len(), self.batch()));
+        }
+        self.inputs(tokens.to_vec(), 1)
+    }
+
+    fn inputs(&mut self, ids: Vec<i64>, t: usize) -> Result<BTreeMap<String, Tensor>, String> {
+        let (b, past) = (self.batch(), self.len);
+        let len = past + t;
+        if len > self.capacity {
+            return Err(format!(
+                "the context would reach {len} positions, but the model was compiled for at most {}",
+                self.capacity
+            ));
+        }
+        let mut positions = Vec::with_capacity(b * t);
+        let mut mask = Vec::with_capacity(b * len);
+        for &pad in &self.pads {
+            positions.extend((past..len).map(|s| s.saturating_sub(pad) as i64));
+            mask.extend((0..len).map(|s| (s >= pad) as i64));
+        }
+        let tensor = |shape: Vec<usize>, v: Vec<i64>| Tensor::from_i64(shape, v).map_err(|e| e.to_string());
+        let mut m = BTreeMap::new();
+        m.insert(self.ids.clone(), tensor(vec![b, t], ids)?);
+        m.insert(DECODE_INPUTS[0].into(), tensor(vec![b, t], positions)?);
+        m.insert(
+            DECODE_INPUTS[1].into(),
+            tensor(vec![t], (past..len).map(|s| s as i64).collect())?,
+        );
+        m.insert(DECODE_INPUTS[2].into(), tensor(vec![b, len], mask)?);
+        m.insert(DECODE_INPUTS[3].into(), tensor(vec![1], vec![t as i64 - 1])?);
+        self.len = len;
+        Ok(m)
+    }
+}
+
+/// How the next token is chosen.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Sampling {
+    /// 0 (or below) picks the most likely token (greedy); otherwise logits are divided by it.
+    pub temperature: f32,
+    /// Keep only the `top_k` most likely tokens (0: all).
+    pub top_k: usize,
+    /// Keep the smallest set of most likely tokens whose probability reaches `top_p` (1: all).
+    pub top_p: f32,
+    /// Random seed.
+    pub seed: u64,
+}
+
+impl Default for Sampling {
+    fn default() -> Self {
+        Sampling {
+            temperature: 0.0,
+            top_k: 0,
+            top_p: 1.0,
+            seed: 0,
+        }
+    }
+}
+
+/// Picks tokens from logits (greedy, or temperature / top-k / top-p sampling), reproducibly.
+pub struct Sampler {
+    cfg: Sampling,
+    state: u64,
+}
+
+impl Sampler {
+    /// A sampler; the same settings and seed give the same tokens.
+    pub fn new(cfg: Sampling) -> Sampler {
+        Sampler {
+            cfg,
+            state: cfg.seed ^ 0x853C_49E6_748F_EA9B,
+        }
+    }
+
+    fn uniform(&mut self) -> f64 {
+        // splitmix64
+        self.state = self.state.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.state;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^= z >> 31;
+        (z >> 11) as f64 / (1u64 << 53) as f64
+    }
+
+    /// The next token for one row of logits.
+    pub fn pick(&mut self, logits: &[f32]) -> i64 {
+        let argmax = || {
+            let mut best = 0;
+            for (i, v) in logits.iter().enumerate() {
+                if *v > logits[best] || (logits[best].is_nan() && !v.is_nan()) {
+                    best = i;
+                }
+            }
+            best as i64
+        };
+        if self.cfg.temperature <= 0.0 || logits.len() < 2 {
+            return argmax();
+        }
+        let mut idx: Vec<usize> = (0..logits.len()).filter(|i| logits[*i].is_finite()).collect();
+        if idx.is_empty() {
+            return argmax();
+        }
+        idx.sort_by(|a, b| logits[*b].total_cmp(&logits[*a]).then(a.cmp(b)));
+        if self.cfg.top_k > 0 {
+            idx.truncate(self.cfg.top_k);
+        }
+        let t = self.cfg.temperature as f64;
+        let top = logits[idx[0]] as f64;
+        let mut p: Vec<f64> = idx.iter().map(|i| ((logits[*i] as f64 - top) / t).exp()).collect();
+        let sum: f64 = p.iter().sum();
+        p.iter_mut().for_each(|x| *x /= sum);
+        if self.cfg.top_p < 1.0 {
+            let mut acc = 0.0;
+            let keep = p
+                .iter()
+                .position(|x| {
+                    acc += x;
+                    acc >= self.cfg.top_p as f64
+                })
+                .map_or(p.len(), |i| i + 1);
+            idx.truncate(keep);
+            p.truncate(keep);
+            let s: f64 = p.iter().sum();
+            p.iter_mut().for_each(|x| *x /= s);
+        }
+        let mut r = self.uniform();
+        for (i, x) in idx.iter().zip(&p) {
+            if r < *x {
+                return *i as i64;
+            }
+            r -= x;
+        }
+        *idx.last().expect("at least one candidate") as i64
+    }
+}
+
+/// One batch of sequences being generated by a decoding model.
+pub struct Session<'m> {
+    model: &'m Model,
+    cache: KvCache,
+    feed: Feed,
+    failed: bool,
+}
+
+impl Model {
+    /// Whether this artifact was compiled for generation (it keeps a key/value cache).
+    pub fn is_decoder(&self) -> bool {
+        self.manifest()
+            .steps
+            .iter()
+            .any(|s| matches!(s, Step::CacheAppend { .. }))
+    }
+
+    /// The longest context (prompt plus generated tokens) a decoding model was compiled for.
+    pub fn context_capacity(&self) -> Option<usize> {
+        self.manifest()
+            .dims
+            .iter()
+            .find(|(n, _)| n == CACHE_DIM)
+            .map(|(_, b)| *b as usize)
+    }
+
+    /// Starts a generation session (an empty cache).
+    pub fn session(&self) -> Result<Session<'_>, RunError> {
+        let not = |msg: &str| RunError::BadInput {
+            name: "model".into(),
+            msg: msg.into(),
+        };
+        if !self.is_decoder() {
+            return Err(not(
+                "this artifact has no key/value cache; compile the spec with `kiln compile --generate`",
+            ));
+        }
+        let capacity = self
+            .context_capacity()
+            .ok_or_else(|| not("a decoding artifact without a `kv` dim"))?;
+        let ids: Vec<&str> = self
+            .manifest()
+            .inputs
+            .iter()
+            .map(|p| p.name.as_str())
+            .filter(|n| !DECODE_INPUTS.contains(n))
+            .collect();
+        let [ids] = ids.as_slice() else {
+            return Err(not("a decoding artifact needs exactly one token-id input"));
+        };
+        Ok(Session {
+            model: self,
+            cache: KvCache::new(capacity),
+            feed: Feed::new(ids, capacity),
+            failed: false,
+        })
+    }
+}
+
+impl Session<'_> {
+    /// Positions cached so far (padding included).
+    pub fn len(&self) -> usize {
+        self.feed.len()
+    }
+
+    /// Whether nothing was run yet.
+    pub fn is_empty(&self) -> bool {
+        self.feed.is_empty()
+    }
+
+    /// The longest context this session can hold.
+    pub fn capacity(&self) -> usize {
+        self.feed.capacity
+    }
+
+    /// Bytes held by the key/value cache.
+    pub fn cache_bytes(&self) -> usize {
+        self.cache.bytes()
+    }
+
+    /// Runs the prompts (left-padded to one length); returns each one's next-token logits.
+    pub fn prefill(&mut self, prompts: &[Vec<i64>]) -> Result<Vec<Vec<f32>>, RunError> {
+        let inputs = self.feed.prefill(prompts).map_err(|msg| RunError::BadInput {
+            name: "prompts".into(),
+            msg,
+        })?;
+        self.run(inputs)
+    }
+
+    /// Feeds one token per sequence; returns each one's next-token logits.
+    pub fn step(&mut self, tokens: &[i64]) -> Result<Vec<Vec<f32>>, RunError> {
+        let inputs = self.feed.step(tokens).map_err(|msg| RunError::BadInput {
+            name: "tokens".into(),
+            msg,
+        })?;
+        self.run(inputs)
+    }
+
+    fn run(&mut self, inputs: BTreeMap<String, Tensor>) -> Result<Vec<Vec<f32>>, RunError> {
+        if self.failed {
+            return Err(RunError::BadInput {
+                name: "session".into(),
+                msg: "an earlier step failed and left the cache inconsistent; start a new session".into(),
+            });
+        }
+        self.failed = true;
+        let (outs, _) = self.model.run_inner(&inputs, None, Some(&mut self.cache))?;
+        self.cache.len = self.feed.len();
+        let logits = &outs[0].1;
+        let v = logits.to_f32_vec().ok_or_else(|| RunError::BadInput {
+            name: outs[0].0.clone(),
+            msg: format!("expected f32 logits, got {}", logits.dtype()),
+        })?;
+        let b = self.feed.batch();
+        let row = v.len() / b.max(1);
+        self.failed = false;
+        Ok(v.chunks(row.max(1)).map(|c| c.to_vec()).collect())
+    }
+
+    /// Generates up to `max_new` tokens for every prompt, calling `on_token(step, tokens)` after
+    /// each step (it returns `false` to stop early). Stops a sequence at `stop` (kept in the
+    /// output). Returns the generated tokens of each prompt.
+    pub fn generate(
+        &mut self,
+        prompts: &[Vec<i64>],
+        max_new: usize,
+        sampler: &mut Sampler,
+        stop: Option<i64>,
+        mut on_token: impl FnMut(usize, &[i64]) -> bool,
+    ) -> Result<Vec<Vec<i64>>, RunError> {
+        let longest = prompts.iter().map(Vec::len).max().unwrap_or(0);
+        if longest + max_new.saturating_sub(1) > self.capacity() {
+            return Err(RunError::BadInput {
+                name: "max_new_tokens".into(),
+                msg: format!(
+                    "a {longest}-token prompt plus {max_new} new tokens exceeds the compiled context of {}",
+                    self.capacity()
+                ),
+            });
+        }
+        let mut out: Vec<Vec<i64>> = vec![Vec::new(); prompts.len()];
+        let mut done = vec![false; prompts.len()];
+        if max_new == 0 {
+            return Ok(out);
+        }
+        let mut logits = self.prefill(prompts)?;
+        for step in 0..max_new {
+            let next: Vec<i64> = logits.iter().map(|l| sampler.pick(l)).collect();
+            for (i, t) in next.iter().enumerate() {
+                if !done[i] {
+                    out[i].push(*t);
+                    done[i] = stop == Some(*t);
+                }
+            }
+            if !on_token(step, &next) || done.iter().all(|d| *d) || step + 1 == max_new {
+                break;
+            }
+            logits = self.step(&next)?;
+        }
+        Ok(out)
+    }
+}
+
+trait ToF32 {
+    fn to_f32_vec(&self) -> Option<Vec<f32>>;
+}
+
+impl ToF32 for Tensor {
+    fn to_f32_vec(&self) -> Option<Vec<f32>> {
+        (self.dtype() == kiln_ir::DType::F32).then(|| self.to_f64_vec().into_iter().map(|x| x as f32).collect())
+    }
+}
