@@ -293,7 +293,7 @@ def kiln_compile(kiln_bin: str, spec: Path, weights: Path, artifact: Path, force
             print(f"kiln: reusing {artifact}", file=sys.stderr)
             return
     artifact.parent.mkdir(parents=True, exist_ok=True)
-    cmd = [kiln_bin, "compile", str(spec), "--weights", str(weights), "-O2", "-o", str(artifact)]
+    cmd = [kiln_bin, "compile", str(spec), "--generate", "--weights", str(weights), "-O2", "-o", str(artifact)]
     print(f"kiln: {' '.join(cmd)}", file=sys.stderr)
     t0 = time.perf_counter()
     run_checked(cmd, "compile")
@@ -328,7 +328,7 @@ def kiln_generate(kiln_bin: str, artifact: Path, prompt: np.ndarray, n_new: int,
     out_path.unlink(missing_ok=True)
     cmd = [kiln_bin, "generate", str(artifact), "--prompt-ids", str(prompt_path),
            "--max-new-tokens", str(n_new), "--threads", str(threads),
-           "--timing-json", str(out_path)]
+           "--no-stop", "--timing-json", str(out_path)]
     shown = " ".join(cmd)
     t0 = time.perf_counter()
     run_checked(cmd, "generate")

@@ -47,6 +47,9 @@ pub struct GenerateArgs {
     /// Threads (default: all cores).
     #[arg(long)]
     pub threads: Option<usize>,
+    /// Time every step of the decode loop and print where a decode step spends its time.
+    #[arg(long)]
+    pub profile: bool,
     /// Write timings and tokens as JSON: {"prefill_ms", "decode_ms": [per token], "tokens"}.
     #[arg(long, value_name = "FILE")]
     pub timing_json: Option<PathBuf>,
@@ -143,6 +146,9 @@ pub fn generate(args: &GenerateArgs) -> Result<()> {
         seed: args.seed,
     });
     let mut session = model.session()?;
+    if args.profile {
+        session.enable_profile();
+    }
     let batch = prompts.len();
     let stream = batch == 1;
     let out = std::io::stdout();
@@ -227,6 +233,13 @@ pub fn generate(args: &GenerateArgs) -> Result<()> {
         session.len(),
         session.capacity()
     );
+    if let Some(p) = session.decode_profile() {
+        let total: f64 = p.by_kind.iter().map(|k| k.1).sum();
+        eprintln!("profile  mean decode step {:.2} ms by kind of step:", total * 1e3);
+        for (kind, t, n) in &p.by_kind {
+            eprintln!("  {:>8.3} ms  {n:>4} steps  {kind}", t * 1e3);
+        }
+    }
     if let Some(path) = &args.timing_json {
         let list = |v: &[f64]| v.iter().map(|x| format!("{x:.4}")).collect::<Vec<_>>().join(", ");
         let toks: Vec<String> = generated[0].iter().map(|t| t.to_string()).collect();

@@ -12,7 +12,11 @@ use kiln_runtime::plan::{Manifest, Step, Storage};
 use kiln_runtime::{artifact, Model};
 
 fn tiny_gpt2() -> (kiln_frontend::Lowered, kiln_cpu::Compiled) {
-    let l = spec(
+    tiny_gpt2_with(false)
+}
+
+fn tiny_gpt2_with(decode: bool) -> (kiln_frontend::Lowered, kiln_cpu::Compiled) {
+    let mut l = spec_with(
         "gpt2.ron",
         &[
             ("layers", "1"),
@@ -21,8 +25,12 @@ fn tiny_gpt2() -> (kiln_frontend::Lowered, kiln_cpu::Compiled) {
             ("vocab", "64"),
             ("max_pos", "16"),
         ],
+        decode,
     );
     let w = kiln_frontend::weights::random(&l, 3);
+    if decode {
+        kiln_passes::optimize(&mut l.graph, kiln_passes::OptLevel::O2, true).unwrap();
+    }
     let c = kiln_cpu::compile(&l.graph, &w, &l.dims, &kiln_cpu::Options::for_level(1)).unwrap();
     (l, c)
 }
@@ -155,6 +163,12 @@ fn mutate(m: &mut Manifest, r: &mut Rng) {
                 }
                 Step::Concat { axis, .. } => *axis = r.below(4) as u32,
                 Step::Broadcast { x, .. } => *x = pick(r, nv),
+                Step::CacheAppend { x, out, slot, view } => match r.below(4) {
+                    0 => *x = pick(r, nv),
+                    1 => *out = pick(r, nv),
+                    2 => *slot = r.below(4) as u32,
+                    _ => *view = !*view,
+                },
                 Step::Attention {
                     q,
                     k,
@@ -257,4 +271,41 @@ fn manifests_with_damaged_fields_never_crash() {
     }
     eprintln!("{refused} refused at load, {failed} refused at run, {ran} ran");
     assert!(refused + failed > 1200);
+}
+
+/// The same for a decoding artifact (cache steps, in-place cache reads), run through a session.
+#[test]
+fn damaged_decoding_manifests_never_crash() {
+    let (_, c) = tiny_gpt2_with(true);
+    assert!(c.manifest.steps.iter().any(|s| matches!(s, Step::CacheAppend { view: true, .. })));
+    let mut r = Rng(9);
+    let (mut refused, mut failed, mut ran) = (0, 0, 0);
+    for i in 0..1500 {
+        let mut m = c.manifest.clone();
+        for _ in 0..1 + r.below(2) {
+            mutate(&mut m, &mut r);
+        }
+        let bytes = artifact::encode(&m, &c.weights, &c.code).unwrap();
+        let outcome = catch_unwind(AssertUnwindSafe(|| match Model::from_bytes(&bytes) {
+            Err(_) => 0,
+            Ok(model) => {
+                let steps = model.session().and_then(|mut s| {
+                    s.prefill(&[vec![1, 2, 3], vec![4]])?;
+                    s.step(&[5, 6])
+                });
+                match steps {
+                    Err(_) => 1,
+                    Ok(_) => 2,
+                }
+            }
+        }));
+        match outcome {
+            Ok(0) => refused += 1,
+            Ok(1) => failed += 1,
+            Ok(_) => ran += 1,
+            Err(_) => panic!("mutation {i} panicked the runtime"),
+        }
+    }
+    eprintln!("{refused} refused at load, {failed} refused at run, {ran} ran");
+    assert!(refused + failed > 800);
 }

@@ -192,15 +192,20 @@ impl Model {
     pub fn profile(&self, inputs: &BTreeMap<String, Tensor>) -> Result<Profile, RunError> {
         let mut times = vec![0.0f64; self.manifest.steps.len()];
         self.run_inner(inputs, Some(&mut times), None)?;
+        Ok(self.profile_of(&times))
+    }
+
+    /// Seconds per step, summed by kind of step, slowest first.
+    pub(crate) fn profile_of(&self, times: &[f64]) -> Profile {
         let mut by: BTreeMap<String, (f64, usize)> = BTreeMap::new();
-        for (step, t) in self.manifest.steps.iter().zip(&times) {
+        for (step, t) in self.manifest.steps.iter().zip(times) {
             let e = by.entry(step_kind(step)).or_default();
             e.0 += t;
             e.1 += 1;
         }
         let mut by_kind: Vec<(String, f64, usize)> = by.into_iter().map(|(k, (t, n))| (k, t, n)).collect();
         by_kind.sort_by(|a, b| b.1.total_cmp(&a.1));
-        Ok(Profile { by_kind })
+        Profile { by_kind }
     }
 
     pub(crate) fn run_inner(
@@ -283,6 +288,26 @@ impl Model {
                     b
                 }
             };
+        }
+        // Cache values read in place point into the session's cache.
+        if let Some(cache) = cache.as_deref_mut() {
+            for (si, step) in m.steps.iter().enumerate() {
+                if let Step::CacheAppend {
+                    x,
+                    out,
+                    slot,
+                    view: true,
+                } = step
+                {
+                    let xs = &shapes[*x as usize];
+                    if xs.len() != 4 {
+                        return Err(self.step_err(si, *out as usize, "cache_append of a non-rank-4 value".into()));
+                    }
+                    bufs[*out as usize] = cache
+                        .slot_buf(*slot, xs[0], xs[1], xs[3])
+                        .map_err(|msg| self.step_err(si, *out as usize, msg))?;
+                }
+            }
         }
         self.pool.install(|| -> Result<(), RunError> {
             for (si, step) in m.steps.iter().enumerate() {
@@ -467,7 +492,7 @@ impl Model {
         cache: Option<&mut crate::session::KvCache>,
     ) -> Result<(), String> {
         match step {
-            Step::CacheAppend { x, out, slot } => {
+            Step::CacheAppend { x, out, slot, view } => {
                 let Some(cache) = cache else {
                     return Err(
                         "this model keeps a key/value cache: run it through a generation session (`kiln generate`, `Model::session`)"
@@ -475,7 +500,7 @@ impl Model {
                     );
                 };
                 let (x, out) = (*x as usize, *out as usize);
-                cache.append(*slot, (bufs[x], &shapes[x]), (bufs[out], &shapes[out]))
+                cache.append(*slot, (bufs[x], &shapes[x]), (bufs[out], &shapes[out]), *view)
             }
             Step::Kernel {
                 kernel,
@@ -591,7 +616,16 @@ impl Model {
                 contiguous,
                 seq_major,
                 views,
+                cached,
             } => {
+                let cap = match (cache, cached.iter().any(|c| *c)) {
+                    (Some(c), true) => Some(c.capacity()),
+                    (None, true) => {
+                        return Err("this step reads the key/value cache; run it in a generation session".into())
+                    }
+                    _ => None,
+                };
+                let cached = [cached[0].then_some(cap).flatten(), cached[1].then_some(cap).flatten()];
                 let ins: Vec<Option<(Buf, &[usize])>> = kernel_inputs
                     .iter()
                     .map(|i| i.map(|x| (bufs[x as usize], shapes[x as usize].as_slice())))
@@ -607,6 +641,7 @@ impl Model {
                     contiguous,
                     *seq_major,
                     *views,
+                    cached,
                     self.threads,
                 )
             }
@@ -660,6 +695,11 @@ fn step_out(step: &Step) -> usize {
         | Step::CacheAppend { out, .. }
         | Step::Attention { out, .. } => *out,
     }) as usize
+}
+
+/// Whether `step` reads value `v`.
+pub(crate) fn step_reads(step: &Step, v: u32) -> bool {
+    step_inputs(step).contains(&v)
 }
 
 fn step_inputs(step: &Step) -> Vec<u32> {

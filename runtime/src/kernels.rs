@@ -361,7 +361,25 @@ pub fn matmul(
     }
     // A shared right operand and a row-major left one: one tall GEMM over every batch row.
     if !ta && bsb.iter().all(|s| *s == 0) && sa[..ra - 2].len() == batch.len() && sa[..ra - 2] == *batch {
-        one(0, 0, 0, nb * m, par(true));
+        if nb * m <= GEMV_ROWS {
+            // SAFETY: as for the GEMM: a is [rows, k], b is [k, n] or [n, k], out is [rows, n].
+            unsafe {
+                gemv(
+                    nb * m,
+                    n,
+                    k,
+                    ap as *const f32,
+                    bp as *const f32,
+                    tb,
+                    op as *mut f32,
+                    read_dst,
+                    scale,
+                    threads,
+                )
+            };
+        } else {
+            one(0, 0, 0, nb * m, par(true));
+        }
         return Ok(());
     }
     let offsets = |bi: usize| {
@@ -386,6 +404,178 @@ pub fn matmul(
         }
     }
     Ok(())
+}
+
+/// Products with at most this many rows (decode steps) take the matrix-vector path.
+const GEMV_ROWS: usize = 4;
+
+/// `out[r, :] (+)= scale * a[r, :] @ B` for a few rows: one streaming pass over `B` (`[k, n]`, or
+/// `[n, k]` if `tb`) shared by every row, split across threads by output columns. Decode steps are
+/// bound by reading the weights, so this path is about memory bandwidth, not arithmetic.
+///
+/// # Safety
+/// `a` holds `rows * k` floats, `b` holds `k * n`, `out` holds `rows * n`, none overlapping `out`.
+#[allow(clippy::too_many_arguments)]
+unsafe fn gemv(
+    rows: usize,
+    n: usize,
+    k: usize,
+    a: *const f32,
+    b: *const f32,
+    tb: bool,
+    out: *mut f32,
+    accumulate: bool,
+    scale: f32,
+    threads: usize,
+) {
+    let (ap, bp, op) = (a as usize, b as usize, out as usize);
+    let store = |r: usize, j0: usize, acc: &[f32]| {
+        // SAFETY: the caller's bounds; callers write disjoint column ranges of `out`.
+        let o = unsafe { std::slice::from_raw_parts_mut((op as *mut f32).add(r * n + j0), acc.len()) };
+        if accumulate {
+            o.iter_mut().zip(acc).for_each(|(o, x)| *o += scale * x);
+        } else {
+            o.iter_mut().zip(acc).for_each(|(o, x)| *o = scale * x);
+        }
+    };
+    // SAFETY: the caller's bounds.
+    let a = unsafe { std::slice::from_raw_parts(ap as *const f32, rows * k) };
+    if tb {
+        // B is [n, k]: blocks of output columns are contiguous blocks of B's rows.
+        let blocks = (threads * 4).clamp(1, n.div_ceil(64).max(1));
+        let width = n.div_ceil(blocks);
+        let work = |bi: usize| {
+            let (j0, j1) = (bi * width, ((bi + 1) * width).min(n));
+            if j0 >= j1 {
+                return;
+            }
+            // SAFETY: rows j0..j1 of B.
+            let b = unsafe { std::slice::from_raw_parts((bp as *const f32).add(j0 * k), (j1 - j0) * k) };
+            let mut acc = vec![0f32; rows * (j1 - j0)];
+            dot_rows(a, rows, k, b, j1 - j0, &mut acc);
+            for r in 0..rows {
+                store(r, j0, &acc[r * (j1 - j0)..(r + 1) * (j1 - j0)]);
+            }
+        };
+        if threads > 1 && blocks > 1 {
+            (0..blocks).into_par_iter().for_each(work);
+        } else {
+            (0..blocks).for_each(work);
+        }
+    } else {
+        // B is [k, n]: each thread streams a contiguous band of B's rows into partial sums,
+        // which are then added up (a few KiB per row).
+        let bands = threads.clamp(1, k.max(1));
+        let height = k.div_ceil(bands);
+        let band = |t: usize| -> Vec<f32> {
+            let (k0, k1) = (t * height, ((t + 1) * height).min(k));
+            let mut acc = vec![0f32; rows * n];
+            if k0 < k1 {
+                // SAFETY: rows k0..k1 of B.
+                let b = unsafe { std::slice::from_raw_parts((bp as *const f32).add(k0 * n), (k1 - k0) * n) };
+                axpy_rows(a, rows, k, k0, k1, b, n, &mut acc);
+            }
+            acc
+        };
+        let parts: Vec<Vec<f32>> = if bands > 1 {
+            (0..bands).into_par_iter().map(band).collect()
+        } else {
+            vec![band(0)]
+        };
+        let mut sum = parts[0].clone();
+        for p in &parts[1..] {
+            sum.iter_mut().zip(p).for_each(|(s, x)| *s += x);
+        }
+        for r in 0..rows {
+            store(r, 0, &sum[r * n..(r + 1) * n]);
+        }
+    }
+}
+
+/// `acc[r, j] = a[r, :] · b[j, :]` for `cols` rows `j` of `b` (`[cols, k]`).
+fn dot_rows(a: &[f32], rows: usize, k: usize, b: &[f32], cols: usize, acc: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+        // SAFETY: the CPU has AVX2 and FMA.
+        unsafe { dot_rows_avx2(a, rows, k, b, cols, acc) };
+        return;
+    }
+    for j in 0..cols {
+        let bj = &b[j * k..(j + 1) * k];
+        for r in 0..rows {
+            acc[r * cols + j] = a[r * k..(r + 1) * k].iter().zip(bj).map(|(x, y)| x * y).sum();
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn dot_rows_avx2(a: &[f32], rows: usize, k: usize, b: &[f32], cols: usize, acc: &mut [f32]) {
+    use std::arch::x86_64::*;
+    let k8 = k / 8 * 8;
+    for j in 0..cols {
+        let bj = b.as_ptr().add(j * k);
+        for r in 0..rows {
+            let ar = a.as_ptr().add(r * k);
+            let (mut s0, mut s1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+            let mut c = 0;
+            while c + 16 <= k8 {
+                s0 = _mm256_fmadd_ps(_mm256_loadu_ps(ar.add(c)), _mm256_loadu_ps(bj.add(c)), s0);
+                s1 = _mm256_fmadd_ps(_mm256_loadu_ps(ar.add(c + 8)), _mm256_loadu_ps(bj.add(c + 8)), s1);
+                c += 16;
+            }
+            if c < k8 {
+                s0 = _mm256_fmadd_ps(_mm256_loadu_ps(ar.add(c)), _mm256_loadu_ps(bj.add(c)), s0);
+            }
+            let s = _mm256_add_ps(s0, s1);
+            let lo = _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1));
+            let lo = _mm_add_ps(lo, _mm_movehl_ps(lo, lo));
+            let lo = _mm_add_ss(lo, _mm_shuffle_ps(lo, lo, 1));
+            let mut t = _mm_cvtss_f32(lo);
+            for c in k8..k {
+                t += *ar.add(c) * *bj.add(c);
+            }
+            acc[r * cols + j] = t;
+        }
+    }
+}
+
+/// `acc[r, :] += a[r, k0..k1] @ b` for `b` the rows `k0..k1` of a `[k, n]` matrix.
+#[allow(clippy::too_many_arguments)]
+fn axpy_rows(a: &[f32], rows: usize, k: usize, k0: usize, k1: usize, b: &[f32], n: usize, acc: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+        // SAFETY: the CPU has AVX2 and FMA.
+        unsafe { axpy_rows_avx2(a, rows, k, k0, k1, b, n, acc) };
+        return;
+    }
+    for kk in k0..k1 {
+        let bk = &b[(kk - k0) * n..(kk - k0 + 1) * n];
+        for r in 0..rows {
+            let x = a[r * k + kk];
+            acc[r * n..(r + 1) * n]
+                .iter_mut()
+                .zip(bk)
+                .for_each(|(o, y)| *o += x * y);
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn axpy_rows_avx2(a: &[f32], rows: usize, k: usize, k0: usize, k1: usize, b: &[f32], n: usize, acc: &mut [f32]) {
+    for kk in k0..k1 {
+        let bk = &b[(kk - k0) * n..(kk - k0 + 1) * n];
+        for r in 0..rows {
+            let x = a[r * k + kk];
+            // Elementwise, so LLVM vectorises it with the enabled AVX2/FMA.
+            acc[r * n..(r + 1) * n]
+                .iter_mut()
+                .zip(bk)
+                .for_each(|(o, y)| *o = x.mul_add(*y, *o));
+        }
+    }
 }
 
 /// `table` rows picked by `idx` along `axis`.
@@ -625,6 +815,7 @@ pub fn attention(
     contiguous: &[bool],
     seq_major: [bool; 4],
     views: [Option<ColumnView>; 3],
+    cached: [Option<usize>; 2],
     threads: usize,
 ) -> Result<(), String> {
     if contiguous.len() != inputs.len() {
@@ -650,8 +841,23 @@ pub fn attention(
         }
     };
     let (qs, qst) = layout(q.1, seq_major[0], views[0])?;
-    let (ks, kst) = layout(k.1, seq_major[1], views[1])?;
-    let (vs, vst) = layout(v.1, seq_major[2], views[2])?;
+    let (ks, mut kst) = layout(k.1, seq_major[1], views[1])?;
+    let (vs, mut vst) = layout(v.1, seq_major[2], views[2])?;
+    // Keys and values read in place from the cache: [b, h, capacity, d], `s` rows valid per head.
+    for (c, st, sh, buf, what) in [(cached[0], &mut kst, ks, k.0, "k"), (cached[1], &mut vst, vs, v.0, "v")] {
+        if let Some(cap) = c {
+            if seq_major[if what == "k" { 1 } else { 2 }] || sh[2] > cap {
+                return Err(format!("{what} cannot be read from a cache of {cap} positions"));
+            }
+            if sh[0] * sh[1] * cap * sh[3] * 4 != buf.len {
+                return Err(format!(
+                    "{what}: the cache buffer of {} bytes does not hold {sh:?} at capacity {cap}",
+                    buf.len
+                ));
+            }
+            *st = (0, sh[1] * cap * sh[3], cap * sh[3], sh[3]);
+        }
+    }
     let (os, ost) = layout(out.1, seq_major[3], None)?;
     let (b, h, sq, d) = (qs[0], qs[1], qs[2], qs[3]);
     let (sk, dv) = (ks[2], vs[3]);
@@ -660,8 +866,15 @@ pub fn attention(
             "attention shapes q {qs:?}, k {ks:?}, v {vs:?}, out {os:?} do not fit"
         ));
     }
-    for (what, x) in [("q", q), ("k", k), ("v", v), ("out", out)] {
-        check_len(what, x.0, x.1, 4)?;
+    for (what, x, from_cache) in [
+        ("q", q, false),
+        ("k", k, cached[0].is_some()),
+        ("v", v, cached[1].is_some()),
+        ("out", out, false),
+    ] {
+        if !from_cache {
+            check_len(what, x.0, x.1, 4)?;
+        }
     }
     let space = [b, h, sq, sk];
     // Per kernel input: strides over [b, h, sq, sk] (the score block is laid out separately).

@@ -226,6 +226,9 @@ pub enum Step {
         seq_major: [bool; 4],
         /// For q, k and v: read as columns of a wider `[b, s, W]` value (a merged projection).
         views: [Option<ColumnView>; 3],
+        /// For k and v: read in place from the key/value cache (`[b, h, capacity, d]`).
+        #[serde(default)]
+        cached: [bool; 2],
     },
     /// Appends `x [b, h, t, d]` to the session's key/value cache `slot` and writes the cache's
     /// first `len` entries (`out [b, h, len, d]`). Only runs inside a decoding session.
@@ -236,6 +239,10 @@ pub enum Step {
         out: u32,
         /// Cache slot.
         slot: u32,
+        /// `out` is the cache itself (`[b, h, capacity, d]`, the first `len` rows of each head
+        /// valid): the only reader is an attention step that reads it in place.
+        #[serde(default)]
+        view: bool,
     },
     /// Any other op, run by the reference interpreter's evaluator (small tensors only: index and
     /// mask arithmetic, rotary tables).

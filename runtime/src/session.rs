@@ -62,29 +62,21 @@ impl KvCache {
         self.slots.values().map(|s| s.data.len() * 4).sum()
     }
 
-    /// Appends `x [b, h, t, d]` to `slot` after the cached entries and copies all of them to
-    /// `out [b, h, len, d]`.
-    pub(crate) fn append(&mut self, slot: u32, x: (Buf, &[usize]), out: (Buf, &[usize])) -> Result<(), String> {
-        let (xs, os) = (x.1, out.1);
-        if xs.len() != 4 || os.len() != 4 || xs[0] != os[0] || xs[1] != os[1] || xs[3] != os[3] {
-            return Err(format!("cache_append of {xs:?} into {os:?}"));
-        }
-        let (b, h, t, d, len) = (xs[0], xs[1], xs[2], xs[3], os[2]);
-        if len != self.len + t {
-            return Err(format!(
-                "the cache holds {} positions and {t} are appended, but the inputs say {len}",
-                self.len
-            ));
-        }
-        if len > self.capacity {
-            return Err(format!(
-                "the cache holds at most {} positions, {len} needed",
-                self.capacity
-            ));
-        }
-        if x.0.len < b * h * t * d * 4 || out.0.len < b * h * len * d * 4 {
-            return Err("cache_append buffers are too small".into());
-        }
+    /// The capacity in positions.
+    pub fn capacity(&self) -> usize {
+        self.capacity
+    }
+
+    /// The slot as a buffer `[b, h, capacity, d]`, allocated on first use.
+    pub(crate) fn slot_buf(&mut self, slot: u32, b: usize, h: usize, d: usize) -> Result<Buf, String> {
+        let s = self.slot(slot, b, h, d)?;
+        Ok(Buf {
+            ptr: s.data.as_mut_ptr() as *mut u8,
+            len: s.data.len() * 4,
+        })
+    }
+
+    fn slot(&mut self, slot: u32, b: usize, h: usize, d: usize) -> Result<&mut Slot, String> {
         let cap = self.capacity;
         let s = match self.slots.entry(slot) {
             std::collections::btree_map::Entry::Occupied(e) => e.into_mut(),
@@ -102,15 +94,56 @@ impl KvCache {
             }
         };
         if s.shape != [b, h, d] {
-            return Err(format!("appending {xs:?} to a cache of {:?}", s.shape));
+            return Err(format!("a [{b}, {h}, _, {d}] entry for a cache of {:?}", s.shape));
         }
-        // SAFETY: both buffers were checked to hold the elements addressed below.
-        let xv = unsafe { std::slice::from_raw_parts(x.0.ptr as *const f32, b * h * t * d) };
-        let ov = unsafe { std::slice::from_raw_parts_mut(out.0.ptr as *mut f32, b * h * len * d) };
+        Ok(s)
+    }
+
+    /// Appends `x [b, h, t, d]` to `slot` after the cached entries and, unless the step reads
+    /// the cache in place (`view`), copies all of them to `out [b, h, len, d]`.
+    pub(crate) fn append(
+        &mut self,
+        slot: u32,
+        x: (Buf, &[usize]),
+        out: (Buf, &[usize]),
+        view: bool,
+    ) -> Result<(), String> {
+        let (xs, os) = (x.1, out.1);
+        if xs.len() != 4 || os.len() != 4 || xs[0] != os[0] || xs[1] != os[1] || xs[3] != os[3] {
+            return Err(format!("cache_append of {xs:?} into {os:?}"));
+        }
+        let (b, h, t, d, len) = (xs[0], xs[1], xs[2], xs[3], os[2]);
+        if len != self.len + t {
+            return Err(format!(
+                "the cache holds {} positions and {t} are appended, but the inputs say {len}",
+                self.len
+            ));
+        }
+        if len > self.capacity {
+            return Err(format!(
+                "the cache holds at most {} positions, {len} needed",
+                self.capacity
+            ));
+        }
+        if x.0.len < b * h * t * d * 4 || (!view && out.0.len < b * h * len * d * 4) {
+            return Err("cache_append buffers are too small".into());
+        }
+        let cap = self.capacity;
         let past = self.len;
+        let s = self.slot(slot, b, h, d)?;
+        // SAFETY: the buffer was checked to hold the elements addressed below.
+        let xv = unsafe { std::slice::from_raw_parts(x.0.ptr as *const f32, b * h * t * d) };
         for bh in 0..b * h {
             let base = bh * cap * d;
             s.data[base + past * d..base + len * d].copy_from_slice(&xv[bh * t * d..(bh + 1) * t * d]);
+        }
+        if view {
+            return Ok(());
+        }
+        // SAFETY: the buffer was checked to hold the elements addressed below.
+        let ov = unsafe { std::slice::from_raw_parts_mut(out.0.ptr as *mut f32, b * h * len * d) };
+        for bh in 0..b * h {
+            let base = bh * cap * d;
             ov[bh * len * d..(bh + 1) * len * d].copy_from_slice(&s.data[base..base + len * d]);
         }
         Ok(())
@@ -323,6 +356,8 @@ pub struct Session<'m> {
     cache: KvCache,
     feed: Feed,
     failed: bool,
+    /// Seconds per plan step summed over decode steps, and how many, when profiling.
+    profile: Option<(Vec<f64>, usize)>,
 }
 
 impl Model {
@@ -372,6 +407,7 @@ impl Model {
             cache: KvCache::new(capacity),
             feed: Feed::new(ids, capacity),
             failed: false,
+            profile: None,
         })
     }
 }
@@ -395,6 +431,21 @@ impl Session<'_> {
     /// Bytes held by the key/value cache.
     pub fn cache_bytes(&self) -> usize {
         self.cache.bytes()
+    }
+
+    /// Times every plan step of the decode steps that follow (see [`Session::decode_profile`]).
+    pub fn enable_profile(&mut self) {
+        self.profile = Some((vec![0.0; self.model.manifest().steps.len()], 0));
+    }
+
+    /// Mean time per decode step by kind of step, if profiling was enabled and a step ran.
+    pub fn decode_profile(&self) -> Option<crate::Profile> {
+        let (times, n) = self.profile.as_ref()?;
+        if *n == 0 {
+            return None;
+        }
+        let mean: Vec<f64> = times.iter().map(|t| t / *n as f64).collect();
+        Some(self.model.profile_of(&mean))
     }
 
     /// Runs the prompts (left-padded to one length); returns each one's next-token logits.
@@ -423,7 +474,15 @@ impl Session<'_> {
             });
         }
         self.failed = true;
-        let (outs, _) = self.model.run_inner(&inputs, None, Some(&mut self.cache))?;
+        let decode_step = !self.cache.is_empty();
+        let times = match &mut self.profile {
+            Some((t, n)) if decode_step => {
+                *n += 1;
+                Some(t)
+            }
+            _ => None,
+        };
+        let (outs, _) = self.model.run_inner(&inputs, times, Some(&mut self.cache))?;
         self.cache.len = self.feed.len();
         let logits = &outs[0].1;
         let v = logits.to_f32_vec().ok_or_else(|| RunError::BadInput {

@@ -197,7 +197,20 @@ pub fn manifest(m: &Manifest, weights_len: usize, code_len: usize) -> Result<(),
                 }
             }
             Step::Fallback { .. } => {}
-            Step::CacheAppend { x, out, slot } => {
+            Step::CacheAppend { x, out, slot, view } => {
+                if *view {
+                    let readers_ok = m.steps.iter().all(|st| match st {
+                        Step::Attention { k, v, cached, .. } => {
+                            (*k != *out || cached[0]) && (*v != *out || cached[1]) && !step_reads_other(st, *out)
+                        }
+                        other => !crate::exec::step_reads(other, *out),
+                    });
+                    if !readers_ok {
+                        return bad(format!(
+                            "step {si}: a cache read in place has readers other than attention"
+                        ));
+                    }
+                }
                 if dt(*x) != DType::F32 || dt(*out) != DType::F32 {
                     return bad(format!("step {si}: cache_append on non-f32 values"));
                 }
@@ -240,4 +253,12 @@ pub fn manifest(m: &Manifest, weights_len: usize, code_len: usize) -> Result<(),
         }
     }
     Ok(())
+}
+
+/// Whether an attention step reads `v` other than as its k or v operand.
+fn step_reads_other(st: &Step, val: u32) -> bool {
+    match st {
+        Step::Attention { q, kernel_inputs, .. } => *q == val || kernel_inputs.iter().flatten().any(|x| *x == val),
+        _ => false,
+    }
 }

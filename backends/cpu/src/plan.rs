@@ -209,6 +209,8 @@ struct AttnPlan {
     seq_major: [bool; 4],
     views: [Option<kiln_runtime::plan::ColumnView>; 3],
     leaves: Vec<NodeId>,
+    /// k and v read in place from the key/value cache.
+    cached: [bool; 2],
 }
 
 /// A matrix product and what follows it: `acc + bias + scale * (a @ b)`.
@@ -504,10 +506,28 @@ pub fn plan(
                 seq_major: [qsm, ksm, vsm, osm],
                 views,
                 leaves: bias_leaves,
+                cached: [false; 2],
             },
         );
         attn_skip.insert(s);
         attn_skip.insert(g.root);
+    }
+    // Keys and values that come straight from the cache and feed nothing but their attention
+    // step are read from the cache in place (no per-step copy of the whole cache).
+    let mut cache_views: HashSet<NodeId> = HashSet::new();
+    for a in attn.values_mut() {
+        for (i, (node, sm)) in [(a.k, a.seq_major[1]), (a.v, a.seq_major[2])].into_iter().enumerate() {
+            if !sm
+                && a.views[i + 1].is_none()
+                && a.k != a.v
+                && matches!(graph.node(node).op, Op::CacheAppend { .. })
+                && users[&node].len() == 1
+                && !outputs.contains(&node)
+            {
+                a.cached[i] = true;
+                cache_views.insert(node);
+            }
+        }
     }
 
     // 2. Which nodes need a value: outputs, group leaves, operands of everything else.
@@ -662,6 +682,7 @@ pub fn plan(
                     contiguous,
                     seq_major: a.seq_major,
                     views: a.views,
+                    cached: a.cached,
                 });
             }
             _ if epi.contains_key(&n) => {
@@ -718,6 +739,7 @@ pub fn plan(
                 x: val(&args[0])?,
                 out: vid,
                 slot: *slot,
+                view: cache_views.contains(&n),
             }),
             _ if group_of.contains_key(&n) => {
                 let g = &groups[group_of[&n]];
