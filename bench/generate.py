@@ -30,11 +30,11 @@ Cases (same prompt ids for both engines: uniform in [0, 50257), fixed seed)
       DynamicCache), then argmax; each step is timed including the ``.item()``
       of the next token.  (Checked: the tokens equal ``model.generate``'s.)
     * kiln (optional, ``--kiln-bin``): compiled once with
-      ``KILN compile specs/gpt2.ron --weights W -O2 -o ${KILN_CACHE}/bench/gpt2-small.kiln``
+      ``KILN compile specs/gpt2.ron --generate --weights W -O2 -o ${KILN_CACHE}/bench/gpt2-small.kiln``
       (skipped when that artifact is newer than the weights, the spec and the
       binary; ``--recompile`` forces it), then for every run
       ``KILN generate ARTIFACT --prompt-ids PROMPT.npy --max-new-tokens N --threads T
-      --timing-json OUT.json`` with PROMPT.npy an int64 [1, L] array.  OUT.json
+      --no-stop --timing-json OUT.json`` with PROMPT.npy an int64 [1, L] array.  OUT.json
       must be an object {"prefill_ms": float, "decode_ms": [N - 1 floats],
       "tokens": [N ids]}.  One process per run (warm-up runs included).  kiln's
       tokens are compared with PyTorch's (a mismatch is reported, not fatal:

@@ -107,6 +107,8 @@ pub fn generate(args: &GenerateArgs) -> Result<()> {
             args.model.display()
         );
     }
+    // Fault the mapped weights in now, so the time to first token is the model's, not the disk's.
+    model.prefault();
     let tok = load_tokenizer(args, &model)?;
     let prompts: Vec<Vec<i64>> = match (&args.prompt_ids, &args.prompt) {
         (Some(p), _) => prompts_from_npy(p)?,

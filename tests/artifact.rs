@@ -277,7 +277,11 @@ fn manifests_with_damaged_fields_never_crash() {
 #[test]
 fn damaged_decoding_manifests_never_crash() {
     let (_, c) = tiny_gpt2_with(true);
-    assert!(c.manifest.steps.iter().any(|s| matches!(s, Step::CacheAppend { view: true, .. })));
+    assert!(c
+        .manifest
+        .steps
+        .iter()
+        .any(|s| matches!(s, Step::CacheAppend { view: true, .. })));
     let mut r = Rng(9);
     let (mut refused, mut failed, mut ran) = (0, 0, 0);
     for i in 0..1500 {

@@ -162,6 +162,19 @@ impl Model {
         })
     }
 
+    /// Touches every page of the weights, so the first run does not pay for page faults (the
+    /// weights are memory-mapped: otherwise they are read from the page cache or the disk on
+    /// first use). Returns the bytes touched.
+    pub fn prefault(&self) -> usize {
+        let w = &self.bytes.as_slice()[self.weights.clone()];
+        let mut acc = 0u8;
+        for page in w.chunks(4096) {
+            acc ^= page[0];
+        }
+        std::hint::black_box(acc);
+        w.len()
+    }
+
     /// Sets the number of threads kernels use (default: all cores).
     pub fn set_threads(&mut self, n: usize) -> Result<(), String> {
         let n = n.max(1);

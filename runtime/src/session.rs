@@ -86,11 +86,10 @@ impl KvCache {
                     .and_then(|n| n.checked_mul(cap))
                     .and_then(|n| n.checked_mul(d))
                     .ok_or("cache size overflows")?;
-                let mut data = Vec::new();
-                data.try_reserve_exact(n)
-                    .map_err(|_| format!("cannot allocate a cache of {n} floats"))?;
-                data.resize(n, 0.0);
-                e.insert(Slot { data, shape: [b, h, d] })
+                e.insert(Slot {
+                    data: zeroed(n)?,
+                    shape: [b, h, d],
+                })
             }
         };
         if s.shape != [b, h, d] {
@@ -147,6 +146,24 @@ impl KvCache {
             ov[bh * len * d..(bh + 1) * len * d].copy_from_slice(&s.data[base..base + len * d]);
         }
         Ok(())
+    }
+}
+
+/// `n` zero floats from the allocator's zeroed memory: the OS maps zero pages lazily, so a cache
+/// sized for the whole context costs only the pages the positions in use touch.
+fn zeroed(n: usize) -> Result<Vec<f32>, String> {
+    if n == 0 {
+        return Ok(Vec::new());
+    }
+    let layout = std::alloc::Layout::array::<f32>(n).map_err(|_| format!("a cache of {n} floats is too large"))?;
+    // SAFETY: the layout has a non-zero size; the pointer is checked; a Vec built from an
+    // allocation of exactly `n` zeroed f32s with the global allocator owns it correctly.
+    unsafe {
+        let p = std::alloc::alloc_zeroed(layout) as *mut f32;
+        if p.is_null() {
+            return Err(format!("cannot allocate a cache of {n} floats"));
+        }
+        Ok(Vec::from_raw_parts(p, n, n))
     }
 }
 
