@@ -316,3 +316,155 @@ fn compile_dumps_ir_and_disables_rules() {
     );
     std::fs::remove_dir_all(&dir).ok();
 }
+
+#[test]
+fn generate_streams_transformers_tokens() {
+    let dir = std::env::temp_dir().join(format!("kiln-cli-generate-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let art = dir.join("gpt2-gen.kiln");
+    let mut args = vec!["compile", "specs/gpt2.ron"];
+    for s in ["layers=2", "hidden=64", "heads=4", "vocab=256", "max_pos=64"] {
+        args.extend(["--set", s]);
+    }
+    args.extend([
+        "--weights",
+        "tests/data/gpt2_tiny/model.safetensors",
+        "--generate",
+        "--tokenizer",
+        "tests/data/byte_tokenizer.json",
+        "-o",
+        art.to_str().unwrap(),
+    ]);
+    let o = kiln(&args);
+    assert!(o.status.success(), "{}", text(&o).1);
+    // The third reference prompt: transformers generated 20 x 63 ('?') then 4 x 88 ('X').
+    let ids: Vec<i64> = vec![210, 75, 104, 7, 162, 177, 95, 75, 213, 47, 63];
+    let prompt = dir.join("prompt.npy");
+    kiln_runtime::npy::write(&prompt, &kiln_ir::Tensor::from_i64(vec![1, ids.len()], ids).unwrap()).unwrap();
+    let timing = dir.join("timing.json");
+    let o = kiln(&[
+        "generate",
+        art.to_str().unwrap(),
+        "--prompt-ids",
+        prompt.to_str().unwrap(),
+        "--max-new-tokens",
+        "24",
+        "--no-stop",
+        "--timing-json",
+        timing.to_str().unwrap(),
+    ]);
+    let (out, err) = text(&o);
+    assert!(o.status.success(), "{err}");
+    assert!(out.trim_end().ends_with(&format!("{}XXXX", "?".repeat(20))), "{out}");
+    assert!(err.contains("to the first token"), "{err}");
+    let t = std::fs::read_to_string(&timing).unwrap();
+    let want = format!("\"tokens\": [{}, 88, 88, 88, 88]", vec!["63"; 20].join(", "));
+    assert!(t.contains(&want), "{t}");
+    // Text prompts go through the carried tokenizer; a batch prints one line per prompt.
+    let o = kiln(&[
+        "generate",
+        art.to_str().unwrap(),
+        "--prompt",
+        "hi",
+        "--prompt",
+        "kiln",
+        "--max-new-tokens",
+        "3",
+        "--temperature",
+        "0.7",
+        "--seed",
+        "3",
+    ]);
+    let (out, err) = text(&o);
+    assert!(o.status.success(), "{err}");
+    assert!(out.contains("[0] hi") && out.contains("[1] kiln"), "{out}");
+    // A plain artifact cannot generate, and says how to get one that can.
+    let plain = dir.join("plain.kiln");
+    let o = kiln(&[
+        "compile",
+        "specs/mlp.ron",
+        "--random-weights",
+        "1",
+        "-o",
+        plain.to_str().unwrap(),
+    ]);
+    assert!(o.status.success());
+    let o = kiln(&[
+        "generate",
+        plain.to_str().unwrap(),
+        "--prompt-ids",
+        prompt.to_str().unwrap(),
+    ]);
+    assert!(!o.status.success());
+    assert!(
+        text(&o).1.contains("compile the spec with `kiln compile --generate`"),
+        "{}",
+        text(&o).1
+    );
+    // Over the compiled context.
+    let o = kiln(&[
+        "generate",
+        art.to_str().unwrap(),
+        "--prompt-ids",
+        prompt.to_str().unwrap(),
+        "--max-new-tokens",
+        "60",
+    ]);
+    assert!(!o.status.success());
+    assert!(
+        text(&o).1.contains("exceeds the compiled context of 64"),
+        "{}",
+        text(&o).1
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn report_and_dump_ir_work_on_every_spec() {
+    let dir = std::env::temp_dir().join(format!("kiln-cli-report-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let specs: &[(&str, &[&str])] = &[
+        ("minilm.ron", &["layers=1"]),
+        (
+            "gpt2.ron",
+            &["layers=2", "hidden=64", "heads=4", "vocab=256", "max_pos=64"],
+        ),
+        (
+            "llama.ron",
+            &[
+                "layers=2",
+                "hidden=64",
+                "heads=4",
+                "kv_heads=2",
+                "ffn=128",
+                "vocab=256",
+                "max_pos=64",
+            ],
+        ),
+        ("mlp.ron", &[]),
+    ];
+    for (name, sets) in specs {
+        let art = dir.join(format!("{name}.kiln"));
+        let dump = dir.join(format!("{name}-ir"));
+        let spec = format!("specs/{name}");
+        let mut args = vec!["compile", spec.as_str(), "--random-weights", "2", "--report"];
+        for s in *sets {
+            args.extend(["--set", s]);
+        }
+        args.extend(["-o", art.to_str().unwrap(), "--dump-ir", dump.to_str().unwrap()]);
+        let o = kiln(&args);
+        let (out, err) = text(&o);
+        assert!(o.status.success(), "{name}: {err}");
+        for want in [
+            "pass     simplify",
+            "stopped: saturated",
+            "cost     ",
+            "fusion   ",
+            "plan     ",
+        ] {
+            assert!(out.contains(want), "{name}: no `{want}` in the report:\n{out}");
+        }
+        assert!(dump.join("00-input.txt").exists() && dump.join("09-dce.txt").exists());
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
