@@ -1,6 +1,7 @@
 //! The `kiln` command line.
 
 mod generate;
+mod quant;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -82,6 +83,18 @@ enum Cmd {
         /// Do not apply this rewrite rule (repeatable), to bisect a numeric difference.
         #[arg(long = "disable-rule", value_name = "NAME")]
         disable_rule: Vec<String>,
+        /// Quantize the weights of matrix products: int8 (per output channel), int4[:GROUP] or
+        /// gptq4[:GROUP] (GROUP 32, 64 or 128; default 128). Prints an accuracy report against f32.
+        #[arg(long, value_name = "SCHEME")]
+        quantize: Option<kiln_passes::quantize::Scheme>,
+        /// Calibration and held-out samples for --quantize: a text file (one sample per line,
+        /// tokenized with --tokenizer) or an integer .npy [n, seq] of token ids (negative = padding).
+        /// The last quarter of the samples is held out for the accuracy report.
+        #[arg(long, value_name = "FILE")]
+        calib: Option<PathBuf>,
+        /// Keep weights whose name matches this glob in f32 (repeatable), e.g. 'lm_head*'.
+        #[arg(long = "quant-exclude", value_name = "PATTERN")]
+        quant_exclude: Vec<String>,
         /// A Hugging Face tokenizer.json to carry in the artifact (for `kiln generate --prompt`).
         #[arg(long, value_name = "FILE")]
         tokenizer: Option<PathBuf>,
@@ -344,6 +357,7 @@ fn compile(
     popts: &kiln_passes::PipelineOptions,
     show_report: bool,
     tokenizer: Option<&Path>,
+    q: &quant::QuantArgs,
 ) -> Result<()> {
     let tokenizer = match tokenizer {
         Some(p) => {
@@ -356,7 +370,7 @@ fn compile(
     };
     let start = Instant::now();
     let mut l = load_spec(spec, o)?;
-    let weights = if w.weights.is_none() && w.random_weights.is_none() {
+    let mut weights = if w.weights.is_none() && w.random_weights.is_none() {
         bail!("give --weights FILE or --random-weights SEED");
     } else {
         load_weights(&l, w)?
@@ -372,6 +386,14 @@ fn compile(
     let cost_before = model.graph_ns(&l.graph);
     let report = kiln_passes::optimize_with(&mut l.graph, level, popts)?;
     let cost_after = model.graph_ns(&l.graph);
+    let quant_lines = quant::run(
+        q,
+        &mut l.graph,
+        &mut weights,
+        &l.dims,
+        tokenizer.as_deref(),
+        show_report,
+    )?;
     let t_opt = start.elapsed() - t_front;
     let copts = kiln_cpu::Options {
         tokenizer,
@@ -388,6 +410,9 @@ fn compile(
         size as f64 / 1048576.0
     );
     println!("  graph    {nodes} ops lowered, {} after -O{opt}", l.graph.len());
+    for line in &quant_lines {
+        println!("  {line}");
+    }
     if show_report {
         print_pass_report(&report);
         println!(
@@ -510,7 +535,7 @@ fn plan_summary<'a>(
                 e.0 += 1;
                 e.1 += kernels[*kernel as usize].ops;
             }
-            Step::MatMul { scale, bias, acc, .. } => {
+            Step::MatMul { scale, bias, acc, .. } | Step::QMatMul { scale, bias, acc, .. } => {
                 s.matmuls += 1;
                 if *scale != 1.0 || bias.is_some() || acc.is_some() {
                     s.epilogues += 1;
@@ -543,6 +568,7 @@ fn step_out(s: &Step) -> u32 {
     match s {
         Step::Kernel { out, .. }
         | Step::MatMul { out, .. }
+        | Step::QMatMul { out, .. }
         | Step::Gather { out, .. }
         | Step::Transpose { out, .. }
         | Step::Slice { out, .. }
@@ -714,12 +740,20 @@ fn main() -> ExitCode {
             disable_rule,
             report,
             tokenizer,
+            quantize,
+            calib,
+            quant_exclude,
         } => {
             let popts = kiln_passes::PipelineOptions {
                 verify_each: cfg!(debug_assertions),
                 disabled_rules: disable_rule.clone(),
                 dump_dir: dump_ir.clone(),
                 target: Some("cpu"),
+            };
+            let q = quant::QuantArgs {
+                scheme: *quantize,
+                calib: calib.clone(),
+                exclude: quant_exclude.clone(),
             };
             compile(
                 spec,
@@ -730,6 +764,7 @@ fn main() -> ExitCode {
                 &popts,
                 *report,
                 tokenizer.as_deref(),
+                &q,
             )
         }
         Cmd::Bench {

@@ -146,6 +146,20 @@ fn mutate(m: &mut Manifest, r: &mut Rng) {
                     }
                 }
                 Step::MatMul { a, b, out, .. } => *[a, b, out][r.below(3)] = pick(r, nv),
+                Step::QMatMul {
+                    a,
+                    codes,
+                    scales,
+                    out,
+                    group,
+                    bits,
+                    ..
+                } => match r.below(4) {
+                    0 => *[a, codes, scales, out][r.below(4)] = pick(r, nv),
+                    1 => *group = r.below(300) as u64,
+                    2 => *bits = [4, 8, 3][r.below(3)],
+                    _ => *scales = pick(r, nv),
+                },
                 Step::Gather { table, idx, out, .. } => *[table, idx, out][r.below(3)] = pick(r, nv),
                 Step::Transpose { x, out, perm } => {
                     if r.below(2) == 0 {

@@ -230,6 +230,18 @@ pub enum Op {
         /// Target dtype.
         to: DType,
     },
+    /// Weight-only dequantization, `[n, k]` f32 from quantized codes (the backends fuse it into
+    /// the matrix product that reads it, so the f32 matrix never exists at run time).
+    /// `bits: 8`: operands `q: i8 [n, k]`, `scale: f32 [n, k / group]`; `w = q · scale`.
+    /// `bits: 4`: operands `q: u8 [n, k / 2]`, `scale`, `min`: float `[n, k / group]`;
+    /// `w = code · scale + min`, codes 0..=15 packed two per byte in blocks of 32 columns: byte
+    /// `i` of a block holds column `i` in its low nibble and column `i + 16` in its high nibble.
+    Dequantize {
+        /// Bits per code (8 or 4).
+        bits: u8,
+        /// Columns sharing one scale (a multiple of 32 for 4 bits).
+        group: u64,
+    },
     /// A key/value cache (the one stateful op): appends its operand `[b, h, t, d]` to cache slot
     /// `slot` after the `len - t` entries it already holds, and returns all `len` entries,
     /// `[b, h, len, d]`. The runtime owns the cache and binds `len` (a symbolic dim) to the number
@@ -300,6 +312,13 @@ impl Op {
             | Op::Slice { .. }
             | Op::Cast { .. }
             | Op::CacheAppend { .. } => 1,
+            Op::Dequantize { bits, .. } => {
+                if *bits == 4 {
+                    3
+                } else {
+                    2
+                }
+            }
             Op::Concat { .. } => return None,
         })
     }
@@ -359,6 +378,7 @@ impl Op {
             Op::Concat { .. } => "concat",
             Op::Gather { .. } => "gather",
             Op::CacheAppend { .. } => "cache_append",
+            Op::Dequantize { .. } => "dequantize",
             Op::Cast { .. } => "cast",
         }
     }
@@ -390,6 +410,7 @@ impl Op {
             Op::Slice { axis, start, end } => format!("axis={axis} {start}..{end}"),
             Op::Concat { axis } | Op::Gather { axis } => format!("axis={axis}"),
             Op::CacheAppend { slot, len } => format!("slot={slot} len={len}"),
+            Op::Dequantize { bits, group } => format!("bits={bits} group={group}"),
             Op::Cast { to } => format!("to={to}"),
             Op::Binary(_) | Op::Compare(_) | Op::Where | Op::Unary(_) => String::new(),
         }
@@ -621,6 +642,36 @@ impl Op {
                 Ok(TensorType::new(t.dtype, shape))
             }
             Op::Cast { to } => Ok(TensorType::new(*to, args[0].shape.clone())),
+            Op::Dequantize { bits, group } => {
+                let (q, s) = (args[0], args[1]);
+                let known = |t: &TensorType| -> Option<(u64, u64)> {
+                    (t.rank() == 2).then(|| Some((t.shape[0].as_known()?, t.shape[1].as_known()?)))?
+                };
+                let (Some((n, qc)), Some((sn, groups))) = (known(q), known(s)) else {
+                    return err(format!(
+                        "dequantize takes constant-shape rank-2 codes and scales, got {q} and {s}"
+                    ));
+                };
+                let k = groups * group;
+                let want_q = match bits {
+                    8 => (DType::I8, k),
+                    4 if group % 32 == 0 => (DType::U8, k / 2),
+                    _ => {
+                        return err(format!(
+                            "dequantize: {bits} bits with groups of {group} is not supported"
+                        ))
+                    }
+                };
+                if q.dtype != want_q.0 || qc != want_q.1 || sn != n || !s.dtype.is_float() || *group == 0 {
+                    return err(format!(
+                        "dequantize bits={bits} group={group}: codes {q} and scales {s} do not describe one [{n}, {k}] matrix"
+                    ));
+                }
+                if *bits == 4 && args[2] != s {
+                    return err(format!("dequantize: mins {} must match scales {s}", args[2]));
+                }
+                Ok(TensorType::new(DType::F32, vec![Dim::known(n), Dim::known(k)]))
+            }
             Op::CacheAppend { len, .. } => {
                 let t = args[0];
                 if t.rank() != 4 || !t.dtype.is_float() {

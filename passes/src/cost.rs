@@ -130,7 +130,8 @@ impl CostModel {
             | Op::Slice { .. }
             | Op::Concat { .. }
             | Op::Gather { .. }
-            | Op::CacheAppend { .. } => moved(0.0),
+            | Op::CacheAppend { .. }
+            | Op::Dequantize { .. } => moved(0.0),
         }
     }
 

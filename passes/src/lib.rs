@@ -15,6 +15,7 @@ pub mod egraph;
 pub mod layout;
 pub mod merge_projections;
 pub mod narrow;
+pub mod quantize;
 pub mod rules;
 pub mod simplify;
 

@@ -561,6 +561,36 @@ impl Model {
                 },
                 self.threads,
             ),
+            Step::QMatMul {
+                a,
+                codes,
+                scales,
+                mins,
+                bits,
+                group,
+                out,
+                scale,
+                bias,
+                acc,
+            } => {
+                let m = &self.manifest;
+                let dt = |v: u32| m.values[v as usize].dtype;
+                kernels::qmatmul(
+                    (bufs[*a as usize], &shapes[*a as usize]),
+                    kernels::QWeight {
+                        codes: bufs[*codes as usize],
+                        scales: (bufs[*scales as usize], dt(*scales)),
+                        mins: mins.map(|v| (bufs[v as usize], dt(v))),
+                        bits: *bits,
+                        group: *group as usize,
+                    },
+                    (bufs[*out as usize], &shapes[*out as usize]),
+                    *scale,
+                    bias.map(|v| (bufs[v as usize], shapes[v as usize].as_slice())),
+                    acc.map(|v| (bufs[v as usize], shapes[v as usize].as_slice())),
+                    self.threads,
+                )
+            }
             Step::Gather { table, idx, out, axis } => {
                 let m = &self.manifest;
                 kernels::gather(
@@ -684,6 +714,7 @@ fn step_kind(step: &Step) -> String {
             kind, inputs, space, ..
         } => format!("kernel:{kind:?}:{}in:rank{}", inputs.len(), space.len()),
         Step::MatMul { .. } => "matmul".into(),
+        Step::QMatMul { bits, .. } => format!("matmul:int{bits}"),
         Step::Gather { .. } => "gather".into(),
         Step::Transpose { .. } => "transpose".into(),
         Step::Slice { .. } => "slice".into(),
@@ -699,6 +730,7 @@ fn step_out(step: &Step) -> usize {
     (match step {
         Step::Kernel { out, .. }
         | Step::MatMul { out, .. }
+        | Step::QMatMul { out, .. }
         | Step::Gather { out, .. }
         | Step::Transpose { out, .. }
         | Step::Slice { out, .. }
@@ -719,6 +751,20 @@ fn step_inputs(step: &Step) -> Vec<u32> {
     match step {
         Step::Kernel { inputs, .. } | Step::Fallback { inputs, .. } => inputs.clone(),
         Step::MatMul { a, b, bias, acc, .. } => [*a, *b].into_iter().chain(*bias).chain(*acc).collect(),
+        Step::QMatMul {
+            a,
+            codes,
+            scales,
+            mins,
+            bias,
+            acc,
+            ..
+        } => [*a, *codes, *scales]
+            .into_iter()
+            .chain(*mins)
+            .chain(*bias)
+            .chain(*acc)
+            .collect(),
         Step::Gather { table, idx, .. } => vec![*table, *idx],
         Step::Transpose { x, .. } | Step::Slice { x, .. } | Step::Broadcast { x, .. } | Step::CacheAppend { x, .. } => {
             vec![*x]

@@ -992,3 +992,312 @@ pub fn attention(
     }
     Ok(())
 }
+
+/// A quantized `[n, k]` weight, as `Step::QMatMul` reads it.
+pub struct QWeight {
+    /// Codes: i8 `[n, k]` or packed u8 `[n, k/2]`.
+    pub codes: Buf,
+    /// `[n, k / group]` scales and their element type (f32 or f16).
+    pub scales: (Buf, DType),
+    /// `[n, k / group]` minimums (4 bits).
+    pub mins: Option<(Buf, DType)>,
+    /// 8 or 4.
+    pub bits: u8,
+    /// Columns per scale.
+    pub group: usize,
+}
+
+fn floats(b: Buf, dt: DType, n: usize) -> Result<Vec<f32>, String> {
+    let es = dt.size_bytes();
+    if b.len != n * es {
+        return Err(format!("{} bytes of {dt} where {n} values were expected", b.len));
+    }
+    // SAFETY: `b` holds exactly `n` values of `dt`.
+    let bytes = unsafe { std::slice::from_raw_parts(b.ptr as *const u8, b.len) };
+    Ok(match dt {
+        DType::F32 => bytes
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect(),
+        DType::F16 => bytes
+            .chunks_exact(2)
+            .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
+            .collect(),
+        DType::BF16 => bytes
+            .chunks_exact(2)
+            .map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32())
+            .collect(),
+        other => return Err(format!("quantization scales of dtype {other}")),
+    })
+}
+
+/// Row `j` of the weight, dequantized into `dst` (`k` floats).
+fn dequant_row(w: &QWeight, codes: &[u8], s: &[f32], m: &[f32], k: usize, j: usize, dst: &mut [f32]) {
+    let groups = k / w.group;
+    if w.bits == 8 {
+        let row = &codes[j * k..(j + 1) * k];
+        for (c, d) in dst.iter_mut().enumerate() {
+            *d = row[c] as i8 as f32 * s[j * groups + c / w.group];
+        }
+    } else {
+        let row = &codes[j * k / 2..(j + 1) * k / 2];
+        for (c, d) in dst.iter_mut().enumerate() {
+            let byte = row[(c / 32) * 16 + c % 16];
+            let code = if c % 32 < 16 { byte & 15 } else { byte >> 4 };
+            let g = j * groups + c / w.group;
+            *d = code as f32 * s[g] + m[g];
+        }
+    }
+}
+
+/// `Σ a[c] · code[c]` over one group of one weight row (the scale is applied by the caller).
+fn qdot(bits: u8, a: &[f32], codes: &[u8]) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+        // SAFETY: the CPU has AVX2 and FMA; the slices are as long as the loops read.
+        return unsafe {
+            if bits == 8 {
+                qdot8_avx2(a, codes)
+            } else {
+                qdot4_avx2(a, codes)
+            }
+        };
+    }
+    if bits == 8 {
+        a.iter().zip(codes).map(|(x, q)| x * (*q as i8 as f32)).sum()
+    } else {
+        a.iter()
+            .enumerate()
+            .map(|(c, x)| {
+                let byte = codes[(c / 32) * 16 + c % 16];
+                x * (if c % 32 < 16 { byte & 15 } else { byte >> 4 }) as f32
+            })
+            .sum()
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn hsum256(v: std::arch::x86_64::__m256) -> f32 {
+    use std::arch::x86_64::*;
+    let lo = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    let lo = _mm_add_ps(lo, _mm_movehl_ps(lo, lo));
+    let lo = _mm_add_ss(lo, _mm_shuffle_ps(lo, lo, 1));
+    _mm_cvtss_f32(lo)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn qdot8_avx2(a: &[f32], codes: &[u8]) -> f32 {
+    use std::arch::x86_64::*;
+    let n = a.len().min(codes.len());
+    let (mut s0, mut s1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+    let mut c = 0;
+    while c + 16 <= n {
+        let q = _mm_loadu_si128(codes.as_ptr().add(c) as *const __m128i);
+        let q0 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q));
+        let q1 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(q, 8)));
+        s0 = _mm256_fmadd_ps(_mm256_loadu_ps(a.as_ptr().add(c)), q0, s0);
+        s1 = _mm256_fmadd_ps(_mm256_loadu_ps(a.as_ptr().add(c + 8)), q1, s1);
+        c += 16;
+    }
+    let mut t = hsum256(_mm256_add_ps(s0, s1));
+    while c < n {
+        t += a[c] * (codes[c] as i8 as f32);
+        c += 1;
+    }
+    t
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn qdot4_avx2(a: &[f32], codes: &[u8]) -> f32 {
+    use std::arch::x86_64::*;
+    let mask = _mm_set1_epi8(15);
+    let (mut s0, mut s1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+    for b in 0..a.len() / 32 {
+        let bytes = _mm_loadu_si128(codes.as_ptr().add(b * 16) as *const __m128i);
+        let lo = _mm_and_si128(bytes, mask);
+        let hi = _mm_and_si128(_mm_srli_epi16(bytes, 4), mask);
+        let ap = a.as_ptr().add(b * 32);
+        let c0 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(lo));
+        let c1 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(lo, 8)));
+        let c2 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(hi));
+        let c3 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(hi, 8)));
+        s0 = _mm256_fmadd_ps(_mm256_loadu_ps(ap), c0, s0);
+        s1 = _mm256_fmadd_ps(_mm256_loadu_ps(ap.add(8)), c1, s1);
+        s0 = _mm256_fmadd_ps(_mm256_loadu_ps(ap.add(16)), c2, s0);
+        s1 = _mm256_fmadd_ps(_mm256_loadu_ps(ap.add(24)), c3, s1);
+    }
+    hsum256(_mm256_add_ps(s0, s1))
+}
+
+/// `out = acc + bias + scale · (a @ wᵀ)` with a quantized `w`: rows of `a` at most [`GEMV_ROWS`]
+/// take one streaming pass over the codes (dot products per group, scaled once per group); more
+/// rows dequantize 64 output channels at a time into a per-thread tile and call the GEMM on it.
+#[allow(clippy::too_many_arguments)]
+pub fn qmatmul(
+    a: (Buf, &[usize]),
+    w: QWeight,
+    out: (Buf, &[usize]),
+    scale: f32,
+    bias: Option<(Buf, &[usize])>,
+    acc: Option<(Buf, &[usize])>,
+    threads: usize,
+) -> Result<(), String> {
+    let (sa, so) = (a.1, out.1);
+    let (Some(&k), Some(&n)) = (sa.last(), so.last()) else {
+        return Err("quantized matmul operands need rank >= 1".into());
+    };
+    if sa.len() != so.len() || sa[..sa.len() - 1] != so[..so.len() - 1] {
+        return Err(format!("quantized matmul {sa:?} -> {so:?}: rows differ"));
+    }
+    let g = w.group;
+    let ok = g > 0
+        && k % g == 0
+        && match w.bits {
+            8 => w.codes.len == n * k,
+            4 => g % 32 == 0 && w.codes.len == n * k / 2,
+            _ => false,
+        };
+    if !ok {
+        return Err(format!(
+            "quantized weight ({} bits, groups of {g}, {} code bytes) does not fit [{n}, {k}]",
+            w.bits, w.codes.len
+        ));
+    }
+    check_len("quantized matmul lhs", a.0, sa, 4)?;
+    check_len("quantized matmul output", out.0, so, 4)?;
+    let groups = k / g;
+    let s = floats(w.scales.0, w.scales.1, n * groups)?;
+    let m = match w.mins {
+        Some((b, dt)) => floats(b, dt, n * groups)?,
+        None if w.bits == 4 => return Err("4-bit weights need minimums".into()),
+        None => Vec::new(),
+    };
+    let rows = elems(sa) / k.max(1);
+    // The epilogue's addends go into the output first; the product accumulates.
+    let read_dst = acc.is_some() || bias.is_some();
+    if let Some((accb, s)) = acc {
+        if s != so {
+            return Err(format!("matmul accumulator {s:?} differs from the result {so:?}"));
+        }
+        check_len("matmul accumulator", accb, s, 4)?;
+        // SAFETY: same length, distinct buffers.
+        unsafe { std::ptr::copy_nonoverlapping(accb.ptr, out.0.ptr, out.0.len) };
+    }
+    if let Some((bb, s)) = bias {
+        if s != [n] {
+            return Err(format!("matmul bias {s:?} is not [{n}]"));
+        }
+        check_len("matmul bias", bb, s, 4)?;
+        // SAFETY: checked lengths.
+        let (bv, ov) = unsafe {
+            (
+                std::slice::from_raw_parts(bb.ptr as *const f32, n),
+                std::slice::from_raw_parts_mut(out.0.ptr as *mut f32, out.0.len / 4),
+            )
+        };
+        for row in ov.chunks_exact_mut(n.max(1)) {
+            if acc.is_some() {
+                row.iter_mut().zip(bv).for_each(|(o, b)| *o += b);
+            } else {
+                row.copy_from_slice(bv);
+            }
+        }
+    }
+    if rows == 0 || n == 0 {
+        return Ok(());
+    }
+    // SAFETY: lengths checked above.
+    let av = unsafe { std::slice::from_raw_parts(a.0.ptr as *const f32, rows * k) };
+    let codes = unsafe { std::slice::from_raw_parts(w.codes.ptr as *const u8, w.codes.len) };
+    let op = out.0.ptr as usize;
+    let store = |r: usize, j: usize, v: f32| {
+        // SAFETY: r < rows, j < n; each (r, j) is written by one task.
+        let o = unsafe { &mut *(op as *mut f32).add(r * n + j) };
+        *o = if read_dst { *o + scale * v } else { scale * v };
+    };
+    let cb = if w.bits == 8 { k } else { k / 2 };
+    if rows <= GEMV_ROWS {
+        // Per-group sums of each row of `a`, for the minimums.
+        let asum: Vec<f32> = if w.bits == 4 {
+            (0..rows * groups)
+                .map(|i| av[(i / groups) * k + (i % groups) * g..][..g].iter().sum())
+                .collect()
+        } else {
+            Vec::new()
+        };
+        let blocks = (threads * 4).clamp(1, n.div_ceil(16).max(1));
+        let width = n.div_ceil(blocks);
+        let work = |bi: usize| {
+            for j in bi * width..((bi + 1) * width).min(n) {
+                let crow = &codes[j * cb..(j + 1) * cb];
+                for r in 0..rows {
+                    let ar = &av[r * k..(r + 1) * k];
+                    let mut t = 0f32;
+                    for gi in 0..groups {
+                        let gc = if w.bits == 8 {
+                            &crow[gi * g..(gi + 1) * g]
+                        } else {
+                            &crow[gi * g / 2..(gi + 1) * g / 2]
+                        };
+                        let d = qdot(w.bits, &ar[gi * g..(gi + 1) * g], gc);
+                        t += s[j * groups + gi] * d;
+                        if w.bits == 4 {
+                            t += m[j * groups + gi] * asum[r * groups + gi];
+                        }
+                    }
+                    store(r, j, t);
+                }
+            }
+        };
+        if threads > 1 && blocks > 1 {
+            (0..blocks).into_par_iter().for_each(work);
+        } else {
+            (0..blocks).for_each(work);
+        }
+        return Ok(());
+    }
+    const NB: usize = 64;
+    let ap = a.0.ptr as usize;
+    let tile = |bi: usize| {
+        let (j0, j1) = (bi * NB, ((bi + 1) * NB).min(n));
+        let mut t = vec![0f32; (j1 - j0) * k];
+        for j in j0..j1 {
+            dequant_row(&w, codes, &s, &m, k, j, &mut t[(j - j0) * k..(j - j0 + 1) * k]);
+        }
+        // SAFETY: a is [rows, k]; the tile is [j1 - j0, k] read transposed; the output block is
+        // columns j0..j1 of [rows, n], written by this task only.
+        unsafe {
+            gemm::gemm::<f32>(
+                rows,
+                j1 - j0,
+                k,
+                (op as *mut f32).add(j0),
+                1,
+                n as isize,
+                read_dst,
+                ap as *const f32,
+                1,
+                k as isize,
+                t.as_ptr(),
+                k as isize,
+                1,
+                1.0,
+                scale,
+                false,
+                false,
+                false,
+                gemm::Parallelism::None,
+            )
+        };
+    };
+    let nblocks = n.div_ceil(NB);
+    if threads > 1 {
+        (0..nblocks).into_par_iter().for_each(tile);
+    } else {
+        (0..nblocks).for_each(tile);
+    }
+    Ok(())
+}

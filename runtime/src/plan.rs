@@ -153,6 +153,31 @@ pub enum Step {
         /// A tensor of the result's shape added to it (a residual connection).
         acc: Option<u32>,
     },
+    /// A product with a quantized right operand (`Dequantize` fused in): `out = acc + bias + scale *
+    /// (a @ wᵀ)`, `w [n, k]` dequantized on the fly from `codes` and `scales` (and `mins` for 4 bits),
+    /// never stored in f32.
+    QMatMul {
+        /// Left operand `[.., m, k]`, f32.
+        a: u32,
+        /// Codes: i8 `[n, k]` (8 bits) or packed u8 `[n, k/2]` (4 bits).
+        codes: u32,
+        /// `[n, k / group]` scales.
+        scales: u32,
+        /// `[n, k / group]` minimums (4 bits).
+        mins: Option<u32>,
+        /// Bits per code.
+        bits: u8,
+        /// Columns per scale.
+        group: u64,
+        /// Result `[.., m, n]`.
+        out: u32,
+        /// Multiplies the product.
+        scale: f32,
+        /// A `[n]` vector added to every row.
+        bias: Option<u32>,
+        /// A tensor of the result's shape added to it.
+        acc: Option<u32>,
+    },
     /// Rows of a table picked by integer ids.
     Gather {
         /// Table.

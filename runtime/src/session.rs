@@ -474,6 +474,15 @@ impl Session<'_> {
         self.run(inputs)
     }
 
+    /// Runs the prompts like [`Session::prefill`] and returns every output of the plan as it is.
+    pub fn prefill_outputs(&mut self, prompts: &[Vec<i64>]) -> Result<Vec<(String, Tensor)>, RunError> {
+        let inputs = self.feed.prefill(prompts).map_err(|msg| RunError::BadInput {
+            name: "prompts".into(),
+            msg,
+        })?;
+        self.run_raw(inputs)
+    }
+
     /// Feeds one token per sequence; returns each one's next-token logits.
     pub fn step(&mut self, tokens: &[i64]) -> Result<Vec<Vec<f32>>, RunError> {
         let inputs = self.feed.step(tokens).map_err(|msg| RunError::BadInput {
@@ -484,6 +493,18 @@ impl Session<'_> {
     }
 
     fn run(&mut self, inputs: BTreeMap<String, Tensor>) -> Result<Vec<Vec<f32>>, RunError> {
+        let outs = self.run_raw(inputs)?;
+        let logits = &outs[0].1;
+        let v = logits.to_f32_vec().ok_or_else(|| RunError::BadInput {
+            name: outs[0].0.clone(),
+            msg: format!("expected f32 logits, got {}", logits.dtype()),
+        })?;
+        let b = self.feed.batch();
+        let row = v.len() / b.max(1);
+        Ok(v.chunks(row.max(1)).map(|c| c.to_vec()).collect())
+    }
+
+    fn run_raw(&mut self, inputs: BTreeMap<String, Tensor>) -> Result<Vec<(String, Tensor)>, RunError> {
         if self.failed {
             return Err(RunError::BadInput {
                 name: "session".into(),
@@ -501,15 +522,8 @@ impl Session<'_> {
         };
         let (outs, _) = self.model.run_inner(&inputs, times, Some(&mut self.cache))?;
         self.cache.len = self.feed.len();
-        let logits = &outs[0].1;
-        let v = logits.to_f32_vec().ok_or_else(|| RunError::BadInput {
-            name: outs[0].0.clone(),
-            msg: format!("expected f32 logits, got {}", logits.dtype()),
-        })?;
-        let b = self.feed.batch();
-        let row = v.len() / b.max(1);
         self.failed = false;
-        Ok(v.chunks(row.max(1)).map(|c| c.to_vec()).collect())
+        Ok(outs)
     }
 
     /// Generates up to `max_new` tokens for every prompt, calling `on_token(step, tokens)` after

@@ -110,6 +110,24 @@ pub fn manifest(m: &Manifest, weights_len: usize, code_len: usize) -> Result<(),
                 a, b, out, bias, acc, ..
             } => ([*a, *b].into_iter().chain(*bias).chain(*acc).collect(), *out),
             Step::Gather { table, idx, out, .. } => (vec![*table, *idx], *out),
+            Step::QMatMul {
+                a,
+                codes,
+                scales,
+                mins,
+                out,
+                bias,
+                acc,
+                ..
+            } => (
+                [*a, *codes, *scales]
+                    .into_iter()
+                    .chain(*mins)
+                    .chain(*bias)
+                    .chain(*acc)
+                    .collect(),
+                *out,
+            ),
             Step::Transpose { x, out, .. }
             | Step::Slice { x, out, .. }
             | Step::Broadcast { x, out }
@@ -179,6 +197,35 @@ pub fn manifest(m: &Manifest, weights_len: usize, code_len: usize) -> Result<(),
                     .any(|v| dt(v) != DType::F32)
                 {
                     return bad(format!("step {si}: matmul on non-f32 values"));
+                }
+            }
+            Step::QMatMul {
+                a,
+                codes,
+                scales,
+                mins,
+                bits,
+                group,
+                out,
+                bias,
+                acc,
+                ..
+            } => {
+                let want_codes = if *bits == 8 { DType::I8 } else { DType::U8 };
+                let float = |v: &u32| matches!(dt(*v), DType::F32 | DType::F16 | DType::BF16);
+                if ![8, 4].contains(bits)
+                    || *group == 0
+                    || dt(*codes) != want_codes
+                    || !float(scales)
+                    || mins.is_some() != (*bits == 4)
+                    || mins.iter().any(|m| !float(m))
+                    || [*a, *out]
+                        .into_iter()
+                        .chain(*bias)
+                        .chain(*acc)
+                        .any(|v| dt(v) != DType::F32)
+                {
+                    return bad(format!("step {si}: quantized matmul types"));
                 }
             }
             Step::Gather { table, idx, out, .. } => {

@@ -6,6 +6,7 @@
 
 pub mod codegen;
 pub mod plan;
+pub mod quant;
 
 use std::collections::BTreeMap;
 use std::path::Path;

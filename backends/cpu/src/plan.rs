@@ -177,7 +177,8 @@ fn fold_static(
                     vals.insert(n, kiln_interp::Value::from_tensor(t, ty.dtype));
                 }
             }
-            Op::Input { .. } => {}
+            // Quantized weights stay quantized: the product dequantizes them on the fly.
+            Op::Input { .. } | Op::Dequantize { .. } => {}
             op => {
                 let args = graph.args(n);
                 let ready = !args.is_empty() || matches!(op, Op::Scalar { .. } | Op::Iota { .. });
@@ -316,6 +317,27 @@ pub fn plan(
         epi.insert(cur, e);
     }
     let special = |n: NodeId| absorbed.contains(&n) || epi.contains_key(&n) || folded.contains_key(&n);
+    // Products whose right operand is a dequantized weight read the codes directly.
+    let dequant_of = |m: NodeId| -> Option<NodeId> {
+        let Op::MatMul {
+            transpose_a: false,
+            transpose_b: true,
+        } = graph.node(m).op
+        else {
+            return None;
+        };
+        let b = graph.args(m)[1];
+        let only_products = users[&b].iter().all(|u| {
+            matches!(
+                graph.node(*u).op,
+                Op::MatMul {
+                    transpose_a: false,
+                    transpose_b: true
+                }
+            ) && graph.args(*u)[0] != b
+        });
+        (matches!(graph.node(b).op, Op::Dequantize { .. }) && only_products && !outputs.contains(&b)).then_some(b)
+    };
 
     // 1. Fusion groups, formed from the outputs backwards.
     let mut group_of: HashMap<NodeId, usize> = HashMap::new();
@@ -534,7 +556,14 @@ pub fn plan(
     let interior = |n: NodeId| group_of.get(&n).is_some_and(|g| groups[*g].root != n);
     let eff_args = |n: NodeId| -> Vec<NodeId> {
         match epi.get(&n) {
-            Some(e) => graph.args(e.matmul).into_iter().chain(e.bias).chain(e.acc).collect(),
+            Some(e) => {
+                let mm = graph.args(e.matmul);
+                let operands = match dequant_of(e.matmul) {
+                    Some(dq) => std::iter::once(mm[0]).chain(graph.args(dq)).collect(),
+                    None => mm,
+                };
+                operands.into_iter().chain(e.bias).chain(e.acc).collect()
+            }
             None => graph.args(n),
         }
     };
@@ -695,6 +724,29 @@ pub fn plan(
                     unreachable!("epilogues start at a matmul")
                 };
                 let mm = graph.args(e.matmul);
+                if let (Some(dq), Op::Dequantize { bits, group }) = (
+                    dequant_of(e.matmul),
+                    dequant_of(e.matmul)
+                        .map(|d| graph.node(d).op.clone())
+                        .unwrap_or(Op::Where),
+                ) {
+                    let qa = graph.args(dq);
+                    steps.push(Step::QMatMul {
+                        a: val(&mm[0])?,
+                        codes: val(&qa[0])?,
+                        scales: val(&qa[1])?,
+                        mins: qa.get(2).map(&val).transpose()?,
+                        bits,
+                        group,
+                        out: vid,
+                        scale: e.scale,
+                        bias: e.bias.as_ref().map(&val).transpose()?,
+                        acc: e.acc.as_ref().map(&val).transpose()?,
+                    });
+                    values.push(decl);
+                    value_of.insert(n, vid);
+                    continue;
+                }
                 steps.push(Step::MatMul {
                     a: val(&mm[0])?,
                     b: val(&mm[1])?,

@@ -117,6 +117,7 @@ pub fn eval(op: &Op, ty: &TensorType, args: &[&Value], b: &Bindings) -> Result<V
         Op::Unary(u) => args[0].data.iter().map(|x| unary(*u, *x)).collect(),
         Op::Cast { .. } => args[0].data.clone(),
         Op::CacheAppend { .. } => return Err("cache_append runs only with a cache (`run_with_cache`)".into()),
+        Op::Dequantize { bits, group } => dequantize(*bits, *group as usize, &out_shape, args),
         Op::Binary(bop) => {
             let (x, y) = (args[0], args[1]);
             let sx = broadcast_strides(&x.shape, &out_shape);
@@ -313,6 +314,29 @@ fn reduce(x: &Value, op: ReduceOp, axes: &[usize]) -> Vec<f64> {
     });
     if op == ReduceOp::Mean {
         out.iter_mut().for_each(|v| *v /= count as f64);
+    }
+    out
+}
+
+/// `w[r, c]` from quantized codes (see [`Op::Dequantize`]).
+fn dequantize(bits: u8, group: usize, shape: &[usize], args: &[&Value]) -> Vec<f64> {
+    let (n, k) = (shape[0], shape[1]);
+    let groups = k / group;
+    let mut out = Vec::with_capacity(n * k);
+    for r in 0..n {
+        for c in 0..k {
+            let g = r * groups + c / group;
+            let s = args[1].data[g];
+            out.push(match bits {
+                8 => args[0].data[r * k + c] * s,
+                _ => {
+                    let (block, i) = (c / 32, c % 32);
+                    let byte = args[0].data[r * (k / 2) + block * 16 + i % 16] as u32;
+                    let code = if i < 16 { byte & 15 } else { byte >> 4 };
+                    code as f64 * s + args[2].data[g]
+                }
+            });
+        }
     }
     out
 }

@@ -1,0 +1,743 @@
+//! Weight-only quantization of matrix products whose right operand is a weight (`Linear`s, merged
+//! projections, a tied LM head): the weight becomes `dequantize(codes, scales[, mins])` over new
+//! parameters, which backends fuse into the product so the f32 matrix never exists at run time.
+//!
+//! Schemes: `int8` (symmetric, one scale per output channel), `int4[:G]` (affine, a scale and a
+//! minimum per group of G input columns, f16), `gptq4[:G]` (int4 codes chosen by GPTQ: columns are
+//! quantized in order and each one's rounding error is compensated on the columns not yet quantized,
+//! weighted by the inverse Hessian `H = 2/n Σ x xᵀ` of the layer's calibration inputs; Frantar et al.,
+//! 2022). Quantized weights are stored `[n, k]` (output channels as rows): a weight stored `[k, n]`
+//! (GPT-2's Conv1D) is transposed once here and the product's `transpose_b` flipped.
+//!
+//! Where it pays: only products with at least [`MIN_ELEMENTS`] weights are quantized (a small matrix
+//! saves nothing and costs a kernel with poor reuse); `exclude` glob patterns keep named weights in
+//! f32. Every decision is in the report.
+
+use std::collections::{BTreeMap, HashMap};
+
+use kiln_ir::{DType, Dim, Graph, NodeId, Op, Tensor};
+
+/// Weights smaller than this stay f32.
+pub const MIN_ELEMENTS: usize = 4096;
+
+/// How weights are quantized.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Scheme {
+    /// Symmetric int8, one scale per output channel.
+    Int8,
+    /// Affine int4, a scale and a minimum per group of input columns, round to nearest.
+    Int4 {
+        /// Columns per group.
+        group: u64,
+    },
+    /// Affine int4 with codes chosen by GPTQ.
+    Gptq4 {
+        /// Columns per group.
+        group: u64,
+    },
+}
+
+impl std::str::FromStr for Scheme {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Scheme, String> {
+        let (name, group) = match s.split_once(':') {
+            Some((n, g)) => (
+                n,
+                Some(
+                    g.parse::<u64>()
+                        .map_err(|_| format!("`{s}`: the group size must be a number"))?,
+                ),
+            ),
+            None => (s, None),
+        };
+        let group = group.unwrap_or(128);
+        if name != "int8" && ![32, 64, 128].contains(&group) {
+            return Err(format!("`{s}`: int4 groups are 32, 64 or 128 columns"));
+        }
+        match name {
+            "int8" if s.contains(':') => Err(format!("`{s}`: int8 has one scale per output channel, no groups")),
+            "int8" => Ok(Scheme::Int8),
+            "int4" => Ok(Scheme::Int4 { group }),
+            "gptq4" => Ok(Scheme::Gptq4 { group }),
+            _ => Err(format!(
+                "unknown quantization `{s}` (expected int8, int4[:GROUP] or gptq4[:GROUP])"
+            )),
+        }
+    }
+}
+
+impl std::fmt::Display for Scheme {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Scheme::Int8 => write!(f, "int8"),
+            Scheme::Int4 { group } => write!(f, "int4:{group}"),
+            Scheme::Gptq4 { group } => write!(f, "gptq4:{group}"),
+        }
+    }
+}
+
+/// A product whose weight can be quantized.
+#[derive(Clone, Debug)]
+pub struct Target {
+    /// The matrix product.
+    pub matmul: NodeId,
+    /// Its weight operand (a parameter, or a subgraph of parameters such as a concatenation).
+    pub weight: NodeId,
+    /// A name for reports: the parameter's, or the weight node's.
+    pub name: String,
+    /// Output channels.
+    pub n: usize,
+    /// Input columns.
+    pub k: usize,
+}
+
+/// Does `name` match the glob `pat` (`*` any run, `?` one character)?
+pub fn glob(pat: &str, name: &str) -> bool {
+    fn go(p: &[u8], s: &[u8]) -> bool {
+        match (p.first(), s.first()) {
+            (None, None) => true,
+            (Some(b'*'), _) => go(&p[1..], s) || (!s.is_empty() && go(p, &s[1..])),
+            (Some(b'?'), Some(_)) => go(&p[1..], &s[1..]),
+            (Some(a), Some(b)) if a == b => go(&p[1..], &s[1..]),
+            _ => false,
+        }
+    }
+    go(pat.as_bytes(), name.as_bytes())
+}
+
+/// Whether `n` depends on weights and constants only.
+fn weight_only(g: &Graph, n: NodeId, memo: &mut HashMap<NodeId, bool>) -> bool {
+    if let Some(v) = memo.get(&n) {
+        return *v;
+    }
+    let v = match g.node(n).op {
+        Op::Param { .. } | Op::Scalar { .. } => true,
+        Op::Input { .. } | Op::Iota { .. } | Op::CacheAppend { .. } | Op::Dequantize { .. } => false,
+        _ => g.args(n).iter().all(|a| weight_only(g, *a, memo)),
+    };
+    memo.insert(n, v);
+    v
+}
+
+/// The products that could be quantized, and why others are not.
+pub fn targets(g: &Graph, exclude: &[String]) -> (Vec<Target>, Vec<(String, String)>) {
+    let mut memo = HashMap::new();
+    let mut out = Vec::new();
+    let mut skipped = Vec::new();
+    let order = g.topo_order().unwrap_or_default();
+    for id in order {
+        let Op::MatMul {
+            transpose_a: false,
+            transpose_b,
+        } = g.node(id).op
+        else {
+            continue;
+        };
+        let w = g.args(id)[1];
+        let wt = &g.node(w).ty;
+        if wt.rank() != 2 || wt.dtype != DType::F32 || !weight_only(g, w, &mut memo) {
+            continue;
+        }
+        let (Some(r), Some(c)) = (wt.shape[0].as_known(), wt.shape[1].as_known()) else {
+            continue;
+        };
+        let (n, k) = if transpose_b { (r, c) } else { (c, r) };
+        let name = match &g.node(w).op {
+            Op::Param { name, .. } => name.clone(),
+            _ => g.node(w).name.clone(),
+        };
+        let params = param_names(g, w);
+        if let Some(p) = exclude
+            .iter()
+            .find(|p| glob(p, &name) || params.iter().any(|q| glob(p, q)))
+        {
+            skipped.push((name, format!("excluded by `{p}`")));
+            continue;
+        }
+        if ((n * k) as usize) < MIN_ELEMENTS {
+            skipped.push((name, format!("{n}x{k} is below {MIN_ELEMENTS} weights")));
+            continue;
+        }
+        out.push(Target {
+            matmul: id,
+            weight: w,
+            name,
+            n: n as usize,
+            k: k as usize,
+        });
+    }
+    (out, skipped)
+}
+
+fn param_names(g: &Graph, n: NodeId) -> Vec<String> {
+    match &g.node(n).op {
+        Op::Param { name, .. } => vec![name.clone()],
+        _ => g.args(n).iter().flat_map(|a| param_names(g, *a)).collect(),
+    }
+}
+
+/// The value of a weight-only node, `[n, k]` row-major (output channels as rows).
+fn weight_rows(g: &Graph, t: &Target, weights: &BTreeMap<String, Tensor>) -> Result<Vec<f32>, String> {
+    fn eval(
+        g: &Graph,
+        n: NodeId,
+        weights: &BTreeMap<String, Tensor>,
+        memo: &mut HashMap<NodeId, kiln_interp::Value>,
+    ) -> Result<kiln_interp::Value, String> {
+        if let Some(v) = memo.get(&n) {
+            return Ok(v.clone());
+        }
+        let node = g.node(n);
+        let v = match &node.op {
+            Op::Param { name, ty } => {
+                let t = weights
+                    .get(name)
+                    .ok_or_else(|| format!("weight `{name}` is not bound"))?;
+                kiln_interp::Value::from_tensor(t, ty.dtype)
+            }
+            op => {
+                let args: Vec<kiln_interp::Value> = g
+                    .args(n)
+                    .iter()
+                    .map(|a| eval(g, *a, weights, memo))
+                    .collect::<Result<_, _>>()?;
+                let refs: Vec<&kiln_interp::Value> = args.iter().collect();
+                kiln_interp::eval_op(op, &node.ty, &refs, &kiln_ir::Bindings::new())?
+            }
+        };
+        memo.insert(n, v.clone());
+        Ok(v)
+    }
+    let v = eval(g, t.weight, weights, &mut HashMap::new())?;
+    let Op::MatMul { transpose_b, .. } = g.node(t.matmul).op else {
+        unreachable!("targets are matrix products")
+    };
+    let (n, k) = (t.n, t.k);
+    Ok(if transpose_b {
+        v.data.iter().map(|x| *x as f32).collect()
+    } else {
+        let mut w = vec![0f32; n * k];
+        for r in 0..k {
+            for c in 0..n {
+                w[c * k + r] = v.data[r * n + c] as f32;
+            }
+        }
+        w
+    })
+}
+
+/// `Σ x xᵀ` over the rows of a layer's calibration inputs.
+#[derive(Clone, Debug)]
+pub struct Hessian {
+    k: usize,
+    h: Vec<f64>,
+    rows: usize,
+}
+
+impl Hessian {
+    /// An empty accumulator for `k` input columns.
+    pub fn new(k: usize) -> Hessian {
+        Hessian {
+            k,
+            h: vec![0.0; k * k],
+            rows: 0,
+        }
+    }
+
+    /// Adds the rows of `x` (`[.., k]`, f32).
+    pub fn add(&mut self, x: &Tensor) -> Result<(), String> {
+        if x.shape().last() != Some(&self.k) {
+            return Err(format!("calibration input {:?} does not end in {}", x.shape(), self.k));
+        }
+        let v = x.to_f64_vec();
+        let k = self.k;
+        for row in v.chunks_exact(k) {
+            for i in 0..k {
+                let xi = row[i];
+                if xi == 0.0 {
+                    continue;
+                }
+                let h = &mut self.h[i * k..(i + 1) * k];
+                for (hj, xj) in h[..=i].iter_mut().zip(row) {
+                    *hj += xi * xj;
+                }
+            }
+            self.rows += 1;
+        }
+        Ok(())
+    }
+
+    /// Rows accumulated.
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+
+    /// The symmetric matrix `2/n Σ x xᵀ`.
+    fn matrix(&self) -> Vec<f64> {
+        let k = self.k;
+        let s = 2.0 / self.rows.max(1) as f64;
+        let mut m = vec![0.0; k * k];
+        for i in 0..k {
+            for j in 0..=i {
+                let v = self.h[i * k + j] * s;
+                m[i * k + j] = v;
+                m[j * k + i] = v;
+            }
+        }
+        m
+    }
+}
+
+/// What quantization did.
+#[derive(Clone, Debug, Default)]
+pub struct QuantReport {
+    /// Per quantized weight: name, `[n, k]`, relative Frobenius error of the dequantized weight.
+    pub quantized: Vec<(String, usize, usize, f64)>,
+    /// Weights left in f32, and why.
+    pub skipped: Vec<(String, String)>,
+    /// Bytes of the quantized weights before (f32) and after (codes, scales, mins).
+    pub bytes: (usize, usize),
+}
+
+/// Quantized codes and their scales (and mins for int4) of one `[n, k]` matrix.
+struct Quantized {
+    codes: Tensor,
+    scale: Tensor,
+    min: Option<Tensor>,
+    dequantized: Vec<f32>,
+}
+
+fn quantize_int8(w: &[f32], n: usize, k: usize) -> Quantized {
+    let mut codes = vec![0i64; n * k];
+    let mut scales = vec![0f32; n];
+    let mut deq = vec![0f32; n * k];
+    for r in 0..n {
+        let row = &w[r * k..(r + 1) * k];
+        let amax = row.iter().fold(0f32, |m, x| m.max(x.abs()));
+        let s = if amax > 0.0 { amax / 127.0 } else { 1.0 };
+        scales[r] = s;
+        for c in 0..k {
+            let q = (row[c] / s).round().clamp(-127.0, 127.0);
+            codes[r * k + c] = q as i64;
+            deq[r * k + c] = q * s;
+        }
+    }
+    Quantized {
+        codes: Tensor::from_f64(
+            DType::I8,
+            vec![n, k],
+            &codes.iter().map(|c| *c as f64).collect::<Vec<_>>(),
+        )
+        .expect("codes fit i8"),
+        scale: Tensor::from_f32(vec![n, 1], scales).expect("shape"),
+        min: None,
+        dequantized: deq,
+    }
+}
+
+/// Scale and minimum of a group (as stored, f16-rounded) for 4-bit codes: the range is shrunk
+/// towards the group's middle by the factor (of 20 tried, 1.0 down to 0.62) that minimises the
+/// group's squared rounding error — clipping a few outliers buys a finer step for the rest.
+fn int4_params(vals: &[f32]) -> (f32, f32) {
+    let (mut lo, mut hi) = (f32::INFINITY, f32::NEG_INFINITY);
+    for v in vals {
+        lo = lo.min(*v);
+        hi = hi.max(*v);
+    }
+    if hi <= lo {
+        let m = half::f16::from_f32(lo).to_f32();
+        return (1.0, m);
+    }
+    let mut best = (f32::INFINITY, 1.0, lo);
+    for step in 0..20 {
+        let shrink = 1.0 - 0.02 * step as f32;
+        let mid = 0.5 * (lo + hi);
+        let (l, h) = (mid - (mid - lo) * shrink, mid + (hi - mid) * shrink);
+        let s = half::f16::from_f32((h - l) / 15.0).to_f32().max(f32::MIN_POSITIVE);
+        let m = half::f16::from_f32(l).to_f32();
+        let err: f32 = vals
+            .iter()
+            .map(|v| {
+                let d = code4(*v, s, m) as f32 * s + m - v;
+                d * d
+            })
+            .sum();
+        if err < best.0 {
+            best = (err, s, m);
+        }
+    }
+    (best.1, best.2)
+}
+
+fn code4(v: f32, s: f32, m: f32) -> u8 {
+    ((v - m) / s).round().clamp(0.0, 15.0) as u8
+}
+
+/// Packs `[n, k]` 4-bit codes: per 32-column block, byte `i` = column `i` | column `i + 16` << 4.
+fn pack4(codes: &[u8], n: usize, k: usize) -> Tensor {
+    let mut out = vec![0f64; n * k / 2];
+    for r in 0..n {
+        for b in 0..k / 32 {
+            for i in 0..16 {
+                let lo = codes[r * k + b * 32 + i];
+                let hi = codes[r * k + b * 32 + i + 16];
+                out[r * k / 2 + b * 16 + i] = (lo | (hi << 4)) as f64;
+            }
+        }
+    }
+    Tensor::from_f64(DType::U8, vec![n, k / 2], &out).expect("packed codes fit u8")
+}
+
+fn finish4(
+    codes: Vec<u8>,
+    scales: Vec<f32>,
+    mins: Vec<f32>,
+    deq: Vec<f32>,
+    n: usize,
+    k: usize,
+    group: usize,
+) -> Quantized {
+    let groups = k / group;
+    let f16 = |v: &[f32]| {
+        Tensor::from_f64(
+            DType::F16,
+            vec![n, groups],
+            &v.iter().map(|x| *x as f64).collect::<Vec<_>>(),
+        )
+        .expect("scales fit f16")
+    };
+    Quantized {
+        codes: pack4(&codes, n, k),
+        scale: f16(&scales),
+        min: Some(f16(&mins)),
+        dequantized: deq,
+    }
+}
+
+fn quantize_int4(w: &[f32], n: usize, k: usize, group: usize) -> Quantized {
+    let groups = k / group;
+    let (mut codes, mut scales, mut mins, mut deq) = (
+        vec![0u8; n * k],
+        vec![0f32; n * groups],
+        vec![0f32; n * groups],
+        vec![0f32; n * k],
+    );
+    for r in 0..n {
+        for gi in 0..groups {
+            let cols = r * k + gi * group..r * k + (gi + 1) * group;
+            let (s, m) = int4_params(&w[cols.clone()]);
+            scales[r * groups + gi] = s;
+            mins[r * groups + gi] = m;
+            for c in cols {
+                let q = code4(w[c], s, m);
+                codes[c] = q;
+                deq[c] = q as f32 * s + m;
+            }
+        }
+    }
+    finish4(codes, scales, mins, deq, n, k, group)
+}
+
+/// Lower Cholesky factor of the symmetric positive definite `a` (`k x k`), in place.
+fn cholesky(a: &mut [f64], k: usize) -> Result<(), String> {
+    for j in 0..k {
+        let mut d = a[j * k + j];
+        for p in 0..j {
+            d -= a[j * k + p] * a[j * k + p];
+        }
+        if d <= 0.0 || !d.is_finite() {
+            return Err(format!("the calibration Hessian is not positive definite (pivot {j})"));
+        }
+        let d = d.sqrt();
+        a[j * k + j] = d;
+        for i in j + 1..k {
+            let (ri, rj) = (i * k, j * k);
+            let mut s = a[ri + j];
+            for p in 0..j {
+                s -= a[ri + p] * a[rj + p];
+            }
+            a[ri + j] = s / d;
+        }
+        for i in 0..j {
+            a[i * k + j] = 0.0;
+        }
+    }
+    Ok(())
+}
+
+/// The upper-triangular `U` with `H⁻¹ = Uᵀ U`, as GPTQ needs it: with `J` the reversal and
+/// `J H J = L Lᵀ`, `U = J L⁻¹ J`.
+fn inverse_upper_cholesky(h: &[f64], k: usize) -> Result<Vec<f64>, String> {
+    let mut l = vec![0.0; k * k];
+    for i in 0..k {
+        for j in 0..k {
+            l[i * k + j] = h[(k - 1 - i) * k + (k - 1 - j)];
+        }
+    }
+    cholesky(&mut l, k)?;
+    // Inverse of the lower-triangular L, column by column (forward substitution on e_j).
+    let mut inv = vec![0.0; k * k];
+    for j in 0..k {
+        inv[j * k + j] = 1.0 / l[j * k + j];
+        for i in j + 1..k {
+            let mut s = 0.0;
+            for p in j..i {
+                s += l[i * k + p] * inv[p * k + j];
+            }
+            inv[i * k + j] = -s / l[i * k + i];
+        }
+    }
+    let mut u = vec![0.0; k * k];
+    for i in 0..k {
+        for j in 0..k {
+            u[i * k + j] = inv[(k - 1 - i) * k + (k - 1 - j)];
+        }
+    }
+    Ok(u)
+}
+
+/// GPTQ with affine int4 groups, columns in order, blocks of 128 columns with lazy updates.
+fn quantize_gptq4(w: &[f32], n: usize, k: usize, group: usize, hess: &Hessian) -> Result<Quantized, String> {
+    let mut h = hess.matrix();
+    let mut wv: Vec<f64> = w.iter().map(|x| *x as f64).collect();
+    // Columns no calibration row touched carry no information: quantize them as they are.
+    for i in 0..k {
+        if h[i * k + i] == 0.0 {
+            h[i * k + i] = 1.0;
+        }
+    }
+    let mean_diag = (0..k).map(|i| h[i * k + i]).sum::<f64>() / k as f64;
+    for i in 0..k {
+        h[i * k + i] += 0.01 * mean_diag;
+    }
+    let u = inverse_upper_cholesky(&h, k)?;
+    let groups = k / group;
+    let (mut codes, mut scales, mut mins, mut deq) = (
+        vec![0u8; n * k],
+        vec![0f32; n * groups],
+        vec![0f32; n * groups],
+        vec![0f32; n * k],
+    );
+    const BLOCK: usize = 128;
+    let mut err = vec![0f64; n * BLOCK];
+    let mut i1 = 0;
+    while i1 < k {
+        let i2 = (i1 + BLOCK).min(k);
+        let bw = i2 - i1;
+        for i in i1..i2 {
+            if i % group == 0 {
+                let gi = i / group;
+                for r in 0..n {
+                    let cols: Vec<f32> = (i..i + group).map(|c| wv[r * k + c] as f32).collect();
+                    let (s, m) = int4_params(&cols);
+                    scales[r * groups + gi] = s;
+                    mins[r * groups + gi] = m;
+                }
+            }
+            let d = u[i * k + i];
+            let gi = i / group;
+            for r in 0..n {
+                let (s, m) = (scales[r * groups + gi], mins[r * groups + gi]);
+                let x = wv[r * k + i];
+                let q = code4(x as f32, s, m);
+                let dq = q as f32 * s + m;
+                codes[r * k + i] = q;
+                deq[r * k + i] = dq;
+                let e = (x - dq as f64) / d;
+                err[r * BLOCK + (i - i1)] = e;
+                let urow = &u[i * k..i * k + k];
+                let wr = &mut wv[r * k..(r + 1) * k];
+                for c in i + 1..i2 {
+                    wr[c] -= e * urow[c];
+                }
+            }
+        }
+        // The block's errors update every later column at once.
+        if i2 < k {
+            for r in 0..n {
+                let er = &err[r * BLOCK..r * BLOCK + bw];
+                let wr = &mut wv[r * k..(r + 1) * k];
+                for (bi, e) in er.iter().enumerate() {
+                    if *e == 0.0 {
+                        continue;
+                    }
+                    let urow = &u[(i1 + bi) * k..(i1 + bi) * k + k];
+                    for c in i2..k {
+                        wr[c] -= e * urow[c];
+                    }
+                }
+            }
+        }
+        i1 = i2;
+    }
+    Ok(finish4(codes, scales, mins, deq, n, k, group))
+}
+
+/// A copy of `g` that also returns the input of every target product (`calib.{i}`), for
+/// collecting GPTQ's calibration statistics.
+pub fn calibration_graph(g: &Graph, targets: &[Target]) -> Graph {
+    let mut c = g.clone();
+    for (i, t) in targets.iter().enumerate() {
+        let a = g.args(t.matmul)[0];
+        c.add_output(format!("calib.{i}"), a).expect("calib outputs are unique");
+    }
+    c
+}
+
+/// Replaces each target's weight by its quantized form; `hessians[i]` (for GPTQ) belongs to
+/// `targets[i]`.
+pub fn apply(
+    g: &mut Graph,
+    weights: &mut BTreeMap<String, Tensor>,
+    targets: &[Target],
+    scheme: Scheme,
+    hessians: Option<&[Hessian]>,
+) -> Result<QuantReport, String> {
+    let mut report = QuantReport::default();
+    for (ti, t) in targets.iter().enumerate() {
+        let (n, k) = (t.n, t.k);
+        let group = match scheme {
+            Scheme::Int8 => k,
+            Scheme::Int4 { group } | Scheme::Gptq4 { group } => group as usize,
+        };
+        if k % group != 0 {
+            report.skipped.push((
+                t.name.clone(),
+                format!("{k} input columns do not split into groups of {group}"),
+            ));
+            continue;
+        }
+        let w = weight_rows(g, t, weights)?;
+        let q = match scheme {
+            Scheme::Int8 => quantize_int8(&w, n, k),
+            Scheme::Int4 { .. } => quantize_int4(&w, n, k, group),
+            Scheme::Gptq4 { .. } => {
+                let h = hessians
+                    .and_then(|h| h.get(ti))
+                    .ok_or("gptq4 needs calibration statistics for every product")?;
+                if h.rows() == 0 {
+                    return Err(format!("no calibration rows reached `{}`", t.name));
+                }
+                quantize_gptq4(&w, n, k, group, h).map_err(|e| format!("{}: {e}", t.name))?
+            }
+        };
+        let (num, den) = w.iter().zip(&q.dequantized).fold((0.0f64, 0.0f64), |(a, b), (x, y)| {
+            (a + ((x - y) as f64).powi(2), b + (*x as f64).powi(2))
+        });
+        let rel = (num / den.max(f64::MIN_POSITIVE)).sqrt();
+        let base = format!(
+            "{}.q{}",
+            t.name,
+            match scheme {
+                Scheme::Int8 => 8,
+                _ => 4,
+            }
+        );
+        let mut add = |suffix: &str, tensor: Tensor| -> Result<NodeId, String> {
+            let pname = format!("{base}.{suffix}");
+            let ty = kiln_ir::TensorType::new(
+                tensor.dtype(),
+                tensor.shape().iter().map(|d| Dim::known(*d as u64)).collect(),
+            );
+            report.bytes.1 += tensor.as_bytes().len();
+            weights.insert(pname.clone(), tensor);
+            g.add(
+                Op::Param {
+                    name: pname.clone(),
+                    ty,
+                },
+                &[],
+                pname,
+            )
+            .map_err(|e| e.to_string())
+        };
+        let qn = add("codes", q.codes)?;
+        let sn = add("scale", q.scale)?;
+        let mut args = vec![qn, sn];
+        if let Some(m) = q.min {
+            args.push(add("min", m)?);
+        }
+        report.bytes.0 += n * k * 4;
+        let bits = if scheme == Scheme::Int8 { 8 } else { 4 };
+        let dq = g
+            .add(
+                Op::Dequantize {
+                    bits,
+                    group: group as u64,
+                },
+                &args,
+                format!("{}/dequantize", g.node(t.matmul).name),
+            )
+            .map_err(|e| e.to_string())?;
+        g.add_rules(dq, [format!("quantize-{scheme}")]);
+        let a = g.args(t.matmul)[0];
+        let mm = g
+            .add(
+                Op::MatMul {
+                    transpose_a: false,
+                    transpose_b: true,
+                },
+                &[a, dq],
+                g.node(t.matmul).name.clone(),
+            )
+            .map_err(|e| e.to_string())?;
+        g.add_rules(mm, [format!("quantize-{scheme}")]);
+        g.replace_uses(t.matmul, mm);
+        report.quantized.push((t.name.clone(), n, k, rel));
+    }
+    crate::dce::run(g, &crate::PipelineOptions::default());
+    Ok(report)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn schemes_parse() {
+        assert_eq!("int8".parse::<Scheme>(), Ok(Scheme::Int8));
+        assert_eq!("int4".parse::<Scheme>(), Ok(Scheme::Int4 { group: 128 }));
+        assert_eq!("gptq4:64".parse::<Scheme>(), Ok(Scheme::Gptq4 { group: 64 }));
+        assert!("int4:48".parse::<Scheme>().is_err());
+        assert!("int8:32".parse::<Scheme>().is_err());
+        assert!("fp8".parse::<Scheme>().unwrap_err().contains("unknown quantization"));
+    }
+
+    #[test]
+    fn globs() {
+        assert!(glob("*.attn.*", "h.0.attn.c_attn"));
+        assert!(glob("lm_head*", "lm_head.weight"));
+        assert!(!glob("h.1*", "h.0.mlp"));
+    }
+
+    #[test]
+    fn inverse_upper_cholesky_inverts() {
+        let k = 5;
+        let mut h = vec![0.0; k * k];
+        for i in 0..k {
+            for j in 0..k {
+                h[i * k + j] = 1.0 / (1.0 + (i as f64 - j as f64).abs()) + if i == j { 2.0 } else { 0.0 };
+            }
+        }
+        let u = inverse_upper_cholesky(&h, k).unwrap();
+        // Uᵀ U H = I, and U is upper triangular.
+        for i in 0..k {
+            for j in 0..i {
+                assert_eq!(u[i * k + j], 0.0);
+            }
+        }
+        for i in 0..k {
+            for j in 0..k {
+                let mut s = 0.0;
+                for p in 0..k {
+                    let mut uu = 0.0;
+                    for q in 0..k {
+                        uu += u[q * k + i] * u[q * k + p];
+                    }
+                    s += uu * h[p * k + j];
+                }
+                assert!((s - (i == j) as u8 as f64).abs() < 1e-9, "{i} {j} {s}");
+            }
+        }
+    }
+}

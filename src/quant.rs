@@ -1,0 +1,131 @@
+//! `kiln compile --quantize`: reading calibration samples, quantizing, and the accuracy report.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use anyhow::{anyhow, bail, Context, Result};
+use kiln_ir::{Graph, Tensor};
+use kiln_passes::quantize::Scheme;
+
+/// The quantization options of `kiln compile`.
+pub struct QuantArgs {
+    pub scheme: Option<Scheme>,
+    pub calib: Option<PathBuf>,
+    pub exclude: Vec<String>,
+}
+
+/// Token-id rows from a text file (one sample per line) or an integer .npy.
+pub fn samples(path: &Path, tokenizer: Option<&str>) -> Result<Vec<Vec<i64>>> {
+    if path.extension().is_some_and(|e| e == "npy") {
+        let t = kiln_runtime::npy::read(path)?;
+        if !t.dtype().is_int() || t.shape().len() != 2 {
+            bail!(
+                "{}: calibration ids must be an integer [n, seq] array, got {} {:?}",
+                path.display(),
+                t.dtype(),
+                t.shape()
+            );
+        }
+        let seq = t.shape()[1];
+        let v: Vec<i64> = t.to_f64_vec().into_iter().map(|x| x as i64).collect();
+        return Ok(v
+            .chunks(seq.max(1))
+            .map(|r| r.iter().copied().filter(|x| *x >= 0).collect::<Vec<_>>())
+            .filter(|r: &Vec<i64>| !r.is_empty())
+            .collect());
+    }
+    let Some(json) = tokenizer else {
+        bail!(
+            "--calib {}: text samples need a tokenizer; give --tokenizer FILE (tokenizer.json)",
+            path.display()
+        );
+    };
+    let mut tok = tokenizers::Tokenizer::from_bytes(json.as_bytes()).map_err(|e| anyhow!("tokenizer: {e}"))?;
+    tok.with_padding(None);
+    tok.with_truncation(None).map_err(|e| anyhow!("tokenizer: {e}"))?;
+    let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    text.lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| {
+            tok.encode(l, true)
+                .map(|e| e.get_ids().iter().map(|i| *i as i64).collect())
+                .map_err(|e| anyhow!("tokenizing {l:?}: {e}"))
+        })
+        .collect()
+}
+
+/// Quantizes when asked; returns the report lines for `kiln compile`.
+pub fn run(
+    q: &QuantArgs,
+    graph: &mut Graph,
+    weights: &mut BTreeMap<String, Tensor>,
+    dims: &[(String, u64)],
+    tokenizer: Option<&str>,
+    verbose: bool,
+) -> Result<Vec<String>> {
+    let Some(scheme) = q.scheme else {
+        if q.calib.is_some() || !q.exclude.is_empty() {
+            bail!("--calib and --quant-exclude apply to --quantize");
+        }
+        return Ok(Vec::new());
+    };
+    let all = match &q.calib {
+        Some(p) => samples(p, tokenizer)?,
+        None => Vec::new(),
+    };
+    if let Some(p) = &q.calib {
+        if all.is_empty() {
+            bail!("--calib {}: no samples", p.display());
+        }
+    }
+    let held = if all.len() >= 4 { all.len() / 4 } else { all.len() };
+    let (calib, heldout) = if all.len() >= 4 {
+        all.split_at(all.len() - held)
+    } else {
+        (&all[..], &all[..])
+    };
+    let reference = (graph.clone(), weights.clone());
+    let r = kiln_cpu::quant::quantize(graph, weights, dims, scheme, &q.exclude, calib)
+        .map_err(|e| anyhow!("--quantize {scheme}: {e}"))?;
+    let mib = |b: usize| b as f64 / 1048576.0;
+    let mut lines = vec![format!(
+        "quant    {scheme}: {} products quantized, {} left in f32; their weights {:.1} MiB -> {:.1} MiB{}",
+        r.quantized.len(),
+        r.skipped.len(),
+        mib(r.bytes.0),
+        mib(r.bytes.1),
+        if matches!(scheme, Scheme::Gptq4 { .. }) {
+            format!(" (GPTQ on {} calibration samples)", calib.len())
+        } else {
+            String::new()
+        }
+    )];
+    if verbose {
+        for (name, n, k, rel) in &r.quantized {
+            lines.push(format!("quant      {name} [{n}, {k}]: relative weight error {rel:.4}"));
+        }
+    }
+    for (name, why) in &r.skipped {
+        lines.push(format!("quant      kept f32: {name} ({why})"));
+    }
+    if heldout.is_empty() {
+        lines.push("accuracy not measured: give --calib samples for a report against f32".into());
+        return Ok(lines);
+    }
+    let acc = kiln_cpu::quant::evaluate((&reference.0, &reference.1), (graph, weights), dims, heldout)
+        .map_err(|e| anyhow!("accuracy report: {e}"))?;
+    lines.push(format!("accuracy against f32 on {} held-out samples:", heldout.len()));
+    for o in &acc.outputs {
+        lines.push(format!(
+            "           {}: cosine mean {:.6}, min {:.6} over {} rows; max abs diff {:.3e}",
+            o.name, o.mean_cos, o.min_cos, o.rows, o.max_abs
+        ));
+    }
+    if let Some(lm) = &acc.lm {
+        lines.push(format!(
+            "           next-token KL {:.5} nats over {} positions; perplexity {:.3} (f32 {:.3})",
+            lm.kl, lm.tokens, lm.ppl_quantized, lm.ppl_f32
+        ));
+    }
+    Ok(lines)
+}
