@@ -375,10 +375,18 @@ def run_compare(args) -> dict:
     onnx_path = args.onnx
     if args.reexport or not onnx_path.is_file():
         export_onnx(args.model_dir, onnx_path)
+    if args.ort_int8:
+        # ONNX Runtime's dynamic int8 quantization: int8 weights, activations quantized per call.
+        from onnxruntime.quantization import QuantType, quantize_dynamic
+        q_path = onnx_path.with_name(onnx_path.stem + ".int8.onnx")
+        if args.reexport or not q_path.is_file() or q_path.stat().st_mtime < onnx_path.stat().st_mtime:
+            quantize_dynamic(str(onnx_path), str(q_path), weight_type=QuantType.QInt8)
+        onnx_path = q_path
     sess = make_ort_session(onnx_path, threads)
     model = load_torch_model(args.model_dir, args.attn)
 
-    header = header_line(threads, f" · PyTorch attn: {args.attn}")
+    header = header_line(threads, f" · PyTorch attn: {args.attn}"
+                         + (" · ORT: dynamic int8" if args.ort_int8 else ""))
     print(header, file=sys.stderr)
     rows = []
     for batch, seq in args.shapes:
@@ -400,7 +408,7 @@ def run_compare(args) -> dict:
         if use_kiln:
             msg += f", kiln {row['kiln']['median_ms']:.2f} ms"
         print(msg + f" (ORT vs PyTorch max|diff| {diff:.2e})", file=sys.stderr)
-        if diff > ORT_TOLERANCE:
+        if diff > ORT_TOLERANCE and not args.ort_int8:
             print(f"warning: ORT and PyTorch outputs differ by {diff:.3g} at {batch}x{seq} "
                   f"(> {ORT_TOLERANCE}); stale {onnx_path}? try --reexport", file=sys.stderr)
         rows.append(row)
@@ -533,6 +541,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--onnx", type=Path, default=cache_dir() / "bench" / "minilm.onnx",
                    help="cached ONNX export (default $KILN_CACHE/bench/minilm.onnx)")
     p.add_argument("--reexport", action="store_true", help="export the ONNX model again")
+    p.add_argument("--ort-int8", action="store_true",
+                   help="benchmark ONNX Runtime's dynamic int8 quantization of the export "
+                        "(onnxruntime.quantization.quantize_dynamic, QInt8 weights)")
     p.add_argument("--kiln-bin", help="kiln executable (enables kiln)")
     p.add_argument("--kiln-model", help="compiled .kiln model (enables kiln)")
     p.add_argument("--json-out", type=Path, help="write raw numbers to this JSON file")

@@ -1031,21 +1031,31 @@ fn floats(b: Buf, dt: DType, n: usize) -> Result<Vec<f32>, String> {
     })
 }
 
-/// Row `j` of the weight, dequantized into `dst` (`k` floats).
+/// Row `j` of the weight, dequantized into `dst` (`k` floats); branch-free inner loops, so LLVM
+/// vectorises them.
 fn dequant_row(w: &QWeight, codes: &[u8], s: &[f32], m: &[f32], k: usize, j: usize, dst: &mut [f32]) {
-    let groups = k / w.group;
+    let g = w.group;
+    let groups = k / g;
     if w.bits == 8 {
         let row = &codes[j * k..(j + 1) * k];
-        for (c, d) in dst.iter_mut().enumerate() {
-            *d = row[c] as i8 as f32 * s[j * groups + c / w.group];
+        for gi in 0..groups {
+            let sc = s[j * groups + gi];
+            for (d, q) in dst[gi * g..(gi + 1) * g].iter_mut().zip(&row[gi * g..(gi + 1) * g]) {
+                *d = *q as i8 as f32 * sc;
+            }
         }
     } else {
         let row = &codes[j * k / 2..(j + 1) * k / 2];
-        for (c, d) in dst.iter_mut().enumerate() {
-            let byte = row[(c / 32) * 16 + c % 16];
-            let code = if c % 32 < 16 { byte & 15 } else { byte >> 4 };
-            let g = j * groups + c / w.group;
-            *d = code as f32 * s[g] + m[g];
+        for gi in 0..groups {
+            let (sc, mn) = (s[j * groups + gi], m[j * groups + gi]);
+            for b in gi * g / 32..(gi + 1) * g / 32 {
+                let bytes = &row[b * 16..b * 16 + 16];
+                let (lo, hi) = dst[b * 32..b * 32 + 32].split_at_mut(16);
+                for i in 0..16 {
+                    lo[i] = (bytes[i] & 15) as f32 * sc + mn;
+                    hi[i] = (bytes[i] >> 4) as f32 * sc + mn;
+                }
+            }
         }
     }
 }
@@ -1130,6 +1140,70 @@ unsafe fn qdot4_avx2(a: &[f32], codes: &[u8]) -> f32 {
         s1 = _mm256_fmadd_ps(_mm256_loadu_ps(ap.add(24)), c3, s1);
     }
     hsum256(_mm256_add_ps(s0, s1))
+}
+
+/// One output of a quantized product: `Σ_g scale_g · (a_g · codes_g) (+ min_g · Σ a_g)` over the
+/// groups of a weight row, accumulated in vectors (one horizontal sum per row).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn qrow_avx2(bits: u8, g: usize, a: &[f32], codes: &[u8], s: &[f32], m: &[f32], asum: &[f32]) -> f32 {
+    use std::arch::x86_64::*;
+    let mut total = _mm256_setzero_ps();
+    let mut tail = 0f32;
+    let ap = a.as_ptr();
+    if bits == 8 {
+        for (gi, sc) in s.iter().enumerate() {
+            let (mut s0, mut s1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+            let base = gi * g;
+            let mut c = 0;
+            while c + 16 <= g {
+                let q = _mm_loadu_si128(codes.as_ptr().add(base + c) as *const __m128i);
+                let q0 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q));
+                let q1 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(q, 8)));
+                s0 = _mm256_fmadd_ps(_mm256_loadu_ps(ap.add(base + c)), q0, s0);
+                s1 = _mm256_fmadd_ps(_mm256_loadu_ps(ap.add(base + c + 8)), q1, s1);
+                c += 16;
+            }
+            let mut rest = 0f32;
+            while c < g {
+                rest += a[base + c] * (codes[base + c] as i8 as f32);
+                c += 1;
+            }
+            total = _mm256_fmadd_ps(_mm256_add_ps(s0, s1), _mm256_set1_ps(*sc), total);
+            tail += rest * sc;
+        }
+    } else {
+        let mask = _mm_set1_epi8(15);
+        for (gi, sc) in s.iter().enumerate() {
+            let (mut s0, mut s1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+            for b in 0..g / 32 {
+                let col = gi * g + b * 32;
+                let bytes = _mm_loadu_si128(codes.as_ptr().add(col / 2) as *const __m128i);
+                let lo = _mm_and_si128(bytes, mask);
+                let hi = _mm_and_si128(_mm_srli_epi16(bytes, 4), mask);
+                let p = ap.add(col);
+                s0 = _mm256_fmadd_ps(_mm256_loadu_ps(p), _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(lo)), s0);
+                s1 = _mm256_fmadd_ps(
+                    _mm256_loadu_ps(p.add(8)),
+                    _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(lo, 8))),
+                    s1,
+                );
+                s0 = _mm256_fmadd_ps(
+                    _mm256_loadu_ps(p.add(16)),
+                    _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(hi)),
+                    s0,
+                );
+                s1 = _mm256_fmadd_ps(
+                    _mm256_loadu_ps(p.add(24)),
+                    _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(hi, 8))),
+                    s1,
+                );
+            }
+            total = _mm256_fmadd_ps(_mm256_add_ps(s0, s1), _mm256_set1_ps(*sc), total);
+            tail += m[gi] * asum[gi];
+        }
+    }
+    hsum256(total) + tail
 }
 
 /// `out = acc + bias + scale · (a @ wᵀ)` with a quantized `w`: rows of `a` at most [`GEMV_ROWS`]
@@ -1230,11 +1304,33 @@ pub fn qmatmul(
         };
         let blocks = (threads * 4).clamp(1, n.div_ceil(16).max(1));
         let width = n.div_ceil(blocks);
+        #[cfg(target_arch = "x86_64")]
+        let fast = std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma");
         let work = |bi: usize| {
             for j in bi * width..((bi + 1) * width).min(n) {
                 let crow = &codes[j * cb..(j + 1) * cb];
                 for r in 0..rows {
                     let ar = &av[r * k..(r + 1) * k];
+                    #[cfg(target_arch = "x86_64")]
+                    if fast {
+                        let (sr, mr) = (
+                            &s[j * groups..(j + 1) * groups],
+                            if w.bits == 4 {
+                                &m[j * groups..(j + 1) * groups]
+                            } else {
+                                &[][..]
+                            },
+                        );
+                        let asr = if w.bits == 4 {
+                            &asum[r * groups..(r + 1) * groups]
+                        } else {
+                            &[][..]
+                        };
+                        // SAFETY: the CPU has AVX2 and FMA; slices hold a row of k columns.
+                        let t = unsafe { qrow_avx2(w.bits, g, ar, crow, sr, mr, asr) };
+                        store(r, j, t);
+                        continue;
+                    }
                     let mut t = 0f32;
                     for gi in 0..groups {
                         let gc = if w.bits == 8 {
