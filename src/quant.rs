@@ -7,9 +7,10 @@ use anyhow::{anyhow, bail, Context, Result};
 use kiln_ir::{Graph, Tensor};
 use kiln_passes::quantize::Scheme;
 
-/// The quantization options of `kiln compile`.
+/// The quantization and sparsity options of `kiln compile`.
 pub struct QuantArgs {
     pub scheme: Option<Scheme>,
+    pub sparsity: Option<kiln_passes::sparsity::Pattern>,
     pub calib: Option<PathBuf>,
     pub exclude: Vec<String>,
 }
@@ -63,12 +64,15 @@ pub fn run(
     tokenizer: Option<&str>,
     verbose: bool,
 ) -> Result<Vec<String>> {
-    let Some(scheme) = q.scheme else {
+    if q.scheme.is_some() && q.sparsity.is_some() {
+        bail!("--quantize and --sparsity cannot be combined yet: quantized codes have no sparse encoding");
+    }
+    if q.scheme.is_none() && q.sparsity.is_none() {
         if q.calib.is_some() || !q.exclude.is_empty() {
-            bail!("--calib and --quant-exclude apply to --quantize");
+            bail!("--calib and --quant-exclude apply to --quantize and --sparsity");
         }
         return Ok(Vec::new());
-    };
+    }
     let all = match &q.calib {
         Some(p) => samples(p, tokenizer)?,
         None => Vec::new(),
@@ -85,10 +89,40 @@ pub fn run(
         (&all[..], &all[..])
     };
     let reference = (graph.clone(), weights.clone());
+    let mut lines = Vec::new();
+    if let Some(p) = q.sparsity {
+        let threads = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+        let r = kiln_cpu::quant::sparsify(graph, weights, p, &q.exclude, 128, threads)
+            .map_err(|e| anyhow!("--sparsity {p}: {e}"))?;
+        let csr = r
+            .pruned
+            .iter()
+            .filter(|x| matches!(x.5, kiln_passes::sparsity::Encoding::Csr { .. }))
+            .count();
+        lines.push(format!(
+            "sparsity {p}: {} products pruned ({csr} stored as CSR where measured faster, {} dense), {} left as they were",
+            r.pruned.len(),
+            r.pruned.len() - csr,
+            r.skipped.len()
+        ));
+        for (name, n, k, density, rel, enc, why) in &r.pruned {
+            if verbose {
+                lines.push(format!(
+                    "sparsity   {name} [{n}, {k}]: density {density:.3}, relative weight change {rel:.3}, {enc:?} ({why})"
+                ));
+            }
+        }
+        for (name, why) in &r.skipped {
+            lines.push(format!("sparsity   unchanged: {name} ({why})"));
+        }
+    }
+    let Some(scheme) = q.scheme else {
+        return report_accuracy(lines, (&reference.0, &reference.1), graph, weights, dims, heldout);
+    };
     let r = kiln_cpu::quant::quantize(graph, weights, dims, scheme, &q.exclude, calib)
         .map_err(|e| anyhow!("--quantize {scheme}: {e}"))?;
     let mib = |b: usize| b as f64 / 1048576.0;
-    let mut lines = vec![format!(
+    lines.push(format!(
         "quant    {scheme}: {} products quantized, {} left in f32; their weights {:.1} MiB -> {:.1} MiB{}",
         r.quantized.len(),
         r.skipped.len(),
@@ -99,7 +133,7 @@ pub fn run(
         } else {
             String::new()
         }
-    )];
+    ));
     if verbose {
         for (name, n, k, rel) in &r.quantized {
             lines.push(format!("quant      {name} [{n}, {k}]: relative weight error {rel:.4}"));
@@ -108,11 +142,22 @@ pub fn run(
     for (name, why) in &r.skipped {
         lines.push(format!("quant      kept f32: {name} ({why})"));
     }
+    report_accuracy(lines, (&reference.0, &reference.1), graph, weights, dims, heldout)
+}
+
+fn report_accuracy(
+    mut lines: Vec<String>,
+    reference: (&Graph, &BTreeMap<String, Tensor>),
+    graph: &Graph,
+    weights: &BTreeMap<String, Tensor>,
+    dims: &[(String, u64)],
+    heldout: &[Vec<i64>],
+) -> Result<Vec<String>> {
     if heldout.is_empty() {
         lines.push("accuracy not measured: give --calib samples for a report against f32".into());
         return Ok(lines);
     }
-    let acc = kiln_cpu::quant::evaluate((&reference.0, &reference.1), (graph, weights), dims, heldout)
+    let acc = kiln_cpu::quant::evaluate(reference, (graph, weights), dims, heldout)
         .map_err(|e| anyhow!("accuracy report: {e}"))?;
     lines.push(format!("accuracy against f32 on {} held-out samples:", heldout.len()));
     for o in &acc.outputs {

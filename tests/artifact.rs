@@ -146,6 +146,17 @@ fn mutate(m: &mut Manifest, r: &mut Rng) {
                     }
                 }
                 Step::MatMul { a, b, out, .. } => *[a, b, out][r.below(3)] = pick(r, nv),
+                Step::SpMatMul {
+                    a,
+                    row_ptr,
+                    cols,
+                    sparse_rows,
+                    ..
+                } => match r.below(3) {
+                    0 => *[a, row_ptr, cols][r.below(3)] = pick(r, nv),
+                    1 => *sparse_rows = r.below(8) as u64,
+                    _ => *cols = pick(r, nv),
+                },
                 Step::QMatMul {
                     a,
                     codes,

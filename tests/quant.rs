@@ -164,3 +164,62 @@ fn minilm_quantization_accuracy() {
     // guards against regressions.
     assert!(cos["int4:128"] >= 0.96, "int4: {}", cos["int4:128"]);
 }
+
+/// Pruned weights in CSR: the compiled products (sparse kernel and densified tiles) equal the
+/// interpreter on the pruned graph, for every pattern.
+#[test]
+fn sparse_products_match_the_interpreter() {
+    use kiln_passes::sparsity::{apply, Encoding, Pattern};
+    for (pattern, rows) in [("0.9", u64::MAX), ("2:4", 0), ("block:16x16:0.5", 4)] {
+        let pattern: Pattern = pattern.parse().unwrap();
+        let mut l = spec("gpt2.ron", GPT2);
+        let mut w = kiln_frontend::weights::load_safetensors(&l, &data("gpt2_tiny/model.safetensors")).unwrap();
+        optimize(&mut l.graph, OptLevel::O2, true).unwrap();
+        let (targets, _) = kiln_passes::quantize::targets(&l.graph, &[]);
+        let mut choose = |_: &str, _: &[f32], _: usize, _: usize| (Encoding::Csr { sparse_rows: rows }, String::new());
+        let r = apply(&mut l.graph, &mut w, &targets, pattern, &mut choose).unwrap();
+        assert_eq!(r.pruned.len(), 9, "{pattern}: {:?}", r.skipped);
+        kiln_ir::verify(&l.graph).unwrap();
+        let c = kiln_cpu::compile(&l.graph, &w, &l.dims, &kiln_cpu::Options::for_level(2)).unwrap();
+        assert_eq!(
+            c.manifest
+                .steps
+                .iter()
+                .filter(|s| matches!(s, kiln_runtime::plan::Step::SpMatMul { .. }))
+                .count(),
+            9
+        );
+        let (m, _) = model(&l, &w);
+        for (b, s) in [(1, 1), (1, 3), (2, 5)] {
+            let feed = kiln_cpu::quant::feed(&l.graph, &ids(b, s, 2)).unwrap();
+            let want = kiln_interp::run(&l.graph, &w, &feed).unwrap();
+            let got = m.run(&feed).unwrap();
+            let e = got[0].1.max_abs_diff(&want[0].1).unwrap();
+            assert!(
+                e <= 1e-4,
+                "{pattern} (sparse up to {rows} rows) at {b}x{s}: differs by {e:e}"
+            );
+        }
+    }
+}
+
+/// A CSR weight whose column index is out of range is an error at run time, not a wild read.
+#[test]
+fn corrupt_csr_indices_are_refused() {
+    use kiln_passes::sparsity::{apply, Encoding, Pattern};
+    let mut l = spec("gpt2.ron", GPT2);
+    let mut w = kiln_frontend::weights::load_safetensors(&l, &data("gpt2_tiny/model.safetensors")).unwrap();
+    optimize(&mut l.graph, OptLevel::O2, true).unwrap();
+    let (targets, _) = kiln_passes::quantize::targets(&l.graph, &[]);
+    let mut choose = |_: &str, _: &[f32], _: usize, _: usize| (Encoding::Csr { sparse_rows: u64::MAX }, String::new());
+    apply(&mut l.graph, &mut w, &targets, Pattern::Unstructured(0.5), &mut choose).unwrap();
+    let name = w.keys().find(|k| k.ends_with(".sparse.cols")).unwrap().clone();
+    let t = &w[&name];
+    let mut v = t.to_f64_vec();
+    v[3] = 1e6;
+    w.insert(name, Tensor::from_f64(t.dtype(), t.shape().to_vec(), &v).unwrap());
+    let (m, _) = model(&l, &w);
+    let feed = kiln_cpu::quant::feed(&l.graph, &ids(1, 2, 0)).unwrap();
+    let e = m.run(&feed).unwrap_err().to_string();
+    assert!(e.contains("CSR column index"), "{e}");
+}

@@ -242,6 +242,18 @@ pub enum Op {
         /// Columns sharing one scale (a multiple of 32 for 4 bits).
         group: u64,
     },
+    /// A sparse weight in CSR form, as the dense `[n, k]` f32 matrix it stands for (backends fuse
+    /// it into the product that reads it). Operands: `row_ptr: i32 [n + 1]`, `cols: i32 [nnz]`,
+    /// `vals: f32 [nnz]`; row `r` holds `vals[row_ptr[r]..row_ptr[r + 1]]` at columns `cols[..]`.
+    Densify {
+        /// Rows.
+        n: u64,
+        /// Columns.
+        k: u64,
+        /// Products with at most this many rows of activations read the CSR form directly; more
+        /// rows densify it a tile at a time (the break-even the compiler measured).
+        sparse_rows: u64,
+    },
     /// A key/value cache (the one stateful op): appends its operand `[b, h, t, d]` to cache slot
     /// `slot` after the `len - t` entries it already holds, and returns all `len` entries,
     /// `[b, h, len, d]`. The runtime owns the cache and binds `len` (a symbolic dim) to the number
@@ -312,6 +324,7 @@ impl Op {
             | Op::Slice { .. }
             | Op::Cast { .. }
             | Op::CacheAppend { .. } => 1,
+            Op::Densify { .. } => 3,
             Op::Dequantize { bits, .. } => {
                 if *bits == 4 {
                     3
@@ -379,6 +392,7 @@ impl Op {
             Op::Gather { .. } => "gather",
             Op::CacheAppend { .. } => "cache_append",
             Op::Dequantize { .. } => "dequantize",
+            Op::Densify { .. } => "densify",
             Op::Cast { .. } => "cast",
         }
     }
@@ -411,6 +425,7 @@ impl Op {
             Op::Concat { axis } | Op::Gather { axis } => format!("axis={axis}"),
             Op::CacheAppend { slot, len } => format!("slot={slot} len={len}"),
             Op::Dequantize { bits, group } => format!("bits={bits} group={group}"),
+            Op::Densify { n, k, sparse_rows } => format!("n={n} k={k} sparse_rows={sparse_rows}"),
             Op::Cast { to } => format!("to={to}"),
             Op::Binary(_) | Op::Compare(_) | Op::Where | Op::Unary(_) => String::new(),
         }
@@ -671,6 +686,24 @@ impl Op {
                     return err(format!("dequantize: mins {} must match scales {s}", args[2]));
                 }
                 Ok(TensorType::new(DType::F32, vec![Dim::known(n), Dim::known(k)]))
+            }
+            Op::Densify { n, k, .. } => {
+                let (rp, cols, vals) = (args[0], args[1], args[2]);
+                let ok = rp.dtype == DType::I32
+                    && cols.dtype == DType::I32
+                    && vals.dtype == DType::F32
+                    && rp.shape == [Dim::known(n + 1)]
+                    && cols.rank() == 1
+                    && vals.rank() == 1
+                    && cols.shape == vals.shape
+                    && cols.shape[0].as_known().is_some();
+                if !ok {
+                    return err(format!(
+                        "densify n={n} k={k} takes i32 [{}] row pointers, i32 [nnz] columns and f32 [nnz] values, got {rp}, {cols}, {vals}",
+                        n + 1
+                    ));
+                }
+                Ok(TensorType::new(DType::F32, vec![Dim::known(*n), Dim::known(*k)]))
             }
             Op::CacheAppend { len, .. } => {
                 let t = args[0];

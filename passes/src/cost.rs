@@ -131,7 +131,8 @@ impl CostModel {
             | Op::Concat { .. }
             | Op::Gather { .. }
             | Op::CacheAppend { .. }
-            | Op::Dequantize { .. } => moved(0.0),
+            | Op::Dequantize { .. }
+            | Op::Densify { .. } => moved(0.0),
         }
     }
 

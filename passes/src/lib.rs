@@ -18,6 +18,7 @@ pub mod narrow;
 pub mod quantize;
 pub mod rules;
 pub mod simplify;
+pub mod sparsity;
 
 use std::time::{Duration, Instant};
 

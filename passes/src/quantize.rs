@@ -112,7 +112,9 @@ fn weight_only(g: &Graph, n: NodeId, memo: &mut HashMap<NodeId, bool>) -> bool {
     }
     let v = match g.node(n).op {
         Op::Param { .. } | Op::Scalar { .. } => true,
-        Op::Input { .. } | Op::Iota { .. } | Op::CacheAppend { .. } | Op::Dequantize { .. } => false,
+        Op::Input { .. } | Op::Iota { .. } | Op::CacheAppend { .. } | Op::Dequantize { .. } | Op::Densify { .. } => {
+            false
+        }
         _ => g.args(n).iter().all(|a| weight_only(g, *a, memo)),
     };
     memo.insert(n, v);
@@ -177,7 +179,7 @@ fn param_names(g: &Graph, n: NodeId) -> Vec<String> {
 }
 
 /// The value of a weight-only node, `[n, k]` row-major (output channels as rows).
-fn weight_rows(g: &Graph, t: &Target, weights: &BTreeMap<String, Tensor>) -> Result<Vec<f32>, String> {
+pub(crate) fn weight_rows(g: &Graph, t: &Target, weights: &BTreeMap<String, Tensor>) -> Result<Vec<f32>, String> {
     fn eval(
         g: &Graph,
         n: NodeId,

@@ -591,6 +591,30 @@ impl Model {
                     self.threads,
                 )
             }
+            Step::SpMatMul {
+                a,
+                row_ptr,
+                cols,
+                vals,
+                out,
+                sparse_rows,
+                scale,
+                bias,
+                acc,
+            } => kernels::spmatmul(
+                (bufs[*a as usize], &shapes[*a as usize]),
+                kernels::CsrWeight {
+                    row_ptr: bufs[*row_ptr as usize],
+                    cols: bufs[*cols as usize],
+                    vals: bufs[*vals as usize],
+                },
+                (bufs[*out as usize], &shapes[*out as usize]),
+                usize::try_from(*sparse_rows).unwrap_or(usize::MAX),
+                *scale,
+                bias.map(|v| (bufs[v as usize], shapes[v as usize].as_slice())),
+                acc.map(|v| (bufs[v as usize], shapes[v as usize].as_slice())),
+                self.threads,
+            ),
             Step::Gather { table, idx, out, axis } => {
                 let m = &self.manifest;
                 kernels::gather(
@@ -715,6 +739,7 @@ fn step_kind(step: &Step) -> String {
         } => format!("kernel:{kind:?}:{}in:rank{}", inputs.len(), space.len()),
         Step::MatMul { .. } => "matmul".into(),
         Step::QMatMul { bits, .. } => format!("matmul:int{bits}"),
+        Step::SpMatMul { .. } => "matmul:csr".into(),
         Step::Gather { .. } => "gather".into(),
         Step::Transpose { .. } => "transpose".into(),
         Step::Slice { .. } => "slice".into(),
@@ -731,6 +756,7 @@ fn step_out(step: &Step) -> usize {
         Step::Kernel { out, .. }
         | Step::MatMul { out, .. }
         | Step::QMatMul { out, .. }
+        | Step::SpMatMul { out, .. }
         | Step::Gather { out, .. }
         | Step::Transpose { out, .. }
         | Step::Slice { out, .. }
@@ -762,6 +788,19 @@ fn step_inputs(step: &Step) -> Vec<u32> {
         } => [*a, *codes, *scales]
             .into_iter()
             .chain(*mins)
+            .chain(*bias)
+            .chain(*acc)
+            .collect(),
+        Step::SpMatMul {
+            a,
+            row_ptr,
+            cols,
+            vals,
+            bias,
+            acc,
+            ..
+        } => [*a, *row_ptr, *cols, *vals]
+            .into_iter()
             .chain(*bias)
             .chain(*acc)
             .collect(),

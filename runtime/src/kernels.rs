@@ -1250,36 +1250,7 @@ pub fn qmatmul(
         None => Vec::new(),
     };
     let rows = elems(sa) / k.max(1);
-    // The epilogue's addends go into the output first; the product accumulates.
-    let read_dst = acc.is_some() || bias.is_some();
-    if let Some((accb, s)) = acc {
-        if s != so {
-            return Err(format!("matmul accumulator {s:?} differs from the result {so:?}"));
-        }
-        check_len("matmul accumulator", accb, s, 4)?;
-        // SAFETY: same length, distinct buffers.
-        unsafe { std::ptr::copy_nonoverlapping(accb.ptr, out.0.ptr, out.0.len) };
-    }
-    if let Some((bb, s)) = bias {
-        if s != [n] {
-            return Err(format!("matmul bias {s:?} is not [{n}]"));
-        }
-        check_len("matmul bias", bb, s, 4)?;
-        // SAFETY: checked lengths.
-        let (bv, ov) = unsafe {
-            (
-                std::slice::from_raw_parts(bb.ptr as *const f32, n),
-                std::slice::from_raw_parts_mut(out.0.ptr as *mut f32, out.0.len / 4),
-            )
-        };
-        for row in ov.chunks_exact_mut(n.max(1)) {
-            if acc.is_some() {
-                row.iter_mut().zip(bv).for_each(|(o, b)| *o += b);
-            } else {
-                row.copy_from_slice(bv);
-            }
-        }
-    }
+    let read_dst = prefill_epilogue(out, n, bias, acc)?;
     if rows == 0 || n == 0 {
         return Ok(());
     }
@@ -1396,4 +1367,244 @@ pub fn qmatmul(
         (0..nblocks).for_each(tile);
     }
     Ok(())
+}
+
+/// Writes a product's addends (`acc`, then `bias` per row) into `out` before the product
+/// accumulates into it; returns whether there were any.
+fn prefill_epilogue(
+    out: (Buf, &[usize]),
+    n: usize,
+    bias: Option<(Buf, &[usize])>,
+    acc: Option<(Buf, &[usize])>,
+) -> Result<bool, String> {
+    let so = out.1;
+    if let Some((accb, s)) = acc {
+        if s != so {
+            return Err(format!("matmul accumulator {s:?} differs from the result {so:?}"));
+        }
+        check_len("matmul accumulator", accb, s, 4)?;
+        // SAFETY: same length, distinct buffers.
+        unsafe { std::ptr::copy_nonoverlapping(accb.ptr, out.0.ptr, out.0.len) };
+    }
+    if let Some((bb, s)) = bias {
+        if s != [n] {
+            return Err(format!("matmul bias {s:?} is not [{n}]"));
+        }
+        check_len("matmul bias", bb, s, 4)?;
+        // SAFETY: checked lengths.
+        let (bv, ov) = unsafe {
+            (
+                std::slice::from_raw_parts(bb.ptr as *const f32, n),
+                std::slice::from_raw_parts_mut(out.0.ptr as *mut f32, out.0.len / 4),
+            )
+        };
+        for row in ov.chunks_exact_mut(n.max(1)) {
+            if acc.is_some() {
+                row.iter_mut().zip(bv).for_each(|(o, b)| *o += b);
+            } else {
+                row.copy_from_slice(bv);
+            }
+        }
+    }
+    Ok(acc.is_some() || bias.is_some())
+}
+
+/// A CSR weight `[n, k]`, as `Step::SpMatMul` reads it.
+pub struct CsrWeight {
+    /// i32 `[n + 1]`.
+    pub row_ptr: Buf,
+    /// i32 `[nnz]`.
+    pub cols: Buf,
+    /// f32 `[nnz]`.
+    pub vals: Buf,
+}
+
+/// `out = acc + bias + scale · (a @ wᵀ)` with a CSR `w` of `n` rows: up to `sparse_rows` rows of
+/// `a` gather their columns per nonzero; more rows densify 64 output channels at a time for the GEMM.
+#[allow(clippy::too_many_arguments)]
+pub fn spmatmul(
+    a: (Buf, &[usize]),
+    w: CsrWeight,
+    out: (Buf, &[usize]),
+    sparse_rows: usize,
+    scale: f32,
+    bias: Option<(Buf, &[usize])>,
+    acc: Option<(Buf, &[usize])>,
+    threads: usize,
+) -> Result<(), String> {
+    let (sa, so) = (a.1, out.1);
+    let (Some(&k), Some(&n)) = (sa.last(), so.last()) else {
+        return Err("sparse matmul operands need rank >= 1".into());
+    };
+    if sa.len() != so.len() || sa[..sa.len() - 1] != so[..so.len() - 1] {
+        return Err(format!("sparse matmul {sa:?} -> {so:?}: rows differ"));
+    }
+    check_len("sparse matmul lhs", a.0, sa, 4)?;
+    check_len("sparse matmul output", out.0, so, 4)?;
+    if w.row_ptr.len != (n + 1) * 4 || w.cols.len != w.vals.len {
+        return Err(format!("CSR weight does not fit [{n}, {k}]"));
+    }
+    // SAFETY: lengths checked.
+    let rp = unsafe { std::slice::from_raw_parts(w.row_ptr.ptr as *const i32, n + 1) };
+    let cols = unsafe { std::slice::from_raw_parts(w.cols.ptr as *const i32, w.cols.len / 4) };
+    let vals = unsafe { std::slice::from_raw_parts(w.vals.ptr as *const f32, w.vals.len / 4) };
+    let nnz = vals.len();
+    if rp[0] != 0 || rp.windows(2).any(|p| p[1] < p[0]) || rp[n] as usize != nnz {
+        return Err("CSR row offsets are not increasing from 0 to the number of values".into());
+    }
+    let rows = elems(sa) / k.max(1);
+    let read_dst = prefill_epilogue(out, n, bias, acc)?;
+    if rows == 0 || n == 0 {
+        return Ok(());
+    }
+    let av = unsafe { std::slice::from_raw_parts(a.0.ptr as *const f32, rows * k) };
+    let op = out.0.ptr as usize;
+    let bad_col = std::sync::atomic::AtomicBool::new(false);
+    if rows <= sparse_rows {
+        let blocks = (threads * 4).clamp(1, n.div_ceil(16).max(1));
+        let width = n.div_ceil(blocks);
+        let work = |bi: usize| {
+            for j in bi * width..((bi + 1) * width).min(n) {
+                let (p0, p1) = (rp[j] as usize, rp[j + 1] as usize);
+                for r in 0..rows {
+                    let ar = &av[r * k..(r + 1) * k];
+                    let mut t = 0f32;
+                    for p in p0..p1 {
+                        match ar.get(cols[p] as usize) {
+                            Some(x) => t += x * vals[p],
+                            None => bad_col.store(true, std::sync::atomic::Ordering::Relaxed),
+                        }
+                    }
+                    // SAFETY: (r, j) is in the output and written by this task only.
+                    let o = unsafe { &mut *(op as *mut f32).add(r * n + j) };
+                    *o = if read_dst { *o + scale * t } else { scale * t };
+                }
+            }
+        };
+        if threads > 1 && blocks > 1 {
+            (0..blocks).into_par_iter().for_each(work);
+        } else {
+            (0..blocks).for_each(work);
+        }
+    } else {
+        const NB: usize = 64;
+        let ap = a.0.ptr as usize;
+        let tile = |bi: usize| {
+            let (j0, j1) = (bi * NB, ((bi + 1) * NB).min(n));
+            let mut t = vec![0f32; (j1 - j0) * k];
+            for j in j0..j1 {
+                for p in rp[j] as usize..rp[j + 1] as usize {
+                    match t
+                        .get_mut((j - j0) * k + cols[p] as usize)
+                        .filter(|_| (cols[p] as usize) < k)
+                    {
+                        Some(x) => *x = vals[p],
+                        None => bad_col.store(true, std::sync::atomic::Ordering::Relaxed),
+                    }
+                }
+            }
+            // SAFETY: as in `qmatmul`'s tiles.
+            unsafe {
+                gemm::gemm::<f32>(
+                    rows,
+                    j1 - j0,
+                    k,
+                    (op as *mut f32).add(j0),
+                    1,
+                    n as isize,
+                    read_dst,
+                    ap as *const f32,
+                    1,
+                    k as isize,
+                    t.as_ptr(),
+                    k as isize,
+                    1,
+                    1.0,
+                    scale,
+                    false,
+                    false,
+                    false,
+                    gemm::Parallelism::None,
+                )
+            };
+        };
+        let nblocks = n.div_ceil(NB);
+        if threads > 1 {
+            (0..nblocks).into_par_iter().for_each(tile);
+        } else {
+            (0..nblocks).for_each(tile);
+        }
+    }
+    if bad_col.load(std::sync::atomic::Ordering::Relaxed) {
+        return Err(format!("a CSR column index is outside 0..{k}"));
+    }
+    Ok(())
+}
+
+/// Median nanoseconds of `m`-row products with `w` (`[n, k]`, row-major f32) stored dense and as
+/// CSR, the way the runtime runs them — for the compiler's choice of encoding.
+pub fn measure_sparse(w: &[f32], n: usize, k: usize, m: usize, threads: usize) -> Result<(f64, f64), String> {
+    let pool = pool(threads)?;
+    let mut rp = vec![0i32];
+    let (mut cols, mut vals) = (Vec::new(), Vec::new());
+    for r in 0..n {
+        for (j, v) in w[r * k..(r + 1) * k].iter().enumerate() {
+            if *v != 0.0 {
+                cols.push(j as i32);
+                vals.push(*v);
+            }
+        }
+        rp.push(cols.len() as i32);
+    }
+    let a: Vec<f32> = (0..m * k).map(|i| ((i % 7) as f32 - 3.0) * 0.1).collect();
+    let mut out = vec![0f32; m * n];
+    let buf = |p: *const u8, len: usize| Buf { ptr: p as *mut u8, len };
+    let (sa, so, sw) = ([m, k], [m, n], [n, k]);
+    let time = |f: &dyn Fn() -> Result<(), String>| -> Result<f64, String> {
+        f()?;
+        let mut t = Vec::new();
+        for _ in 0..5 {
+            let s = std::time::Instant::now();
+            f()?;
+            t.push(s.elapsed().as_secs_f64() * 1e9);
+        }
+        t.sort_by(f64::total_cmp);
+        Ok(t[2])
+    };
+    let ob = buf(out.as_mut_ptr() as *const u8, out.len() * 4);
+    let ab = buf(a.as_ptr() as *const u8, a.len() * 4);
+    pool.install(|| {
+        let dense = time(&|| {
+            matmul(
+                (ab, &sa),
+                (buf(w.as_ptr() as *const u8, w.len() * 4), &sw),
+                (ob, &so),
+                Epilogue {
+                    ta: false,
+                    tb: true,
+                    scale: 1.0,
+                    bias: None,
+                    acc: None,
+                },
+                threads,
+            )
+        })?;
+        let sparse = time(&|| {
+            spmatmul(
+                (ab, &sa),
+                CsrWeight {
+                    row_ptr: buf(rp.as_ptr() as *const u8, rp.len() * 4),
+                    cols: buf(cols.as_ptr() as *const u8, cols.len() * 4),
+                    vals: buf(vals.as_ptr() as *const u8, vals.len() * 4),
+                },
+                (ob, &so),
+                usize::MAX,
+                1.0,
+                None,
+                None,
+                threads,
+            )
+        })?;
+        Ok((dense, sparse))
+    })
 }

@@ -23,6 +23,7 @@ pub mod session;
 mod validate;
 
 pub use exec::{Model, Profile, RunStats};
+pub use kernels::measure_sparse;
 pub use kiln_ir::{DType, Tensor};
 pub use session::{Feed, KvCache, Sampler, Sampling, Session};
 

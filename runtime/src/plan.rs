@@ -178,6 +178,28 @@ pub enum Step {
         /// A tensor of the result's shape added to it.
         acc: Option<u32>,
     },
+    /// A product with a CSR weight (`Densify` fused in): `out = acc + bias + scale * (a @ wᵀ)`;
+    /// at most `sparse_rows` rows of `a` read the nonzeros directly, more densify tiles for the GEMM.
+    SpMatMul {
+        /// Left operand `[.., m, k]`, f32.
+        a: u32,
+        /// i32 `[n + 1]` row offsets.
+        row_ptr: u32,
+        /// i32 `[nnz]` columns.
+        cols: u32,
+        /// f32 `[nnz]` values.
+        vals: u32,
+        /// Result `[.., m, n]`.
+        out: u32,
+        /// Break-even rows.
+        sparse_rows: u64,
+        /// Multiplies the product.
+        scale: f32,
+        /// A `[n]` vector added to every row.
+        bias: Option<u32>,
+        /// A tensor of the result's shape added to it.
+        acc: Option<u32>,
+    },
     /// Rows of a table picked by integer ids.
     Gather {
         /// Table.

@@ -128,6 +128,23 @@ pub fn manifest(m: &Manifest, weights_len: usize, code_len: usize) -> Result<(),
                     .collect(),
                 *out,
             ),
+            Step::SpMatMul {
+                a,
+                row_ptr,
+                cols,
+                vals,
+                out,
+                bias,
+                acc,
+                ..
+            } => (
+                [*a, *row_ptr, *cols, *vals]
+                    .into_iter()
+                    .chain(*bias)
+                    .chain(*acc)
+                    .collect(),
+                *out,
+            ),
             Step::Transpose { x, out, .. }
             | Step::Slice { x, out, .. }
             | Step::Broadcast { x, out }
@@ -226,6 +243,27 @@ pub fn manifest(m: &Manifest, weights_len: usize, code_len: usize) -> Result<(),
                         .any(|v| dt(v) != DType::F32)
                 {
                     return bad(format!("step {si}: quantized matmul types"));
+                }
+            }
+            Step::SpMatMul {
+                a,
+                row_ptr,
+                cols,
+                vals,
+                out,
+                bias,
+                acc,
+                ..
+            } => {
+                if dt(*row_ptr) != DType::I32
+                    || dt(*cols) != DType::I32
+                    || [*a, *vals, *out]
+                        .into_iter()
+                        .chain(*bias)
+                        .chain(*acc)
+                        .any(|v| dt(v) != DType::F32)
+                {
+                    return bad(format!("step {si}: sparse matmul types"));
                 }
             }
             Step::Gather { table, idx, out, .. } => {

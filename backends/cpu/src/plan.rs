@@ -178,7 +178,7 @@ fn fold_static(
                 }
             }
             // Quantized weights stay quantized: the product dequantizes them on the fly.
-            Op::Input { .. } | Op::Dequantize { .. } => {}
+            Op::Input { .. } | Op::Dequantize { .. } | Op::Densify { .. } => {}
             op => {
                 let args = graph.args(n);
                 let ready = !args.is_empty() || matches!(op, Op::Scalar { .. } | Op::Iota { .. });
@@ -336,7 +336,10 @@ pub fn plan(
                 }
             ) && graph.args(*u)[0] != b
         });
-        (matches!(graph.node(b).op, Op::Dequantize { .. }) && only_products && !outputs.contains(&b)).then_some(b)
+        (matches!(graph.node(b).op, Op::Dequantize { .. } | Op::Densify { .. })
+            && only_products
+            && !outputs.contains(&b))
+        .then_some(b)
     };
 
     // 1. Fusion groups, formed from the outputs backwards.
@@ -638,10 +641,13 @@ pub fn plan(
         };
         let vid = values.len() as u32;
         let val = |a: &NodeId| {
-            value_of
-                .get(a)
-                .copied()
-                .ok_or_else(|| CompileError::Internal(format!("operand of `{}` has no value", node.name)))
+            value_of.get(a).copied().ok_or_else(|| {
+                CompileError::Internal(format!(
+                    "operand `{}` of `{}` has no value",
+                    graph.node(*a).name,
+                    node.name
+                ))
+            })
         };
         match &node.op {
             Op::Input { name, .. } => {
@@ -724,6 +730,24 @@ pub fn plan(
                     unreachable!("epilogues start at a matmul")
                 };
                 let mm = graph.args(e.matmul);
+                let fused = dequant_of(e.matmul).map(|d| (d, graph.node(d).op.clone()));
+                if let Some((dq, Op::Densify { sparse_rows, .. })) = &fused {
+                    let sa = graph.args(*dq);
+                    steps.push(Step::SpMatMul {
+                        a: val(&mm[0])?,
+                        row_ptr: val(&sa[0])?,
+                        cols: val(&sa[1])?,
+                        vals: val(&sa[2])?,
+                        out: vid,
+                        sparse_rows: *sparse_rows,
+                        scale: e.scale,
+                        bias: e.bias.as_ref().map(&val).transpose()?,
+                        acc: e.acc.as_ref().map(&val).transpose()?,
+                    });
+                    values.push(decl);
+                    value_of.insert(n, vid);
+                    continue;
+                }
                 if let (Some(dq), Op::Dequantize { bits, group }) = (
                     dequant_of(e.matmul),
                     dequant_of(e.matmul)

@@ -280,3 +280,48 @@ pub fn evaluate(
         lm: lm.finish(),
     })
 }
+
+/// Prunes the eligible products' weights by `pattern` and stores each in CSR where this machine
+/// runs the sparse product faster than the dense one, measured at 1 row and at `rows` rows. An
+/// encoder (every product sees many rows) keeps CSR only if it wins at `rows`; a decoding graph
+/// (its steps are 1-row products) keeps it if it wins at 1 row, and densifies tiles of it for
+/// longer prefills.
+pub fn sparsify(
+    graph: &mut Graph,
+    weights: &mut BTreeMap<String, Tensor>,
+    pattern: kiln_passes::sparsity::Pattern,
+    exclude: &[String],
+    rows: usize,
+    threads: usize,
+) -> Result<kiln_passes::sparsity::SparsityReport, String> {
+    use kiln_passes::sparsity::Encoding;
+    let decoding = is_decoding(graph);
+    let (targets, skipped) = quantize::targets(graph, exclude);
+    let mut choose = |_: &str, w: &[f32], n: usize, k: usize| -> (Encoding, String) {
+        let one = kiln_runtime::measure_sparse(w, n, k, 1, threads);
+        let many = kiln_runtime::measure_sparse(w, n, k, rows, threads);
+        match (one, many) {
+            (Ok((d1, s1)), Ok((dm, sm))) => {
+                let why = format!(
+                    "1 row: dense {:.1} µs, CSR {:.1} µs; {rows} rows: dense {:.1} µs, CSR {:.1} µs",
+                    d1 / 1e3,
+                    s1 / 1e3,
+                    dm / 1e3,
+                    sm / 1e3
+                );
+                if sm < dm {
+                    (Encoding::Csr { sparse_rows: u64::MAX }, why)
+                } else if decoding && s1 < d1 {
+                    (Encoding::Csr { sparse_rows: 4 }, why)
+                } else {
+                    (Encoding::Dense, why)
+                }
+            }
+            (Err(e), _) | (_, Err(e)) => (Encoding::Dense, format!("not measured: {e}")),
+        }
+    };
+    let mut r = kiln_passes::sparsity::apply(graph, weights, &targets, pattern, &mut choose)?;
+    r.skipped.extend(skipped);
+    kiln_ir::verify(graph).map_err(|e| format!("internal compiler error after pruning: {e}"))?;
+    Ok(r)
+}
