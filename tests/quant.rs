@@ -223,3 +223,31 @@ fn corrupt_csr_indices_are_refused() {
     let e = m.run(&feed).unwrap_err().to_string();
     assert!(e.contains("CSR column index"), "{e}");
 }
+
+/// GPT-2-style models get next-token KL and perplexity (teacher forcing through a decoding
+/// session) on bundled text.
+#[test]
+fn decoder_report_has_kl_and_perplexity() {
+    let text = std::fs::read_to_string(root().join("specs/data/calibration.txt")).unwrap();
+    // The byte tokenizer of the tiny models: id = byte.
+    let samples: Vec<Vec<i64>> = text
+        .lines()
+        .take(8)
+        .map(|l| l.bytes().take(40).map(|b| b as i64).collect())
+        .collect();
+    let mut l = spec_with("gpt2.ron", GPT2, true);
+    let w = kiln_frontend::weights::load_safetensors(&l, &data("gpt2_tiny/model.safetensors")).unwrap();
+    optimize(&mut l.graph, OptLevel::O2, true).unwrap();
+    let (g0, w0) = (l.graph.clone(), w.clone());
+    let mut w = w;
+    kiln_cpu::quant::quantize(&mut l.graph, &mut w, &l.dims, Scheme::Int8, &[], &[]).unwrap();
+    let acc = kiln_cpu::quant::evaluate((&g0, &w0), (&l.graph, &w), &l.dims, &samples).unwrap();
+    let lm = acc.lm.expect("a language model report");
+    eprintln!(
+        "int8 tiny GPT-2: KL {:.2e}, perplexity {:.3} vs {:.3}",
+        lm.kl, lm.ppl_quantized, lm.ppl_f32
+    );
+    assert_eq!(lm.tokens, samples.iter().map(Vec::len).sum::<usize>());
+    assert!(lm.kl >= 0.0 && lm.kl < 1e-3, "KL {}", lm.kl);
+    assert!((lm.ppl_quantized / lm.ppl_f32 - 1.0).abs() < 0.01);
+}
