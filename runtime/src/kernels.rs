@@ -1148,34 +1148,54 @@ unsafe fn qdot4_avx2(a: &[f32], codes: &[u8]) -> f32 {
 #[target_feature(enable = "avx2,fma")]
 unsafe fn qrow_avx2(bits: u8, g: usize, a: &[f32], codes: &[u8], s: &[f32], m: &[f32], asum: &[f32]) -> f32 {
     use std::arch::x86_64::*;
+    // Four independent accumulator chains: FMA latency, not the loads, bounds one chain.
     let mut total = _mm256_setzero_ps();
     let mut tail = 0f32;
     let ap = a.as_ptr();
     if bits == 8 {
         for (gi, sc) in s.iter().enumerate() {
-            let (mut s0, mut s1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+            let (mut s0, mut s1, mut s2, mut s3) =
+                (_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps());
             let base = gi * g;
+            let cp = codes.as_ptr().add(base);
+            let p = ap.add(base);
             let mut c = 0;
-            while c + 16 <= g {
-                let q = _mm_loadu_si128(codes.as_ptr().add(base + c) as *const __m128i);
-                let q0 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q));
-                let q1 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(q, 8)));
-                s0 = _mm256_fmadd_ps(_mm256_loadu_ps(ap.add(base + c)), q0, s0);
-                s1 = _mm256_fmadd_ps(_mm256_loadu_ps(ap.add(base + c + 8)), q1, s1);
-                c += 16;
+            while c + 32 <= g {
+                let q = _mm_loadu_si128(cp.add(c) as *const __m128i);
+                let r = _mm_loadu_si128(cp.add(c + 16) as *const __m128i);
+                s0 = _mm256_fmadd_ps(_mm256_loadu_ps(p.add(c)), _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q)), s0);
+                s1 = _mm256_fmadd_ps(
+                    _mm256_loadu_ps(p.add(c + 8)),
+                    _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(q, 8))),
+                    s1,
+                );
+                s2 = _mm256_fmadd_ps(_mm256_loadu_ps(p.add(c + 16)), _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(r)), s2);
+                s3 = _mm256_fmadd_ps(
+                    _mm256_loadu_ps(p.add(c + 24)),
+                    _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(r, 8))),
+                    s3,
+                );
+                c += 32;
+            }
+            while c + 8 <= g {
+                let q = _mm_loadl_epi64(cp.add(c) as *const __m128i);
+                s0 = _mm256_fmadd_ps(_mm256_loadu_ps(p.add(c)), _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q)), s0);
+                c += 8;
             }
             let mut rest = 0f32;
             while c < g {
                 rest += a[base + c] * (codes[base + c] as i8 as f32);
                 c += 1;
             }
-            total = _mm256_fmadd_ps(_mm256_add_ps(s0, s1), _mm256_set1_ps(*sc), total);
+            let sum = _mm256_add_ps(_mm256_add_ps(s0, s1), _mm256_add_ps(s2, s3));
+            total = _mm256_fmadd_ps(sum, _mm256_set1_ps(*sc), total);
             tail += rest * sc;
         }
     } else {
         let mask = _mm_set1_epi8(15);
         for (gi, sc) in s.iter().enumerate() {
-            let (mut s0, mut s1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+            let (mut s0, mut s1, mut s2, mut s3) =
+                (_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps());
             for b in 0..g / 32 {
                 let col = gi * g + b * 32;
                 let bytes = _mm_loadu_si128(codes.as_ptr().add(col / 2) as *const __m128i);
@@ -1188,18 +1208,15 @@ unsafe fn qrow_avx2(bits: u8, g: usize, a: &[f32], codes: &[u8], s: &[f32], m: &
                     _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(lo, 8))),
                     s1,
                 );
-                s0 = _mm256_fmadd_ps(
-                    _mm256_loadu_ps(p.add(16)),
-                    _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(hi)),
-                    s0,
-                );
-                s1 = _mm256_fmadd_ps(
+                s2 = _mm256_fmadd_ps(_mm256_loadu_ps(p.add(16)), _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(hi)), s2);
+                s3 = _mm256_fmadd_ps(
                     _mm256_loadu_ps(p.add(24)),
                     _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(hi, 8))),
-                    s1,
+                    s3,
                 );
             }
-            total = _mm256_fmadd_ps(_mm256_add_ps(s0, s1), _mm256_set1_ps(*sc), total);
+            let sum = _mm256_add_ps(_mm256_add_ps(s0, s1), _mm256_add_ps(s2, s3));
+            total = _mm256_fmadd_ps(sum, _mm256_set1_ps(*sc), total);
             tail += m[gi] * asum[gi];
         }
     }
