@@ -115,6 +115,12 @@ pub fn run(
         for (name, why) in &r.skipped {
             lines.push(format!("sparsity   unchanged: {name} ({why})"));
         }
+        for (name, before, after) in &r.shrunk {
+            lines.push(format!(
+                "sparsity   {name}: {} all-zero input columns removed with the features feeding them ({before} -> {after})",
+                before - after
+            ));
+        }
     }
     let Some(scheme) = q.scheme else {
         return report_accuracy(lines, (&reference.0, &reference.1), graph, weights, dims, heldout);

@@ -251,3 +251,47 @@ fn decoder_report_has_kl_and_perplexity() {
     assert!(lm.kl >= 0.0 && lm.kl < 1e-3, "KL {}", lm.kl);
     assert!((lm.ppl_quantized / lm.ppl_f32 - 1.0).abs() < 0.01);
 }
+
+/// Pruning whole weight columns (blocks as tall as the matrix) leaves features nothing reads: the
+/// product that makes them and the one that reads them both shrink, with the same outputs.
+#[test]
+fn zero_columns_shrink_the_neighbouring_products() {
+    use kiln_passes::sparsity::{apply, Encoding, Pattern};
+    let mut l = spec("gpt2.ron", GPT2);
+    let mut w = kiln_frontend::weights::load_safetensors(&l, &data("gpt2_tiny/model.safetensors")).unwrap();
+    optimize(&mut l.graph, OptLevel::O2, true).unwrap();
+    let (targets, _) = kiln_passes::quantize::targets(&l.graph, &[]);
+    let pattern: Pattern = "block:64x8:0.5".parse().unwrap();
+    let mut choose = |_: &str, _: &[f32], _: usize, _: usize| (Encoding::Dense, String::new());
+    // The pruned graph before shrinking, as the reference.
+    let mut reference = l.clone();
+    let mut rw = w.clone();
+    apply(&mut reference.graph, &mut rw, &targets, pattern, &mut choose).unwrap();
+    let r = apply(&mut l.graph, &mut w, &targets, pattern, &mut choose).unwrap();
+    eprintln!("{:?}", r.shrunk);
+    assert!(
+        r.shrunk
+            .iter()
+            .any(|(name, before, after)| name.contains("mlp") && *before == 256 && *after < 256),
+        "{:?}",
+        r.shrunk
+    );
+    kiln_ir::verify(&l.graph).unwrap();
+    let widths: Vec<String> = l
+        .graph
+        .node_ids()
+        .filter(|n| matches!(l.graph.node(*n).op, Op::MatMul { .. }) && l.graph.node(*n).name.contains("fc"))
+        .map(|n| l.graph.node(n).ty.to_string())
+        .collect();
+    assert!(widths.iter().all(|t| !t.ends_with(", 256]")), "{widths:?}");
+    for (b, s) in [(1, 4), (2, 3)] {
+        let feed = kiln_cpu::quant::feed(&l.graph, &ids(b, s, 5)).unwrap();
+        let want = kiln_interp::run(&reference.graph, &rw, &feed).unwrap();
+        let got = kiln_interp::run(&l.graph, &w, &feed).unwrap();
+        let e = got[0].1.max_abs_diff(&want[0].1).unwrap();
+        assert!(e <= 1e-5, "shrinking changed the outputs by {e:e}");
+        let (m, _) = model(&l, &w);
+        let c = m.run(&feed).unwrap();
+        assert!(c[0].1.max_abs_diff(&want[0].1).unwrap() <= 1e-4);
+    }
+}

@@ -17,6 +17,7 @@ pub mod merge_projections;
 pub mod narrow;
 pub mod quantize;
 pub mod rules;
+pub mod shrink;
 pub mod simplify;
 pub mod sparsity;
 

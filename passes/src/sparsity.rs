@@ -184,6 +184,9 @@ pub struct SparsityReport {
     pub pruned: Vec<(String, usize, usize, f64, f64, Encoding, String)>,
     /// Weights left as they were, and why.
     pub skipped: Vec<(String, String)>,
+    /// Products whose all-zero input columns were removed with the features feeding them:
+    /// product, features before, after.
+    pub shrunk: Vec<(String, usize, usize)>,
 }
 
 fn param(g: &mut Graph, weights: &mut BTreeMap<String, Tensor>, name: String, t: Tensor) -> Result<NodeId, String> {
@@ -281,6 +284,7 @@ pub fn apply(
         ));
     }
     crate::dce::run(g, &crate::PipelineOptions::default());
+    report.shrunk = crate::shrink::run(g, weights);
     Ok(report)
 }
 

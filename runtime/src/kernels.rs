@@ -1154,8 +1154,12 @@ unsafe fn qrow_avx2(bits: u8, g: usize, a: &[f32], codes: &[u8], s: &[f32], m: &
     let ap = a.as_ptr();
     if bits == 8 {
         for (gi, sc) in s.iter().enumerate() {
-            let (mut s0, mut s1, mut s2, mut s3) =
-                (_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps());
+            let (mut s0, mut s1, mut s2, mut s3) = (
+                _mm256_setzero_ps(),
+                _mm256_setzero_ps(),
+                _mm256_setzero_ps(),
+                _mm256_setzero_ps(),
+            );
             let base = gi * g;
             let cp = codes.as_ptr().add(base);
             let p = ap.add(base);
@@ -1163,13 +1167,21 @@ unsafe fn qrow_avx2(bits: u8, g: usize, a: &[f32], codes: &[u8], s: &[f32], m: &
             while c + 32 <= g {
                 let q = _mm_loadu_si128(cp.add(c) as *const __m128i);
                 let r = _mm_loadu_si128(cp.add(c + 16) as *const __m128i);
-                s0 = _mm256_fmadd_ps(_mm256_loadu_ps(p.add(c)), _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q)), s0);
+                s0 = _mm256_fmadd_ps(
+                    _mm256_loadu_ps(p.add(c)),
+                    _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q)),
+                    s0,
+                );
                 s1 = _mm256_fmadd_ps(
                     _mm256_loadu_ps(p.add(c + 8)),
                     _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(q, 8))),
                     s1,
                 );
-                s2 = _mm256_fmadd_ps(_mm256_loadu_ps(p.add(c + 16)), _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(r)), s2);
+                s2 = _mm256_fmadd_ps(
+                    _mm256_loadu_ps(p.add(c + 16)),
+                    _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(r)),
+                    s2,
+                );
                 s3 = _mm256_fmadd_ps(
                     _mm256_loadu_ps(p.add(c + 24)),
                     _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(r, 8))),
@@ -1179,7 +1191,11 @@ unsafe fn qrow_avx2(bits: u8, g: usize, a: &[f32], codes: &[u8], s: &[f32], m: &
             }
             while c + 8 <= g {
                 let q = _mm_loadl_epi64(cp.add(c) as *const __m128i);
-                s0 = _mm256_fmadd_ps(_mm256_loadu_ps(p.add(c)), _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q)), s0);
+                s0 = _mm256_fmadd_ps(
+                    _mm256_loadu_ps(p.add(c)),
+                    _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q)),
+                    s0,
+                );
                 c += 8;
             }
             let mut rest = 0f32;
@@ -1194,8 +1210,12 @@ unsafe fn qrow_avx2(bits: u8, g: usize, a: &[f32], codes: &[u8], s: &[f32], m: &
     } else {
         let mask = _mm_set1_epi8(15);
         for (gi, sc) in s.iter().enumerate() {
-            let (mut s0, mut s1, mut s2, mut s3) =
-                (_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps());
+            let (mut s0, mut s1, mut s2, mut s3) = (
+                _mm256_setzero_ps(),
+                _mm256_setzero_ps(),
+                _mm256_setzero_ps(),
+                _mm256_setzero_ps(),
+            );
             for b in 0..g / 32 {
                 let col = gi * g + b * 32;
                 let bytes = _mm_loadu_si128(codes.as_ptr().add(col / 2) as *const __m128i);
@@ -1208,7 +1228,11 @@ unsafe fn qrow_avx2(bits: u8, g: usize, a: &[f32], codes: &[u8], s: &[f32], m: &
                     _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(lo, 8))),
                     s1,
                 );
-                s2 = _mm256_fmadd_ps(_mm256_loadu_ps(p.add(16)), _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(hi)), s2);
+                s2 = _mm256_fmadd_ps(
+                    _mm256_loadu_ps(p.add(16)),
+                    _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(hi)),
+                    s2,
+                );
                 s3 = _mm256_fmadd_ps(
                     _mm256_loadu_ps(p.add(24)),
                     _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(hi, 8))),
