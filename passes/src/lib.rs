@@ -3,8 +3,9 @@
 //! Each pass is a plain function `fn(&mut Graph) -> PassStats` in its own module. A pipeline
 //! ([`OptLevel`]) runs passes in a fixed order, times each one, and — in tests and debug builds,
 //! or when asked — runs [`kiln_ir::verify`] after each, so a broken invariant is caught at the
-//! pass that broke it. The e-graph optimizer (algebraic, layout and fusion rewrites) will be
-//! further passes in this crate.
+//! pass that broke it. `simplify` runs the e-graph (algebraic and layout rules); `narrow`,
+//! `merge-projections` and the weight rewrites (`quantize`, `sparsity`, `shrink`, which need weight
+//! values and run after the pipeline) are plain graph passes.
 
 #![deny(missing_docs)]
 
