@@ -16,6 +16,7 @@
 use std::collections::{BTreeMap, HashMap};
 
 use kiln_ir::{DType, Dim, Graph, NodeId, Op, Tensor};
+use rayon::prelude::*;
 
 /// Weights smaller than this stay f32.
 pub const MIN_ELEMENTS: usize = 4096;
@@ -253,19 +254,18 @@ impl Hessian {
         }
         let v = x.to_f64_vec();
         let k = self.k;
-        for row in v.chunks_exact(k) {
-            for i in 0..k {
+        // Row i of H takes x_i · x[..=i] from every sample; rows of H on separate threads.
+        self.h.par_chunks_mut(k).enumerate().for_each(|(i, h)| {
+            for row in v.chunks_exact(k) {
                 let xi = row[i];
-                if xi == 0.0 {
-                    continue;
-                }
-                let h = &mut self.h[i * k..(i + 1) * k];
-                for (hj, xj) in h[..=i].iter_mut().zip(row) {
-                    *hj += xi * xj;
+                if xi != 0.0 {
+                    for (hj, xj) in h[..=i].iter_mut().zip(row) {
+                        *hj += xi * xj;
+                    }
                 }
             }
-            self.rows += 1;
-        }
+        });
+        self.rows += v.len() / k;
         Ok(())
     }
 
@@ -477,16 +477,25 @@ fn inverse_upper_cholesky(h: &[f64], k: usize) -> Result<Vec<f64>, String> {
         }
     }
     cholesky(&mut l, k)?;
-    // Inverse of the lower-triangular L, column by column (forward substitution on e_j).
+    // Inverse of the lower-triangular L, row by row: row i of L⁻¹ is (e_i − Σ_{p<i} L[i,p] ·
+    // row p of L⁻¹) / L[i,i] — contiguous row updates, so the O(k³) work streams through cache.
     let mut inv = vec![0.0; k * k];
-    for j in 0..k {
-        inv[j * k + j] = 1.0 / l[j * k + j];
-        for i in j + 1..k {
-            let mut s = 0.0;
-            for p in j..i {
-                s += l[i * k + p] * inv[p * k + j];
+    for i in 0..k {
+        let (done, rest) = inv.split_at_mut(i * k);
+        let row = &mut rest[..k];
+        row[i] = 1.0;
+        for p in 0..i {
+            let c = l[i * k + p];
+            if c != 0.0 {
+                let prow = &done[p * k..p * k + p + 1];
+                for (x, y) in row[..=p].iter_mut().zip(prow) {
+                    *x -= c * y;
+                }
             }
-            inv[i * k + j] = -s / l[i * k + i];
+        }
+        let d = l[i * k + i];
+        for x in row[..=i].iter_mut() {
+            *x /= d;
         }
     }
     let mut u = vec![0.0; k * k];
@@ -521,45 +530,40 @@ fn quantize_gptq4(w: &[f32], n: usize, k: usize, group: usize, hess: &Hessian) -
         vec![0f32; n * k],
     );
     const BLOCK: usize = 128;
-    let mut err = vec![0f64; n * BLOCK];
-    let mut i1 = 0;
-    while i1 < k {
-        let i2 = (i1 + BLOCK).min(k);
-        let bw = i2 - i1;
-        for i in i1..i2 {
-            if i % group == 0 {
-                let gi = i / group;
-                for r in 0..n {
-                    let cols: Vec<f32> = (i..i + group).map(|c| wv[r * k + c] as f32).collect();
-                    let (s, m) = int4_params(&cols);
-                    scales[r * groups + gi] = s;
-                    mins[r * groups + gi] = m;
+    // Rows are independent given U: each is quantized on its own thread.
+    codes
+        .par_chunks_mut(k)
+        .zip(deq.par_chunks_mut(k))
+        .zip(scales.par_chunks_mut(groups))
+        .zip(mins.par_chunks_mut(groups))
+        .zip(wv.par_chunks_mut(k))
+        .for_each(|((((codes, deq), scales), mins), wr)| {
+            let mut err = [0f64; BLOCK];
+            let mut i1 = 0;
+            while i1 < k {
+                let i2 = (i1 + BLOCK).min(k);
+                for i in i1..i2 {
+                    if i % group == 0 {
+                        let cols: Vec<f32> = wr[i..i + group].iter().map(|x| *x as f32).collect();
+                        let (s, m) = int4_params(&cols);
+                        scales[i / group] = s;
+                        mins[i / group] = m;
+                    }
+                    let (s, m) = (scales[i / group], mins[i / group]);
+                    let x = wr[i];
+                    let q = code4(x as f32, s, m);
+                    let dq = q as f32 * s + m;
+                    codes[i] = q;
+                    deq[i] = dq;
+                    let e = (x - dq as f64) / u[i * k + i];
+                    err[i - i1] = e;
+                    let urow = &u[i * k..i * k + k];
+                    for c in i + 1..i2 {
+                        wr[c] -= e * urow[c];
+                    }
                 }
-            }
-            let d = u[i * k + i];
-            let gi = i / group;
-            for r in 0..n {
-                let (s, m) = (scales[r * groups + gi], mins[r * groups + gi]);
-                let x = wv[r * k + i];
-                let q = code4(x as f32, s, m);
-                let dq = q as f32 * s + m;
-                codes[r * k + i] = q;
-                deq[r * k + i] = dq;
-                let e = (x - dq as f64) / d;
-                err[r * BLOCK + (i - i1)] = e;
-                let urow = &u[i * k..i * k + k];
-                let wr = &mut wv[r * k..(r + 1) * k];
-                for c in i + 1..i2 {
-                    wr[c] -= e * urow[c];
-                }
-            }
-        }
-        // The block's errors update every later column at once.
-        if i2 < k {
-            for r in 0..n {
-                let er = &err[r * BLOCK..r * BLOCK + bw];
-                let wr = &mut wv[r * k..(r + 1) * k];
-                for (bi, e) in er.iter().enumerate() {
+                // The block's errors update every later column at once.
+                for (bi, e) in err[..i2 - i1].iter().enumerate() {
                     if *e == 0.0 {
                         continue;
                     }
@@ -568,10 +572,9 @@ fn quantize_gptq4(w: &[f32], n: usize, k: usize, group: usize, hess: &Hessian) -
                         wr[c] -= e * urow[c];
                     }
                 }
+                i1 = i2;
             }
-        }
-        i1 = i2;
-    }
+        });
     Ok(finish4(codes, scales, mins, deq, n, k, group))
 }
 
