@@ -562,29 +562,9 @@ fn steps_per_layer(m: &kiln_runtime::plan::Manifest) -> Option<(String, PlanSumm
         let (_, idx) = head.rsplit_once('.')?;
         idx.parse::<u32>().ok().map(|_| head.to_string())
     };
-    let first = m.steps.iter().find_map(|s| layer_of(step_out(s)))?;
-    let steps = m
-        .steps
-        .iter()
-        .filter(|s| layer_of(step_out(s)).as_deref() == Some(&first));
+    let first = m.steps.iter().find_map(|s| layer_of(s.out()))?;
+    let steps = m.steps.iter().filter(|s| layer_of(s.out()).as_deref() == Some(&first));
     Some((first.clone(), plan_summary(steps, &m.kernels)))
-}
-
-fn step_out(s: &Step) -> u32 {
-    match s {
-        Step::Kernel { out, .. }
-        | Step::MatMul { out, .. }
-        | Step::QMatMul { out, .. }
-        | Step::SpMatMul { out, .. }
-        | Step::Gather { out, .. }
-        | Step::Transpose { out, .. }
-        | Step::Slice { out, .. }
-        | Step::Concat { out, .. }
-        | Step::Broadcast { out, .. }
-        | Step::Attention { out, .. }
-        | Step::CacheAppend { out, .. }
-        | Step::Fallback { out, .. } => *out,
-    }
 }
 
 fn parse_dims(s: &str) -> Result<(String, Vec<usize>)> {

@@ -327,7 +327,7 @@ impl Model {
                 let t = Instant::now();
                 self.exec(step, &bufs, &shapes, &syms, cache.as_deref_mut())
                     .map_err(|msg| {
-                        let out = step_out(step);
+                        let out = step.out() as usize;
                         RunError::Step {
                             step: si,
                             node: m.values[out].name.clone(),
@@ -459,8 +459,8 @@ impl Model {
         let mut def = vec![usize::MAX; n];
         let mut last = vec![0usize; n];
         for (si, step) in m.steps.iter().enumerate() {
-            def[step_out(step)] = si;
-            for v in step_inputs(step) {
+            def[step.out() as usize] = si;
+            for v in step.inputs() {
                 let r = root(v as usize);
                 last[r] = last[r].max(si);
             }
@@ -748,73 +748,6 @@ fn step_kind(step: &Step) -> String {
         Step::Fallback { op, .. } => format!("fallback:{}", op.mnemonic()),
         Step::CacheAppend { .. } => "cache".into(),
         Step::Attention { .. } => "attention".into(),
-    }
-}
-
-fn step_out(step: &Step) -> usize {
-    (match step {
-        Step::Kernel { out, .. }
-        | Step::MatMul { out, .. }
-        | Step::QMatMul { out, .. }
-        | Step::SpMatMul { out, .. }
-        | Step::Gather { out, .. }
-        | Step::Transpose { out, .. }
-        | Step::Slice { out, .. }
-        | Step::Concat { out, .. }
-        | Step::Broadcast { out, .. }
-        | Step::Fallback { out, .. }
-        | Step::CacheAppend { out, .. }
-        | Step::Attention { out, .. } => *out,
-    }) as usize
-}
-
-/// Whether `step` reads value `v`.
-pub(crate) fn step_reads(step: &Step, v: u32) -> bool {
-    step_inputs(step).contains(&v)
-}
-
-fn step_inputs(step: &Step) -> Vec<u32> {
-    match step {
-        Step::Kernel { inputs, .. } | Step::Fallback { inputs, .. } => inputs.clone(),
-        Step::MatMul { a, b, bias, acc, .. } => [*a, *b].into_iter().chain(*bias).chain(*acc).collect(),
-        Step::QMatMul {
-            a,
-            codes,
-            scales,
-            mins,
-            bias,
-            acc,
-            ..
-        } => [*a, *codes, *scales]
-            .into_iter()
-            .chain(*mins)
-            .chain(*bias)
-            .chain(*acc)
-            .collect(),
-        Step::SpMatMul {
-            a,
-            row_ptr,
-            cols,
-            vals,
-            bias,
-            acc,
-            ..
-        } => [*a, *row_ptr, *cols, *vals]
-            .into_iter()
-            .chain(*bias)
-            .chain(*acc)
-            .collect(),
-        Step::Gather { table, idx, .. } => vec![*table, *idx],
-        Step::Transpose { x, .. } | Step::Slice { x, .. } | Step::Broadcast { x, .. } | Step::CacheAppend { x, .. } => {
-            vec![*x]
-        }
-        Step::Concat { xs, .. } => xs.clone(),
-        Step::Attention {
-            q, k, v, kernel_inputs, ..
-        } => [*q, *k, *v]
-            .into_iter()
-            .chain(kernel_inputs.iter().flatten().copied())
-            .collect(),
     }
 }
 

@@ -284,35 +284,7 @@ pub fn matmul(
     let nb = elems(batch);
     let (mat_a, mat_b) = (sa[ra - 2] * sa[ra - 1], sb[rb - 2] * sb[rb - 1]);
     // The epilogue's addends are written into the output first; the GEMM then accumulates.
-    let read_dst = e.acc.is_some() || e.bias.is_some();
-    if let Some((acc, s)) = e.acc {
-        if s != so {
-            return Err(format!("matmul accumulator {s:?} differs from the result {so:?}"));
-        }
-        check_len("matmul accumulator", acc, s, 4)?;
-        // SAFETY: same length, distinct buffers (the output is a fresh temporary).
-        unsafe { std::ptr::copy_nonoverlapping(acc.ptr, out.0.ptr, out.0.len) };
-    }
-    if let Some((bias, s)) = e.bias {
-        if s != [n] {
-            return Err(format!("matmul bias {s:?} is not [{n}]"));
-        }
-        check_len("matmul bias", bias, s, 4)?;
-        // SAFETY: checked lengths; the output holds a whole number of rows of n floats.
-        let (bv, ov) = unsafe {
-            (
-                std::slice::from_raw_parts(bias.ptr as *const f32, n),
-                std::slice::from_raw_parts_mut(out.0.ptr as *mut f32, out.0.len / 4),
-            )
-        };
-        for row in ov.chunks_exact_mut(n.max(1)) {
-            if e.acc.is_some() {
-                row.iter_mut().zip(bv).for_each(|(o, b)| *o += b);
-            } else {
-                row.copy_from_slice(bv);
-            }
-        }
-    }
+    let read_dst = prefill_epilogue(out, n, e.bias, e.acc)?;
     let scale = e.scale;
     let (a_rs, a_cs) = if ta { (1isize, m as isize) } else { (k as isize, 1isize) };
     let (b_rs, b_cs) = if tb { (1isize, k as isize) } else { (n as isize, 1isize) };
@@ -457,11 +429,7 @@ unsafe fn gemv(
                 store(r, j0, &acc[r * (j1 - j0)..(r + 1) * (j1 - j0)]);
             }
         };
-        if threads > 1 && blocks > 1 {
-            (0..blocks).into_par_iter().for_each(work);
-        } else {
-            (0..blocks).for_each(work);
-        }
+        for_blocks(blocks, threads, work);
     } else {
         // B is [k, n]: each thread streams a contiguous band of B's rows into partial sums,
         // which are then added up (a few KiB per row).
@@ -1060,19 +1028,9 @@ fn dequant_row(w: &QWeight, codes: &[u8], s: &[f32], m: &[f32], k: usize, j: usi
     }
 }
 
-/// `Σ a[c] · code[c]` over one group of one weight row (the scale is applied by the caller).
+/// `Σ a[c] · code[c]` over one group of one weight row (the scale is applied by the caller); the
+/// portable path, for CPUs without AVX2 (`qrow_avx2` otherwise).
 fn qdot(bits: u8, a: &[f32], codes: &[u8]) -> f32 {
-    #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
-        // SAFETY: the CPU has AVX2 and FMA; the slices are as long as the loops read.
-        return unsafe {
-            if bits == 8 {
-                qdot8_avx2(a, codes)
-            } else {
-                qdot4_avx2(a, codes)
-            }
-        };
-    }
     if bits == 8 {
         a.iter().zip(codes).map(|(x, q)| x * (*q as i8 as f32)).sum()
     } else {
@@ -1094,52 +1052,6 @@ unsafe fn hsum256(v: std::arch::x86_64::__m256) -> f32 {
     let lo = _mm_add_ps(lo, _mm_movehl_ps(lo, lo));
     let lo = _mm_add_ss(lo, _mm_shuffle_ps(lo, lo, 1));
     _mm_cvtss_f32(lo)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn qdot8_avx2(a: &[f32], codes: &[u8]) -> f32 {
-    use std::arch::x86_64::*;
-    let n = a.len().min(codes.len());
-    let (mut s0, mut s1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
-    let mut c = 0;
-    while c + 16 <= n {
-        let q = _mm_loadu_si128(codes.as_ptr().add(c) as *const __m128i);
-        let q0 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q));
-        let q1 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(q, 8)));
-        s0 = _mm256_fmadd_ps(_mm256_loadu_ps(a.as_ptr().add(c)), q0, s0);
-        s1 = _mm256_fmadd_ps(_mm256_loadu_ps(a.as_ptr().add(c + 8)), q1, s1);
-        c += 16;
-    }
-    let mut t = hsum256(_mm256_add_ps(s0, s1));
-    while c < n {
-        t += a[c] * (codes[c] as i8 as f32);
-        c += 1;
-    }
-    t
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn qdot4_avx2(a: &[f32], codes: &[u8]) -> f32 {
-    use std::arch::x86_64::*;
-    let mask = _mm_set1_epi8(15);
-    let (mut s0, mut s1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
-    for b in 0..a.len() / 32 {
-        let bytes = _mm_loadu_si128(codes.as_ptr().add(b * 16) as *const __m128i);
-        let lo = _mm_and_si128(bytes, mask);
-        let hi = _mm_and_si128(_mm_srli_epi16(bytes, 4), mask);
-        let ap = a.as_ptr().add(b * 32);
-        let c0 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(lo));
-        let c1 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(lo, 8)));
-        let c2 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(hi));
-        let c3 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(hi, 8)));
-        s0 = _mm256_fmadd_ps(_mm256_loadu_ps(ap), c0, s0);
-        s1 = _mm256_fmadd_ps(_mm256_loadu_ps(ap.add(8)), c1, s1);
-        s0 = _mm256_fmadd_ps(_mm256_loadu_ps(ap.add(16)), c2, s0);
-        s1 = _mm256_fmadd_ps(_mm256_loadu_ps(ap.add(24)), c3, s1);
-    }
-    hsum256(_mm256_add_ps(s0, s1))
 }
 
 /// One output of a quantized product: `Σ_g scale_g · (a_g · codes_g) (+ min_g · Σ a_g)` over the
@@ -1360,53 +1272,27 @@ pub fn qmatmul(
                 }
             }
         };
-        if threads > 1 && blocks > 1 {
-            (0..blocks).into_par_iter().for_each(work);
-        } else {
-            (0..blocks).for_each(work);
-        }
+        for_blocks(blocks, threads, work);
         return Ok(());
     }
-    const NB: usize = 64;
-    let ap = a.0.ptr as usize;
-    let tile = |bi: usize| {
-        let (j0, j1) = (bi * NB, ((bi + 1) * NB).min(n));
-        let mut t = vec![0f32; (j1 - j0) * k];
-        for j in j0..j1 {
-            dequant_row(&w, codes, &s, &m, k, j, &mut t[(j - j0) * k..(j - j0 + 1) * k]);
-        }
-        // SAFETY: a is [rows, k]; the tile is [j1 - j0, k] read transposed; the output block is
-        // columns j0..j1 of [rows, n], written by this task only.
-        unsafe {
-            gemm::gemm::<f32>(
-                rows,
-                j1 - j0,
-                k,
-                (op as *mut f32).add(j0),
-                1,
-                n as isize,
-                read_dst,
-                ap as *const f32,
-                1,
-                k as isize,
-                t.as_ptr(),
-                k as isize,
-                1,
-                1.0,
-                scale,
-                false,
-                false,
-                false,
-                gemm::Parallelism::None,
-            )
-        };
+    // SAFETY: a is [rows, k] and out [rows, n], as checked above.
+    unsafe {
+        tiled_gemm(
+            rows,
+            n,
+            k,
+            a.0.ptr as *const f32,
+            op as *mut f32,
+            read_dst,
+            scale,
+            threads,
+            |j0, j1, t| {
+                for j in j0..j1 {
+                    dequant_row(&w, codes, &s, &m, k, j, &mut t[(j - j0) * k..(j - j0 + 1) * k]);
+                }
+            },
+        )
     };
-    let nblocks = n.div_ceil(NB);
-    if threads > 1 {
-        (0..nblocks).into_par_iter().for_each(tile);
-    } else {
-        (0..nblocks).for_each(tile);
-    }
     Ok(())
 }
 
@@ -1522,59 +1408,34 @@ pub fn spmatmul(
                 }
             }
         };
-        if threads > 1 && blocks > 1 {
-            (0..blocks).into_par_iter().for_each(work);
-        } else {
-            (0..blocks).for_each(work);
-        }
+        for_blocks(blocks, threads, work);
     } else {
-        const NB: usize = 64;
-        let ap = a.0.ptr as usize;
-        let tile = |bi: usize| {
-            let (j0, j1) = (bi * NB, ((bi + 1) * NB).min(n));
-            let mut t = vec![0f32; (j1 - j0) * k];
-            for j in j0..j1 {
-                for p in rp[j] as usize..rp[j + 1] as usize {
-                    match t
-                        .get_mut((j - j0) * k + cols[p] as usize)
-                        .filter(|_| (cols[p] as usize) < k)
-                    {
-                        Some(x) => *x = vals[p],
-                        None => bad_col.store(true, std::sync::atomic::Ordering::Relaxed),
+        // SAFETY: a is [rows, k] and out [rows, n], as checked above.
+        unsafe {
+            tiled_gemm(
+                rows,
+                n,
+                k,
+                a.0.ptr as *const f32,
+                op as *mut f32,
+                read_dst,
+                scale,
+                threads,
+                |j0, j1, t| {
+                    for j in j0..j1 {
+                        for p in rp[j] as usize..rp[j + 1] as usize {
+                            match t
+                                .get_mut((j - j0) * k + cols[p] as usize)
+                                .filter(|_| (cols[p] as usize) < k)
+                            {
+                                Some(x) => *x = vals[p],
+                                None => bad_col.store(true, std::sync::atomic::Ordering::Relaxed),
+                            }
+                        }
                     }
-                }
-            }
-            // SAFETY: as in `qmatmul`'s tiles.
-            unsafe {
-                gemm::gemm::<f32>(
-                    rows,
-                    j1 - j0,
-                    k,
-                    (op as *mut f32).add(j0),
-                    1,
-                    n as isize,
-                    read_dst,
-                    ap as *const f32,
-                    1,
-                    k as isize,
-                    t.as_ptr(),
-                    k as isize,
-                    1,
-                    1.0,
-                    scale,
-                    false,
-                    false,
-                    false,
-                    gemm::Parallelism::None,
-                )
-            };
+                },
+            )
         };
-        let nblocks = n.div_ceil(NB);
-        if threads > 1 {
-            (0..nblocks).into_par_iter().for_each(tile);
-        } else {
-            (0..nblocks).for_each(tile);
-        }
     }
     if bad_col.load(std::sync::atomic::Ordering::Relaxed) {
         return Err(format!("a CSR column index is outside 0..{k}"));
@@ -1583,20 +1444,21 @@ pub fn spmatmul(
 }
 
 /// Median nanoseconds of `m`-row products with `w` (`[n, k]`, row-major f32) stored dense and as
-/// CSR, the way the runtime runs them — for the compiler's choice of encoding.
-pub fn measure_sparse(w: &[f32], n: usize, k: usize, m: usize, threads: usize) -> Result<(f64, f64), String> {
+/// the same matrix in CSR (`row_ptr`, `cols`, `vals`), the way the runtime runs them — for the
+/// compiler's choice of encoding.
+#[allow(clippy::too_many_arguments)]
+pub fn measure_sparse(
+    w: &[f32],
+    row_ptr: &[i32],
+    cols: &[i32],
+    vals: &[f32],
+    n: usize,
+    k: usize,
+    m: usize,
+    threads: usize,
+) -> Result<(f64, f64), String> {
     let pool = pool(threads)?;
-    let mut rp = vec![0i32];
-    let (mut cols, mut vals) = (Vec::new(), Vec::new());
-    for r in 0..n {
-        for (j, v) in w[r * k..(r + 1) * k].iter().enumerate() {
-            if *v != 0.0 {
-                cols.push(j as i32);
-                vals.push(*v);
-            }
-        }
-        rp.push(cols.len() as i32);
-    }
+    let rp = row_ptr;
     let a: Vec<f32> = (0..m * k).map(|i| ((i % 7) as f32 - 3.0) * 0.1).collect();
     let mut out = vec![0f32; m * n];
     let buf = |p: *const u8, len: usize| Buf { ptr: p as *mut u8, len };
@@ -1648,4 +1510,64 @@ pub fn measure_sparse(w: &[f32], n: usize, k: usize, m: usize, threads: usize) -
         })?;
         Ok((dense, sparse))
     })
+}
+
+/// Runs `f(block)` for every block, across the pool when there is more than one thread to use.
+fn for_blocks(blocks: usize, threads: usize, f: impl Fn(usize) + Sync + Send) {
+    if threads > 1 && blocks > 1 {
+        (0..blocks).into_par_iter().for_each(f);
+    } else {
+        (0..blocks).for_each(f);
+    }
+}
+
+/// `out (+)= scale · a @ wᵀ` for a weight that exists only 64 output channels at a time:
+/// `fill(j0, j1, tile)` writes rows `j0..j1` of `w` (`[j1 - j0, k]`, zeroed) and the GEMM reads
+/// the tile transposed into columns `j0..j1` of `out`. Tiles run on the pool.
+///
+/// # Safety
+/// `a` holds `rows * k` floats and `out` `rows * n`.
+#[allow(clippy::too_many_arguments)]
+unsafe fn tiled_gemm(
+    rows: usize,
+    n: usize,
+    k: usize,
+    a: *const f32,
+    out: *mut f32,
+    read_dst: bool,
+    scale: f32,
+    threads: usize,
+    fill: impl Fn(usize, usize, &mut [f32]) + Sync + Send,
+) {
+    const NB: usize = 64;
+    let (ap, op) = (a as usize, out as usize);
+    for_blocks(n.div_ceil(NB), threads, |bi| {
+        let (j0, j1) = (bi * NB, ((bi + 1) * NB).min(n));
+        let mut t = vec![0f32; (j1 - j0) * k];
+        fill(j0, j1, &mut t);
+        // SAFETY: the caller's bounds; the output block is columns j0..j1, written by this tile only.
+        unsafe {
+            gemm::gemm::<f32>(
+                rows,
+                j1 - j0,
+                k,
+                (op as *mut f32).add(j0),
+                1,
+                n as isize,
+                read_dst,
+                ap as *const f32,
+                1,
+                k as isize,
+                t.as_ptr(),
+                k as isize,
+                1,
+                1.0,
+                scale,
+                false,
+                false,
+                false,
+                gemm::Parallelism::None,
+            )
+        };
+    });
 }

@@ -303,6 +303,75 @@ pub enum Step {
     },
 }
 
+impl Step {
+    /// The value the step writes.
+    pub fn out(&self) -> u32 {
+        match self {
+            Step::Kernel { out, .. }
+            | Step::MatMul { out, .. }
+            | Step::QMatMul { out, .. }
+            | Step::SpMatMul { out, .. }
+            | Step::Gather { out, .. }
+            | Step::Transpose { out, .. }
+            | Step::Slice { out, .. }
+            | Step::Concat { out, .. }
+            | Step::Broadcast { out, .. }
+            | Step::Fallback { out, .. }
+            | Step::CacheAppend { out, .. }
+            | Step::Attention { out, .. } => *out,
+        }
+    }
+
+    /// The values the step reads.
+    pub fn inputs(&self) -> Vec<u32> {
+        match self {
+            Step::Kernel { inputs, .. } | Step::Fallback { inputs, .. } => inputs.clone(),
+            Step::MatMul { a, b, bias, acc, .. } => [*a, *b].into_iter().chain(*bias).chain(*acc).collect(),
+            Step::QMatMul {
+                a,
+                codes,
+                scales,
+                mins,
+                bias,
+                acc,
+                ..
+            } => [*a, *codes, *scales]
+                .into_iter()
+                .chain(*mins)
+                .chain(*bias)
+                .chain(*acc)
+                .collect(),
+            Step::SpMatMul {
+                a,
+                row_ptr,
+                cols,
+                vals,
+                bias,
+                acc,
+                ..
+            } => [*a, *row_ptr, *cols, *vals]
+                .into_iter()
+                .chain(*bias)
+                .chain(*acc)
+                .collect(),
+            Step::Gather { table, idx, .. } => vec![*table, *idx],
+            Step::Transpose { x, .. }
+            | Step::Slice { x, .. }
+            | Step::Broadcast { x, .. }
+            | Step::CacheAppend { x, .. } => {
+                vec![*x]
+            }
+            Step::Concat { xs, .. } => xs.clone(),
+            Step::Attention {
+                q, k, v, kernel_inputs, ..
+            } => [*q, *k, *v]
+                .into_iter()
+                .chain(kernel_inputs.iter().flatten().copied())
+                .collect(),
+        }
+    }
+}
+
 /// Everything about an artifact except its bytes.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Manifest {

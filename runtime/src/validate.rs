@@ -104,68 +104,7 @@ pub fn manifest(m: &Manifest, weights_len: usize, code_len: usize) -> Result<(),
         !matches!(m.values[r].storage, Storage::Temp) || written[r]
     };
     for (si, step) in m.steps.iter().enumerate() {
-        let (ins, out): (Vec<u32>, u32) = match step {
-            Step::Kernel { inputs, out, .. } => (inputs.clone(), *out),
-            Step::MatMul {
-                a, b, out, bias, acc, ..
-            } => ([*a, *b].into_iter().chain(*bias).chain(*acc).collect(), *out),
-            Step::Gather { table, idx, out, .. } => (vec![*table, *idx], *out),
-            Step::QMatMul {
-                a,
-                codes,
-                scales,
-                mins,
-                out,
-                bias,
-                acc,
-                ..
-            } => (
-                [*a, *codes, *scales]
-                    .into_iter()
-                    .chain(*mins)
-                    .chain(*bias)
-                    .chain(*acc)
-                    .collect(),
-                *out,
-            ),
-            Step::SpMatMul {
-                a,
-                row_ptr,
-                cols,
-                vals,
-                out,
-                bias,
-                acc,
-                ..
-            } => (
-                [*a, *row_ptr, *cols, *vals]
-                    .into_iter()
-                    .chain(*bias)
-                    .chain(*acc)
-                    .collect(),
-                *out,
-            ),
-            Step::Transpose { x, out, .. }
-            | Step::Slice { x, out, .. }
-            | Step::Broadcast { x, out }
-            | Step::CacheAppend { x, out, .. } => (vec![*x], *out),
-            Step::Concat { xs, out, .. } => (xs.clone(), *out),
-            Step::Fallback { inputs, out, .. } => (inputs.clone(), *out),
-            Step::Attention {
-                q,
-                k,
-                v,
-                out,
-                kernel_inputs,
-                ..
-            } => (
-                [*q, *k, *v]
-                    .into_iter()
-                    .chain(kernel_inputs.iter().flatten().copied())
-                    .collect(),
-                *out,
-            ),
-        };
+        let (ins, out) = (step.inputs(), step.out());
         for v in ins.iter().chain(std::iter::once(&out)) {
             if *v as usize >= nv {
                 return bad(format!("step {si} names a missing value {v}"));
@@ -288,7 +227,7 @@ pub fn manifest(m: &Manifest, weights_len: usize, code_len: usize) -> Result<(),
                         Step::Attention { k, v, cached, .. } => {
                             (*k != *out || cached[0]) && (*v != *out || cached[1]) && !step_reads_other(st, *out)
                         }
-                        other => !crate::exec::step_reads(other, *out),
+                        other => !other.inputs().contains(out),
                     });
                     if !readers_ok {
                         return bad(format!(

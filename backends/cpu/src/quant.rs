@@ -298,8 +298,9 @@ pub fn sparsify(
     let decoding = is_decoding(graph);
     let (targets, skipped) = quantize::targets(graph, exclude);
     let mut choose = |_: &str, w: &[f32], n: usize, k: usize| -> (Encoding, String) {
-        let one = kiln_runtime::measure_sparse(w, n, k, 1, threads);
-        let many = kiln_runtime::measure_sparse(w, n, k, rows, threads);
+        let c = kiln_passes::sparsity::Csr::from_dense(w, n, k);
+        let time = |m| kiln_runtime::measure_sparse(w, &c.row_ptr, &c.cols, &c.vals, n, k, m, threads);
+        let (one, many) = (time(1), time(rows));
         match (one, many) {
             (Ok((d1, s1)), Ok((dm, sm))) => {
                 let why = format!(
