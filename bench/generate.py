@@ -65,7 +65,6 @@ import argparse
 import datetime
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -80,6 +79,9 @@ os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 import numpy as np  # noqa: E402
+
+# Shared helpers of the side-by-side benchmarks (bench/ is on sys.path when run as a script).
+from compare import cache_dir, cpu_model, load_average  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_SPEC = REPO / "specs" / "gpt2.ron"
@@ -110,11 +112,6 @@ class BenchError(RuntimeError):
 # helpers
 
 
-def cache_dir() -> Path:
-    """``$KILN_CACHE`` or ``~/.cache/kiln``."""
-    return Path(os.environ.get("KILN_CACHE") or Path.home() / ".cache" / "kiln")
-
-
 def parse_contexts(text: str) -> list[int]:
     try:
         vals = [int(v) for v in text.split(",") if v.strip()]
@@ -123,26 +120,6 @@ def parse_contexts(text: str) -> list[int]:
     if not vals:
         raise argparse.ArgumentTypeError("no contexts given")
     return vals
-
-
-def cpu_model() -> str:
-    """The CPU's model name from /proc/cpuinfo (or platform as a fallback)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.lower().startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def load_average() -> str:
-    """1/5/15-minute load average: other work on the machine skews timings."""
-    try:
-        return "/".join(f"{v:.2f}" for v in os.getloadavg())
-    except OSError:
-        return "?"
 
 
 def median(xs) -> float:
