@@ -975,39 +975,52 @@ pub struct QWeight {
     pub group: usize,
 }
 
-fn floats(b: Buf, dt: DType, n: usize) -> Result<Vec<f32>, String> {
-    let es = dt.size_bytes();
-    if b.len != n * es {
-        return Err(format!("{} bytes of {dt} where {n} values were expected", b.len));
-    }
-    // SAFETY: `b` holds exactly `n` values of `dt`.
-    let bytes = unsafe { std::slice::from_raw_parts(b.ptr as *const u8, b.len) };
-    Ok(match dt {
-        DType::F32 => bytes
-            .chunks_exact(4)
-            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-            .collect(),
-        DType::F16 => bytes
-            .chunks_exact(2)
-            .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
-            .collect(),
-        DType::BF16 => bytes
-            .chunks_exact(2)
-            .map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32())
-            .collect(),
-        other => return Err(format!("quantization scales of dtype {other}")),
-    })
+/// Scales or minimums as stored (f32, f16 or bf16), read a weight row at a time inside the kernels
+/// rather than converted whole on every call.
+#[derive(Clone, Copy)]
+struct Floats<'a> {
+    bytes: &'a [u8],
+    dt: DType,
 }
 
-/// Row `j` of the weight, dequantized into `dst` (`k` floats); branch-free inner loops, so LLVM
-/// vectorises them.
+impl<'a> Floats<'a> {
+    fn new(b: Buf, dt: DType, n: usize) -> Result<Floats<'a>, String> {
+        if !matches!(dt, DType::F32 | DType::F16 | DType::BF16) {
+            return Err(format!("quantization scales of dtype {dt}"));
+        }
+        if b.len != n * dt.size_bytes() {
+            return Err(format!("{} bytes of {dt} where {n} values were expected", b.len));
+        }
+        // SAFETY: `b` holds exactly `n` values of `dt` and outlives the call.
+        Ok(Floats {
+            bytes: unsafe { std::slice::from_raw_parts(b.ptr as *const u8, b.len) },
+            dt,
+        })
+    }
+
+    /// Values `start..start + dst.len()` into `dst`.
+    fn read(&self, start: usize, dst: &mut [f32]) {
+        let es = self.dt.size_bytes();
+        let src = &self.bytes[start * es..(start + dst.len()) * es];
+        for (d, c) in dst.iter_mut().zip(src.chunks_exact(es)) {
+            *d = match self.dt {
+                DType::F32 => f32::from_le_bytes([c[0], c[1], c[2], c[3]]),
+                DType::F16 => half::f16::from_le_bytes([c[0], c[1]]).to_f32(),
+                _ => half::bf16::from_le_bytes([c[0], c[1]]).to_f32(),
+            };
+        }
+    }
+}
+
+/// Row `j` of the weight, dequantized into `dst` (`k` floats) with that row's scales `s` and
+/// minimums `m`; branch-free inner loops, so LLVM vectorises them.
 fn dequant_row(w: &QWeight, codes: &[u8], s: &[f32], m: &[f32], k: usize, j: usize, dst: &mut [f32]) {
     let g = w.group;
     let groups = k / g;
     if w.bits == 8 {
         let row = &codes[j * k..(j + 1) * k];
         for gi in 0..groups {
-            let sc = s[j * groups + gi];
+            let sc = s[gi];
             for (d, q) in dst[gi * g..(gi + 1) * g].iter_mut().zip(&row[gi * g..(gi + 1) * g]) {
                 *d = *q as i8 as f32 * sc;
             }
@@ -1015,7 +1028,7 @@ fn dequant_row(w: &QWeight, codes: &[u8], s: &[f32], m: &[f32], k: usize, j: usi
     } else {
         let row = &codes[j * k / 2..(j + 1) * k / 2];
         for gi in 0..groups {
-            let (sc, mn) = (s[j * groups + gi], m[j * groups + gi]);
+            let (sc, mn) = (s[gi], m[gi]);
             for b in gi * g / 32..(gi + 1) * g / 32 {
                 let bytes = &row[b * 16..b * 16 + 16];
                 let (lo, hi) = dst[b * 32..b * 32 + 32].split_at_mut(16);
@@ -1196,11 +1209,20 @@ pub fn qmatmul(
     check_len("quantized matmul lhs", a.0, sa, 4)?;
     check_len("quantized matmul output", out.0, so, 4)?;
     let groups = k / g;
-    let s = floats(w.scales.0, w.scales.1, n * groups)?;
-    let m = match w.mins {
-        Some((b, dt)) => floats(b, dt, n * groups)?,
+    let sf = Floats::new(w.scales.0, w.scales.1, n * groups)?;
+    let mf = match w.mins {
+        Some((b, dt)) => Some(Floats::new(b, dt, n * groups)?),
         None if w.bits == 4 => return Err("4-bit weights need minimums".into()),
-        None => Vec::new(),
+        None => None,
+    };
+    // Row j's scales and minimums, into per-task buffers.
+    let row_params = |j: usize, s: &mut Vec<f32>, m: &mut Vec<f32>| {
+        s.resize(groups, 0.0);
+        sf.read(j * groups, s);
+        if let Some(mf) = &mf {
+            m.resize(groups, 0.0);
+            mf.read(j * groups, m);
+        }
     };
     let rows = elems(sa) / k.max(1);
     let read_dst = prefill_epilogue(out, n, bias, acc)?;
@@ -1231,20 +1253,15 @@ pub fn qmatmul(
         #[cfg(target_arch = "x86_64")]
         let fast = std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma");
         let work = |bi: usize| {
+            let (mut s, mut m) = (Vec::new(), Vec::new());
             for j in bi * width..((bi + 1) * width).min(n) {
                 let crow = &codes[j * cb..(j + 1) * cb];
+                row_params(j, &mut s, &mut m);
                 for r in 0..rows {
                     let ar = &av[r * k..(r + 1) * k];
                     #[cfg(target_arch = "x86_64")]
                     if fast {
-                        let (sr, mr) = (
-                            &s[j * groups..(j + 1) * groups],
-                            if w.bits == 4 {
-                                &m[j * groups..(j + 1) * groups]
-                            } else {
-                                &[][..]
-                            },
-                        );
+                        let (sr, mr) = (&s[..], &m[..]);
                         let asr = if w.bits == 4 {
                             &asum[r * groups..(r + 1) * groups]
                         } else {
@@ -1263,9 +1280,9 @@ pub fn qmatmul(
                             &crow[gi * g / 2..(gi + 1) * g / 2]
                         };
                         let d = qdot(w.bits, &ar[gi * g..(gi + 1) * g], gc);
-                        t += s[j * groups + gi] * d;
+                        t += s[gi] * d;
                         if w.bits == 4 {
-                            t += m[j * groups + gi] * asum[r * groups + gi];
+                            t += m[gi] * asum[r * groups + gi];
                         }
                     }
                     store(r, j, t);
@@ -1287,7 +1304,9 @@ pub fn qmatmul(
             scale,
             threads,
             |j0, j1, t| {
+                let (mut s, mut m) = (Vec::new(), Vec::new());
                 for j in j0..j1 {
+                    row_params(j, &mut s, &mut m);
                     dequant_row(&w, codes, &s, &m, k, j, &mut t[(j - j0) * k..(j - j0 + 1) * k]);
                 }
             },
