@@ -35,6 +35,7 @@ pub fn samples(path: &Path, tokenizer: Option<&str>) -> Result<Vec<Vec<i64>>> {
             .filter(|r: &Vec<i64>| !r.is_empty())
             .collect());
     }
+    let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
     let Some(json) = tokenizer else {
         bail!(
             "--calib {}: text samples need a tokenizer; give --tokenizer FILE (tokenizer.json)",
@@ -44,7 +45,6 @@ pub fn samples(path: &Path, tokenizer: Option<&str>) -> Result<Vec<Vec<i64>>> {
     let mut tok = tokenizers::Tokenizer::from_bytes(json.as_bytes()).map_err(|e| anyhow!("tokenizer: {e}"))?;
     tok.with_padding(None);
     tok.with_truncation(None).map_err(|e| anyhow!("tokenizer: {e}"))?;
-    let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
     text.lines()
         .filter(|l| !l.trim().is_empty())
         .map(|l| {
