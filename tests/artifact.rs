@@ -269,12 +269,12 @@ fn mutate(m: &mut Manifest, r: &mut Rng) {
     }
 }
 
-#[test]
-fn manifests_with_damaged_fields_never_crash() {
-    let (_, c) = tiny_gpt2();
-    let mut r = Rng(5);
+/// Damages `tries` copies of `c`'s manifest (one or two field mutations each), loads each and runs
+/// it with `run`; panics if any panics. Returns (refused at load, refused at run, ran).
+fn damage(c: &kiln_cpu::Compiled, seed: u64, tries: usize, run: impl Fn(&Model) -> bool) -> (usize, usize, usize) {
+    let mut r = Rng(seed);
     let (mut refused, mut failed, mut ran) = (0, 0, 0);
-    for i in 0..2000 {
+    for i in 0..tries {
         let mut m = c.manifest.clone();
         for _ in 0..1 + r.below(2) {
             mutate(&mut m, &mut r);
@@ -282,10 +282,8 @@ fn manifests_with_damaged_fields_never_crash() {
         let bytes = artifact::encode(&m, &c.weights, &c.code).unwrap();
         let outcome = catch_unwind(AssertUnwindSafe(|| match Model::from_bytes(&bytes) {
             Err(_) => 0,
-            Ok(model) => match model.run(&ids(2, 7)) {
-                Err(_) => 1,
-                Ok(_) => 2,
-            },
+            Ok(model) if run(&model) => 2,
+            Ok(_) => 1,
         }));
         match outcome {
             Ok(0) => refused += 1,
@@ -295,6 +293,13 @@ fn manifests_with_damaged_fields_never_crash() {
         }
     }
     eprintln!("{refused} refused at load, {failed} refused at run, {ran} ran");
+    (refused, failed, ran)
+}
+
+#[test]
+fn manifests_with_damaged_fields_never_crash() {
+    let (_, c) = tiny_gpt2();
+    let (refused, failed, _) = damage(&c, 5, 2000, |model| model.run(&ids(2, 7)).is_ok());
     assert!(refused + failed > 1200);
 }
 
@@ -307,34 +312,14 @@ fn damaged_decoding_manifests_never_crash() {
         .steps
         .iter()
         .any(|s| matches!(s, Step::CacheAppend { view: true, .. })));
-    let mut r = Rng(9);
-    let (mut refused, mut failed, mut ran) = (0, 0, 0);
-    for i in 0..1500 {
-        let mut m = c.manifest.clone();
-        for _ in 0..1 + r.below(2) {
-            mutate(&mut m, &mut r);
-        }
-        let bytes = artifact::encode(&m, &c.weights, &c.code).unwrap();
-        let outcome = catch_unwind(AssertUnwindSafe(|| match Model::from_bytes(&bytes) {
-            Err(_) => 0,
-            Ok(model) => {
-                let steps = model.session().and_then(|mut s| {
-                    s.prefill(&[vec![1, 2, 3], vec![4]])?;
-                    s.step(&[5, 6])
-                });
-                match steps {
-                    Err(_) => 1,
-                    Ok(_) => 2,
-                }
-            }
-        }));
-        match outcome {
-            Ok(0) => refused += 1,
-            Ok(1) => failed += 1,
-            Ok(_) => ran += 1,
-            Err(_) => panic!("mutation {i} panicked the runtime"),
-        }
-    }
-    eprintln!("{refused} refused at load, {failed} refused at run, {ran} ran");
+    let (refused, failed, _) = damage(&c, 9, 1500, |model| {
+        model
+            .session()
+            .and_then(|mut s| {
+                s.prefill(&[vec![1, 2, 3], vec![4]])?;
+                s.step(&[5, 6])
+            })
+            .is_ok()
+    });
     assert!(refused + failed > 800);
 }
