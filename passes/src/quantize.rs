@@ -307,6 +307,8 @@ struct Quantized {
     scale: Tensor,
     min: Option<Tensor>,
     dequantized: Vec<f32>,
+    /// Column `c` of the stored matrix is column `perm[c]` of the original (act-order GPTQ).
+    perm: Option<Vec<usize>>,
 }
 
 fn quantize_int8(w: &[f32], n: usize, k: usize) -> Quantized {
@@ -334,6 +336,7 @@ fn quantize_int8(w: &[f32], n: usize, k: usize) -> Quantized {
         scale: Tensor::from_f32(vec![n, 1], scales).expect("shape"),
         min: None,
         dequantized: deq,
+        perm: None,
     }
 }
 
@@ -413,6 +416,7 @@ fn finish4(
         scale: f16(&scales),
         min: Some(f16(&mins)),
         dequantized: deq,
+        perm: None,
     }
 }
 
@@ -507,19 +511,38 @@ fn inverse_upper_cholesky(h: &[f64], k: usize) -> Result<Vec<f64>, String> {
     Ok(u)
 }
 
-/// GPTQ with affine int4 groups, columns in order, blocks of 128 columns with lazy updates.
+/// GPTQ with affine int4 groups in activation order: columns are quantized by decreasing `H_ii`
+/// (the inputs with the most energy first, while the most columns remain to absorb their error),
+/// and stored in that order so each group is contiguous; the product then gathers its input's
+/// columns in the same order. Blocks of 128 columns with lazy updates.
 fn quantize_gptq4(w: &[f32], n: usize, k: usize, group: usize, hess: &Hessian) -> Result<Quantized, String> {
-    let mut h = hess.matrix();
-    let mut wv: Vec<f64> = w.iter().map(|x| *x as f64).collect();
+    let h0 = hess.matrix();
+    let mut perm: Vec<usize> = (0..k).collect();
+    perm.sort_by(|a, b| h0[b * k + b].total_cmp(&h0[a * k + a]).then(a.cmp(b)));
+    let mut h = vec![0.0; k * k];
+    for (i, pi) in perm.iter().enumerate() {
+        for (j, pj) in perm.iter().enumerate() {
+            h[i * k + j] = h0[pi * k + pj];
+        }
+    }
+    let mut wv: Vec<f64> = vec![0.0; n * k];
+    for r in 0..n {
+        for (c, pc) in perm.iter().enumerate() {
+            wv[r * k + c] = w[r * k + pc] as f64;
+        }
+    }
     // Columns no calibration row touched carry no information: quantize them as they are.
     for i in 0..k {
         if h[i * k + i] == 0.0 {
             h[i * k + i] = 1.0;
         }
     }
+    // Dampening of 10% of the mean diagonal (GPTQ's paper uses 1%): calibration sets of a few
+    // hundred tokens leave H rank-deficient for k = 1536, and on MiniLM 10% measured better
+    // (held-out cosine 0.9858 at 1%, 0.9883 at 5%, 0.9885 at 10%, 0.9882 at 20%).
     let mean_diag = (0..k).map(|i| h[i * k + i]).sum::<f64>() / k as f64;
     for i in 0..k {
-        h[i * k + i] += 0.01 * mean_diag;
+        h[i * k + i] += 0.1 * mean_diag;
     }
     let u = inverse_upper_cholesky(&h, k)?;
     let groups = k / group;
@@ -575,7 +598,16 @@ fn quantize_gptq4(w: &[f32], n: usize, k: usize, group: usize, hess: &Hessian) -
                 i1 = i2;
             }
         });
-    Ok(finish4(codes, scales, mins, deq, n, k, group))
+    // The report compares against the original column order.
+    let mut unpermuted = vec![0f32; n * k];
+    for r in 0..n {
+        for (c, pc) in perm.iter().enumerate() {
+            unpermuted[r * k + pc] = deq[r * k + c];
+        }
+    }
+    let mut q = finish4(codes, scales, mins, unpermuted, n, k, group);
+    q.perm = (perm.iter().enumerate().any(|(i, p)| i != *p)).then_some(perm);
+    Ok(q)
 }
 
 /// A copy of `g` that also returns the input of every target product (`calib.{i}`), for
@@ -662,6 +694,14 @@ pub fn apply(
         if let Some(m) = q.min {
             args.push(add("min", m)?);
         }
+        let perm = match &q.perm {
+            Some(p) => Some(add(
+                "perm",
+                Tensor::from_f64(DType::I32, vec![k], &p.iter().map(|c| *c as f64).collect::<Vec<_>>())
+                    .expect("column indices fit i32"),
+            )?),
+            None => None,
+        };
         report.bytes.0 += n * k * 4;
         let bits = if scheme == Scheme::Int8 { 8 } else { 4 };
         let dq = g
@@ -675,7 +715,18 @@ pub fn apply(
             )
             .map_err(|e| e.to_string())?;
         g.add_rules(dq, [format!("quantize-{scheme}")]);
-        let a = g.args(t.matmul)[0];
+        let mut a = g.args(t.matmul)[0];
+        if let Some(pn) = perm {
+            let axis = g.node(a).ty.rank() - 1;
+            a = g
+                .add(
+                    Op::Gather { axis },
+                    &[a, pn],
+                    format!("{}/act_order", g.node(t.matmul).name),
+                )
+                .map_err(|e| e.to_string())?;
+            g.add_rules(a, [format!("quantize-{scheme}")]);
+        }
         let mm = g
             .add(
                 Op::MatMul {

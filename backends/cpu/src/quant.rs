@@ -58,7 +58,7 @@ fn is_decoding(graph: &Graph) -> bool {
         .any(|n| matches!(graph.node(n).op, Op::CacheAppend { .. }))
 }
 
-/// `Σ x xᵀ` of every target's input over the calibration samples (batches of 8 rows).
+/// `Σ x xᵀ` of every target's input over the calibration samples (one sample per run, so no padding enters the statistics).
 pub fn calibrate(
     graph: &Graph,
     weights: &BTreeMap<String, Tensor>,
@@ -83,7 +83,8 @@ pub fn calibrate(
             absorb(sess.prefill_outputs(&[s.clone()]).map_err(|e| e.to_string())?)?;
         }
     } else {
-        for chunk in samples.chunks(8) {
+        // One sample per run: padding positions would add activations the model never uses.
+        for chunk in samples.chunks(1) {
             absorb(m.run(&feed(graph, chunk)?).map_err(|e| e.to_string())?)?;
         }
     }
@@ -106,6 +107,9 @@ pub fn quantize(
             if calib.is_empty() {
                 return Err("gptq4 needs calibration samples (--calib)".into());
             }
+            // All Hessians from the f32 model in one pass: quantizing sequentially (each product's
+            // Hessian from the model with the earlier ones quantized) measured the same on MiniLM
+            // (0.98851 vs 0.98849) at 2.5x the compile time.
             Some(calibrate(graph, weights, dims, &targets, calib)?)
         }
         _ => None,
