@@ -396,4 +396,29 @@ pub struct Manifest {
     /// A Hugging Face `tokenizer.json` carried for text generation.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tokenizer: Option<String>,
+    /// For a CUDA artifact (target arch [`GPU_ARCH`]): the PTX modules in the code section. The
+    /// kernels then have no code of their own: kernel `i` is the PTX entry `k{i}`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gpu: Option<GpuCode>,
+}
+
+/// The `Target::arch` of CUDA artifacts.
+pub const GPU_ARCH: &str = "nvptx64";
+
+/// The PTX of a CUDA artifact.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GpuCode {
+    /// One module per GPU architecture, each holding every kernel of the plan and the fixed ones.
+    pub modules: Vec<GpuModule>,
+}
+
+/// One PTX module: NUL-terminated text at `offset..offset + len` of the code section.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GpuModule {
+    /// `sm_80`, `sm_90`, …
+    pub arch: String,
+    /// Byte offset in the code section.
+    pub offset: u64,
+    /// Byte length, the terminating NUL included.
+    pub len: u64,
 }

@@ -69,18 +69,38 @@ pub fn manifest(m: &Manifest, weights_len: usize, code_len: usize) -> Result<(),
             return bad(format!("input `{}` is not backed by its input storage", p.name));
         }
     }
-    // The code section is exactly the kernels, in order, each 16-byte aligned: a kernel entry
-    // point can only be the start of the code the compiler emitted for it.
-    let mut next = 0u64;
-    for k in &m.kernels {
-        let end = k.offset.checked_add(k.len);
-        if k.len == 0 || end.is_none_or(|e| e > code_len as u64) || k.offset != next.div_ceil(16) * 16 {
-            return bad(format!(
-                "kernel `{}` does not lie where the code section puts it",
-                k.name
-            ));
+    // The code section is exactly the kernels (or, for a CUDA artifact, the PTX modules), in
+    // order, each 16-byte aligned: an entry point can only be the start of code the compiler emitted.
+    let gpu = m.target.arch == crate::plan::GPU_ARCH;
+    if gpu != m.gpu.is_some() {
+        return bad("a CUDA target needs PTX modules, and only a CUDA target has them".into());
+    }
+    let pieces: Vec<(String, u64, u64)> = match &m.gpu {
+        Some(g) => {
+            if m.kernels.iter().any(|k| k.offset != 0 || k.len != 0) {
+                return bad("kernels of a CUDA artifact have no code of their own".into());
+            }
+            if g.modules.is_empty() {
+                return bad("a CUDA artifact without PTX".into());
+            }
+            g.modules
+                .iter()
+                .map(|x| (format!("PTX for {}", x.arch), x.offset, x.len))
+                .collect()
         }
-        next = k.offset + k.len;
+        None => m
+            .kernels
+            .iter()
+            .map(|k| (format!("kernel `{}`", k.name), k.offset, k.len))
+            .collect(),
+    };
+    let mut next = 0u64;
+    for (what, offset, len) in &pieces {
+        let end = offset.checked_add(*len);
+        if *len == 0 || end.is_none_or(|e| e > code_len as u64) || *offset != next.div_ceil(16) * 16 {
+            return bad(format!("{what} does not lie where the code section puts it"));
+        }
+        next = offset + len;
     }
     if next != code_len as u64 {
         return bad(format!("the code section has {} bytes, its kernels {next}", code_len));

@@ -864,6 +864,7 @@ pub fn plan(
         steps,
         opt_level: opt_level.to_string(),
         tokenizer: None,
+        gpu: None,
     };
     Ok(Planned {
         manifest,

@@ -1,0 +1,882 @@
+//! MLIR text for every kernel of a CUDA artifact.
+//!
+//! Kernels are written in the `gpu`, `scf`, `arith`, `math`, `memref` and `llvm` dialects as MLIR
+//! text, parsed by melior and lowered to PTX (`crate::ptx`). Text rather than builder calls: the
+//! kernels are templates whose structure is fixed and whose shapes come at run time, the text is
+//! what `--dump-mlir` shows and what the snapshot tests read, and `mlir-opt-22` accepts it as is.
+//!
+//! Every kernel takes bare pointers (`!llvm.ptr`, raw device addresses) and `i64`/`f32` scalars,
+//! so the runtime launches it with plain 8- and 4-byte arguments. Element offsets are computed in
+//! `i64`; loops are `scf.for` over `i64` with grid strides, so any size runs with any grid.
+
+use std::fmt::Write;
+
+use kiln_cpu::plan::{Expr, KernelSpec};
+use kiln_ir::{BinaryOp, CmpOp, DType, ReduceOp, UnaryOp};
+use kiln_runtime::plan::KernelKind;
+
+/// Threads per block of the fused (map, reduce, softmax) kernels.
+pub const BLOCK: u32 = 256;
+/// GEMM tile: `TILE × TILE` outputs per block of `16 × 16` threads, `TILE_K` deep.
+pub const TILE: u32 = 64;
+/// GEMM tile depth.
+pub const TILE_K: u32 = 16;
+/// Largest rank the strided copy kernel walks.
+pub const COPY_RANK: usize = 6;
+
+/// The right operand of a generated matrix product.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BOperand {
+    /// f32 with arbitrary strides.
+    F32,
+    /// i8 codes `[n, k]`, one f32 scale per output row.
+    Int8,
+    /// 4-bit codes packed `[n, k/2]` in 32-column blocks, f16 scale and minimum per group.
+    Int4,
+}
+
+/// Names and emits SSA values.
+struct Body {
+    text: String,
+    next: usize,
+    indent: usize,
+}
+
+impl Body {
+    fn new(indent: usize) -> Body {
+        Body {
+            text: String::new(),
+            next: 0,
+            indent,
+        }
+    }
+
+    fn fresh(&mut self) -> String {
+        self.next += 1;
+        format!("%v{}", self.next)
+    }
+
+    fn line(&mut self, s: &str) {
+        for _ in 0..self.indent {
+            self.text.push_str("  ");
+        }
+        self.text.push_str(s);
+        self.text.push('\n');
+    }
+
+    /// Emits `%x = <rhs>` and returns `%x`.
+    fn val(&mut self, rhs: &str) -> String {
+        let v = self.fresh();
+        self.line(&format!("{v} = {rhs}"));
+        v
+    }
+
+    fn i64c(&mut self, c: i64) -> String {
+        self.val(&format!("arith.constant {c} : i64"))
+    }
+
+    fn i32c(&mut self, c: i32) -> String {
+        self.val(&format!("arith.constant {c} : i32"))
+    }
+
+    fn f32c(&mut self, c: f32) -> String {
+        self.val(&format!("arith.constant 0x{:08X} : f32", c.to_bits()))
+    }
+
+    fn idx(&mut self, op: &str, dim: &str) -> String {
+        let i = self.val(&format!("gpu.{op} {dim}"));
+        self.val(&format!("arith.index_cast {i} : index to i64"))
+    }
+
+    fn ibin(&mut self, op: &str, a: &str, b: &str) -> String {
+        self.val(&format!("arith.{op} {a}, {b} : i64"))
+    }
+
+    fn fbin(&mut self, op: &str, a: &str, b: &str) -> String {
+        self.val(&format!("arith.{op} {a}, {b} : f32"))
+    }
+
+    fn icmp(&mut self, pred: &str, a: &str, b: &str) -> String {
+        self.val(&format!("arith.cmpi {pred}, {a}, {b} : i64"))
+    }
+
+    fn select(&mut self, c: &str, a: &str, b: &str, ty: &str) -> String {
+        self.val(&format!("arith.select {c}, {a}, {b} : {ty}"))
+    }
+
+    /// `a cmp b ? a : b` — max/min that keep the CPU backend's NaN behaviour.
+    fn pick(&mut self, pred: &str, a: &str, b: &str) -> String {
+        let c = self.val(&format!("arith.cmpf {pred}, {a}, {b} : f32"));
+        self.select(&c, a, b, "f32")
+    }
+
+    fn gep(&mut self, base: &str, i: &str, elem: &str) -> String {
+        self.val(&format!(
+            "llvm.getelementptr {base}[{i}] : (!llvm.ptr, i64) -> !llvm.ptr, {elem}"
+        ))
+    }
+
+    fn load(&mut self, base: &str, i: &str, elem: &str) -> String {
+        let p = self.gep(base, i, elem);
+        self.val(&format!("llvm.load {p} : !llvm.ptr -> {elem}"))
+    }
+
+    fn store(&mut self, v: &str, base: &str, i: &str, elem: &str) {
+        let p = self.gep(base, i, elem);
+        self.line(&format!("llvm.store {v}, {p} : {elem}, !llvm.ptr"));
+    }
+
+    /// Opens `scf.for %iv = lb to ub step st` with `iters` (name, init, type); returns the
+    /// induction variable and the loop-carried names. Close with [`Body::end_for`].
+    fn begin_for(
+        &mut self,
+        lb: &str,
+        ub: &str,
+        step: &str,
+        iters: &[(&str, &str)],
+    ) -> (String, Vec<String>, Vec<String>) {
+        let iv = self.fresh();
+        let res = if iters.is_empty() { String::new() } else { self.fresh() };
+        let carried: Vec<String> = iters.iter().map(|_| self.fresh()).collect();
+        let results: Vec<String> = (0..iters.len()).map(|i| format!("{res}#{i}")).collect();
+        let head = if iters.is_empty() {
+            format!("scf.for {iv} = {lb} to {ub} step {step} : i64 {{")
+        } else {
+            let args: Vec<String> = carried
+                .iter()
+                .zip(iters)
+                .map(|(c, (init, _))| format!("{c} = {init}"))
+                .collect();
+            let tys: Vec<&str> = iters.iter().map(|(_, t)| *t).collect();
+            format!(
+                "{res}:{} = scf.for {iv} = {lb} to {ub} step {step} iter_args({}) -> ({}) : i64 {{",
+                iters.len(),
+                args.join(", "),
+                tys.join(", ")
+            )
+        };
+        self.line(&head);
+        self.indent += 1;
+        (iv, carried, results)
+    }
+
+    fn end_for(&mut self, yields: &[(&str, &str)]) {
+        if !yields.is_empty() {
+            let vs: Vec<&str> = yields.iter().map(|(v, _)| *v).collect();
+            let ts: Vec<&str> = yields.iter().map(|(_, t)| *t).collect();
+            self.line(&format!("scf.yield {} : {}", vs.join(", "), ts.join(", ")));
+        }
+        self.indent -= 1;
+        self.line("}");
+    }
+
+    fn begin_if(&mut self, c: &str) {
+        self.line(&format!("scf.if {c} {{"));
+        self.indent += 1;
+    }
+
+    fn end_if(&mut self) {
+        self.indent -= 1;
+        self.line("}");
+    }
+
+    /// Butterfly reduction across a warp; every lane ends with the result.
+    fn warp_reduce(&mut self, v: &str, op: ReduceOp) -> String {
+        let width = self.i32c(32);
+        let mut v = v.to_string();
+        for off in [16, 8, 4, 2, 1] {
+            let o = self.i32c(off);
+            let s = self.fresh();
+            let ok = self.fresh();
+            self.line(&format!("{s}, {ok} = gpu.shuffle xor {v}, {o}, {width} : f32"));
+            v = self.combine(op, &v, &s);
+        }
+        v
+    }
+
+    fn combine(&mut self, op: ReduceOp, a: &str, b: &str) -> String {
+        match op {
+            ReduceOp::Sum | ReduceOp::Mean => self.fbin("addf", a, b),
+            ReduceOp::Max => self.pick("ogt", a, b),
+            ReduceOp::Min => self.pick("olt", a, b),
+        }
+    }
+
+    /// Reduction across the block (`BLOCK` threads); every thread ends with the result. Uses the
+    /// 32-float workgroup buffer `%smem`.
+    fn block_reduce(&mut self, v: &str, op: ReduceOp, lane: &str, warp: &str) -> String {
+        let w = self.warp_reduce(v, op);
+        let zero = self.i64c(0);
+        let is0 = self.icmp("eq", lane, &zero);
+        self.begin_if(&is0);
+        let wi = self.val(&format!("arith.index_cast {warp} : i64 to index"));
+        self.line(&format!(
+            "memref.store {w}, %smem[{wi}] : memref<32xf32, #gpu.address_space<workgroup>>"
+        ));
+        self.end_if();
+        self.line("gpu.barrier");
+        let nw = self.i64c((BLOCK / 32) as i64);
+        let has = self.icmp("slt", lane, &nw);
+        let li = self.val(&format!("arith.index_cast {lane} : i64 to index"));
+        // Lanes past the warp count read slot 0 and replace it with the identity.
+        let safe = self.select(&has, &li, "%c0_idx", "index");
+        let got = self.val(&format!(
+            "memref.load %smem[{safe}] : memref<32xf32, #gpu.address_space<workgroup>>"
+        ));
+        let id = self.f32c(identity(op));
+        let t = self.select(&has, &got, &id, "f32");
+        let total = self.warp_reduce(&t, op);
+        self.line("gpu.barrier");
+        total
+    }
+}
+
+fn identity(op: ReduceOp) -> f32 {
+    match op {
+        ReduceOp::Sum | ReduceOp::Mean => 0.0,
+        ReduceOp::Max => f32::NEG_INFINITY,
+        ReduceOp::Min => f32::INFINITY,
+    }
+}
+
+/// A `gpu.func` with pointer and scalar parameters.
+struct Func {
+    name: String,
+    params: Vec<(String, &'static str)>,
+    smem: Vec<(String, String)>,
+    body: Body,
+}
+
+impl Func {
+    fn new(name: &str) -> Func {
+        Func {
+            name: name.to_string(),
+            params: Vec::new(),
+            smem: Vec::new(),
+            body: Body::new(3),
+        }
+    }
+
+    fn param(&mut self, name: &str, ty: &'static str) -> String {
+        self.params.push((name.to_string(), ty));
+        format!("%{name}")
+    }
+
+    fn ptr(&mut self, name: &str) -> String {
+        self.param(name, "!llvm.ptr")
+    }
+
+    fn i64(&mut self, name: &str) -> String {
+        self.param(name, "i64")
+    }
+
+    fn finish(mut self, out: &mut String) {
+        self.body.line("gpu.return");
+        let params: Vec<String> = self.params.iter().map(|(n, t)| format!("%{n}: {t}")).collect();
+        let wg = if self.smem.is_empty() {
+            String::new()
+        } else {
+            let v: Vec<String> = self.smem.iter().map(|(n, t)| format!("%{n} : {t}")).collect();
+            format!(" workgroup({})", v.join(", "))
+        };
+        let _ = writeln!(out, "    gpu.func @{}({}){wg} kernel {{", self.name, params.join(", "));
+        out.push_str(&self.body.text);
+        out.push_str("    }\n");
+    }
+}
+
+/// A fused kernel: `(rows, n, offs, in_0 … in_k, out)`, `offs` holding `rows × (k + 2)` i64 element
+/// offsets (every operand's row start), as the CPU kernels take them.
+///
+/// Launch: `Map` — blocks of [`BLOCK`] threads over columns (grid x) and rows (grid y, strided);
+/// `ReduceLast` and `SoftmaxLast` — one block of [`BLOCK`] threads per row (grid y, strided).
+pub fn fused(spec: &KernelSpec, name: &str, out: &mut String) -> Result<(), String> {
+    let mut f = Func::new(name);
+    let rows = f.i64("rows");
+    let n = f.i64("n");
+    let offs = f.ptr("offs");
+    let ins: Vec<String> = (0..spec.inputs.len()).map(|i| f.ptr(&format!("in{i}"))).collect();
+    let dst = f.ptr("out");
+    for (d, _) in &spec.inputs {
+        if !matches!(d, DType::F32 | DType::Bool) {
+            return Err(format!(
+                "kernel `{}` reads {d}, which CUDA kernels do not take",
+                spec.name
+            ));
+        }
+    }
+    if !matches!(spec.output, DType::F32 | DType::Bool) {
+        return Err(format!("kernel `{}` writes {}", spec.name, spec.output));
+    }
+    let reduce = spec.kind != KernelKind::Map;
+    if reduce {
+        f.smem
+            .push(("smem".into(), "memref<32xf32, #gpu.address_space<workgroup>>".into()));
+    }
+    let b = &mut f.body;
+    let nops = spec.inputs.len() as i64 + 1;
+    let tid = b.idx("thread_id", "x");
+    let by = b.idx("block_id", "y");
+    let gy = b.idx("grid_dim", "y");
+    let bx = b.idx("block_id", "x");
+    let gx = b.idx("grid_dim", "x");
+    b.line("%c0_idx = arith.constant 0 : index");
+    let block = b.i64c(BLOCK as i64);
+    let nops_c = b.i64c(nops);
+    let (r, _, _) = b.begin_for(&by, &rows, &gy, &[]);
+    let row_base = b.ibin("muli", &r, &nops_c);
+    let mut starts = Vec::new();
+    for j in 0..=spec.inputs.len() {
+        let jc = b.i64c(j as i64);
+        let at = b.ibin("addi", &row_base, &jc);
+        starts.push(b.load(&offs, &at, "i64"));
+    }
+    // Inputs broadcast along the last axis: one value per row, loaded once.
+    let mut row_vals: Vec<Option<Val>> = vec![None; spec.inputs.len()];
+    for (j, (d, contiguous)) in spec.inputs.iter().enumerate() {
+        if !contiguous {
+            row_vals[j] = Some(load_elem(b, *d, &ins[j], &starts[j]));
+        }
+    }
+    let eval = |b: &mut Body, c: &str| -> Val {
+        let mut vals: Vec<Val> = Vec::with_capacity(spec.exprs.len());
+        for e in &spec.exprs {
+            let v = match e {
+                Expr::Input(j) => match &row_vals[*j] {
+                    Some(v) => v.clone(),
+                    None => {
+                        let at = b.ibin("addi", &starts[*j], c);
+                        load_elem(b, spec.inputs[*j].0, &ins[*j], &at)
+                    }
+                },
+                Expr::Const(x) => Val::F(b.f32c(*x)),
+                Expr::Unary(u, a) => Val::F(unary(b, *u, vals[*a].f())),
+                Expr::Binary(op, a, x) => Val::F(binary(b, *op, vals[*a].f(), vals[*x].f())),
+                Expr::Compare(cc, a, x) => {
+                    let p = match cc {
+                        CmpOp::Eq => "oeq",
+                        CmpOp::Ne => "une",
+                        CmpOp::Lt => "olt",
+                        CmpOp::Le => "ole",
+                        CmpOp::Gt => "ogt",
+                        CmpOp::Ge => "oge",
+                    };
+                    Val::C(b.val(&format!("arith.cmpf {p}, {}, {} : f32", vals[*a].f(), vals[*x].f())))
+                }
+                Expr::Where(c, a, x) => {
+                    let Val::C(c) = &vals[*c] else {
+                        unreachable!("where conditions are conditions")
+                    };
+                    Val::F(b.select(c, vals[*a].f(), vals[*x].f(), "f32"))
+                }
+            };
+            vals.push(v);
+        }
+        vals.pop().expect("kernels have at least one expression")
+    };
+    let out_start = starts[spec.inputs.len()].clone();
+    match spec.kind {
+        KernelKind::Map => {
+            let bxb = b.ibin("muli", &bx, &block);
+            let first = b.ibin("addi", &bxb, &tid);
+            let stride = b.ibin("muli", &gx, &block);
+            let (c, _, _) = b.begin_for(&first, &n, &stride, &[]);
+            let v = eval(b, &c);
+            let at = b.ibin("addi", &out_start, &c);
+            store_elem(b, &v, &dst, &at);
+            b.end_for(&[]);
+        }
+        KernelKind::ReduceLast | KernelKind::SoftmaxLast => {
+            let c32 = b.i64c(32);
+            let lane = b.ibin("remui", &tid, &c32);
+            let warp = b.ibin("divui", &tid, &c32);
+            let sweep = |b: &mut Body, op: ReduceOp, shift: Option<&str>| -> String {
+                let init = b.f32c(identity(op));
+                let (c, acc, res) = b.begin_for(&tid, &n, &block, &[(&init, "f32")]);
+                let mut x = eval(b, &c).f().to_string();
+                if let Some(m) = shift {
+                    let d = b.fbin("subf", &x, m);
+                    x = b.val(&format!("math.exp {d} : f32"));
+                    let at = b.ibin("addi", &out_start, &c);
+                    b.store(&x, &dst, &at, "f32");
+                }
+                let next = b.combine(op, &acc[0], &x);
+                b.end_for(&[(&next, "f32")]);
+                b.block_reduce(&res[0], op, &lane, &warp)
+            };
+            if spec.kind == KernelKind::ReduceLast {
+                let op = spec.reduce.ok_or("reduction kernel without its op")?;
+                let mut total = sweep(b, op, None);
+                if op == ReduceOp::Mean {
+                    let nf = b.val(&format!("arith.sitofp {n} : i64 to f32"));
+                    total = b.fbin("divf", &total, &nf);
+                }
+                let zero = b.i64c(0);
+                let first = b.icmp("eq", &tid, &zero);
+                b.begin_if(&first);
+                b.store(&total, &dst, &out_start, "f32");
+                b.end_if();
+            } else {
+                let max = sweep(b, ReduceOp::Max, None);
+                let sum = sweep(b, ReduceOp::Sum, Some(&max));
+                let one = b.f32c(1.0);
+                let inv = b.fbin("divf", &one, &sum);
+                // Each thread rescales the elements it wrote itself: no barrier needed.
+                let (c, _, _) = b.begin_for(&tid, &n, &block, &[]);
+                let at = b.ibin("addi", &out_start, &c);
+                let x = b.load(&dst, &at, "f32");
+                let y = b.fbin("mulf", &x, &inv);
+                b.store(&y, &dst, &at, "f32");
+                b.end_for(&[]);
+            }
+        }
+    }
+    b.end_for(&[]);
+    f.finish(out);
+    Ok(())
+}
+
+#[derive(Clone)]
+enum Val {
+    F(String),
+    C(String),
+}
+
+impl Val {
+    fn f(&self) -> &str {
+        match self {
+            Val::F(v) => v,
+            Val::C(_) => unreachable!("conditions are only used by where"),
+        }
+    }
+}
+
+fn load_elem(b: &mut Body, d: DType, base: &str, at: &str) -> Val {
+    match d {
+        DType::Bool => {
+            let raw = b.load(base, at, "i8");
+            let z = b.val("arith.constant 0 : i8");
+            Val::C(b.val(&format!("arith.cmpi ne, {raw}, {z} : i8")))
+        }
+        _ => Val::F(b.load(base, at, "f32")),
+    }
+}
+
+fn store_elem(b: &mut Body, v: &Val, base: &str, at: &str) {
+    match v {
+        Val::F(x) => b.store(x, base, at, "f32"),
+        Val::C(c) => {
+            let x = b.val(&format!("arith.extui {c} : i1 to i8"));
+            b.store(&x, base, at, "i8");
+        }
+    }
+}
+
+fn unary(b: &mut Body, u: UnaryOp, x: &str) -> String {
+    match u {
+        UnaryOp::Neg => b.val(&format!("arith.negf {x} : f32")),
+        UnaryOp::Abs => b.val(&format!("math.absf {x} : f32")),
+        UnaryOp::Exp => b.val(&format!("math.exp {x} : f32")),
+        UnaryOp::Sqrt => b.val(&format!("math.sqrt {x} : f32")),
+        UnaryOp::Rsqrt => {
+            let s = b.val(&format!("math.sqrt {x} : f32"));
+            let one = b.f32c(1.0);
+            b.fbin("divf", &one, &s)
+        }
+        UnaryOp::Tanh => b.val(&format!("math.tanh {x} : f32")),
+        UnaryOp::Erf => b.val(&format!("math.erf {x} : f32")),
+        UnaryOp::Sigmoid => {
+            let nx = b.val(&format!("arith.negf {x} : f32"));
+            let e = b.val(&format!("math.exp {nx} : f32"));
+            let one = b.f32c(1.0);
+            let d = b.fbin("addf", &one, &e);
+            b.fbin("divf", &one, &d)
+        }
+        UnaryOp::Relu => {
+            let z = b.f32c(0.0);
+            b.pick("ogt", x, &z)
+        }
+        UnaryOp::Recip => {
+            let one = b.f32c(1.0);
+            b.fbin("divf", &one, x)
+        }
+        UnaryOp::Log => b.val(&format!("math.log {x} : f32")),
+        UnaryOp::Sin => b.val(&format!("math.sin {x} : f32")),
+        UnaryOp::Cos => b.val(&format!("math.cos {x} : f32")),
+        UnaryOp::Not => unreachable!("not is not fused over f32"),
+    }
+}
+
+fn binary(b: &mut Body, op: BinaryOp, x: &str, y: &str) -> String {
+    match op {
+        BinaryOp::Add => b.fbin("addf", x, y),
+        BinaryOp::Sub => b.fbin("subf", x, y),
+        BinaryOp::Mul => b.fbin("mulf", x, y),
+        BinaryOp::Div => b.fbin("divf", x, y),
+        BinaryOp::Max => b.pick("ogt", x, y),
+        BinaryOp::Min => b.pick("olt", x, y),
+        BinaryOp::Pow => b.val(&format!("math.powf {x}, {y} : f32")),
+    }
+}
+
+/// `if c { load } else { 0 }` as a value.
+fn guarded_load(b: &mut Body, c: &str, load: impl FnOnce(&mut Body) -> String) -> String {
+    let r = b.fresh();
+    b.line(&format!("{r} = scf.if {c} -> (f32) {{"));
+    b.indent += 1;
+    let v = load(b);
+    b.line(&format!("scf.yield {v} : f32"));
+    b.indent -= 1;
+    b.line("} else {");
+    b.indent += 1;
+    let z = b.f32c(0.0);
+    b.line(&format!("scf.yield {z} : f32"));
+    b.indent -= 1;
+    b.line("}");
+    r
+}
+
+fn f16_to_f32(b: &mut Body, base: &str, at: &str) -> String {
+    let raw = b.load(base, at, "i16");
+    let h = b.val(&format!("arith.bitcast {raw} : i16 to f16"));
+    b.val(&format!("arith.extf {h} : f16 to f32"))
+}
+
+/// Batched matrix product with strides and the plan's epilogue:
+/// `c[z1, z2, m, n] = acc + bias[n] + scale · Σ_k a[z1, z2, m, k] · b[z1, z2, k, n]`.
+///
+/// Parameters: `m, n, k, zb` (the grid's z runs over `z1 · zb + z2`), `a, sa1, sa2, sam, sak`, the
+/// right operand (`F32`: `b, sb1, sb2, sbk, sbn`; `Int8`: `codes [n, k], scales [n]`; `Int4`:
+/// `codes [n, k/2], scales, mins [n, k/group] f16, group`), `c, sc1, sc2, scm`, `scale: f32`,
+/// `bias, has_bias`, `acc, sacc1, sacc2, saccm, has_acc`. All strides are in elements; `c`'s
+/// columns are contiguous.
+///
+/// Launch: blocks of 16 × 16 threads, grid `(⌈n / 64⌉, ⌈m / 64⌉, z1 · zb)`. Each block computes a
+/// 64 × 64 tile through shared memory, 16 columns of `k` at a time; each thread a 4 × 4 set of
+/// outputs strided by 16 (conflict-free shared reads, coalesced stores).
+pub fn gemm(kind: BOperand, name: &str, out: &mut String) {
+    let mut f = Func::new(name);
+    let (m, n, k, zb) = (f.i64("m"), f.i64("n"), f.i64("k"), f.i64("zb"));
+    let (a, sa1, sa2, sam, sak) = (f.ptr("a"), f.i64("sa1"), f.i64("sa2"), f.i64("sam"), f.i64("sak"));
+    let bops: Vec<String> = match kind {
+        BOperand::F32 => vec![f.ptr("b"), f.i64("sb1"), f.i64("sb2"), f.i64("sbk"), f.i64("sbn")],
+        BOperand::Int8 => vec![f.ptr("codes"), f.ptr("scales")],
+        BOperand::Int4 => vec![f.ptr("codes"), f.ptr("scales"), f.ptr("mins"), f.i64("group")],
+    };
+    let (c, sc1, sc2, scm) = (f.ptr("c"), f.i64("sc1"), f.i64("sc2"), f.i64("scm"));
+    let scale = f.param("scale", "f32");
+    let (bias, has_bias) = (f.ptr("bias"), f.i64("has_bias"));
+    let (acc, sacc1, sacc2, saccm, has_acc) = (
+        f.ptr("acc"),
+        f.i64("sacc1"),
+        f.i64("sacc2"),
+        f.i64("saccm"),
+        f.i64("has_acc"),
+    );
+    let lds = format!("memref<{}xf32, #gpu.address_space<workgroup>>", TILE_K * (TILE + 1));
+    f.smem.push(("as".into(), lds.clone()));
+    f.smem.push(("bs".into(), lds.clone()));
+    let b = &mut f.body;
+    let tid = b.idx("thread_id", "x");
+    let bx = b.idx("block_id", "x");
+    let by = b.idx("block_id", "y");
+    let bz = b.idx("block_id", "z");
+    let (c16, c64, c65) = (b.i64c(16), b.i64c(TILE as i64), b.i64c(TILE as i64 + 1));
+    let (zero, one) = (b.i64c(0), b.i64c(1));
+    let tx = b.ibin("remui", &tid, &c16);
+    let ty = b.ibin("divui", &tid, &c16);
+    let n0 = b.ibin("muli", &bx, &c64);
+    let m0 = b.ibin("muli", &by, &c64);
+    let z1 = b.ibin("divui", &bz, &zb);
+    let z2 = b.ibin("remui", &bz, &zb);
+    let base = |b: &mut Body, s1: &str, s2: &str| -> String {
+        let x = b.ibin("muli", &z1, s1);
+        let y = b.ibin("muli", &z2, s2);
+        b.ibin("addi", &x, &y)
+    };
+    let abase = base(b, &sa1, &sa2);
+    let bbase = if kind == BOperand::F32 {
+        base(b, &bops[1], &bops[2])
+    } else {
+        zero.clone()
+    };
+    let a_kfast = b.icmp("eq", &sak, &one);
+    let b_kfast = match kind {
+        BOperand::F32 => b.icmp("eq", &bops[3], &one),
+        _ => b.val("arith.constant true"),
+    };
+    let fzero = b.f32c(0.0);
+    let inits: Vec<(&str, &str)> = (0..16).map(|_| (fzero.as_str(), "f32")).collect();
+    let (k0, accs, results) = b.begin_for(&zero, &k, &c16, &inits);
+    // Stage the tiles: 1024 elements of each operand, four per thread, the coalesced way round.
+    for l in 0..4 {
+        let off = b.i64c(256 * l);
+        let e = b.ibin("addi", &tid, &off);
+        let e16 = b.ibin("remui", &e, &c16);
+        let d16 = b.ibin("divui", &e, &c16);
+        let e64 = b.ibin("remui", &e, &c64);
+        let d64 = b.ibin("divui", &e, &c64);
+        for (is_a, kfast) in [(true, &a_kfast), (false, &b_kfast)] {
+            // (kk, other) within the tile.
+            let kk = b.select(kfast, &e16, &d64, "i64");
+            let oo = b.select(kfast, &d16, &e64, "i64");
+            let gk = b.ibin("addi", &k0, &kk);
+            let (o0, lim) = if is_a { (&m0, &m) } else { (&n0, &n) };
+            let go = b.ibin("addi", o0, &oo);
+            let in_k = b.icmp("slt", &gk, &k);
+            let in_o = b.icmp("slt", &go, lim);
+            let inside = b.val(&format!("arith.andi {in_k}, {in_o} : i1"));
+            let v = if is_a {
+                guarded_load(b, &inside, |b| {
+                    let x = b.ibin("muli", &go, &sam);
+                    let y = b.ibin("muli", &gk, &sak);
+                    let xy = b.ibin("addi", &x, &y);
+                    let at = b.ibin("addi", &abase, &xy);
+                    b.load(&a, &at, "f32")
+                })
+            } else {
+                guarded_load(b, &inside, |b| load_b(b, kind, &bops, &bbase, &go, &gk, &k))
+            };
+            let slot = b.ibin("muli", &kk, &c65);
+            let slot = b.ibin("addi", &slot, &oo);
+            let si = b.val(&format!("arith.index_cast {slot} : i64 to index"));
+            let buf = if is_a { "%as" } else { "%bs" };
+            b.line(&format!("memref.store {v}, {buf}[{si}] : {lds}"));
+        }
+    }
+    b.line("gpu.barrier");
+    let mut acc_now: Vec<String> = accs.clone();
+    for kk in 0..TILE_K as i64 {
+        let row = b.i64c(kk * (TILE as i64 + 1));
+        let mut av = Vec::new();
+        let mut bv = Vec::new();
+        for i in 0..4 {
+            let d = b.i64c(16 * i);
+            let ai = b.ibin("addi", &ty, &d);
+            let ai = b.ibin("addi", &row, &ai);
+            let ai = b.val(&format!("arith.index_cast {ai} : i64 to index"));
+            av.push(b.val(&format!("memref.load %as[{ai}] : {lds}")));
+            let bi = b.ibin("addi", &tx, &d);
+            let bi = b.ibin("addi", &row, &bi);
+            let bi = b.val(&format!("arith.index_cast {bi} : i64 to index"));
+            bv.push(b.val(&format!("memref.load %bs[{bi}] : {lds}")));
+        }
+        for i in 0..4 {
+            for j in 0..4 {
+                let cur = acc_now[i * 4 + j].clone();
+                acc_now[i * 4 + j] = b.val(&format!("math.fma {}, {}, {cur} : f32", av[i], bv[j]));
+            }
+        }
+    }
+    b.line("gpu.barrier");
+    let ys: Vec<(&str, &str)> = acc_now.iter().map(|v| (v.as_str(), "f32")).collect();
+    b.end_for(&ys);
+    // Epilogue.
+    let cbase = base(b, &sc1, &sc2);
+    let accbase = base(b, &sacc1, &sacc2);
+    let want_bias = b.icmp("ne", &has_bias, &zero);
+    let want_acc = b.icmp("ne", &has_acc, &zero);
+    for i in 0..4 {
+        for j in 0..4 {
+            let (di, dj) = (b.i64c(16 * i), b.i64c(16 * j));
+            let r = b.ibin("addi", &ty, &di);
+            let r = b.ibin("addi", &m0, &r);
+            let col = b.ibin("addi", &tx, &dj);
+            let col = b.ibin("addi", &n0, &col);
+            let ir = b.icmp("slt", &r, &m);
+            let ic = b.icmp("slt", &col, &n);
+            let inside = b.val(&format!("arith.andi {ir}, {ic} : i1"));
+            b.begin_if(&inside);
+            let mut v = b.fbin("mulf", &results[(i * 4 + j) as usize], &scale);
+            let bv = guarded_load(b, &want_bias, |b| b.load(&bias, &col, "f32"));
+            v = b.fbin("addf", &v, &bv);
+            let av = guarded_load(b, &want_acc, |b| {
+                let x = b.ibin("muli", &r, &saccm);
+                let x = b.ibin("addi", &x, &col);
+                let at = b.ibin("addi", &accbase, &x);
+                b.load(&acc, &at, "f32")
+            });
+            v = b.fbin("addf", &v, &av);
+            let x = b.ibin("muli", &r, &scm);
+            let x = b.ibin("addi", &x, &col);
+            let at = b.ibin("addi", &cbase, &x);
+            b.store(&v, &c, &at, "f32");
+            b.end_if();
+        }
+    }
+    f.finish(out);
+}
+
+/// One element `b[k = gk, n = gn]` of the right operand.
+fn load_b(b: &mut Body, kind: BOperand, ops: &[String], base: &str, gn: &str, gk: &str, k: &str) -> String {
+    match kind {
+        BOperand::F32 => {
+            let x = b.ibin("muli", gk, &ops[3]);
+            let y = b.ibin("muli", gn, &ops[4]);
+            let xy = b.ibin("addi", &x, &y);
+            let at = b.ibin("addi", base, &xy);
+            b.load(&ops[0], &at, "f32")
+        }
+        BOperand::Int8 => {
+            let row = b.ibin("muli", gn, k);
+            let at = b.ibin("addi", &row, gk);
+            let q = b.load(&ops[0], &at, "i8");
+            let qf = b.val(&format!("arith.sitofp {q} : i8 to f32"));
+            let s = b.load(&ops[1], gn, "f32");
+            b.fbin("mulf", &qf, &s)
+        }
+        BOperand::Int4 => {
+            // Byte i of a 32-column block holds column i (low nibble) and column i + 16 (high).
+            let (c2, c16, c32) = (b.i64c(2), b.i64c(16), b.i64c(32));
+            let half = b.ibin("divui", k, &c2);
+            let row = b.ibin("muli", gn, &half);
+            let blk = b.ibin("divui", gk, &c32);
+            let blk = b.ibin("muli", &blk, &c16);
+            let within = b.ibin("remui", gk, &c32);
+            let lo = b.ibin("remui", &within, &c16);
+            let at = b.ibin("addi", &row, &blk);
+            let at = b.ibin("addi", &at, &lo);
+            let byte = b.load(&ops[0], &at, "i8");
+            let byte = b.val(&format!("arith.extui {byte} : i8 to i32"));
+            let is_hi = b.icmp("sge", &within, &c16);
+            let four = b.val("arith.constant 4 : i32");
+            let shifted = b.val(&format!("arith.shrui {byte}, {four} : i32"));
+            let sel = b.select(&is_hi, &shifted, &byte, "i32");
+            let mask = b.val("arith.constant 15 : i32");
+            let code = b.val(&format!("arith.andi {sel}, {mask} : i32"));
+            let codef = b.val(&format!("arith.uitofp {code} : i32 to f32"));
+            let groups = b.ibin("divui", k, &ops[3]);
+            let g = b.ibin("divui", gk, &ops[3]);
+            let gi = b.ibin("muli", gn, &groups);
+            let gi = b.ibin("addi", &gi, &g);
+            let s = f16_to_f32(b, &ops[1], &gi);
+            let mn = f16_to_f32(b, &ops[2], &gi);
+            b.val(&format!("math.fma {codef}, {s}, {mn} : f32"))
+        }
+    }
+}
+
+/// Element types the data-movement kernels exist for, by size in bytes.
+pub const COPY_TYPES: [(usize, &str); 4] = [(1, "i8"), (2, "i16"), (4, "i32"), (8, "i64")];
+
+/// `copy_{ty}(total, d0…d5, s0…s5, t0…t5, src, dst)`: for every index `i` of a `[d0, …, d5]`
+/// space (row-major), `dst[Σ iₐ tₐ] = src[Σ iₐ sₐ]`. Transposes, slices, concatenation parts,
+/// broadcasts and cache appends are this kernel with different strides. Launch: 1-D, any grid.
+pub fn copy(ty: &str, out: &mut String) {
+    let mut f = Func::new(&format!("copy_{ty}"));
+    let total = f.i64("total");
+    let d: Vec<String> = (0..COPY_RANK).map(|i| f.i64(&format!("d{i}"))).collect();
+    let s: Vec<String> = (0..COPY_RANK).map(|i| f.i64(&format!("s{i}"))).collect();
+    let t: Vec<String> = (0..COPY_RANK).map(|i| f.i64(&format!("t{i}"))).collect();
+    let (src, dst) = (f.ptr("src"), f.ptr("dst"));
+    let b = &mut f.body;
+    let (first, stride) = grid_1d(b);
+    let (i, _, _) = b.begin_for(&first, &total, &stride, &[]);
+    let mut rem = i.clone();
+    let mut so = b.i64c(0);
+    let mut to = so.clone();
+    for ax in (0..COPY_RANK).rev() {
+        let ia = b.ibin("remui", &rem, &d[ax]);
+        rem = b.ibin("divui", &rem, &d[ax]);
+        let x = b.ibin("muli", &ia, &s[ax]);
+        so = b.ibin("addi", &so, &x);
+        let y = b.ibin("muli", &ia, &t[ax]);
+        to = b.ibin("addi", &to, &y);
+    }
+    let v = b.load(&src, &so, ty);
+    b.store(&v, &dst, &to, ty);
+    b.end_for(&[]);
+    f.finish(out);
+}
+
+fn grid_1d(b: &mut Body) -> (String, String) {
+    let tid = b.idx("thread_id", "x");
+    let bx = b.idx("block_id", "x");
+    let bd = b.idx("block_dim", "x");
+    let gx = b.idx("grid_dim", "x");
+    let x = b.ibin("muli", &bx, &bd);
+    let first = b.ibin("addi", &x, &tid);
+    let stride = b.ibin("muli", &gx, &bd);
+    (first, stride)
+}
+
+/// `gather_{ty}_{ix}(outer, nidx, inner, axis_len, table, idx, out, err)`: `out[o, p, c] =
+/// table[o, idx[p], c]`; an index outside `0..axis_len` writes zeros and sets `*err` (i32) to 1,
+/// which the runtime turns into an error. Launch: 1-D, any grid.
+pub fn gather(ty: &str, ix: &str, out: &mut String) {
+    let mut f = Func::new(&format!("gather_{ty}_{ix}"));
+    let (outer, nidx, inner, axis_len) = (f.i64("outer"), f.i64("nidx"), f.i64("inner"), f.i64("axis_len"));
+    let (table, idx, dst, err) = (f.ptr("table"), f.ptr("idx"), f.ptr("out"), f.ptr("err"));
+    let b = &mut f.body;
+    let (first, stride) = grid_1d(b);
+    let per = b.ibin("muli", &nidx, &inner);
+    let total = b.ibin("muli", &outer, &per);
+    let (i, _, _) = b.begin_for(&first, &total, &stride, &[]);
+    let o = b.ibin("divui", &i, &per);
+    let rem = b.ibin("remui", &i, &per);
+    let p = b.ibin("divui", &rem, &inner);
+    let c = b.ibin("remui", &rem, &inner);
+    let raw = b.load(&idx, &p, ix);
+    let id = if ix == "i64" {
+        raw
+    } else {
+        b.val(&format!("arith.extsi {raw} : {ix} to i64"))
+    };
+    let zero = b.i64c(0);
+    let lo = b.icmp("sge", &id, &zero);
+    let hi = b.icmp("slt", &id, &axis_len);
+    let ok = b.val(&format!("arith.andi {lo}, {hi} : i1"));
+    let safe = b.select(&ok, &id, &zero, "i64");
+    let row = b.ibin("muli", &o, &axis_len);
+    let row = b.ibin("addi", &row, &safe);
+    let at = b.ibin("muli", &row, &inner);
+    let at = b.ibin("addi", &at, &c);
+    let v = b.load(&table, &at, ty);
+    let z = b.val(&format!("arith.constant 0 : {ty}"));
+    let v = b.select(&ok, &v, &z, ty);
+    b.store(&v, &dst, &i, ty);
+    let bad = b.val("arith.constant true");
+    let bad = b.val(&format!("arith.xori {ok}, {bad} : i1"));
+    b.begin_if(&bad);
+    let one = b.i32c(1);
+    let z0 = b.i64c(0);
+    b.store(&one, &err, &z0, "i32");
+    b.end_if();
+    b.end_for(&[]);
+    f.finish(out);
+}
+
+/// The names of the fixed (plan-independent) kernels every CUDA artifact carries.
+pub fn fixed_kernels() -> Vec<String> {
+    let mut v = vec!["gemm_f32".to_string(), "gemm_i8".into(), "gemm_i4".into()];
+    for (_, t) in COPY_TYPES {
+        v.push(format!("copy_{t}"));
+    }
+    for (_, t) in COPY_TYPES {
+        for ix in ["i32", "i64"] {
+            v.push(format!("gather_{t}_{ix}"));
+        }
+    }
+    v
+}
+
+/// The whole module: the plan's fused kernels (`k0`, `k1`, …) and the fixed kernels.
+pub fn module(specs: &[KernelSpec]) -> Result<String, String> {
+    let mut out = String::from("module attributes {gpu.container_module} {\n  gpu.module @kiln {\n");
+    for (i, s) in specs.iter().enumerate() {
+        fused(s, &format!("k{i}"), &mut out)?;
+    }
+    gemm(BOperand::F32, "gemm_f32", &mut out);
+    gemm(BOperand::Int8, "gemm_i8", &mut out);
+    gemm(BOperand::Int4, "gemm_i4", &mut out);
+    for (_, t) in COPY_TYPES {
+        copy(t, &mut out);
+    }
+    for (_, t) in COPY_TYPES {
+        for ix in ["i32", "i64"] {
+            gather(t, ix, &mut out);
+        }
+    }
+    out.push_str("  }\n}\n");
+    Ok(out)
+}

@@ -1,0 +1,153 @@
+//! The CUDA backend's kernels for every bundled spec: the MLIR they are emitted as and, with the
+//! `mlir` feature and a CUDA toolkit's `ptxas` (PyPI `nvidia-cuda-nvcc-cu12`), the PTX they lower
+//! to, assembled for every architecture an artifact carries. No GPU needed.
+
+use std::path::PathBuf;
+
+use kiln_frontend::{Lowered, Options};
+use kiln_passes::OptLevel;
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+/// Every spec at -O0 and -O2, and the decoders in decoding mode, with small sizes.
+fn cases() -> Vec<(String, Lowered, OptLevel)> {
+    let mut out = Vec::new();
+    for (spec, set, decode) in [
+        ("mlp.ron", vec![], false),
+        (
+            "minilm.ron",
+            vec![
+                ("layers", "2"),
+                ("vocab", "500"),
+                ("hidden", "64"),
+                ("heads", "4"),
+                ("ffn", "128"),
+            ],
+            false,
+        ),
+        (
+            "gpt2.ron",
+            vec![
+                ("layers", "2"),
+                ("vocab", "500"),
+                ("hidden", "64"),
+                ("heads", "4"),
+                ("max_pos", "64"),
+            ],
+            false,
+        ),
+        (
+            "gpt2.ron",
+            vec![
+                ("layers", "2"),
+                ("vocab", "500"),
+                ("hidden", "64"),
+                ("heads", "4"),
+                ("max_pos", "64"),
+            ],
+            true,
+        ),
+        (
+            "llama.ron",
+            vec![
+                ("layers", "2"),
+                ("vocab", "500"),
+                ("hidden", "64"),
+                ("heads", "4"),
+                ("kv_heads", "2"),
+                ("ffn", "128"),
+                ("max_pos", "64"),
+            ],
+            true,
+        ),
+    ] {
+        for level in [OptLevel::O0, OptLevel::O2] {
+            let opts = Options {
+                overrides: set.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+                weight_prefix: None,
+                decode,
+            };
+            let mut l = kiln_frontend::load(&root().join("specs").join(spec), &opts).unwrap_or_else(|e| panic!("{e}"));
+            kiln_passes::optimize(&mut l.graph, level, true).unwrap();
+            out.push((
+                format!("{spec}{} {level:?}", if decode { " --generate" } else { "" }),
+                l,
+                level,
+            ));
+        }
+    }
+    out
+}
+
+fn plan(l: &Lowered, level: OptLevel) -> (kiln_cpu::plan::Planned, String) {
+    let w = kiln_frontend::weights::random(l, 1);
+    let opts = kiln_cpu::Options::for_level(if level == OptLevel::O0 { 0 } else { 2 });
+    kiln_cuda::plan_mlir(&l.graph, &w, &l.dims, &opts).unwrap()
+}
+
+#[test]
+fn every_spec_emits_one_gpu_func_per_fusion_group() {
+    let dump = std::env::var_os("KILN_DUMP_MLIR").map(PathBuf::from);
+    for (name, l, level) in cases() {
+        let (planned, mlir) = plan(&l, level);
+        if let Some(d) = &dump {
+            std::fs::create_dir_all(d).unwrap();
+            std::fs::write(d.join(format!("{}.mlir", name.replace([' ', '/'], "_"))), &mlir).unwrap();
+        }
+        for i in 0..planned.kernels.len() {
+            assert!(
+                mlir.contains(&format!("gpu.func @k{i}(")),
+                "{name}: kernel k{i} missing"
+            );
+        }
+        for k in kiln_cuda::emit::fixed_kernels() {
+            assert!(mlir.contains(&format!("gpu.func @{k}(")), "{name}: {k} missing");
+        }
+        assert_eq!(
+            mlir.matches("gpu.func").count(),
+            planned.kernels.len() + kiln_cuda::emit::fixed_kernels().len()
+        );
+    }
+}
+
+/// The kernels of the MLP spec as MLIR text: a change to the emitter shows up here.
+#[test]
+fn mlp_kernels_snapshot() {
+    let (_, l, level) = cases().into_iter().nth(1).unwrap();
+    let (planned, _) = plan(&l, level);
+    let mut text = String::new();
+    for (i, s) in planned.kernels.iter().enumerate() {
+        kiln_cuda::emit::fused(s, &format!("k{i}"), &mut text).unwrap();
+    }
+    insta::assert_snapshot!(text);
+}
+
+#[cfg(feature = "mlir")]
+#[test]
+fn every_spec_lowers_to_ptx_that_ptxas_accepts() {
+    let toolkit = match kiln_cuda::ptx::toolkit() {
+        Ok(t) if t.join("bin/ptxas").is_file() => t,
+        other => {
+            // CI sets KILN_REQUIRE_PTXAS: there, a missing toolkit is a failure, not a skip.
+            assert!(
+                std::env::var_os("KILN_REQUIRE_PTXAS").is_none(),
+                "no CUDA toolkit with ptxas: {other:?}"
+            );
+            eprintln!("skipped: no ptxas ({other:?}); pip install nvidia-cuda-nvcc-cu12");
+            return;
+        }
+    };
+    for (name, l, level) in cases() {
+        let (_, mlir) = plan(&l, level);
+        for arch in kiln_cuda::ptx::ARCHS {
+            let ptx =
+                kiln_cuda::ptx::to_ptx(&mlir, arch, &toolkit).unwrap_or_else(|e| panic!("{name} {}: {e}", arch.chip));
+            assert!(!ptx.contains(".extern"), "{name}: unresolved functions in the PTX");
+            if let Err(e) = kiln_cuda::ptx::ptxas(&ptx, arch.chip, &toolkit) {
+                panic!("{name}: ptxas -arch={} rejects the PTX:\n{e}", arch.chip);
+            }
+        }
+    }
+}
