@@ -374,128 +374,12 @@ impl Model {
     }
 
     fn bind(&self, inputs: &BTreeMap<String, Tensor>) -> Result<Vec<usize>, RunError> {
-        let m = &self.manifest;
-        for k in inputs.keys() {
-            if !m.inputs.iter().any(|p| &p.name == k) {
-                let names: Vec<&str> = m.inputs.iter().map(|p| p.name.as_str()).collect();
-                return Err(RunError::UnknownInput {
-                    name: k.clone(),
-                    expected: names.join(", "),
-                });
-            }
-        }
-        let mut syms: Vec<Option<(usize, String)>> = vec![None; m.dims.len()];
-        for pass in 0..2 {
-            for p in &m.inputs {
-                let t = inputs
-                    .get(&p.name)
-                    .ok_or_else(|| RunError::MissingInput(p.name.clone()))?;
-                let v = &m.values[p.value as usize];
-                let bad = |msg: String| RunError::BadInput {
-                    name: p.name.clone(),
-                    msg,
-                };
-                if t.dtype() != v.dtype {
-                    return Err(bad(format!("expected dtype {}, got {}", v.dtype, t.dtype())));
-                }
-                if t.shape().len() != v.shape.len() {
-                    return Err(bad(format!(
-                        "expected rank {}, got shape {:?}",
-                        v.shape.len(),
-                        t.shape()
-                    )));
-                }
-                for (axis, (d, &n)) in v.shape.iter().zip(t.shape()).enumerate() {
-                    if pass == 0 && d.coeff == 1 && d.syms.len() == 1 {
-                        let s = d.syms[0] as usize;
-                        let (name, bound) = &m.dims[s];
-                        if n == 0 || n as u64 > *bound {
-                            return Err(bad(format!(
-                                "axis {axis} is `{name}` = {n}, outside the compiled range 1..={bound}"
-                            )));
-                        }
-                        match &syms[s] {
-                            Some((prev, from)) if *prev != n => {
-                                return Err(bad(format!(
-                                    "axis {axis} is `{name}` = {n}, but {from} set `{name}` = {prev}"
-                                )))
-                            }
-                            Some(_) => {}
-                            None => syms[s] = Some((n, format!("input `{}` axis {axis}", p.name))),
-                        }
-                    } else if pass == 1 {
-                        let vals: Vec<usize> = syms.iter().map(|s| s.as_ref().map_or(0, |x| x.0)).collect();
-                        if d.syms.iter().any(|s| syms[*s as usize].is_none()) {
-                            return Err(bad(format!("axis {axis} uses a dim no input axis determines")));
-                        }
-                        if d.eval(&vals) != n {
-                            return Err(bad(format!("axis {axis} must be {}, got {n}", d.eval(&vals))));
-                        }
-                    }
-                }
-            }
-        }
-        syms.into_iter()
-            .enumerate()
-            .map(|(i, s)| {
-                s.map(|x| x.0).ok_or_else(|| RunError::BadInput {
-                    name: m.dims[i].0.clone(),
-                    msg: "no input determines this dim".into(),
-                })
-            })
-            .collect()
+        bind(&self.manifest, inputs)
     }
 
-    /// Liveness-based first-fit placement of every temporary in one arena.
     fn plan_memory(&self, sizes: &[usize]) -> (Vec<usize>, usize, usize) {
-        let m = &self.manifest;
-        let n = m.values.len();
-        let root = |mut v: usize| {
-            while let Storage::Alias(s) = m.values[v].storage {
-                v = s as usize;
-            }
-            v
-        };
-        let mut def = vec![usize::MAX; n];
-        let mut last = vec![0usize; n];
-        for (si, step) in m.steps.iter().enumerate() {
-            def[step.out() as usize] = si;
-            for v in step.inputs() {
-                let r = root(v as usize);
-                last[r] = last[r].max(si);
-            }
-        }
-        for p in &m.outputs {
-            last[root(p.value as usize)] = usize::MAX;
-        }
-        let mut offsets = vec![0usize; n];
-        let mut live: Vec<(usize, usize, usize)> = Vec::new(); // (offset, size, last use)
-        let mut top = 0usize;
-        let mut unshared = 0usize;
-        let mut order: Vec<usize> = (0..n)
-            .filter(|v| matches!(m.values[*v].storage, Storage::Temp))
-            .collect();
-        order.sort_by_key(|v| def[*v]);
-        for v in order {
-            let size = sizes[v].div_ceil(64).saturating_mul(64);
-            unshared = unshared.saturating_add(size);
-            let now = def[v];
-            live.retain(|(_, _, l)| *l >= now);
-            live.sort_unstable();
-            let mut at = 0usize;
-            for (o, s, _) in &live {
-                if at.saturating_add(size) <= *o {
-                    break;
-                }
-                at = at.max(o + s);
-            }
-            offsets[v] = at;
-            top = top.max(at.saturating_add(size));
-            live.push((at, size, last[v].max(now)));
-        }
-        (offsets, top, unshared)
+        plan_memory(&self.manifest, sizes)
     }
-
     fn exec(
         &self,
         step: &Step,
@@ -749,6 +633,127 @@ fn step_kind(step: &Step) -> String {
         Step::CacheAppend { .. } => "cache".into(),
         Step::Attention { .. } => "attention".into(),
     }
+}
+
+/// Binds every symbolic dim from the inputs' shapes, checking dtypes, ranks and bounds.
+pub(crate) fn bind(m: &Manifest, inputs: &BTreeMap<String, Tensor>) -> Result<Vec<usize>, RunError> {
+    for k in inputs.keys() {
+        if !m.inputs.iter().any(|p| &p.name == k) {
+            let names: Vec<&str> = m.inputs.iter().map(|p| p.name.as_str()).collect();
+            return Err(RunError::UnknownInput {
+                name: k.clone(),
+                expected: names.join(", "),
+            });
+        }
+    }
+    let mut syms: Vec<Option<(usize, String)>> = vec![None; m.dims.len()];
+    for pass in 0..2 {
+        for p in &m.inputs {
+            let t = inputs
+                .get(&p.name)
+                .ok_or_else(|| RunError::MissingInput(p.name.clone()))?;
+            let v = &m.values[p.value as usize];
+            let bad = |msg: String| RunError::BadInput {
+                name: p.name.clone(),
+                msg,
+            };
+            if t.dtype() != v.dtype {
+                return Err(bad(format!("expected dtype {}, got {}", v.dtype, t.dtype())));
+            }
+            if t.shape().len() != v.shape.len() {
+                return Err(bad(format!(
+                    "expected rank {}, got shape {:?}",
+                    v.shape.len(),
+                    t.shape()
+                )));
+            }
+            for (axis, (d, &n)) in v.shape.iter().zip(t.shape()).enumerate() {
+                if pass == 0 && d.coeff == 1 && d.syms.len() == 1 {
+                    let s = d.syms[0] as usize;
+                    let (name, bound) = &m.dims[s];
+                    if n == 0 || n as u64 > *bound {
+                        return Err(bad(format!(
+                            "axis {axis} is `{name}` = {n}, outside the compiled range 1..={bound}"
+                        )));
+                    }
+                    match &syms[s] {
+                        Some((prev, from)) if *prev != n => {
+                            return Err(bad(format!(
+                                "axis {axis} is `{name}` = {n}, but {from} set `{name}` = {prev}"
+                            )))
+                        }
+                        Some(_) => {}
+                        None => syms[s] = Some((n, format!("input `{}` axis {axis}", p.name))),
+                    }
+                } else if pass == 1 {
+                    let vals: Vec<usize> = syms.iter().map(|s| s.as_ref().map_or(0, |x| x.0)).collect();
+                    if d.syms.iter().any(|s| syms[*s as usize].is_none()) {
+                        return Err(bad(format!("axis {axis} uses a dim no input axis determines")));
+                    }
+                    if d.eval(&vals) != n {
+                        return Err(bad(format!("axis {axis} must be {}, got {n}", d.eval(&vals))));
+                    }
+                }
+            }
+        }
+    }
+    syms.into_iter()
+        .enumerate()
+        .map(|(i, s)| {
+            s.map(|x| x.0).ok_or_else(|| RunError::BadInput {
+                name: m.dims[i].0.clone(),
+                msg: "no input determines this dim".into(),
+            })
+        })
+        .collect()
+}
+/// Liveness-based first-fit placement of every temporary in one arena.
+pub(crate) fn plan_memory(m: &Manifest, sizes: &[usize]) -> (Vec<usize>, usize, usize) {
+    let n = m.values.len();
+    let root = |mut v: usize| {
+        while let Storage::Alias(s) = m.values[v].storage {
+            v = s as usize;
+        }
+        v
+    };
+    let mut def = vec![usize::MAX; n];
+    let mut last = vec![0usize; n];
+    for (si, step) in m.steps.iter().enumerate() {
+        def[step.out() as usize] = si;
+        for v in step.inputs() {
+            let r = root(v as usize);
+            last[r] = last[r].max(si);
+        }
+    }
+    for p in &m.outputs {
+        last[root(p.value as usize)] = usize::MAX;
+    }
+    let mut offsets = vec![0usize; n];
+    let mut live: Vec<(usize, usize, usize)> = Vec::new(); // (offset, size, last use)
+    let mut top = 0usize;
+    let mut unshared = 0usize;
+    let mut order: Vec<usize> = (0..n)
+        .filter(|v| matches!(m.values[*v].storage, Storage::Temp))
+        .collect();
+    order.sort_by_key(|v| def[*v]);
+    for v in order {
+        let size = sizes[v].div_ceil(64).saturating_mul(64);
+        unshared = unshared.saturating_add(size);
+        let now = def[v];
+        live.retain(|(_, _, l)| *l >= now);
+        live.sort_unstable();
+        let mut at = 0usize;
+        for (o, s, _) in &live {
+            if at.saturating_add(size) <= *o {
+                break;
+            }
+            at = at.max(o + s);
+        }
+        offsets[v] = at;
+        top = top.max(at.saturating_add(size));
+        live.push((at, size, last[v].max(now)));
+    }
+    (offsets, top, unshared)
 }
 
 impl std::fmt::Debug for Model {
