@@ -70,6 +70,9 @@ enum Cmd {
         /// Code generation target.
         #[arg(long, value_enum, default_value_t = TargetArg::Cpu)]
         target: TargetArg,
+        /// With --target cuda: also write the kernels' MLIR (before lowering to PTX) to this file.
+        #[arg(long, value_name = "FILE")]
+        dump_mlir: Option<PathBuf>,
         /// Optimization level: 0 (dead code only, no kernel fusion), 1 (+ common subexpressions,
         /// kernel fusion), 2 (+ algebraic simplification by equality saturation).
         #[arg(short = 'O', value_name = "LEVEL", default_value = "2", value_parser = clap::value_parser!(u8).range(0..=2))]
@@ -148,6 +151,8 @@ enum Cmd {
 enum TargetArg {
     /// This machine's CPU (Cranelift code, SIMD where the CPU has it).
     Cpu,
+    /// NVIDIA GPUs: PTX for sm_80 and sm_90 lowered through MLIR (a kiln built with `--features cuda`).
+    Cuda,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -296,6 +301,31 @@ fn is_artifact(path: &Path) -> bool {
         && &magic == kiln_runtime::artifact::MAGIC
 }
 
+/// A loaded artifact: for this CPU, or for a GPU.
+enum Loaded {
+    Cpu(kiln_runtime::Model),
+    #[cfg(feature = "cuda-runtime")]
+    Cuda(kiln_runtime::cuda::CudaModel),
+}
+
+/// Loads an artifact for whichever target it was compiled for.
+fn load_artifact(path: &Path) -> Result<Loaded> {
+    let map = kiln_runtime::artifact::map(path)?;
+    let arch = kiln_runtime::artifact::decode(&map)?.manifest.target.arch;
+    drop(map);
+    if arch == kiln_runtime::plan::GPU_ARCH {
+        #[cfg(feature = "cuda-runtime")]
+        return Ok(Loaded::Cuda(kiln_runtime::cuda::CudaModel::load(path)?));
+        #[cfg(not(feature = "cuda-runtime"))]
+        bail!(
+            "{}: a CUDA artifact, and this kiln was built without CUDA support (cargo build --release --features cuda, \
+             or --features cuda-runtime to run only)",
+            path.display()
+        );
+    }
+    Ok(Loaded::Cpu(kiln_runtime::Model::load(path)?))
+}
+
 fn run(
     spec: &Path,
     o: &SpecOpts,
@@ -313,11 +343,19 @@ fn run(
         if w.weights.is_some() || w.random_weights.is_some() || !o.set.is_empty() {
             bail!("{}: a compiled model carries its weights and config; --weights, --random-weights and --set apply to specs", spec.display());
         }
-        let mut model = kiln_runtime::Model::load(spec)?;
-        if let Some(t) = threads {
-            model.set_threads(t).map_err(|e| anyhow!(e))?;
+        match load_artifact(spec)? {
+            Loaded::Cpu(mut model) => {
+                if let Some(t) = threads {
+                    model.set_threads(t).map_err(|e| anyhow!(e))?;
+                }
+                model.run(&feed)?
+            }
+            #[cfg(feature = "cuda-runtime")]
+            Loaded::Cuda(model) => {
+                eprintln!("running on {} ({})", model.device, model.arch);
+                model.run(&feed)?
+            }
         }
-        model.run(&feed)?
     } else {
         let l = load_spec(spec, o)?;
         let weights = load_weights(&l, w)?;
@@ -352,10 +390,13 @@ fn run(
     Ok(())
 }
 
+#[allow(clippy::too_many_arguments)]
 fn compile(
     spec: &Path,
     o: &SpecOpts,
     w: &WeightOpts,
+    target: TargetArg,
+    dump_mlir: Option<&Path>,
     opt: u8,
     out: &Path,
     popts: &kiln_passes::PipelineOptions,
@@ -403,7 +444,23 @@ fn compile(
         tokenizer,
         ..kiln_cpu::Options::for_level(opt)
     };
-    let compiled = kiln_cpu::compile_to_file(&l.graph, &weights, &l.dims, &copts, out)?;
+    let compiled = match target {
+        TargetArg::Cpu => {
+            if dump_mlir.is_some() {
+                bail!("--dump-mlir shows the CUDA kernels: it needs --target cuda");
+            }
+            kiln_cpu::compile_to_file(&l.graph, &weights, &l.dims, &copts, out)?
+        }
+        TargetArg::Cuda => {
+            if let Some(p) = dump_mlir {
+                let (_, mlir) = kiln_cuda::plan_mlir(&l.graph, &weights, &l.dims, &copts)?;
+                std::fs::write(p, mlir).with_context(|| format!("writing {}", p.display()))?;
+            }
+            let c = kiln_cuda::compile(&l.graph, &weights, &l.dims, &copts)?.compiled;
+            kiln_runtime::artifact::write(out, &c.manifest, &c.weights, &c.code)?;
+            c
+        }
+    };
     let total = start.elapsed();
     let size = std::fs::metadata(out).map(|m| m.len()).unwrap_or(0);
     let m = &compiled.manifest;
@@ -441,11 +498,20 @@ fn compile(
             println!("  layer    {layer}: {}", per.line());
         }
     }
-    println!(
-        "  code     {} bytes for {}",
-        compiled.code.len(),
-        m.target.features.join(" ")
-    );
+    if let Some(g) = &m.gpu {
+        let archs: Vec<String> = g
+            .modules
+            .iter()
+            .map(|x| format!("{} ({} KiB)", x.arch, x.len / 1024))
+            .collect();
+        println!("  code     PTX for {}", archs.join(", "));
+    } else {
+        println!(
+            "  code     {} bytes for {}",
+            compiled.code.len(),
+            m.target.features.join(" ")
+        );
+    }
     println!(
         "  time     {:.0} ms (frontend + weights {:.0} ms, passes {:.0} ms, codegen + write {:.0} ms)",
         total.as_secs_f64() * 1e3,
@@ -590,22 +656,8 @@ fn bench_input(name: &str, dtype: kiln_ir::DType, shape: Vec<usize>) -> Result<T
     })
 }
 
-fn bench(
-    path: &Path,
-    shapes: &[String],
-    iters: usize,
-    warmup: usize,
-    threads: Option<usize>,
-    json: bool,
-    profile: bool,
-) -> Result<()> {
-    let t0 = Instant::now();
-    let mut model = kiln_runtime::Model::load(path)?;
-    let load_ms = t0.elapsed().as_secs_f64() * 1e3;
-    if let Some(t) = threads {
-        model.set_threads(t).map_err(|e| anyhow!(e))?;
-    }
-    let m = model.manifest().clone();
+/// Synthetic inputs of the given shapes (`NAME=D0xD1…`) for every input of the model.
+fn bench_feed(m: &kiln_runtime::plan::Manifest, shapes: &[String]) -> Result<BTreeMap<String, Tensor>> {
     let mut given: BTreeMap<String, Vec<usize>> = BTreeMap::new();
     for s in shapes {
         let (k, d) = parse_dims(s)?;
@@ -626,6 +678,76 @@ fn bench(
     if let Some(k) = given.keys().next() {
         bail!("--shape {k}: the model has no such input");
     }
+    Ok(feed)
+}
+
+/// `kiln bench` on a GPU: wall time of whole runs (inputs copied over, outputs copied back).
+#[cfg(feature = "cuda-runtime")]
+fn bench_cuda(
+    model: &kiln_runtime::cuda::CudaModel,
+    shapes: &[String],
+    iters: usize,
+    warmup: usize,
+    json: bool,
+) -> Result<()> {
+    let feed = bench_feed(model.manifest(), shapes)?;
+    for _ in 0..warmup.max(1) {
+        model.run(&feed)?;
+    }
+    let mut times = Vec::with_capacity(iters);
+    for _ in 0..iters.max(1) {
+        let t = Instant::now();
+        model.run(&feed)?;
+        times.push(t.elapsed().as_secs_f64() * 1e3);
+    }
+    times.sort_by(|a, b| a.total_cmp(b));
+    let q = |p: f64| times[((times.len() - 1) as f64 * p).round() as usize];
+    if json {
+        println!(
+            "{{\"median_ms\": {:.4}, \"p10_ms\": {:.4}, \"p90_ms\": {:.4}, \"iters\": {}, \"device\": \"{}\", \"arch\": \"{}\"}}",
+            q(0.5),
+            q(0.1),
+            q(0.9),
+            times.len(),
+            model.device,
+            model.arch
+        );
+    } else {
+        println!(
+            "{} on {} ({}): median {:.3} ms (p10 {:.3}, p90 {:.3}) over {} runs",
+            model.manifest().name,
+            model.device,
+            model.arch,
+            q(0.5),
+            q(0.1),
+            q(0.9),
+            times.len()
+        );
+    }
+    Ok(())
+}
+
+fn bench(
+    path: &Path,
+    shapes: &[String],
+    iters: usize,
+    warmup: usize,
+    threads: Option<usize>,
+    json: bool,
+    profile: bool,
+) -> Result<()> {
+    let t0 = Instant::now();
+    let mut model = match load_artifact(path)? {
+        Loaded::Cpu(m) => m,
+        #[cfg(feature = "cuda-runtime")]
+        Loaded::Cuda(m) => return bench_cuda(&m, shapes, iters, warmup, json),
+    };
+    let load_ms = t0.elapsed().as_secs_f64() * 1e3;
+    if let Some(t) = threads {
+        model.set_threads(t).map_err(|e| anyhow!(e))?;
+    }
+    let m = model.manifest().clone();
+    let feed = bench_feed(&m, shapes)?;
     let mut peak = 0;
     for _ in 0..warmup {
         peak = model.run_with_stats(&feed)?.1.peak_activation_bytes;
@@ -720,7 +842,8 @@ fn main() -> ExitCode {
             spec,
             spec_opts,
             weights,
-            target: _,
+            target,
+            dump_mlir,
             opt,
             output,
             dump_ir,
@@ -736,7 +859,10 @@ fn main() -> ExitCode {
                 verify_each: cfg!(debug_assertions),
                 disabled_rules: disable_rule.clone(),
                 dump_dir: dump_ir.clone(),
-                target: Some("cpu"),
+                target: Some(match target {
+                    TargetArg::Cpu => "cpu",
+                    TargetArg::Cuda => "cuda",
+                }),
             };
             let q = quant::QuantArgs {
                 scheme: *quantize,
@@ -748,6 +874,8 @@ fn main() -> ExitCode {
                 spec,
                 spec_opts,
                 weights,
+                *target,
+                dump_mlir.as_deref(),
                 *opt,
                 output,
                 &popts,

@@ -71,7 +71,7 @@ pub fn pool(n: usize) -> Result<rayon::ThreadPool, String> {
 }
 
 /// Element strides of `shape` broadcast to `space` (0 on stretched axes), or an error.
-fn bstrides(shape: &[usize], space: &[usize]) -> Result<Vec<usize>, String> {
+pub(crate) fn bstrides(shape: &[usize], space: &[usize]) -> Result<Vec<usize>, String> {
     if shape.len() > space.len() {
         return Err(format!("operand of shape {shape:?} does not broadcast to {space:?}"));
     }
@@ -125,6 +125,57 @@ pub fn run_kernel(
     decl: &KernelDecl,
     threads: usize,
 ) -> Result<(), String> {
+    let (rows, n, nops, offs) = row_offsets(kind, inputs, contiguous, out, space, decl)?;
+    if rows == 0 || n == 0 {
+        return Ok(());
+    }
+    let ptrs: Vec<usize> = inputs
+        .iter()
+        .map(|(b, _)| b.ptr as usize)
+        .chain(std::iter::once(out.0.ptr as usize))
+        .collect();
+    let work = rows * n;
+    let chunks = if threads <= 1 || work < 32 * 1024 {
+        1
+    } else {
+        (threads * 4).min(rows)
+    };
+    let per = rows.div_ceil(chunks);
+    let call = |c: usize| {
+        let start = c * per;
+        let count = per.min(rows - start.min(rows));
+        if count > 0 {
+            // SAFETY: the offsets were computed from checked shapes, so every row the kernel
+            // touches lies inside its operand; chunks write disjoint rows of the output.
+            unsafe {
+                f(
+                    count as i64,
+                    n as i64,
+                    offs.as_ptr().add(start * nops),
+                    ptrs.as_ptr() as *const *mut u8,
+                )
+            };
+        }
+    };
+    if chunks == 1 {
+        call(0);
+    } else {
+        (0..chunks).into_par_iter().for_each(call);
+    }
+    Ok(())
+}
+
+/// A kernel's iteration space as `rows × n` and its row offsets table (`rows × nops` element
+/// offsets: every input's and the output's start of each row), after checking every operand's
+/// shape and layout against what the kernel was generated for.
+pub(crate) fn row_offsets(
+    kind: KernelKind,
+    inputs: &[(Buf, &[usize])],
+    contiguous: &[bool],
+    out: (Buf, &[usize]),
+    space: &[usize],
+    decl: &KernelDecl,
+) -> Result<(usize, usize, usize, Vec<i64>), String> {
     let r = space.len();
     let (rows, n) = if r == 0 {
         (1, 1)
@@ -173,7 +224,7 @@ pub fn run_kernel(
         }
     }
     if rows == 0 || n == 0 {
-        return Ok(());
+        return Ok((rows, n, nops, Vec::new()));
     }
     // Row offsets table: rows × nops element offsets.
     let mut offs = vec![0i64; rows * nops];
@@ -197,40 +248,7 @@ pub fn run_kernel(
             idx[ax] = 0;
         }
     }
-    let ptrs: Vec<usize> = inputs
-        .iter()
-        .map(|(b, _)| b.ptr as usize)
-        .chain(std::iter::once(out.0.ptr as usize))
-        .collect();
-    let work = rows * n;
-    let chunks = if threads <= 1 || work < 32 * 1024 {
-        1
-    } else {
-        (threads * 4).min(rows)
-    };
-    let per = rows.div_ceil(chunks);
-    let call = |c: usize| {
-        let start = c * per;
-        let count = per.min(rows - start.min(rows));
-        if count > 0 {
-            // SAFETY: the offsets were computed from checked shapes, so every row the kernel
-            // touches lies inside its operand; chunks write disjoint rows of the output.
-            unsafe {
-                f(
-                    count as i64,
-                    n as i64,
-                    offs.as_ptr().add(start * nops),
-                    ptrs.as_ptr() as *const *mut u8,
-                )
-            };
-        }
-    };
-    if chunks == 1 {
-        call(0);
-    } else {
-        (0..chunks).into_par_iter().for_each(call);
-    }
-    Ok(())
+    Ok((rows, n, nops, offs))
 }
 
 /// How a matrix product is transposed, scaled and accumulated.
@@ -767,6 +785,29 @@ pub fn fallback(
     Ok(())
 }
 
+/// An attention operand seen as `[b, h, s, d]` with `(base, batch, head, row)` element strides:
+/// stored `[b, h, s, d]`, or `[b, s, h, d]` (`seq_major`), or `heads · d` columns at an offset of
+/// a `[b, s, W]` row (a column view of a merged projection).
+#[allow(clippy::type_complexity)]
+pub(crate) fn attn_layout(
+    s: &[usize],
+    sm: bool,
+    view: Option<ColumnView>,
+) -> Result<([usize; 4], (usize, usize, usize, usize)), String> {
+    match view {
+        Some(cv) => {
+            let (h, d, off) = (cv.heads as usize, cv.head_dim as usize, cv.offset as usize);
+            if s.len() != 3 || off.saturating_add(h.saturating_mul(d)) > s[2] {
+                return Err(format!("column view {cv:?} does not fit a value of shape {s:?}"));
+            }
+            Ok(([s[0], h, s[1], d], (off, s[1] * s[2], d, s[2])))
+        }
+        None if s.len() != 4 => Err(format!("attention operand of shape {s:?} must have rank 4")),
+        None if sm => Ok(([s[0], s[2], s[1], s[3]], (0, s[1] * s[2] * s[3], s[3], s[2] * s[3]))),
+        None => Ok(([s[0], s[1], s[2], s[3]], (0, s[1] * s[2] * s[3], s[2] * s[3], s[3]))),
+    }
+}
+
 /// Query rows per attention block: the score block (rows × keys f32) stays in L2.
 const ATTN_ROWS: usize = 64;
 
@@ -789,25 +830,7 @@ pub fn attention(
     if contiguous.len() != inputs.len() {
         return Err("attention kernel layout does not match its inputs".into());
     }
-    // Every operand seen as [b, h, s, d] with (base, batch, head, row) element strides: stored
-    // [b, h, s, d], or [b, s, h, d] (seq-major), or heads*d columns at an offset of a [b, s, W] row.
-    let layout = |s: &[usize],
-                  sm: bool,
-                  view: Option<ColumnView>|
-     -> Result<([usize; 4], (usize, usize, usize, usize)), String> {
-        match view {
-            Some(cv) => {
-                let (h, d, off) = (cv.heads as usize, cv.head_dim as usize, cv.offset as usize);
-                if s.len() != 3 || off.saturating_add(h.saturating_mul(d)) > s[2] {
-                    return Err(format!("column view {cv:?} does not fit a value of shape {s:?}"));
-                }
-                Ok(([s[0], h, s[1], d], (off, s[1] * s[2], d, s[2])))
-            }
-            None if s.len() != 4 => Err(format!("attention operand of shape {s:?} must have rank 4")),
-            None if sm => Ok(([s[0], s[2], s[1], s[3]], (0, s[1] * s[2] * s[3], s[3], s[2] * s[3]))),
-            None => Ok(([s[0], s[1], s[2], s[3]], (0, s[1] * s[2] * s[3], s[2] * s[3], s[3]))),
-        }
-    };
+    let layout = attn_layout;
     let (qs, qst) = layout(q.1, seq_major[0], views[0])?;
     let (ks, mut kst) = layout(k.1, seq_major[1], views[1])?;
     let (vs, mut vst) = layout(v.1, seq_major[2], views[2])?;

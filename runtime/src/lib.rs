@@ -15,6 +15,8 @@
 //! compiles anything.
 
 pub mod artifact;
+#[cfg(feature = "cuda")]
+pub mod cuda;
 mod exec;
 mod kernels;
 pub mod npy;
@@ -50,6 +52,9 @@ pub enum LoadError {
         /// Version this runtime reads.
         supported: u32,
     },
+    /// The GPU or its driver cannot run the artifact.
+    #[error("CUDA: {0}")]
+    Cuda(String),
     /// The artifact was compiled for another machine.
     #[error("artifact was compiled for {wanted}, but this machine is {have}; recompile it here")]
     Target {

@@ -1,0 +1,978 @@
+//! Running CUDA artifacts on an NVIDIA GPU (feature `cuda`).
+//!
+//! The driver is loaded dynamically (cudarc `dynamic-loading`): building needs no CUDA, and a
+//! machine without a driver or a GPU gets a [`LoadError::Cuda`] at load, not a crash. [`CudaModel`]
+//! uploads the weights once, picks the artifact's PTX module for the device's compute capability,
+//! and runs the same plan as the CPU executor: fused kernels (`k{i}`) over the same row offsets
+//! table, matrix products and attention through the tiled GEMM kernels, data movement through the
+//! strided copy and gather kernels, and `Fallback` steps on the host through the reference
+//! evaluator (their operands are copied over and back). Decoding sessions (`CacheAppend`) do not
+//! run on CUDA yet.
+
+use std::collections::BTreeMap;
+use std::ffi::{c_void, CString};
+use std::path::Path;
+use std::sync::Arc;
+
+use cudarc::driver::{result, sys, CudaContext};
+use kiln_ir::{DType, Tensor};
+
+use crate::kernels::{self, Buf};
+use crate::plan::{KernelKind, Manifest, Step, Storage, GPU_ARCH};
+use crate::{artifact, LoadError, RunError};
+
+/// The plan-independent kernels every CUDA artifact carries (`kiln_cuda::emit` writes them).
+pub const FIXED_KERNELS: [&str; 15] = [
+    "gemm_f32",
+    "gemm_i8",
+    "gemm_i4",
+    "copy_i8",
+    "copy_i16",
+    "copy_i32",
+    "copy_i64",
+    "gather_i8_i32",
+    "gather_i8_i64",
+    "gather_i16_i32",
+    "gather_i16_i64",
+    "gather_i32_i32",
+    "gather_i32_i64",
+    "gather_i64_i32",
+    "gather_i64_i64",
+];
+
+/// Threads per block of the fused kernels (`kiln_cuda::emit::BLOCK`).
+const BLOCK: u32 = 256;
+/// Output tile of the GEMM kernels (`kiln_cuda::emit::TILE`).
+const TILE: usize = 64;
+/// Rank the copy kernel walks (`kiln_cuda::emit::COPY_RANK`).
+const COPY_RANK: usize = 6;
+
+/// Device memory, freed on drop.
+struct DevMem {
+    ptr: u64,
+    len: usize,
+}
+
+impl DevMem {
+    fn alloc(len: usize) -> Result<DevMem, String> {
+        // SAFETY: plain allocation; the pointer is freed once, on drop.
+        let ptr = unsafe { result::malloc_sync(len.max(256)) }
+            .map_err(|e| format!("cannot allocate {len} bytes on the GPU: {e}"))?;
+        Ok(DevMem { ptr, len })
+    }
+
+    fn upload(bytes: &[u8]) -> Result<DevMem, String> {
+        let m = DevMem::alloc(bytes.len())?;
+        if !bytes.is_empty() {
+            // SAFETY: the allocation holds at least `bytes.len()` bytes.
+            unsafe { result::memcpy_htod_sync(m.ptr, bytes) }.map_err(|e| format!("copy to the GPU: {e}"))?;
+        }
+        Ok(m)
+    }
+}
+
+impl Drop for DevMem {
+    fn drop(&mut self) {
+        // SAFETY: allocated by `malloc_sync`, freed only here.
+        unsafe {
+            let _ = result::free_sync(self.ptr);
+        }
+    }
+}
+
+fn download(addr: u64, len: usize) -> Result<Vec<u8>, String> {
+    let mut out = vec![0u8; len];
+    if len > 0 {
+        // SAFETY: `addr..addr + len` lies in a live device allocation (the caller's buffer).
+        unsafe { result::memcpy_dtoh_sync(&mut out, addr) }.map_err(|e| format!("copy from the GPU: {e}"))?;
+    }
+    Ok(out)
+}
+
+/// A kernel argument.
+#[derive(Clone, Copy)]
+enum Arg {
+    /// A device address.
+    P(u64),
+    I(i64),
+    F(f32),
+}
+
+/// A CUDA artifact loaded onto a GPU.
+pub struct CudaModel {
+    manifest: Manifest,
+    ctx: Arc<CudaContext>,
+    module: sys::CUmodule,
+    kernels: Vec<sys::CUfunction>,
+    fixed: BTreeMap<&'static str, sys::CUfunction>,
+    weights: DevMem,
+    host_weights: Vec<u8>,
+    /// Per `SpMatMul` step: its CSR weight densified (`[n, k]` f32).
+    dense: BTreeMap<usize, DevMem>,
+    /// `sm_80`, `sm_90`: the PTX module in use.
+    pub arch: String,
+    /// The GPU's name.
+    pub device: String,
+}
+
+fn cuda_err(what: &str) -> impl Fn(result::DriverError) -> LoadError + '_ {
+    move |e| LoadError::Cuda(format!("{what}: {e}"))
+}
+
+impl CudaModel {
+    /// Loads an artifact file onto GPU 0.
+    pub fn load(path: &Path) -> Result<CudaModel, LoadError> {
+        let map = artifact::map(path)?;
+        CudaModel::from_bytes(&map)
+    }
+
+    /// Loads an artifact held in memory onto GPU 0.
+    pub fn from_bytes(bytes: &[u8]) -> Result<CudaModel, LoadError> {
+        let s = artifact::decode(bytes)?;
+        let m = s.manifest;
+        if m.target.arch != GPU_ARCH {
+            return Err(LoadError::Target {
+                wanted: m.target.arch.clone(),
+                have: "a CUDA GPU (this artifact was compiled for a CPU; run it without --device cuda)".into(),
+            });
+        }
+        crate::validate::manifest(&m, s.weights.len(), s.code.len())?;
+        // SAFETY: only probes for the driver library.
+        if !unsafe { sys::is_culib_present() } {
+            return Err(LoadError::Cuda(
+                "no CUDA driver on this machine (libcuda.so could not be loaded)".into(),
+            ));
+        }
+        let ctx = CudaContext::new(0).map_err(cuda_err("no usable GPU"))?;
+        let (major, minor) = ctx.compute_capability().map_err(cuda_err("compute capability"))?;
+        let cc = (major * 10 + minor) as u32;
+        let device = ctx.name().unwrap_or_else(|_| "an NVIDIA GPU".into());
+        let gpu = m.gpu.as_ref().expect("validated: CUDA artifacts have PTX");
+        // The newest architecture the device can run (PTX is forward compatible).
+        let chosen = gpu
+            .modules
+            .iter()
+            .filter_map(|x| {
+                let sm = x.arch.strip_prefix("sm_")?.parse::<u32>().ok()?;
+                (sm <= cc).then_some((sm, x))
+            })
+            .max_by_key(|(sm, _)| *sm)
+            .map(|(_, x)| x)
+            .ok_or_else(|| {
+                let have: Vec<&str> = gpu.modules.iter().map(|x| x.arch.as_str()).collect();
+                LoadError::Cuda(format!(
+                    "{device} has compute capability {major}.{minor}; the artifact has PTX for {}",
+                    have.join(", ")
+                ))
+            })?;
+        let code = &bytes[s.code.clone()];
+        let ptx = &code[chosen.offset as usize..(chosen.offset + chosen.len) as usize];
+        if ptx.last() != Some(&0) || ptx[..ptx.len() - 1].contains(&0) {
+            return Err(LoadError::Corrupt(format!(
+                "the PTX for {} is not one NUL-terminated text",
+                chosen.arch
+            )));
+        }
+        // SAFETY: a NUL-terminated PTX image, as the driver expects.
+        let module = unsafe { result::module::load_data(ptx.as_ptr() as *const c_void) }
+            .map_err(cuda_err(&format!("the driver rejected the PTX for {}", chosen.arch)))?;
+        let func = |name: &str| -> Result<sys::CUfunction, LoadError> {
+            let c = CString::new(name).map_err(|_| LoadError::Corrupt(format!("kernel name `{name}`")))?;
+            // SAFETY: the module was just loaded and stays loaded while the model lives.
+            unsafe { result::module::get_function(module, c) }.map_err(cuda_err(&format!("kernel `{name}`")))
+        };
+        let kernels = (0..m.kernels.len())
+            .map(|i| func(&format!("k{i}")))
+            .collect::<Result<Vec<_>, _>>()?;
+        let mut fixed = BTreeMap::new();
+        for name in FIXED_KERNELS {
+            fixed.insert(name, func(name)?);
+        }
+        let host_weights = bytes[s.weights.clone()].to_vec();
+        let weights = DevMem::upload(&host_weights).map_err(LoadError::Cuda)?;
+        let mut dense = BTreeMap::new();
+        for (si, step) in m.steps.iter().enumerate() {
+            if let Step::SpMatMul {
+                row_ptr, cols, vals, a, ..
+            } = step
+            {
+                let d = densify(&m, &host_weights, *row_ptr, *cols, *vals, *a)
+                    .map_err(|e| LoadError::Corrupt(format!("step {si}: {e}")))?;
+                dense.insert(si, DevMem::upload(&d).map_err(LoadError::Cuda)?);
+            }
+        }
+        Ok(CudaModel {
+            arch: chosen.arch.clone(),
+            manifest: m,
+            ctx,
+            module,
+            kernels,
+            fixed,
+            weights,
+            host_weights,
+            dense,
+            device,
+        })
+    }
+
+    /// The manifest (signature, plan, kernels).
+    pub fn manifest(&self) -> &Manifest {
+        &self.manifest
+    }
+
+    /// Runs the model; returns the outputs by name, in declaration order.
+    pub fn run(&self, inputs: &BTreeMap<String, Tensor>) -> Result<Vec<(String, Tensor)>, RunError> {
+        let m = &self.manifest;
+        let fail = |step: usize, value: usize, msg: String| RunError::Step {
+            step,
+            node: m.values.get(value).map(|v| v.name.clone()).unwrap_or_default(),
+            msg,
+        };
+        self.ctx
+            .bind_to_thread()
+            .map_err(|e| fail(usize::MAX, usize::MAX, format!("CUDA context: {e}")))?;
+        let syms = crate::exec::bind(m, inputs)?;
+        let shapes: Vec<Vec<usize>> = m
+            .values
+            .iter()
+            .map(|v| v.shape.iter().map(|d| d.eval(&syms)).collect())
+            .collect();
+        let sizes: Vec<usize> = m
+            .values
+            .iter()
+            .zip(&shapes)
+            .map(|(v, s)| s.iter().fold(v.dtype.size_bytes(), |a, d| a.saturating_mul(*d)))
+            .collect();
+        let (offsets, arena_len, _) = crate::exec::plan_memory(m, &sizes);
+        let arena = DevMem::alloc(arena_len).map_err(|e| fail(usize::MAX, usize::MAX, e))?;
+        let mut uploaded = Vec::new();
+        for p in &m.inputs {
+            uploaded
+                .push(DevMem::upload(inputs[&p.name].as_bytes()).map_err(|e| fail(usize::MAX, p.value as usize, e))?);
+        }
+        let err_flag = DevMem::upload(&[0u8; 4]).map_err(|e| fail(usize::MAX, usize::MAX, e))?;
+        let mut addr = vec![0u64; m.values.len()];
+        for (i, v) in m.values.iter().enumerate() {
+            addr[i] = match &v.storage {
+                Storage::Input(n) => uploaded[*n as usize].ptr,
+                Storage::Weight { offset, .. } => self.weights.ptr + offset,
+                Storage::Temp => arena.ptr + offsets[i] as u64,
+                Storage::Alias(src) => addr[*src as usize],
+            };
+        }
+        let mut run = Run {
+            model: self,
+            addr,
+            shapes: &shapes,
+            sizes: &sizes,
+            syms: &syms,
+            err: err_flag.ptr,
+            keep: Vec::new(),
+        };
+        for (si, step) in m.steps.iter().enumerate() {
+            run.step(si, step).map_err(|msg| fail(si, step.out() as usize, msg))?;
+        }
+        self.ctx
+            .synchronize()
+            .map_err(|e| fail(usize::MAX, usize::MAX, format!("the GPU failed while running: {e}")))?;
+        let flag = download(err_flag.ptr, 4).map_err(|e| fail(usize::MAX, usize::MAX, e))?;
+        if flag != [0, 0, 0, 0] {
+            return Err(fail(usize::MAX, usize::MAX, "a gather index is out of range".into()));
+        }
+        let mut outs = Vec::new();
+        for p in &m.outputs {
+            let v = p.value as usize;
+            let bytes = download(run.addr[v], sizes[v]).map_err(|e| fail(usize::MAX, v, e))?;
+            let t = Tensor::from_le_bytes(m.values[v].dtype, shapes[v].clone(), &bytes)
+                .map_err(|e| fail(usize::MAX, v, e.to_string()))?;
+            outs.push((p.name.clone(), t));
+        }
+        Ok(outs)
+    }
+}
+
+impl Drop for CudaModel {
+    fn drop(&mut self) {
+        if self.ctx.bind_to_thread().is_ok() {
+            // SAFETY: loaded in `from_bytes`, unloaded once.
+            unsafe {
+                let _ = result::module::unload(self.module);
+            }
+        }
+    }
+}
+
+impl std::fmt::Debug for CudaModel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "CudaModel({} on {}, {})", self.manifest.name, self.device, self.arch)
+    }
+}
+
+/// A CSR weight as a dense `[n, k]` f32 matrix (`k` from the product's left operand).
+fn densify(m: &Manifest, w: &[u8], row_ptr: u32, cols: u32, vals: u32, a: u32) -> Result<Vec<u8>, String> {
+    let weight = |v: u32| -> Result<&[u8], String> {
+        match m.values[v as usize].storage {
+            Storage::Weight { offset, len } => Ok(&w[offset as usize..(offset + len) as usize]),
+            _ => Err("a sparse weight that is not stored in the artifact".into()),
+        }
+    };
+    let ints = |b: &[u8]| -> Vec<i64> {
+        b.chunks_exact(4)
+            .map(|c| i32::from_le_bytes([c[0], c[1], c[2], c[3]]) as i64)
+            .collect()
+    };
+    let rp = ints(weight(row_ptr)?);
+    let cs = ints(weight(cols)?);
+    let vs: Vec<f32> = weight(vals)?
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect();
+    let k = m.values[a as usize]
+        .shape
+        .last()
+        .filter(|d| d.syms.is_empty())
+        .map(|d| d.coeff as usize)
+        .ok_or("a sparse product whose inner dimension is not fixed")?;
+    let n = rp.len().checked_sub(1).ok_or("empty row offsets")?;
+    let mut out = vec![0f32; n * k];
+    for r in 0..n {
+        let (s, e) = (rp[r], rp[r + 1]);
+        if s < 0 || e < s || e as usize > cs.len() || e as usize > vs.len() {
+            return Err(format!("row offsets of row {r} out of range"));
+        }
+        for i in s as usize..e as usize {
+            let c = cs[i];
+            if c < 0 || c as usize >= k {
+                return Err(format!("column {c} out of range 0..{k}"));
+            }
+            out[r * k + c as usize] = vs[i];
+        }
+    }
+    Ok(out.iter().flat_map(|x| x.to_le_bytes()).collect())
+}
+
+fn elems(s: &[usize]) -> usize {
+    s.iter().product()
+}
+
+fn row_major(s: &[usize]) -> Vec<usize> {
+    let mut st = vec![0; s.len()];
+    let mut acc = 1;
+    for i in (0..s.len()).rev() {
+        st[i] = acc;
+        acc *= s[i];
+    }
+    st
+}
+
+fn grid_1d(total: usize) -> (u32, u32, u32) {
+    (total.div_ceil(BLOCK as usize).clamp(1, 1 << 20) as u32, 1, 1)
+}
+
+/// One run's state.
+struct Run<'a> {
+    model: &'a CudaModel,
+    addr: Vec<u64>,
+    shapes: &'a [Vec<usize>],
+    sizes: &'a [usize],
+    syms: &'a [usize],
+    err: u64,
+    /// Device buffers that launched kernels may still read (row offsets, score blocks).
+    keep: Vec<DevMem>,
+}
+
+impl Run<'_> {
+    fn buf(&self, v: u32) -> (Buf, &[usize]) {
+        (
+            Buf {
+                ptr: self.addr[v as usize] as *mut u8,
+                len: self.sizes[v as usize],
+            },
+            self.shapes[v as usize].as_slice(),
+        )
+    }
+
+    fn dtype(&self, v: u32) -> DType {
+        self.model.manifest.values[v as usize].dtype
+    }
+
+    fn launch(
+        &self,
+        f: sys::CUfunction,
+        grid: (u32, u32, u32),
+        block: (u32, u32, u32),
+        args: &[Arg],
+    ) -> Result<(), String> {
+        let mut store: Vec<u64> = args
+            .iter()
+            .map(|a| match a {
+                Arg::P(p) => *p,
+                Arg::I(i) => *i as u64,
+                Arg::F(x) => x.to_bits() as u64,
+            })
+            .collect();
+        // Each parameter points at its 8-byte slot; a 4-byte f32 parameter reads the low half.
+        let mut ptrs: Vec<*mut c_void> = store.iter_mut().map(|v| v as *mut u64 as *mut c_void).collect();
+        // SAFETY: the argument list matches the kernel's signature (the emitter and this file agree on
+        // it), every address lies in a live allocation, and the shapes were checked.
+        unsafe { result::launch_kernel(f, grid, block, 0, std::ptr::null_mut(), &mut ptrs) }
+            .map_err(|e| format!("kernel launch: {e}"))
+    }
+
+    fn fixed(&self, name: &str) -> sys::CUfunction {
+        self.model.fixed[name]
+    }
+
+    /// `dst[Σ i t] = src[Σ i s]` over `shape` (rank ≤ 6 after dropping unit axes).
+    fn copy(&self, es: usize, shape: &[usize], src: (u64, &[usize]), dst: (u64, &[usize])) -> Result<(), String> {
+        let total = elems(shape);
+        if total == 0 {
+            return Ok(());
+        }
+        let keep: Vec<usize> = (0..shape.len()).filter(|i| shape[*i] != 1).collect();
+        if keep.len() > COPY_RANK {
+            return Err(format!("a copy over {} axes (at most {COPY_RANK})", keep.len()));
+        }
+        let pad = COPY_RANK - keep.len();
+        let mut d = [1i64; COPY_RANK];
+        let mut s = [0i64; COPY_RANK];
+        let mut t = [0i64; COPY_RANK];
+        for (j, &i) in keep.iter().enumerate() {
+            d[pad + j] = shape[i] as i64;
+            s[pad + j] = src.1[i] as i64;
+            t[pad + j] = dst.1[i] as i64;
+        }
+        let ty = match es {
+            1 => "copy_i8",
+            2 => "copy_i16",
+            4 => "copy_i32",
+            8 => "copy_i64",
+            _ => return Err(format!("no copy kernel for {es}-byte elements")),
+        };
+        let mut args = vec![Arg::I(total as i64)];
+        args.extend(d.iter().chain(&s).chain(&t).map(|x| Arg::I(*x)));
+        args.push(Arg::P(src.0));
+        args.push(Arg::P(dst.0));
+        self.launch(self.fixed(ty), grid_1d(total), (BLOCK, 1, 1), &args)
+    }
+
+    /// A GEMM launch: `c[z1, z2] = acc + bias + scale · a[z1, z2] @ b[z1, z2]`.
+    #[allow(clippy::too_many_arguments)]
+    fn gemm(
+        &self,
+        kernel: &str,
+        (m, n, k): (usize, usize, usize),
+        (z1, z2): (usize, usize),
+        a: (u64, [usize; 4]),
+        b: &[Arg],
+        c: (u64, [usize; 3]),
+        scale: f32,
+        bias: Option<u64>,
+        acc: Option<(u64, [usize; 3])>,
+    ) -> Result<(), String> {
+        if m == 0 || n == 0 || z1 * z2 == 0 {
+            return Ok(());
+        }
+        if z1 * z2 > 65535 || m.div_ceil(TILE) > 65535 {
+            return Err(format!(
+                "a product of {z1}x{z2} batches of {m} rows exceeds the launch grid"
+            ));
+        }
+        let mut args = vec![
+            Arg::I(m as i64),
+            Arg::I(n as i64),
+            Arg::I(k as i64),
+            Arg::I(z2 as i64),
+            Arg::P(a.0),
+        ];
+        args.extend(a.1.iter().map(|x| Arg::I(*x as i64)));
+        args.extend_from_slice(b);
+        args.push(Arg::P(c.0));
+        args.extend(c.1.iter().map(|x| Arg::I(*x as i64)));
+        args.push(Arg::F(scale));
+        args.push(Arg::P(bias.unwrap_or(c.0)));
+        args.push(Arg::I(bias.is_some() as i64));
+        let (accp, accs) = acc.unwrap_or((c.0, [0, 0, 0]));
+        args.push(Arg::P(accp));
+        args.extend(accs.iter().map(|x| Arg::I(*x as i64)));
+        args.push(Arg::I(acc.is_some() as i64));
+        let grid = (n.div_ceil(TILE) as u32, m.div_ceil(TILE) as u32, (z1 * z2) as u32);
+        self.launch(self.fixed(kernel), grid, (16, 16, 1), &args)
+    }
+
+    fn step(&mut self, si: usize, step: &Step) -> Result<(), String> {
+        let mm = &self.model.manifest;
+        match step {
+            Step::Kernel {
+                kernel,
+                kind,
+                inputs,
+                contiguous,
+                out,
+                space,
+            } => {
+                let space: Vec<usize> = space.iter().map(|d| d.eval(self.syms)).collect();
+                let ins: Vec<(Buf, &[usize])> = inputs.iter().map(|v| self.buf(*v)).collect();
+                let decl = &mm.kernels[*kernel as usize];
+                let (rows, n, _, offs) = kernels::row_offsets(*kind, &ins, contiguous, self.buf(*out), &space, decl)?;
+                if rows == 0 || n == 0 {
+                    return Ok(());
+                }
+                let table = DevMem::upload(&offs.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>())?;
+                let mut args = vec![Arg::I(rows as i64), Arg::I(n as i64), Arg::P(table.ptr)];
+                args.extend(inputs.iter().map(|v| Arg::P(self.addr[*v as usize])));
+                args.push(Arg::P(self.addr[*out as usize]));
+                let ry = rows.min(65535) as u32;
+                let grid = match kind {
+                    KernelKind::Map => (n.div_ceil(BLOCK as usize).min(65535) as u32, ry, 1),
+                    KernelKind::ReduceLast | KernelKind::SoftmaxLast => (1, ry, 1),
+                };
+                self.launch(self.model.kernels[*kernel as usize], grid, (BLOCK, 1, 1), &args)?;
+                self.keep.push(table);
+                Ok(())
+            }
+            Step::MatMul {
+                a,
+                b,
+                out,
+                ta,
+                tb,
+                scale,
+                bias,
+                acc,
+            } => {
+                let (sa, sb, so) = (
+                    &self.shapes[*a as usize],
+                    &self.shapes[*b as usize],
+                    &self.shapes[*out as usize],
+                );
+                let (ra, rb, ro) = (sa.len(), sb.len(), so.len());
+                if ra < 2 || rb < 2 || ro < 2 {
+                    return Err("matrix products need rank ≥ 2".into());
+                }
+                let (m, n) = (so[ro - 2], so[ro - 1]);
+                let k = if *ta { sa[ra - 2] } else { sa[ra - 1] };
+                let kb = if *tb { sb[rb - 1] } else { sb[rb - 2] };
+                let (am, bn) = (
+                    if *ta { sa[ra - 1] } else { sa[ra - 2] },
+                    if *tb { sb[rb - 2] } else { sb[rb - 1] },
+                );
+                if kb != k || am != m || bn != n {
+                    return Err(format!("shapes {sa:?} @ {sb:?} -> {so:?} do not multiply"));
+                }
+                if let Some(acc) = acc {
+                    if &self.shapes[*acc as usize] != so {
+                        return Err("the accumulated tensor does not have the result's shape".into());
+                    }
+                }
+                if let Some(bias) = bias {
+                    if self.shapes[*bias as usize] != [n] {
+                        return Err(format!(
+                            "bias of shape {:?} for {n} columns",
+                            self.shapes[*bias as usize]
+                        ));
+                    }
+                }
+                let batch = &so[..ro - 2];
+                let sta = kernels::bstrides(&sa[..ra - 2], batch)?;
+                let stb = kernels::bstrides(&sb[..rb - 2], batch)?;
+                let sto = row_major(batch);
+                let (amat, bmat, omat) = (sa[ra - 2] * sa[ra - 1], sb[rb - 2] * sb[rb - 1], m * n);
+                // The last two batch axes go to the grid; any before them loop here.
+                let nb = batch.len();
+                let split = nb.saturating_sub(2);
+                let inner: Vec<usize> = (split..nb).collect();
+                let pick = |st: &[usize], mat: usize, j: usize| -> usize { inner.get(j).map_or(0, |&i| st[i] * mat) };
+                let zdim = |j: usize| inner.get(j).map_or(1, |&i| batch[i]);
+                let (z1, z2) = if inner.len() == 2 {
+                    (zdim(0), zdim(1))
+                } else {
+                    (1, zdim(0))
+                };
+                let zs = |st: &[usize], mat: usize| -> (usize, usize) {
+                    if inner.len() == 2 {
+                        (pick(st, mat, 0), pick(st, mat, 1))
+                    } else {
+                        (0, pick(st, mat, 0))
+                    }
+                };
+                let (a1, a2) = zs(&sta, amat);
+                let (b1, b2) = zs(&stb, bmat);
+                let (o1, o2) = zs(&sto, omat);
+                let (sam, sak) = if *ta { (1, sa[ra - 1]) } else { (sa[ra - 1], 1) };
+                let (sbk, sbn) = if *tb { (1, sb[rb - 1]) } else { (sb[rb - 1], 1) };
+                let outer = elems(&batch[..split]);
+                for o in 0..outer {
+                    // Element offsets of this outer batch index.
+                    let mut rem = o;
+                    let (mut oa, mut ob, mut oo) = (0, 0, 0);
+                    for i in (0..split).rev() {
+                        let ix = rem % batch[i];
+                        rem /= batch[i];
+                        oa += ix * sta[i] * amat;
+                        ob += ix * stb[i] * bmat;
+                        oo += ix * sto[i] * omat;
+                    }
+                    let b_args = [
+                        Arg::P(self.addr[*b as usize] + 4 * ob as u64),
+                        Arg::I(b1 as i64),
+                        Arg::I(b2 as i64),
+                        Arg::I(sbk as i64),
+                        Arg::I(sbn as i64),
+                    ];
+                    self.gemm(
+                        "gemm_f32",
+                        (m, n, k),
+                        (z1, z2),
+                        (self.addr[*a as usize] + 4 * oa as u64, [a1, a2, sam, sak]),
+                        &b_args,
+                        (self.addr[*out as usize] + 4 * oo as u64, [o1, o2, n]),
+                        *scale,
+                        bias.map(|v| self.addr[v as usize]),
+                        acc.map(|v| (self.addr[v as usize] + 4 * oo as u64, [o1, o2, n])),
+                    )?;
+                }
+                Ok(())
+            }
+            Step::QMatMul {
+                a,
+                codes,
+                scales,
+                mins,
+                bits,
+                group,
+                out,
+                scale,
+                bias,
+                acc,
+            } => {
+                let sa = &self.shapes[*a as usize];
+                let sc = &self.shapes[*codes as usize];
+                let k = *sa.last().ok_or("a rank-0 product operand")?;
+                let n = sc.first().copied().unwrap_or(0);
+                let rows = elems(sa) / k.max(1);
+                let want_cols = if *bits == 8 { k } else { k / 2 };
+                if sc.len() != 2 || sc[1] != want_cols || elems(&self.shapes[*out as usize]) != rows * n {
+                    return Err(format!(
+                        "quantized product {sa:?} x codes {sc:?} does not fit its output"
+                    ));
+                }
+                let mut b_args = vec![Arg::P(self.addr[*codes as usize]), Arg::P(self.addr[*scales as usize])];
+                let kernel = if *bits == 8 {
+                    "gemm_i8"
+                } else {
+                    if *group == 0 || k % *group as usize != 0 || k % 32 != 0 {
+                        return Err(format!("int4 groups of {group} do not tile {k} columns"));
+                    }
+                    let mins = mins.ok_or("int4 codes without minimums")?;
+                    b_args.push(Arg::P(self.addr[mins as usize]));
+                    b_args.push(Arg::I(*group as i64));
+                    "gemm_i4"
+                };
+                self.gemm(
+                    kernel,
+                    (rows, n, k),
+                    (1, 1),
+                    (self.addr[*a as usize], [0, 0, k, 1]),
+                    &b_args,
+                    (self.addr[*out as usize], [0, 0, n]),
+                    *scale,
+                    bias.map(|v| self.addr[v as usize]),
+                    acc.map(|v| (self.addr[v as usize], [0, 0, n])),
+                )
+            }
+            Step::SpMatMul {
+                a,
+                out,
+                scale,
+                bias,
+                acc,
+                ..
+            } => {
+                let sa = &self.shapes[*a as usize];
+                let k = *sa.last().ok_or("a rank-0 product operand")?;
+                let rows = elems(sa) / k.max(1);
+                let dense = self
+                    .model
+                    .dense
+                    .get(&si)
+                    .ok_or("a sparse product without its dense copy")?;
+                let n = dense.len / 4 / k.max(1);
+                if elems(&self.shapes[*out as usize]) != rows * n {
+                    return Err(format!("sparse product {sa:?} x [{n}, {k}] does not fit its output"));
+                }
+                let b_args = [Arg::P(dense.ptr), Arg::I(0), Arg::I(0), Arg::I(1), Arg::I(k as i64)];
+                self.gemm(
+                    "gemm_f32",
+                    (rows, n, k),
+                    (1, 1),
+                    (self.addr[*a as usize], [0, 0, k, 1]),
+                    &b_args,
+                    (self.addr[*out as usize], [0, 0, n]),
+                    *scale,
+                    bias.map(|v| self.addr[v as usize]),
+                    acc.map(|v| (self.addr[v as usize], [0, 0, n])),
+                )
+            }
+            Step::Gather { table, idx, out, axis } => {
+                let ts = &self.shapes[*table as usize];
+                let axis = *axis as usize;
+                if axis >= ts.len() {
+                    return Err("gather axis out of range".into());
+                }
+                let (outer, len, inner) = (elems(&ts[..axis]), ts[axis], elems(&ts[axis + 1..]));
+                let nidx = elems(&self.shapes[*idx as usize]);
+                let es = self.dtype(*table).size_bytes();
+                if self.sizes[*out as usize] != outer * nidx * inner * es {
+                    return Err("gather output has the wrong size".into());
+                }
+                let ty = match es {
+                    1 => "i8",
+                    2 => "i16",
+                    4 => "i32",
+                    8 => "i64",
+                    _ => return Err(format!("no gather kernel for {es}-byte elements")),
+                };
+                let ix = match self.dtype(*idx) {
+                    DType::I32 => "i32",
+                    DType::I64 => "i64",
+                    d => return Err(format!("gather indices of type {d}")),
+                };
+                let total = outer * nidx * inner;
+                if total == 0 {
+                    return Ok(());
+                }
+                let args = [
+                    Arg::I(outer as i64),
+                    Arg::I(nidx as i64),
+                    Arg::I(inner as i64),
+                    Arg::I(len as i64),
+                    Arg::P(self.addr[*table as usize]),
+                    Arg::P(self.addr[*idx as usize]),
+                    Arg::P(self.addr[*out as usize]),
+                    Arg::P(self.err),
+                ];
+                self.launch(
+                    self.fixed(&format!("gather_{ty}_{ix}")),
+                    grid_1d(total),
+                    (BLOCK, 1, 1),
+                    &args,
+                )
+            }
+            Step::Transpose { x, out, perm } => {
+                let (xs, os) = (&self.shapes[*x as usize], &self.shapes[*out as usize]);
+                if perm.len() != xs.len() || os.len() != xs.len() {
+                    return Err("transpose rank mismatch".into());
+                }
+                let xst = row_major(xs);
+                let src: Vec<usize> = perm.iter().map(|p| xst[*p as usize]).collect();
+                if perm.iter().enumerate().any(|(i, p)| os[i] != xs[*p as usize]) {
+                    return Err(format!("transpose of {xs:?} by {perm:?} is not {os:?}"));
+                }
+                let es = self.dtype(*x).size_bytes();
+                self.copy(
+                    es,
+                    os,
+                    (self.addr[*x as usize], &src),
+                    (self.addr[*out as usize], &row_major(os)),
+                )
+            }
+            Step::Slice { x, out, axis, start } => {
+                let (xs, os) = (&self.shapes[*x as usize], &self.shapes[*out as usize]);
+                let axis = *axis as usize;
+                if axis >= xs.len() || os.len() != xs.len() || *start as usize + os[axis] > xs[axis] {
+                    return Err(format!("slice of {xs:?} at {start} is not {os:?}"));
+                }
+                let xst = row_major(xs);
+                let es = self.dtype(*x).size_bytes();
+                let base = self.addr[*x as usize] + (*start as usize * xst[axis] * es) as u64;
+                self.copy(es, os, (base, &xst), (self.addr[*out as usize], &row_major(os)))
+            }
+            Step::Concat { xs, out, axis } => {
+                let os = &self.shapes[*out as usize];
+                let axis = *axis as usize;
+                let ost = row_major(os);
+                let es = self.dtype(*out).size_bytes();
+                let mut at = 0usize;
+                for x in xs {
+                    let ps = &self.shapes[*x as usize];
+                    if ps.len() != os.len() || axis >= ps.len() || at + ps[axis] > os[axis] {
+                        return Err(format!("concatenation part {ps:?} does not fit {os:?}"));
+                    }
+                    let dst = self.addr[*out as usize] + (at * ost[axis] * es) as u64;
+                    self.copy(es, ps, (self.addr[*x as usize], &row_major(ps)), (dst, &ost))?;
+                    at += ps[axis];
+                }
+                if at != os[axis] {
+                    return Err("concatenation parts do not fill the result".into());
+                }
+                Ok(())
+            }
+            Step::Broadcast { x, out } => {
+                let (xs, os) = (&self.shapes[*x as usize], &self.shapes[*out as usize]);
+                let src = kernels::bstrides(xs, os)?;
+                let es = self.dtype(*x).size_bytes();
+                self.copy(
+                    es,
+                    os,
+                    (self.addr[*x as usize], &src),
+                    (self.addr[*out as usize], &row_major(os)),
+                )
+            }
+            Step::Attention {
+                q,
+                k,
+                v,
+                out,
+                scale,
+                kernel,
+                kernel_inputs,
+                contiguous,
+                seq_major,
+                views,
+                cached,
+            } => {
+                if cached.iter().any(|c| *c) {
+                    return Err("decoding (the key/value cache) does not run on CUDA yet".into());
+                }
+                let (qs, qst) = kernels::attn_layout(&self.shapes[*q as usize], seq_major[0], views[0])?;
+                let (ks, kst) = kernels::attn_layout(&self.shapes[*k as usize], seq_major[1], views[1])?;
+                let (vs, vst) = kernels::attn_layout(&self.shapes[*v as usize], seq_major[2], views[2])?;
+                let (os, ost) = kernels::attn_layout(&self.shapes[*out as usize], seq_major[3], None)?;
+                let (b, h, sq, d) = (qs[0], qs[1], qs[2], qs[3]);
+                let (sk, dv) = (ks[2], vs[3]);
+                if ks != [b, h, sk, d] || vs != [b, h, sk, dv] || os != [b, h, sq, dv] {
+                    return Err(format!(
+                        "attention shapes q {qs:?}, k {ks:?}, v {vs:?}, out {os:?} do not fit"
+                    ));
+                }
+                if b * h * sq * sk == 0 {
+                    return Ok(());
+                }
+                let space = [b, h, sq, sk];
+                let scores = DevMem::alloc(4 * elems(&space))?;
+                // scores[b, h] = scale · q[b, h] k[b, h]ᵀ
+                let b_args = [
+                    Arg::P(self.addr[*k as usize] + 4 * kst.0 as u64),
+                    Arg::I(kst.1 as i64),
+                    Arg::I(kst.2 as i64),
+                    Arg::I(1),
+                    Arg::I(kst.3 as i64),
+                ];
+                self.gemm(
+                    "gemm_f32",
+                    (sq, sk, d),
+                    (b, h),
+                    (self.addr[*q as usize] + 4 * qst.0 as u64, [qst.1, qst.2, qst.3, 1]),
+                    &b_args,
+                    (scores.ptr, [h * sq * sk, sq * sk, sk]),
+                    *scale,
+                    None,
+                    None,
+                )?;
+                // The softmax kernel in place over the scores, reading any mask inputs.
+                let score_buf = Buf {
+                    ptr: scores.ptr as *mut u8,
+                    len: 4 * elems(&space),
+                };
+                let ins: Vec<(Buf, &[usize])> = kernel_inputs
+                    .iter()
+                    .map(|i| match i {
+                        None => (score_buf, &space[..]),
+                        Some(x) => self.buf(*x),
+                    })
+                    .collect();
+                let decl = &mm.kernels[*kernel as usize];
+                let (rows, n, _, offs) = kernels::row_offsets(
+                    KernelKind::SoftmaxLast,
+                    &ins,
+                    contiguous,
+                    (score_buf, &space),
+                    &space,
+                    decl,
+                )?;
+                let table = DevMem::upload(&offs.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>())?;
+                let mut args = vec![Arg::I(rows as i64), Arg::I(n as i64), Arg::P(table.ptr)];
+                args.extend(
+                    kernel_inputs
+                        .iter()
+                        .map(|i| Arg::P(i.map_or(scores.ptr, |x| self.addr[x as usize]))),
+                );
+                args.push(Arg::P(scores.ptr));
+                self.launch(
+                    self.model.kernels[*kernel as usize],
+                    (1, rows.min(65535) as u32, 1),
+                    (BLOCK, 1, 1),
+                    &args,
+                )?;
+                // out[b, h] = p[b, h] v[b, h]
+                let b_args = [
+                    Arg::P(self.addr[*v as usize] + 4 * vst.0 as u64),
+                    Arg::I(vst.1 as i64),
+                    Arg::I(vst.2 as i64),
+                    Arg::I(vst.3 as i64),
+                    Arg::I(1),
+                ];
+                self.gemm(
+                    "gemm_f32",
+                    (sq, dv, sk),
+                    (b, h),
+                    (scores.ptr, [h * sq * sk, sq * sk, sk, 1]),
+                    &b_args,
+                    (self.addr[*out as usize] + 4 * ost.0 as u64, [ost.1, ost.2, ost.3]),
+                    1.0,
+                    None,
+                    None,
+                )?;
+                self.keep.push(table);
+                self.keep.push(scores);
+                Ok(())
+            }
+            Step::CacheAppend { .. } => Err("decoding (the key/value cache) does not run on CUDA yet".into()),
+            Step::Fallback { op, inputs, out } => {
+                // On the host: copy the operands over, evaluate, copy the result back.
+                self.model
+                    .ctx
+                    .synchronize()
+                    .map_err(|e| format!("the GPU failed while running: {e}"))?;
+                let mut host: Vec<Vec<u8>> = Vec::new();
+                for v in inputs {
+                    host.push(match mm.values[*v as usize].storage {
+                        Storage::Weight { offset, len } => {
+                            self.model.host_weights[offset as usize..(offset + len) as usize].to_vec()
+                        }
+                        _ => download(self.addr[*v as usize], self.sizes[*v as usize])?,
+                    });
+                }
+                let args: Vec<(Buf, &[usize], DType)> = inputs
+                    .iter()
+                    .zip(host.iter_mut())
+                    .map(|(v, h)| {
+                        (
+                            Buf {
+                                ptr: h.as_mut_ptr(),
+                                len: h.len(),
+                            },
+                            self.shapes[*v as usize].as_slice(),
+                            self.dtype(*v),
+                        )
+                    })
+                    .collect();
+                let o = *out as usize;
+                let mut value = vec![0u8; self.sizes[o]];
+                let names: Vec<String> = mm.dims.iter().map(|d| d.0.clone()).collect();
+                let rb = Buf {
+                    ptr: value.as_mut_ptr(),
+                    len: value.len(),
+                };
+                kernels::fallback(op, &args, (rb, &self.shapes[o], self.dtype(*out)), &names, self.syms)?;
+                if !value.is_empty() {
+                    // SAFETY: the output value's device buffer holds `sizes[o]` bytes.
+                    unsafe { result::memcpy_htod_sync(self.addr[o], &value) }
+                        .map_err(|e| format!("copy to the GPU: {e}"))?;
+                }
+                Ok(())
+            }
+        }
+    }
+}
