@@ -1,0 +1,108 @@
+#!/usr/bin/env bash
+# Differential test of the CUDA backend against the reference interpreter, in two halves, so the
+# GPU machine needs neither Rust nor MLIR:
+#
+#   bash scripts/gpu-check.sh prepare DIR   # here: kiln built with --features cuda (MLIR + ptxas)
+#       compiles small versions of the bundled specs (random weights; f32, int8 and int4) for
+#       --target cuda, and writes their inputs and the interpreter's outputs as .npy files.
+#   bash scripts/gpu-check.sh check DIR     # on the GPU: kiln built with --features cuda-runtime
+#       runs every artifact on the GPU and compares each output with the interpreter's
+#       (python3 + numpy); exits non-zero on any mismatch.
+#
+# KILN (default target/release/kiln) names the binary. DIR holds everything `check` needs.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+mode=${1:?usage: gpu-check.sh prepare|check DIR}
+dir=${2:?usage: gpu-check.sh prepare|check DIR}
+KILN=${KILN:-target/release/kiln}
+
+# name | spec | --set overrides | extra compile flags | inputs (name:dtype:shape[:kind])
+cases=(
+  "mlp|specs/mlp.ron||--random-weights 1|x:f32:3x16"
+  "minilm|specs/minilm.ron|layers=2 vocab=500 hidden=64 heads=4 ffn=128|--random-weights 1|input_ids:i64:2x9 attention_mask:i64:2x9:mask token_type_ids:i64:2x9:zeros"
+  "gpt2|specs/gpt2.ron|layers=2 vocab=500 hidden=64 heads=4 max_pos=64|--random-weights 1|input_ids:i64:2x7"
+  "gpt2-int8|specs/gpt2.ron|layers=2 vocab=500 hidden=64 heads=4 max_pos=64|--random-weights 1 --quantize int8|input_ids:i64:2x7"
+  "gpt2-int4|specs/gpt2.ron|layers=2 vocab=500 hidden=64 heads=4 max_pos=64|--random-weights 1 --quantize int4:32|input_ids:i64:2x7"
+  "minilm-o0|specs/minilm.ron|layers=1 vocab=500 hidden=64 heads=4 ffn=128|--random-weights 1 -O0|input_ids:i64:2x9 attention_mask:i64:2x9:mask token_type_ids:i64:2x9:zeros"
+)
+
+sets() { for s in $1; do printf -- '--set %s ' "$s"; done; }
+
+case $mode in
+prepare)
+  mkdir -p "$dir"
+  for c in "${cases[@]}"; do
+    IFS='|' read -r name spec set flags ins <<<"$c"
+    mkdir -p "$dir/$name"
+    args=()
+    for i in $ins; do
+      IFS=':' read -r iname dt shape kind <<<"$i"
+      python3 - "$dir/$name/in.$iname.npy" "$dt" "$shape" "${kind:-}" <<'PY'
+import sys, numpy as np
+path, dt, shape, kind = sys.argv[1], sys.argv[2], [int(d) for d in sys.argv[3].split("x")], sys.argv[4]
+rng = np.random.default_rng(7)
+if dt == "f32":
+    a = rng.standard_normal(shape).astype(np.float32)
+elif kind == "mask":
+    a = np.ones(shape, np.int64); a[-1, shape[-1] // 2:] = 0   # the last row is padded
+elif kind == "zeros":
+    a = np.zeros(shape, np.int64)
+else:
+    a = rng.integers(0, 500, shape).astype(np.int64)
+np.save(path, a)
+PY
+      args+=(--input "$iname=$dir/$name/in.$iname.npy")
+    done
+    # shellcheck disable=SC2046,SC2086
+    $KILN compile "$spec" $(sets "$set") $flags --target cuda -o "$dir/$name/model.kiln" >"$dir/$name/compile.txt"
+    # The reference: the interpreter on the same (quantized) graph is the artifact's own plan run on
+    # the CPU target, compiled identically.
+    # shellcheck disable=SC2046,SC2086
+    $KILN compile "$spec" $(sets "$set") $flags -o "$dir/$name/cpu.kiln" >/dev/null
+    # shellcheck disable=SC2046,SC2086
+    $KILN run "$spec" $(sets "$set") --random-weights 1 "${args[@]}" >"$dir/$name/interp.txt"
+    outs=$(sed -n 's/^\([A-Za-z_0-9.]*\): .*/\1/p' "$dir/$name/interp.txt")
+    oargs=(); for o in $outs; do oargs+=(--output "$o=$dir/$name/want.$o.npy"); done
+    if [[ $flags == *--quantize* ]]; then
+      # Quantized graphs: the reference is the CPU backend on the same quantized artifact (itself
+      # checked against the interpreter by tests/quant.rs).
+      $KILN run "$dir/$name/cpu.kiln" "${args[@]}" "${oargs[@]}" >/dev/null 2>&1
+    else
+      # shellcheck disable=SC2046,SC2086
+      $KILN run "$spec" $(sets "$set") --random-weights 1 "${args[@]}" "${oargs[@]}" >/dev/null 2>&1
+    fi
+    rm -f "$dir/$name/cpu.kiln"
+    printf '%s\n' "${args[@]}" >"$dir/$name/args.txt"
+    echo "prepared $name: $(grep -c . "$dir/$name/args.txt") input args, outputs: $outs"
+  done
+  ;;
+check)
+  fail=0
+  for c in "${cases[@]}"; do
+    IFS='|' read -r name _ <<<"$c"
+    mapfile -t args <"$dir/$name/args.txt"
+    oargs=(); for w in "$dir/$name"/want.*.npy; do o=${w##*/want.}; o=${o%.npy}; oargs+=(--output "$o=$dir/$name/got.$o.npy"); done
+    if ! $KILN run "$dir/$name/model.kiln" "${args[@]}" "${oargs[@]}" >"$dir/$name/run.txt" 2>&1; then
+      echo "FAIL $name: $(tail -1 "$dir/$name/run.txt")"; fail=1; continue
+    fi
+    python3 - "$dir/$name" "$name" <<'PY' || fail=1
+import sys, glob, numpy as np
+d, name = sys.argv[1], sys.argv[2]
+bad = False
+for w in sorted(glob.glob(f"{d}/want.*.npy")):
+    o = w[len(d) + 6:-4]
+    want, got = np.load(w), np.load(f"{d}/got.{o}.npy")
+    if want.shape != got.shape:
+        print(f"FAIL {name}/{o}: shape {got.shape}, want {want.shape}"); bad = True; continue
+    err = float(np.max(np.abs(want.astype(np.float64) - got))) if want.size else 0.0
+    scale = float(np.max(np.abs(want))) if want.size else 0.0
+    ok = err <= 1e-4 + 1e-3 * scale
+    print(f"{'ok  ' if ok else 'FAIL'} {name}/{o}: max |diff| {err:.3e} (max |want| {scale:.3e})")
+    bad |= not ok
+sys.exit(1 if bad else 0)
+PY
+  done
+  exit $fail
+  ;;
+*) echo "usage: gpu-check.sh prepare|check DIR" >&2; exit 2 ;;
+esac
