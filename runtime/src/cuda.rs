@@ -21,25 +21,6 @@ use crate::kernels::{self, Buf};
 use crate::plan::{KernelKind, Manifest, Step, Storage, GPU_ARCH};
 use crate::{artifact, LoadError, RunError};
 
-/// The plan-independent kernels every CUDA artifact carries (`kiln_cuda::emit` writes them).
-pub const FIXED_KERNELS: [&str; 15] = [
-    "gemm_f32",
-    "gemm_i8",
-    "gemm_i4",
-    "copy_i8",
-    "copy_i16",
-    "copy_i32",
-    "copy_i64",
-    "gather_i8_i32",
-    "gather_i8_i64",
-    "gather_i16_i32",
-    "gather_i16_i64",
-    "gather_i32_i32",
-    "gather_i32_i64",
-    "gather_i64_i32",
-    "gather_i64_i64",
-];
-
 /// Threads per block of the fused kernels (`kiln_cuda::emit::BLOCK`).
 const BLOCK: u32 = 256;
 /// Output tile of the GEMM kernels (`kiln_cuda::emit::TILE`).
@@ -185,7 +166,7 @@ impl CudaModel {
             .map(|i| func(&format!("k{i}")))
             .collect::<Result<Vec<_>, _>>()?;
         let mut fixed = BTreeMap::new();
-        for name in FIXED_KERNELS {
+        for name in crate::plan::GPU_FIXED_KERNELS {
             fixed.insert(name, func(name)?);
         }
         let host_weights = bytes[s.weights.clone()].to_vec();

@@ -402,6 +402,25 @@ pub struct Manifest {
     pub gpu: Option<GpuCode>,
 }
 
+/// The plan-independent kernels every CUDA artifact carries (`kiln_cuda::emit` writes them).
+pub const GPU_FIXED_KERNELS: [&str; 15] = [
+    "gemm_f32",
+    "gemm_i8",
+    "gemm_i4",
+    "copy_i8",
+    "copy_i16",
+    "copy_i32",
+    "copy_i64",
+    "gather_i8_i32",
+    "gather_i8_i64",
+    "gather_i16_i32",
+    "gather_i16_i64",
+    "gather_i32_i32",
+    "gather_i32_i64",
+    "gather_i64_i32",
+    "gather_i64_i64",
+];
+
 /// The `Target::arch` of CUDA artifacts.
 pub const GPU_ARCH: &str = "nvptx64";
 

@@ -112,6 +112,12 @@ fn every_spec_emits_one_gpu_func_per_fusion_group() {
     }
 }
 
+/// The runtime looks up exactly the fixed kernels the emitter writes.
+#[test]
+fn fixed_kernels_agree_with_the_runtime() {
+    assert_eq!(kiln_cuda::emit::fixed_kernels(), kiln_runtime::plan::GPU_FIXED_KERNELS);
+}
+
 /// The kernels of the MLP spec as MLIR text: a change to the emitter shows up here.
 #[test]
 fn mlp_kernels_snapshot() {
@@ -147,6 +153,52 @@ fn every_spec_lowers_to_ptx_that_ptxas_accepts() {
             assert!(!ptx.contains(".extern"), "{name}: unresolved functions in the PTX");
             if let Err(e) = kiln_cuda::ptx::ptxas(&ptx, arch.chip, &toolkit) {
                 panic!("{name}: ptxas -arch={} rejects the PTX:\n{e}", arch.chip);
+            }
+        }
+    }
+}
+
+/// A CUDA artifact loads only where a driver and a GPU are: elsewhere the error says so. With a
+/// GPU, every output matches the interpreter. A damaged PTX table is refused before the driver is
+/// asked anything.
+#[cfg(feature = "mlir")]
+#[test]
+fn cuda_artifacts_run_or_explain() {
+    use kiln_runtime::cuda::CudaModel;
+    use kiln_runtime::LoadError;
+    if kiln_cuda::ptx::toolkit().is_err() {
+        assert!(std::env::var_os("KILN_REQUIRE_PTXAS").is_none(), "no CUDA toolkit");
+        eprintln!("skipped: no libdevice");
+        return;
+    }
+    let (_, l, _) = cases().into_iter().nth(1).unwrap();
+    let w = kiln_frontend::weights::random(&l, 1);
+    let c = kiln_cuda::compile(&l.graph, &w, &l.dims, &kiln_cpu::Options::for_level(2))
+        .unwrap()
+        .compiled;
+    let bytes = kiln_runtime::artifact::encode(&c.manifest, &c.weights, &c.code).unwrap();
+    let mut bad = c.manifest.clone();
+    bad.gpu.as_mut().unwrap().modules[1].offset += 16;
+    let damaged = kiln_runtime::artifact::encode(&bad, &c.weights, &c.code).unwrap();
+    match CudaModel::from_bytes(&damaged) {
+        Err(LoadError::Corrupt(msg)) => assert!(msg.contains("PTX for sm_90"), "{msg}"),
+        other => panic!("a misplaced PTX module loaded: {other:?}"),
+    }
+    match CudaModel::from_bytes(&bytes) {
+        Err(LoadError::Cuda(msg)) => {
+            assert!(msg.contains("driver") || msg.contains("GPU"), "{msg}");
+            eprintln!("no GPU here: {msg}");
+        }
+        Err(e) => panic!("{e}"),
+        Ok(model) => {
+            let x = kiln_ir::Tensor::from_f32(vec![3, 16], (0..48).map(|i| (i as f32 * 0.37).sin()).collect()).unwrap();
+            let feed: std::collections::BTreeMap<String, kiln_ir::Tensor> = [("x".to_string(), x)].into();
+            let got = model.run(&feed).unwrap();
+            let want = kiln_interp::run(&l.graph, &w, &feed).unwrap();
+            for ((name, g), (_, r)) in got.iter().zip(&want) {
+                let (g, r) = (g.to_f64_vec(), r.to_f64_vec());
+                let err = g.iter().zip(&r).fold(0f64, |m, (a, b)| m.max((a - b).abs()));
+                assert!(err < 1e-4, "{name}: max |diff| {err}");
             }
         }
     }
