@@ -151,10 +151,12 @@ fn mutate(m: &mut Manifest, r: &mut Rng) {
                     row_ptr,
                     cols,
                     sparse_rows,
+                    block,
                     ..
-                } => match r.below(3) {
+                } => match r.below(4) {
                     0 => *[a, row_ptr, cols][r.below(3)] = pick(r, nv),
                     1 => *sparse_rows = r.below(8) as u64,
+                    2 => *block = [r.below(5) as u64, r.below(5) as u64],
                     _ => *cols = pick(r, nv),
                 },
                 Step::QMatMul {

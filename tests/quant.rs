@@ -171,13 +171,29 @@ fn minilm_quantization_accuracy() {
 #[test]
 fn sparse_products_match_the_interpreter() {
     use kiln_passes::sparsity::{apply, Encoding, Pattern};
-    for (pattern, rows) in [("0.9", u64::MAX), ("2:4", 0), ("block:16x16:0.5", 4)] {
+    for (pattern, rows, block) in [
+        ("0.9", u64::MAX, [1, 1]),
+        ("2:4", 0, [1, 1]),
+        ("block:16x16:0.5", 4, [1, 1]),
+        ("block:16x16:0.5", u64::MAX, [16, 16]),
+        ("block:8x4:0.75", u64::MAX, [8, 4]),
+        ("block:32x8:0.5", 0, [32, 8]),
+        ("block:4x4:0.5", u64::MAX, [4, 4]),
+    ] {
         let pattern: Pattern = pattern.parse().unwrap();
         let mut l = spec("gpt2.ron", GPT2);
         let mut w = kiln_frontend::weights::load_safetensors(&l, &data("gpt2_tiny/model.safetensors")).unwrap();
         optimize(&mut l.graph, OptLevel::O2, true).unwrap();
         let (targets, _) = kiln_passes::quantize::targets(&l.graph, &[]);
-        let mut choose = |_: &str, _: &[f32], _: usize, _: usize| (Encoding::Csr { sparse_rows: rows }, String::new());
+        let mut choose = |_: &str, _: &[f32], _: usize, _: usize| {
+            (
+                Encoding::Csr {
+                    sparse_rows: rows,
+                    block,
+                },
+                String::new(),
+            )
+        };
         let r = apply(&mut l.graph, &mut w, &targets, pattern, &mut choose).unwrap();
         assert_eq!(r.pruned.len(), 9, "{pattern}: {:?}", r.skipped);
         kiln_ir::verify(&l.graph).unwrap();
@@ -212,7 +228,15 @@ fn corrupt_csr_indices_are_refused() {
     let mut w = kiln_frontend::weights::load_safetensors(&l, &data("gpt2_tiny/model.safetensors")).unwrap();
     optimize(&mut l.graph, OptLevel::O2, true).unwrap();
     let (targets, _) = kiln_passes::quantize::targets(&l.graph, &[]);
-    let mut choose = |_: &str, _: &[f32], _: usize, _: usize| (Encoding::Csr { sparse_rows: u64::MAX }, String::new());
+    let mut choose = |_: &str, _: &[f32], _: usize, _: usize| {
+        (
+            Encoding::Csr {
+                sparse_rows: u64::MAX,
+                block: [1, 1],
+            },
+            String::new(),
+        )
+    };
     apply(&mut l.graph, &mut w, &targets, Pattern::Unstructured(0.5), &mut choose).unwrap();
     let name = w.keys().find(|k| k.ends_with(".sparse.cols")).unwrap().clone();
     let t = &w[&name];

@@ -7,6 +7,11 @@ use std::fmt;
 
 use crate::{DType, Dim, Shape, TensorType};
 
+/// The block of plain CSR (`Op::Densify` of artifacts written before blocks existed).
+fn unit_block() -> [u64; 2] {
+    [1, 1]
+}
+
 /// A scalar constant. Floats are stored as bits so that ops can be compared and hashed exactly.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 pub enum Literal {
@@ -242,9 +247,13 @@ pub enum Op {
         /// Columns sharing one scale (a multiple of 32 for 4 bits).
         group: u64,
     },
-    /// A sparse weight in CSR form, as the dense `[n, k]` f32 matrix it stands for (backends fuse
-    /// it into the product that reads it). Operands: `row_ptr: i32 [n + 1]`, `cols: i32 [nnz]`,
-    /// `vals: f32 [nnz]`; row `r` holds `vals[row_ptr[r]..row_ptr[r + 1]]` at columns `cols[..]`.
+    /// A sparse weight in block-CSR form, as the dense `[n, k]` f32 matrix it stands for (backends
+    /// fuse it into the product that reads it). With blocks of `block = [br, bc]` (`[1, 1]`: plain
+    /// CSR), operands are `row_ptr: i32 [n / br + 1]`, `cols: i32 [nb]` (block columns, in units
+    /// of `bc`) and `vals: f32 [nb · br · bc]`; block row `R` holds blocks
+    /// `row_ptr[R]..row_ptr[R + 1]`, and element `(i, j)` of block `p` is `vals[p·br·bc + j·br + i]`
+    /// (each block stored column by column, so a kernel reads `br` outputs' weights for one input
+    /// column at once).
     Densify {
         /// Rows.
         n: u64,
@@ -253,6 +262,9 @@ pub enum Op {
         /// Products with at most this many rows of activations read the CSR form directly; more
         /// rows densify it a tile at a time (the break-even the compiler measured).
         sparse_rows: u64,
+        /// Block height and width.
+        #[serde(default = "unit_block")]
+        block: [u64; 2],
     },
     /// A key/value cache (the one stateful op): appends its operand `[b, h, t, d]` to cache slot
     /// `slot` after the `len - t` entries it already holds, and returns all `len` entries,
@@ -425,7 +437,18 @@ impl Op {
             Op::Concat { axis } | Op::Gather { axis } => format!("axis={axis}"),
             Op::CacheAppend { slot, len } => format!("slot={slot} len={len}"),
             Op::Dequantize { bits, group } => format!("bits={bits} group={group}"),
-            Op::Densify { n, k, sparse_rows } => format!("n={n} k={k} sparse_rows={sparse_rows}"),
+            Op::Densify {
+                n,
+                k,
+                sparse_rows,
+                block: [1, 1],
+            } => format!("n={n} k={k} sparse_rows={sparse_rows}"),
+            Op::Densify {
+                n,
+                k,
+                sparse_rows,
+                block: [r, c],
+            } => format!("n={n} k={k} sparse_rows={sparse_rows} block={r}x{c}"),
             Op::Cast { to } => format!("to={to}"),
             Op::Binary(_) | Op::Compare(_) | Op::Where | Op::Unary(_) => String::new(),
         }
@@ -687,20 +710,28 @@ impl Op {
                 }
                 Ok(TensorType::new(DType::F32, vec![Dim::known(n), Dim::known(k)]))
             }
-            Op::Densify { n, k, .. } => {
+            Op::Densify {
+                n, k, block: [br, bc], ..
+            } => {
                 let (rp, cols, vals) = (args[0], args[1], args[2]);
-                let ok = rp.dtype == DType::I32
+                let nnz = cols.shape.first().and_then(|d| d.as_known());
+                let ok = *br > 0
+                    && *bc > 0
+                    && n % br == 0
+                    && k % bc == 0
+                    && rp.dtype == DType::I32
                     && cols.dtype == DType::I32
                     && vals.dtype == DType::F32
-                    && rp.shape == [Dim::known(n + 1)]
+                    && rp.shape == [Dim::known(n / br + 1)]
                     && cols.rank() == 1
                     && vals.rank() == 1
-                    && cols.shape == vals.shape
-                    && cols.shape[0].as_known().is_some();
+                    && nnz.is_some()
+                    && vals.shape[0].as_known() == nnz.map(|b| b * br * bc);
                 if !ok {
                     return err(format!(
-                        "densify n={n} k={k} takes i32 [{}] row pointers, i32 [nnz] columns and f32 [nnz] values, got {rp}, {cols}, {vals}",
-                        n + 1
+                        "densify n={n} k={k} block={br}x{bc} takes i32 [{}] row pointers, i32 [nb] block columns and f32 [nb·{}] values, got {rp}, {cols}, {vals}",
+                        n / br.max(&1) + 1,
+                        br * bc
                     ));
                 }
                 Ok(TensorType::new(DType::F32, vec![Dim::known(*n), Dim::known(*k)]))

@@ -132,30 +132,43 @@ pub fn prune(w: &mut [f32], n: usize, k: usize, pattern: Pattern) -> Result<(), 
     Ok(())
 }
 
-/// A weight in compressed sparse row form.
+/// A weight in (block) compressed sparse row form, as [`Op::Densify`] defines it.
 #[derive(Clone, Debug)]
 pub struct Csr {
-    /// `n + 1` offsets into `cols`/`vals`.
+    /// `n / br + 1` offsets into `cols` (blocks).
     pub row_ptr: Vec<i32>,
-    /// Column of each stored value.
+    /// Block column of each stored block.
     pub cols: Vec<i32>,
-    /// The nonzero values.
+    /// The stored blocks, `br · bc` values each, column by column.
     pub vals: Vec<f32>,
+    /// Block height and width (`[1, 1]`: plain CSR).
+    pub block: [usize; 2],
 }
 
 impl Csr {
     /// The nonzeros of `w` (`[n, k]`).
     pub fn from_dense(w: &[f32], n: usize, k: usize) -> Csr {
+        Csr::blocked(w, n, k, [1, 1])
+    }
+
+    /// The blocks of `w` (`[n, k]`, `br | n`, `bc | k`) holding any nonzero.
+    pub fn blocked(w: &[f32], n: usize, k: usize, [br, bc]: [usize; 2]) -> Csr {
         let mut c = Csr {
             row_ptr: vec![0],
             cols: Vec::new(),
             vals: Vec::new(),
+            block: [br, bc],
         };
-        for r in 0..n {
-            for (j, v) in w[r * k..(r + 1) * k].iter().enumerate() {
-                if *v != 0.0 {
-                    c.cols.push(j as i32);
-                    c.vals.push(*v);
+        for r in 0..n / br {
+            for b in 0..k / bc {
+                let at = |i: usize, j: usize| w[(r * br + i) * k + b * bc + j];
+                if (0..br).any(|i| (0..bc).any(|j| at(i, j) != 0.0)) {
+                    c.cols.push(b as i32);
+                    for j in 0..bc {
+                        for i in 0..br {
+                            c.vals.push(at(i, j));
+                        }
+                    }
                 }
             }
             c.row_ptr.push(c.cols.len() as i32);
@@ -169,10 +182,12 @@ impl Csr {
 pub enum Encoding {
     /// Dense f32 with its zeros.
     Dense,
-    /// CSR, read directly by products with at most `sparse_rows` rows of activations.
+    /// (Block) CSR, read directly by products with at most `sparse_rows` rows of activations.
     Csr {
         /// The measured break-even.
         sparse_rows: u64,
+        /// Block height and width (`[1, 1]`: plain CSR).
+        block: [u64; 2],
     },
 }
 
@@ -227,8 +242,8 @@ pub fn apply(
                 format!("{base}.dense"),
                 Tensor::from_f32(vec![n, k], w.clone()).map_err(|e| e.to_string())?,
             )?,
-            Encoding::Csr { sparse_rows } => {
-                let c = Csr::from_dense(&w, n, k);
+            Encoding::Csr { sparse_rows, block } => {
+                let c = Csr::blocked(&w, n, k, [block[0] as usize, block[1] as usize]);
                 let i32s = |v: &[i32]| {
                     Tensor::from_f64(
                         DType::I32,
@@ -251,6 +266,7 @@ pub fn apply(
                             n: n as u64,
                             k: k as u64,
                             sparse_rows,
+                            block,
                         },
                         &[rp, cols, vals],
                         format!("{}/densify", g.node(t.matmul).name),
@@ -350,5 +366,14 @@ mod tests {
         let c = Csr::from_dense(&w, n, k);
         assert_eq!(c.vals.len(), 64);
         assert_eq!(c.row_ptr.len(), n + 1);
+        // The 4x4 pruning leaves 4 of 8 blocks: block CSR stores exactly those, column by column.
+        let b = Csr::blocked(&w, n, k, [4, 4]);
+        assert_eq!((b.cols.len(), b.vals.len(), b.row_ptr.len()), (4, 64, 3));
+        let (p, c0) = (0, b.cols[0] as usize);
+        assert_eq!(
+            b.vals[p * 16 + 4 + 1],
+            w[k + c0 * 4 + 1],
+            "element (1, 1) of the first block"
+        );
     }
 }

@@ -174,10 +174,15 @@ impl CudaModel {
         let mut dense = BTreeMap::new();
         for (si, step) in m.steps.iter().enumerate() {
             if let Step::SpMatMul {
-                row_ptr, cols, vals, a, ..
+                row_ptr,
+                cols,
+                vals,
+                a,
+                block,
+                ..
             } = step
             {
-                let d = densify(&m, &host_weights, *row_ptr, *cols, *vals, *a)
+                let d = densify(&m, &host_weights, [*row_ptr, *cols, *vals], *a, *block)
                     .map_err(|e| LoadError::Corrupt(format!("step {si}: {e}")))?;
                 dense.insert(si, DevMem::upload(&d).map_err(LoadError::Cuda)?);
             }
@@ -289,8 +294,14 @@ impl std::fmt::Debug for CudaModel {
     }
 }
 
-/// A CSR weight as a dense `[n, k]` f32 matrix (`k` from the product's left operand).
-fn densify(m: &Manifest, w: &[u8], row_ptr: u32, cols: u32, vals: u32, a: u32) -> Result<Vec<u8>, String> {
+/// A block-CSR weight as a dense `[n, k]` f32 matrix (`k` from the product's left operand).
+fn densify(
+    m: &Manifest,
+    w: &[u8],
+    [row_ptr, cols, vals]: [u32; 3],
+    a: u32,
+    block: [u64; 2],
+) -> Result<Vec<u8>, String> {
     let weight = |v: u32| -> Result<&[u8], String> {
         match m.values[v as usize].storage {
             Storage::Weight { offset, len } => Ok(&w[offset as usize..(offset + len) as usize]),
@@ -314,19 +325,27 @@ fn densify(m: &Manifest, w: &[u8], row_ptr: u32, cols: u32, vals: u32, a: u32) -
         .filter(|d| d.syms.is_empty())
         .map(|d| d.coeff as usize)
         .ok_or("a sparse product whose inner dimension is not fixed")?;
-    let n = rp.len().checked_sub(1).ok_or("empty row offsets")?;
+    let [br, bc] = [block[0] as usize, block[1] as usize];
+    if br == 0 || bc == 0 || k % bc != 0 {
+        return Err(format!("{br}x{bc} blocks do not tile {k} columns"));
+    }
+    let n = rp.len().checked_sub(1).ok_or("empty row offsets")? * br;
     let mut out = vec![0f32; n * k];
-    for r in 0..n {
+    for r in 0..n / br {
         let (s, e) = (rp[r], rp[r + 1]);
-        if s < 0 || e < s || e as usize > cs.len() || e as usize > vs.len() {
-            return Err(format!("row offsets of row {r} out of range"));
+        if s < 0 || e < s || e as usize > cs.len() || e as usize * br * bc > vs.len() {
+            return Err(format!("row offsets of block row {r} out of range"));
         }
-        for i in s as usize..e as usize {
-            let c = cs[i];
-            if c < 0 || c as usize >= k {
-                return Err(format!("column {c} out of range 0..{k}"));
+        for p in s as usize..e as usize {
+            let c = cs[p];
+            if c < 0 || (c as usize + 1) * bc > k {
+                return Err(format!("block column {c} out of range 0..{}", k / bc));
             }
-            out[r * k + c as usize] = vs[i];
+            for j in 0..bc {
+                for i in 0..br {
+                    out[(r * br + i) * k + c as usize * bc + j] = vs[p * br * bc + j * br + i];
+                }
+            }
         }
     }
     Ok(out.iter().flat_map(|x| x.to_le_bytes()).collect())

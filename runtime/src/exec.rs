@@ -482,6 +482,7 @@ impl Model {
                 vals,
                 out,
                 sparse_rows,
+                block,
                 scale,
                 bias,
                 acc,
@@ -491,6 +492,10 @@ impl Model {
                     row_ptr: bufs[*row_ptr as usize],
                     cols: bufs[*cols as usize],
                     vals: bufs[*vals as usize],
+                    block: [
+                        usize::try_from(block[0]).unwrap_or(0),
+                        usize::try_from(block[1]).unwrap_or(0),
+                    ],
                 },
                 (bufs[*out as usize], &shapes[*out as usize]),
                 usize::try_from(*sparse_rows).unwrap_or(usize::MAX),

@@ -1378,14 +1378,16 @@ fn prefill_epilogue(
     Ok(acc.is_some() || bias.is_some())
 }
 
-/// A CSR weight `[n, k]`, as `Step::SpMatMul` reads it.
+/// A block-CSR weight `[n, k]` (see `Op::Densify`), as `Step::SpMatMul` reads it.
 pub struct CsrWeight {
-    /// i32 `[n + 1]`.
+    /// i32 `[n / br + 1]`.
     pub row_ptr: Buf,
-    /// i32 `[nnz]`.
+    /// i32 `[nb]` block columns.
     pub cols: Buf,
-    /// f32 `[nnz]`.
+    /// f32 `[nb · br · bc]`, each block column by column.
     pub vals: Buf,
+    /// `[br, bc]`; `[1, 1]` is plain CSR.
+    pub block: [usize; 2],
 }
 
 /// `out = acc + bias + scale · (a @ wᵀ)` with a CSR `w` of `n` rows: up to `sparse_rows` rows of
@@ -1410,6 +1412,9 @@ pub fn spmatmul(
     }
     check_len("sparse matmul lhs", a.0, sa, 4)?;
     check_len("sparse matmul output", out.0, so, 4)?;
+    if w.block != [1, 1] {
+        return block_spmatmul(a, w, out, scale, bias, acc, threads);
+    }
     if w.row_ptr.len != (n + 1) * 4 || w.cols.len != w.vals.len {
         return Err(format!("CSR weight does not fit [{n}, {k}]"));
     }
@@ -1485,15 +1490,197 @@ pub fn spmatmul(
     Ok(())
 }
 
+/// `spmatmul` for blocks of `br x bc` (any number of rows): per block row, every stored block
+/// adds `a[:, block columns] · blockᵀ` into `br` output columns held in registers, four (or two)
+/// activation rows at a time; blocks of 8, 16 or 32 rows use AVX2/FMA.
+fn block_spmatmul(
+    a: (Buf, &[usize]),
+    w: CsrWeight,
+    out: (Buf, &[usize]),
+    scale: f32,
+    bias: Option<(Buf, &[usize])>,
+    acc: Option<(Buf, &[usize])>,
+    threads: usize,
+) -> Result<(), String> {
+    let (sa, so) = (a.1, out.1);
+    let (k, n) = (sa[sa.len() - 1], so[so.len() - 1]);
+    let [br, bc] = w.block;
+    if br == 0 || bc == 0 || n % br != 0 || k % bc != 0 || w.row_ptr.len != (n / br + 1) * 4 {
+        return Err(format!("a {br}x{bc} block-CSR weight does not fit [{n}, {k}]"));
+    }
+    let nb = w.cols.len / 4;
+    if w.vals.len != nb * br * bc * 4 {
+        return Err(format!(
+            "{nb} blocks of {br}x{bc} need {} values, got {}",
+            nb * br * bc,
+            w.vals.len / 4
+        ));
+    }
+    // SAFETY: lengths checked above.
+    let rp = unsafe { std::slice::from_raw_parts(w.row_ptr.ptr as *const i32, n / br + 1) };
+    let cols = unsafe { std::slice::from_raw_parts(w.cols.ptr as *const i32, nb) };
+    let vals = unsafe { std::slice::from_raw_parts(w.vals.ptr as *const f32, nb * br * bc) };
+    if rp[0] != 0 || rp.windows(2).any(|p| p[1] < p[0]) || rp[n / br] as usize != nb {
+        return Err("block-CSR row offsets are not increasing from 0 to the number of blocks".into());
+    }
+    if cols.iter().any(|c| *c < 0 || (*c as usize + 1) * bc > k) {
+        return Err(format!("a block column is outside 0..{}", k / bc));
+    }
+    let rows = elems(sa) / k.max(1);
+    let read_dst = prefill_epilogue(out, n, bias, acc)?;
+    if rows == 0 || n == 0 {
+        return Ok(());
+    }
+    let av = unsafe { std::slice::from_raw_parts(a.0.ptr as *const f32, rows * k) };
+    let op = out.0.ptr as usize;
+    let bands = n / br;
+    let tasks = (threads * 4).clamp(1, bands.max(1));
+    let per = bands.div_ceil(tasks);
+    #[cfg(target_arch = "x86_64")]
+    let simd = matches!(br, 8 | 16 | 32) && is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma");
+    let work = |t: usize| {
+        for band in t * per..((t + 1) * per).min(bands) {
+            let blocks = rp[band] as usize..rp[band + 1] as usize;
+            // SAFETY: this task alone writes output columns band·br..(band+1)·br; every index was
+            // checked above.
+            unsafe {
+                #[cfg(target_arch = "x86_64")]
+                if simd {
+                    match br {
+                        8 => block_band_avx2::<1, 4>(
+                            av,
+                            k,
+                            rows,
+                            cols,
+                            vals,
+                            blocks,
+                            bc,
+                            band,
+                            op as *mut f32,
+                            n,
+                            scale,
+                            read_dst,
+                        ),
+                        16 => block_band_avx2::<2, 4>(
+                            av,
+                            k,
+                            rows,
+                            cols,
+                            vals,
+                            blocks,
+                            bc,
+                            band,
+                            op as *mut f32,
+                            n,
+                            scale,
+                            read_dst,
+                        ),
+                        _ => block_band_avx2::<4, 2>(
+                            av,
+                            k,
+                            rows,
+                            cols,
+                            vals,
+                            blocks,
+                            bc,
+                            band,
+                            op as *mut f32,
+                            n,
+                            scale,
+                            read_dst,
+                        ),
+                    }
+                    continue;
+                }
+                let o = op as *mut f32;
+                for r in 0..rows {
+                    for i in 0..br {
+                        let mut t = 0f32;
+                        for p in blocks.clone() {
+                            let c0 = cols[p] as usize * bc;
+                            for j in 0..bc {
+                                t += av[r * k + c0 + j] * vals[p * br * bc + j * br + i];
+                            }
+                        }
+                        let d = o.add(r * n + band * br + i);
+                        *d = if read_dst { *d + scale * t } else { scale * t };
+                    }
+                }
+            }
+        }
+    };
+    for_blocks(tasks, threads, work);
+    Ok(())
+}
+
+/// One band of `8·V` output columns over every activation row, `R` rows at a time with `R × V`
+/// accumulators; the remaining rows one at a time.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn block_band_avx2<const V: usize, const R: usize>(
+    a: &[f32],
+    k: usize,
+    rows: usize,
+    cols: &[i32],
+    vals: &[f32],
+    blocks: std::ops::Range<usize>,
+    bc: usize,
+    band: usize,
+    out: *mut f32,
+    n: usize,
+    scale: f32,
+    read_dst: bool,
+) {
+    use std::arch::x86_64::*;
+    let br = 8 * V;
+    let sv = _mm256_set1_ps(scale);
+    let mut r0 = 0;
+    while r0 < rows {
+        let rr = if rows - r0 >= R { R } else { 1 };
+        let mut accs = [[_mm256_setzero_ps(); V]; R];
+        for p in blocks.clone() {
+            let c0 = cols[p] as usize * bc;
+            let blk = vals.as_ptr().add(p * br * bc);
+            for j in 0..bc {
+                let mut w = [_mm256_setzero_ps(); V];
+                for (v, wv) in w.iter_mut().enumerate() {
+                    *wv = _mm256_loadu_ps(blk.add(j * br + 8 * v));
+                }
+                for (i, acc) in accs.iter_mut().enumerate().take(rr) {
+                    let x = _mm256_set1_ps(*a.get_unchecked((r0 + i) * k + c0 + j));
+                    for v in 0..V {
+                        acc[v] = _mm256_fmadd_ps(x, w[v], acc[v]);
+                    }
+                }
+            }
+        }
+        for (i, acc) in accs.iter().enumerate().take(rr) {
+            for (v, x) in acc.iter().enumerate() {
+                let d = out.add((r0 + i) * n + band * br + 8 * v);
+                let y = _mm256_mul_ps(*x, sv);
+                let y = if read_dst {
+                    _mm256_add_ps(_mm256_loadu_ps(d), y)
+                } else {
+                    y
+                };
+                _mm256_storeu_ps(d, y);
+            }
+        }
+        r0 += rr;
+    }
+}
+
 /// Median nanoseconds of `m`-row products with `w` (`[n, k]`, row-major f32) stored dense and as
-/// the same matrix in CSR (`row_ptr`, `cols`, `vals`), the way the runtime runs them — for the
-/// compiler's choice of encoding.
+/// the same matrix in (block) CSR (`row_ptr`, `cols`, `vals`, `block`), the way the runtime runs
+/// them — for the compiler's choice of encoding.
 #[allow(clippy::too_many_arguments)]
 pub fn measure_sparse(
     w: &[f32],
     row_ptr: &[i32],
     cols: &[i32],
     vals: &[f32],
+    block: [usize; 2],
     n: usize,
     k: usize,
     m: usize,
@@ -1541,6 +1728,7 @@ pub fn measure_sparse(
                     row_ptr: buf(rp.as_ptr() as *const u8, rp.len() * 4),
                     cols: buf(cols.as_ptr() as *const u8, cols.len() * 4),
                     vals: buf(vals.as_ptr() as *const u8, vals.len() * 4),
+                    block,
                 },
                 (ob, &so),
                 usize::MAX,

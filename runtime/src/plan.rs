@@ -113,6 +113,10 @@ pub struct ColumnView {
     pub head_dim: u64,
 }
 
+fn unit_block() -> [u64; 2] {
+    [1, 1]
+}
+
 /// One step of the plan, run in order.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub enum Step {
@@ -193,6 +197,9 @@ pub enum Step {
         out: u32,
         /// Break-even rows.
         sparse_rows: u64,
+        /// Block height and width of the block-CSR weight (`[1, 1]`: plain CSR).
+        #[serde(default = "unit_block")]
+        block: [u64; 2],
         /// Multiplies the product.
         scale: f32,
         /// A `[n]` vector added to every row.

@@ -731,7 +731,7 @@ pub fn plan(
                 };
                 let mm = graph.args(e.matmul);
                 let fused = dequant_of(e.matmul).map(|d| (d, graph.node(d).op.clone()));
-                if let Some((dq, Op::Densify { sparse_rows, .. })) = &fused {
+                if let Some((dq, Op::Densify { sparse_rows, block, .. })) = &fused {
                     let sa = graph.args(*dq);
                     steps.push(Step::SpMatMul {
                         a: val(&mm[0])?,
@@ -740,6 +740,7 @@ pub fn plan(
                         vals: val(&sa[2])?,
                         out: vid,
                         sparse_rows: *sparse_rows,
+                        block: *block,
                         scale: e.scale,
                         bias: e.bias.as_ref().map(&val).transpose()?,
                         acc: e.acc.as_ref().map(&val).transpose()?,

@@ -301,28 +301,58 @@ pub fn sparsify(
     use kiln_passes::sparsity::Encoding;
     let decoding = is_decoding(graph);
     let (targets, skipped) = quantize::targets(graph, exclude);
+    // Block patterns also try their blocks as the encoding's unit (block CSR).
+    let blocks: Vec<[usize; 2]> = match pattern {
+        kiln_passes::sparsity::Pattern::Block { rows, cols, .. } => vec![[1, 1], [rows, cols]],
+        _ => vec![[1, 1]],
+    };
     let mut choose = |_: &str, w: &[f32], n: usize, k: usize| -> (Encoding, String) {
-        let c = kiln_passes::sparsity::Csr::from_dense(w, n, k);
-        let time = |m| kiln_runtime::measure_sparse(w, &c.row_ptr, &c.cols, &c.vals, n, k, m, threads);
-        let (one, many) = (time(1), time(rows));
-        match (one, many) {
-            (Ok((d1, s1)), Ok((dm, sm))) => {
-                let why = format!(
-                    "1 row: dense {:.1} µs, CSR {:.1} µs; {rows} rows: dense {:.1} µs, CSR {:.1} µs",
-                    d1 / 1e3,
-                    s1 / 1e3,
-                    dm / 1e3,
-                    sm / 1e3
-                );
-                if sm < dm {
-                    (Encoding::Csr { sparse_rows: u64::MAX }, why)
-                } else if decoding && s1 < d1 {
-                    (Encoding::Csr { sparse_rows: 4 }, why)
-                } else {
-                    (Encoding::Dense, why)
+        let mut best: Option<(f64, f64, [usize; 2])> = None;
+        let mut notes = Vec::new();
+        let mut dense = (0.0, 0.0);
+        for &block in &blocks {
+            let c = kiln_passes::sparsity::Csr::blocked(w, n, k, block);
+            let time = |m| kiln_runtime::measure_sparse(w, &c.row_ptr, &c.cols, &c.vals, block, n, k, m, threads);
+            match (time(1), time(rows)) {
+                (Ok((d1, s1)), Ok((dm, sm))) => {
+                    dense = (d1, dm);
+                    let name = if block == [1, 1] {
+                        "CSR".to_string()
+                    } else {
+                        format!("{}x{} blocks", block[0], block[1])
+                    };
+                    notes.push(format!("{name} {:.1} / {:.1} µs", s1 / 1e3, sm / 1e3));
+                    let key = if decoding { s1 } else { sm };
+                    if best.is_none_or(|b| key < if decoding { b.0 } else { b.1 }) {
+                        best = Some((s1, sm, block));
+                    }
                 }
+                (Err(e), _) | (_, Err(e)) => return (Encoding::Dense, format!("not measured: {e}")),
             }
-            (Err(e), _) | (_, Err(e)) => (Encoding::Dense, format!("not measured: {e}")),
+        }
+        let (d1, dm) = dense;
+        let why = format!(
+            "1 / {rows} rows: dense {:.1} / {:.1} µs, {}",
+            d1 / 1e3,
+            dm / 1e3,
+            notes.join(", ")
+        );
+        let Some((s1, sm, block)) = best else {
+            return (Encoding::Dense, why);
+        };
+        let block = [block[0] as u64, block[1] as u64];
+        if sm < dm {
+            (
+                Encoding::Csr {
+                    sparse_rows: u64::MAX,
+                    block,
+                },
+                why,
+            )
+        } else if decoding && s1 < d1 {
+            (Encoding::Csr { sparse_rows: 4, block }, why)
+        } else {
+            (Encoding::Dense, why)
         }
     };
     let mut r = kiln_passes::sparsity::apply(graph, weights, &targets, pattern, &mut choose)?;

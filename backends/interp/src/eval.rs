@@ -118,7 +118,9 @@ pub fn eval(op: &Op, ty: &TensorType, args: &[&Value], b: &Bindings) -> Result<V
         Op::Cast { .. } => args[0].data.clone(),
         Op::CacheAppend { .. } => return Err("cache_append runs only with a cache (`run_with_cache`)".into()),
         Op::Dequantize { bits, group } => dequantize(*bits, *group as usize, &out_shape, args),
-        Op::Densify { n, k, .. } => densify(*n as usize, *k as usize, args)?,
+        Op::Densify { n, k, block, .. } => {
+            densify(*n as usize, *k as usize, [block[0] as usize, block[1] as usize], args)?
+        }
         Op::Binary(bop) => {
             let (x, y) = (args[0], args[1]);
             let sx = broadcast_strides(&x.shape, &out_shape);
@@ -342,21 +344,29 @@ fn dequantize(bits: u8, group: usize, shape: &[usize], args: &[&Value]) -> Vec<f
     out
 }
 
-/// The dense matrix of a CSR weight (see [`Op::Densify`]), checking the indices.
-fn densify(n: usize, k: usize, args: &[&Value]) -> Result<Vec<f64>, String> {
+/// The dense matrix of a block-CSR weight (see [`Op::Densify`]), checking the indices.
+fn densify(n: usize, k: usize, [br, bc]: [usize; 2], args: &[&Value]) -> Result<Vec<f64>, String> {
     let (rp, cols, vals) = (&args[0].data, &args[1].data, &args[2].data);
     let mut out = vec![0.0; n * k];
-    for r in 0..n {
+    let per = br * bc;
+    for r in 0..n / br {
         let (a, b) = (rp[r], rp[r + 1]);
-        if a < 0.0 || b < a || b as usize > vals.len() {
-            return Err(format!("densify: row {r} spans {a}..{b} of {} values", vals.len()));
+        if a < 0.0 || b < a || b as usize > cols.len() || (b as usize) * per > vals.len() {
+            return Err(format!(
+                "densify: block row {r} spans {a}..{b} of {} blocks",
+                cols.len()
+            ));
         }
         for p in a as usize..b as usize {
             let c = cols[p];
-            if c < 0.0 || c as usize >= k {
-                return Err(format!("densify: column {c} out of range 0..{k}"));
+            if c < 0.0 || (c as usize + 1) * bc > k {
+                return Err(format!("densify: block column {c} out of range 0..{}", k / bc));
             }
-            out[r * k + c as usize] = vals[p];
+            for j in 0..bc {
+                for i in 0..br {
+                    out[(r * br + i) * k + c as usize * bc + j] = vals[p * per + j * br + i];
+                }
+            }
         }
     }
     Ok(out)
