@@ -94,21 +94,21 @@ pub fn run(
         let threads = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
         let r = kiln_cpu::quant::sparsify(graph, weights, p, &q.exclude, 128, threads)
             .map_err(|e| anyhow!("--sparsity {p}: {e}"))?;
-        let csr = r
-            .pruned
-            .iter()
-            .filter(|x| matches!(x.5, kiln_passes::sparsity::Encoding::Csr { .. }))
-            .count();
+        let mut kinds: BTreeMap<String, usize> = BTreeMap::new();
+        for x in &r.pruned {
+            *kinds.entry(x.5.kind()).or_default() += 1;
+        }
+        let kinds: Vec<String> = kinds.iter().map(|(k, n)| format!("{n} {k}")).collect();
         lines.push(format!(
-            "sparsity {p}: {} products pruned ({csr} stored as CSR where measured faster, {} dense), {} left as they were",
+            "sparsity {p}: {} products pruned, stored as {} (sparse only where measured faster), {} left as they were",
             r.pruned.len(),
-            r.pruned.len() - csr,
+            kinds.join(", "),
             r.skipped.len()
         ));
         for (name, n, k, density, rel, enc, why) in &r.pruned {
             if verbose {
                 lines.push(format!(
-                    "sparsity   {name} [{n}, {k}]: density {density:.3}, relative weight change {rel:.3}, {enc:?} ({why})"
+                    "sparsity   {name} [{n}, {k}]: density {density:.3}, relative weight change {rel:.3}, {enc} ({why})"
                 ));
             }
         }

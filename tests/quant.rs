@@ -179,20 +179,26 @@ fn sparse_products_match_the_interpreter() {
         ("block:8x4:0.75", u64::MAX, [8, 4]),
         ("block:32x8:0.5", 0, [32, 8]),
         ("block:4x4:0.5", u64::MAX, [4, 4]),
+        ("block:16x8:0.5", 2, [16, 8]),
+        ("2:4", u64::MAX, [0, 0]),
+        ("2:4", 2, [0, 0]),
     ] {
         let pattern: Pattern = pattern.parse().unwrap();
         let mut l = spec("gpt2.ron", GPT2);
         let mut w = kiln_frontend::weights::load_safetensors(&l, &data("gpt2_tiny/model.safetensors")).unwrap();
         optimize(&mut l.graph, OptLevel::O2, true).unwrap();
         let (targets, _) = kiln_passes::quantize::targets(&l.graph, &[]);
+        // Block [0, 0] stands for packed 2:4.
         let mut choose = |_: &str, _: &[f32], _: usize, _: usize| {
-            (
+            let e = if block == [0, 0] {
+                Encoding::TwoFour { sparse_rows: rows }
+            } else {
                 Encoding::Csr {
                     sparse_rows: rows,
                     block,
-                },
-                String::new(),
-            )
+                }
+            };
+            (e, String::new())
         };
         let r = apply(&mut l.graph, &mut w, &targets, pattern, &mut choose).unwrap();
         assert_eq!(r.pruned.len(), 9, "{pattern}: {:?}", r.skipped);
@@ -202,7 +208,10 @@ fn sparse_products_match_the_interpreter() {
             c.manifest
                 .steps
                 .iter()
-                .filter(|s| matches!(s, kiln_runtime::plan::Step::SpMatMul { .. }))
+                .filter(|s| matches!(
+                    s,
+                    kiln_runtime::plan::Step::SpMatMul { .. } | kiln_runtime::plan::Step::SpMatMul24 { .. }
+                ))
                 .count(),
             9
         );
@@ -247,6 +256,27 @@ fn corrupt_csr_indices_are_refused() {
     let feed = kiln_cpu::quant::feed(&l.graph, &ids(1, 2, 0)).unwrap();
     let e = m.run(&feed).unwrap_err().to_string();
     assert!(e.contains("CSR column index"), "{e}");
+}
+
+/// A packed 2:4 weight whose offsets byte does not name two increasing columns is refused at load.
+#[test]
+fn corrupt_24_offsets_are_refused() {
+    use kiln_passes::sparsity::{apply, Encoding, Pattern};
+    let mut l = spec("gpt2.ron", GPT2);
+    let mut w = kiln_frontend::weights::load_safetensors(&l, &data("gpt2_tiny/model.safetensors")).unwrap();
+    optimize(&mut l.graph, OptLevel::O2, true).unwrap();
+    let (targets, _) = kiln_passes::quantize::targets(&l.graph, &[]);
+    let mut choose = |_: &str, _: &[f32], _: usize, _: usize| (Encoding::TwoFour { sparse_rows: 4 }, String::new());
+    apply(&mut l.graph, &mut w, &targets, Pattern::TwoFour, &mut choose).unwrap();
+    let name = w.keys().find(|k| k.ends_with(".sparse.idx24")).unwrap().clone();
+    let t = &w[&name];
+    let mut v = t.to_f64_vec();
+    v[5] = (2 | 1 << 2) as f64; // offsets 2 then 1: not increasing
+    w.insert(name, Tensor::from_f64(t.dtype(), t.shape().to_vec(), &v).unwrap());
+    let c = kiln_cpu::compile(&l.graph, &w, &l.dims, &kiln_cpu::Options::for_level(2)).unwrap();
+    let bytes = kiln_runtime::artifact::encode(&c.manifest, &c.weights, &c.code).unwrap();
+    let e = Model::from_bytes(&bytes).unwrap_err().to_string();
+    assert!(e.contains("2:4 offsets byte 5 is 6"), "{e}");
 }
 
 /// GPT-2-style models get next-token KL and perplexity (teacher forcing through a decoding

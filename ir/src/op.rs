@@ -266,6 +266,19 @@ pub enum Op {
         #[serde(default = "unit_block")]
         block: [u64; 2],
     },
+    /// A 2:4-sparse weight, packed, as the dense `[n, k]` f32 matrix it stands for (backends fuse it
+    /// into the product that reads it). Operands: `vals: f32 [n, k/2]` (the two kept values of
+    /// every group of four columns, in column order) and `idx: u8 [n, k/4]` (per group, the kept
+    /// columns' offsets within it: `first | second << 2`, `first < second`).
+    Densify24 {
+        /// Rows.
+        n: u64,
+        /// Columns (a multiple of 4).
+        k: u64,
+        /// Products with at most this many rows of activations read the packed form directly; more
+        /// rows unpack it a tile at a time.
+        sparse_rows: u64,
+    },
     /// A key/value cache (the one stateful op): appends its operand `[b, h, t, d]` to cache slot
     /// `slot` after the `len - t` entries it already holds, and returns all `len` entries,
     /// `[b, h, len, d]`. The runtime owns the cache and binds `len` (a symbolic dim) to the number
@@ -337,6 +350,7 @@ impl Op {
             | Op::Cast { .. }
             | Op::CacheAppend { .. } => 1,
             Op::Densify { .. } => 3,
+            Op::Densify24 { .. } => 2,
             Op::Dequantize { bits, .. } => {
                 if *bits == 4 {
                     3
@@ -405,6 +419,7 @@ impl Op {
             Op::CacheAppend { .. } => "cache_append",
             Op::Dequantize { .. } => "dequantize",
             Op::Densify { .. } => "densify",
+            Op::Densify24 { .. } => "densify_2_4",
             Op::Cast { .. } => "cast",
         }
     }
@@ -442,7 +457,8 @@ impl Op {
                 k,
                 sparse_rows,
                 block: [1, 1],
-            } => format!("n={n} k={k} sparse_rows={sparse_rows}"),
+            }
+            | Op::Densify24 { n, k, sparse_rows } => format!("n={n} k={k} sparse_rows={sparse_rows}"),
             Op::Densify {
                 n,
                 k,
@@ -732,6 +748,22 @@ impl Op {
                         "densify n={n} k={k} block={br}x{bc} takes i32 [{}] row pointers, i32 [nb] block columns and f32 [nb·{}] values, got {rp}, {cols}, {vals}",
                         n / br.max(&1) + 1,
                         br * bc
+                    ));
+                }
+                Ok(TensorType::new(DType::F32, vec![Dim::known(*n), Dim::known(*k)]))
+            }
+            Op::Densify24 { n, k, .. } => {
+                let (vals, idx) = (args[0], args[1]);
+                if k % 4 != 0
+                    || vals.dtype != DType::F32
+                    || idx.dtype != DType::U8
+                    || vals.shape != [Dim::known(*n), Dim::known(k / 2)]
+                    || idx.shape != [Dim::known(*n), Dim::known(k / 4)]
+                {
+                    return err(format!(
+                        "densify_2_4 n={n} k={k} takes f32 [{n}, {}] values and u8 [{n}, {}] offsets (k a multiple of 4), got {vals}, {idx}",
+                        k / 2,
+                        k / 4
                     ));
                 }
                 Ok(TensorType::new(DType::F32, vec![Dim::known(*n), Dim::known(*k)]))

@@ -132,7 +132,8 @@ impl CostModel {
             | Op::Gather { .. }
             | Op::CacheAppend { .. }
             | Op::Dequantize { .. }
-            | Op::Densify { .. } => moved(0.0),
+            | Op::Densify { .. }
+            | Op::Densify24 { .. } => moved(0.0),
         }
     }
 

@@ -113,9 +113,12 @@ fn weight_only(g: &Graph, n: NodeId, memo: &mut HashMap<NodeId, bool>) -> bool {
     }
     let v = match g.node(n).op {
         Op::Param { .. } | Op::Scalar { .. } => true,
-        Op::Input { .. } | Op::Iota { .. } | Op::CacheAppend { .. } | Op::Dequantize { .. } | Op::Densify { .. } => {
-            false
-        }
+        Op::Input { .. }
+        | Op::Iota { .. }
+        | Op::CacheAppend { .. }
+        | Op::Dequantize { .. }
+        | Op::Densify { .. }
+        | Op::Densify24 { .. } => false,
         _ => g.args(n).iter().all(|a| weight_only(g, *a, memo)),
     };
     memo.insert(n, v);

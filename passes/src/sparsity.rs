@@ -189,6 +189,61 @@ pub enum Encoding {
         /// Block height and width (`[1, 1]`: plain CSR).
         block: [u64; 2],
     },
+    /// Packed 2:4 (values and 2-bit offsets), read directly by products with at most
+    /// `sparse_rows` rows of activations. Only for 2:4-pruned weights.
+    TwoFour {
+        /// The measured break-even.
+        sparse_rows: u64,
+    },
+}
+
+impl Encoding {
+    /// The storage, for reports: `dense`, `CSR`, `16x16 block CSR`, `packed 2:4`.
+    pub fn kind(&self) -> String {
+        match self {
+            Encoding::Dense => "dense".into(),
+            Encoding::Csr { block: [1, 1], .. } => "CSR".into(),
+            Encoding::Csr { block: [r, c], .. } => format!("{r}x{c} block CSR"),
+            Encoding::TwoFour { .. } => "packed 2:4".into(),
+        }
+    }
+}
+
+impl std::fmt::Display for Encoding {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Encoding::Dense => write!(f, "dense"),
+            Encoding::Csr { sparse_rows, .. } | Encoding::TwoFour { sparse_rows } if *sparse_rows == u64::MAX => {
+                write!(f, "{}", self.kind())
+            }
+            Encoding::Csr { sparse_rows, .. } | Encoding::TwoFour { sparse_rows } => {
+                write!(f, "{} up to {sparse_rows} rows, dense tiles beyond", self.kind())
+            }
+        }
+    }
+}
+
+/// A 2:4-pruned `[n, k]` weight packed as [`Op::Densify24`] defines it: the two kept values of
+/// every group of four columns and their offsets. Groups with fewer than two nonzeros keep zeros
+/// at the lowest free offsets.
+pub fn pack24(w: &[f32], n: usize, k: usize) -> Result<(Vec<f32>, Vec<u8>), String> {
+    let mut vals = Vec::with_capacity(n * k / 2);
+    let mut idx = Vec::with_capacity(n * k / 4);
+    for (g, quad) in w[..n * k].chunks_exact(4).enumerate() {
+        let mut keep: Vec<usize> = (0..4).filter(|i| quad[*i] != 0.0).collect();
+        if keep.len() > 2 {
+            return Err(format!("group {g} of a 2:4 weight has {} nonzeros", keep.len()));
+        }
+        for i in 0..4 {
+            if keep.len() < 2 && !keep.contains(&i) {
+                keep.push(i);
+            }
+        }
+        keep.sort_unstable();
+        vals.extend([quad[keep[0]], quad[keep[1]]]);
+        idx.push((keep[0] | keep[1] << 2) as u8);
+    }
+    Ok((vals, idx))
 }
 
 /// What pruning did, per weight: name, `[n, k]`, density kept, relative Frobenius change, the
@@ -242,6 +297,35 @@ pub fn apply(
                 format!("{base}.dense"),
                 Tensor::from_f32(vec![n, k], w.clone()).map_err(|e| e.to_string())?,
             )?,
+            Encoding::TwoFour { sparse_rows } => {
+                let (vals, idx) = pack24(&w, n, k)?;
+                let vn = param(
+                    g,
+                    weights,
+                    format!("{base}.vals24"),
+                    Tensor::from_f32(vec![n, k / 2], vals).map_err(|e| e.to_string())?,
+                )?;
+                let idx_t = Tensor::from_f64(
+                    DType::U8,
+                    vec![n, k / 4],
+                    &idx.iter().map(|b| *b as f64).collect::<Vec<_>>(),
+                )
+                .map_err(|e| e.to_string())?;
+                let inn = param(g, weights, format!("{base}.idx24"), idx_t)?;
+                let d = g
+                    .add(
+                        Op::Densify24 {
+                            n: n as u64,
+                            k: k as u64,
+                            sparse_rows,
+                        },
+                        &[vn, inn],
+                        format!("{}/densify_2_4", g.node(t.matmul).name),
+                    )
+                    .map_err(|e| e.to_string())?;
+                g.add_rules(d, [format!("sparsity-{pattern}")]);
+                d
+            }
             Encoding::Csr { sparse_rows, block } => {
                 let c = Csr::blocked(&w, n, k, [block[0] as usize, block[1] as usize]);
                 let i32s = |v: &[i32]| {
@@ -363,6 +447,15 @@ mod tests {
         .unwrap();
         assert_eq!(w.iter().filter(|v| **v == 0.0).count(), 64);
         assert!(prune(&mut w, n, 6, Pattern::TwoFour).is_err());
+        let mut p = w0.clone();
+        prune(&mut p, n, k, Pattern::TwoFour).unwrap();
+        let (vals, idx) = pack24(&p, n, k).unwrap();
+        assert_eq!((vals.len(), idx.len()), (n * k / 2, n * k / 4));
+        for (g, b) in idx.iter().enumerate() {
+            let (i0, i1) = ((b & 3) as usize, (b >> 2) as usize);
+            assert!(i0 < i1);
+            assert_eq!((vals[2 * g], vals[2 * g + 1]), (p[4 * g + i0], p[4 * g + i1]));
+        }
         let c = Csr::from_dense(&w, n, k);
         assert_eq!(c.vals.len(), 64);
         assert_eq!(c.row_ptr.len(), n + 1);

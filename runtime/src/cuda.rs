@@ -88,7 +88,7 @@ pub struct CudaModel {
     fixed: BTreeMap<&'static str, sys::CUfunction>,
     weights: DevMem,
     host_weights: Vec<u8>,
-    /// Per `SpMatMul` step: its CSR weight densified (`[n, k]` f32).
+    /// Per `SpMatMul`/`SpMatMul24` step: its sparse weight densified (`[n, k]` f32).
     dense: BTreeMap<usize, DevMem>,
     /// `sm_80`, `sm_90`: the PTX module in use.
     pub arch: String,
@@ -118,6 +118,7 @@ impl CudaModel {
             });
         }
         crate::validate::manifest(&m, s.weights.len(), s.code.len())?;
+        crate::exec::check_packed_weights(&m, &bytes[s.weights.clone()])?;
         // SAFETY: only probes for the driver library.
         if !unsafe { sys::is_culib_present() } {
             return Err(LoadError::Cuda(
@@ -183,6 +184,11 @@ impl CudaModel {
             } = step
             {
                 let d = densify(&m, &host_weights, [*row_ptr, *cols, *vals], *a, *block)
+                    .map_err(|e| LoadError::Corrupt(format!("step {si}: {e}")))?;
+                dense.insert(si, DevMem::upload(&d).map_err(LoadError::Cuda)?);
+            }
+            if let Step::SpMatMul24 { vals, idx, .. } = step {
+                let d = unpack24(&m, &host_weights, *vals, *idx)
                     .map_err(|e| LoadError::Corrupt(format!("step {si}: {e}")))?;
                 dense.insert(si, DevMem::upload(&d).map_err(LoadError::Cuda)?);
             }
@@ -349,6 +355,29 @@ fn densify(
         }
     }
     Ok(out.iter().flat_map(|x| x.to_le_bytes()).collect())
+}
+
+/// A packed 2:4 weight (offsets already checked) as a dense `[n, k]` f32 matrix.
+fn unpack24(m: &Manifest, w: &[u8], vals: u32, idx: u32) -> Result<Vec<u8>, String> {
+    let bytes = |v: u32| -> Result<&[u8], String> {
+        match m.values[v as usize].storage {
+            Storage::Weight { offset, len } => Ok(&w[offset as usize..(offset + len) as usize]),
+            _ => Err("a sparse weight that is not stored in the artifact".into()),
+        }
+    };
+    let (vs, ix) = (bytes(vals)?, bytes(idx)?);
+    let groups = ix.len();
+    if vs.len() != groups * 8 {
+        return Err("2:4 values and offsets disagree".into());
+    }
+    let mut out = vec![0u8; groups * 16];
+    for (g, b) in ix.iter().enumerate() {
+        for (half, at) in [(0, (b & 3) as usize), (1, ((b >> 2) & 3) as usize)] {
+            let src = &vs[(2 * g + half) * 4..(2 * g + half + 1) * 4];
+            out[(4 * g + at) * 4..(4 * g + at + 1) * 4].copy_from_slice(src);
+        }
+    }
+    Ok(out)
 }
 
 fn elems(s: &[usize]) -> usize {
@@ -682,6 +711,14 @@ impl Run<'_> {
                 )
             }
             Step::SpMatMul {
+                a,
+                out,
+                scale,
+                bias,
+                acc,
+                ..
+            }
+            | Step::SpMatMul24 {
                 a,
                 out,
                 scale,

@@ -130,6 +130,7 @@ impl Model {
             }
         }
         crate::validate::manifest(&m, s.weights.len(), s.code.len())?;
+        check_packed_weights(&m, &bytes.as_slice()[s.weights.clone()])?;
         let code_bytes = &bytes.as_slice()[s.code.clone()];
         let (code, kernels) = if m.kernels.is_empty() {
             (None, Vec::new())
@@ -475,6 +476,25 @@ impl Model {
                     self.threads,
                 )
             }
+            Step::SpMatMul24 {
+                a,
+                vals,
+                idx,
+                out,
+                sparse_rows,
+                scale,
+                bias,
+                acc,
+            } => kernels::spmatmul24(
+                (bufs[*a as usize], &shapes[*a as usize]),
+                (bufs[*vals as usize], bufs[*idx as usize]),
+                (bufs[*out as usize], &shapes[*out as usize]),
+                usize::try_from(*sparse_rows).unwrap_or(usize::MAX),
+                *scale,
+                bias.map(|v| (bufs[v as usize], shapes[v as usize].as_slice())),
+                acc.map(|v| (bufs[v as usize], shapes[v as usize].as_slice())),
+                self.threads,
+            ),
             Step::SpMatMul {
                 a,
                 row_ptr,
@@ -629,6 +649,7 @@ fn step_kind(step: &Step) -> String {
         Step::MatMul { .. } => "matmul".into(),
         Step::QMatMul { bits, .. } => format!("matmul:int{bits}"),
         Step::SpMatMul { .. } => "matmul:csr".into(),
+        Step::SpMatMul24 { .. } => "matmul:2:4".into(),
         Step::Gather { .. } => "gather".into(),
         Step::Transpose { .. } => "transpose".into(),
         Step::Slice { .. } => "slice".into(),
@@ -638,6 +659,20 @@ fn step_kind(step: &Step) -> String {
         Step::CacheAppend { .. } => "cache".into(),
         Step::Attention { .. } => "attention".into(),
     }
+}
+
+/// Packed 2:4 offsets stored in the artifact are checked once, at load (the product masks them,
+/// so a bad byte could not reach outside its group, but it would compute garbage).
+pub(crate) fn check_packed_weights(m: &Manifest, weights: &[u8]) -> Result<(), LoadError> {
+    for (si, step) in m.steps.iter().enumerate() {
+        if let Step::SpMatMul24 { idx, .. } = step {
+            if let Storage::Weight { offset, len } = m.values[*idx as usize].storage {
+                let b = &weights[offset as usize..(offset + len) as usize];
+                kernels::check_24_offsets(b).map_err(|e| LoadError::Corrupt(format!("step {si}: {e}")))?;
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Binds every symbolic dim from the inputs' shapes, checking dtypes, ranks and bounds.

@@ -1413,7 +1413,7 @@ pub fn spmatmul(
     check_len("sparse matmul lhs", a.0, sa, 4)?;
     check_len("sparse matmul output", out.0, so, 4)?;
     if w.block != [1, 1] {
-        return block_spmatmul(a, w, out, scale, bias, acc, threads);
+        return block_spmatmul(a, w, out, sparse_rows, scale, bias, acc, threads);
     }
     if w.row_ptr.len != (n + 1) * 4 || w.cols.len != w.vals.len {
         return Err(format!("CSR weight does not fit [{n}, {k}]"));
@@ -1490,13 +1490,16 @@ pub fn spmatmul(
     Ok(())
 }
 
-/// `spmatmul` for blocks of `br x bc` (any number of rows): per block row, every stored block
+/// `spmatmul` for blocks of `br x bc`: up to `sparse_rows` rows, per block row, every stored block
 /// adds `a[:, block columns] · blockᵀ` into `br` output columns held in registers, four (or two)
-/// activation rows at a time; blocks of 8, 16 or 32 rows use AVX2/FMA.
+/// activation rows at a time (blocks of 8, 16 or 32 rows use AVX2/FMA); more rows densify 64
+/// output channels at a time for the GEMM.
+#[allow(clippy::too_many_arguments)]
 fn block_spmatmul(
     a: (Buf, &[usize]),
     w: CsrWeight,
     out: (Buf, &[usize]),
+    sparse_rows: usize,
     scale: f32,
     bias: Option<(Buf, &[usize])>,
     acc: Option<(Buf, &[usize])>,
@@ -1533,6 +1536,34 @@ fn block_spmatmul(
     }
     let av = unsafe { std::slice::from_raw_parts(a.0.ptr as *const f32, rows * k) };
     let op = out.0.ptr as usize;
+    if rows > sparse_rows {
+        // SAFETY: a is [rows, k] and out [rows, n]; block columns were checked above.
+        unsafe {
+            tiled_gemm(
+                rows,
+                n,
+                k,
+                a.0.ptr as *const f32,
+                op as *mut f32,
+                read_dst,
+                scale,
+                threads,
+                |j0, j1, t| {
+                    for j in j0..j1 {
+                        let (band, i) = (j / br, j % br);
+                        let row = &mut t[(j - j0) * k..(j - j0 + 1) * k];
+                        for p in rp[band] as usize..rp[band + 1] as usize {
+                            let c0 = cols[p] as usize * bc;
+                            for jj in 0..bc {
+                                row[c0 + jj] = vals[p * br * bc + jj * br + i];
+                            }
+                        }
+                    }
+                },
+            )
+        };
+        return Ok(());
+    }
     let bands = n / br;
     let tasks = (threads * 4).clamp(1, bands.max(1));
     let per = bands.div_ceil(tasks);
@@ -1671,23 +1702,157 @@ unsafe fn block_band_avx2<const V: usize, const R: usize>(
     }
 }
 
-/// Median nanoseconds of `m`-row products with `w` (`[n, k]`, row-major f32) stored dense and as
-/// the same matrix in (block) CSR (`row_ptr`, `cols`, `vals`, `block`), the way the runtime runs
-/// them — for the compiler's choice of encoding.
+/// Row `j` of a packed 2:4 weight, unpacked into `dst` (`k` values; offsets bytes are masked to
+/// their two 2-bit fields, so any byte stays inside the group — the loader checked them).
+fn unpack24_row(vals: &[f32], idx: &[u8], j: usize, k: usize, dst: &mut [f32]) {
+    let (v, ix) = (
+        &vals[j * (k / 2)..(j + 1) * (k / 2)],
+        &idx[j * (k / 4)..(j + 1) * (k / 4)],
+    );
+    for (g, (quad, b)) in dst.chunks_exact_mut(4).zip(ix).enumerate() {
+        quad.fill(0.0);
+        quad[(*b & 3) as usize] = v[2 * g];
+        quad[((*b >> 2) & 3) as usize] = v[2 * g + 1];
+    }
+}
+
+/// Checks the offsets bytes of a packed 2:4 weight: two distinct offsets, in order.
+pub(crate) fn check_24_offsets(idx: &[u8]) -> Result<(), String> {
+    match idx.iter().position(|b| *b > 15 || (*b & 3) >= (*b >> 2)) {
+        Some(i) => Err(format!(
+            "2:4 offsets byte {i} is {}, not two increasing offsets in 0..4",
+            idx[i]
+        )),
+        None => Ok(()),
+    }
+}
+
+/// `out = acc + bias + scale · (a @ wᵀ)` with a packed 2:4 `w` (`vals [n, k/2]`, `idx [n, k/4]`):
+/// up to `sparse_rows` rows of `a` unpack one weight row at a time and take its dot products with
+/// every activation row (the packed bytes are read once: 2.25 instead of 4 bytes per weight);
+/// more rows unpack 64 output channels at a time for the GEMM.
 #[allow(clippy::too_many_arguments)]
-pub fn measure_sparse(
+pub fn spmatmul24(
+    a: (Buf, &[usize]),
+    (vals, idx): (Buf, Buf),
+    out: (Buf, &[usize]),
+    sparse_rows: usize,
+    scale: f32,
+    bias: Option<(Buf, &[usize])>,
+    acc: Option<(Buf, &[usize])>,
+    threads: usize,
+) -> Result<(), String> {
+    let (sa, so) = (a.1, out.1);
+    let (Some(&k), Some(&n)) = (sa.last(), so.last()) else {
+        return Err("sparse matmul operands need rank >= 1".into());
+    };
+    if sa.len() != so.len() || sa[..sa.len() - 1] != so[..so.len() - 1] {
+        return Err(format!("sparse matmul {sa:?} -> {so:?}: rows differ"));
+    }
+    check_len("sparse matmul lhs", a.0, sa, 4)?;
+    check_len("sparse matmul output", out.0, so, 4)?;
+    if k % 4 != 0 || vals.len != n * (k / 2) * 4 || idx.len != n * (k / 4) {
+        return Err(format!("a packed 2:4 weight does not fit [{n}, {k}]"));
+    }
+    // SAFETY: lengths checked above.
+    let vs = unsafe { std::slice::from_raw_parts(vals.ptr as *const f32, n * (k / 2)) };
+    let ix = unsafe { std::slice::from_raw_parts(idx.ptr as *const u8, n * (k / 4)) };
+    let rows = elems(sa) / k.max(1);
+    let read_dst = prefill_epilogue(out, n, bias, acc)?;
+    if rows == 0 || n == 0 {
+        return Ok(());
+    }
+    let av = unsafe { std::slice::from_raw_parts(a.0.ptr as *const f32, rows * k) };
+    let op = out.0.ptr as usize;
+    if rows <= sparse_rows {
+        let blocks = (threads * 4).clamp(1, n.div_ceil(16).max(1));
+        let width = n.div_ceil(blocks);
+        let work = |bi: usize| {
+            let mut w = vec![0f32; k];
+            for j in bi * width..((bi + 1) * width).min(n) {
+                unpack24_row(vs, ix, j, k, &mut w);
+                for r in 0..rows {
+                    let t = dot(&av[r * k..(r + 1) * k], &w);
+                    // SAFETY: (r, j) is in the output and written by this task only.
+                    let o = unsafe { &mut *(op as *mut f32).add(r * n + j) };
+                    *o = if read_dst { *o + scale * t } else { scale * t };
+                }
+            }
+        };
+        for_blocks(blocks, threads, work);
+    } else {
+        // SAFETY: a is [rows, k] and out [rows, n], as checked above.
+        unsafe {
+            tiled_gemm(
+                rows,
+                n,
+                k,
+                a.0.ptr as *const f32,
+                op as *mut f32,
+                read_dst,
+                scale,
+                threads,
+                |j0, j1, t| {
+                    for j in j0..j1 {
+                        unpack24_row(vs, ix, j, k, &mut t[(j - j0) * k..(j - j0 + 1) * k]);
+                    }
+                },
+            )
+        };
+    }
+    Ok(())
+}
+
+/// `Σ x·y`, eight lanes at a time where the CPU has AVX2 and FMA.
+fn dot(x: &[f32], y: &[f32]) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+        // SAFETY: the features were just detected.
+        return unsafe { dot_avx2(x, y) };
+    }
+    x.iter().zip(y).map(|(a, b)| a * b).sum()
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn dot_avx2(x: &[f32], y: &[f32]) -> f32 {
+    use std::arch::x86_64::*;
+    let n = x.len().min(y.len());
+    let (mut s0, mut s1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+    let mut i = 0;
+    while i + 16 <= n {
+        s0 = _mm256_fmadd_ps(
+            _mm256_loadu_ps(x.as_ptr().add(i)),
+            _mm256_loadu_ps(y.as_ptr().add(i)),
+            s0,
+        );
+        s1 = _mm256_fmadd_ps(
+            _mm256_loadu_ps(x.as_ptr().add(i + 8)),
+            _mm256_loadu_ps(y.as_ptr().add(i + 8)),
+            s1,
+        );
+        i += 16;
+    }
+    let mut t = hsum256(_mm256_add_ps(s0, s1));
+    while i < n {
+        t += x[i] * y[i];
+        i += 1;
+    }
+    t
+}
+
+/// Median nanoseconds of `m`-row products with `w` (`[n, k]`, row-major f32) stored dense and as
+/// `sparse` runs it (given the `[m, k]` activations and the `[m, n]` output), for the compiler's
+/// choice of encoding.
+fn measure_against_dense(
     w: &[f32],
-    row_ptr: &[i32],
-    cols: &[i32],
-    vals: &[f32],
-    block: [usize; 2],
     n: usize,
     k: usize,
     m: usize,
     threads: usize,
+    sparse: &(dyn Fn((Buf, &[usize]), (Buf, &[usize])) -> Result<(), String> + Sync),
 ) -> Result<(f64, f64), String> {
     let pool = pool(threads)?;
-    let rp = row_ptr;
     let a: Vec<f32> = (0..m * k).map(|i| ((i % 7) as f32 - 3.0) * 0.1).collect();
     let mut out = vec![0f32; m * n];
     let buf = |p: *const u8, len: usize| Buf { ptr: p as *mut u8, len };
@@ -1721,24 +1886,53 @@ pub fn measure_sparse(
                 threads,
             )
         })?;
-        let sparse = time(&|| {
-            spmatmul(
-                (ab, &sa),
-                CsrWeight {
-                    row_ptr: buf(rp.as_ptr() as *const u8, rp.len() * 4),
-                    cols: buf(cols.as_ptr() as *const u8, cols.len() * 4),
-                    vals: buf(vals.as_ptr() as *const u8, vals.len() * 4),
-                    block,
-                },
-                (ob, &so),
-                usize::MAX,
-                1.0,
-                None,
-                None,
-                threads,
-            )
-        })?;
+        let sparse = time(&|| sparse((ab, &sa), (ob, &so)))?;
         Ok((dense, sparse))
+    })
+}
+
+/// [`measure_against_dense`] for the (block) CSR form of `w` (`row_ptr`, `cols`, `vals`, `block`).
+#[allow(clippy::too_many_arguments)]
+pub fn measure_sparse(
+    w: &[f32],
+    row_ptr: &[i32],
+    cols: &[i32],
+    vals: &[f32],
+    block: [usize; 2],
+    n: usize,
+    k: usize,
+    m: usize,
+    threads: usize,
+) -> Result<(f64, f64), String> {
+    let buf = |p: *const u8, len: usize| Buf { ptr: p as *mut u8, len };
+    measure_against_dense(w, n, k, m, threads, &|a, out| {
+        let w = CsrWeight {
+            row_ptr: buf(row_ptr.as_ptr() as *const u8, row_ptr.len() * 4),
+            cols: buf(cols.as_ptr() as *const u8, cols.len() * 4),
+            vals: buf(vals.as_ptr() as *const u8, vals.len() * 4),
+            block,
+        };
+        spmatmul(a, w, out, usize::MAX, 1.0, None, None, threads)
+    })
+}
+
+/// [`measure_against_dense`] for the packed 2:4 form of `w` (`vals`, `idx`).
+pub fn measure_sparse24(
+    w: &[f32],
+    vals: &[f32],
+    idx: &[u8],
+    n: usize,
+    k: usize,
+    m: usize,
+    threads: usize,
+) -> Result<(f64, f64), String> {
+    let buf = |p: *const u8, len: usize| Buf { ptr: p as *mut u8, len };
+    measure_against_dense(w, n, k, m, threads, &|a, out| {
+        let packed = (
+            buf(vals.as_ptr() as *const u8, vals.len() * 4),
+            buf(idx.as_ptr(), idx.len()),
+        );
+        spmatmul24(a, packed, out, usize::MAX, 1.0, None, None, threads)
     })
 }
 

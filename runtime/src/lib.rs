@@ -25,7 +25,7 @@ pub mod session;
 mod validate;
 
 pub use exec::{Model, Profile, RunStats};
-pub use kernels::measure_sparse;
+pub use kernels::{measure_sparse, measure_sparse24};
 pub use kiln_ir::{DType, Tensor};
 pub use session::{Feed, KvCache, Sampler, Sampling, Session};
 

@@ -207,6 +207,27 @@ pub enum Step {
         /// A tensor of the result's shape added to it.
         acc: Option<u32>,
     },
+    /// A product with a packed 2:4 weight (`Densify24` fused in): `out = acc + bias + scale * (a @
+    /// wᵀ)`; at most `sparse_rows` rows of `a` read the packed values directly, more unpack tiles
+    /// for the GEMM.
+    SpMatMul24 {
+        /// Left operand `[.., m, k]`, f32.
+        a: u32,
+        /// f32 `[n, k/2]` kept values.
+        vals: u32,
+        /// u8 `[n, k/4]` kept offsets per group of four columns.
+        idx: u32,
+        /// Result `[.., m, n]`.
+        out: u32,
+        /// Break-even rows.
+        sparse_rows: u64,
+        /// Multiplies the product.
+        scale: f32,
+        /// A `[n]` vector added to every row.
+        bias: Option<u32>,
+        /// A tensor of the result's shape added to it.
+        acc: Option<u32>,
+    },
     /// Rows of a table picked by integer ids.
     Gather {
         /// Table.
@@ -318,6 +339,7 @@ impl Step {
             | Step::MatMul { out, .. }
             | Step::QMatMul { out, .. }
             | Step::SpMatMul { out, .. }
+            | Step::SpMatMul24 { out, .. }
             | Step::Gather { out, .. }
             | Step::Transpose { out, .. }
             | Step::Slice { out, .. }
@@ -361,6 +383,14 @@ impl Step {
                 .chain(*bias)
                 .chain(*acc)
                 .collect(),
+            Step::SpMatMul24 {
+                a,
+                vals,
+                idx,
+                bias,
+                acc,
+                ..
+            } => [*a, *vals, *idx].into_iter().chain(*bias).chain(*acc).collect(),
             Step::Gather { table, idx, .. } => vec![*table, *idx],
             Step::Transpose { x, .. }
             | Step::Slice { x, .. }

@@ -225,6 +225,25 @@ pub fn manifest(m: &Manifest, weights_len: usize, code_len: usize) -> Result<(),
                     return bad(format!("step {si}: sparse matmul types"));
                 }
             }
+            Step::SpMatMul24 {
+                a,
+                vals,
+                idx,
+                out,
+                bias,
+                acc,
+                ..
+            } => {
+                if dt(*idx) != DType::U8
+                    || [*a, *vals, *out]
+                        .into_iter()
+                        .chain(*bias)
+                        .chain(*acc)
+                        .any(|v| dt(v) != DType::F32)
+                {
+                    return bad(format!("step {si}: 2:4 sparse matmul types"));
+                }
+            }
             Step::Gather { table, idx, out, .. } => {
                 if !matches!(dt(*idx), DType::I64 | DType::I32) || dt(*table) != dt(*out) {
                     return bad(format!("step {si}: gather types"));

@@ -178,7 +178,7 @@ fn fold_static(
                 }
             }
             // Quantized weights stay quantized: the product dequantizes them on the fly.
-            Op::Input { .. } | Op::Dequantize { .. } | Op::Densify { .. } => {}
+            Op::Input { .. } | Op::Dequantize { .. } | Op::Densify { .. } | Op::Densify24 { .. } => {}
             op => {
                 let args = graph.args(n);
                 let ready = !args.is_empty() || matches!(op, Op::Scalar { .. } | Op::Iota { .. });
@@ -336,8 +336,10 @@ pub fn plan(
                 }
             ) && graph.args(*u)[0] != b
         });
-        (matches!(graph.node(b).op, Op::Dequantize { .. } | Op::Densify { .. })
-            && only_products
+        (matches!(
+            graph.node(b).op,
+            Op::Dequantize { .. } | Op::Densify { .. } | Op::Densify24 { .. }
+        ) && only_products
             && !outputs.contains(&b))
         .then_some(b)
     };
@@ -731,6 +733,22 @@ pub fn plan(
                 };
                 let mm = graph.args(e.matmul);
                 let fused = dequant_of(e.matmul).map(|d| (d, graph.node(d).op.clone()));
+                if let Some((dq, Op::Densify24 { sparse_rows, .. })) = &fused {
+                    let sa = graph.args(*dq);
+                    steps.push(Step::SpMatMul24 {
+                        a: val(&mm[0])?,
+                        vals: val(&sa[0])?,
+                        idx: val(&sa[1])?,
+                        out: vid,
+                        sparse_rows: *sparse_rows,
+                        scale: e.scale,
+                        bias: e.bias.as_ref().map(&val).transpose()?,
+                        acc: e.acc.as_ref().map(&val).transpose()?,
+                    });
+                    values.push(decl);
+                    value_of.insert(n, vid);
+                    continue;
+                }
                 if let Some((dq, Op::Densify { sparse_rows, block, .. })) = &fused {
                     let sa = graph.args(*dq);
                     steps.push(Step::SpMatMul {

@@ -301,30 +301,40 @@ pub fn sparsify(
     use kiln_passes::sparsity::Encoding;
     let decoding = is_decoding(graph);
     let (targets, skipped) = quantize::targets(graph, exclude);
-    // Block patterns also try their blocks as the encoding's unit (block CSR).
-    let blocks: Vec<[usize; 2]> = match pattern {
-        kiln_passes::sparsity::Pattern::Block { rows, cols, .. } => vec![[1, 1], [rows, cols]],
-        _ => vec![[1, 1]],
+    // Candidate encodings: CSR; block patterns also their blocks (block CSR); 2:4 also packed 2:4.
+    // `None` is packed 2:4, `Some(block)` (block) CSR.
+    let candidates: Vec<Option<[usize; 2]>> = match pattern {
+        kiln_passes::sparsity::Pattern::Block { rows, cols, .. } => vec![Some([1, 1]), Some([rows, cols])],
+        kiln_passes::sparsity::Pattern::TwoFour => vec![Some([1, 1]), None],
+        _ => vec![Some([1, 1])],
     };
     let mut choose = |_: &str, w: &[f32], n: usize, k: usize| -> (Encoding, String) {
-        let mut best: Option<(f64, f64, [usize; 2])> = None;
+        let mut best: Option<(f64, f64, Option<[usize; 2]>)> = None;
         let mut notes = Vec::new();
         let mut dense = (0.0, 0.0);
-        for &block in &blocks {
-            let c = kiln_passes::sparsity::Csr::blocked(w, n, k, block);
-            let time = |m| kiln_runtime::measure_sparse(w, &c.row_ptr, &c.cols, &c.vals, block, n, k, m, threads);
+        for &cand in &candidates {
+            let time = |m| match cand {
+                Some(block) => {
+                    let c = kiln_passes::sparsity::Csr::blocked(w, n, k, block);
+                    kiln_runtime::measure_sparse(w, &c.row_ptr, &c.cols, &c.vals, block, n, k, m, threads)
+                }
+                None => {
+                    let (vals, idx) = kiln_passes::sparsity::pack24(w, n, k)?;
+                    kiln_runtime::measure_sparse24(w, &vals, &idx, n, k, m, threads)
+                }
+            };
             match (time(1), time(rows)) {
                 (Ok((d1, s1)), Ok((dm, sm))) => {
                     dense = (d1, dm);
-                    let name = if block == [1, 1] {
-                        "CSR".to_string()
-                    } else {
-                        format!("{}x{} blocks", block[0], block[1])
+                    let name = match cand {
+                        Some([1, 1]) => "CSR".to_string(),
+                        Some([r, c]) => format!("{r}x{c} blocks"),
+                        None => "packed 2:4".to_string(),
                     };
                     notes.push(format!("{name} {:.1} / {:.1} µs", s1 / 1e3, sm / 1e3));
                     let key = if decoding { s1 } else { sm };
                     if best.is_none_or(|b| key < if decoding { b.0 } else { b.1 }) {
-                        best = Some((s1, sm, block));
+                        best = Some((s1, sm, cand));
                     }
                 }
                 (Err(e), _) | (_, Err(e)) => return (Encoding::Dense, format!("not measured: {e}")),
@@ -337,20 +347,20 @@ pub fn sparsify(
             dm / 1e3,
             notes.join(", ")
         );
-        let Some((s1, sm, block)) = best else {
+        let Some((s1, sm, cand)) = best else {
             return (Encoding::Dense, why);
         };
-        let block = [block[0] as u64, block[1] as u64];
+        let encoding = |sparse_rows: u64| match cand {
+            Some(b) => Encoding::Csr {
+                sparse_rows,
+                block: [b[0] as u64, b[1] as u64],
+            },
+            None => Encoding::TwoFour { sparse_rows },
+        };
         if sm < dm {
-            (
-                Encoding::Csr {
-                    sparse_rows: u64::MAX,
-                    block,
-                },
-                why,
-            )
+            (encoding(u64::MAX), why)
         } else if decoding && s1 < d1 {
-            (Encoding::Csr { sparse_rows: 4, block }, why)
+            (encoding(4), why)
         } else {
             (Encoding::Dense, why)
         }

@@ -118,6 +118,7 @@ pub fn eval(op: &Op, ty: &TensorType, args: &[&Value], b: &Bindings) -> Result<V
         Op::Cast { .. } => args[0].data.clone(),
         Op::CacheAppend { .. } => return Err("cache_append runs only with a cache (`run_with_cache`)".into()),
         Op::Dequantize { bits, group } => dequantize(*bits, *group as usize, &out_shape, args),
+        Op::Densify24 { n, k, .. } => unpack24(*n as usize, *k as usize, args)?,
         Op::Densify { n, k, block, .. } => {
             densify(*n as usize, *k as usize, [block[0] as usize, block[1] as usize], args)?
         }
@@ -342,6 +343,24 @@ fn dequantize(bits: u8, group: usize, shape: &[usize], args: &[&Value]) -> Vec<f
         }
     }
     out
+}
+
+/// The dense matrix of a packed 2:4 weight (see [`Op::Densify24`]), checking the offsets.
+fn unpack24(n: usize, k: usize, args: &[&Value]) -> Result<Vec<f64>, String> {
+    let (vals, idx) = (&args[0].data, &args[1].data);
+    let mut out = vec![0.0; n * k];
+    for r in 0..n {
+        for g in 0..k / 4 {
+            let b = idx[r * (k / 4) + g] as usize;
+            let (i0, i1) = (b & 3, (b >> 2) & 3);
+            if b > 15 || i0 >= i1 {
+                return Err(format!("densify_2_4: row {r} group {g} has offsets byte {b}"));
+            }
+            out[r * k + 4 * g + i0] = vals[r * (k / 2) + 2 * g];
+            out[r * k + 4 * g + i1] = vals[r * (k / 2) + 2 * g + 1];
+        }
+    }
+    Ok(out)
 }
 
 /// The dense matrix of a block-CSR weight (see [`Op::Densify`]), checking the indices.
