@@ -7,7 +7,8 @@
 #       --target cuda, and writes their inputs and the interpreter's outputs as .npy files.
 #   bash scripts/gpu-check.sh check DIR     # on the GPU: kiln built with --features cuda-runtime
 #       runs every artifact on the GPU and compares each output with the interpreter's
-#       (python3 + numpy); exits non-zero on any mismatch.
+#       (python3 + numpy), and greedy decoding with the cache on the GPU against the CPU; exits
+#       non-zero on any mismatch.
 #
 # KILN (default target/release/kiln) names the binary. DIR holds everything `check` needs.
 set -euo pipefail
@@ -75,6 +76,19 @@ PY
     printf '%s\n' "${args[@]}" >"$dir/$name/args.txt"
     echo "prepared $name: $(grep -c . "$dir/$name/args.txt") input args, outputs: $outs"
   done
+  # Decoding: greedy tokens of a GPT-2-style decoder with its key/value cache on the GPU, against
+  # the CPU backend's (itself checked against transformers by tests/decode.rs).
+  mkdir -p "$dir/decode"
+  set_dec="layers=2 vocab=500 hidden=64 heads=4 max_pos=64"
+  # shellcheck disable=SC2046
+  $KILN compile specs/gpt2.ron $(sets "$set_dec") --random-weights 3 --generate --target cuda -o "$dir/decode/model.kiln" >/dev/null
+  # shellcheck disable=SC2046
+  $KILN compile specs/gpt2.ron $(sets "$set_dec") --random-weights 3 --generate -o "$dir/decode/cpu.kiln" >/dev/null
+  python3 -c "import numpy as np; np.save('$dir/decode/prompt.npy', np.array([[5, 17, 99, 3, 250, 41, 7]], np.int64))"
+  $KILN generate "$dir/decode/cpu.kiln" --prompt-ids "$dir/decode/prompt.npy" --max-new-tokens 16 --no-stop \
+      --timing-json "$dir/decode/want.json" >/dev/null 2>&1
+  rm -f "$dir/decode/cpu.kiln"
+  echo "prepared decode: $(python3 -c "import json; print(json.load(open('$dir/decode/want.json'))['tokens'])")"
   ;;
 check)
   fail=0
@@ -102,6 +116,20 @@ for w in sorted(glob.glob(f"{d}/want.*.npy")):
 sys.exit(1 if bad else 0)
 PY
   done
+  if $KILN generate "$dir/decode/model.kiln" --prompt-ids "$dir/decode/prompt.npy" --max-new-tokens 16 --no-stop \
+      --timing-json "$dir/decode/got.json" >"$dir/decode/run.txt" 2>&1; then
+    python3 - "$dir/decode" <<'PY' || fail=1
+import json, sys
+d = sys.argv[1]
+want, got = json.load(open(f"{d}/want.json")), json.load(open(f"{d}/got.json"))
+ok = want["tokens"] == got["tokens"]
+print(f"{'ok  ' if ok else 'FAIL'} decode: GPU tokens {got['tokens']}" + ("" if ok else f", CPU {want['tokens']}"))
+print(f"     decode median {sorted(got['decode_ms'])[len(got['decode_ms']) // 2]:.3f} ms/step on the GPU")
+sys.exit(0 if ok else 1)
+PY
+  else
+    echo "FAIL decode: $(tail -1 "$dir/decode/run.txt")"; fail=1
+  fi
   exit $fail
   ;;
 *) echo "usage: gpu-check.sh prepare|check DIR" >&2; exit 2 ;;

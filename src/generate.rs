@@ -1,11 +1,12 @@
 //! `kiln generate`: text generation with a decoding artifact, streaming tokens as they come.
 
+use kiln_runtime::Decoder;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{anyhow, bail, Context, Result};
-use kiln_runtime::{Model, Sampler, Sampling};
+use kiln_runtime::{Sampler, Sampling};
 use tokenizers::Tokenizer;
 
 /// Command-line options of `kiln generate`.
@@ -55,11 +56,11 @@ pub struct GenerateArgs {
     pub timing_json: Option<PathBuf>,
 }
 
-fn load_tokenizer(args: &GenerateArgs, model: &Model) -> Result<Option<Tokenizer>> {
+fn load_tokenizer(args: &GenerateArgs, manifest: &kiln_runtime::plan::Manifest) -> Result<Option<Tokenizer>> {
     let parse = |text: &str, from: &str| {
         Tokenizer::from_bytes(text.as_bytes()).map_err(|e| anyhow!("{from}: not a valid tokenizer.json: {e}"))
     };
-    match (&args.tokenizer, &model.manifest().tokenizer) {
+    match (&args.tokenizer, &manifest.tokenizer) {
         (Some(p), _) => {
             let text = std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?;
             Ok(Some(parse(&text, &p.display().to_string())?))
@@ -97,19 +98,43 @@ fn prompts_from_npy(path: &Path) -> Result<Vec<Vec<i64>>> {
 
 /// Runs `kiln generate`.
 pub fn generate(args: &GenerateArgs) -> Result<()> {
-    let mut model = Model::load(&args.model)?;
-    if let Some(t) = args.threads {
-        model.set_threads(t).map_err(|e| anyhow!(e))?;
-    }
-    if !model.is_decoder() {
-        bail!(
+    let not_decoder = || {
+        anyhow!(
             "{}: this artifact cannot generate (it has no key/value cache); compile the spec with `kiln compile --generate`",
             args.model.display()
-        );
+        )
+    };
+    match crate::load_artifact(&args.model)? {
+        crate::Loaded::Cpu(mut model) => {
+            if let Some(t) = args.threads {
+                model.set_threads(t).map_err(|e| anyhow!(e))?;
+            }
+            if !model.is_decoder() {
+                return Err(not_decoder());
+            }
+            // Fault the mapped weights in now, so the time to first token is the model's, not the disk's.
+            model.prefault();
+            let mut session = model.session()?;
+            if args.profile {
+                session.enable_profile();
+            }
+            drive(args, model.manifest(), &mut session)
+        }
+        #[cfg(feature = "cuda-runtime")]
+        crate::Loaded::Cuda(model) => {
+            if !model.manifest().is_decoder() {
+                return Err(not_decoder());
+            }
+            eprintln!("generating on {} ({})", model.device, model.arch);
+            let mut session = model.session()?;
+            drive(args, model.manifest(), &mut session)
+        }
     }
-    // Fault the mapped weights in now, so the time to first token is the model's, not the disk's.
-    model.prefault();
-    let tok = load_tokenizer(args, &model)?;
+}
+
+/// Tokenizes the prompts, generates, streams or prints the text, and reports timings.
+fn drive(args: &GenerateArgs, manifest: &kiln_runtime::plan::Manifest, session: &mut dyn Decoder) -> Result<()> {
+    let tok = load_tokenizer(args, manifest)?;
     let prompts: Vec<Vec<i64>> = match (&args.prompt_ids, &args.prompt) {
         (Some(p), _) => prompts_from_npy(p)?,
         (None, texts) if !texts.is_empty() => {
@@ -147,10 +172,6 @@ pub fn generate(args: &GenerateArgs) -> Result<()> {
         top_p: args.top_p,
         seed: args.seed,
     });
-    let mut session = model.session()?;
-    if args.profile {
-        session.enable_profile();
-    }
     let batch = prompts.len();
     let stream = batch == 1;
     let out = std::io::stdout();
@@ -166,7 +187,7 @@ pub fn generate(args: &GenerateArgs) -> Result<()> {
     let start = Instant::now();
     let mut marks: Vec<f64> = Vec::new();
     let mut last = start;
-    let generated = session.generate(&prompts, args.max_new_tokens, &mut sampler, stop, |_, next| {
+    let generated = session.generate(&prompts, args.max_new_tokens, &mut sampler, stop, &mut |_, next| {
         let now = Instant::now();
         marks.push(now.duration_since(last).as_secs_f64() * 1e3);
         last = now;

@@ -302,14 +302,14 @@ fn is_artifact(path: &Path) -> bool {
 }
 
 /// A loaded artifact: for this CPU, or for a GPU.
-enum Loaded {
+pub(crate) enum Loaded {
     Cpu(kiln_runtime::Model),
     #[cfg(feature = "cuda-runtime")]
     Cuda(kiln_runtime::cuda::CudaModel),
 }
 
 /// Loads an artifact for whichever target it was compiled for.
-fn load_artifact(path: &Path) -> Result<Loaded> {
+pub(crate) fn load_artifact(path: &Path) -> Result<Loaded> {
     let map = kiln_runtime::artifact::map(path)?;
     let arch = kiln_runtime::artifact::decode(&map)?.manifest.target.arch;
     drop(map);

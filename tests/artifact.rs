@@ -3,6 +3,7 @@
 
 mod common;
 
+use kiln_runtime::Decoder;
 use std::collections::BTreeMap;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 
@@ -158,6 +159,17 @@ fn mutate(m: &mut Manifest, r: &mut Rng) {
                     1 => *sparse_rows = r.below(8) as u64,
                     2 => *block = [r.below(5) as u64, r.below(5) as u64],
                     _ => *cols = pick(r, nv),
+                },
+                Step::SpMatMul24 {
+                    a,
+                    vals,
+                    idx,
+                    sparse_rows,
+                    ..
+                } => match r.below(3) {
+                    0 => *[a, vals, idx][r.below(3)] = pick(r, nv),
+                    1 => *sparse_rows = r.below(8) as u64,
+                    _ => *idx = pick(r, nv),
                 },
                 Step::QMatMul {
                     a,

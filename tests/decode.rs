@@ -5,6 +5,7 @@
 
 mod common;
 
+use kiln_runtime::Decoder;
 use std::collections::BTreeMap;
 
 use common::*;
@@ -115,7 +116,7 @@ fn check_compiled(name: &str, o: &[(&str, &str)], dir: &str) {
                 want.len(),
                 &mut Sampler::new(Sampling::default()),
                 None,
-                |_, _| true,
+                &mut |_, _| true,
             )
             .unwrap();
         assert_eq!(&got[0], want, "{dir}: greedy tokens of prompt {p:?}");
@@ -128,7 +129,7 @@ fn check_compiled(name: &str, o: &[(&str, &str)], dir: &str) {
             r.greedy[0].len(),
             &mut Sampler::new(Sampling::default()),
             None,
-            |_, _| true,
+            &mut |_, _| true,
         )
         .unwrap();
     assert_eq!(got, r.greedy, "{dir}: batched greedy tokens");
@@ -192,7 +193,7 @@ fn sampling_is_reproducible_and_respects_top_k() {
     };
     let run = |cfg: Sampling| {
         let mut s = m.session().unwrap();
-        s.generate(&[vec![1, 2, 3]], 12, &mut Sampler::new(cfg), None, |_, _| true)
+        s.generate(&[vec![1, 2, 3]], 12, &mut Sampler::new(cfg), None, &mut |_, _| true)
             .unwrap()
             .remove(0)
     };
@@ -215,7 +216,7 @@ fn decoding_errors_are_clear() {
             10,
             &mut Sampler::new(Sampling::default()),
             None,
-            |_, _| true,
+            &mut |_, _| true,
         )
         .unwrap_err()
         .to_string();

@@ -4,6 +4,7 @@
 
 mod common;
 
+use kiln_runtime::Decoder;
 use std::collections::BTreeMap;
 
 use common::*;

@@ -6,8 +6,8 @@
 //! and runs the same plan as the CPU executor: fused kernels (`k{i}`) over the same row offsets
 //! table, matrix products and attention through the tiled GEMM kernels, data movement through the
 //! strided copy and gather kernels, and `Fallback` steps on the host through the reference
-//! evaluator (their operands are copied over and back). Decoding sessions (`CacheAppend`) do not
-//! run on CUDA yet.
+//! evaluator (their operands are copied over and back). Decoding keeps its key/value cache on the
+//! GPU ([`CudaSession`], the same [`crate::Decoder`] as the CPU's session).
 
 use std::collections::BTreeMap;
 use std::ffi::{c_void, CString};
@@ -214,6 +214,29 @@ impl CudaModel {
 
     /// Runs the model; returns the outputs by name, in declaration order.
     pub fn run(&self, inputs: &BTreeMap<String, Tensor>) -> Result<Vec<(String, Tensor)>, RunError> {
+        self.run_inner(inputs, None)
+    }
+
+    /// Starts a generation session: an empty key/value cache on the GPU.
+    pub fn session(&self) -> Result<CudaSession<'_>, RunError> {
+        let (feed, capacity) = self.manifest.decode_feed()?;
+        Ok(CudaSession {
+            model: self,
+            cache: CudaKvCache {
+                slots: BTreeMap::new(),
+                len: 0,
+                capacity,
+            },
+            feed,
+            failed: false,
+        })
+    }
+
+    fn run_inner(
+        &self,
+        inputs: &BTreeMap<String, Tensor>,
+        mut cache: Option<&mut CudaKvCache>,
+    ) -> Result<Vec<(String, Tensor)>, RunError> {
         let m = &self.manifest;
         let fail = |step: usize, value: usize, msg: String| RunError::Step {
             step,
@@ -244,6 +267,7 @@ impl CudaModel {
         }
         let err_flag = DevMem::upload(&[0u8; 4]).map_err(|e| fail(usize::MAX, usize::MAX, e))?;
         let mut addr = vec![0u64; m.values.len()];
+        // Views of the cache have no arena space of their own (the plan sized them at capacity).
         for (i, v) in m.values.iter().enumerate() {
             addr[i] = match &v.storage {
                 Storage::Input(n) => uploaded[*n as usize].ptr,
@@ -251,6 +275,26 @@ impl CudaModel {
                 Storage::Temp => arena.ptr + offsets[i] as u64,
                 Storage::Alias(src) => addr[*src as usize],
             };
+        }
+        // Cache values read in place point into the session's cache.
+        if let Some(c) = cache.as_deref_mut() {
+            for (si, step) in m.steps.iter().enumerate() {
+                if let Step::CacheAppend {
+                    x,
+                    out,
+                    slot,
+                    view: true,
+                } = step
+                {
+                    let xs = &shapes[*x as usize];
+                    if xs.len() != 4 {
+                        return Err(fail(si, *out as usize, "cache_append of a non-rank-4 value".into()));
+                    }
+                    addr[*out as usize] = c
+                        .slot(*slot, xs[0], xs[1], xs[3])
+                        .map_err(|e| fail(si, *out as usize, e))?;
+                }
+            }
         }
         let mut run = Run {
             model: self,
@@ -260,6 +304,7 @@ impl CudaModel {
             syms: &syms,
             err: err_flag.ptr,
             keep: Vec::new(),
+            cache,
         };
         for (si, step) in m.steps.iter().enumerate() {
             run.step(si, step).map_err(|msg| fail(si, step.out() as usize, msg))?;
@@ -408,6 +453,8 @@ struct Run<'a> {
     err: u64,
     /// Device buffers that launched kernels may still read (row offsets, score blocks).
     keep: Vec<DevMem>,
+    /// The session's key/value cache, when decoding.
+    cache: Option<&'a mut CudaKvCache>,
 }
 
 impl Run<'_> {
@@ -869,12 +916,23 @@ impl Run<'_> {
                 views,
                 cached,
             } => {
-                if cached.iter().any(|c| *c) {
-                    return Err("decoding (the key/value cache) does not run on CUDA yet".into());
-                }
                 let (qs, qst) = kernels::attn_layout(&self.shapes[*q as usize], seq_major[0], views[0])?;
-                let (ks, kst) = kernels::attn_layout(&self.shapes[*k as usize], seq_major[1], views[1])?;
-                let (vs, vst) = kernels::attn_layout(&self.shapes[*v as usize], seq_major[2], views[2])?;
+                let (ks, mut kst) = kernels::attn_layout(&self.shapes[*k as usize], seq_major[1], views[1])?;
+                let (vs, mut vst) = kernels::attn_layout(&self.shapes[*v as usize], seq_major[2], views[2])?;
+                // Keys and values read in place from the cache: [b, h, capacity, d].
+                for (i, (st, sh)) in [(&mut kst, ks), (&mut vst, vs)].into_iter().enumerate() {
+                    if cached[i] {
+                        let cap = self
+                            .cache
+                            .as_ref()
+                            .map(|c| c.capacity)
+                            .ok_or("cached attention outside a session")?;
+                        if seq_major[i + 1] || sh[2] > cap {
+                            return Err("keys or values cannot be read from the cache".into());
+                        }
+                        *st = (0, sh[1] * cap * sh[3], cap * sh[3], sh[3]);
+                    }
+                }
                 let (os, ost) = kernels::attn_layout(&self.shapes[*out as usize], seq_major[3], None)?;
                 let (b, h, sq, d) = (qs[0], qs[1], qs[2], qs[3]);
                 let (sk, dv) = (ks[2], vs[3]);
@@ -965,7 +1023,46 @@ impl Run<'_> {
                 self.keep.push(scores);
                 Ok(())
             }
-            Step::CacheAppend { .. } => Err("decoding (the key/value cache) does not run on CUDA yet".into()),
+            Step::CacheAppend { x, out, slot, view } => {
+                let Some(cache) = self.cache.as_deref_mut() else {
+                    return Err(
+                        "this model keeps a key/value cache: run it through a generation session (`kiln generate`, `CudaModel::session`)"
+                            .into(),
+                    );
+                };
+                let (xs, os) = (self.shapes[*x as usize].clone(), self.shapes[*out as usize].clone());
+                if xs.len() != 4 || os.len() != 4 || xs[0] != os[0] || xs[1] != os[1] || xs[3] != os[3] {
+                    return Err(format!("cache_append of {xs:?} into {os:?}"));
+                }
+                let (b, h, t, d, len) = (xs[0], xs[1], xs[2], xs[3], os[2]);
+                if len != cache.len + t || len > cache.capacity {
+                    return Err(format!(
+                        "the cache holds {} of {} positions and {t} are appended, but the inputs say {len}",
+                        cache.len, cache.capacity
+                    ));
+                }
+                let (cap, past) = (cache.capacity, cache.len);
+                let base = cache.slot(*slot, b, h, d)?;
+                // New rows after the cached ones: [b·h, t, d] into [b·h, cap, d] at row `past`.
+                let shape = [b * h, t, d];
+                let dst = base + (past * d * 4) as u64;
+                self.copy(
+                    4,
+                    &shape,
+                    (self.addr[*x as usize], &[t * d, d, 1]),
+                    (dst, &[cap * d, d, 1]),
+                )?;
+                if !view {
+                    let shape = [b * h, len, d];
+                    self.copy(
+                        4,
+                        &shape,
+                        (base, &[cap * d, d, 1]),
+                        (self.addr[*out as usize], &[len * d, d, 1]),
+                    )?;
+                }
+                Ok(())
+            }
             Step::Fallback { op, inputs, out } => {
                 // On the host: copy the operands over, evaluate, copy the result back.
                 self.model
@@ -1011,5 +1108,97 @@ impl Run<'_> {
                 Ok(())
             }
         }
+    }
+}
+
+/// The key/value cache of one batch of sequences, on the GPU: per slot one zeroed
+/// `[b, h, capacity, d]` f32 buffer, allocated at first use.
+pub struct CudaKvCache {
+    slots: BTreeMap<u32, (DevMem, [usize; 3])>,
+    len: usize,
+    capacity: usize,
+}
+
+impl CudaKvCache {
+    /// The slot's device address, allocating it (zeroed) on first use.
+    fn slot(&mut self, slot: u32, b: usize, h: usize, d: usize) -> Result<u64, String> {
+        if let Some((m, shape)) = self.slots.get(&slot) {
+            if *shape != [b, h, d] {
+                return Err(format!("a [{b}, {h}, _, {d}] entry for a cache of {shape:?}"));
+            }
+            return Ok(m.ptr);
+        }
+        let bytes = b
+            .checked_mul(h)
+            .and_then(|n| n.checked_mul(self.capacity))
+            .and_then(|n| n.checked_mul(d))
+            .and_then(|n| n.checked_mul(4))
+            .ok_or("cache size overflows")?;
+        let m = DevMem::alloc(bytes)?;
+        // SAFETY: a fresh allocation of at least `bytes` bytes.
+        unsafe { result::memset_d8_sync(m.ptr, 0, bytes) }.map_err(|e| format!("clearing the cache: {e}"))?;
+        let ptr = m.ptr;
+        self.slots.insert(slot, (m, [b, h, d]));
+        Ok(ptr)
+    }
+
+    fn bytes(&self) -> usize {
+        self.slots.values().map(|(m, _)| m.len).sum()
+    }
+}
+
+/// A generation session on the GPU (see [`crate::Session`] for the CPU's).
+pub struct CudaSession<'m> {
+    model: &'m CudaModel,
+    cache: CudaKvCache,
+    feed: crate::Feed,
+    failed: bool,
+}
+
+impl CudaSession<'_> {
+    fn run_raw(&mut self, inputs: BTreeMap<String, Tensor>) -> Result<Vec<(String, Tensor)>, RunError> {
+        if self.failed {
+            return Err(RunError::BadInput {
+                name: "session".into(),
+                msg: "an earlier step failed and left the cache inconsistent; start a new session".into(),
+            });
+        }
+        self.failed = true;
+        let outs = self.model.run_inner(&inputs, Some(&mut self.cache))?;
+        self.cache.len = self.feed.len();
+        self.failed = false;
+        Ok(outs)
+    }
+}
+
+impl crate::Decoder for CudaSession<'_> {
+    fn prefill(&mut self, prompts: &[Vec<i64>]) -> Result<Vec<Vec<f32>>, RunError> {
+        let inputs = self.feed.prefill(prompts).map_err(|msg| RunError::BadInput {
+            name: "prompts".into(),
+            msg,
+        })?;
+        let outs = self.run_raw(inputs)?;
+        crate::session::logits_rows(&outs, self.feed.batch())
+    }
+
+    fn step(&mut self, tokens: &[i64]) -> Result<Vec<Vec<f32>>, RunError> {
+        let inputs = self.feed.step(tokens).map_err(|msg| RunError::BadInput {
+            name: "tokens".into(),
+            msg,
+        })?;
+        let outs = self.run_raw(inputs)?;
+        crate::session::logits_rows(&outs, self.feed.batch())
+    }
+
+    fn capacity(&self) -> usize {
+        self.cache.capacity
+    }
+
+    fn len(&self) -> usize {
+        self.feed.len()
+    }
+
+    fn cache_bytes(&self) -> usize {
+        self.cache.bytes()
     }
 }

@@ -27,7 +27,7 @@ mod validate;
 pub use exec::{Model, Profile, RunStats};
 pub use kernels::{measure_sparse, measure_sparse24};
 pub use kiln_ir::{DType, Tensor};
-pub use session::{Feed, KvCache, Sampler, Sampling, Session};
+pub use session::{Decoder, Feed, KvCache, Sampler, Sampling, Session};
 
 /// Why an artifact could not be loaded.
 #[derive(Debug, thiserror::Error)]

@@ -377,26 +377,19 @@ pub struct Session<'m> {
     profile: Option<(Vec<f64>, usize)>,
 }
 
-impl Model {
+impl crate::plan::Manifest {
     /// Whether this artifact was compiled for generation (it keeps a key/value cache).
     pub fn is_decoder(&self) -> bool {
-        self.manifest()
-            .steps
-            .iter()
-            .any(|s| matches!(s, Step::CacheAppend { .. }))
+        self.steps.iter().any(|s| matches!(s, Step::CacheAppend { .. }))
     }
 
     /// The longest context (prompt plus generated tokens) a decoding model was compiled for.
     pub fn context_capacity(&self) -> Option<usize> {
-        self.manifest()
-            .dims
-            .iter()
-            .find(|(n, _)| n == CACHE_DIM)
-            .map(|(_, b)| *b as usize)
+        self.dims.iter().find(|(n, _)| n == CACHE_DIM).map(|(_, b)| *b as usize)
     }
 
-    /// Starts a generation session (an empty cache).
-    pub fn session(&self) -> Result<Session<'_>, RunError> {
+    /// The step-input builder of a decoding artifact, and its capacity.
+    pub(crate) fn decode_feed(&self) -> Result<(Feed, usize), RunError> {
         let not = |msg: &str| RunError::BadInput {
             name: "model".into(),
             msg: msg.into(),
@@ -410,7 +403,6 @@ impl Model {
             .context_capacity()
             .ok_or_else(|| not("a decoding artifact without a `kv` dim"))?;
         let ids: Vec<&str> = self
-            .manifest()
             .inputs
             .iter()
             .map(|p| p.name.as_str())
@@ -419,123 +411,83 @@ impl Model {
         let [ids] = ids.as_slice() else {
             return Err(not("a decoding artifact needs exactly one token-id input"));
         };
+        Ok((Feed::new(ids, capacity), capacity))
+    }
+}
+
+impl Model {
+    /// Whether this artifact was compiled for generation (it keeps a key/value cache).
+    pub fn is_decoder(&self) -> bool {
+        self.manifest().is_decoder()
+    }
+
+    /// The longest context (prompt plus generated tokens) a decoding model was compiled for.
+    pub fn context_capacity(&self) -> Option<usize> {
+        self.manifest().context_capacity()
+    }
+
+    /// Starts a generation session (an empty cache).
+    pub fn session(&self) -> Result<Session<'_>, RunError> {
+        let (feed, capacity) = self.manifest().decode_feed()?;
         Ok(Session {
             model: self,
             cache: KvCache::new(capacity),
-            feed: Feed::new(ids, capacity),
+            feed,
             failed: false,
             profile: None,
         })
     }
 }
 
-impl Session<'_> {
-    /// Positions cached so far (padding included).
-    pub fn len(&self) -> usize {
-        self.feed.len()
-    }
+/// Next-token logits, one row per sequence, from a decoding plan's outputs (the first is the
+/// logits of each sequence's last position).
+pub(crate) fn logits_rows(outs: &[(String, Tensor)], batch: usize) -> Result<Vec<Vec<f32>>, RunError> {
+    let logits = &outs[0].1;
+    let v = logits.to_f32_vec().ok_or_else(|| RunError::BadInput {
+        name: outs[0].0.clone(),
+        msg: format!("expected f32 logits, got {}", logits.dtype()),
+    })?;
+    let row = v.len() / batch.max(1);
+    Ok(v.chunks(row.max(1)).map(|c| c.to_vec()).collect())
+}
 
-    /// Whether nothing was run yet.
-    pub fn is_empty(&self) -> bool {
-        self.feed.is_empty()
-    }
+/// A generation session on some device: what [`Decoder::generate`] drives.
+pub trait Decoder {
+    /// Runs the prompts (left-padded to one length); returns each one's next-token logits.
+    fn prefill(&mut self, prompts: &[Vec<i64>]) -> Result<Vec<Vec<f32>>, RunError>;
+
+    /// Feeds one token per sequence; returns each one's next-token logits.
+    fn step(&mut self, tokens: &[i64]) -> Result<Vec<Vec<f32>>, RunError>;
 
     /// The longest context this session can hold.
-    pub fn capacity(&self) -> usize {
-        self.feed.capacity
+    fn capacity(&self) -> usize;
+
+    /// Positions cached so far (padding included).
+    fn len(&self) -> usize;
+
+    /// Whether nothing was run yet.
+    fn is_empty(&self) -> bool {
+        self.len() == 0
     }
 
     /// Bytes held by the key/value cache.
-    pub fn cache_bytes(&self) -> usize {
-        self.cache.bytes()
-    }
+    fn cache_bytes(&self) -> usize;
 
-    /// Times every plan step of the decode steps that follow (see [`Session::decode_profile`]).
-    pub fn enable_profile(&mut self) {
-        self.profile = Some((vec![0.0; self.model.manifest().steps.len()], 0));
-    }
-
-    /// Mean time per decode step by kind of step, if profiling was enabled and a step ran.
-    pub fn decode_profile(&self) -> Option<crate::Profile> {
-        let (times, n) = self.profile.as_ref()?;
-        if *n == 0 {
-            return None;
-        }
-        let mean: Vec<f64> = times.iter().map(|t| t / *n as f64).collect();
-        Some(self.model.profile_of(&mean))
-    }
-
-    /// Runs the prompts (left-padded to one length); returns each one's next-token logits.
-    pub fn prefill(&mut self, prompts: &[Vec<i64>]) -> Result<Vec<Vec<f32>>, RunError> {
-        let inputs = self.feed.prefill(prompts).map_err(|msg| RunError::BadInput {
-            name: "prompts".into(),
-            msg,
-        })?;
-        self.run(inputs)
-    }
-
-    /// Runs the prompts like [`Session::prefill`] and returns every output of the plan as it is.
-    pub fn prefill_outputs(&mut self, prompts: &[Vec<i64>]) -> Result<Vec<(String, Tensor)>, RunError> {
-        let inputs = self.feed.prefill(prompts).map_err(|msg| RunError::BadInput {
-            name: "prompts".into(),
-            msg,
-        })?;
-        self.run_raw(inputs)
-    }
-
-    /// Feeds one token per sequence; returns each one's next-token logits.
-    pub fn step(&mut self, tokens: &[i64]) -> Result<Vec<Vec<f32>>, RunError> {
-        let inputs = self.feed.step(tokens).map_err(|msg| RunError::BadInput {
-            name: "tokens".into(),
-            msg,
-        })?;
-        self.run(inputs)
-    }
-
-    fn run(&mut self, inputs: BTreeMap<String, Tensor>) -> Result<Vec<Vec<f32>>, RunError> {
-        let outs = self.run_raw(inputs)?;
-        let logits = &outs[0].1;
-        let v = logits.to_f32_vec().ok_or_else(|| RunError::BadInput {
-            name: outs[0].0.clone(),
-            msg: format!("expected f32 logits, got {}", logits.dtype()),
-        })?;
-        let b = self.feed.batch();
-        let row = v.len() / b.max(1);
-        Ok(v.chunks(row.max(1)).map(|c| c.to_vec()).collect())
-    }
-
-    fn run_raw(&mut self, inputs: BTreeMap<String, Tensor>) -> Result<Vec<(String, Tensor)>, RunError> {
-        if self.failed {
-            return Err(RunError::BadInput {
-                name: "session".into(),
-                msg: "an earlier step failed and left the cache inconsistent; start a new session".into(),
-            });
-        }
-        self.failed = true;
-        let decode_step = !self.cache.is_empty();
-        let times = match &mut self.profile {
-            Some((t, n)) if decode_step => {
-                *n += 1;
-                Some(t)
-            }
-            _ => None,
-        };
-        let (outs, _) = self.model.run_inner(&inputs, times, Some(&mut self.cache))?;
-        self.cache.len = self.feed.len();
-        self.failed = false;
-        Ok(outs)
+    /// Mean time per decode step by kind of step, where the session profiles.
+    fn decode_profile(&self) -> Option<crate::Profile> {
+        None
     }
 
     /// Generates up to `max_new` tokens for every prompt, calling `on_token(step, tokens)` after
     /// each step (it returns `false` to stop early). Stops a sequence at `stop` (kept in the
     /// output). Returns the generated tokens of each prompt.
-    pub fn generate(
+    fn generate(
         &mut self,
         prompts: &[Vec<i64>],
         max_new: usize,
         sampler: &mut Sampler,
         stop: Option<i64>,
-        mut on_token: impl FnMut(usize, &[i64]) -> bool,
+        on_token: &mut dyn FnMut(usize, &[i64]) -> bool,
     ) -> Result<Vec<Vec<i64>>, RunError> {
         let longest = prompts.iter().map(Vec::len).max().unwrap_or(0);
         if longest + max_new.saturating_sub(1) > self.capacity() {
@@ -570,7 +522,82 @@ impl Session<'_> {
     }
 }
 
-trait ToF32 {
+impl Session<'_> {
+    /// Times every plan step of the decode steps that follow (see [`Decoder::decode_profile`]).
+    pub fn enable_profile(&mut self) {
+        self.profile = Some((vec![0.0; self.model.manifest().steps.len()], 0));
+    }
+
+    /// Runs the prompts like [`Decoder::prefill`] and returns every output of the plan as it is.
+    pub fn prefill_outputs(&mut self, prompts: &[Vec<i64>]) -> Result<Vec<(String, Tensor)>, RunError> {
+        let inputs = self.feed.prefill(prompts).map_err(|msg| RunError::BadInput {
+            name: "prompts".into(),
+            msg,
+        })?;
+        self.run_raw(inputs)
+    }
+
+    fn run_raw(&mut self, inputs: BTreeMap<String, Tensor>) -> Result<Vec<(String, Tensor)>, RunError> {
+        if self.failed {
+            return Err(RunError::BadInput {
+                name: "session".into(),
+                msg: "an earlier step failed and left the cache inconsistent; start a new session".into(),
+            });
+        }
+        self.failed = true;
+        let decode_step = !self.cache.is_empty();
+        let times = match &mut self.profile {
+            Some((t, n)) if decode_step => {
+                *n += 1;
+                Some(t)
+            }
+            _ => None,
+        };
+        let (outs, _) = self.model.run_inner(&inputs, times, Some(&mut self.cache))?;
+        self.cache.len = self.feed.len();
+        self.failed = false;
+        Ok(outs)
+    }
+}
+
+impl Decoder for Session<'_> {
+    fn prefill(&mut self, prompts: &[Vec<i64>]) -> Result<Vec<Vec<f32>>, RunError> {
+        let outs = self.prefill_outputs(prompts)?;
+        logits_rows(&outs, self.feed.batch())
+    }
+
+    fn step(&mut self, tokens: &[i64]) -> Result<Vec<Vec<f32>>, RunError> {
+        let inputs = self.feed.step(tokens).map_err(|msg| RunError::BadInput {
+            name: "tokens".into(),
+            msg,
+        })?;
+        let outs = self.run_raw(inputs)?;
+        logits_rows(&outs, self.feed.batch())
+    }
+
+    fn capacity(&self) -> usize {
+        self.feed.capacity
+    }
+
+    fn len(&self) -> usize {
+        self.feed.len()
+    }
+
+    fn cache_bytes(&self) -> usize {
+        self.cache.bytes()
+    }
+
+    fn decode_profile(&self) -> Option<crate::Profile> {
+        let (times, n) = self.profile.as_ref()?;
+        if *n == 0 {
+            return None;
+        }
+        let mean: Vec<f64> = times.iter().map(|t| t / *n as f64).collect();
+        Some(self.model.profile_of(&mean))
+    }
+}
+
+pub(crate) trait ToF32 {
     fn to_f32_vec(&self) -> Option<Vec<f32>>;
 }
 

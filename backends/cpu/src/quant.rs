@@ -7,6 +7,7 @@
 //! zeros, any other gets the ids; rows are right-padded with id 0. Decoding graphs are fed through
 //! a generation session instead (prefill, then one token at a time).
 
+use kiln_runtime::Decoder;
 use std::collections::BTreeMap;
 
 use kiln_ir::{Graph, Op, Tensor};
