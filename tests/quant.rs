@@ -161,10 +161,10 @@ fn minilm_quantization_accuracy() {
         cos["gptq4:128"] > cos["int4:128"],
         "GPTQ is not better than round-to-nearest: {cos:?}"
     );
-    // Measured 0.966 (RTN) and 0.9885 (GPTQ, activation order): the 0.99 for int4 g128 is
-    // not reached; these guard against regressions.
+    // Measured 0.966 (RTN) and 0.9890 (GPTQ, activation order): the 0.99 for int4 g128 is
+    // not reached (gptq4:32 reaches 0.9936); these guard against regressions.
     assert!(cos["int4:128"] >= 0.96, "int4: {}", cos["int4:128"]);
-    assert!(cos["gptq4:128"] >= 0.985, "gptq4: {}", cos["gptq4:128"]);
+    assert!(cos["gptq4:128"] >= 0.988, "gptq4: {}", cos["gptq4:128"]);
 }
 
 /// Pruned weights in CSR: the compiled products (sparse kernel and densified tiles) equal the

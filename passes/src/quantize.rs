@@ -347,6 +347,11 @@ fn quantize_int8(w: &[f32], n: usize, k: usize) -> Quantized {
 /// towards the group's middle by the factor (of 20 tried, 1.0 down to 0.62) that minimises the
 /// group's squared rounding error — clipping a few outliers buys a finer step for the rest.
 fn int4_params(vals: &[f32]) -> (f32, f32) {
+    int4_params_weighted(vals, None)
+}
+
+/// [`int4_params`] with each value's squared error weighted by `imp`.
+fn int4_params_weighted(vals: &[f32], imp: Option<&[f64]>) -> (f32, f32) {
     let (mut lo, mut hi) = (f32::INFINITY, f32::NEG_INFINITY);
     for v in vals {
         lo = lo.min(*v);
@@ -365,9 +370,10 @@ fn int4_params(vals: &[f32]) -> (f32, f32) {
         let m = half::f16::from_f32(l).to_f32();
         let err: f32 = vals
             .iter()
-            .map(|v| {
+            .enumerate()
+            .map(|(i, v)| {
                 let d = code4(*v, s, m) as f32 * s + m - v;
-                d * d
+                d * d * imp.map_or(1.0, |w| w[i] as f32)
             })
             .sum();
         if err < best.0 {
@@ -571,7 +577,11 @@ fn quantize_gptq4(w: &[f32], n: usize, k: usize, group: usize, hess: &Hessian) -
                 for i in i1..i2 {
                     if i % group == 0 {
                         let cols: Vec<f32> = wr[i..i + group].iter().map(|x| *x as f32).collect();
-                        let (s, m) = int4_params(&cols);
+                        // The range is clipped for the error GPTQ itself weighs: column c's rounding
+                        // error counts 1 / U_cc² (MiniLM gptq4:128: 0.98849 -> 0.98903; weighting
+                        // by H_cc instead gave 0.98872).
+                        let imp: Vec<f64> = (i..i + group).map(|c| 1.0 / u[c * k + c].powi(2)).collect();
+                        let (s, m) = int4_params_weighted(&cols, Some(&imp));
                         scales[i / group] = s;
                         mins[i / group] = m;
                     }
