@@ -1248,7 +1248,7 @@ pub fn qmatmul(
     };
     let cb = if w.bits == 8 { k } else { k / 2 };
     if rows <= GEMV_ROWS && int8_activations && crate::q8::usable(w.bits, g) {
-        if let Some(q) = crate::q8::Q8::new(av, rows, k, g, w.bits == 4) {
+        if let Some(q) = crate::q8::Q8::new(av, rows, k, g, w.bits) {
             // Integer dot products on the activations quantized to int8 (see `q8`); a task converts
             // the scales and minimums of up to `CHUNK` weight rows at a time.
             const CHUNK: usize = 64;

@@ -26,6 +26,9 @@
 /// Values per activation block (one f32 scale each).
 pub const BLOCK: usize = 32;
 
+/// How far ahead of the weight codes being read the kernels prefetch, in bytes.
+const PREFETCH: usize = 4096;
+
 /// Whether a weight of `bits` with groups of `group` columns can take the integer path here.
 pub fn usable(bits: u8, group: usize) -> bool {
     #[cfg(target_arch = "x86_64")]
@@ -51,35 +54,69 @@ pub struct Q8 {
     pub rows: usize,
     /// Columns per weight group, over which `sums` add up.
     pub group: usize,
-    /// `[rows, k]` codes in -127..=127.
+    /// `[rows, k]` codes in -127..=127, in column order or, if `paired`, in the order of 4-bit
+    /// weight codes (see [`Q8::at`]).
     pub q: Vec<i8>,
     /// `[rows, k / BLOCK]` steps: a block's values are `q · d`.
     pub d: Vec<f32>,
+    /// If `paired`, `[rows, k / 64, 8]`: each pair of blocks' steps as the 8 lanes of the pair's
+    /// integer sums hold them (4 of the first block's step, 4 of the second's); empty otherwise.
+    pub pair_d: Vec<f32>,
     /// `[rows, k / group]` f32 sums of the exact activations per group (for affine minimums), or
     /// empty.
     pub sums: Vec<f32>,
+    /// Codes ordered for 4-bit weights read two blocks (32 bytes) at a time.
+    pub paired: bool,
 }
 
 impl Q8 {
     /// Quantizes `rows` rows of `k` values (`k` a multiple of `group`, itself a multiple of
-    /// [`BLOCK`]); with `sums`, also each group's f32 sum. `None` if a value is infinite or NaN,
-    /// which a block scale cannot represent.
-    pub fn new(a: &[f32], rows: usize, k: usize, group: usize, sums: bool) -> Option<Q8> {
+    /// [`BLOCK`]) for a product with `bits`-bit weights: 4-bit ones also get each group's f32 sum
+    /// and, with groups of 64 or more columns, codes in paired order. `None` if a value is
+    /// infinite or NaN, which a block scale cannot represent.
+    pub fn new(a: &[f32], rows: usize, k: usize, group: usize, bits: u8) -> Option<Q8> {
         assert!(group % BLOCK == 0 && k % group == 0 && a.len() == rows * k);
+        let paired = bits == 4 && group % (2 * BLOCK) == 0;
         let mut q = Q8 {
             k,
             rows,
             group,
             q: vec![0; rows * k],
             d: vec![0.0; rows * k / BLOCK],
-            sums: vec![0.0; if sums { rows * k / group } else { 0 }],
+            pair_d: vec![0.0; if paired { rows * k / 8 } else { 0 }],
+            sums: vec![0.0; if bits == 4 { rows * k / group } else { 0 }],
+            paired,
         };
         #[cfg(target_arch = "x86_64")]
-        if std::arch::is_x86_feature_detected!("avx2") {
+        let finite = if std::arch::is_x86_feature_detected!("avx2") {
             // SAFETY: the CPU has AVX2; the buffers have the sizes set above.
-            return unsafe { q.fill_avx2(a) }.then_some(q);
+            unsafe { q.fill_avx2(a) }
+        } else {
+            q.fill(a)
+        };
+        #[cfg(not(target_arch = "x86_64"))]
+        let finite = q.fill(a);
+        if paired {
+            for (p, d) in q.pair_d.chunks_exact_mut(8).zip(q.d.chunks_exact(2)) {
+                p[..4].fill(d[0]);
+                p[4..].fill(d[1]);
+            }
         }
-        q.fill(a).then_some(q)
+        finite.then_some(q)
+    }
+
+    /// Where the code of element `i` (of the row-major `[rows, k]` activations) is stored. In
+    /// paired order, each 64 columns hold, 16 codes each: columns 0–15 of the first block, 0–15
+    /// of the second, 16–31 of the first, 16–31 of the second; so a 32-byte load of two blocks'
+    /// 4-bit weights has its low nibbles line up with the first 32 codes and its high nibbles
+    /// with the next 32.
+    pub fn at(&self, i: usize) -> usize {
+        if !self.paired {
+            return i;
+        }
+        let (pair, within) = (i / 64, i % 64);
+        let (half, c) = (within / BLOCK, within % BLOCK);
+        pair * 64 + (c / 16) * 32 + half * 16 + c % 16
     }
 
     /// The portable quantizer, the definition [`Q8::fill_avx2`] follows.
@@ -90,8 +127,9 @@ impl Q8 {
             finite &= x.iter().all(|v| v.is_finite());
             let (d, id) = steps(amax);
             self.d[b] = d;
-            for (q, v) in self.q[b * BLOCK..(b + 1) * BLOCK].iter_mut().zip(x) {
-                *q = (v * id).round_ties_even() as i8;
+            for (c, v) in x.iter().enumerate() {
+                let i = self.at(b * BLOCK + c);
+                self.q[i] = (v * id).round_ties_even() as i8;
             }
         }
         if !self.sums.is_empty() {
@@ -141,7 +179,14 @@ impl Q8 {
             let lo = _mm256_packs_epi32(i[0], i[1]);
             let hi = _mm256_packs_epi32(i[2], i[3]);
             let bytes = _mm256_permutevar8x32_epi32(_mm256_packs_epi16(lo, hi), perm);
-            _mm256_storeu_si256(self.q.as_mut_ptr().add(b * BLOCK) as *mut __m256i, bytes);
+            let out = self.q.as_mut_ptr();
+            if self.paired {
+                let (lo, hi) = (self.at(b * BLOCK), self.at(b * BLOCK + 16));
+                _mm_storeu_si128(out.add(lo) as *mut __m128i, _mm256_castsi256_si128(bytes));
+                _mm_storeu_si128(out.add(hi) as *mut __m128i, _mm256_extracti128_si256::<1>(bytes));
+            } else {
+                _mm256_storeu_si256(out.add(b * BLOCK) as *mut __m256i, bytes);
+            }
             if !self.sums.is_empty() {
                 gsum = _mm256_add_ps(
                     gsum,
@@ -183,31 +228,11 @@ unsafe fn hsum(v: std::arch::x86_64::__m256) -> f32 {
 pub unsafe fn rows(q: &Q8, bits: u8, codes: &[u8], s: &[f32], m: &[f32], mut put: impl FnMut(usize, usize, f32)) {
     #[cfg(target_arch = "x86_64")]
     {
-        let cb = if bits == 8 { q.k } else { q.k / 2 };
-        let groups = q.k / q.group;
-        let n = codes.len() / cb.max(1);
-        debug_assert!(s.len() >= n * groups && (bits == 8 || m.len() >= n * groups));
-        macro_rules! each {
-            ($r:literal) => {
-                for jj in 0..n {
-                    let c = codes.as_ptr().add(jj * cb);
-                    let sr = s.as_ptr().add(jj * groups);
-                    let t: [f32; $r] = if bits == 8 {
-                        row8::<$r>(q, c, sr)
-                    } else {
-                        row4::<$r>(q, c, sr, m.as_ptr().add(jj * groups))
-                    };
-                    for (r, v) in t.into_iter().enumerate() {
-                        put(r, jj, v);
-                    }
-                }
-            };
-        }
         match q.rows {
-            1 => each!(1),
-            2 => each!(2),
-            3 => each!(3),
-            4 => each!(4),
+            1 => band::<1>(q, bits, codes, s, m, &mut put),
+            2 => band::<2>(q, bits, codes, s, m, &mut put),
+            3 => band::<3>(q, bits, codes, s, m, &mut put),
+            4 => band::<4>(q, bits, codes, s, m, &mut put),
             _ => unreachable!("the integer path takes 1 to 4 rows"),
         }
     }
@@ -218,14 +243,65 @@ pub unsafe fn rows(q: &Q8, bits: u8, codes: &[u8], s: &[f32], m: &[f32], mut put
     }
 }
 
-/// One 4-bit weight row against `R` activation rows.
+/// [`rows`] for `R` activation rows: the loop over weight rows, compiled with AVX2 so that the
+/// per-row kernels inline into it.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn band<const R: usize>(
+    q: &Q8,
+    bits: u8,
+    codes: &[u8],
+    s: &[f32],
+    m: &[f32],
+    put: &mut impl FnMut(usize, usize, f32),
+) {
+    let cb = if bits == 8 { q.k } else { q.k / 2 };
+    let l = Layout {
+        k: q.k,
+        groups: q.k / q.group,
+        nb: q.k / BLOCK,
+        bpg: q.group / BLOCK,
+    };
+    let n = codes.len() / cb.max(1);
+    assert!(s.len() >= n * l.groups && (bits == 8 || m.len() >= n * l.groups));
+    for jj in 0..n {
+        let c = codes.as_ptr().add(jj * cb);
+        let sr = s.as_ptr().add(jj * l.groups);
+        let mr = m.as_ptr().wrapping_add(jj * l.groups);
+        let t: [f32; R] = if bits == 8 {
+            row8::<R>(q, l, c, sr)
+        } else if q.paired {
+            row4_paired::<R>(q, l, c, sr, mr)
+        } else {
+            row4::<R>(q, l, c, sr, mr)
+        };
+        for (r, v) in t.into_iter().enumerate() {
+            put(r, jj, v);
+        }
+    }
+}
+
+/// A weight row's divisions, done once per band.
+#[derive(Clone, Copy)]
+struct Layout {
+    /// Columns.
+    k: usize,
+    /// Weight groups.
+    groups: usize,
+    /// Activation blocks.
+    nb: usize,
+    /// Blocks per group.
+    bpg: usize,
+}
+
+/// One 4-bit weight row against `R` activation rows, a block at a time (groups of 32 columns).
 #[allow(clippy::needless_range_loop)]
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn row4<const R: usize>(q: &Q8, codes: *const u8, s: *const f32, m: *const f32) -> [f32; R] {
+#[inline]
+unsafe fn row4<const R: usize>(q: &Q8, l: Layout, codes: *const u8, s: *const f32, m: *const f32) -> [f32; R] {
     use std::arch::x86_64::*;
-    let (k, g) = (q.k, q.group);
-    let (groups, nb, bpg) = (k / g, k / BLOCK, g / BLOCK);
+    let Layout { k, groups, nb, bpg } = l;
     let ones = _mm256_set1_epi16(1);
     let low = _mm256_set1_epi8(15);
     let mut total = [_mm256_setzero_ps(); R];
@@ -276,14 +352,76 @@ unsafe fn row4<const R: usize>(q: &Q8, codes: *const u8, s: *const f32, m: *cons
     out
 }
 
+/// One 4-bit weight row against `R` activation rows in paired order (groups of 64 or more
+/// columns): two blocks' 32 code bytes per load, whose low nibbles meet the first 32 activation
+/// codes and high nibbles the next 32 without any shuffle; both products share one i16 sum
+/// (at most 4 · 15 · 127), one widening, one conversion and one FMA with the pair's steps.
+#[allow(clippy::needless_range_loop)]
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+#[inline]
+unsafe fn row4_paired<const R: usize>(q: &Q8, l: Layout, codes: *const u8, s: *const f32, m: *const f32) -> [f32; R] {
+    use std::arch::x86_64::*;
+    let Layout { k, groups, bpg, .. } = l;
+    let (ppg, np) = (bpg / 2, k / 64);
+    let ones = _mm256_set1_epi16(1);
+    let low = _mm256_set1_epi8(15);
+    let mut total = [_mm256_setzero_ps(); R];
+    let mut tail = [0f32; R];
+    let unpack = |p: usize| {
+        _mm_prefetch::<_MM_HINT_T0>(codes.wrapping_add(p * 32 + PREFETCH) as *const i8);
+        let raw = _mm256_loadu_si256(codes.add(p * 32) as *const __m256i);
+        (
+            _mm256_and_si256(raw, low),
+            _mm256_and_si256(_mm256_srli_epi16::<4>(raw), low),
+        )
+    };
+    let dot = |(lo, hi): (__m256i, __m256i), r: usize, p: usize, acc: __m256| {
+        let x = q.q.as_ptr().add(r * k + p * 64);
+        let xl = _mm256_loadu_si256(x as *const __m256i);
+        let xh = _mm256_loadu_si256(x.add(32) as *const __m256i);
+        let s16 = _mm256_add_epi16(_mm256_maddubs_epi16(lo, xl), _mm256_maddubs_epi16(hi, xh));
+        let d = _mm256_loadu_ps(q.pair_d.as_ptr().add((r * np + p) * 8));
+        _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(s16, ones)), d, acc)
+    };
+    for gi in 0..groups {
+        let (mut a0, mut a1) = ([_mm256_setzero_ps(); R], [_mm256_setzero_ps(); R]);
+        let (mut p, end) = (gi * ppg, (gi + 1) * ppg);
+        while p + 2 <= end {
+            let (w0, w1) = (unpack(p), unpack(p + 1));
+            for r in 0..R {
+                a0[r] = dot(w0, r, p, a0[r]);
+                a1[r] = dot(w1, r, p + 1, a1[r]);
+            }
+            p += 2;
+        }
+        if p < end {
+            let w0 = unpack(p);
+            for r in 0..R {
+                a0[r] = dot(w0, r, p, a0[r]);
+            }
+        }
+        let (sc, mn) = (*s.add(gi), *m.add(gi));
+        for r in 0..R {
+            total[r] = _mm256_fmadd_ps(_mm256_add_ps(a0[r], a1[r]), _mm256_set1_ps(sc), total[r]);
+            tail[r] += mn * *q.sums.get_unchecked(r * groups + gi);
+        }
+    }
+    let mut out = [0f32; R];
+    for r in 0..R {
+        out[r] = hsum(total[r]) + tail[r];
+    }
+    out
+}
+
 /// One 8-bit weight row against `R` activation rows.
 #[allow(clippy::needless_range_loop)]
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn row8<const R: usize>(q: &Q8, codes: *const u8, s: *const f32) -> [f32; R] {
+#[inline]
+unsafe fn row8<const R: usize>(q: &Q8, l: Layout, codes: *const u8, s: *const f32) -> [f32; R] {
     use std::arch::x86_64::*;
-    let (k, g) = (q.k, q.group);
-    let (groups, nb, bpg) = (k / g, k / BLOCK, g / BLOCK);
+    let Layout { k, groups, nb, bpg } = l;
     let ones = _mm256_set1_epi16(1);
     let mut total = [_mm256_setzero_ps(); R];
     // |w| as the unsigned operand, w's sign moved onto the activations.
@@ -297,12 +435,27 @@ unsafe fn row8<const R: usize>(q: &Q8, codes: *const u8, s: *const f32) -> [f32;
         )
     };
     let load = |b: usize| {
+        _mm_prefetch::<_MM_HINT_T0>(codes.wrapping_add(b * BLOCK + PREFETCH) as *const i8);
         let w = _mm256_loadu_si256(codes.add(b * BLOCK) as *const __m256i);
         (w, _mm256_sign_epi8(w, w))
     };
     for gi in 0..groups {
         let (mut a0, mut a1) = ([_mm256_setzero_ps(); R], [_mm256_setzero_ps(); R]);
         let (mut b, end) = (gi * bpg, (gi + 1) * bpg);
+        if R == 1 {
+            let (mut a2, mut a3) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+            while b + 4 <= end {
+                let ((w0, aw0), (w1, aw1)) = (load(b), load(b + 1));
+                let ((w2, aw2), (w3, aw3)) = (load(b + 2), load(b + 3));
+                a0[0] = dot(w0, aw0, 0, b, a0[0]);
+                a1[0] = dot(w1, aw1, 0, b + 1, a1[0]);
+                a2 = dot(w2, aw2, 0, b + 2, a2);
+                a3 = dot(w3, aw3, 0, b + 3, a3);
+                b += 4;
+            }
+            a0[0] = _mm256_add_ps(a0[0], a2);
+            a1[0] = _mm256_add_ps(a1[0], a3);
+        }
         while b + 2 <= end {
             let ((w0, aw0), (w1, aw1)) = (load(b), load(b + 1));
             for r in 0..R {
@@ -461,7 +614,7 @@ mod tests {
                 };
                 let oty = TensorType::new(DType::F32, vec![(rows as u64).into(), (n as u64).into()]);
                 let want = kiln_interp::eval_op(&mm, &oty, &[&av, &deq], &Default::default()).unwrap();
-                let q = Q8::new(&a, rows, k, g, bits == 4).unwrap();
+                let q = Q8::new(&a, rows, k, g, bits).unwrap();
                 for threads in [1, 2] {
                     let mut out = vec![0f32; rows * n];
                     let ab: &[u8] = unsafe { std::slice::from_raw_parts(a.as_ptr() as *const u8, a.len() * 4) };
@@ -499,7 +652,7 @@ mod tests {
                                     } else {
                                         0.0
                                     };
-                                    let x = q.q[r * k + c] as f64 * q.d[(r * k + c) / BLOCK] as f64;
+                                    let x = q.q[q.at(r * k + c)] as f64 * q.d[(r * k + c) / BLOCK] as f64;
                                     x * (wf[j * k + c] as f64 - m) + a[r * k + c] as f64 * m
                                 })
                                 .sum();
@@ -553,32 +706,39 @@ mod tests {
         assert!(worst > 0.05, "{worst}");
     }
 
-    /// The AVX2 quantizer writes what the portable one defines, and refuses non-finite values.
+    /// The AVX2 quantizer writes what the portable one defines, in both orders, and refuses
+    /// non-finite values.
     #[test]
     fn quantizers_agree() {
-        let (rows, k, g) = (3, 256, 128);
+        let (rows, k) = (3, 256);
         let a = activations(rows, k, 5);
-        let q = Q8::new(&a, rows, k, g, true).unwrap();
-        let mut p = Q8 {
-            k,
-            rows,
-            group: g,
-            q: vec![0; rows * k],
-            d: vec![0.0; rows * k / BLOCK],
-            sums: vec![0.0; rows * k / g],
-        };
-        assert!(p.fill(&a));
-        assert_eq!(q.q, p.q);
-        assert_eq!(q.d, p.d);
-        for (x, y) in q.sums.iter().zip(&p.sums) {
-            assert!((x - y).abs() <= 1e-5 * (1.0 + y.abs()), "{x} vs {y}");
-        }
-        assert!(q.q.iter().all(|c| *c != -128) && q.q.iter().any(|c| c.abs() == 127));
-        for bad in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
-            let mut b = a.clone();
-            b[k + 40] = bad;
-            assert!(Q8::new(&b, rows, k, g, false).is_none(), "{bad}");
-            assert!(!p.fill(&b), "{bad}");
+        for (bits, g) in [(8, 256), (4, 32), (4, 128)] {
+            let q = Q8::new(&a, rows, k, g, bits).unwrap();
+            assert_eq!(q.paired, bits == 4 && g >= 64);
+            let mut p = Q8 {
+                q: vec![0; rows * k],
+                d: vec![0.0; rows * k / BLOCK],
+                sums: vec![0.0; q.sums.len()],
+                pair_d: Vec::new(),
+                ..q
+            };
+            assert!(p.fill(&a));
+            assert_eq!(q.q, p.q);
+            assert_eq!(q.d, p.d);
+            for (x, y) in q.sums.iter().zip(&p.sums) {
+                assert!((x - y).abs() <= 1e-5 * (1.0 + y.abs()), "{x} vs {y}");
+            }
+            assert!(q.q.iter().all(|c| *c != -128) && q.q.iter().any(|c| c.abs() == 127));
+            // Every code lands somewhere, once.
+            let mut seen = vec![false; rows * k];
+            (0..rows * k).for_each(|i| seen[q.at(i)] = true);
+            assert!(seen.iter().all(|x| *x));
+            for bad in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
+                let mut b = a.clone();
+                b[k + 40] = bad;
+                assert!(Q8::new(&b, rows, k, g, bits).is_none(), "{bad}");
+                assert!(!p.fill(&b), "{bad}");
+            }
         }
     }
 }
