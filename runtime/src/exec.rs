@@ -54,6 +54,8 @@ pub struct Model {
     kernels: Vec<KernelFn>,
     pool: rayon::ThreadPool,
     threads: usize,
+    /// Whether quantized products of a few rows quantize their activations to int8.
+    int8_activations: bool,
     /// Seconds spent in `load` after the file was mapped.
     pub load_seconds: f64,
 }
@@ -159,6 +161,7 @@ impl Model {
             kernels,
             pool,
             threads,
+            int8_activations: true,
             load_seconds: start.elapsed().as_secs_f64(),
         })
     }
@@ -182,6 +185,15 @@ impl Model {
         self.pool = kernels::pool(n)?;
         self.threads = n;
         Ok(())
+    }
+
+    /// Whether products with quantized weights and at most 4 rows of activations (decode steps)
+    /// quantize the activations to int8 in blocks of 32 and use integer dot products (the default,
+    /// on CPUs with AVX2), or multiply the exact f32 activations as the interpreter does. The
+    /// integer path is faster and adds an error of at most half an activation step per product
+    /// term (see `q8.rs`).
+    pub fn set_int8_activations(&mut self, on: bool) {
+        self.int8_activations = on;
     }
 
     /// The manifest (signature, plan, kernels).
@@ -473,6 +485,7 @@ impl Model {
                     *scale,
                     bias.map(|v| (bufs[v as usize], shapes[v as usize].as_slice())),
                     acc.map(|v| (bufs[v as usize], shapes[v as usize].as_slice())),
+                    self.int8_activations,
                     self.threads,
                 )
             }

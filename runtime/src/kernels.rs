@@ -1025,6 +1025,13 @@ impl<'a> Floats<'a> {
     fn read(&self, start: usize, dst: &mut [f32]) {
         let es = self.dt.size_bytes();
         let src = &self.bytes[start * es..(start + dst.len()) * es];
+        #[cfg(target_endian = "little")]
+        if self.dt == DType::F16 && src.as_ptr().align_offset(2) == 0 {
+            // SAFETY: aligned little-endian f16 bits; half converts 8 at a time with F16C.
+            let h = unsafe { std::slice::from_raw_parts(src.as_ptr() as *const half::f16, dst.len()) };
+            half::slice::HalfFloatSliceExt::convert_to_f32_slice(h, dst);
+            return;
+        }
         for (d, c) in dst.iter_mut().zip(src.chunks_exact(es)) {
             *d = match self.dt {
                 DType::F32 => f32::from_le_bytes([c[0], c[1], c[2], c[3]]),
@@ -1206,6 +1213,7 @@ pub fn qmatmul(
     scale: f32,
     bias: Option<(Buf, &[usize])>,
     acc: Option<(Buf, &[usize])>,
+    int8_activations: bool,
     threads: usize,
 ) -> Result<(), String> {
     let (sa, so) = (a.1, out.1);
@@ -1262,6 +1270,36 @@ pub fn qmatmul(
         *o = if read_dst { *o + scale * v } else { scale * v };
     };
     let cb = if w.bits == 8 { k } else { k / 2 };
+    if rows <= GEMV_ROWS && int8_activations && crate::q8::usable(w.bits, g) {
+        if let Some(q) = crate::q8::Q8::new(av, rows, k, g, w.bits) {
+            // Integer dot products on the activations quantized to int8 (see `q8`); a task converts
+            // the scales and minimums of up to `CHUNK` weight rows at a time.
+            const CHUNK: usize = 64;
+            let blocks = (threads * 4).clamp(1, n.div_ceil(16).max(1));
+            let width = n.div_ceil(blocks);
+            let work = |bi: usize| {
+                let (mut s, mut m) = (Vec::new(), Vec::new());
+                let (j0, j1) = (bi * width, ((bi + 1) * width).min(n));
+                for c0 in (j0..j1).step_by(CHUNK) {
+                    let c1 = (c0 + CHUNK).min(j1);
+                    s.resize((c1 - c0) * groups, 0.0);
+                    sf.read(c0 * groups, &mut s);
+                    if let Some(mf) = &mf {
+                        m.resize((c1 - c0) * groups, 0.0);
+                        mf.read(c0 * groups, &mut m);
+                    }
+                    // SAFETY: `usable` said yes; the codes are whole weight rows c0..c1.
+                    unsafe {
+                        crate::q8::rows(&q, w.bits, &codes[c0 * cb..c1 * cb], &s, &m, |r, jj, v| {
+                            store(r, c0 + jj, v)
+                        })
+                    };
+                }
+            };
+            for_blocks(blocks, threads, work);
+            return Ok(());
+        }
+    }
     if rows <= GEMV_ROWS {
         // Per-group sums of each row of `a`, for the minimums.
         let asum: Vec<f32> = if w.bits == 4 {

@@ -21,6 +21,7 @@ mod exec;
 mod kernels;
 pub mod npy;
 pub mod plan;
+mod q8;
 pub mod session;
 mod validate;
 
