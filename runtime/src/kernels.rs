@@ -1180,8 +1180,10 @@ unsafe fn qrow_avx2(bits: u8, g: usize, a: &[f32], codes: &[u8], s: &[f32], m: &
 }
 
 /// `out = acc + bias + scale · (a @ wᵀ)` with a quantized `w`: rows of `a` at most [`GEMV_ROWS`]
-/// take one streaming pass over the codes (dot products per group, scaled once per group); more
-/// rows dequantize 64 output channels at a time into a per-thread tile and call the GEMM on it.
+/// take one streaming pass over the codes, with `int8_activations` (and AVX2) as integer dot
+/// products on the activations quantized to int8 (`q8`), otherwise in f32 (dot products per group,
+/// scaled once per group); more rows dequantize 64 output channels at a time into a per-thread
+/// tile and call the GEMM on it, exactly.
 #[allow(clippy::too_many_arguments)]
 pub fn qmatmul(
     a: (Buf, &[usize]),
