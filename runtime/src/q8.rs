@@ -2,18 +2,21 @@
 //!
 //! Converting every weight code to f32 bound the few-row quantized product by arithmetic, not by
 //! memory. Here the activation rows are instead quantized on the fly to int8 in blocks of 32 values
-//! with one f32 scale per block (round to nearest even; llama.cpp's Q8_0), and each block of a
-//! weight row is one integer dot product: `_mm256_maddubs_epi16` (u8 × i8, adjacent pairs summed to
-//! i16), `_mm256_madd_epi16` with ones (→ i32), converted to f32 and scaled by the block's
-//! activation scale; each weight group's sum is then scaled by the group's weight scale.
+//! with one f32 step per block (round to nearest even; llama.cpp's Q8_0), and each block of a
+//! weight row is an integer dot product: `_mm256_maddubs_epi16` (u8 × i8, adjacent pairs summed to
+//! i16), `_mm256_madd_epi16` with ones (→ i32), converted to f32 and scaled by the block's step
+//! and its group's weight scale.
 //!
 //! * 4-bit codes (0..=15) are the unsigned operand as they are; the affine minimum adds
-//!   `min_g · Σ_g a` with the exact f32 sum of the activations over the group.
+//!   `min_g · Σ_g a` with the exact f32 sum of the activations over the group. With groups of 64
+//!   columns or more, two blocks are read as one 32-byte load and the activation codes are stored
+//!   in the order of its nibbles ([`Q8::at`]), so unpacking needs no shuffle.
 //! * 8-bit codes are signed: `|w|` is the unsigned operand and the activations take `w`'s sign
 //!   (`_mm256_sign_epi8`).
 //!
 //! Nothing saturates: activation codes are in -127..=127, so a `maddubs` pair is at most
-//! 2 · 15 · 127 for 4 bits and 2 · 128 · 127 = 32512 < 32767 for 8 bits (|-128| read as u8 is 128).
+//! 2 · 15 · 127 for 4 bits (and the sum of two pairs 4 · 15 · 127) and 2 · 128 · 127 = 32512 < 32767
+//! for 8 bits (|-128| read as u8 is 128).
 //!
 //! The cost is accuracy, and this is what makes the runtime differ from the interpreter, which
 //! multiplies the exact activations: an activation moves by at most half its block's step
@@ -27,9 +30,9 @@
 pub const BLOCK: usize = 32;
 
 /// How far ahead of the weight codes being read the kernels prefetch, in bytes. The prefetches
-/// are non-temporal: measured on GPT-2 small decoding (2 threads), prefetching 4 KiB ahead took
-/// the int8 step from 9.1 to 7.4 ms with `prefetcht0` and to 5.7 ms with `prefetchnta`, which
-/// keeps the streamed codes from evicting what is reused; 1–16 KiB measured alike.
+/// are non-temporal: measured on GPT-2 small decoding (2 threads, one run), prefetching 4 KiB ahead
+/// took the int8 step from 9.1 ms to 7.4 with `prefetcht0` and to 5.9 with `prefetchnta`, which
+/// keeps the streamed codes out of the caches' reused part; 1–8 KiB measured alike.
 const PREFETCH: usize = 4096;
 
 /// Whether a weight of `bits` with groups of `group` columns can take the integer path here.
