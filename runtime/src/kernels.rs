@@ -1284,11 +1284,7 @@ pub fn qmatmul(
                         mf.read(c0 * groups, &mut m);
                     }
                     // SAFETY: `usable` said yes; the codes are whole weight rows c0..c1.
-                    unsafe {
-                        crate::q8::rows(&q, w.bits, &codes[c0 * cb..c1 * cb], &s, &m, |r, jj, v| {
-                            store(r, c0 + jj, v)
-                        })
-                    };
+                    unsafe { crate::q8::rows(&q, &codes[c0 * cb..c1 * cb], &s, &m, |r, jj, v| store(r, c0 + jj, v)) };
                 }
             };
             for_blocks(blocks, threads, work);

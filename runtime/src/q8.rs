@@ -60,6 +60,8 @@ pub struct Q8 {
     pub rows: usize,
     /// Columns per weight group, over which `sums` add up.
     pub group: usize,
+    /// Bits per code of the weights these activations are for (4 or 8).
+    pub bits: u8,
     /// `[rows, k]` codes in -127..=127, in column order or, if `paired`, in the order of 4-bit
     /// weight codes (see [`Q8::at`]).
     pub q: Vec<i8>,
@@ -90,6 +92,7 @@ impl Q8 {
             k,
             rows,
             group,
+            bits,
             q: vec![0; rows * k],
             d: vec![0.0; rows * k / BLOCK],
             pair_d: vec![0.0; if paired { rows * k / 8 } else { 0 }],
@@ -237,26 +240,26 @@ unsafe fn hsum(v: std::arch::x86_64::__m256) -> f32 {
 }
 
 /// Outputs `j0..j0 + n` of every activation row: `put(r, jj, value)` for row `r` and weight row
-/// `j0 + jj`, where `codes` holds those `n` weight rows (`k` or `k / 2` bytes each) and `s`, `m`
-/// their scales and minimums (`n · k / group` each; `m` empty for 8 bits).
+/// `j0 + jj`, where `codes` holds those `n` weight rows of `q.bits` (`k` or `k / 2` bytes each)
+/// and `s`, `m` their scales and minimums (`n · k / group` each; `m` unread for 8 bits).
 ///
 /// # Safety
-/// [`usable`] said yes for `bits` and `q.group`; `codes` holds `n` whole weight rows of `q.k`
+/// [`usable`] said yes for `q.bits` and `q.group`; `codes` holds `n` whole weight rows of `q.k`
 /// columns.
-pub unsafe fn rows(q: &Q8, bits: u8, codes: &[u8], s: &[f32], m: &[f32], mut put: impl FnMut(usize, usize, f32)) {
+pub unsafe fn rows(q: &Q8, codes: &[u8], s: &[f32], m: &[f32], mut put: impl FnMut(usize, usize, f32)) {
     #[cfg(target_arch = "x86_64")]
     {
         match q.rows {
-            1 => band::<1>(q, bits, codes, s, m, &mut put),
-            2 => band::<2>(q, bits, codes, s, m, &mut put),
-            3 => band::<3>(q, bits, codes, s, m, &mut put),
-            4 => band::<4>(q, bits, codes, s, m, &mut put),
+            1 => band::<1>(q, codes, s, m, &mut put),
+            2 => band::<2>(q, codes, s, m, &mut put),
+            3 => band::<3>(q, codes, s, m, &mut put),
+            4 => band::<4>(q, codes, s, m, &mut put),
             _ => unreachable!("the integer path takes 1 to 4 rows"),
         }
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
-        let _ = (q, bits, codes, s, m, &mut put);
+        let _ = (q, codes, s, m, &mut put);
         unreachable!("usable() is false off x86_64");
     }
 }
@@ -265,14 +268,8 @@ pub unsafe fn rows(q: &Q8, bits: u8, codes: &[u8], s: &[f32], m: &[f32], mut put
 /// per-row kernels inline into it.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn band<const R: usize>(
-    q: &Q8,
-    bits: u8,
-    codes: &[u8],
-    s: &[f32],
-    m: &[f32],
-    put: &mut impl FnMut(usize, usize, f32),
-) {
+unsafe fn band<const R: usize>(q: &Q8, codes: &[u8], s: &[f32], m: &[f32], put: &mut impl FnMut(usize, usize, f32)) {
+    let bits = q.bits;
     let cb = if bits == 8 { q.k } else { q.k / 2 };
     let l = Layout {
         k: q.k,
