@@ -2,18 +2,21 @@
 //!
 //! Converting every weight code to f32 bound the few-row quantized product by arithmetic, not by
 //! memory. Here the activation rows are instead quantized on the fly to int8 in blocks of 32 values
-//! with one f32 scale per block (round to nearest even; llama.cpp's Q8_0), and each block of a
-//! weight row is one integer dot product: `_mm256_maddubs_epi16` (u8 × i8, adjacent pairs summed to
-//! i16), `_mm256_madd_epi16` with ones (→ i32), converted to f32 and scaled by the block's
-//! activation scale; each weight group's sum is then scaled by the group's weight scale.
+//! with one f32 step per block (round to nearest even; llama.cpp's Q8_0), and each block of a
+//! weight row is an integer dot product: `_mm256_maddubs_epi16` (u8 × i8, adjacent pairs summed to
+//! i16), `_mm256_madd_epi16` with ones (→ i32), converted to f32 and scaled by the block's step
+//! and its group's weight scale.
 //!
 //! * 4-bit codes (0..=15) are the unsigned operand as they are; the affine minimum adds
-//!   `min_g · Σ_g a` with the exact f32 sum of the activations over the group.
+//!   `min_g · Σ_g a` with the exact f32 sum of the activations over the group. With groups of 64
+//!   columns or more, two blocks are read as one 32-byte load and the activation codes are stored
+//!   in the order of its nibbles ([`Q8::at`]), so unpacking needs no shuffle.
 //! * 8-bit codes are signed: `|w|` is the unsigned operand and the activations take `w`'s sign
 //!   (`_mm256_sign_epi8`).
 //!
 //! Nothing saturates: activation codes are in -127..=127, so a `maddubs` pair is at most
-//! 2 · 15 · 127 for 4 bits and 2 · 128 · 127 = 32512 < 32767 for 8 bits (|-128| read as u8 is 128).
+//! 2 · 15 · 127 for 4 bits (and the sum of two pairs 4 · 15 · 127) and 2 · 128 · 127 = 32512 < 32767
+//! for 8 bits (|-128| read as u8 is 128).
 //!
 //! The cost is accuracy, and this is what makes the runtime differ from the interpreter, which
 //! multiplies the exact activations: an activation moves by at most half its block's step
@@ -26,7 +29,10 @@
 /// Values per activation block (one f32 scale each).
 pub const BLOCK: usize = 32;
 
-/// How far ahead of the weight codes being read the kernels prefetch, in bytes.
+/// How far ahead of the weight codes being read the kernels prefetch, in bytes. The prefetches
+/// are non-temporal: measured on GPT-2 small decoding (2 threads, one run), prefetching 4 KiB ahead
+/// took the int8 step from 9.1 ms to 7.4 with `prefetcht0` and to 5.9 with `prefetchnta`, which
+/// keeps the streamed codes out of the caches' reused part; 1–8 KiB measured alike.
 const PREFETCH: usize = 4096;
 
 /// Whether a weight of `bits` with groups of `group` columns can take the integer path here.
@@ -54,6 +60,8 @@ pub struct Q8 {
     pub rows: usize,
     /// Columns per weight group, over which `sums` add up.
     pub group: usize,
+    /// Bits per code of the weights these activations are for (4 or 8).
+    pub bits: u8,
     /// `[rows, k]` codes in -127..=127, in column order or, if `paired`, in the order of 4-bit
     /// weight codes (see [`Q8::at`]).
     pub q: Vec<i8>,
@@ -62,9 +70,11 @@ pub struct Q8 {
     /// If `paired`, `[rows, k / 64, 8]`: each pair of blocks' steps as the 8 lanes of the pair's
     /// integer sums hold them (4 of the first block's step, 4 of the second's); empty otherwise.
     pub pair_d: Vec<f32>,
-    /// `[rows, k / group]` f32 sums of the exact activations per group (for affine minimums), or
-    /// empty.
+    /// `[rows, sum_stride]` f32 sums of the exact activations per group (for affine minimums),
+    /// zero after the `k / group` groups, or empty.
     pub sums: Vec<f32>,
+    /// The groups rounded up to a multiple of 8, so the kernels read a row's sums in vectors.
+    pub sum_stride: usize,
     /// Codes ordered for 4-bit weights read two blocks (32 bytes) at a time.
     pub paired: bool,
 }
@@ -77,14 +87,17 @@ impl Q8 {
     pub fn new(a: &[f32], rows: usize, k: usize, group: usize, bits: u8) -> Option<Q8> {
         assert!(group % BLOCK == 0 && k % group == 0 && a.len() == rows * k);
         let paired = bits == 4 && group % (2 * BLOCK) == 0;
+        let sum_stride = if bits == 4 { (k / group).div_ceil(8) * 8 } else { 0 };
         let mut q = Q8 {
             k,
             rows,
             group,
+            bits,
             q: vec![0; rows * k],
             d: vec![0.0; rows * k / BLOCK],
             pair_d: vec![0.0; if paired { rows * k / 8 } else { 0 }],
-            sums: vec![0.0; if bits == 4 { rows * k / group } else { 0 }],
+            sums: vec![0.0; rows * sum_stride],
+            sum_stride,
             paired,
         };
         #[cfg(target_arch = "x86_64")]
@@ -119,6 +132,12 @@ impl Q8 {
         pair * 64 + (c / 16) * 32 + half * 16 + c % 16
     }
 
+    /// Where the sum of group `i` (of all rows' groups, row-major) is stored.
+    fn sum_at(&self, i: usize) -> usize {
+        let groups = self.k / self.group;
+        i / groups * self.sum_stride + i % groups
+    }
+
     /// The portable quantizer, the definition [`Q8::fill_avx2`] follows.
     fn fill(&mut self, a: &[f32]) -> bool {
         let mut finite = true;
@@ -133,8 +152,9 @@ impl Q8 {
             }
         }
         if !self.sums.is_empty() {
-            for (s, x) in self.sums.iter_mut().zip(a.chunks_exact(self.group)) {
-                *s = x.iter().sum();
+            for (i, x) in a.chunks_exact(self.group).enumerate() {
+                let at = self.sum_at(i);
+                self.sums[at] = x.iter().sum();
             }
         }
         finite
@@ -193,7 +213,8 @@ impl Q8 {
                     _mm256_add_ps(_mm256_add_ps(v[0], v[1]), _mm256_add_ps(v[2], v[3])),
                 );
                 if (b + 1) % bpg == 0 {
-                    *self.sums.get_unchecked_mut(b / bpg) = hsum(gsum);
+                    let at = self.sum_at(b / bpg);
+                    *self.sums.get_unchecked_mut(at) = hsum(gsum);
                     gsum = _mm256_setzero_ps();
                 }
             }
@@ -219,26 +240,26 @@ unsafe fn hsum(v: std::arch::x86_64::__m256) -> f32 {
 }
 
 /// Outputs `j0..j0 + n` of every activation row: `put(r, jj, value)` for row `r` and weight row
-/// `j0 + jj`, where `codes` holds those `n` weight rows (`k` or `k / 2` bytes each) and `s`, `m`
-/// their scales and minimums (`n · k / group` each; `m` empty for 8 bits).
+/// `j0 + jj`, where `codes` holds those `n` weight rows of `q.bits` (`k` or `k / 2` bytes each)
+/// and `s`, `m` their scales and minimums (`n · k / group` each; `m` unread for 8 bits).
 ///
 /// # Safety
-/// [`usable`] said yes for `bits` and `q.group`; `codes` holds `n` whole weight rows of `q.k`
+/// [`usable`] said yes for `q.bits` and `q.group`; `codes` holds `n` whole weight rows of `q.k`
 /// columns.
-pub unsafe fn rows(q: &Q8, bits: u8, codes: &[u8], s: &[f32], m: &[f32], mut put: impl FnMut(usize, usize, f32)) {
+pub unsafe fn rows(q: &Q8, codes: &[u8], s: &[f32], m: &[f32], mut put: impl FnMut(usize, usize, f32)) {
     #[cfg(target_arch = "x86_64")]
     {
         match q.rows {
-            1 => band::<1>(q, bits, codes, s, m, &mut put),
-            2 => band::<2>(q, bits, codes, s, m, &mut put),
-            3 => band::<3>(q, bits, codes, s, m, &mut put),
-            4 => band::<4>(q, bits, codes, s, m, &mut put),
+            1 => band::<1>(q, codes, s, m, &mut put),
+            2 => band::<2>(q, codes, s, m, &mut put),
+            3 => band::<3>(q, codes, s, m, &mut put),
+            4 => band::<4>(q, codes, s, m, &mut put),
             _ => unreachable!("the integer path takes 1 to 4 rows"),
         }
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
-        let _ = (q, bits, codes, s, m, &mut put);
+        let _ = (q, codes, s, m, &mut put);
         unreachable!("usable() is false off x86_64");
     }
 }
@@ -247,14 +268,8 @@ pub unsafe fn rows(q: &Q8, bits: u8, codes: &[u8], s: &[f32], m: &[f32], mut put
 /// per-row kernels inline into it.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn band<const R: usize>(
-    q: &Q8,
-    bits: u8,
-    codes: &[u8],
-    s: &[f32],
-    m: &[f32],
-    put: &mut impl FnMut(usize, usize, f32),
-) {
+unsafe fn band<const R: usize>(q: &Q8, codes: &[u8], s: &[f32], m: &[f32], put: &mut impl FnMut(usize, usize, f32)) {
+    let bits = q.bits;
     let cb = if bits == 8 { q.k } else { q.k / 2 };
     let l = Layout {
         k: q.k,
@@ -267,13 +282,21 @@ unsafe fn band<const R: usize>(
     for jj in 0..n {
         let c = codes.as_ptr().add(jj * cb);
         let sr = s.as_ptr().add(jj * l.groups);
-        let mr = m.as_ptr().wrapping_add(jj * l.groups);
         let t: [f32; R] = if bits == 8 {
             row8::<R>(q, l, c, sr)
-        } else if q.paired {
-            row4_paired::<R>(q, l, c, sr, mr)
         } else {
-            row4::<R>(q, l, c, sr, mr)
+            let mr = m.as_ptr().add(jj * l.groups);
+            let acc = if !q.paired {
+                row4::<R>(q, l, c, sr)
+            } else if l.bpg == 2 {
+                // Groups of 64 and 128 columns: the loop over a group's pairs unrolls.
+                row4_paired::<R, 1>(q, l, c, sr)
+            } else if l.bpg == 4 {
+                row4_paired::<R, 2>(q, l, c, sr)
+            } else {
+                row4_paired::<R, 0>(q, l, c, sr)
+            };
+            with_minimums(q, l, mr, acc)
         };
         for (r, v) in t.into_iter().enumerate() {
             put(r, jj, v);
@@ -294,124 +317,117 @@ struct Layout {
     bpg: usize,
 }
 
-/// One 4-bit weight row against `R` activation rows, a block at a time (groups of 32 columns).
-#[allow(clippy::needless_range_loop)]
+/// The outputs of a 4-bit weight row from its accumulators: their sums plus the affine minimums'
+/// term `Σ_g min_g · Σ_g a`, a dot product of the row's minimums `m` with the group sums, eight
+/// groups per vector.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 #[inline]
-unsafe fn row4<const R: usize>(q: &Q8, l: Layout, codes: *const u8, s: *const f32, m: *const f32) -> [f32; R] {
+unsafe fn with_minimums<const R: usize>(
+    q: &Q8,
+    l: Layout,
+    m: *const f32,
+    acc: [std::arch::x86_64::__m256; R],
+) -> [f32; R] {
     use std::arch::x86_64::*;
-    let Layout { k, groups, nb, bpg } = l;
-    let ones = _mm256_set1_epi16(1);
-    let low = _mm256_set1_epi8(15);
-    let mut total = [_mm256_setzero_ps(); R];
-    let mut tail = [0f32; R];
-    // One block of 32 columns: 16 bytes, column i in the low nibble of byte i and column i + 16
-    // in its high nibble, unpacked into 32 bytes in column order.
-    let unpack = |b: usize| {
-        let raw = _mm_loadu_si128(codes.add(b * 16) as *const __m128i);
-        _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16::<4>(raw), raw), low)
-    };
-    let dot = |w: __m256i, r: usize, b: usize, acc: __m256| {
-        let x = _mm256_loadu_si256(q.q.as_ptr().add(r * k + b * BLOCK) as *const __m256i);
-        let p = _mm256_madd_epi16(_mm256_maddubs_epi16(w, x), ones);
-        _mm256_fmadd_ps(
-            _mm256_cvtepi32_ps(p),
-            _mm256_set1_ps(*q.d.get_unchecked(r * nb + b)),
-            acc,
-        )
-    };
-    for gi in 0..groups {
-        // Two accumulator chains per row, so FMA latency does not bound a row.
-        let (mut a0, mut a1) = ([_mm256_setzero_ps(); R], [_mm256_setzero_ps(); R]);
-        let (mut b, end) = (gi * bpg, (gi + 1) * bpg);
-        while b + 2 <= end {
-            let (w0, w1) = (unpack(b), unpack(b + 1));
-            for r in 0..R {
-                a0[r] = dot(w0, r, b, a0[r]);
-                a1[r] = dot(w1, r, b + 1, a1[r]);
-            }
-            b += 2;
-        }
-        if b < end {
-            let w0 = unpack(b);
-            for r in 0..R {
-                a0[r] = dot(w0, r, b, a0[r]);
-            }
-        }
-        let (sc, mn) = (*s.add(gi), *m.add(gi));
-        for r in 0..R {
-            total[r] = _mm256_fmadd_ps(_mm256_add_ps(a0[r], a1[r]), _mm256_set1_ps(sc), total[r]);
-            tail[r] += mn * *q.sums.get_unchecked(r * groups + gi);
-        }
-    }
+    let lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
     let mut out = [0f32; R];
-    for r in 0..R {
-        out[r] = hsum(total[r]) + tail[r];
+    for (r, a) in acc.into_iter().enumerate() {
+        let mut t = a;
+        for c in (0..l.groups).step_by(8) {
+            // Only this row's minimums are read; the sums are zero past the last group.
+            let mask = _mm256_cmpgt_epi32(_mm256_set1_epi32((l.groups - c) as i32), lanes);
+            let mv = _mm256_maskload_ps(m.add(c), mask);
+            let sv = _mm256_loadu_ps(q.sums.as_ptr().add(r * q.sum_stride + c));
+            t = _mm256_fmadd_ps(mv, sv, t);
+        }
+        out[r] = hsum(t);
     }
     out
 }
 
-/// One 4-bit weight row against `R` activation rows in paired order (groups of 64 or more
-/// columns): two blocks' 32 code bytes per load, whose low nibbles meet the first 32 activation
-/// codes and high nibbles the next 32 without any shuffle; both products share one i16 sum
-/// (at most 4 · 15 · 127), one widening, one conversion and one FMA with the pair's steps.
+/// The accumulators of one 4-bit weight row against `R` activation rows, a block at a time (groups
+/// of an odd number of blocks, in practice 32 columns). Each block's product is scaled by its
+/// activation step times its group's scale, alternating between two accumulator chains.
 #[allow(clippy::needless_range_loop)]
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 #[inline]
-unsafe fn row4_paired<const R: usize>(q: &Q8, l: Layout, codes: *const u8, s: *const f32, m: *const f32) -> [f32; R] {
+unsafe fn row4<const R: usize>(q: &Q8, l: Layout, codes: *const u8, s: *const f32) -> [std::arch::x86_64::__m256; R] {
     use std::arch::x86_64::*;
-    let Layout { k, groups, bpg, .. } = l;
-    let (ppg, np) = (bpg / 2, k / 64);
+    let Layout { k, groups, nb, bpg } = l;
     let ones = _mm256_set1_epi16(1);
     let low = _mm256_set1_epi8(15);
-    let mut total = [_mm256_setzero_ps(); R];
-    let mut tail = [0f32; R];
-    let unpack = |p: usize| {
-        _mm_prefetch::<_MM_HINT_T0>(codes.wrapping_add(p * 32 + PREFETCH) as *const i8);
-        let raw = _mm256_loadu_si256(codes.add(p * 32) as *const __m256i);
-        (
-            _mm256_and_si256(raw, low),
-            _mm256_and_si256(_mm256_srli_epi16::<4>(raw), low),
-        )
-    };
-    let dot = |(lo, hi): (__m256i, __m256i), r: usize, p: usize, acc: __m256| {
-        let x = q.q.as_ptr().add(r * k + p * 64);
-        let xl = _mm256_loadu_si256(x as *const __m256i);
-        let xh = _mm256_loadu_si256(x.add(32) as *const __m256i);
-        let s16 = _mm256_add_epi16(_mm256_maddubs_epi16(lo, xl), _mm256_maddubs_epi16(hi, xh));
-        let d = _mm256_loadu_ps(q.pair_d.as_ptr().add((r * np + p) * 8));
-        _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(s16, ones)), d, acc)
-    };
+    let (mut a0, mut a1) = ([_mm256_setzero_ps(); R], [_mm256_setzero_ps(); R]);
     for gi in 0..groups {
-        let (mut a0, mut a1) = ([_mm256_setzero_ps(); R], [_mm256_setzero_ps(); R]);
-        let (mut p, end) = (gi * ppg, (gi + 1) * ppg);
-        while p + 2 <= end {
-            let (w0, w1) = (unpack(p), unpack(p + 1));
+        let sc = *s.add(gi);
+        for b in gi * bpg..(gi + 1) * bpg {
+            // 16 bytes: column i in the low nibble of byte i and column i + 16 in its high
+            // nibble, unpacked into 32 bytes in column order.
+            _mm_prefetch::<_MM_HINT_NTA>(codes.wrapping_add(b * 16 + PREFETCH) as *const i8);
+            let raw = _mm_loadu_si128(codes.add(b * 16) as *const __m128i);
+            let w = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16::<4>(raw), raw), low);
             for r in 0..R {
-                a0[r] = dot(w0, r, p, a0[r]);
-                a1[r] = dot(w1, r, p + 1, a1[r]);
+                let x = _mm256_loadu_si256(q.q.as_ptr().add(r * k + b * BLOCK) as *const __m256i);
+                let p = _mm256_madd_epi16(_mm256_maddubs_epi16(w, x), ones);
+                let d = _mm256_set1_ps(*q.d.get_unchecked(r * nb + b) * sc);
+                a0[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), d, a0[r]);
             }
-            p += 2;
-        }
-        if p < end {
-            let w0 = unpack(p);
-            for r in 0..R {
-                a0[r] = dot(w0, r, p, a0[r]);
-            }
-        }
-        let (sc, mn) = (*s.add(gi), *m.add(gi));
-        for r in 0..R {
-            total[r] = _mm256_fmadd_ps(_mm256_add_ps(a0[r], a1[r]), _mm256_set1_ps(sc), total[r]);
-            tail[r] += mn * *q.sums.get_unchecked(r * groups + gi);
+            std::mem::swap(&mut a0, &mut a1);
         }
     }
-    let mut out = [0f32; R];
+    let mut acc = [_mm256_setzero_ps(); R];
     for r in 0..R {
-        out[r] = hsum(total[r]) + tail[r];
+        acc[r] = _mm256_add_ps(a0[r], a1[r]);
     }
-    out
+    acc
+}
+
+/// The accumulators of one 4-bit weight row against `R` activation rows in paired order (groups
+/// of an even number of blocks; `PPG` pairs per group if not 0): two blocks' 32 code bytes per
+/// load, whose low nibbles meet the first 32 activation codes and high nibbles the next 32 without
+/// any shuffle; both products share one i16 sum (at most 4 · 15 · 127), one widening, one
+/// conversion and one FMA with the pair's steps times the group's scale. Scaling each pair, rather
+/// than each group's sum, leaves no reduction per group: measured 10% faster for groups of 128.
+#[allow(clippy::needless_range_loop)]
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+#[inline]
+unsafe fn row4_paired<const R: usize, const PPG: usize>(
+    q: &Q8,
+    l: Layout,
+    codes: *const u8,
+    s: *const f32,
+) -> [std::arch::x86_64::__m256; R] {
+    use std::arch::x86_64::*;
+    let Layout { k, groups, bpg, .. } = l;
+    let (ppg, np) = (if PPG > 0 { PPG } else { bpg / 2 }, k / 64);
+    let ones = _mm256_set1_epi16(1);
+    let low = _mm256_set1_epi8(15);
+    let (mut a0, mut a1) = ([_mm256_setzero_ps(); R], [_mm256_setzero_ps(); R]);
+    for gi in 0..groups {
+        let sc = _mm256_set1_ps(*s.add(gi));
+        for p in gi * ppg..(gi + 1) * ppg {
+            _mm_prefetch::<_MM_HINT_NTA>(codes.wrapping_add(p * 32 + PREFETCH) as *const i8);
+            let raw = _mm256_loadu_si256(codes.add(p * 32) as *const __m256i);
+            let lo = _mm256_and_si256(raw, low);
+            let hi = _mm256_and_si256(_mm256_srli_epi16::<4>(raw), low);
+            for r in 0..R {
+                let x = q.q.as_ptr().add(r * k + p * 64);
+                let xl = _mm256_loadu_si256(x as *const __m256i);
+                let xh = _mm256_loadu_si256(x.add(32) as *const __m256i);
+                let s16 = _mm256_add_epi16(_mm256_maddubs_epi16(lo, xl), _mm256_maddubs_epi16(hi, xh));
+                let d = _mm256_mul_ps(_mm256_loadu_ps(q.pair_d.as_ptr().add((r * np + p) * 8)), sc);
+                a0[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(s16, ones)), d, a0[r]);
+            }
+            std::mem::swap(&mut a0, &mut a1);
+        }
+    }
+    let mut acc = [_mm256_setzero_ps(); R];
+    for r in 0..R {
+        acc[r] = _mm256_add_ps(a0[r], a1[r]);
+    }
+    acc
 }
 
 /// One 8-bit weight row against `R` activation rows.
@@ -435,27 +451,14 @@ unsafe fn row8<const R: usize>(q: &Q8, l: Layout, codes: *const u8, s: *const f3
         )
     };
     let load = |b: usize| {
-        _mm_prefetch::<_MM_HINT_T0>(codes.wrapping_add(b * BLOCK + PREFETCH) as *const i8);
+        _mm_prefetch::<_MM_HINT_NTA>(codes.wrapping_add(b * BLOCK + PREFETCH) as *const i8);
         let w = _mm256_loadu_si256(codes.add(b * BLOCK) as *const __m256i);
         (w, _mm256_sign_epi8(w, w))
     };
     for gi in 0..groups {
+        // Two accumulator chains per row, so FMA latency does not bound a row.
         let (mut a0, mut a1) = ([_mm256_setzero_ps(); R], [_mm256_setzero_ps(); R]);
         let (mut b, end) = (gi * bpg, (gi + 1) * bpg);
-        if R == 1 {
-            let (mut a2, mut a3) = (_mm256_setzero_ps(), _mm256_setzero_ps());
-            while b + 4 <= end {
-                let ((w0, aw0), (w1, aw1)) = (load(b), load(b + 1));
-                let ((w2, aw2), (w3, aw3)) = (load(b + 2), load(b + 3));
-                a0[0] = dot(w0, aw0, 0, b, a0[0]);
-                a1[0] = dot(w1, aw1, 0, b + 1, a1[0]);
-                a2 = dot(w2, aw2, 0, b + 2, a2);
-                a3 = dot(w3, aw3, 0, b + 3, a3);
-                b += 4;
-            }
-            a0[0] = _mm256_add_ps(a0[0], a2);
-            a1[0] = _mm256_add_ps(a1[0], a3);
-        }
         while b + 2 <= end {
             let ((w0, aw0), (w1, aw1)) = (load(b), load(b + 1));
             for r in 0..R {
@@ -591,9 +594,12 @@ mod tests {
             (8, 96, 96),
             (8, 256, 256),
             (8, 256, 64),
+            (8, 288, 96),
             (4, 384, 32),
+            (4, 384, 96),
             (4, 384, 128),
             (4, 256, 64),
+            (4, 512, 256),
         ] {
             let w = weight(bits, n, k, g, k as u64 + g as u64);
             let ty = TensorType::new(DType::F32, vec![(n as u64).into(), (k as u64).into()]);
