@@ -1430,6 +1430,21 @@ fn prefill_epilogue(
     Ok(acc.is_some() || bias.is_some())
 }
 
+/// `(k, n)` of a sparse product `a [.., m, k] -> out [.., m, n]`, after checking that the rows
+/// agree and both buffers hold their shapes.
+fn sparse_shapes(a: (Buf, &[usize]), out: (Buf, &[usize])) -> Result<(usize, usize), String> {
+    let (sa, so) = (a.1, out.1);
+    let (Some(&k), Some(&n)) = (sa.last(), so.last()) else {
+        return Err("sparse matmul operands need rank >= 1".into());
+    };
+    if sa.len() != so.len() || sa[..sa.len() - 1] != so[..so.len() - 1] {
+        return Err(format!("sparse matmul {sa:?} -> {so:?}: rows differ"));
+    }
+    check_len("sparse matmul lhs", a.0, sa, 4)?;
+    check_len("sparse matmul output", out.0, so, 4)?;
+    Ok((k, n))
+}
+
 /// A block-CSR weight `[n, k]` (see `Op::Densify`), as `Step::SpMatMul` reads it.
 pub struct CsrWeight {
     /// i32 `[n / br + 1]`.
@@ -1455,15 +1470,7 @@ pub fn spmatmul(
     acc: Option<(Buf, &[usize])>,
     threads: usize,
 ) -> Result<(), String> {
-    let (sa, so) = (a.1, out.1);
-    let (Some(&k), Some(&n)) = (sa.last(), so.last()) else {
-        return Err("sparse matmul operands need rank >= 1".into());
-    };
-    if sa.len() != so.len() || sa[..sa.len() - 1] != so[..so.len() - 1] {
-        return Err(format!("sparse matmul {sa:?} -> {so:?}: rows differ"));
-    }
-    check_len("sparse matmul lhs", a.0, sa, 4)?;
-    check_len("sparse matmul output", out.0, so, 4)?;
+    let (k, n) = sparse_shapes(a, out)?;
     if w.block != [1, 1] {
         return block_spmatmul(a, w, out, sparse_rows, scale, bias, acc, threads);
     }
@@ -1478,7 +1485,7 @@ pub fn spmatmul(
     if rp[0] != 0 || rp.windows(2).any(|p| p[1] < p[0]) || rp[n] as usize != nnz {
         return Err("CSR row offsets are not increasing from 0 to the number of values".into());
     }
-    let rows = elems(sa) / k.max(1);
+    let rows = elems(a.1) / k.max(1);
     let read_dst = prefill_epilogue(out, n, bias, acc)?;
     if rows == 0 || n == 0 {
         return Ok(());
@@ -1557,17 +1564,22 @@ fn block_spmatmul(
     acc: Option<(Buf, &[usize])>,
     threads: usize,
 ) -> Result<(), String> {
-    let (sa, so) = (a.1, out.1);
-    let (k, n) = (sa[sa.len() - 1], so[so.len() - 1]);
+    let sa = a.1;
+    let (k, n) = sparse_shapes(a, out)?;
     let [br, bc] = w.block;
     if br == 0 || bc == 0 || n % br != 0 || k % bc != 0 || w.row_ptr.len != (n / br + 1) * 4 {
         return Err(format!("a {br}x{bc} block-CSR weight does not fit [{n}, {k}]"));
     }
     let nb = w.cols.len / 4;
-    if w.vals.len != nb * br * bc * 4 {
+    // Blocks come from the manifest: an absurd size must not overflow.
+    let per = br
+        .checked_mul(bc)
+        .filter(|p| *p <= n * k)
+        .ok_or("block larger than the weight")?;
+    if w.vals.len != nb * per * 4 {
         return Err(format!(
             "{nb} blocks of {br}x{bc} need {} values, got {}",
-            nb * br * bc,
+            nb * per,
             w.vals.len / 4
         ));
     }
@@ -1896,22 +1908,14 @@ pub fn spmatmul24(
     acc: Option<(Buf, &[usize])>,
     threads: usize,
 ) -> Result<(), String> {
-    let (sa, so) = (a.1, out.1);
-    let (Some(&k), Some(&n)) = (sa.last(), so.last()) else {
-        return Err("sparse matmul operands need rank >= 1".into());
-    };
-    if sa.len() != so.len() || sa[..sa.len() - 1] != so[..so.len() - 1] {
-        return Err(format!("sparse matmul {sa:?} -> {so:?}: rows differ"));
-    }
-    check_len("sparse matmul lhs", a.0, sa, 4)?;
-    check_len("sparse matmul output", out.0, so, 4)?;
+    let (k, n) = sparse_shapes(a, out)?;
     if k % 4 != 0 || vals.len != n * (k / 2) * 4 || idx.len != n * (k / 4) {
         return Err(format!("a packed 2:4 weight does not fit [{n}, {k}]"));
     }
     // SAFETY: lengths checked above.
     let vs = unsafe { std::slice::from_raw_parts(vals.ptr as *const f32, n * (k / 2)) };
     let ix = unsafe { std::slice::from_raw_parts(idx.ptr as *const u8, n * (k / 4)) };
-    let rows = elems(sa) / k.max(1);
+    let rows = elems(a.1) / k.max(1);
     let read_dst = prefill_epilogue(out, n, bias, acc)?;
     if rows == 0 || n == 0 {
         return Ok(());
