@@ -186,10 +186,10 @@ fn minilm_quantization_accuracy() {
         cos["gptq4:128"] > cos["int4:128"],
         "GPTQ is not better than round-to-nearest: {cos:?}"
     );
-    // Measured 0.966 (RTN) and 0.9890 (GPTQ, activation order): the 0.99 for int4 g128 is
-    // not reached (gptq4:32 reaches 0.9936); these guard against regressions.
+    // The thresholds: int8 >= 0.999, int4 g128 >= 0.99 (measured 0.9928 with GPTQ on the 116
+    // held-out sentences); round-to-nearest int4 is only guarded against regressions.
     assert!(cos["int4:128"] >= 0.96, "int4: {}", cos["int4:128"]);
-    assert!(cos["gptq4:128"] >= 0.988, "gptq4: {}", cos["gptq4:128"]);
+    assert!(cos["gptq4:128"] >= 0.99, "gptq4: {}", cos["gptq4:128"]);
 }
 
 /// Pruned weights in CSR: the compiled products (sparse kernel and densified tiles) equal the
