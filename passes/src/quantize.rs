@@ -238,6 +238,7 @@ pub struct Hessian {
     k: usize,
     h: Vec<f64>,
     rows: usize,
+    weight: f64,
 }
 
 impl Hessian {
@@ -247,11 +248,17 @@ impl Hessian {
             k,
             h: vec![0.0; k * k],
             rows: 0,
+            weight: 0.0,
         }
     }
 
     /// Adds the rows of `x` (`[.., k]`, f32).
     pub fn add(&mut self, x: &Tensor) -> Result<(), String> {
+        self.add_weighted(x, 1.0)
+    }
+
+    /// Adds the rows of `x` (`[.., k]`, f32), each counted `weight` times.
+    pub fn add_weighted(&mut self, x: &Tensor, weight: f64) -> Result<(), String> {
         if x.shape().last() != Some(&self.k) {
             return Err(format!("calibration input {:?} does not end in {}", x.shape(), self.k));
         }
@@ -260,7 +267,7 @@ impl Hessian {
         // Row i of H takes x_i · x[..=i] from every sample; rows of H on separate threads.
         self.h.par_chunks_mut(k).enumerate().for_each(|(i, h)| {
             for row in v.chunks_exact(k) {
-                let xi = row[i];
+                let xi = row[i] * weight;
                 if xi != 0.0 {
                     for (hj, xj) in h[..=i].iter_mut().zip(row) {
                         *hj += xi * xj;
@@ -269,6 +276,7 @@ impl Hessian {
             }
         });
         self.rows += v.len() / k;
+        self.weight += weight * (v.len() / k) as f64;
         Ok(())
     }
 
@@ -280,7 +288,7 @@ impl Hessian {
     /// The symmetric matrix `2/n Σ x xᵀ`.
     fn matrix(&self) -> Vec<f64> {
         let k = self.k;
-        let s = 2.0 / self.rows.max(1) as f64;
+        let s = if self.weight > 0.0 { 2.0 / self.weight } else { 0.0 };
         let mut m = vec![0.0; k * k];
         for i in 0..k {
             for j in 0..=i {

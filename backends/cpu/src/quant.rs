@@ -59,7 +59,8 @@ fn is_decoding(graph: &Graph) -> bool {
         .any(|n| matches!(graph.node(n).op, Op::CacheAppend { .. }))
 }
 
-/// `Σ x xᵀ` of every target's input over the calibration samples (one sample per run, so no padding enters the statistics).
+/// `Σ x xᵀ` of every target's input over the calibration samples (one sample per run, so no padding
+/// enters the statistics; each sample's rows weighted by 1/length).
 pub fn calibrate(
     graph: &Graph,
     weights: &BTreeMap<String, Tensor>,
@@ -70,23 +71,29 @@ pub fn calibrate(
     let cg = quantize::calibration_graph(graph, targets);
     let m = model(&cg, weights, dims)?;
     let mut hs: Vec<Hessian> = targets.iter().map(|t| Hessian::new(t.k)).collect();
-    let mut absorb = |outs: Vec<(String, Tensor)>| -> Result<(), String> {
+    // An encoder's sample rows count 1/length, so every sample weighs the same whatever its length,
+    // as it does in a pooled embedding (MiniLM gptq4:128, short queries: cosine 0.9851 -> 0.9868;
+    // long sentences unchanged). A decoder's positions each predict a token: they count 1.
+    let decoding = is_decoding(graph);
+    let mut absorb = |outs: Vec<(String, Tensor)>, sample: &[i64]| -> Result<(), String> {
+        let real = sample.iter().filter(|t| **t >= 0).count().max(1);
+        let w = if decoding { 1.0 } else { 1.0 / real as f64 };
         for (name, t) in outs {
             if let Some(i) = name.strip_prefix("calib.").and_then(|i| i.parse::<usize>().ok()) {
-                hs[i].add(&t)?;
+                hs[i].add_weighted(&t, w)?;
             }
         }
         Ok(())
     };
-    if is_decoding(graph) {
+    if decoding {
         for s in samples {
             let mut sess = m.session().map_err(|e| e.to_string())?;
-            absorb(sess.prefill_outputs(&[s.clone()]).map_err(|e| e.to_string())?)?;
+            absorb(sess.prefill_outputs(&[s.clone()]).map_err(|e| e.to_string())?, s)?;
         }
     } else {
         // One sample per run: padding positions would add activations the model never uses.
         for chunk in samples.chunks(1) {
-            absorb(m.run(&feed(graph, chunk)?).map_err(|e| e.to_string())?)?;
+            absorb(m.run(&feed(graph, chunk)?).map_err(|e| e.to_string())?, &chunk[0])?;
         }
     }
     Ok(hs)
