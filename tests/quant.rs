@@ -189,7 +189,7 @@ fn minilm_quantization_accuracy() {
     // The thresholds: int8 >= 0.999, int4 g128 >= 0.99 (measured 0.9918 with GPTQ on the 139
     // held-out lines, 0.9928 on their 116 sentences, 0.9867 on their 23 short queries);
     // round-to-nearest int4 is only guarded against regressions.
-    assert!(cos["int4:128"] >= 0.96, "int4: {}", cos["int4:128"]);
+    assert!(cos["int4:128"] >= 0.95, "int4: {}", cos["int4:128"]);
     assert!(cos["gptq4:128"] >= 0.99, "gptq4: {}", cos["gptq4:128"]);
 }
 
