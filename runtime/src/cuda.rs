@@ -25,6 +25,12 @@ use crate::{artifact, LoadError, RunError};
 const BLOCK: u32 = 256;
 /// Output tile of the GEMM kernels (`kiln_cuda::emit::TILE`).
 const TILE: usize = 64;
+/// Output tile and threads of the tensor-core GEMM kernels (`kiln_cuda::emit::TC_TILE`,
+/// `TC_THREADS`).
+const TC_TILE: usize = 128;
+const TC_THREADS: u32 = 256;
+/// Products of fewer rows stay on the SIMT kernel: a 128-row tile would mostly compute padding.
+const TC_MIN_ROWS: usize = 32;
 /// Rank the copy kernel walks (`kiln_cuda::emit::COPY_RANK`).
 const COPY_RANK: usize = 6;
 
@@ -92,6 +98,10 @@ pub struct CudaModel {
     dense: BTreeMap<usize, DevMem>,
     /// `sm_80`, `sm_90`: the PTX module in use.
     pub arch: String,
+    /// Whether matrix products of at least [`TC_MIN_ROWS`] rows run on tensor cores (operands
+    /// rounded to bf16, f32 accumulation); `KILN_CUDA_MMA=off` at load, or
+    /// [`CudaModel::set_tensor_cores`], keeps every product in f32.
+    tensor_cores: bool,
     /// The GPU's name.
     pub device: String,
 }
@@ -194,6 +204,7 @@ impl CudaModel {
             }
         }
         Ok(CudaModel {
+            tensor_cores: std::env::var("KILN_CUDA_MMA").map_or(true, |v| v != "off"),
             arch: chosen.arch.clone(),
             manifest: m,
             ctx,
@@ -205,6 +216,17 @@ impl CudaModel {
             dense,
             device,
         })
+    }
+
+    /// Runs matrix products of at least 32 rows on tensor cores (bf16 operands, f32 accumulation;
+    /// the default unless `KILN_CUDA_MMA=off`) or keeps them all in f32.
+    pub fn set_tensor_cores(&mut self, on: bool) {
+        self.tensor_cores = on;
+    }
+
+    /// Whether matrix products run on tensor cores.
+    pub fn tensor_cores(&self) -> bool {
+        self.tensor_cores
     }
 
     /// The manifest (signature, plan, kernels).
@@ -572,6 +594,11 @@ impl Run<'_> {
         args.push(Arg::P(accp));
         args.extend(accs.iter().map(|x| Arg::I(*x as i64)));
         args.push(Arg::I(acc.is_some() as i64));
+        if self.model.tensor_cores && m >= TC_MIN_ROWS {
+            let grid = (n.div_ceil(TC_TILE) as u32, m.div_ceil(TC_TILE) as u32, (z1 * z2) as u32);
+            let tc = format!("gemm_tc_{}", kernel.trim_start_matches("gemm_"));
+            return self.launch(self.fixed(&tc), grid, (TC_THREADS, 1, 1), &args);
+        }
         let grid = (n.div_ceil(TILE) as u32, m.div_ceil(TILE) as u32, (z1 * z2) as u32);
         self.launch(self.fixed(kernel), grid, (16, 16, 1), &args)
     }

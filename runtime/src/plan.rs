@@ -440,10 +440,13 @@ pub struct Manifest {
 }
 
 /// The plan-independent kernels every CUDA artifact carries (`kiln_cuda::emit` writes them).
-pub const GPU_FIXED_KERNELS: [&str; 15] = [
+pub const GPU_FIXED_KERNELS: [&str; 18] = [
     "gemm_f32",
     "gemm_i8",
     "gemm_i4",
+    "gemm_tc_f32",
+    "gemm_tc_i8",
+    "gemm_tc_i4",
     "copy_i8",
     "copy_i16",
     "copy_i32",

@@ -556,23 +556,7 @@ fn f16_to_f32(b: &mut Body, base: &str, at: &str) -> String {
 /// outputs strided by 16 (conflict-free shared reads, coalesced stores).
 pub fn gemm(kind: BOperand, name: &str, out: &mut String) {
     let mut f = Func::new(name);
-    let (m, n, k, zb) = (f.i64("m"), f.i64("n"), f.i64("k"), f.i64("zb"));
-    let (a, sa1, sa2, sam, sak) = (f.ptr("a"), f.i64("sa1"), f.i64("sa2"), f.i64("sam"), f.i64("sak"));
-    let bops: Vec<String> = match kind {
-        BOperand::F32 => vec![f.ptr("b"), f.i64("sb1"), f.i64("sb2"), f.i64("sbk"), f.i64("sbn")],
-        BOperand::Int8 => vec![f.ptr("codes"), f.ptr("scales")],
-        BOperand::Int4 => vec![f.ptr("codes"), f.ptr("scales"), f.ptr("mins"), f.i64("group")],
-    };
-    let (c, sc1, sc2, scm) = (f.ptr("c"), f.i64("sc1"), f.i64("sc2"), f.i64("scm"));
-    let scale = f.param("scale", "f32");
-    let (bias, has_bias) = (f.ptr("bias"), f.i64("has_bias"));
-    let (acc, sacc1, sacc2, saccm, has_acc) = (
-        f.ptr("acc"),
-        f.i64("sacc1"),
-        f.i64("sacc2"),
-        f.i64("saccm"),
-        f.i64("has_acc"),
-    );
+    let p = GemmParams::declare(&mut f, kind);
     let lds = format!("memref<{}xf32, #gpu.address_space<workgroup>>", TILE_K * (TILE + 1));
     f.smem.push(("as".into(), lds.clone()));
     f.smem.push(("bs".into(), lds.clone()));
@@ -580,34 +564,16 @@ pub fn gemm(kind: BOperand, name: &str, out: &mut String) {
     let tid = b.idx("thread_id", "x");
     let bx = b.idx("block_id", "x");
     let by = b.idx("block_id", "y");
-    let bz = b.idx("block_id", "z");
     let (c16, c64, c65) = (b.i64c(16), b.i64c(TILE as i64), b.i64c(TILE as i64 + 1));
-    let (zero, one) = (b.i64c(0), b.i64c(1));
+    let zero = b.i64c(0);
     let tx = b.ibin("remui", &tid, &c16);
     let ty = b.ibin("divui", &tid, &c16);
     let n0 = b.ibin("muli", &bx, &c64);
     let m0 = b.ibin("muli", &by, &c64);
-    let z1 = b.ibin("divui", &bz, &zb);
-    let z2 = b.ibin("remui", &bz, &zb);
-    let base = |b: &mut Body, s1: &str, s2: &str| -> String {
-        let x = b.ibin("muli", &z1, s1);
-        let y = b.ibin("muli", &z2, s2);
-        b.ibin("addi", &x, &y)
-    };
-    let abase = base(b, &sa1, &sa2);
-    let bbase = if kind == BOperand::F32 {
-        base(b, &bops[1], &bops[2])
-    } else {
-        zero.clone()
-    };
-    let a_kfast = b.icmp("eq", &sak, &one);
-    let b_kfast = match kind {
-        BOperand::F32 => b.icmp("eq", &bops[3], &one),
-        _ => b.val("arith.constant true"),
-    };
+    let bases = p.bases(b);
     let fzero = b.f32c(0.0);
     let inits: Vec<(&str, &str)> = (0..16).map(|_| (fzero.as_str(), "f32")).collect();
-    let (k0, accs, results) = b.begin_for(&zero, &k, &c16, &inits);
+    let (k0, accs, results) = b.begin_for(&zero, &p.k, &c16, &inits);
     // Stage the tiles: 1024 elements of each operand, four per thread, the coalesced way round.
     for l in 0..4 {
         let off = b.i64c(256 * l);
@@ -616,27 +582,14 @@ pub fn gemm(kind: BOperand, name: &str, out: &mut String) {
         let d16 = b.ibin("divui", &e, &c16);
         let e64 = b.ibin("remui", &e, &c64);
         let d64 = b.ibin("divui", &e, &c64);
-        for (is_a, kfast) in [(true, &a_kfast), (false, &b_kfast)] {
+        for is_a in [true, false] {
             // (kk, other) within the tile.
+            let kfast = if is_a { &bases.a_kfast } else { &bases.b_kfast };
             let kk = b.select(kfast, &e16, &d64, "i64");
             let oo = b.select(kfast, &d16, &e64, "i64");
             let gk = b.ibin("addi", &k0, &kk);
-            let (o0, lim) = if is_a { (&m0, &m) } else { (&n0, &n) };
-            let go = b.ibin("addi", o0, &oo);
-            let in_k = b.icmp("slt", &gk, &k);
-            let in_o = b.icmp("slt", &go, lim);
-            let inside = b.val(&format!("arith.andi {in_k}, {in_o} : i1"));
-            let v = if is_a {
-                guarded_load(b, &inside, |b| {
-                    let x = b.ibin("muli", &go, &sam);
-                    let y = b.ibin("muli", &gk, &sak);
-                    let xy = b.ibin("addi", &x, &y);
-                    let at = b.ibin("addi", &abase, &xy);
-                    b.load(&a, &at, "f32")
-                })
-            } else {
-                guarded_load(b, &inside, |b| load_b(b, kind, &bops, &bbase, &go, &gk, &k))
-            };
+            let go = b.ibin("addi", if is_a { &m0 } else { &n0 }, &oo);
+            let v = p.load_operand(b, &bases, is_a, &go, &gk);
             let slot = b.ibin("muli", &kk, &c65);
             let slot = b.ibin("addi", &slot, &oo);
             let si = b.val(&format!("arith.index_cast {slot} : i64 to index"));
@@ -671,11 +624,6 @@ pub fn gemm(kind: BOperand, name: &str, out: &mut String) {
     b.line("gpu.barrier");
     let ys: Vec<(&str, &str)> = acc_now.iter().map(|v| (v.as_str(), "f32")).collect();
     b.end_for(&ys);
-    // Epilogue.
-    let cbase = base(b, &sc1, &sc2);
-    let accbase = base(b, &sacc1, &sacc2);
-    let want_bias = b.icmp("ne", &has_bias, &zero);
-    let want_acc = b.icmp("ne", &has_acc, &zero);
     for i in 0..4 {
         for j in 0..4 {
             let (di, dj) = (b.i64c(16 * i), b.i64c(16 * j));
@@ -683,28 +631,346 @@ pub fn gemm(kind: BOperand, name: &str, out: &mut String) {
             let r = b.ibin("addi", &m0, &r);
             let col = b.ibin("addi", &tx, &dj);
             let col = b.ibin("addi", &n0, &col);
-            let ir = b.icmp("slt", &r, &m);
-            let ic = b.icmp("slt", &col, &n);
-            let inside = b.val(&format!("arith.andi {ir}, {ic} : i1"));
-            b.begin_if(&inside);
-            let mut v = b.fbin("mulf", &results[(i * 4 + j) as usize], &scale);
-            let bv = guarded_load(b, &want_bias, |b| b.load(&bias, &col, "f32"));
-            v = b.fbin("addf", &v, &bv);
-            let av = guarded_load(b, &want_acc, |b| {
-                let x = b.ibin("muli", &r, &saccm);
-                let x = b.ibin("addi", &x, &col);
-                let at = b.ibin("addi", &accbase, &x);
-                b.load(&acc, &at, "f32")
-            });
-            v = b.fbin("addf", &v, &av);
-            let x = b.ibin("muli", &r, &scm);
-            let x = b.ibin("addi", &x, &col);
-            let at = b.ibin("addi", &cbase, &x);
-            b.store(&v, &c, &at, "f32");
-            b.end_if();
+            p.store_output(b, &bases, &r, &col, &results[(i * 4 + j) as usize]);
         }
     }
     f.finish(out);
+}
+
+/// Tensor-core GEMM tile: `TC_TILE × TC_TILE` outputs per block of [`TC_THREADS`] threads.
+pub const TC_TILE: u32 = 128;
+/// Threads per tensor-core GEMM block (8 warps).
+pub const TC_THREADS: u32 = 256;
+/// Depth of one staged tile of the tensor-core GEMM.
+const TC_K: i64 = 32;
+/// Shared-memory row stride in 32-bit words (16 bf16 pairs + 4 words of padding), so that the
+/// fragment reads of a warp (8 rows × 4 words) hit 32 different banks.
+const TC_ROW_WORDS: i64 = 20;
+
+/// `gemm_tc_{f32,i8,i4}`: the same parameters and result as [`gemm`] (any strides, batches,
+/// scale, bias, accumulator), computed on tensor cores: operands are rounded to bf16 as they are
+/// staged (f32's range, 8 bits of precision) and multiplied with `mma.sync.m16n8k16` (`nvvm.mma.sync`)
+/// into f32 accumulators.
+///
+/// Launch: blocks of [`TC_THREADS`] threads, grid `(⌈n / 128⌉, ⌈m / 128⌉, z1 · zb)`. Each block
+/// stages 128 × 32 slices of both operands in shared memory as bf16 pairs (two consecutive `k` in
+/// one word, rows padded to [`TC_ROW_WORDS`]); warp `w` computes rows `64 (w / 4)…+64` and columns
+/// `32 (w % 4)…+32` as 4 × 4 tiles of 16 × 8, with the PTX fragment layouts: lane `l` holds rows
+/// `l / 4` and `l / 4 + 8`, column pairs `2 (l % 4)` of A and C, and column `l / 4` of B.
+pub fn gemm_tc(kind: BOperand, name: &str, out: &mut String) {
+    let mut f = Func::new(name);
+    let p = GemmParams::declare(&mut f, kind);
+    let words = TC_TILE as i64 * TC_ROW_WORDS;
+    let lds = format!("memref<{words}xi32, #gpu.address_space<workgroup>>");
+    f.smem.push(("as".into(), lds.clone()));
+    f.smem.push(("bs".into(), lds.clone()));
+    let b = &mut f.body;
+    let tid = b.idx("thread_id", "x");
+    let bx = b.idx("block_id", "x");
+    let by = b.idx("block_id", "y");
+    let (c2, c4, c16, c32) = (b.i64c(2), b.i64c(4), b.i64c(16), b.i64c(32));
+    let (ctile, cdepth, crow) = (b.i64c(TC_TILE as i64), b.i64c(TC_K), b.i64c(TC_ROW_WORDS));
+    let zero = b.i64c(0);
+    let lane = b.ibin("remui", &tid, &c32);
+    let warp = b.ibin("divui", &tid, &c32);
+    let g = b.ibin("divui", &lane, &c4);
+    let t = b.ibin("remui", &lane, &c4);
+    let wm = b.ibin("divui", &warp, &c4);
+    let wn = b.ibin("remui", &warp, &c4);
+    let n0 = b.ibin("muli", &bx, &ctile);
+    let m0 = b.ibin("muli", &by, &ctile);
+    let bases = p.bases(b);
+    // Word offsets (within a staged slice) of this lane's fragments, independent of k.
+    let frag = |b: &mut Body, first_row: &str, i: i64| -> String {
+        let r = b.i64c(i);
+        let r = b.ibin("addi", first_row, &r);
+        let r = b.ibin("addi", &r, &g);
+        let w = b.ibin("muli", &r, &crow);
+        b.ibin("addi", &w, &t)
+    };
+    let (c64, c32w) = (b.i64c(64), b.i64c(32));
+    let a_row0 = b.ibin("muli", &wm, &c64);
+    let b_row0 = b.ibin("muli", &wn, &c32w);
+    let a_off: Vec<String> = (0..4).map(|mi| frag(b, &a_row0, 16 * mi)).collect();
+    let b_off: Vec<String> = (0..4).map(|ni| frag(b, &b_row0, 8 * ni)).collect();
+    let fzero = b.f32c(0.0);
+    let inits: Vec<(&str, &str)> = (0..64).map(|_| (fzero.as_str(), "f32")).collect();
+    let (k0, accs, results) = b.begin_for(&zero, &p.k, &cdepth, &inits);
+    // Stage: 128 rows × 16 pairs of each operand, eight pairs per thread; consecutive threads walk
+    // whichever of (row, k) is contiguous in memory.
+    for l in 0..8 {
+        let off = b.i64c(TC_THREADS as i64 * l);
+        let e = b.ibin("addi", &tid, &off);
+        let e16 = b.ibin("remui", &e, &c16);
+        let d16 = b.ibin("divui", &e, &c16);
+        let e128 = b.ibin("remui", &e, &ctile);
+        let d128 = b.ibin("divui", &e, &ctile);
+        for is_a in [true, false] {
+            let kfast = if is_a { &bases.a_kfast } else { &bases.b_kfast };
+            let row = b.select(kfast, &d16, &e128, "i64");
+            let kw = b.select(kfast, &e16, &d128, "i64");
+            let go = b.ibin("addi", if is_a { &m0 } else { &n0 }, &row);
+            let kk = b.ibin("muli", &kw, &c2);
+            let gk = b.ibin("addi", &k0, &kk);
+            let lo = p.load_operand(b, &bases, is_a, &go, &gk);
+            let one = b.i64c(1);
+            let gk1 = b.ibin("addi", &gk, &one);
+            let hi = p.load_operand(b, &bases, is_a, &go, &gk1);
+            let word = pack_bf16(b, &lo, &hi);
+            let slot = b.ibin("muli", &row, &crow);
+            let slot = b.ibin("addi", &slot, &kw);
+            let si = b.val(&format!("arith.index_cast {slot} : i64 to index"));
+            let buf = if is_a { "%as" } else { "%bs" };
+            b.line(&format!("memref.store {word}, {buf}[{si}] : {lds}"));
+        }
+    }
+    b.line("gpu.barrier");
+    let mut acc_now: Vec<String> = accs.clone();
+    let eight_rows = b.i64c(8 * TC_ROW_WORDS);
+    for ks in 0..TC_K / 16 {
+        let kw0 = b.i64c(ks * 8);
+        let read = |b: &mut Body, buf: &str, at: &str, plus: &str| -> String {
+            let i = b.ibin("addi", at, &kw0);
+            let i = b.ibin("addi", &i, plus);
+            let i = b.val(&format!("arith.index_cast {i} : i64 to index"));
+            b.val(&format!("memref.load {buf}[{i}] : {lds}"))
+        };
+        let mut af = Vec::new();
+        for o in &a_off {
+            let r8 = b.ibin("addi", o, &eight_rows);
+            af.push([
+                read(b, "%as", o, &zero),
+                read(b, "%as", &r8, &zero),
+                read(b, "%as", o, &c4),
+                read(b, "%as", &r8, &c4),
+            ]);
+        }
+        let bf: Vec<[String; 2]> = b_off
+            .iter()
+            .map(|o| [read(b, "%bs", o, &zero), read(b, "%bs", o, &c4)])
+            .collect();
+        for (mi, a) in af.iter().enumerate() {
+            for (ni, bb) in bf.iter().enumerate() {
+                let at = (mi * 4 + ni) * 4;
+                let c = &acc_now[at..at + 4];
+                let d = b.val(&format!(
+                    "nvvm.mma.sync A[{}] B[{}] C[{}] {{layoutA = #nvvm.mma_layout<row>, \
+                     layoutB = #nvvm.mma_layout<col>, multiplicandAPtxType = #nvvm.mma_type<bf16>, \
+                     multiplicandBPtxType = #nvvm.mma_type<bf16>, shape = #nvvm.shape<m = 16, n = 8, k = 16>}} \
+                     : (i32, i32, f32) -> !llvm.struct<(f32, f32, f32, f32)>",
+                    a.join(", "),
+                    bb.join(", "),
+                    c.join(", ")
+                ));
+                for q in 0..4 {
+                    acc_now[at + q] = b.val(&format!(
+                        "llvm.extractvalue {d}[{q}] : !llvm.struct<(f32, f32, f32, f32)>"
+                    ));
+                }
+            }
+        }
+    }
+    b.line("gpu.barrier");
+    let ys: Vec<(&str, &str)> = acc_now.iter().map(|v| (v.as_str(), "f32")).collect();
+    b.end_for(&ys);
+    // Accumulator q of tile (mi, ni): row g + 8 (q / 2), column 2 t + q % 2.
+    let r0 = b.ibin("addi", &m0, &a_row0);
+    let r0 = b.ibin("addi", &r0, &g);
+    let t2 = b.ibin("muli", &t, &c2);
+    let col0 = b.ibin("addi", &n0, &b_row0);
+    let col0 = b.ibin("addi", &col0, &t2);
+    for mi in 0..4 {
+        for ni in 0..4 {
+            for q in 0..4 {
+                let dr = b.i64c(16 * mi + 8 * (q / 2));
+                let dc = b.i64c(8 * ni + q % 2);
+                let r = b.ibin("addi", &r0, &dr);
+                let col = b.ibin("addi", &col0, &dc);
+                p.store_output(b, &bases, &r, &col, &results[((mi * 4 + ni) * 4 + q) as usize]);
+            }
+        }
+    }
+    f.finish(out);
+}
+
+/// Two f32 values rounded to bf16 and packed into one word, `lo` in the low half (the PTX order
+/// of a `.bf16x2` fragment register).
+fn pack_bf16(b: &mut Body, lo: &str, hi: &str) -> String {
+    let half = |b: &mut Body, v: &str| -> String {
+        let h = b.val(&format!("arith.truncf {v} : f32 to bf16"));
+        let i = b.val(&format!("arith.bitcast {h} : bf16 to i16"));
+        b.val(&format!("arith.extui {i} : i16 to i32"))
+    };
+    let l = half(b, lo);
+    let h = half(b, hi);
+    let sixteen = b.i32c(16);
+    let h = b.val(&format!("arith.shli {h}, {sixteen} : i32"));
+    b.val(&format!("arith.ori {l}, {h} : i32"))
+}
+
+/// The parameters every GEMM kernel takes, in launch order (see [`gemm`]).
+struct GemmParams {
+    kind: BOperand,
+    m: String,
+    n: String,
+    k: String,
+    zb: String,
+    a: String,
+    sa1: String,
+    sa2: String,
+    sam: String,
+    sak: String,
+    bops: Vec<String>,
+    c: String,
+    sc1: String,
+    sc2: String,
+    scm: String,
+    scale: String,
+    bias: String,
+    has_bias: String,
+    acc: String,
+    sacc1: String,
+    sacc2: String,
+    saccm: String,
+    has_acc: String,
+}
+
+/// Per-block values the operand loads and the epilogue share.
+struct GemmBases {
+    a: String,
+    b: String,
+    c: String,
+    acc: String,
+    a_kfast: String,
+    b_kfast: String,
+    want_bias: String,
+    want_acc: String,
+}
+
+impl GemmParams {
+    fn declare(f: &mut Func, kind: BOperand) -> GemmParams {
+        let (m, n, k, zb) = (f.i64("m"), f.i64("n"), f.i64("k"), f.i64("zb"));
+        let (a, sa1, sa2, sam, sak) = (f.ptr("a"), f.i64("sa1"), f.i64("sa2"), f.i64("sam"), f.i64("sak"));
+        let bops: Vec<String> = match kind {
+            BOperand::F32 => vec![f.ptr("b"), f.i64("sb1"), f.i64("sb2"), f.i64("sbk"), f.i64("sbn")],
+            BOperand::Int8 => vec![f.ptr("codes"), f.ptr("scales")],
+            BOperand::Int4 => vec![f.ptr("codes"), f.ptr("scales"), f.ptr("mins"), f.i64("group")],
+        };
+        let (c, sc1, sc2, scm) = (f.ptr("c"), f.i64("sc1"), f.i64("sc2"), f.i64("scm"));
+        let scale = f.param("scale", "f32");
+        let (bias, has_bias) = (f.ptr("bias"), f.i64("has_bias"));
+        let (acc, sacc1, sacc2, saccm, has_acc) = (
+            f.ptr("acc"),
+            f.i64("sacc1"),
+            f.i64("sacc2"),
+            f.i64("saccm"),
+            f.i64("has_acc"),
+        );
+        GemmParams {
+            kind,
+            m,
+            n,
+            k,
+            zb,
+            a,
+            sa1,
+            sa2,
+            sam,
+            sak,
+            bops,
+            c,
+            sc1,
+            sc2,
+            scm,
+            scale,
+            bias,
+            has_bias,
+            acc,
+            sacc1,
+            sacc2,
+            saccm,
+            has_acc,
+        }
+    }
+
+    /// Batch offsets of this block (`block_id.z = z1 · zb + z2`) and the layout flags.
+    fn bases(&self, b: &mut Body) -> GemmBases {
+        let bz = b.idx("block_id", "z");
+        let (zero, one) = (b.i64c(0), b.i64c(1));
+        let z1 = b.ibin("divui", &bz, &self.zb);
+        let z2 = b.ibin("remui", &bz, &self.zb);
+        let base = |b: &mut Body, s1: &str, s2: &str| -> String {
+            let x = b.ibin("muli", &z1, s1);
+            let y = b.ibin("muli", &z2, s2);
+            b.ibin("addi", &x, &y)
+        };
+        let a = base(b, &self.sa1, &self.sa2);
+        let bb = if self.kind == BOperand::F32 {
+            base(b, &self.bops[1], &self.bops[2])
+        } else {
+            zero.clone()
+        };
+        let c = base(b, &self.sc1, &self.sc2);
+        let acc = base(b, &self.sacc1, &self.sacc2);
+        let a_kfast = b.icmp("eq", &self.sak, &one);
+        let b_kfast = match self.kind {
+            BOperand::F32 => b.icmp("eq", &self.bops[3], &one),
+            _ => b.val("arith.constant true"),
+        };
+        let want_bias = b.icmp("ne", &self.has_bias, &zero);
+        let want_acc = b.icmp("ne", &self.has_acc, &zero);
+        GemmBases {
+            a,
+            b: bb,
+            c,
+            acc,
+            a_kfast,
+            b_kfast,
+            want_bias,
+            want_acc,
+        }
+    }
+
+    /// `a[go, gk]` (`is_a`) or `b[gk, go]`, zero outside the operand.
+    fn load_operand(&self, b: &mut Body, bases: &GemmBases, is_a: bool, go: &str, gk: &str) -> String {
+        let in_k = b.icmp("slt", gk, &self.k);
+        let in_o = b.icmp("slt", go, if is_a { &self.m } else { &self.n });
+        let inside = b.val(&format!("arith.andi {in_k}, {in_o} : i1"));
+        guarded_load(b, &inside, |b| {
+            if is_a {
+                let x = b.ibin("muli", go, &self.sam);
+                let y = b.ibin("muli", gk, &self.sak);
+                let xy = b.ibin("addi", &x, &y);
+                let at = b.ibin("addi", &bases.a, &xy);
+                b.load(&self.a, &at, "f32")
+            } else {
+                load_b(b, self.kind, &self.bops, &bases.b, go, gk, &self.k)
+            }
+        })
+    }
+
+    /// `c[r, col] = scale · v + bias[col] + acc[r, col]` when `(r, col)` is inside the output.
+    fn store_output(&self, b: &mut Body, bases: &GemmBases, r: &str, col: &str, v: &str) {
+        let ir = b.icmp("slt", r, &self.m);
+        let ic = b.icmp("slt", col, &self.n);
+        let inside = b.val(&format!("arith.andi {ir}, {ic} : i1"));
+        b.begin_if(&inside);
+        let mut v = b.fbin("mulf", v, &self.scale);
+        let bv = guarded_load(b, &bases.want_bias, |b| b.load(&self.bias, col, "f32"));
+        v = b.fbin("addf", &v, &bv);
+        let av = guarded_load(b, &bases.want_acc, |b| {
+            let x = b.ibin("muli", r, &self.saccm);
+            let x = b.ibin("addi", &x, col);
+            let at = b.ibin("addi", &bases.acc, &x);
+            b.load(&self.acc, &at, "f32")
+        });
+        v = b.fbin("addf", &v, &av);
+        let x = b.ibin("muli", r, &self.scm);
+        let x = b.ibin("addi", &x, col);
+        let at = b.ibin("addi", &bases.c, &x);
+        b.store(&v, &self.c, &at, "f32");
+        b.end_if();
+    }
 }
 
 /// One element `b[k = gk, n = gn]` of the right operand.
@@ -849,6 +1115,7 @@ pub fn gather(ty: &str, ix: &str, out: &mut String) {
 /// The names of the fixed (plan-independent) kernels every CUDA artifact carries.
 pub fn fixed_kernels() -> Vec<String> {
     let mut v = vec!["gemm_f32".to_string(), "gemm_i8".into(), "gemm_i4".into()];
+    v.extend(["gemm_tc_f32".to_string(), "gemm_tc_i8".into(), "gemm_tc_i4".into()]);
     for (_, t) in COPY_TYPES {
         v.push(format!("copy_{t}"));
     }
@@ -869,6 +1136,9 @@ pub fn module(specs: &[KernelSpec]) -> Result<String, String> {
     gemm(BOperand::F32, "gemm_f32", &mut out);
     gemm(BOperand::Int8, "gemm_i8", &mut out);
     gemm(BOperand::Int4, "gemm_i4", &mut out);
+    gemm_tc(BOperand::F32, "gemm_tc_f32", &mut out);
+    gemm_tc(BOperand::Int8, "gemm_tc_i8", &mut out);
+    gemm_tc(BOperand::Int4, "gemm_tc_i4", &mut out);
     for (_, t) in COPY_TYPES {
         copy(t, &mut out);
     }
