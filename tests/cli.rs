@@ -442,6 +442,7 @@ fn report_and_dump_ir_work_on_every_spec() {
             ],
         ),
         ("mlp.ron", &[]),
+        ("gemm.ron", &["k=96", "n=80"]),
     ];
     for (name, sets) in specs {
         let art = dir.join(format!("{name}.kiln"));

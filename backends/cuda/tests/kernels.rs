@@ -16,6 +16,7 @@ fn cases() -> Vec<(String, Lowered, OptLevel)> {
     let mut out = Vec::new();
     for (spec, set, decode) in [
         ("mlp.ron", vec![], false),
+        ("gemm.ron", vec![("k", "96"), ("n", "80")], false),
         (
             "minilm.ron",
             vec![
