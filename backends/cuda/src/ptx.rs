@@ -136,14 +136,16 @@ pub fn to_ptx(mlir: &str, arch: Arch, toolkit: &Path) -> Result<String, String> 
     result
 }
 
-/// Assembles PTX with the toolkit's `ptxas` for `chip`; returns ptxas's complaint on failure.
-pub fn ptxas(ptx: &str, chip: &str, toolkit: &Path) -> Result<(), String> {
+/// Assembles PTX with the toolkit's `ptxas -v` for `chip`; returns its resource report (registers,
+/// spills, shared memory per function), or its complaint on failure.
+pub fn ptxas(ptx: &str, chip: &str, toolkit: &Path) -> Result<String, String> {
     let dir = std::env::temp_dir().join(format!("kiln-ptxas-{}-{chip}", std::process::id()));
     std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
     let src = dir.join("k.ptx");
     std::fs::write(&src, ptx).map_err(|e| e.to_string())?;
     let out = std::process::Command::new(toolkit.join("bin/ptxas"))
         .arg(format!("-arch={chip}"))
+        .arg("-v")
         .arg(&src)
         .arg("-o")
         .arg(dir.join("k.cubin"))
@@ -151,7 +153,7 @@ pub fn ptxas(ptx: &str, chip: &str, toolkit: &Path) -> Result<(), String> {
         .map_err(|e| format!("cannot run {}: {e}", toolkit.join("bin/ptxas").display()))?;
     let _ = std::fs::remove_dir_all(&dir);
     if out.status.success() {
-        Ok(())
+        Ok(String::from_utf8_lossy(&out.stderr).into_owned())
     } else {
         Err(String::from_utf8_lossy(&out.stderr).into_owned())
     }

@@ -152,9 +152,15 @@ fn every_spec_lowers_to_ptx_that_ptxas_accepts() {
             let ptx =
                 kiln_cuda::ptx::to_ptx(&mlir, arch, &toolkit).unwrap_or_else(|e| panic!("{name} {}: {e}", arch.chip));
             assert!(!ptx.contains(".extern"), "{name}: unresolved functions in the PTX");
-            if let Err(e) = kiln_cuda::ptx::ptxas(&ptx, arch.chip, &toolkit) {
-                panic!("{name}: ptxas -arch={} rejects the PTX:\n{e}", arch.chip);
-            }
+            let info = kiln_cuda::ptx::ptxas(&ptx, arch.chip, &toolkit)
+                .unwrap_or_else(|e| panic!("{name}: ptxas -arch={} rejects the PTX:\n{e}", arch.chip));
+            // No kernel may spill registers to local memory (the tensor-core GEMM sits near 250).
+            let spills: Vec<&str> = info
+                .lines()
+                .filter(|l| l.contains("bytes spill stores") && !l.contains(" 0 bytes spill stores"))
+                .collect();
+            assert!(spills.is_empty(), "{name} {}: register spills:\n{info}", arch.chip);
+            assert!(info.contains("gemm_tc_f32"), "{name}: no tensor-core GEMM in:\n{info}");
         }
     }
 }
