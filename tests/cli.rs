@@ -317,11 +317,8 @@ fn compile_dumps_ir_and_disables_rules() {
     std::fs::remove_dir_all(&dir).ok();
 }
 
-#[test]
-fn generate_streams_transformers_tokens() {
-    let dir = std::env::temp_dir().join(format!("kiln-cli-generate-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let art = dir.join("gpt2-gen.kiln");
+/// `kiln compile` arguments for the tiny GPT-2 checkpoint, for generation with the byte tokenizer.
+fn tiny_gpt2_generating<'a>(art: &'a std::path::Path, extra: &[&'a str]) -> Vec<&'a str> {
     let mut args = vec!["compile", "specs/gpt2.ron"];
     for s in ["layers=2", "hidden=64", "heads=4", "vocab=256", "max_pos=64"] {
         args.extend(["--set", s]);
@@ -332,10 +329,18 @@ fn generate_streams_transformers_tokens() {
         "--generate",
         "--tokenizer",
         "tests/data/byte_tokenizer.json",
-        "-o",
-        art.to_str().unwrap(),
     ]);
-    let o = kiln(&args);
+    args.extend_from_slice(extra);
+    args.extend(["-o", art.to_str().unwrap()]);
+    args
+}
+
+#[test]
+fn generate_streams_transformers_tokens() {
+    let dir = std::env::temp_dir().join(format!("kiln-cli-generate-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let art = dir.join("gpt2-gen.kiln");
+    let o = kiln(&tiny_gpt2_generating(&art, &[]));
     assert!(o.status.success(), "{}", text(&o).1);
     // The third reference prompt: transformers generated 20 x 63 ('?') then 4 x 88 ('X').
     let ids: Vec<i64> = vec![210, 75, 104, 7, 162, 177, 95, 75, 213, 47, 63];
@@ -499,26 +504,17 @@ fn quantize_and_sparsity_flags_end_to_end() {
         ("--sparsity", "block:16x16:0.75", "8 products pruned"),
     ] {
         let art = dir.join("gpt2.kiln");
-        let mut args = vec!["compile", "specs/gpt2.ron"];
-        for s in ["layers=2", "hidden=64", "heads=4", "vocab=256", "max_pos=64"] {
-            args.extend(["--set", s]);
-        }
-        args.extend([
-            "--weights",
-            "tests/data/gpt2_tiny/model.safetensors",
-            "--generate",
-            "--tokenizer",
-            "tests/data/byte_tokenizer.json",
-            flag,
-            value,
-            "--calib",
-            calib.to_str().unwrap(),
-            "--quant-exclude",
-            "wte*",
-            "-o",
-            art.to_str().unwrap(),
-        ]);
-        let o = kiln(&args);
+        let o = kiln(&tiny_gpt2_generating(
+            &art,
+            &[
+                flag,
+                value,
+                "--calib",
+                calib.to_str().unwrap(),
+                "--quant-exclude",
+                "wte*",
+            ],
+        ));
         let (out, err) = text(&o);
         assert!(o.status.success(), "{flag} {value}: {err}");
         assert!(out.contains(want), "{flag} {value}: {out}");

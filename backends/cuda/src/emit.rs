@@ -126,6 +126,14 @@ impl Body {
         self.line(&format!("llvm.store {v}, {p} : {elem}, !llvm.ptr"));
     }
 
+    /// `buf[row · stride + col] = v` in a workgroup buffer of type `ty`.
+    fn shared_store(&mut self, v: &str, buf: &str, (row, stride, col): (&str, &str, &str), ty: &str) {
+        let slot = self.ibin("muli", row, stride);
+        let slot = self.ibin("addi", &slot, col);
+        let si = self.val(&format!("arith.index_cast {slot} : i64 to index"));
+        self.line(&format!("memref.store {v}, {buf}[{si}] : {ty}"));
+    }
+
     /// Opens `scf.for %iv = lb to ub step st` with `iters` (name, init, type); returns the
     /// induction variable and the loop-carried names. Close with [`Body::end_for`].
     fn begin_for(
@@ -578,23 +586,13 @@ pub fn gemm(kind: BOperand, name: &str, out: &mut String) {
     for l in 0..4 {
         let off = b.i64c(256 * l);
         let e = b.ibin("addi", &tid, &off);
-        let e16 = b.ibin("remui", &e, &c16);
-        let d16 = b.ibin("divui", &e, &c16);
-        let e64 = b.ibin("remui", &e, &c64);
-        let d64 = b.ibin("divui", &e, &c64);
         for is_a in [true, false] {
-            // (kk, other) within the tile.
             let kfast = if is_a { &bases.a_kfast } else { &bases.b_kfast };
-            let kk = b.select(kfast, &e16, &d64, "i64");
-            let oo = b.select(kfast, &d16, &e64, "i64");
+            let (oo, kk) = stage_slot(b, &e, kfast, &c16, &c64);
             let gk = b.ibin("addi", &k0, &kk);
             let go = b.ibin("addi", if is_a { &m0 } else { &n0 }, &oo);
             let v = p.load_operand(b, &bases, is_a, &go, &gk);
-            let slot = b.ibin("muli", &kk, &c65);
-            let slot = b.ibin("addi", &slot, &oo);
-            let si = b.val(&format!("arith.index_cast {slot} : i64 to index"));
-            let buf = if is_a { "%as" } else { "%bs" };
-            b.line(&format!("memref.store {v}, {buf}[{si}] : {lds}"));
+            b.shared_store(&v, if is_a { "%as" } else { "%bs" }, (&kk, &c65, &oo), &lds);
         }
     }
     b.line("gpu.barrier");
@@ -701,14 +699,9 @@ pub fn gemm_tc(kind: BOperand, name: &str, out: &mut String) {
     for l in 0..8 {
         let off = b.i64c(TC_THREADS as i64 * l);
         let e = b.ibin("addi", &tid, &off);
-        let e16 = b.ibin("remui", &e, &c16);
-        let d16 = b.ibin("divui", &e, &c16);
-        let e128 = b.ibin("remui", &e, &ctile);
-        let d128 = b.ibin("divui", &e, &ctile);
         for is_a in [true, false] {
             let kfast = if is_a { &bases.a_kfast } else { &bases.b_kfast };
-            let row = b.select(kfast, &d16, &e128, "i64");
-            let kw = b.select(kfast, &e16, &d128, "i64");
+            let (row, kw) = stage_slot(b, &e, kfast, &c16, &ctile);
             let go = b.ibin("addi", if is_a { &m0 } else { &n0 }, &row);
             let kk = b.ibin("muli", &kw, &c2);
             let gk = b.ibin("addi", &k0, &kk);
@@ -717,11 +710,7 @@ pub fn gemm_tc(kind: BOperand, name: &str, out: &mut String) {
             let gk1 = b.ibin("addi", &gk, &one);
             let hi = p.load_operand(b, &bases, is_a, &go, &gk1);
             let word = pack_bf16(b, &lo, &hi);
-            let slot = b.ibin("muli", &row, &crow);
-            let slot = b.ibin("addi", &slot, &kw);
-            let si = b.val(&format!("arith.index_cast {slot} : i64 to index"));
-            let buf = if is_a { "%as" } else { "%bs" };
-            b.line(&format!("memref.store {word}, {buf}[{si}] : {lds}"));
+            b.shared_store(&word, if is_a { "%as" } else { "%bs" }, (&row, &crow, &kw), &lds);
         }
     }
     b.line("gpu.barrier");
@@ -791,6 +780,19 @@ pub fn gemm_tc(kind: BOperand, name: &str, out: &mut String) {
         }
     }
     f.finish(out);
+}
+
+/// Where staging element `e` of a tile `rows` long and `depth` deep goes: `(row, k)`. When the
+/// operand is contiguous along `k` (`kfast`) consecutive elements walk `k`, otherwise rows, so
+/// that consecutive threads read consecutive addresses either way.
+fn stage_slot(b: &mut Body, e: &str, kfast: &str, depth: &str, rows: &str) -> (String, String) {
+    let ek = b.ibin("remui", e, depth);
+    let dk = b.ibin("divui", e, depth);
+    let er = b.ibin("remui", e, rows);
+    let dr = b.ibin("divui", e, rows);
+    let row = b.select(kfast, &dk, &er, "i64");
+    let k = b.select(kfast, &ek, &dr, "i64");
+    (row, k)
 }
 
 /// Two f32 values rounded to bf16 and packed into one word, `lo` in the low half (the PTX order
