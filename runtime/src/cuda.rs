@@ -600,7 +600,7 @@ impl Run<'_> {
             return self.launch(self.fixed(&tc), grid, (TC_THREADS, 1, 1), &args);
         }
         let grid = (n.div_ceil(TILE) as u32, m.div_ceil(TILE) as u32, (z1 * z2) as u32);
-        self.launch(self.fixed(kernel), grid, (16, 16, 1), &args)
+        self.launch(self.fixed(kernel), grid, (256, 1, 1), &args)
     }
 
     fn step(&mut self, si: usize, step: &Step) -> Result<(), String> {
