@@ -559,9 +559,10 @@ fn f16_to_f32(b: &mut Body, base: &str, at: &str) -> String {
 /// `bias, has_bias`, `acc, sacc1, sacc2, saccm, has_acc`. All strides are in elements; `c`'s
 /// columns are contiguous.
 ///
-/// Launch: blocks of 256 threads (one dimension: the kernel reads `thread_id.x` only), grid `(⌈n / 64⌉, ⌈m / 64⌉, z1 · zb)`. Each block computes a
-/// 64 × 64 tile through shared memory, 16 columns of `k` at a time; each thread a 4 × 4 set of
-/// outputs strided by 16 (conflict-free shared reads, coalesced stores).
+/// Launch: blocks of 256 threads in one dimension (the kernel reads `thread_id.x` only), grid
+/// `(⌈n / 64⌉, ⌈m / 64⌉, z1 · zb)`. Each block computes a 64 × 64 tile through shared memory, 16
+/// columns of `k` at a time; each thread a 4 × 4 set of outputs strided by 16 (conflict-free shared
+/// reads, coalesced stores).
 pub fn gemm(kind: BOperand, name: &str, out: &mut String) {
     let mut f = Func::new(name);
     let p = GemmParams::declare(&mut f, kind);

@@ -210,3 +210,41 @@ fn cuda_artifacts_run_or_explain() {
         }
     }
 }
+
+/// The fixed GEMM kernels (SIMT and tensor-core; f32, int8 and int4 right operands) compute the
+/// right products on an emulated GPU: `tests/emulate.py` interprets the emitted MLIR thread by
+/// thread (barriers and warp-collective `mma.sync` with PTX's fragment layouts), launching each
+/// kernel as `kiln_runtime::cuda` does, on partial tiles, batches and both operand layouts. Needs
+/// python3; `scripts/test` sets KILN_REQUIRE_EMULATOR so that CI cannot skip it.
+#[test]
+#[cfg_attr(feature = "mlir", ignore = "the same check runs in the plain test pass")]
+fn gemm_kernels_compute_on_an_emulated_gpu() {
+    let module = kiln_cuda::emit::module(&[]).unwrap();
+    let dir = std::env::temp_dir().join(format!("kiln-emulate-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("module.mlir");
+    std::fs::write(&file, module).unwrap();
+    let run = std::process::Command::new("python3")
+        .arg(root().join("backends/cuda/tests/emulate.py"))
+        .arg(&file)
+        .output();
+    let _ = std::fs::remove_dir_all(&dir);
+    let o = match run {
+        Ok(o) => o,
+        Err(e) => {
+            assert!(
+                std::env::var_os("KILN_REQUIRE_EMULATOR").is_none(),
+                "python3 is needed to emulate the kernels: {e}"
+            );
+            eprintln!("skipped: no python3 ({e})");
+            return;
+        }
+    };
+    let (out, err) = (String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
+    eprintln!("{out}");
+    assert!(
+        o.status.success(),
+        "emulated kernels differ from the reference:\n{out}{err}"
+    );
+    assert_eq!(out.matches("ok  ").count(), 9, "{out}");
+}

@@ -1,0 +1,487 @@
+#!/usr/bin/env python3
+"""Runs kiln's generated GPU kernels without a GPU: an interpreter for the MLIR subset that
+`kiln_cuda::emit` writes (arith, math, scf, memref on workgroup buffers, llvm pointers, gpu ids,
+barriers and shuffles, nvvm.mma.sync), with every thread of a block a coroutine that pauses at
+barriers and warp-collective operations.
+
+    python3 emulate.py MODULE.mlir     # checks the fixed GEMM kernels; exit status 1 on a mismatch
+
+The GEMM checks launch each kernel the way `kiln_runtime::cuda` does (grid, block size, parameter
+order) on small products with partial tiles, batches, both operand layouts, int8 and int4 weights,
+scale, bias and accumulator, and compare with a float64 reference (operands rounded to bf16 first
+for the tensor-core kernels). `mma.sync.m16n8k16.row.col` is emulated from the PTX ISA's fragment
+layouts: lane l holds A rows l/4 and l/4+8 at columns 2(l%4)+{0,1} (+8), B column l/4 at rows
+2(l%4)+{0,1} (+8), and C rows l/4 and l/4+8 at columns 2(l%4)+{0,1}; the lower-indexed element of
+a packed pair sits in the low half of the register.
+"""
+import math
+import random
+import re
+import struct
+import sys
+
+SIZES = {"i1": 1, "i8": 1, "i16": 2, "i32": 4, "i64": 8, "f16": 2, "bf16": 2, "f32": 4, "index": 8}
+PACK = {"i8": "<b", "i16": "<h", "i32": "<i", "i64": "<q", "f16": "<e", "f32": "<f"}
+
+
+def f32(x):
+    return struct.unpack("<f", struct.pack("<f", x))[0]
+
+
+def bf16(x):
+    """float -> nearest-even bf16 value, as a float."""
+    b = struct.unpack("<I", struct.pack("<f", x))[0]
+    b = (b + 0x7FFF + ((b >> 16) & 1)) & 0xFFFF0000
+    return struct.unpack("<f", struct.pack("<I", b))[0]
+
+
+def wrap(v, ty):
+    bits = SIZES[ty] * 8 if ty != "i1" else 1
+    if ty == "index":
+        bits = 64
+    v &= (1 << bits) - 1
+    return v - (1 << bits) if v >> (bits - 1) else v
+
+
+def unsigned(v, ty):
+    bits = 64 if ty == "index" else (1 if ty == "i1" else SIZES[ty] * 8)
+    return v & ((1 << bits) - 1)
+
+
+class Ptr:
+    __slots__ = ("buf", "off")
+
+    def __init__(self, buf, off=0):
+        self.buf, self.off = buf, off
+
+
+# ---------------------------------------------------------------- parsing
+
+def parse_module(text):
+    """gpu.func name -> (params [(name, type)], workgroup [(name, type)], body)."""
+    funcs = {}
+    lines = text.splitlines()
+    i = 0
+    while i < len(lines):
+        m = re.match(r"\s*gpu\.func @(\w+)\((.*?)\)(?: workgroup\((.*?)\))? kernel \{", lines[i])
+        if not m:
+            i += 1
+            continue
+        params = [tuple(p.strip().lstrip("%").split(": ")) for p in m.group(2).split(", ") if p]
+        wg = []
+        if m.group(3):
+            for w in m.group(3).split(", %"):
+                name, ty = w.strip().lstrip("%").split(" : ")
+                wg.append((name, ty))
+        body, i = parse_block(lines, i + 1)
+        funcs[m.group(1)] = (params, wg, body)
+    return funcs
+
+
+def parse_block(lines, i):
+    ops = []
+    while i < len(lines):
+        s = lines[i].strip()
+        if s == "}" or s.startswith("} else {"):
+            return ops, i
+        i += 1
+        m = re.match(r"(%[\w]+)(?::(\d+))? = scf\.for (%\w+) = (%\w+) to (%\w+) step (%\w+) iter_args\((.*?)\) -> \(.*\) : i64 \{", s)
+        if m:
+            inits = [a.split(" = ") for a in m.group(7).split(", ")]
+            body, i = parse_block(lines, i)
+            ops.append(("for", m.group(1), m.group(3), m.group(4), m.group(5), m.group(6), inits, body))
+            i += 1
+            continue
+        m = re.match(r"scf\.for (%\w+) = (%\w+) to (%\w+) step (%\w+) : i64 \{", s)
+        if m:
+            body, i = parse_block(lines, i)
+            ops.append(("for", None, m.group(1), m.group(2), m.group(3), m.group(4), [], body))
+            i += 1
+            continue
+        m = re.match(r"(?:(%\w+) = )?scf\.if (%\w+)(?: -> \(.*\))? \{", s)
+        if m:
+            then, i = parse_block(lines, i)
+            other = []
+            if lines[i].strip().startswith("} else {"):
+                other, i = parse_block(lines, i + 1)
+            i += 1
+            ops.append(("if", m.group(1), m.group(2), then, other))
+            continue
+        ops.append(("op", s))
+    return ops, i
+
+
+# ---------------------------------------------------------------- execution
+
+class Thread:
+    def __init__(self, tid, bid, bdim, gdim, args, shared, mem):
+        self.tid, self.bid, self.bdim, self.gdim = tid, bid, bdim, gdim
+        self.env = dict(args)
+        self.env.update(shared)
+        self.mem = mem
+
+    def get(self, name):
+        if "#" in name:
+            base, k = name.split("#")
+            return self.env[base][int(k)]
+        return self.env[name]
+
+    def run(self, block):
+        for op in block:
+            kind = op[0]
+            if kind == "op":
+                r = yield from self.step(op[1])
+                if r == "return":
+                    return "return"
+            elif kind == "for":
+                _, res, iv, lb, ub, st, inits, body = op
+                carried = [self.get(v) for _, v in inits]
+                i, hi, step = self.get(lb), self.get(ub), self.get(st)
+                while i < hi:
+                    self.env[iv] = i
+                    for (name, _), v in zip(inits, carried):
+                        self.env[name] = v
+                    self.yielded = None
+                    r = yield from self.run(body)
+                    if r == "return":
+                        return "return"
+                    if inits:
+                        carried = self.yielded
+                    i += step
+                if res:
+                    self.env[res] = carried
+            elif kind == "if":
+                _, res, c, then, other = op
+                self.yielded = None
+                r = yield from self.run(then if self.get(c) else other)
+                if r == "return":
+                    return "return"
+                if res:
+                    self.env[res] = self.yielded[0]
+        return None
+
+    def step(self, s):
+        if s == "gpu.return":
+            return "return"
+        if s == "gpu.barrier":
+            yield ("barrier",)
+            return None
+        if s.startswith("scf.yield"):
+            vals = s[len("scf.yield "):].split(" : ")[0].split(", ")
+            self.yielded = [self.get(v) for v in vals]
+            return None
+        if s.startswith("llvm.store"):
+            m = re.match(r"llvm\.store (%[\w#]+), (%\w+) : (\w+), !llvm\.ptr", s)
+            v, p, ty = self.get(m.group(1)), self.get(m.group(2)), m.group(3)
+            struct.pack_into(PACK[ty], self.mem[p.buf], p.off, v)
+            return None
+        if s.startswith("memref.store"):
+            m = re.match(r"memref\.store (%[\w#]+), (%\w+)\[(%\w+)\] : ", s)
+            self.get(m.group(2))[self.get(m.group(3))] = self.get(m.group(1))
+            return None
+        m = re.match(r"(%\w+), (%\w+) = gpu\.shuffle xor (%[\w#]+), (%\w+), (%\w+) : f32", s)
+        if m:
+            got = yield ("shfl", self.get(m.group(3)), self.get(m.group(4)))
+            self.env[m.group(1)] = got
+            self.env[m.group(2)] = True
+            return None
+        m = re.match(r"(%\w+) = ([\w.]+) ?(.*)$", s)
+        if not m:
+            raise SyntaxError(f"cannot run: {s}")
+        out, op, rest = m.groups()
+        self.env[out] = yield from self.eval(op, rest)
+        return None
+
+    def eval(self, op, rest):
+        g = self.get
+        if op == "arith.constant":
+            v, ty = rest.rsplit(" : ", 1) if " : " in rest else (rest, "i1")
+            if v == "true":
+                return True
+            if v == "false":
+                return False
+            if ty == "f32" and v.startswith("0x"):
+                return struct.unpack("<f", struct.pack("<I", int(v, 16)))[0]
+            if ty in ("f32", "f16"):
+                return float(v)
+            return int(v)
+        if op.startswith("gpu."):
+            dim = "xyz".index(rest.strip())
+            which = op[4:]
+            return {"thread_id": self.tid, "block_id": self.bid, "block_dim": self.bdim, "grid_dim": self.gdim}[which][dim]
+        if op == "arith.cmpi" or op == "arith.cmpf":
+            pred, a, b = re.match(r"(\w+), (%[\w#]+), (%[\w#]+) : (\w+)", rest).groups()[:3]
+            ty = rest.rsplit(" : ", 1)[1]
+            x, y = g(a), g(b)
+            if pred in ("ult", "ule", "ugt", "uge"):
+                x, y = unsigned(x, ty), unsigned(y, ty)
+            return {"eq": x == y, "ne": x != y, "slt": x < y, "sle": x <= y, "sgt": x > y, "sge": x >= y,
+                    "ult": x < y, "ule": x <= y, "ugt": x > y, "uge": x >= y,
+                    "ogt": x > y, "olt": x < y, "oge": x >= y, "ole": x <= y, "oeq": x == y, "one": x != y}[pred]
+        if op == "arith.select":
+            c, a, b = re.match(r"(%[\w#]+), (%[\w#]+), (%[\w#]+) :", rest).groups()
+            return g(a) if g(c) else g(b)
+        if op in ("arith.index_cast", "arith.extui", "arith.extsi", "arith.truncf", "arith.bitcast",
+                  "arith.sitofp", "arith.uitofp", "arith.extf", "arith.trunci"):
+            a, src, dst = re.match(r"(%[\w#]+) : (\w+) to (\w+)", rest).groups()
+            v = g(a)
+            if op == "arith.extui":
+                return unsigned(v, src)
+            if op == "arith.uitofp":
+                return f32(float(unsigned(v, src)))
+            if op == "arith.sitofp":
+                return f32(float(v))
+            if op == "arith.truncf":
+                return bf16(v) if dst == "bf16" else struct.unpack("<e", struct.pack("<e", v))[0]
+            if op == "arith.bitcast":
+                if src == "bf16":
+                    return struct.unpack("<I", struct.pack("<f", v))[0] >> 16
+                if src == "f32":
+                    return wrap(struct.unpack("<I", struct.pack("<f", v))[0], dst)
+                if dst == "f32":
+                    return struct.unpack("<f", struct.pack("<I", unsigned(v, src)))[0]
+                if dst == "f16":
+                    return struct.unpack("<e", struct.pack("<H", unsigned(v, src)))[0]
+                raise SyntaxError(f"bitcast {src} to {dst}")
+            if op == "arith.trunci":
+                return wrap(v, dst)
+            return v
+        if op.startswith("arith.") or op.startswith("math."):
+            args = [g(x) for x in re.findall(r"%[\w#]+", rest.split(" : ")[0])]
+            ty = rest.rsplit(" : ", 1)[1]
+            name = op.split(".")[1]
+            if name in ("addi", "subi", "muli", "andi", "ori", "xori", "shli", "shrui", "divui", "remui", "divsi", "remsi"):
+                a, b = args
+                if ty == "i1":
+                    return {"andi": a and b, "ori": a or b, "xori": a != b}[name]
+                if name in ("divui", "remui", "shrui"):
+                    a, b = unsigned(a, ty), unsigned(b, ty)
+                r = {"addi": lambda: a + b, "subi": lambda: a - b, "muli": lambda: a * b, "andi": lambda: a & b,
+                     "ori": lambda: a | b, "xori": lambda: a ^ b, "shli": lambda: a << b, "shrui": lambda: a >> b,
+                     "divui": lambda: a // b, "remui": lambda: a % b,
+                     "divsi": lambda: int(a / b), "remsi": lambda: a - b * int(a / b)}[name]()
+                return wrap(r, ty)
+            fl = {"addf": lambda a, b: a + b, "subf": lambda a, b: a - b, "mulf": lambda a, b: a * b,
+                  "divf": lambda a, b: a / b if b else math.copysign(math.inf, a) if a else math.nan,
+                  "maximumf": max, "minimumf": min, "fma": lambda a, b, c: a * b + c,
+                  "exp": lambda a: math.exp(a) if a < 88.8 else math.inf, "sqrt": math.sqrt,
+                  "rsqrt": lambda a: 1 / math.sqrt(a), "tanh": math.tanh, "erf": math.erf,
+                  "negf": lambda a: -a, "absf": abs, "log": math.log}[name]
+            return f32(fl(*args))
+        if op == "llvm.getelementptr":
+            base, idx, elem = re.match(r"(%\w+)\[(%[\w#]+)\] : \(!llvm\.ptr, i64\) -> !llvm\.ptr, (\w+)", rest).groups()
+            p = g(base)
+            return Ptr(p.buf, p.off + g(idx) * SIZES[elem])
+        if op == "llvm.load":
+            p, ty = re.match(r"(%\w+) : !llvm\.ptr -> (\w+)", rest).groups()
+            p = g(p)
+            return struct.unpack_from(PACK[ty], self.mem[p.buf], p.off)[0]
+        if op == "memref.load":
+            buf, idx = re.match(r"(%\w+)\[(%[\w#]+)\]", rest).groups()
+            return g(buf)[g(idx)]
+        if op == "llvm.extractvalue":
+            v, k = re.match(r"(%[\w#]+)\[(\d+)\]", rest).groups()
+            return g(v)[int(k)]
+        if op == "nvvm.mma.sync":
+            m = re.match(r"A\[(.*?)\] B\[(.*?)\] C\[(.*?)\]", rest)
+            a, b, c = ([g(x) for x in grp.split(", ")] for grp in m.groups())
+            assert "mma_type<bf16>" in rest and "m = 16, n = 8, k = 16" in rest, rest
+            return (yield ("mma", a, b, c))
+        raise SyntaxError(f"cannot run: {op} {rest}")
+
+
+def halves(word):
+    """The two bf16 values of a packed word, low half first."""
+    w = word & 0xFFFFFFFF
+    lo = struct.unpack("<f", struct.pack("<I", (w & 0xFFFF) << 16))[0]
+    hi = struct.unpack("<f", struct.pack("<I", (w >> 16) << 16))[0]
+    return lo, hi
+
+
+def mma_warp(events):
+    """m16n8k16 row.col: events[lane] = ("mma", a[4], b[2], c[4]); returns d[lane]."""
+    A = [[0.0] * 16 for _ in range(16)]
+    B = [[0.0] * 8 for _ in range(16)]  # [k][n]
+    C = [[0.0] * 8 for _ in range(16)]
+    for lane, (_, a, b, c) in enumerate(events):
+        g, t = lane // 4, lane % 4
+        for reg, (r, k0) in enumerate(((g, 2 * t), (g + 8, 2 * t), (g, 2 * t + 8), (g + 8, 2 * t + 8))):
+            A[r][k0], A[r][k0 + 1] = halves(a[reg])
+        for reg, k0 in enumerate((2 * t, 2 * t + 8)):
+            B[k0][g], B[k0 + 1][g] = halves(b[reg])
+        for q, (r, col) in enumerate(((g, 2 * t), (g, 2 * t + 1), (g + 8, 2 * t), (g + 8, 2 * t + 1))):
+            C[r][col] = c[q]
+    out = []
+    for lane in range(32):
+        g, t = lane // 4, lane % 4
+        d = []
+        for r, col in ((g, 2 * t), (g, 2 * t + 1), (g + 8, 2 * t), (g + 8, 2 * t + 1)):
+            d.append(f32(C[r][col] + sum(A[r][kk] * B[kk][col] for kk in range(16))))
+        out.append(tuple(d))
+    return out
+
+
+def launch(func, grid, block, args, mem):
+    params, wg, body = func
+    assert len(args) == len(params), f"{len(args)} arguments for {len(params)} parameters"
+    env = {"%" + name: v for (name, _), v in zip(params, args)}
+    env["%c0_idx"] = 0
+    nthreads = block[0] * block[1] * block[2]
+    for bz in range(grid[2]):
+        for by in range(grid[1]):
+            for bx in range(grid[0]):
+                shared = {}
+                for name, ty in wg:
+                    n = int(re.match(r"memref<(\d+)x", ty).group(1))
+                    shared["%" + name] = [0] * n
+                threads = []
+                for t in range(nthreads):
+                    tid = (t % block[0], t // block[0] % block[1], t // (block[0] * block[1]))
+                    th = Thread(tid, (bx, by, bz), block, grid, env, shared, mem)
+                    threads.append(th.run(body))
+                pending = [None] * nthreads
+                live = list(range(nthreads))
+                events = [None] * nthreads
+                while live:
+                    for t in live:
+                        try:
+                            events[t] = threads[t].send(pending[t])
+                        except StopIteration:
+                            events[t] = ("done",)
+                    kinds = {events[t][0] for t in live}
+                    if "done" in kinds:
+                        assert kinds == {"done"}, f"threads diverged at a collective: {kinds}"
+                        break
+                    assert len(kinds) == 1, f"threads diverged: {kinds}"
+                    kind = kinds.pop()
+                    for w in range(0, nthreads, 32):
+                        lanes = list(range(w, min(w + 32, nthreads)))
+                        if kind == "barrier":
+                            for t in lanes:
+                                pending[t] = None
+                        elif kind == "mma":
+                            for t, d in zip(lanes, mma_warp([events[t] for t in lanes])):
+                                pending[t] = d
+                        elif kind == "shfl":
+                            for t in lanes:
+                                pending[t] = events[w + ((t - w) ^ events[t][2])][1]
+                    if kind == "barrier" or kind == "mma" or kind == "shfl":
+                        continue
+
+
+# ---------------------------------------------------------------- GEMM checks
+
+def f32buf(vals):
+    return bytearray(struct.pack(f"<{len(vals)}f", *vals))
+
+
+def gemm_case(funcs, kernel, m, n, k, z, a_kfast, b_kfast, rng, tensor_cores):
+    """One batched product through `kernel`, launched as kiln_runtime::cuda::Run::gemm does."""
+    z1, z2 = z
+    kind = kernel.rsplit("_", 1)[1]
+    rnd = lambda count: [rng.uniform(-1, 1) for _ in range(count)]
+    mem = {}
+    A = [[rnd(m * k) for _ in range(z2)] for _ in range(z1)]
+    # a[z1, z2] is m x k with strides (sam, sak): k-fast stores rows, otherwise columns.
+    sam, sak = (k, 1) if a_kfast else (1, m)
+    flat = []
+    for i in range(z1):
+        for j in range(z2):
+            mat = A[i][j]
+            flat += mat if a_kfast else [mat[r * k + c] for c in range(k) for r in range(m)]
+    mem["a"] = f32buf(flat)
+    sa2, sa1 = m * k, z2 * m * k
+    group = 32
+    if kind == "f32":
+        Bm = [[rnd(n * k) for _ in range(z2)] for _ in range(z1)]  # [n][k] values
+        sbk, sbn = (1, k) if b_kfast else (n, 1)
+        flat = []
+        for i in range(z1):
+            for j in range(z2):
+                mat = Bm[i][j]
+                flat += mat if b_kfast else [mat[c * k + r] for r in range(k) for c in range(n)]
+        mem["b"] = f32buf(flat)
+        bargs = [Ptr("b"), z2 * n * k, n * k, sbk, sbn]
+        bval = lambda i, j, col, kk: Bm[i][j][col * k + kk]
+    elif kind == "i8":
+        codes = [rng.randint(-127, 127) for _ in range(n * k)]
+        scales = [rng.uniform(0.001, 0.02) for _ in range(n)]
+        mem["codes"] = bytearray(struct.pack(f"<{n * k}b", *codes))
+        mem["scales"] = f32buf(scales)
+        bargs = [Ptr("codes"), Ptr("scales")]
+        bval = lambda i, j, col, kk: f32(codes[col * k + kk] * f32(scales[col]))
+    else:
+        codes = [rng.randint(0, 15) for _ in range(n * k)]
+        packed = []
+        for r in range(n):
+            for blk in range(k // 32):
+                for i in range(16):
+                    packed.append(codes[r * k + blk * 32 + i] | codes[r * k + blk * 32 + i + 16] << 4)
+        g = k // group
+        sc = [struct.unpack("<e", struct.pack("<e", rng.uniform(0.01, 0.1)))[0] for _ in range(n * g)]
+        mn = [struct.unpack("<e", struct.pack("<e", rng.uniform(-0.5, 0)))[0] for _ in range(n * g)]
+        mem["codes"] = bytearray(bytes(packed))
+        mem["scales"] = bytearray(struct.pack(f"<{n * g}e", *sc))
+        mem["mins"] = bytearray(struct.pack(f"<{n * g}e", *mn))
+        bargs = [Ptr("codes"), Ptr("scales"), Ptr("mins"), group]
+        bval = lambda i, j, col, kk: f32(codes[col * k + kk] * sc[col * g + kk // group] + mn[col * g + kk // group])
+    bias = rnd(n)
+    accv = rnd(z1 * z2 * m * n)
+    mem["bias"] = f32buf(bias)
+    mem["acc"] = f32buf(accv)
+    mem["c"] = f32buf([float("nan")] * (z1 * z2 * m * n))
+    scale = 0.5
+    args = [m, n, k, z2, Ptr("a"), sa1, sa2, sam, sak] + bargs
+    args += [Ptr("c"), z2 * m * n, m * n, n, scale, Ptr("bias"), 1, Ptr("acc"), z2 * m * n, m * n, n, 1]
+    if tensor_cores:
+        grid, block = (-(-n // 128), -(-m // 128), z1 * z2), (256, 1, 1)
+    else:
+        grid, block = (-(-n // 64), -(-m // 64), z1 * z2), (256, 1, 1)
+    launch(funcs[kernel], grid, block, args, mem)
+    got = struct.unpack(f"<{z1 * z2 * m * n}f", mem["c"])
+    rnd16 = bf16 if tensor_cores else (lambda x: x)
+    worst = 0.0
+    for i in range(z1):
+        for j in range(z2):
+            for r in range(m):
+                for col in range(n):
+                    terms = [rnd16(A[i][j][r * k + kk]) * rnd16(bval(i, j, col, kk)) for kk in range(k)]
+                    at = (i * z2 + j) * m * n + r * n + col
+                    want = scale * sum(terms) + bias[col] + accv[at]
+                    tol = 1e-5 * (scale * sum(abs(t) for t in terms) + abs(bias[col]) + abs(accv[at])) + 1e-6
+                    err = abs(got[at] - want) if got[at] == got[at] else math.inf
+                    worst = max(worst, err / tol)
+                    if err > tol:
+                        return f"{kernel} m={m} n={n} k={k} z={z}: c[{i},{j},{r},{col}] = {got[at]}, want {want}"
+    return None
+
+
+def main():
+    text = open(sys.argv[1]).read()
+    funcs = parse_module(text)
+    rng = random.Random(7)
+    cases = [
+        ("gemm_tc_f32", 40, 24, 40, (1, 1), True, True),
+        ("gemm_tc_f32", 33, 136, 50, (1, 2), False, False),
+        ("gemm_tc_f32", 130, 9, 17, (2, 1), True, False),
+        ("gemm_tc_i8", 36, 20, 64, (1, 1), True, True),
+        ("gemm_tc_i4", 34, 16, 64, (1, 1), False, True),
+        ("gemm_f32", 20, 70, 21, (1, 2), True, False),
+        ("gemm_f32", 65, 12, 18, (1, 1), False, True),
+        ("gemm_i8", 5, 18, 40, (1, 1), True, True),
+        ("gemm_i4", 3, 10, 64, (1, 1), True, True),
+    ]
+    only = sys.argv[2:] or None
+    bad = 0
+    for kernel, m, n, k, z, akf, bkf in cases:
+        if only and kernel not in only:
+            continue
+        err = gemm_case(funcs, kernel, m, n, k, z, akf, bkf, rng, kernel.startswith("gemm_tc"))
+        print(f"{'ok  ' if err is None else 'FAIL'} {kernel} m={m} n={n} k={k} z={z} a_kfast={akf} b_kfast={bkf}"
+              + ("" if err is None else f": {err}"), flush=True)
+        bad += err is not None
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
