@@ -25,7 +25,30 @@ PACK = {"i8": "<b", "i16": "<h", "i32": "<i", "i64": "<q", "f16": "<e", "f32": "
 
 
 def f32(x):
-    return struct.unpack("<f", struct.pack("<f", x))[0]
+    try:
+        return struct.unpack("<f", struct.pack("<f", x))[0]
+    except OverflowError:
+        return math.copysign(math.inf, x)
+
+
+def safe(f):
+    """IEEE results where Python's math raises: NaN outside the domain, ±inf on overflow."""
+    def g(*a):
+        try:
+            return f(*a)
+        except OverflowError:
+            return math.inf
+        except (ValueError, ZeroDivisionError):
+            if f is math.log and a[0] == 0:
+                return -math.inf
+            if f is _rsqrt and a[0] == 0:
+                return math.copysign(math.inf, a[0])
+            return math.nan
+    return g
+
+
+def _rsqrt(a):
+    return 1 / math.sqrt(a)
 
 
 def bf16(x):
@@ -226,7 +249,7 @@ class Thread:
             a, src, dst = re.match(r"(%[\w#]+) : (\w+) to (\w+)", rest).groups()
             v = g(a)
             if op == "arith.extui":
-                return unsigned(v, src)
+                return unsigned(int(v), src)
             if op == "arith.uitofp":
                 return f32(float(unsigned(v, src)))
             if op == "arith.sitofp":
@@ -264,9 +287,11 @@ class Thread:
             fl = {"addf": lambda a, b: a + b, "subf": lambda a, b: a - b, "mulf": lambda a, b: a * b,
                   "divf": lambda a, b: a / b if b else math.copysign(math.inf, a) if a else math.nan,
                   "maximumf": max, "minimumf": min, "fma": lambda a, b, c: a * b + c,
-                  "exp": lambda a: math.exp(a) if a < 88.8 else math.inf, "sqrt": math.sqrt,
-                  "rsqrt": lambda a: 1 / math.sqrt(a), "tanh": math.tanh, "erf": math.erf,
-                  "negf": lambda a: -a, "absf": abs, "log": math.log}[name]
+                  "exp": lambda a: math.exp(a) if a < 88.8 else math.inf, "sqrt": safe(math.sqrt),
+                  "rsqrt": safe(_rsqrt), "tanh": math.tanh, "erf": math.erf,
+                  "negf": lambda a: -a, "absf": abs, "log": safe(math.log)}[name]
+            if any(isinstance(x, float) and math.isnan(x) for x in args):
+                return math.nan
             return f32(fl(*args))
         if op == "llvm.getelementptr":
             base, idx, elem = re.match(r"(%\w+)\[(%[\w#]+)\] : \(!llvm\.ptr, i64\) -> !llvm\.ptr, (\w+)", rest).groups()
@@ -456,8 +481,32 @@ def gemm_case(funcs, kernel, m, n, k, z, a_kfast, b_kfast, rng, tensor_cores):
     return None
 
 
+def launches(funcs, path):
+    """Runs the launches described in the JSON file `path` (written by tests/kernels.rs):
+    [{"kernel", "grid", "block", "params": [{"i": int} | {"f": float} | {"buf": name}],
+    "buffers": {name: [type, [values]]}, "out": [name, type, count]}]; prints one JSON list of
+    output values per launch."""
+    import json
+
+    fmt = {"f32": "f", "i64": "q", "i8": "b"}
+    results = []
+    for job in json.load(open(path)):
+        mem = {}
+        for name, (ty, vals) in job["buffers"].items():
+            mem[name] = bytearray(struct.pack(f"<{len(vals)}{fmt[ty]}", *vals))
+        oname, oty, count = job["out"]
+        mem[oname] = bytearray(struct.pack(f"<{count}{fmt[oty]}", *([float("nan")] * count if oty == "f32" else [-1] * count)))
+        args = [Ptr(p["buf"]) if "buf" in p else p.get("i", p.get("f")) for p in job["params"]]
+        launch(funcs[job["kernel"]], tuple(job["grid"]), tuple(job["block"]), args, mem)
+        results.append(list(struct.unpack(f"<{count}{fmt[oty]}", mem[oname])))
+    print(json.dumps(results))
+    return 0
+
+
 def main():
     text = open(sys.argv[1]).read()
+    if len(sys.argv) == 4 and sys.argv[2] == "--launches":
+        return launches(parse_module(text), sys.argv[3])
     funcs = parse_module(text)
     rng = random.Random(7)
     cases = [

@@ -248,3 +248,218 @@ fn gemm_kernels_compute_on_an_emulated_gpu() {
     );
     assert_eq!(out.matches("ok  ").count(), 9, "{out}");
 }
+
+/// Every distinct fused kernel of the bundled specs (map, reduce and softmax rows, with inputs
+/// broadcast along rows or not), run on the emulated GPU (`tests/emulate.py`) with the runtime's
+/// launch shape and offsets table, equals the reference interpreter applied to the kernel's
+/// expressions.
+#[test]
+#[cfg_attr(feature = "mlir", ignore = "the same check runs in the plain test pass")]
+fn fused_kernels_compute_on_an_emulated_gpu() {
+    use kiln_cpu::plan::Expr;
+    use kiln_interp::Value;
+    use kiln_ir::{DType, Dim, Op, ReduceOp, TensorType};
+    use kiln_runtime::plan::KernelKind;
+
+    let (rows, n) = (2usize, 37usize);
+    let mut seen = std::collections::BTreeSet::new();
+    let mut specs = Vec::new();
+    for (_, l, level) in cases() {
+        if level == OptLevel::O0 {
+            continue;
+        }
+        let (planned, _) = plan(&l, level);
+        for k in planned.kernels {
+            let mut key = format!("{:?}{:?}{:?}{:?}{:?}", k.kind, k.reduce, k.inputs, k.output, k.exprs);
+            key.retain(|c| !c.is_whitespace());
+            if seen.insert(key) {
+                specs.push(k);
+            }
+        }
+    }
+    let module = kiln_cuda::emit::module(&specs).unwrap();
+    let ty = |d: DType, shape: &[usize]| TensorType::new(d, shape.iter().map(|x| Dim::known(*x as u64)).collect());
+    let bind = kiln_ir::Bindings::new();
+    let eval = |op: Op, d: DType, shape: &[usize], args: &[&Value]| -> Value {
+        kiln_interp::eval_op(&op, &ty(d, shape), args, &bind).unwrap()
+    };
+    let mut seed = 11u64;
+    let mut rnd = move || {
+        seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        (seed >> 33) as f64 / (1u64 << 31) as f64 * 4.0 - 2.0
+    };
+    let mut jobs = Vec::new();
+    let mut wants = Vec::new();
+    for (i, k) in specs.iter().enumerate() {
+        // Inputs: [rows, n] where contiguous, one value per row otherwise.
+        let mut vals: Vec<Value> = Vec::new();
+        let mut bufs = Vec::new();
+        for (j, (d, contiguous)) in k.inputs.iter().enumerate() {
+            let shape = if *contiguous { vec![rows, n] } else { vec![rows, 1] };
+            let count = shape.iter().product::<usize>();
+            let data: Vec<f64> = (0..count)
+                .map(|_| {
+                    if *d == DType::Bool {
+                        (rnd() > 0.0) as u8 as f64
+                    } else {
+                        rnd()
+                    }
+                })
+                .collect();
+            let (t, text) = if *d == DType::Bool { ("i8", "i") } else { ("f32", "f") };
+            let list: Vec<String> = data
+                .iter()
+                .map(|x| {
+                    if text == "i" {
+                        format!("{}", *x as i64)
+                    } else {
+                        format!("{:e}", *x as f32)
+                    }
+                })
+                .collect();
+            bufs.push(format!("\"in{j}\": [\"{t}\", [{}]]", list.join(",")));
+            vals.push(Value::rounded(*d, shape, data));
+        }
+        // The reference: the expressions through the interpreter, then the row operation.
+        let mut ex: Vec<Value> = Vec::new();
+        for e in &k.exprs {
+            let v = match e {
+                Expr::Input(j) => eval(
+                    Op::Broadcast {
+                        shape: vec![Dim::known(rows as u64), Dim::known(n as u64)],
+                    },
+                    vals[*j].dtype,
+                    &[rows, n],
+                    &[&vals[*j]],
+                ),
+                Expr::Const(c) => Value::rounded(DType::F32, vec![rows, n], vec![*c as f64; rows * n]),
+                Expr::Unary(u, a) => eval(Op::Unary(*u), DType::F32, &[rows, n], &[&ex[*a]]),
+                Expr::Binary(op, a, b) => eval(Op::Binary(*op), ex[*a].dtype, &[rows, n], &[&ex[*a], &ex[*b]]),
+                Expr::Compare(op, a, b) => eval(Op::Compare(*op), DType::Bool, &[rows, n], &[&ex[*a], &ex[*b]]),
+                Expr::Where(c, a, b) => eval(Op::Where, ex[*a].dtype, &[rows, n], &[&ex[*c], &ex[*a], &ex[*b]]),
+            };
+            ex.push(v);
+        }
+        let last = ex.last().unwrap();
+        let want = match k.kind {
+            KernelKind::Map => last.clone(),
+            KernelKind::ReduceLast => eval(
+                Op::Reduce {
+                    op: k.reduce.unwrap(),
+                    axes: vec![1],
+                    keep_dims: false,
+                },
+                DType::F32,
+                &[rows],
+                &[last],
+            ),
+            KernelKind::SoftmaxLast => {
+                let red = |op| Op::Reduce {
+                    op,
+                    axes: vec![1],
+                    keep_dims: true,
+                };
+                let mx = eval(red(ReduceOp::Max), DType::F32, &[rows, 1], &[last]);
+                let sh = eval(Op::Binary(kiln_ir::BinaryOp::Sub), DType::F32, &[rows, n], &[last, &mx]);
+                let e = eval(Op::Unary(kiln_ir::UnaryOp::Exp), DType::F32, &[rows, n], &[&sh]);
+                let s = eval(red(ReduceOp::Sum), DType::F32, &[rows, 1], &[&e]);
+                eval(Op::Binary(kiln_ir::BinaryOp::Div), DType::F32, &[rows, n], &[&e, &s])
+            }
+        };
+        // The launch, as kiln_runtime::cuda runs a Kernel step: offsets of every operand's rows.
+        let nops = k.inputs.len() + 1;
+        let mut offs = Vec::new();
+        for r in 0..rows {
+            for (_, contiguous) in &k.inputs {
+                offs.push(if *contiguous { r * n } else { r });
+            }
+            offs.push(if k.kind == KernelKind::ReduceLast { r } else { r * n });
+        }
+        assert_eq!(offs.len(), rows * nops);
+        let offs: Vec<String> = offs.iter().map(|x| x.to_string()).collect();
+        bufs.push(format!("\"offs\": [\"i64\", [{}]]", offs.join(",")));
+        let mut params = vec![
+            format!("{{\"i\": {rows}}}"),
+            format!("{{\"i\": {n}}}"),
+            "{\"buf\": \"offs\"}".into(),
+        ];
+        for j in 0..k.inputs.len() {
+            params.push(format!("{{\"buf\": \"in{j}\"}}"));
+        }
+        params.push("{\"buf\": \"out\"}".into());
+        let grid = match k.kind {
+            KernelKind::Map => format!("[{}, {rows}, 1]", n.div_ceil(kiln_cuda::emit::BLOCK as usize)),
+            _ => format!("[1, {rows}, 1]"),
+        };
+        let ot = if k.output == DType::Bool { "i8" } else { "f32" };
+        jobs.push(format!(
+            "{{\"kernel\": \"k{i}\", \"grid\": {grid}, \"block\": [{}, 1, 1], \"params\": [{}], \"buffers\": {{{}}}, \"out\": [\"out\", \"{ot}\", {}]}}",
+            kiln_cuda::emit::BLOCK,
+            params.join(", "),
+            bufs.join(", "),
+            want.data.len()
+        ));
+        wants.push(want);
+    }
+    let dir = std::env::temp_dir().join(format!("kiln-emulate-fused-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("module.mlir"), &module).unwrap();
+    std::fs::write(dir.join("jobs.json"), format!("[{}]", jobs.join(",\n"))).unwrap();
+    let run = std::process::Command::new("python3")
+        .arg(root().join("backends/cuda/tests/emulate.py"))
+        .arg(dir.join("module.mlir"))
+        .arg("--launches")
+        .arg(dir.join("jobs.json"))
+        .output();
+    let o = match run {
+        Ok(o) => o,
+        Err(e) => {
+            assert!(
+                std::env::var_os("KILN_REQUIRE_EMULATOR").is_none(),
+                "python3 is needed to emulate the kernels: {e}"
+            );
+            eprintln!("skipped: no python3 ({e})");
+            return;
+        }
+    };
+    let out = String::from_utf8_lossy(&o.stdout).into_owned();
+    assert!(
+        o.status.success(),
+        "emulation failed:\n{out}{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+    // `[[..], [..]]`: one list of output values per launch.
+    let body = out.trim().trim_start_matches("[[").trim_end_matches("]]");
+    let got: Vec<Vec<f64>> = body
+        .split("], [")
+        .map(|l| {
+            l.split(", ")
+                .filter(|x| !x.is_empty())
+                .map(|x| x.parse::<f64>().unwrap())
+                .collect()
+        })
+        .collect();
+    assert_eq!(got.len(), specs.len());
+    for (i, ((g, w), k)) in got.iter().zip(&wants).zip(&specs).enumerate() {
+        assert_eq!(g.len(), w.data.len(), "k{i}");
+        for (e, (a, b)) in g.iter().zip(&w.data).enumerate() {
+            let ok = (a - b).abs() <= 1e-5 * b.abs().max(1.0) || (a.is_nan() && b.is_nan());
+            assert!(
+                ok,
+                "k{i} ({:?} {:?}, {} ops): element {e} is {a}, want {b}",
+                k.kind, k.exprs, k.ops
+            );
+        }
+    }
+    let count = |kind| specs.iter().filter(|k| k.kind == kind).count();
+    eprintln!(
+        "{} distinct fused kernels ({} map, {} reduce, {} softmax) agree with the interpreter",
+        specs.len(),
+        count(KernelKind::Map),
+        count(KernelKind::ReduceLast),
+        count(KernelKind::SoftmaxLast)
+    );
+    // Each kind must be exercised, or this test checks less than it says.
+    assert!(count(KernelKind::Map) > 0 && count(KernelKind::ReduceLast) > 0 && count(KernelKind::SoftmaxLast) > 0);
+}
