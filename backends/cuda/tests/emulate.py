@@ -4,7 +4,8 @@
 barriers and shuffles, nvvm.mma.sync), with every thread of a block a coroutine that pauses at
 barriers and warp-collective operations.
 
-    python3 emulate.py MODULE.mlir     # checks the fixed GEMM kernels; exit status 1 on a mismatch
+    python3 emulate.py MODULE.mlir [KERNEL...]   # checks the fixed kernels (GEMMs, copy, gather)
+    python3 emulate.py MODULE.mlir --launches JOBS.json   # runs launches, prints their outputs
 
 The GEMM checks launch each kernel the way `kiln_runtime::cuda` does (grid, block size, parameter
 order) on small products with partial tiles, batches, both operand layouts, int8 and int4 weights,
@@ -503,6 +504,64 @@ def launches(funcs, path):
     return 0
 
 
+def copy_case(funcs, shape, perm, rng):
+    """A transpose through copy_i32, with the runtime's argument packing (unit axes dropped, the
+    rest right-aligned in 6 axes, padding extent 1 and stride 0)."""
+    rank = len(shape)
+    src_strides = [1] * rank
+    for i in range(rank - 2, -1, -1):
+        src_strides[i] = src_strides[i + 1] * shape[i + 1]
+    out_shape = [shape[p] for p in perm]
+    out_strides = [1] * rank
+    for i in range(rank - 2, -1, -1):
+        out_strides[i] = out_strides[i + 1] * out_shape[i + 1]
+    # Walk the output's index space; read the source through the permuted strides.
+    s = [src_strides[p] for p in perm]
+    keep = [i for i in range(rank) if out_shape[i] != 1]
+    pad = 6 - len(keep)
+    d, ss, t = [1] * 6, [0] * 6, [0] * 6
+    for j, i in enumerate(keep):
+        d[pad + j], ss[pad + j], t[pad + j] = out_shape[i], s[i], out_strides[i]
+    total = math.prod(shape)
+    src = [rng.randint(-2**31, 2**31 - 1) for _ in range(total)]
+    mem = {"src": bytearray(struct.pack(f"<{total}i", *src)), "dst": bytearray(struct.pack(f"<{total}i", *([0] * total)))}
+    args = [total] + d + ss + t + [Ptr("src"), Ptr("dst")]
+    launch(funcs["copy_i32"], (-(-total // 256), 1, 1), (256, 1, 1), args, mem)
+    got = struct.unpack(f"<{total}i", mem["dst"])
+    for o in range(total):
+        rem, idx = o, [0] * rank
+        for i in range(rank - 1, -1, -1):
+            idx[i], rem = rem % out_shape[i], rem // out_shape[i]
+        want = src[sum(idx[i] * s[i] for i in range(rank))]
+        if got[o] != want:
+            return f"copy_i32 {shape} by {perm}: out[{o}] = {got[o]}, want {want}"
+    return None
+
+
+def gather_case(funcs, outer, nidx, inner, axis_len, rng):
+    """gather_f32-sized (i32) rows by i64 indices, one out of range (zeros and the error flag)."""
+    table = [rng.randint(-1000, 1000) for _ in range(outer * axis_len * inner)]
+    idx = [rng.randrange(axis_len) for _ in range(nidx)]
+    idx[-1] = axis_len  # out of range
+    total = outer * nidx * inner
+    mem = {"table": bytearray(struct.pack(f"<{len(table)}i", *table)), "idx": bytearray(struct.pack(f"<{nidx}q", *idx)),
+           "out": bytearray(struct.pack(f"<{total}i", *([7] * total))), "err": bytearray(4)}
+    args = [outer, nidx, inner, axis_len, Ptr("table"), Ptr("idx"), Ptr("out"), Ptr("err")]
+    launch(funcs["gather_i32_i64"], (-(-total // 256), 1, 1), (256, 1, 1), args, mem)
+    got = struct.unpack(f"<{total}i", mem["out"])
+    for o in range(outer):
+        for p in range(nidx):
+            for c in range(inner):
+                ok = idx[p] < axis_len
+                want = table[(o * axis_len + idx[p]) * inner + c] if ok else 0
+                at = (o * nidx + p) * inner + c
+                if got[at] != want:
+                    return f"gather: out[{o},{p},{c}] = {got[at]}, want {want}"
+    if struct.unpack("<i", mem["err"])[0] != 1:
+        return "gather: an out-of-range index did not set the error flag"
+    return None
+
+
 def main():
     text = open(sys.argv[1]).read()
     if len(sys.argv) == 4 and sys.argv[2] == "--launches":
@@ -529,6 +588,16 @@ def main():
         print(f"{'ok  ' if err is None else 'FAIL'} {kernel} m={m} n={n} k={k} z={z} a_kfast={akf} b_kfast={bkf}"
               + ("" if err is None else f": {err}"), flush=True)
         bad += err is not None
+    for label, err in (
+        ("copy_i32 [2,3,5,4] by [2,0,3,1]", lambda: copy_case(funcs, [2, 3, 5, 4], [2, 0, 3, 1], rng)),
+        ("copy_i32 [3,1,7] by [2,1,0]", lambda: copy_case(funcs, [3, 1, 7], [2, 1, 0], rng)),
+        ("gather_i32_i64 2x5x3 from 4", lambda: gather_case(funcs, 2, 5, 3, 4, rng)),
+    ):
+        if only and label.split()[0] not in only:
+            continue
+        e = err()
+        print(f"{'ok  ' if e is None else 'FAIL'} {label}" + ("" if e is None else f": {e}"), flush=True)
+        bad += e is not None
     return 1 if bad else 0
 
 

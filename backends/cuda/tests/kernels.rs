@@ -211,14 +211,14 @@ fn cuda_artifacts_run_or_explain() {
     }
 }
 
-/// The fixed GEMM kernels (SIMT and tensor-core; f32, int8 and int4 right operands) compute the
-/// right products on an emulated GPU: `tests/emulate.py` interprets the emitted MLIR thread by
+/// The fixed kernels — GEMMs (SIMT and tensor-core; f32, int8 and int4 right operands), the strided
+/// copy (transposes) and the bounds-checked gather — compute the right results on an emulated GPU: `tests/emulate.py` interprets the emitted MLIR thread by
 /// thread (barriers and warp-collective `mma.sync` with PTX's fragment layouts), launching each
 /// kernel as `kiln_runtime::cuda` does, on partial tiles, batches and both operand layouts. Needs
 /// python3; `scripts/test` sets KILN_REQUIRE_EMULATOR so that CI cannot skip it.
 #[test]
 #[cfg_attr(feature = "mlir", ignore = "the same check runs in the plain test pass")]
-fn gemm_kernels_compute_on_an_emulated_gpu() {
+fn fixed_kernels_compute_on_an_emulated_gpu() {
     let module = kiln_cuda::emit::module(&[]).unwrap();
     let dir = std::env::temp_dir().join(format!("kiln-emulate-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
@@ -246,7 +246,7 @@ fn gemm_kernels_compute_on_an_emulated_gpu() {
         o.status.success(),
         "emulated kernels differ from the reference:\n{out}{err}"
     );
-    assert_eq!(out.matches("ok  ").count(), 9, "{out}");
+    assert_eq!(out.matches("ok  ").count(), 12, "{out}");
 }
 
 /// Every distinct fused kernel of the bundled specs (map, reduce and softmax rows, with inputs
