@@ -249,10 +249,10 @@ fn fixed_kernels_compute_on_an_emulated_gpu() {
     assert_eq!(out.matches("ok  ").count(), 12, "{out}");
 }
 
-/// Every distinct fused kernel of the bundled specs (map, reduce and softmax rows, with inputs
-/// broadcast along rows or not), run on the emulated GPU (`tests/emulate.py`) with the runtime's
-/// launch shape and offsets table, equals the reference interpreter applied to the kernel's
-/// expressions.
+/// Every distinct fused kernel of the bundled specs at -O0 and -O2 (map, reduce and softmax rows,
+/// inputs broadcast along rows or not), run on the emulated GPU (`tests/emulate.py`) with the
+/// runtime's launch shape and offsets table, equals the reference interpreter applied to the
+/// kernel's expressions.
 #[test]
 #[cfg_attr(feature = "mlir", ignore = "the same check runs in the plain test pass")]
 fn fused_kernels_compute_on_an_emulated_gpu() {
@@ -265,9 +265,6 @@ fn fused_kernels_compute_on_an_emulated_gpu() {
     let mut seen = std::collections::BTreeSet::new();
     let mut specs = Vec::new();
     for (_, l, level) in cases() {
-        if level == OptLevel::O0 {
-            continue;
-        }
         let (planned, _) = plan(&l, level);
         for k in planned.kernels {
             let mut key = format!("{:?}{:?}{:?}{:?}{:?}", k.kind, k.reduce, k.inputs, k.output, k.exprs);
