@@ -596,8 +596,12 @@ impl Run<'_> {
         args.push(Arg::I(acc.is_some() as i64));
         if self.model.tensor_cores && m >= TC_MIN_ROWS {
             let grid = (n.div_ceil(TC_TILE) as u32, m.div_ceil(TC_TILE) as u32, (z1 * z2) as u32);
-            let tc = format!("gemm_tc_{}", kernel.trim_start_matches("gemm_"));
-            return self.launch(self.fixed(&tc), grid, (TC_THREADS, 1, 1), &args);
+            let tc = match kernel {
+                "gemm_i8" => "gemm_tc_i8",
+                "gemm_i4" => "gemm_tc_i4",
+                _ => "gemm_tc_f32",
+            };
+            return self.launch(self.fixed(tc), grid, (TC_THREADS, 1, 1), &args);
         }
         let grid = (n.div_ceil(TILE) as u32, m.div_ceil(TILE) as u32, (z1 * z2) as u32);
         self.launch(self.fixed(kernel), grid, (256, 1, 1), &args)

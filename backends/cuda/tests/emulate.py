@@ -391,14 +391,22 @@ def launch(func, grid, block, args, mem):
                         elif kind == "shfl":
                             for t in lanes:
                                 pending[t] = events[w + ((t - w) ^ events[t][2])][1]
-                    if kind == "barrier" or kind == "mma" or kind == "shfl":
-                        continue
 
 
 # ---------------------------------------------------------------- GEMM checks
 
 def f32buf(vals):
     return bytearray(struct.pack(f"<{len(vals)}f", *vals))
+
+
+def batch_layout(mats, rows, k, kfast):
+    """Batches of `rows x k` matrices (row-major lists) laid out one after another, each stored
+    row-major (`kfast`: k contiguous) or column-major."""
+    flat = []
+    for batch in mats:
+        for mat in batch:
+            flat += mat if kfast else [mat[r * k + c] for c in range(k) for r in range(rows)]
+    return flat
 
 
 def gemm_case(funcs, kernel, m, n, k, z, a_kfast, b_kfast, rng, tensor_cores):
@@ -410,23 +418,13 @@ def gemm_case(funcs, kernel, m, n, k, z, a_kfast, b_kfast, rng, tensor_cores):
     A = [[rnd(m * k) for _ in range(z2)] for _ in range(z1)]
     # a[z1, z2] is m x k with strides (sam, sak): k-fast stores rows, otherwise columns.
     sam, sak = (k, 1) if a_kfast else (1, m)
-    flat = []
-    for i in range(z1):
-        for j in range(z2):
-            mat = A[i][j]
-            flat += mat if a_kfast else [mat[r * k + c] for c in range(k) for r in range(m)]
-    mem["a"] = f32buf(flat)
+    mem["a"] = f32buf(batch_layout(A, m, k, a_kfast))
     sa2, sa1 = m * k, z2 * m * k
     group = 32
     if kind == "f32":
         Bm = [[rnd(n * k) for _ in range(z2)] for _ in range(z1)]  # [n][k] values
         sbk, sbn = (1, k) if b_kfast else (n, 1)
-        flat = []
-        for i in range(z1):
-            for j in range(z2):
-                mat = Bm[i][j]
-                flat += mat if b_kfast else [mat[c * k + r] for r in range(k) for c in range(n)]
-        mem["b"] = f32buf(flat)
+        mem["b"] = f32buf(batch_layout(Bm, n, k, b_kfast))
         bargs = [Ptr("b"), z2 * n * k, n * k, sbk, sbn]
         bval = lambda i, j, col, kk: Bm[i][j][col * k + kk]
     elif kind == "i8":
@@ -466,7 +464,6 @@ def gemm_case(funcs, kernel, m, n, k, z, a_kfast, b_kfast, rng, tensor_cores):
     launch(funcs[kernel], grid, block, args, mem)
     got = struct.unpack(f"<{z1 * z2 * m * n}f", mem["c"])
     rnd16 = bf16 if tensor_cores else (lambda x: x)
-    worst = 0.0
     for i in range(z1):
         for j in range(z2):
             for r in range(m):
@@ -476,7 +473,6 @@ def gemm_case(funcs, kernel, m, n, k, z, a_kfast, b_kfast, rng, tensor_cores):
                     want = scale * sum(terms) + bias[col] + accv[at]
                     tol = 1e-5 * (scale * sum(abs(t) for t in terms) + abs(bias[col]) + abs(accv[at])) + 1e-6
                     err = abs(got[at] - want) if got[at] == got[at] else math.inf
-                    worst = max(worst, err / tol)
                     if err > tol:
                         return f"{kernel} m={m} n={n} k={k} z={z}: c[{i},{j},{r},{col}] = {got[at]}, want {want}"
     return None

@@ -211,6 +211,26 @@ fn cuda_artifacts_run_or_explain() {
     }
 }
 
+/// Runs `tests/emulate.py` with `args`; `None` (the test skips) where there is no python3, unless
+/// KILN_REQUIRE_EMULATOR is set.
+fn emulate(args: &[&std::ffi::OsStr]) -> Option<std::process::Output> {
+    let run = std::process::Command::new("python3")
+        .arg(root().join("backends/cuda/tests/emulate.py"))
+        .args(args)
+        .output();
+    match run {
+        Ok(o) => Some(o),
+        Err(e) => {
+            assert!(
+                std::env::var_os("KILN_REQUIRE_EMULATOR").is_none(),
+                "python3 is needed to emulate the kernels: {e}"
+            );
+            eprintln!("skipped: no python3 ({e})");
+            None
+        }
+    }
+}
+
 /// The fixed kernels — GEMMs (SIMT and tensor-core; f32, int8 and int4 right operands), the strided
 /// copy (transposes) and the bounds-checked gather — compute the right results on an emulated GPU: `tests/emulate.py` interprets the emitted MLIR thread by
 /// thread (barriers and warp-collective `mma.sync` with PTX's fragment layouts), launching each
@@ -224,22 +244,9 @@ fn fixed_kernels_compute_on_an_emulated_gpu() {
     std::fs::create_dir_all(&dir).unwrap();
     let file = dir.join("module.mlir");
     std::fs::write(&file, module).unwrap();
-    let run = std::process::Command::new("python3")
-        .arg(root().join("backends/cuda/tests/emulate.py"))
-        .arg(&file)
-        .output();
+    let run = emulate(&[file.as_os_str()]);
     let _ = std::fs::remove_dir_all(&dir);
-    let o = match run {
-        Ok(o) => o,
-        Err(e) => {
-            assert!(
-                std::env::var_os("KILN_REQUIRE_EMULATOR").is_none(),
-                "python3 is needed to emulate the kernels: {e}"
-            );
-            eprintln!("skipped: no python3 ({e})");
-            return;
-        }
-    };
+    let Some(o) = run else { return };
     let (out, err) = (String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
     eprintln!("{out}");
     assert!(
@@ -402,22 +409,9 @@ fn fused_kernels_compute_on_an_emulated_gpu() {
     std::fs::create_dir_all(&dir).unwrap();
     std::fs::write(dir.join("module.mlir"), &module).unwrap();
     std::fs::write(dir.join("jobs.json"), format!("[{}]", jobs.join(",\n"))).unwrap();
-    let run = std::process::Command::new("python3")
-        .arg(root().join("backends/cuda/tests/emulate.py"))
-        .arg(dir.join("module.mlir"))
-        .arg("--launches")
-        .arg(dir.join("jobs.json"))
-        .output();
-    let o = match run {
-        Ok(o) => o,
-        Err(e) => {
-            assert!(
-                std::env::var_os("KILN_REQUIRE_EMULATOR").is_none(),
-                "python3 is needed to emulate the kernels: {e}"
-            );
-            eprintln!("skipped: no python3 ({e})");
-            return;
-        }
+    let (module_file, jobs_file) = (dir.join("module.mlir"), dir.join("jobs.json"));
+    let Some(o) = emulate(&[module_file.as_os_str(), "--launches".as_ref(), jobs_file.as_os_str()]) else {
+        return;
     };
     let out = String::from_utf8_lossy(&o.stdout).into_owned();
     assert!(
