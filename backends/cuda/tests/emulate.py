@@ -6,6 +6,13 @@ barriers and warp-collective operations.
 
     python3 emulate.py MODULE.mlir [KERNEL...]   # checks the fixed kernels (GEMMs, copy, gather)
     python3 emulate.py MODULE.mlir --launches JOBS.json   # runs launches, prints their outputs
+    python3 emulate.py MODULE.mlir --serve   # a device for kiln_runtime::cuda::CudaModel::emulated
+
+Serving, it reads one command per line and answers each with one line, `ok [VALUE]` or `err MESSAGE`:
+`alloc LEN` (-> the buffer's address, `id << 32`), `free ADDR`, `write ADDR HEX`, `read ADDR LEN`
+(-> hex), `zero ADDR LEN`, `launch KERNEL GX GY GZ BX BY BZ ARG...` (each argument a 64-bit
+parameter slot as the driver gets it: an address, an integer, or an f32's bits in the low half).
+Every load and store is bounds-checked against the buffer its pointer came from.
 
 The GEMM checks launch each kernel the way `kiln_runtime::cuda` does (grid, block size, parameter
 order) on small products with partial tiles, batches, both operand layouts, int8 and int4 weights,
@@ -144,6 +151,18 @@ class Thread:
         self.env.update(shared)
         self.mem = mem
 
+    def buffer(self, p, ty):
+        """The buffer `p` points into, after checking that the access lies inside it (what
+        compute-sanitizer would report on a GPU)."""
+        buf = self.mem.get(p.buf)
+        if buf is None:
+            raise MemoryError(f"thread {self.tid} of block {self.bid}: {ty} access through a pointer to "
+                              f"buffer {p.buf}, which is not allocated")
+        if p.off < 0 or p.off + SIZES[ty] > len(buf):
+            raise MemoryError(f"thread {self.tid} of block {self.bid}: {ty} access at byte {p.off} of buffer "
+                              f"{p.buf}, which has {len(buf)} bytes")
+        return buf
+
     def get(self, name):
         if "#" in name:
             base, k = name.split("#")
@@ -197,7 +216,7 @@ class Thread:
         if s.startswith("llvm.store"):
             m = re.match(r"llvm\.store (%[\w#]+), (%\w+) : (\w+), !llvm\.ptr", s)
             v, p, ty = self.get(m.group(1)), self.get(m.group(2)), m.group(3)
-            struct.pack_into(PACK[ty], self.mem[p.buf], p.off, v)
+            struct.pack_into(PACK[ty], self.buffer(p, ty), p.off, v)
             return None
         if s.startswith("memref.store"):
             m = re.match(r"memref\.store (%[\w#]+), (%\w+)\[(%\w+)\] : ", s)
@@ -301,7 +320,7 @@ class Thread:
         if op == "llvm.load":
             p, ty = re.match(r"(%\w+) : !llvm\.ptr -> (\w+)", rest).groups()
             p = g(p)
-            return struct.unpack_from(PACK[ty], self.mem[p.buf], p.off)[0]
+            return struct.unpack_from(PACK[ty], self.buffer(p, ty), p.off)[0]
         if op == "memref.load":
             buf, idx = re.match(r"(%\w+)\[(%[\w#]+)\]", rest).groups()
             return g(buf)[g(idx)]
@@ -500,6 +519,65 @@ def launches(funcs, path):
     return 0
 
 
+ADDR_BITS = 32
+
+
+def serve(funcs):
+    """The device protocol of the module docstring, over stdin/stdout."""
+    mem, next_id = {}, 1
+
+    def split(addr):
+        buf, off = addr >> ADDR_BITS, addr & ((1 << ADDR_BITS) - 1)
+        if buf not in mem:
+            raise MemoryError(f"address {addr:#x} is not in an allocated buffer")
+        return buf, off
+
+    def param(ty, slot):
+        if ty == "!llvm.ptr":
+            return Ptr(slot >> ADDR_BITS, slot & ((1 << ADDR_BITS) - 1))
+        if ty == "f32":
+            return struct.unpack("<f", struct.pack("<I", slot & 0xFFFFFFFF))[0]
+        return wrap(slot, ty)
+
+    for line in sys.stdin:
+        w = line.split()
+        try:
+            cmd, reply = w[0], "ok"
+            if cmd == "alloc":
+                if int(w[1]) >= 1 << ADDR_BITS:
+                    raise MemoryError(f"{w[1]} bytes is more than the emulator's buffers hold")
+                mem[next_id] = bytearray(int(w[1]))
+                reply = f"ok {next_id << ADDR_BITS}"
+                next_id += 1
+            elif cmd == "free":
+                del mem[split(int(w[1]))[0]]
+            elif cmd in ("write", "zero", "read"):
+                buf, off = split(int(w[1]))
+                data = bytes.fromhex(w[2]) if cmd == "write" else b""
+                n = len(data) if cmd == "write" else int(w[2])
+                if off + n > len(mem[buf]):
+                    raise MemoryError(f"{cmd} of {n} bytes at byte {off} of a {len(mem[buf])}-byte buffer")
+                if cmd == "read":
+                    reply = "ok " + mem[buf][off:off + n].hex()
+                else:
+                    mem[buf][off:off + n] = data or bytes(n)
+            elif cmd == "launch":
+                func = funcs[w[1]]
+                dims = [int(x) for x in w[2:8]]
+                slots = [int(x) for x in w[8:]]
+                if len(slots) != len(func[0]):
+                    raise TypeError(f"{w[1]} takes {len(func[0])} parameters, the launch passed {len(slots)}")
+                args = [param(ty, v) for (_, ty), v in zip(func[0], slots)]
+                launch(func, tuple(dims[:3]), tuple(dims[3:]), args, mem)
+            else:
+                raise ValueError(f"unknown command `{cmd}`")
+        except Exception as e:  # noqa: BLE001 - every failure goes back to the runtime as a message
+            reply = "err " + f"{type(e).__name__}: {e}".replace("\n", " ")
+        sys.stdout.write(reply + "\n")
+        sys.stdout.flush()
+    return 0
+
+
 def copy_case(funcs, shape, perm, rng):
     """A transpose through copy_i32, with the runtime's argument packing (unit axes dropped, the
     rest right-aligned in 6 axes, padding extent 1 and stride 0)."""
@@ -562,6 +640,10 @@ def main():
     text = open(sys.argv[1]).read()
     if len(sys.argv) == 4 and sys.argv[2] == "--launches":
         return launches(parse_module(text), sys.argv[3])
+    if len(sys.argv) == 3 and sys.argv[2] == "--serve":
+        funcs = parse_module(text)
+        print("ok ready", flush=True)
+        return serve(funcs)
     funcs = parse_module(text)
     rng = random.Random(7)
     cases = [

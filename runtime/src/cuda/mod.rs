@@ -9,13 +9,16 @@
 //! evaluator (their operands are copied over and back). Decoding keeps its key/value cache on the
 //! GPU ([`CudaSession`], the same [`crate::Decoder`] as the CPU's session).
 
-use std::collections::BTreeMap;
-use std::ffi::{c_void, CString};
-use std::path::Path;
-use std::sync::Arc;
+mod device;
 
-use cudarc::driver::{result, sys, CudaContext};
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::rc::Rc;
+
+use cudarc::driver::{sys, CudaContext};
 use kiln_ir::{DType, Tensor};
+
+use device::{download, Arg, DevMem, Device, Driver, Emulator, Kernel};
 
 use crate::kernels::{self, Buf};
 use crate::plan::{KernelKind, Manifest, Step, Storage, GPU_ARCH};
@@ -34,64 +37,10 @@ const TC_MIN_ROWS: usize = 32;
 /// Rank the copy kernel walks (`kiln_cuda::emit::COPY_RANK`).
 const COPY_RANK: usize = 6;
 
-/// Device memory, freed on drop.
-struct DevMem {
-    ptr: u64,
-    len: usize,
-}
-
-impl DevMem {
-    fn alloc(len: usize) -> Result<DevMem, String> {
-        // SAFETY: plain allocation; the pointer is freed once, on drop.
-        let ptr = unsafe { result::malloc_sync(len.max(256)) }
-            .map_err(|e| format!("cannot allocate {len} bytes on the GPU: {e}"))?;
-        Ok(DevMem { ptr, len })
-    }
-
-    fn upload(bytes: &[u8]) -> Result<DevMem, String> {
-        let m = DevMem::alloc(bytes.len())?;
-        if !bytes.is_empty() {
-            // SAFETY: the allocation holds at least `bytes.len()` bytes.
-            unsafe { result::memcpy_htod_sync(m.ptr, bytes) }.map_err(|e| format!("copy to the GPU: {e}"))?;
-        }
-        Ok(m)
-    }
-}
-
-impl Drop for DevMem {
-    fn drop(&mut self) {
-        // SAFETY: allocated by `malloc_sync`, freed only here.
-        unsafe {
-            let _ = result::free_sync(self.ptr);
-        }
-    }
-}
-
-fn download(addr: u64, len: usize) -> Result<Vec<u8>, String> {
-    let mut out = vec![0u8; len];
-    if len > 0 {
-        // SAFETY: `addr..addr + len` lies in a live device allocation (the caller's buffer).
-        unsafe { result::memcpy_dtoh_sync(&mut out, addr) }.map_err(|e| format!("copy from the GPU: {e}"))?;
-    }
-    Ok(out)
-}
-
-/// A kernel argument.
-#[derive(Clone, Copy)]
-enum Arg {
-    /// A device address.
-    P(u64),
-    I(i64),
-    F(f32),
-}
-
 /// A CUDA artifact loaded onto a GPU.
 pub struct CudaModel {
     manifest: Manifest,
-    ctx: Arc<CudaContext>,
-    module: sys::CUmodule,
-    kernels: Vec<sys::CUfunction>,
-    fixed: BTreeMap<&'static str, sys::CUfunction>,
+    dev: Rc<dyn Device>,
     weights: DevMem,
     host_weights: Vec<u8>,
     /// Per `SpMatMul`/`SpMatMul24` step: its sparse weight densified (`[n, k]` f32).
@@ -106,7 +55,7 @@ pub struct CudaModel {
     pub device: String,
 }
 
-fn cuda_err(what: &str) -> impl Fn(result::DriverError) -> LoadError + '_ {
+fn cuda_err(what: &str) -> impl Fn(cudarc::driver::DriverError) -> LoadError + '_ {
     move |e| LoadError::Cuda(format!("{what}: {e}"))
 }
 
@@ -165,52 +114,80 @@ impl CudaModel {
                 chosen.arch
             )));
         }
-        // SAFETY: a NUL-terminated PTX image, as the driver expects.
-        let module = unsafe { result::module::load_data(ptx.as_ptr() as *const c_void) }
-            .map_err(cuda_err(&format!("the driver rejected the PTX for {}", chosen.arch)))?;
-        let func = |name: &str| -> Result<sys::CUfunction, LoadError> {
-            let c = CString::new(name).map_err(|_| LoadError::Corrupt(format!("kernel name `{name}`")))?;
-            // SAFETY: the module was just loaded and stays loaded while the model lives.
-            unsafe { result::module::get_function(module, c) }.map_err(cuda_err(&format!("kernel `{name}`")))
-        };
-        let kernels = (0..m.kernels.len())
-            .map(|i| func(&format!("k{i}")))
-            .collect::<Result<Vec<_>, _>>()?;
-        let mut fixed = BTreeMap::new();
-        for name in crate::plan::GPU_FIXED_KERNELS {
-            fixed.insert(name, func(name)?);
+        let driver = Driver::load(ctx, ptx, m.kernels.len(), &crate::plan::GPU_FIXED_KERNELS)
+            .map_err(|e| LoadError::Cuda(format!("the driver rejected the PTX for {}: {e}", chosen.arch)))?;
+        let arch = chosen.arch.clone();
+        CudaModel::place(m, bytes[s.weights.clone()].to_vec(), Rc::new(driver), arch, device)
+    }
+
+    /// Loads a CUDA plan onto kiln's GPU emulator instead of a GPU: `python3 EMULATOR --serve`
+    /// (`backends/cuda/tests/emulate.py`) runs the kernels' MLIR (`kiln_cuda::plan_mlir`) one
+    /// thread at a time, checking every memory access. For tests of the runtime on machines
+    /// without a GPU: it is slow (seconds per launch), so only tiny models are practical.
+    pub fn emulated(
+        manifest: &Manifest,
+        weights: Vec<u8>,
+        mlir: &str,
+        emulator: &Path,
+    ) -> Result<CudaModel, LoadError> {
+        let mut m = manifest.clone();
+        if m.target.arch != GPU_ARCH {
+            return Err(LoadError::Target {
+                wanted: m.target.arch.clone(),
+                have: "a CUDA GPU (emulated)".into(),
+            });
         }
-        let host_weights = bytes[s.weights.clone()].to_vec();
-        let weights = DevMem::upload(&host_weights).map_err(LoadError::Cuda)?;
+        // The MLIR stands where the PTX would, so the manifest is validated as any artifact's.
+        m.gpu = Some(crate::plan::GpuCode {
+            modules: vec![crate::plan::GpuModule {
+                arch: "emulated".into(),
+                offset: 0,
+                len: mlir.len() as u64 + 1,
+            }],
+        });
+        crate::validate::manifest(&m, weights.len(), mlir.len() + 1)?;
+        crate::exec::check_packed_weights(&m, &weights)?;
+        let emu = Emulator::start(emulator, mlir).map_err(LoadError::Cuda)?;
+        CudaModel::place(
+            m,
+            weights,
+            Rc::new(emu),
+            "emulated".into(),
+            "kiln's GPU emulator".into(),
+        )
+    }
+
+    /// Uploads the weights (sparse ones densified) to a device holding the plan's kernels.
+    fn place(
+        m: Manifest,
+        host_weights: Vec<u8>,
+        dev: Rc<dyn Device>,
+        arch: String,
+        device: String,
+    ) -> Result<CudaModel, LoadError> {
+        let weights = DevMem::upload(&dev, &host_weights).map_err(LoadError::Cuda)?;
         let mut dense = BTreeMap::new();
         for (si, step) in m.steps.iter().enumerate() {
-            if let Step::SpMatMul {
-                row_ptr,
-                cols,
-                vals,
-                a,
-                block,
-                ..
-            } = step
-            {
-                let d = densify(&m, &host_weights, [*row_ptr, *cols, *vals], *a, *block)
-                    .map_err(|e| LoadError::Corrupt(format!("step {si}: {e}")))?;
-                dense.insert(si, DevMem::upload(&d).map_err(LoadError::Cuda)?);
+            let d = match step {
+                Step::SpMatMul {
+                    row_ptr,
+                    cols,
+                    vals,
+                    a,
+                    block,
+                    ..
+                } => densify(&m, &host_weights, [*row_ptr, *cols, *vals], *a, *block),
+                Step::SpMatMul24 { vals, idx, .. } => unpack24(&m, &host_weights, *vals, *idx),
+                _ => continue,
             }
-            if let Step::SpMatMul24 { vals, idx, .. } = step {
-                let d = unpack24(&m, &host_weights, *vals, *idx)
-                    .map_err(|e| LoadError::Corrupt(format!("step {si}: {e}")))?;
-                dense.insert(si, DevMem::upload(&d).map_err(LoadError::Cuda)?);
-            }
+            .map_err(|e| LoadError::Corrupt(format!("step {si}: {e}")))?;
+            dense.insert(si, DevMem::upload(&dev, &d).map_err(LoadError::Cuda)?);
         }
         Ok(CudaModel {
             tensor_cores: std::env::var("KILN_CUDA_MMA").map_or(true, |v| v != "off"),
-            arch: chosen.arch.clone(),
+            arch,
             manifest: m,
-            ctx,
-            module,
-            kernels,
-            fixed,
+            dev,
             weights,
             host_weights,
             dense,
@@ -245,6 +222,7 @@ impl CudaModel {
         Ok(CudaSession {
             model: self,
             cache: CudaKvCache {
+                dev: self.dev.clone(),
                 slots: BTreeMap::new(),
                 len: 0,
                 capacity,
@@ -265,9 +243,7 @@ impl CudaModel {
             node: m.values.get(value).map(|v| v.name.clone()).unwrap_or_default(),
             msg,
         };
-        self.ctx
-            .bind_to_thread()
-            .map_err(|e| fail(usize::MAX, usize::MAX, format!("CUDA context: {e}")))?;
+        self.dev.bind().map_err(|e| fail(usize::MAX, usize::MAX, e))?;
         let syms = crate::exec::bind(m, inputs)?;
         let shapes: Vec<Vec<usize>> = m
             .values
@@ -281,13 +257,15 @@ impl CudaModel {
             .map(|(v, s)| s.iter().fold(v.dtype.size_bytes(), |a, d| a.saturating_mul(*d)))
             .collect();
         let (offsets, arena_len, _) = crate::exec::plan_memory(m, &sizes);
-        let arena = DevMem::alloc(arena_len).map_err(|e| fail(usize::MAX, usize::MAX, e))?;
+        let dev = &self.dev;
+        let arena = DevMem::alloc(dev, arena_len).map_err(|e| fail(usize::MAX, usize::MAX, e))?;
         let mut uploaded = Vec::new();
         for p in &m.inputs {
-            uploaded
-                .push(DevMem::upload(inputs[&p.name].as_bytes()).map_err(|e| fail(usize::MAX, p.value as usize, e))?);
+            uploaded.push(
+                DevMem::upload(dev, inputs[&p.name].as_bytes()).map_err(|e| fail(usize::MAX, p.value as usize, e))?,
+            );
         }
-        let err_flag = DevMem::upload(&[0u8; 4]).map_err(|e| fail(usize::MAX, usize::MAX, e))?;
+        let err_flag = DevMem::upload(dev, &[0u8; 4]).map_err(|e| fail(usize::MAX, usize::MAX, e))?;
         let mut addr = vec![0u64; m.values.len()];
         // Views of the cache have no arena space of their own (the plan sized them at capacity).
         for (i, v) in m.values.iter().enumerate() {
@@ -331,33 +309,20 @@ impl CudaModel {
         for (si, step) in m.steps.iter().enumerate() {
             run.step(si, step).map_err(|msg| fail(si, step.out() as usize, msg))?;
         }
-        self.ctx
-            .synchronize()
-            .map_err(|e| fail(usize::MAX, usize::MAX, format!("the GPU failed while running: {e}")))?;
-        let flag = download(err_flag.ptr, 4).map_err(|e| fail(usize::MAX, usize::MAX, e))?;
+        self.dev.synchronize().map_err(|e| fail(usize::MAX, usize::MAX, e))?;
+        let flag = download(&**dev, err_flag.ptr, 4).map_err(|e| fail(usize::MAX, usize::MAX, e))?;
         if flag != [0, 0, 0, 0] {
             return Err(fail(usize::MAX, usize::MAX, "a gather index is out of range".into()));
         }
         let mut outs = Vec::new();
         for p in &m.outputs {
             let v = p.value as usize;
-            let bytes = download(run.addr[v], sizes[v]).map_err(|e| fail(usize::MAX, v, e))?;
+            let bytes = download(&**dev, run.addr[v], sizes[v]).map_err(|e| fail(usize::MAX, v, e))?;
             let t = Tensor::from_le_bytes(m.values[v].dtype, shapes[v].clone(), &bytes)
                 .map_err(|e| fail(usize::MAX, v, e.to_string()))?;
             outs.push((p.name.clone(), t));
         }
         Ok(outs)
-    }
-}
-
-impl Drop for CudaModel {
-    fn drop(&mut self) {
-        if self.ctx.bind_to_thread().is_ok() {
-            // SAFETY: loaded in `from_bytes`, unloaded once.
-            unsafe {
-                let _ = result::module::unload(self.module);
-            }
-        }
     }
 }
 
@@ -494,31 +459,12 @@ impl Run<'_> {
         self.model.manifest.values[v as usize].dtype
     }
 
-    fn launch(
-        &self,
-        f: sys::CUfunction,
-        grid: (u32, u32, u32),
-        block: (u32, u32, u32),
-        args: &[Arg],
-    ) -> Result<(), String> {
-        let mut store: Vec<u64> = args
-            .iter()
-            .map(|a| match a {
-                Arg::P(p) => *p,
-                Arg::I(i) => *i as u64,
-                Arg::F(x) => x.to_bits() as u64,
-            })
-            .collect();
-        // Each parameter points at its 8-byte slot; a 4-byte f32 parameter reads the low half.
-        let mut ptrs: Vec<*mut c_void> = store.iter_mut().map(|v| v as *mut u64 as *mut c_void).collect();
-        // SAFETY: the argument list matches the kernel's signature (the emitter and this file agree on
-        // it), every address lies in a live allocation, and the shapes were checked.
-        unsafe { result::launch_kernel(f, grid, block, 0, std::ptr::null_mut(), &mut ptrs) }
-            .map_err(|e| format!("kernel launch: {e}"))
+    fn launch(&self, k: Kernel, grid: (u32, u32, u32), block: (u32, u32, u32), args: &[Arg]) -> Result<(), String> {
+        self.model.dev.launch(k, grid, block, args)
     }
 
-    fn fixed(&self, name: &str) -> sys::CUfunction {
-        self.model.fixed[name]
+    fn upload(&self, bytes: &[u8]) -> Result<DevMem, String> {
+        DevMem::upload(&self.model.dev, bytes)
     }
 
     /// `dst[Σ i t] = src[Σ i s]` over `shape` (rank ≤ 6 after dropping unit axes).
@@ -551,7 +497,7 @@ impl Run<'_> {
         args.extend(d.iter().chain(&s).chain(&t).map(|x| Arg::I(*x)));
         args.push(Arg::P(src.0));
         args.push(Arg::P(dst.0));
-        self.launch(self.fixed(ty), grid_1d(total), (BLOCK, 1, 1), &args)
+        self.launch(Kernel::Fixed(ty), grid_1d(total), (BLOCK, 1, 1), &args)
     }
 
     /// A GEMM launch: `c[z1, z2] = acc + bias + scale · a[z1, z2] @ b[z1, z2]`.
@@ -601,10 +547,10 @@ impl Run<'_> {
                 "gemm_i4" => "gemm_tc_i4",
                 _ => "gemm_tc_f32",
             };
-            return self.launch(self.fixed(tc), grid, (TC_THREADS, 1, 1), &args);
+            return self.launch(Kernel::Fixed(tc), grid, (TC_THREADS, 1, 1), &args);
         }
         let grid = (n.div_ceil(TILE) as u32, m.div_ceil(TILE) as u32, (z1 * z2) as u32);
-        self.launch(self.fixed(kernel), grid, (256, 1, 1), &args)
+        self.launch(Kernel::Fixed(kernel), grid, (256, 1, 1), &args)
     }
 
     fn step(&mut self, si: usize, step: &Step) -> Result<(), String> {
@@ -625,7 +571,7 @@ impl Run<'_> {
                 if rows == 0 || n == 0 {
                     return Ok(());
                 }
-                let table = DevMem::upload(&offs.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>())?;
+                let table = self.upload(&offs.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>())?;
                 let mut args = vec![Arg::I(rows as i64), Arg::I(n as i64), Arg::P(table.ptr)];
                 args.extend(inputs.iter().map(|v| Arg::P(self.addr[*v as usize])));
                 args.push(Arg::P(self.addr[*out as usize]));
@@ -634,7 +580,7 @@ impl Run<'_> {
                     KernelKind::Map => (n.div_ceil(BLOCK as usize).min(65535) as u32, ry, 1),
                     KernelKind::ReduceLast | KernelKind::SoftmaxLast => (1, ry, 1),
                 };
-                self.launch(self.model.kernels[*kernel as usize], grid, (BLOCK, 1, 1), &args)?;
+                self.launch(Kernel::Fused(*kernel as usize), grid, (BLOCK, 1, 1), &args)?;
                 self.keep.push(table);
                 Ok(())
             }
@@ -868,7 +814,7 @@ impl Run<'_> {
                     Arg::P(self.err),
                 ];
                 self.launch(
-                    self.fixed(&format!("gather_{ty}_{ix}")),
+                    Kernel::Fixed(&format!("gather_{ty}_{ix}")),
                     grid_1d(total),
                     (BLOCK, 1, 1),
                     &args,
@@ -976,7 +922,7 @@ impl Run<'_> {
                     return Ok(());
                 }
                 let space = [b, h, sq, sk];
-                let scores = DevMem::alloc(4 * elems(&space))?;
+                let scores = DevMem::alloc(&self.model.dev, 4 * elems(&space))?;
                 // scores[b, h] = scale · q[b, h] k[b, h]ᵀ
                 let b_args = [
                     Arg::P(self.addr[*k as usize] + 4 * kst.0 as u64),
@@ -1017,7 +963,7 @@ impl Run<'_> {
                     &space,
                     decl,
                 )?;
-                let table = DevMem::upload(&offs.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>())?;
+                let table = self.upload(&offs.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>())?;
                 let mut args = vec![Arg::I(rows as i64), Arg::I(n as i64), Arg::P(table.ptr)];
                 args.extend(
                     kernel_inputs
@@ -1026,7 +972,7 @@ impl Run<'_> {
                 );
                 args.push(Arg::P(scores.ptr));
                 self.launch(
-                    self.model.kernels[*kernel as usize],
+                    Kernel::Fused(*kernel as usize),
                     (1, rows.min(65535) as u32, 1),
                     (BLOCK, 1, 1),
                     &args,
@@ -1096,17 +1042,14 @@ impl Run<'_> {
             }
             Step::Fallback { op, inputs, out } => {
                 // On the host: copy the operands over, evaluate, copy the result back.
-                self.model
-                    .ctx
-                    .synchronize()
-                    .map_err(|e| format!("the GPU failed while running: {e}"))?;
+                self.model.dev.synchronize()?;
                 let mut host: Vec<Vec<u8>> = Vec::new();
                 for v in inputs {
                     host.push(match mm.values[*v as usize].storage {
                         Storage::Weight { offset, len } => {
                             self.model.host_weights[offset as usize..(offset + len) as usize].to_vec()
                         }
-                        _ => download(self.addr[*v as usize], self.sizes[*v as usize])?,
+                        _ => download(&*self.model.dev, self.addr[*v as usize], self.sizes[*v as usize])?,
                     });
                 }
                 let args: Vec<(Buf, &[usize], DType)> = inputs
@@ -1132,9 +1075,8 @@ impl Run<'_> {
                 };
                 kernels::fallback(op, &args, (rb, &self.shapes[o], self.dtype(*out)), &names, self.syms)?;
                 if !value.is_empty() {
-                    // SAFETY: the output value's device buffer holds `sizes[o]` bytes.
-                    unsafe { result::memcpy_htod_sync(self.addr[o], &value) }
-                        .map_err(|e| format!("copy to the GPU: {e}"))?;
+                    // The output value's device buffer holds `sizes[o]` bytes.
+                    self.model.dev.write(self.addr[o], &value)?;
                 }
                 Ok(())
             }
@@ -1145,6 +1087,7 @@ impl Run<'_> {
 /// The key/value cache of one batch of sequences, on the GPU: per slot one zeroed
 /// `[b, h, capacity, d]` f32 buffer, allocated at first use.
 pub struct CudaKvCache {
+    dev: Rc<dyn Device>,
     slots: BTreeMap<u32, (DevMem, [usize; 3])>,
     len: usize,
     capacity: usize,
@@ -1165,9 +1108,7 @@ impl CudaKvCache {
             .and_then(|n| n.checked_mul(d))
             .and_then(|n| n.checked_mul(4))
             .ok_or("cache size overflows")?;
-        let m = DevMem::alloc(bytes)?;
-        // SAFETY: a fresh allocation of at least `bytes` bytes.
-        unsafe { result::memset_d8_sync(m.ptr, 0, bytes) }.map_err(|e| format!("clearing the cache: {e}"))?;
+        let m = DevMem::zeroed(&self.dev, bytes)?;
         let ptr = m.ptr;
         self.slots.insert(slot, (m, [b, h, d]));
         Ok(ptr)
