@@ -144,195 +144,268 @@ def parse_block(lines, i):
 
 # ---------------------------------------------------------------- execution
 
-class Thread:
-    def __init__(self, tid, bid, bdim, gdim, args, shared, mem):
-        self.tid, self.bid, self.bdim, self.gdim = tid, bid, bdim, gdim
-        self.env = dict(args)
-        self.env.update(shared)
-        self.mem = mem
+# Each gpu.func is translated once into a Python generator function (SSA values become locals,
+# scf loops and ifs Python loops and ifs) that runs one thread and yields at barriers and
+# warp-collective operations; `launch` steps a block's threads in lockstep between those.
 
-    def buffer(self, p, ty):
-        """The buffer `p` points into, after checking that the access lies inside it (what
-        compute-sanitizer would report on a GPU)."""
-        buf = self.mem.get(p.buf)
-        if buf is None:
-            raise MemoryError(f"thread {self.tid} of block {self.bid}: {ty} access through a pointer to "
-                              f"buffer {p.buf}, which is not allocated")
-        if p.off < 0 or p.off + SIZES[ty] > len(buf):
-            raise MemoryError(f"thread {self.tid} of block {self.bid}: {ty} access at byte {p.off} of buffer "
-                              f"{p.buf}, which has {len(buf)} bytes")
-        return buf
+M = {t: (1 << b) - 1 for t, b in (("i1", 1), ("i8", 8), ("i16", 16), ("i32", 32), ("i64", 64), ("index", 64))}
+STRUCTS = {ty: struct.Struct(f) for ty, f in PACK.items()}
 
-    def get(self, name):
-        if "#" in name:
-            base, k = name.split("#")
-            return self.env[base][int(k)]
-        return self.env[name]
 
-    def run(self, block):
-        for op in block:
-            kind = op[0]
-            if kind == "op":
-                r = yield from self.step(op[1])
-                if r == "return":
-                    return "return"
-            elif kind == "for":
-                _, res, iv, lb, ub, st, inits, body = op
-                carried = [self.get(v) for _, v in inits]
-                i, hi, step = self.get(lb), self.get(ub), self.get(st)
-                while i < hi:
-                    self.env[iv] = i
-                    for (name, _), v in zip(inits, carried):
-                        self.env[name] = v
-                    self.yielded = None
-                    r = yield from self.run(body)
-                    if r == "return":
-                        return "return"
-                    if inits:
-                        carried = self.yielded
-                    i += step
-                if res:
-                    self.env[res] = carried
-            elif kind == "if":
-                _, res, c, then, other = op
-                self.yielded = None
-                r = yield from self.run(then if self.get(c) else other)
-                if r == "return":
-                    return "return"
-                if res:
-                    self.env[res] = self.yielded[0]
-        return None
+class Fault(Exception):
+    """An out-of-bounds or dangling memory access."""
 
-    def step(self, s):
+
+def ld(mem, p, ty):
+    buf = mem.get(p.buf)
+    if buf is None:
+        raise Fault(f"{ty} load through a pointer to buffer {p.buf}, which is not allocated")
+    if p.off < 0 or p.off + SIZES[ty] > len(buf):
+        raise Fault(f"{ty} load at byte {p.off} of buffer {p.buf}, which has {len(buf)} bytes")
+    return STRUCTS[ty].unpack_from(buf, p.off)[0]
+
+
+def st(mem, p, ty, v):
+    buf = mem.get(p.buf)
+    if buf is None:
+        raise Fault(f"{ty} store through a pointer to buffer {p.buf}, which is not allocated")
+    if p.off < 0 or p.off + SIZES[ty] > len(buf):
+        raise Fault(f"{ty} store at byte {p.off} of buffer {p.buf}, which has {len(buf)} bytes")
+    STRUCTS[ty].pack_into(buf, p.off, v)
+
+
+def divf(a, b):
+    if b:
+        return f32(a / b)
+    if a != a or not a:
+        return math.nan
+    return math.copysign(math.inf, a) * math.copysign(1.0, b)
+
+
+def fmax(a, b):
+    return math.nan if a != a or b != b else max(a, b)
+
+
+def fmin(a, b):
+    return math.nan if a != a or b != b else min(a, b)
+
+
+def fexp(a):
+    return math.exp(a) if a < 88.8 else (a if a != a else math.inf)
+
+
+def trunc_div(a, b):
+    q = abs(a) // abs(b)
+    return q if (a < 0) == (b < 0) else -q
+
+
+def bitcast(v, src, dst):
+    if src == "bf16":
+        return struct.unpack("<I", struct.pack("<f", v))[0] >> 16
+    if src == "f32":
+        return wrap(struct.unpack("<I", struct.pack("<f", v))[0], dst)
+    if dst == "f32":
+        return struct.unpack("<f", struct.pack("<I", unsigned(v, src)))[0]
+    if dst == "f16":
+        return struct.unpack("<e", struct.pack("<H", unsigned(v, src)))[0]
+    raise SyntaxError(f"bitcast {src} to {dst}")
+
+
+def f16(v):
+    return struct.unpack("<e", struct.pack("<e", v))[0]
+
+
+MATH = {"sqrt": "safe(math.sqrt)", "rsqrt": "safe(_rsqrt)", "tanh": "math.tanh", "erf": "math.erf",
+        "log": "safe(math.log)", "exp": "fexp"}
+CMPI = {"eq": "==", "ne": "!=", "slt": "<", "sle": "<=", "sgt": ">", "sge": ">=",
+        "ult": "<", "ule": "<=", "ugt": ">", "uge": ">="}
+CMPF = {"oeq": "{a} == {b}", "ogt": "{a} > {b}", "olt": "{a} < {b}", "oge": "{a} >= {b}", "ole": "{a} <= {b}",
+        "one": "({a} != {b} and {a} == {a} and {b} == {b})", "une": "not ({a} == {b})"}
+
+
+def py(name):
+    """An SSA name as a Python identifier (`%r#1` -> `v_r_1`)."""
+    return "v_" + name.lstrip("%").replace("#", "_")
+
+
+def wrapped(expr, ty):
+    if ty == "i1":
+        return f"bool(({expr}) & 1)"
+    bits = 64 if ty == "index" else SIZES[ty] * 8
+    half = 1 << (bits - 1)
+    return f"((({expr}) + {half}) & {(1 << bits) - 1}) - {half}"
+
+
+def const(v, ty):
+    if v in ("true", "false"):
+        return "True" if v == "true" else "False"
+    if ty in ("f32", "f16", "bf16"):
+        x = struct.unpack("<f", struct.pack("<I", int(v, 16)))[0] if v.startswith("0x") else float(v)
+        return repr(x) if math.isfinite(x) else f"float('{x}')"
+    return str(int(v))
+
+
+def expr_of(op, rest):
+    """The Python expression an MLIR operation computes (no side effects, no collectives)."""
+    if op == "arith.constant":
+        v, ty = rest.rsplit(" : ", 1) if " : " in rest else (rest, "i1")
+        return const(v, ty)
+    if op.startswith("gpu."):
+        return f"{op[4:]}[{'xyz'.index(rest.strip())}]"
+    if op in ("arith.cmpi", "arith.cmpf"):
+        pred, a, b = re.match(r"(\w+), (%[\w#]+), (%[\w#]+) :", rest).groups()
+        ty = rest.rsplit(" : ", 1)[1]
+        a, b = py(a), py(b)
+        if op == "arith.cmpf":
+            return "(" + CMPF[pred].format(a=a, b=b) + ")"
+        if pred.startswith("u"):
+            a, b = f"({a} & {M[ty]})", f"({b} & {M[ty]})"
+        return f"({a} {CMPI[pred]} {b})"
+    if op == "arith.select":
+        c, a, b = re.match(r"(%[\w#]+), (%[\w#]+), (%[\w#]+) :", rest).groups()
+        return f"({py(a)} if {py(c)} else {py(b)})"
+    if op in ("arith.index_cast", "arith.extui", "arith.extsi", "arith.truncf", "arith.bitcast",
+              "arith.sitofp", "arith.uitofp", "arith.extf", "arith.trunci"):
+        a, src, dst = re.match(r"(%[\w#]+) : (\w+) to (\w+)", rest).groups()
+        a = py(a)
+        return {
+            "arith.extui": f"({a} & {M.get(src, 0)})" if src != "i1" else f"int({a})",
+            "arith.extsi": f"(-1 if {a} else 0)" if src == "i1" else a,
+            "arith.uitofp": f"f32(float({a} & {M.get(src, 0)}))",
+            "arith.sitofp": f"f32(float({a}))",
+            "arith.truncf": f"bf16({a})" if dst == "bf16" else f"f16({a})",
+            "arith.bitcast": f"bitcast({a}, '{src}', '{dst}')",
+            "arith.trunci": wrapped(a, dst),
+            "arith.index_cast": wrapped(a, dst) if dst not in ("index", "i64") else a,
+            "arith.extf": a,
+        }[op]
+    if op.startswith("arith.") or op.startswith("math."):
+        args = [py(x) for x in re.findall(r"%[\w#]+", rest.split(" : ")[0])]
+        ty = rest.rsplit(" : ", 1)[1]
+        name = op.split(".")[1]
+        if name in ("andi", "ori", "xori") and ty == "i1":
+            a, b = args
+            return {"andi": f"({a} and {b})", "ori": f"({a} or {b})", "xori": f"({a} != {b})"}[name]
+        if name in ("addi", "subi", "muli", "andi", "ori", "xori", "shli"):
+            sym = {"addi": "+", "subi": "-", "muli": "*", "andi": "&", "ori": "|", "xori": "^", "shli": "<<"}[name]
+            e = f"{args[0]} {sym} {args[1]}"
+            return f"({e})" if name in ("andi", "ori", "xori") else wrapped(e, ty)
+        if name in ("divui", "remui", "shrui"):
+            a, b = f"({args[0]} & {M[ty]})", f"({args[1]} & {M[ty]})"
+            return wrapped(f"{a} {'//' if name == 'divui' else '%' if name == 'remui' else '>>'} {b}", ty)
+        if name == "divsi":
+            return wrapped(f"trunc_div({args[0]}, {args[1]})", ty)
+        if name == "remsi":
+            return wrapped(f"{args[0]} - {args[1]} * trunc_div({args[0]}, {args[1]})", ty)
+        if name in ("addf", "subf", "mulf"):
+            return f"f32({args[0]} {dict(addf='+', subf='-', mulf='*')[name]} {args[1]})"
+        if name == "fma":
+            return f"f32({args[0]} * {args[1]} + {args[2]})"
+        if name == "divf":
+            return f"divf({args[0]}, {args[1]})"
+        if name in ("maximumf", "minimumf"):
+            return f"{'fmax' if name == 'maximumf' else 'fmin'}({args[0]}, {args[1]})"
+        if name == "negf":
+            return f"(-{args[0]})"
+        if name == "absf":
+            return f"abs({args[0]})"
+        return f"f32({MATH[name]}({args[0]}))"
+    if op == "llvm.getelementptr":
+        base, idx, elem = re.match(r"(%\w+)\[(%[\w#]+)\] : \(!llvm\.ptr, i64\) -> !llvm\.ptr, (\w+)", rest).groups()
+        return f"Ptr({py(base)}.buf, {py(base)}.off + {py(idx)} * {SIZES[elem]})"
+    if op == "llvm.load":
+        p, ty = re.match(r"(%\w+) : !llvm\.ptr -> (\w+)", rest).groups()
+        return f"ld(mem, {py(p)}, '{ty}')"
+    if op == "memref.load":
+        buf, idx = re.match(r"(%\w+)\[(%[\w#]+)\]", rest).groups()
+        return f"{py(buf)}[{py(idx)}]"
+    if op == "llvm.extractvalue":
+        v, k = re.match(r"(%[\w#]+)\[(\d+)\]", rest).groups()
+        return f"{py(v)}[{k}]"
+    raise SyntaxError(f"cannot run: {op} {rest}")
+
+
+def emit_block(block, out, ind, targets):
+    """Python lines for `block`; `targets` names what an `scf.yield` in it assigns."""
+    pad = "    " * ind
+    for op in block:
+        kind = op[0]
+        if kind == "for":
+            _, res, iv, lb, ub, st_, inits, body = op
+            carried = [py(name) for name, _ in inits]
+            for (name, v) in inits:
+                out.append(f"{pad}{py(name)} = {py(v)}")
+            out.append(f"{pad}{py(iv)} = {py(lb)}")
+            out.append(f"{pad}while {py(iv)} < {py(ub)}:")
+            emit_block(body, out, ind + 1, carried)
+            out.append(f"{pad}    {py(iv)} += {py(st_)}")
+            if res:
+                if len(carried) == 1:
+                    out.append(f"{pad}{py(res)} = {carried[0]}")
+                for j, c in enumerate(carried):
+                    out.append(f"{pad}{py(res)}_{j} = {c}")
+            continue
+        if kind == "if":
+            _, res, c, then, other = op
+            t = [py(res)] if res else []
+            out.append(f"{pad}if {py(c)}:")
+            out.append(f"{pad}    pass")
+            emit_block(then, out, ind + 1, t)
+            if other:
+                out.append(f"{pad}else:")
+                out.append(f"{pad}    pass")
+                emit_block(other, out, ind + 1, t)
+            continue
+        s = op[1]
         if s == "gpu.return":
-            return "return"
-        if s == "gpu.barrier":
-            yield ("barrier",)
-            return None
-        if s.startswith("scf.yield"):
-            vals = s[len("scf.yield "):].split(" : ")[0].split(", ")
-            self.yielded = [self.get(v) for v in vals]
-            return None
-        if s.startswith("llvm.store"):
+            out.append(f"{pad}return")
+        elif s == "gpu.barrier":
+            out.append(f"{pad}yield BARRIER")
+        elif s.startswith("scf.yield"):
+            vals = [py(v) for v in s[len("scf.yield "):].split(" : ")[0].split(", ")]
+            out.append(f"{pad}{', '.join(targets)} = {', '.join(vals)}")
+        elif s.startswith("llvm.store"):
             m = re.match(r"llvm\.store (%[\w#]+), (%\w+) : (\w+), !llvm\.ptr", s)
-            v, p, ty = self.get(m.group(1)), self.get(m.group(2)), m.group(3)
-            struct.pack_into(PACK[ty], self.buffer(p, ty), p.off, v)
-            return None
-        if s.startswith("memref.store"):
-            m = re.match(r"memref\.store (%[\w#]+), (%\w+)\[(%\w+)\] : ", s)
-            self.get(m.group(2))[self.get(m.group(3))] = self.get(m.group(1))
-            return None
-        m = re.match(r"(%\w+), (%\w+) = gpu\.shuffle xor (%[\w#]+), (%\w+), (%\w+) : f32", s)
-        if m:
-            got = yield ("shfl", self.get(m.group(3)), self.get(m.group(4)))
-            self.env[m.group(1)] = got
-            self.env[m.group(2)] = True
-            return None
-        m = re.match(r"(%\w+) = ([\w.]+) ?(.*)$", s)
-        if not m:
-            raise SyntaxError(f"cannot run: {s}")
-        out, op, rest = m.groups()
-        self.env[out] = yield from self.eval(op, rest)
-        return None
+            out.append(f"{pad}st(mem, {py(m.group(2))}, '{m.group(3)}', {py(m.group(1))})")
+        elif s.startswith("memref.store"):
+            m = re.match(r"memref\.store (%[\w#]+), (%\w+)\[(%[\w#]+)\] : ", s)
+            out.append(f"{pad}{py(m.group(2))}[{py(m.group(3))}] = {py(m.group(1))}")
+        elif m := re.match(r"(%\w+), (%\w+) = gpu\.shuffle xor (%[\w#]+), (%\w+), (%\w+) : f32", s):
+            out.append(f"{pad}{py(m.group(1))} = yield ('shfl', {py(m.group(3))}, {py(m.group(4))})")
+            out.append(f"{pad}{py(m.group(2))} = True")
+        else:
+            m = re.match(r"(%\w+) = ([\w.]+) ?(.*)$", s)
+            if not m:
+                raise SyntaxError(f"cannot run: {s}")
+            res, opname, rest = m.groups()
+            if opname == "nvvm.mma.sync":
+                mm = re.match(r"A\[(.*?)\] B\[(.*?)\] C\[(.*?)\]", rest)
+                assert "mma_type<bf16>" in rest and "m = 16, n = 8, k = 16" in rest, rest
+                a, b, c = ("[" + ", ".join(py(x) for x in grp.split(", ")) + "]" for grp in mm.groups())
+                out.append(f"{pad}{py(res)} = yield ('mma', {a}, {b}, {c})")
+            else:
+                out.append(f"{pad}{py(res)} = {expr_of(opname, rest)}")
 
-    def eval(self, op, rest):
-        g = self.get
-        if op == "arith.constant":
-            v, ty = rest.rsplit(" : ", 1) if " : " in rest else (rest, "i1")
-            if v == "true":
-                return True
-            if v == "false":
-                return False
-            if ty == "f32" and v.startswith("0x"):
-                return struct.unpack("<f", struct.pack("<I", int(v, 16)))[0]
-            if ty in ("f32", "f16"):
-                return float(v)
-            return int(v)
-        if op.startswith("gpu."):
-            dim = "xyz".index(rest.strip())
-            which = op[4:]
-            return {"thread_id": self.tid, "block_id": self.bid, "block_dim": self.bdim, "grid_dim": self.gdim}[which][dim]
-        if op == "arith.cmpi" or op == "arith.cmpf":
-            pred, a, b = re.match(r"(\w+), (%[\w#]+), (%[\w#]+) : (\w+)", rest).groups()[:3]
-            ty = rest.rsplit(" : ", 1)[1]
-            x, y = g(a), g(b)
-            if pred in ("ult", "ule", "ugt", "uge"):
-                x, y = unsigned(x, ty), unsigned(y, ty)
-            return {"eq": x == y, "ne": x != y, "slt": x < y, "sle": x <= y, "sgt": x > y, "sge": x >= y,
-                    "ult": x < y, "ule": x <= y, "ugt": x > y, "uge": x >= y,
-                    "ogt": x > y, "olt": x < y, "oge": x >= y, "ole": x <= y, "oeq": x == y, "one": x != y}[pred]
-        if op == "arith.select":
-            c, a, b = re.match(r"(%[\w#]+), (%[\w#]+), (%[\w#]+) :", rest).groups()
-            return g(a) if g(c) else g(b)
-        if op in ("arith.index_cast", "arith.extui", "arith.extsi", "arith.truncf", "arith.bitcast",
-                  "arith.sitofp", "arith.uitofp", "arith.extf", "arith.trunci"):
-            a, src, dst = re.match(r"(%[\w#]+) : (\w+) to (\w+)", rest).groups()
-            v = g(a)
-            if op == "arith.extui":
-                return unsigned(int(v), src)
-            if op == "arith.uitofp":
-                return f32(float(unsigned(v, src)))
-            if op == "arith.sitofp":
-                return f32(float(v))
-            if op == "arith.truncf":
-                return bf16(v) if dst == "bf16" else struct.unpack("<e", struct.pack("<e", v))[0]
-            if op == "arith.bitcast":
-                if src == "bf16":
-                    return struct.unpack("<I", struct.pack("<f", v))[0] >> 16
-                if src == "f32":
-                    return wrap(struct.unpack("<I", struct.pack("<f", v))[0], dst)
-                if dst == "f32":
-                    return struct.unpack("<f", struct.pack("<I", unsigned(v, src)))[0]
-                if dst == "f16":
-                    return struct.unpack("<e", struct.pack("<H", unsigned(v, src)))[0]
-                raise SyntaxError(f"bitcast {src} to {dst}")
-            if op == "arith.trunci":
-                return wrap(v, dst)
-            return v
-        if op.startswith("arith.") or op.startswith("math."):
-            args = [g(x) for x in re.findall(r"%[\w#]+", rest.split(" : ")[0])]
-            ty = rest.rsplit(" : ", 1)[1]
-            name = op.split(".")[1]
-            if name in ("addi", "subi", "muli", "andi", "ori", "xori", "shli", "shrui", "divui", "remui", "divsi", "remsi"):
-                a, b = args
-                if ty == "i1":
-                    return {"andi": a and b, "ori": a or b, "xori": a != b}[name]
-                if name in ("divui", "remui", "shrui"):
-                    a, b = unsigned(a, ty), unsigned(b, ty)
-                r = {"addi": lambda: a + b, "subi": lambda: a - b, "muli": lambda: a * b, "andi": lambda: a & b,
-                     "ori": lambda: a | b, "xori": lambda: a ^ b, "shli": lambda: a << b, "shrui": lambda: a >> b,
-                     "divui": lambda: a // b, "remui": lambda: a % b,
-                     "divsi": lambda: int(a / b), "remsi": lambda: a - b * int(a / b)}[name]()
-                return wrap(r, ty)
-            fl = {"addf": lambda a, b: a + b, "subf": lambda a, b: a - b, "mulf": lambda a, b: a * b,
-                  "divf": lambda a, b: a / b if b else math.copysign(math.inf, a) if a else math.nan,
-                  "maximumf": max, "minimumf": min, "fma": lambda a, b, c: a * b + c,
-                  "exp": lambda a: math.exp(a) if a < 88.8 else math.inf, "sqrt": safe(math.sqrt),
-                  "rsqrt": safe(_rsqrt), "tanh": math.tanh, "erf": math.erf,
-                  "negf": lambda a: -a, "absf": abs, "log": safe(math.log)}[name]
-            if any(isinstance(x, float) and math.isnan(x) for x in args):
-                return math.nan
-            return f32(fl(*args))
-        if op == "llvm.getelementptr":
-            base, idx, elem = re.match(r"(%\w+)\[(%[\w#]+)\] : \(!llvm\.ptr, i64\) -> !llvm\.ptr, (\w+)", rest).groups()
-            p = g(base)
-            return Ptr(p.buf, p.off + g(idx) * SIZES[elem])
-        if op == "llvm.load":
-            p, ty = re.match(r"(%\w+) : !llvm\.ptr -> (\w+)", rest).groups()
-            p = g(p)
-            return struct.unpack_from(PACK[ty], self.buffer(p, ty), p.off)[0]
-        if op == "memref.load":
-            buf, idx = re.match(r"(%\w+)\[(%[\w#]+)\]", rest).groups()
-            return g(buf)[g(idx)]
-        if op == "llvm.extractvalue":
-            v, k = re.match(r"(%[\w#]+)\[(\d+)\]", rest).groups()
-            return g(v)[int(k)]
-        if op == "nvvm.mma.sync":
-            m = re.match(r"A\[(.*?)\] B\[(.*?)\] C\[(.*?)\]", rest)
-            a, b, c = ([g(x) for x in grp.split(", ")] for grp in m.groups())
-            assert "mma_type<bf16>" in rest and "m = 16, n = 8, k = 16" in rest, rest
-            return (yield ("mma", a, b, c))
-        raise SyntaxError(f"cannot run: {op} {rest}")
+
+BARRIER = ("barrier",)
+
+
+def compile_func(name, func):
+    """The Python generator function running one thread of `func`:
+    f(thread_id, block_id, block_dim, grid_dim, env, mem)."""
+    params, wg, body = func
+    lines = [f"def {name}(thread_id, block_id, block_dim, grid_dim, env, mem):"]
+    lines.append("    if False:")
+    lines.append("        yield None")
+    for pname, _ in params:
+        lines.append(f"    {py('%' + pname)} = env['%{pname}']")
+    for wname, _ in wg:
+        lines.append(f"    {py('%' + wname)} = env['%{wname}']")
+    lines.append("    v_c0_idx = 0")
+    emit_block(body, lines, 1, [])
+    scope = dict(globals())
+    exec(compile("\n".join(lines), f"<gpu.func @{name}>", "exec"), scope)
+    return scope[name]
 
 
 def halves(word):
@@ -366,8 +439,14 @@ def mma_warp(events):
     return out
 
 
+COMPILED = {}
+
+
 def launch(func, grid, block, args, mem):
     params, wg, body = func
+    run = COMPILED.get(id(func))
+    if run is None:
+        run = COMPILED[id(func)] = compile_func("kernel", func)
     assert len(args) == len(params), f"{len(args)} arguments for {len(params)} parameters"
     env = {"%" + name: v for (name, _), v in zip(params, args)}
     env["%c0_idx"] = 0
@@ -379,11 +458,12 @@ def launch(func, grid, block, args, mem):
                 for name, ty in wg:
                     n = int(re.match(r"memref<(\d+)x", ty).group(1))
                     shared["%" + name] = [0] * n
+                benv = dict(env)
+                benv.update(shared)
                 threads = []
                 for t in range(nthreads):
                     tid = (t % block[0], t // block[0] % block[1], t // (block[0] * block[1]))
-                    th = Thread(tid, (bx, by, bz), block, grid, env, shared, mem)
-                    threads.append(th.run(body))
+                    threads.append(run(tid, (bx, by, bz), block, grid, benv, mem))
                 pending = [None] * nthreads
                 live = list(range(nthreads))
                 events = [None] * nthreads
@@ -393,6 +473,8 @@ def launch(func, grid, block, args, mem):
                             events[t] = threads[t].send(pending[t])
                         except StopIteration:
                             events[t] = ("done",)
+                        except Fault as e:
+                            raise Fault(f"thread {t} of block {(bx, by, bz)}: {e}") from None
                     kinds = {events[t][0] for t in live}
                     if "done" in kinds:
                         assert kinds == {"done"}, f"threads diverged at a collective: {kinds}"
@@ -522,7 +604,7 @@ def launches(funcs, path):
 ADDR_BITS = 32
 
 
-def serve(funcs):
+def serve(funcs, text):
     """The device protocol of the module docstring, over stdin/stdout."""
     mem, next_id = {}, 1
 
@@ -539,7 +621,21 @@ def serve(funcs):
             return struct.unpack("<f", struct.pack("<I", slot & 0xFFFFFFFF))[0]
         return wrap(slot, ty)
 
+    import os
+    # KILN_EMULATOR_TRACE=PREFIX records each session (PREFIX.N.mlir and the commands, PREFIX.N.txt)
+    # for replaying: python3 emulate.py PREFIX.N.mlir --serve < PREFIX.N.txt
+    trace = None
+    if os.environ.get("KILN_EMULATOR_TRACE"):
+        n = 0
+        while os.path.exists(f"{os.environ['KILN_EMULATOR_TRACE']}.{n}.mlir"):
+            n += 1
+        prefix = f"{os.environ['KILN_EMULATOR_TRACE']}.{n}"
+        open(prefix + ".mlir", "w").write(text)
+        trace = open(prefix + ".txt", "w")
     for line in sys.stdin:
+        if trace:
+            trace.write(line)
+            trace.flush()
         w = line.split()
         try:
             cmd, reply = w[0], "ok"
@@ -643,7 +739,7 @@ def main():
     if len(sys.argv) == 3 and sys.argv[2] == "--serve":
         funcs = parse_module(text)
         print("ok ready", flush=True)
-        return serve(funcs)
+        return serve(funcs, text)
     funcs = parse_module(text)
     rng = random.Random(7)
     cases = [

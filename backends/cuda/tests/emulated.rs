@@ -158,3 +158,99 @@ fn decoders_generate_on_the_emulated_gpu() {
         assert_eq!(session.len(), 6);
     }
 }
+
+/// Every output of `model` against the interpreter on `feed`: the largest difference relative to
+/// the reference's largest magnitude, and the relative L2 error.
+fn compare(
+    model: &CudaModel,
+    l: &Lowered,
+    w: &BTreeMap<String, Tensor>,
+    feed: &BTreeMap<String, Tensor>,
+) -> (f64, f64) {
+    let want = kiln_interp::run(&l.graph, w, feed).unwrap();
+    let got = model.run(feed).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(got.len(), want.len());
+    let (mut worst, mut l2) = (0.0f64, 0.0f64);
+    for ((name, g), (_, w)) in got.iter().zip(&want) {
+        assert_eq!(g.shape(), w.shape(), "{name}");
+        let (gv, wv) = (g.to_f64_vec(), w.to_f64_vec());
+        worst = worst.max(rel_diff(&gv, &wv));
+        let num: f64 = gv.iter().zip(&wv).map(|(a, b)| (a - b) * (a - b)).sum();
+        let den: f64 = wv.iter().map(|b| b * b).sum();
+        l2 = l2.max((num / den.max(1e-30)).sqrt());
+    }
+    (worst, l2)
+}
+
+/// Weight-only int8 and int4 products (`QMatMul`: codes, scales, minimums) and pruned weights
+/// (block CSR and packed 2:4, densified at load) through the runtime's argument packing.
+#[test]
+fn quantized_and_sparse_weights_on_the_emulated_gpu() {
+    use kiln_passes::quantize::Scheme;
+    use kiln_passes::sparsity::{apply, Encoding, Pattern};
+    let Some(script) = emulator() else { return };
+    let feed_ids = ids(2, 5, 4, 60);
+    for variant in ["int8", "int4:32", "csr 0.5", "block 8x8 0.5", "2:4"] {
+        let mut l = load("gpt2.ron", GPT2, false, OptLevel::O2);
+        let mut w = kiln_frontend::weights::random(&l, 7);
+        if let Ok(scheme) = variant.parse::<Scheme>() {
+            let r = kiln_cpu::quant::quantize(&mut l.graph, &mut w, &l.dims, scheme, &[], &[]).unwrap();
+            assert!(!r.quantized.is_empty(), "{variant}: nothing quantized");
+        } else {
+            let (pattern, encoding) = match variant {
+                "csr 0.5" => (
+                    Pattern::Unstructured(0.5),
+                    Encoding::Csr {
+                        sparse_rows: u64::MAX,
+                        block: [1, 1],
+                    },
+                ),
+                "block 8x8 0.5" => (
+                    "block:8x8:0.5".parse().unwrap(),
+                    Encoding::Csr {
+                        sparse_rows: u64::MAX,
+                        block: [8, 8],
+                    },
+                ),
+                _ => (Pattern::TwoFour, Encoding::TwoFour { sparse_rows: u64::MAX }),
+            };
+            let (targets, _) = kiln_passes::quantize::targets(&l.graph, &[]);
+            let mut choose = |_: &str, _: &[f32], _: usize, _: usize| (encoding.clone(), String::new());
+            let r = apply(&mut l.graph, &mut w, &targets, pattern, &mut choose).unwrap();
+            assert!(!r.pruned.is_empty(), "{variant}: nothing pruned");
+        }
+        let model = emulated(&l, &w, OptLevel::O2, &script);
+        let feed = kiln_cpu::quant::feed(&l.graph, &feed_ids).unwrap();
+        let (e, _) = compare(&model, &l, &w, &feed);
+        eprintln!("gpt2 {variant}: relative difference {e:.2e}");
+        assert!(e <= 1e-5, "gpt2 {variant}: {e:e}");
+    }
+}
+
+/// Products of 32 rows or more run on the tensor-core kernels (bf16 operands, f32 accumulation):
+/// within bf16's rounding of the interpreter, and exact again with tensor cores off. Partial tiles
+/// in every direction (hidden 40, ffn 72, 2x20 rows).
+#[test]
+fn tensor_core_products_on_the_emulated_gpu() {
+    let Some(script) = emulator() else { return };
+    let set: &[(&str, &str)] = &[
+        ("layers", "1"),
+        ("vocab", "60"),
+        ("hidden", "40"),
+        ("heads", "2"),
+        ("ffn", "72"),
+    ];
+    let l = load("minilm.ron", set, false, OptLevel::O2);
+    let w = kiln_frontend::weights::random(&l, 9);
+    let mut model = emulated(&l, &w, OptLevel::O2, &script);
+    let feed = kiln_cpu::quant::feed(&l.graph, &ids(2, 20, 5, 60)).unwrap();
+    model.set_tensor_cores(true);
+    let (e, l2) = compare(&model, &l, &w, &feed);
+    eprintln!("minilm, tensor cores: relative difference {e:.2e}, relative L2 {l2:.2e}");
+    // bf16 operands move the outputs by about 1e-3: proof the tensor-core kernels ran.
+    assert!(l2 <= 1e-2 && e > 1e-5, "tensor cores: relative L2 {l2:e}, max {e:e}");
+    model.set_tensor_cores(false);
+    let (e, _) = compare(&model, &l, &w, &feed);
+    eprintln!("minilm, f32: relative difference {e:.2e}");
+    assert!(e <= 1e-5, "f32: {e:e}");
+}

@@ -71,7 +71,7 @@ pub(super) struct DevMem {
 
 impl DevMem {
     pub fn alloc(dev: &Rc<dyn Device>, len: usize) -> Result<DevMem, String> {
-        let ptr = dev.alloc(len.max(256))?;
+        let ptr = dev.alloc(len)?;
         Ok(DevMem {
             ptr,
             len,
@@ -151,8 +151,9 @@ impl Driver {
 
 impl Device for Driver {
     fn alloc(&self, len: usize) -> Result<u64, String> {
-        // SAFETY: plain allocation; freed once, by `DevMem`'s drop.
-        unsafe { result::malloc_sync(len) }.map_err(|e| format!("cannot allocate {len} bytes on the GPU: {e}"))
+        // SAFETY: plain allocation (never of 0 bytes, which the driver refuses); freed once, by
+        // `DevMem`'s drop.
+        unsafe { result::malloc_sync(len.max(256)) }.map_err(|e| format!("cannot allocate {len} bytes on the GPU: {e}"))
     }
 
     fn free(&self, ptr: u64) {

@@ -630,6 +630,31 @@ impl Run<'_> {
                 let sta = kernels::bstrides(&sa[..ra - 2], batch)?;
                 let stb = kernels::bstrides(&sb[..rb - 2], batch)?;
                 let sto = row_major(batch);
+                let (sam, sak) = if *ta { (1, sa[ra - 1]) } else { (sa[ra - 1], 1) };
+                let (sbk, sbn) = if *tb { (1, sb[rb - 1]) } else { (sb[rb - 1], 1) };
+                // A batch of row-major left operands against one right operand (a weight): one
+                // product over all their rows, so the row tiles fill (and tensor cores apply).
+                if !*ta && !batch.is_empty() && stb.iter().all(|s| *s == 0) && sta == sto {
+                    let b_args = [
+                        Arg::P(self.addr[*b as usize]),
+                        Arg::I(0),
+                        Arg::I(0),
+                        Arg::I(sbk as i64),
+                        Arg::I(sbn as i64),
+                    ];
+                    let out_addr = self.addr[*out as usize];
+                    return self.gemm(
+                        "gemm_f32",
+                        (elems(batch) * m, n, k),
+                        (1, 1),
+                        (self.addr[*a as usize], [0, 0, sam, sak]),
+                        &b_args,
+                        (out_addr, [0, 0, n]),
+                        *scale,
+                        bias.map(|v| self.addr[v as usize]),
+                        acc.map(|v| (self.addr[v as usize], [0, 0, n])),
+                    );
+                }
                 let (amat, bmat, omat) = (sa[ra - 2] * sa[ra - 1], sb[rb - 2] * sb[rb - 1], m * n);
                 // The last two batch axes go to the grid; any before them loop here.
                 let nb = batch.len();
@@ -652,8 +677,6 @@ impl Run<'_> {
                 let (a1, a2) = zs(&sta, amat);
                 let (b1, b2) = zs(&stb, bmat);
                 let (o1, o2) = zs(&sto, omat);
-                let (sam, sak) = if *ta { (1, sa[ra - 1]) } else { (sa[ra - 1], 1) };
-                let (sbk, sbn) = if *tb { (1, sb[rb - 1]) } else { (sb[rb - 1], 1) };
                 let outer = elems(&batch[..split]);
                 for o in 0..outer {
                     // Element offsets of this outer batch index.
