@@ -409,6 +409,25 @@ impl Step {
     }
 }
 
+impl Step {
+    /// For an attention step: its softmax kernel and which of that kernel's inputs is the score
+    /// block — what the CUDA target's fused attention kernel [`flash_kernel`] is made of.
+    pub fn flash(&self) -> Option<(u32, usize)> {
+        match self {
+            Step::Attention {
+                kernel, kernel_inputs, ..
+            } => kernel_inputs.iter().position(|i| i.is_none()).map(|j| (*kernel, j)),
+            _ => None,
+        }
+    }
+}
+
+/// The CUDA entry point of the fused attention over softmax kernel `kernel` whose input `score`
+/// is the score block.
+pub fn flash_kernel(kernel: u32, score: usize) -> String {
+    format!("fa{kernel}_{score}")
+}
+
 /// Everything about an artifact except its bytes.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Manifest {
@@ -437,6 +456,16 @@ pub struct Manifest {
     /// kernels then have no code of their own: kernel `i` is the PTX entry `k{i}`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub gpu: Option<GpuCode>,
+}
+
+impl Manifest {
+    /// The fused attention kernels a CUDA artifact carries: one per distinct [`Step::flash`].
+    pub fn flash_kernels(&self) -> Vec<(u32, usize)> {
+        let mut v: Vec<(u32, usize)> = self.steps.iter().filter_map(Step::flash).collect();
+        v.sort_unstable();
+        v.dedup();
+        v
+    }
 }
 
 /// The plan-independent kernels every CUDA artifact carries (`kiln_cuda::emit` writes them).

@@ -347,40 +347,13 @@ pub fn fused(spec: &KernelSpec, name: &str, out: &mut String) -> Result<(), Stri
         }
     }
     let eval = |b: &mut Body, c: &str| -> Val {
-        let mut vals: Vec<Val> = Vec::with_capacity(spec.exprs.len());
-        for e in &spec.exprs {
-            let v = match e {
-                Expr::Input(j) => match &row_vals[*j] {
-                    Some(v) => v.clone(),
-                    None => {
-                        let at = b.ibin("addi", &starts[*j], c);
-                        load_elem(b, spec.inputs[*j].0, &ins[*j], &at)
-                    }
-                },
-                Expr::Const(x) => Val::F(b.f32c(*x)),
-                Expr::Unary(u, a) => Val::F(unary(b, *u, vals[*a].f())),
-                Expr::Binary(op, a, x) => Val::F(binary(b, *op, vals[*a].f(), vals[*x].f())),
-                Expr::Compare(cc, a, x) => {
-                    let p = match cc {
-                        CmpOp::Eq => "oeq",
-                        CmpOp::Ne => "une",
-                        CmpOp::Lt => "olt",
-                        CmpOp::Le => "ole",
-                        CmpOp::Gt => "ogt",
-                        CmpOp::Ge => "oge",
-                    };
-                    Val::C(b.val(&format!("arith.cmpf {p}, {}, {} : f32", vals[*a].f(), vals[*x].f())))
-                }
-                Expr::Where(c, a, x) => {
-                    let Val::C(c) = &vals[*c] else {
-                        unreachable!("where conditions are conditions")
-                    };
-                    Val::F(b.select(c, vals[*a].f(), vals[*x].f(), "f32"))
-                }
-            };
-            vals.push(v);
-        }
-        vals.pop().expect("kernels have at least one expression")
+        exprs(b, spec, &mut |b: &mut Body, j: usize| match &row_vals[j] {
+            Some(v) => v.clone(),
+            None => {
+                let at = b.ibin("addi", &starts[j], c);
+                load_elem(b, spec.inputs[j].0, &ins[j], &at)
+            }
+        })
     };
     let out_start = starts[spec.inputs.len()].clone();
     match spec.kind {
@@ -442,6 +415,307 @@ pub fn fused(spec: &KernelSpec, name: &str, out: &mut String) -> Result<(), Stri
     b.end_for(&[]);
     f.finish(out);
     Ok(())
+}
+
+/// Query rows per block of the fused attention kernel (4 per warp).
+pub const FA_ROWS: i64 = 16;
+/// Keys per step of the fused attention kernel (one per lane).
+pub const FA_KEYS: i64 = 32;
+/// Threads per block of the fused attention kernel.
+pub const FA_THREADS: u32 = 128;
+/// Largest head dimension (of queries/keys and of values) the fused attention kernel takes.
+pub const FA_MAX_DIM: i64 = 128;
+
+/// Fused attention (FlashAttention-2's schedule on CUDA cores): `out = softmax(prologue(scale ·
+/// q kᵀ)) v` without materialising the scores. `spec` is the attention step's softmax kernel;
+/// its expressions (mask bias, causal select) are evaluated per score with input `score` standing
+/// for the score itself and the others read through the same row offsets table the softmax kernel
+/// takes (rows `[b, h, sq]`, columns the keys).
+///
+/// Parameters: `(sq, sk, d, dv, h, q, qsb, qsh, qss, k, ksb, ksh, kss, v, vsb, vsh, vss, o, osb,
+/// osh, oss, scale, offs, in_0 … in_n)`: element strides per batch, head and position (unit along
+/// the head dimension), `d, dv <= FA_MAX_DIM`. Launch: grid `(ceil(sq / FA_ROWS), b·h)`, blocks of
+/// `FA_THREADS`. Each block stages its `FA_ROWS` query rows in shared memory once, then walks the
+/// keys `FA_KEYS` at a time: keys and values staged in shared memory, one key per lane, four query
+/// rows per warp; the running maximum, denominator and four output columns per lane (`dv <= 128`)
+/// per row are carried through the key loop (online softmax), and each row is divided by its
+/// denominator once at the end.
+pub fn flash(spec: &KernelSpec, score: usize, name: &str, out: &mut String) -> Result<(), String> {
+    if spec.kind != KernelKind::SoftmaxLast || score >= spec.inputs.len() {
+        return Err(format!(
+            "kernel `{}` is not an attention softmax over input {score}",
+            spec.name
+        ));
+    }
+    if spec.output != DType::F32 || spec.inputs[score] != (DType::F32, true) {
+        return Err(format!("kernel `{}`: the scores must be contiguous f32", spec.name));
+    }
+    for (d, _) in &spec.inputs {
+        if !matches!(d, DType::F32 | DType::Bool) {
+            return Err(format!(
+                "kernel `{}` reads {d}, which CUDA kernels do not take",
+                spec.name
+            ));
+        }
+    }
+    const RPW: i64 = FA_ROWS / (FA_THREADS as i64 / 32);
+    const QP: i64 = FA_MAX_DIM + 1;
+    let (qs_len, ks_len, vs_len) = (FA_ROWS * QP, FA_KEYS * QP, FA_KEYS * FA_MAX_DIM);
+    let qs_ty = format!("memref<{qs_len}xf32, #gpu.address_space<workgroup>>");
+    let ks_ty = format!("memref<{ks_len}xf32, #gpu.address_space<workgroup>>");
+    let vs_ty = format!("memref<{vs_len}xf32, #gpu.address_space<workgroup>>");
+    let mut f = Func::new(name);
+    let (sq, sk, d, dv, h) = (f.i64("sq"), f.i64("sk"), f.i64("d"), f.i64("dv"), f.i64("h"));
+    let (sq, sk, d, dv, h) = (sq.as_str(), sk.as_str(), d.as_str(), dv.as_str(), h.as_str());
+    let operand = |f: &mut Func, n: &str| -> [String; 4] {
+        [
+            f.ptr(n),
+            f.i64(&format!("{n}sb")),
+            f.i64(&format!("{n}sh")),
+            f.i64(&format!("{n}ss")),
+        ]
+    };
+    let [q, qsb, qsh, qss] = operand(&mut f, "q");
+    let [k, ksb, ksh, kss] = operand(&mut f, "k");
+    let [v, vsb, vsh, vss] = operand(&mut f, "v");
+    let [o, osb, osh, oss] = operand(&mut f, "o");
+    let scale = f.param("scale", "f32");
+    let offs = f.ptr("offs");
+    let ins: Vec<String> = (0..spec.inputs.len()).map(|i| f.ptr(&format!("in{i}"))).collect();
+    f.smem.push(("qs".into(), qs_ty.clone()));
+    f.smem.push(("ks".into(), ks_ty.clone()));
+    f.smem.push(("vs".into(), vs_ty.clone()));
+    let b = &mut f.body;
+    b.line("%c0_idx = arith.constant 0 : index");
+    let tid = b.idx("thread_id", "x");
+    let bx = b.idx("block_id", "x");
+    let bh = b.idx("block_id", "y");
+    let c32 = b.i64c(32);
+    let lane = b.ibin("remui", &tid, &c32);
+    let warp = b.ibin("divui", &tid, &c32);
+    let zero = b.i64c(0);
+    let one = b.i64c(1);
+    let nthreads = b.i64c(FA_THREADS as i64);
+    let qp = b.i64c(QP);
+    let vp = b.i64c(FA_MAX_DIM);
+    let fzero = b.f32c(0.0);
+    let ninf = b.f32c(f32::NEG_INFINITY);
+    // This block's batch, head and first query row; each operand's base element.
+    let bi = b.ibin("divui", &bh, &h);
+    let hi = b.ibin("remui", &bh, &h);
+    let base = |b: &mut Body, sb: &str, sh: &str| -> String {
+        let x = b.ibin("muli", &bi, sb);
+        let y = b.ibin("muli", &hi, sh);
+        b.ibin("addi", &x, &y)
+    };
+    let qb = base(b, &qsb, &qsh);
+    let kb = base(b, &ksb, &ksh);
+    let vb = base(b, &vsb, &vsh);
+    let ob = base(b, &osb, &osh);
+    let rows_c = b.i64c(FA_ROWS);
+    let row0 = b.ibin("muli", &bx, &rows_c);
+    // Stage the query rows: qs[r · QP + c] (zeros past sq).
+    let qn = b.ibin("muli", &rows_c, d);
+    let (i, _, _) = b.begin_for(&tid, &qn, &nthreads, &[]);
+    let r = b.ibin("divui", &i, d);
+    let c = b.ibin("remui", &i, d);
+    let row = b.ibin("addi", &row0, &r);
+    let ok = b.icmp("slt", &row, &sq);
+    let x = guarded_load(b, &ok, |b| {
+        let at = b.ibin("muli", &row, &qss);
+        let at = b.ibin("addi", &at, &c);
+        let at = b.ibin("addi", &at, &qb);
+        b.load(&q, &at, "f32")
+    });
+    b.shared_store(&x, "%qs", (&r, &qp, &c), &qs_ty);
+    b.end_for(&[]);
+    // The key loop: per row the running maximum, denominator and four output columns.
+    let keys = b.i64c(FA_KEYS);
+    let per_row = 2 + 4;
+    let mut init: Vec<(String, &str)> = Vec::new();
+    for _ in 0..RPW {
+        init.push((ninf.clone(), "f32"));
+        for _ in 0..5 {
+            init.push((fzero.clone(), "f32"));
+        }
+    }
+    let init_ref: Vec<(&str, &str)> = init.iter().map(|(a, t)| (a.as_str(), *t)).collect();
+    let (t0, carried, results) = b.begin_for(&zero, &sk, &keys, &init_ref);
+    b.line("gpu.barrier");
+    // Stage this step's keys and values (zeros past sk).
+    for (src, sbase, sstride, width, buf, ty, pitch) in [
+        (&k, &kb, &kss, d, "%ks", &ks_ty, &qp),
+        (&v, &vb, &vss, dv, "%vs", &vs_ty, &vp),
+    ] {
+        let n = b.ibin("muli", &keys, width);
+        let (i, _, _) = b.begin_for(&tid, &n, &nthreads, &[]);
+        let j = b.ibin("divui", &i, width);
+        let c = b.ibin("remui", &i, width);
+        let key = b.ibin("addi", &t0, &j);
+        let ok = b.icmp("slt", &key, &sk);
+        let x = guarded_load(b, &ok, |b| {
+            let at = b.ibin("muli", &key, sstride);
+            let at = b.ibin("addi", &at, &c);
+            let at = b.ibin("addi", &at, sbase);
+            b.load(src, &at, "f32")
+        });
+        b.shared_store(&x, buf, (&j, pitch, &c), ty);
+        b.end_for(&[]);
+    }
+    b.line("gpu.barrier");
+    let key = b.ibin("addi", &t0, &lane);
+    let key_ok = b.icmp("slt", &key, &sk);
+    let nops = b.i64c(spec.inputs.len() as i64 + 1);
+    let width = b.i32c(32);
+    let mut next: Vec<String> = Vec::new();
+    for rr in 0..RPW {
+        let st = &carried[rr as usize * per_row..(rr as usize + 1) * per_row];
+        let rw = b.i64c(rr);
+        let wr = b.i64c(RPW);
+        let lr = b.ibin("muli", &warp, &wr);
+        let lr = b.ibin("addi", &lr, &rw);
+        let row = b.ibin("addi", &row0, &lr);
+        let row_ok = b.icmp("slt", &row, sq);
+        // s = scale · q[row] · k[key]
+        let (c, acc, dot) = b.begin_for(&zero, d, &one, &[(&fzero, "f32")]);
+        let qi = b.ibin("muli", &lr, &qp);
+        let qi = b.ibin("addi", &qi, &c);
+        let qi = b.val(&format!("arith.index_cast {qi} : i64 to index"));
+        let qv = b.val(&format!("memref.load %qs[{qi}] : {qs_ty}"));
+        let ki = b.ibin("muli", &lane, &qp);
+        let ki = b.ibin("addi", &ki, &c);
+        let ki = b.val(&format!("arith.index_cast {ki} : i64 to index"));
+        let kv = b.val(&format!("memref.load %ks[{ki}] : {ks_ty}"));
+        let fma = b.val(&format!("math.fma {qv}, {kv}, {} : f32", acc[0]));
+        b.end_for(&[(&fma, "f32")]);
+        let s = b.fbin("mulf", &dot[0], &scale);
+        // The softmax kernel's prologue on this score (-inf past the keys and rows).
+        let both = b.val(&format!("arith.andi {key_ok}, {row_ok} : i1"));
+        let xr = b.fresh();
+        b.line(&format!("{xr} = scf.if {both} -> (f32) {{"));
+        b.indent += 1;
+        let grow = b.ibin("muli", &bh, sq);
+        let grow = b.ibin("addi", &grow, &row);
+        let trow = b.ibin("muli", &grow, &nops);
+        let x = exprs(b, spec, &mut |b: &mut Body, j: usize| {
+            if j == score {
+                return Val::F(s.clone());
+            }
+            let jc = b.i64c(j as i64);
+            let at = b.ibin("addi", &trow, &jc);
+            let start = b.load(&offs, &at, "i64");
+            let at = if spec.inputs[j].1 {
+                b.ibin("addi", &start, &key)
+            } else {
+                start
+            };
+            load_elem(b, spec.inputs[j].0, &ins[j], &at)
+        });
+        b.line(&format!("scf.yield {} : f32", x.f()));
+        b.indent -= 1;
+        b.line("} else {");
+        b.indent += 1;
+        b.line(&format!("scf.yield {ninf} : f32"));
+        b.indent -= 1;
+        b.line("}");
+        // Online softmax: the new maximum, the old terms' rescale, this step's terms.
+        let (m_old, l_old) = (&st[0], &st[1]);
+        let tmax = b.warp_reduce(&xr, ReduceOp::Max);
+        let m_new = b.pick("ogt", m_old, &tmax);
+        let dead = b.val(&format!("arith.cmpf oeq, {m_new}, {ninf} : f32"));
+        let m_use = b.select(&dead, &fzero, &m_new, "f32");
+        let dx = b.fbin("subf", &xr, &m_use);
+        let p = b.val(&format!("math.exp {dx} : f32"));
+        let dm = b.fbin("subf", m_old, &m_use);
+        let alpha = b.val(&format!("math.exp {dm} : f32"));
+        let psum = b.warp_reduce(&p, ReduceOp::Sum);
+        let l_new = b.val(&format!("math.fma {l_old}, {alpha}, {psum} : f32"));
+        let scaled: Vec<String> = (0..4).map(|u| b.fbin("mulf", &st[2 + u], &alpha)).collect();
+        let sref: Vec<(&str, &str)> = scaled.iter().map(|x| (x.as_str(), "f32")).collect();
+        // o[u] += Σ_j p_j · v[j][lane + 32u]: p_j from lane j.
+        let (j, acc, o_new) = b.begin_for(&zero, &keys, &one, &sref);
+        let j32 = b.val(&format!("arith.trunci {j} : i64 to i32"));
+        let pj = b.fresh();
+        let okj = b.fresh();
+        b.line(&format!("{pj}, {okj} = gpu.shuffle idx {p}, {j32}, {width} : f32"));
+        let vrow = b.ibin("muli", &j, &vp);
+        let mut sums = Vec::new();
+        for u in 0..4 {
+            let cu = b.i64c(32 * u);
+            let col = b.ibin("addi", &lane, &cu);
+            let vi = b.ibin("addi", &vrow, &col);
+            let vi = b.val(&format!("arith.index_cast {vi} : i64 to index"));
+            let vv = b.val(&format!("memref.load %vs[{vi}] : {vs_ty}"));
+            sums.push(b.val(&format!("math.fma {pj}, {vv}, {} : f32", acc[u as usize])));
+        }
+        let yref: Vec<(&str, &str)> = sums.iter().map(|x| (x.as_str(), "f32")).collect();
+        b.end_for(&yref);
+        next.push(m_new);
+        next.push(l_new);
+        next.extend(o_new);
+    }
+    let nref: Vec<(&str, &str)> = next.iter().map(|x| (x.as_str(), "f32")).collect();
+    b.end_for(&nref);
+    // out[row][lane + 32u] = o[u] / l
+    for rr in 0..RPW {
+        let st = &results[rr as usize * per_row..(rr as usize + 1) * per_row];
+        let rw = b.i64c(rr);
+        let wr = b.i64c(RPW);
+        let lr = b.ibin("muli", &warp, &wr);
+        let lr = b.ibin("addi", &lr, &rw);
+        let row = b.ibin("addi", &row0, &lr);
+        let row_ok = b.icmp("slt", &row, &sq);
+        b.begin_if(&row_ok);
+        let fone = b.f32c(1.0);
+        let inv = b.fbin("divf", &fone, &st[1]);
+        let orow = b.ibin("muli", &row, &oss);
+        let orow = b.ibin("addi", &orow, &ob);
+        for u in 0..4 {
+            let cu = b.i64c(32 * u);
+            let col = b.ibin("addi", &lane, &cu);
+            let col_ok = b.icmp("slt", &col, &dv);
+            b.begin_if(&col_ok);
+            let y = b.fbin("mulf", &st[2 + u as usize], &inv);
+            let at = b.ibin("addi", &orow, &col);
+            b.store(&y, &o, &at, "f32");
+            b.end_if();
+        }
+        b.end_if();
+    }
+    f.finish(out);
+    Ok(())
+}
+
+/// A kernel's expressions, inputs read through `input`; returns the last.
+fn exprs(b: &mut Body, spec: &KernelSpec, input: &mut dyn FnMut(&mut Body, usize) -> Val) -> Val {
+    let mut vals: Vec<Val> = Vec::with_capacity(spec.exprs.len());
+    for e in &spec.exprs {
+        let v = match e {
+            Expr::Input(j) => input(b, *j),
+            Expr::Const(x) => Val::F(b.f32c(*x)),
+            Expr::Unary(u, a) => Val::F(unary(b, *u, vals[*a].f())),
+            Expr::Binary(op, a, x) => Val::F(binary(b, *op, vals[*a].f(), vals[*x].f())),
+            Expr::Compare(cc, a, x) => {
+                let p = match cc {
+                    CmpOp::Eq => "oeq",
+                    CmpOp::Ne => "une",
+                    CmpOp::Lt => "olt",
+                    CmpOp::Le => "ole",
+                    CmpOp::Gt => "ogt",
+                    CmpOp::Ge => "oge",
+                };
+                Val::C(b.val(&format!("arith.cmpf {p}, {}, {} : f32", vals[*a].f(), vals[*x].f())))
+            }
+            Expr::Where(c, a, x) => {
+                let Val::C(c) = &vals[*c] else {
+                    unreachable!("where conditions are conditions")
+                };
+                Val::F(b.select(c, vals[*a].f(), vals[*x].f(), "f32"))
+            }
+        };
+        vals.push(v);
+    }
+    vals.pop().expect("kernels have at least one expression")
 }
 
 #[derive(Clone)]
@@ -1130,11 +1404,18 @@ pub fn fixed_kernels() -> Vec<String> {
     v
 }
 
-/// The whole module: the plan's fused kernels (`k0`, `k1`, …) and the fixed kernels.
-pub fn module(specs: &[KernelSpec]) -> Result<String, String> {
+/// The whole module: the plan's fused kernels (`k0`, `k1`, …), its fused attention kernels
+/// (`flash`: softmax kernel and score input, see `Manifest::flash_kernels`) and the fixed kernels.
+pub fn module(specs: &[KernelSpec], flash_kernels: &[(u32, usize)]) -> Result<String, String> {
     let mut out = String::from("module attributes {gpu.container_module} {\n  gpu.module @kiln {\n");
     for (i, s) in specs.iter().enumerate() {
         fused(s, &format!("k{i}"), &mut out)?;
+    }
+    for &(k, score) in flash_kernels {
+        let spec = specs
+            .get(k as usize)
+            .ok_or_else(|| format!("attention names kernel {k}, which does not exist"))?;
+        flash(spec, score, &kiln_runtime::plan::flash_kernel(k, score), &mut out)?;
     }
     gemm(BOperand::F32, "gemm_f32", &mut out);
     gemm(BOperand::Int8, "gemm_i8", &mut out);

@@ -41,7 +41,7 @@ pub fn plan_mlir(
         features: CHIPS.iter().map(|c| c.to_string()).collect(),
     };
     let planned = kiln_cpu::plan::plan(graph, weights, dims, target, opts)?;
-    let mlir = emit::module(&planned.kernels).map_err(CompileError::Codegen)?;
+    let mlir = emit::module(&planned.kernels, &planned.manifest.flash_kernels()).map_err(CompileError::Codegen)?;
     Ok((planned, mlir))
 }
 

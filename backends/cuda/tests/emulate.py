@@ -370,8 +370,8 @@ def emit_block(block, out, ind, targets):
         elif s.startswith("memref.store"):
             m = re.match(r"memref\.store (%[\w#]+), (%\w+)\[(%[\w#]+)\] : ", s)
             out.append(f"{pad}{py(m.group(2))}[{py(m.group(3))}] = {py(m.group(1))}")
-        elif m := re.match(r"(%\w+), (%\w+) = gpu\.shuffle xor (%[\w#]+), (%\w+), (%\w+) : f32", s):
-            out.append(f"{pad}{py(m.group(1))} = yield ('shfl', {py(m.group(3))}, {py(m.group(4))})")
+        elif m := re.match(r"(%\w+), (%\w+) = gpu\.shuffle (xor|idx) (%[\w#]+), (%\w+), (%\w+) : f32", s):
+            out.append(f"{pad}{py(m.group(1))} = yield ('{m.group(3)}', {py(m.group(4))}, {py(m.group(5))})")
             out.append(f"{pad}{py(m.group(2))} = True")
         else:
             m = re.match(r"(%\w+) = ([\w.]+) ?(.*)$", s)
@@ -489,9 +489,13 @@ def launch(func, grid, block, args, mem):
                         elif kind == "mma":
                             for t, d in zip(lanes, mma_warp([events[t] for t in lanes])):
                                 pending[t] = d
-                        elif kind == "shfl":
+                        elif kind == "xor":
                             for t in lanes:
                                 pending[t] = events[w + ((t - w) ^ events[t][2])][1]
+                        elif kind == "idx":
+                            for t in lanes:
+                                src = events[t][2]
+                                pending[t] = events[w + src][1] if 0 <= src < len(lanes) else events[t][1]
 
 
 # ---------------------------------------------------------------- GEMM checks

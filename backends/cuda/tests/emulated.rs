@@ -98,6 +98,7 @@ const LLAMA: &[(&str, &str)] = &[
 /// An encoder with a padding mask (attention's mask prologue, gathers, layer norms, GELU) at -O0
 /// and -O2, every output against the interpreter.
 #[test]
+#[cfg_attr(feature = "mlir", ignore = "the same check runs in the plain test pass")]
 fn minilm_runs_on_the_emulated_gpu() {
     let Some(script) = emulator() else { return };
     for level in [OptLevel::O2, OptLevel::O0] {
@@ -128,6 +129,7 @@ fn minilm_runs_on_the_emulated_gpu() {
 /// each step's logits against the interpreter with its own cache. GPT-2 (learned positions, GELU)
 /// and Llama (rotary positions, grouped-query attention, SiLU gate, RMS norm).
 #[test]
+#[cfg_attr(feature = "mlir", ignore = "the same check runs in the plain test pass")]
 fn decoders_generate_on_the_emulated_gpu() {
     let Some(script) = emulator() else { return };
     for (spec, set) in [("gpt2.ron", GPT2), ("llama.ron", LLAMA)] {
@@ -185,6 +187,7 @@ fn compare(
 /// Weight-only int8 and int4 products (`QMatMul`: codes, scales, minimums) and pruned weights
 /// (block CSR and packed 2:4, densified at load) through the runtime's argument packing.
 #[test]
+#[cfg_attr(feature = "mlir", ignore = "the same check runs in the plain test pass")]
 fn quantized_and_sparse_weights_on_the_emulated_gpu() {
     use kiln_passes::quantize::Scheme;
     use kiln_passes::sparsity::{apply, Encoding, Pattern};
@@ -231,6 +234,7 @@ fn quantized_and_sparse_weights_on_the_emulated_gpu() {
 /// within bf16's rounding of the interpreter, and exact again with tensor cores off. Partial tiles
 /// in every direction (hidden 40, ffn 72, 2x20 rows).
 #[test]
+#[cfg_attr(feature = "mlir", ignore = "the same check runs in the plain test pass")]
 fn tensor_core_products_on_the_emulated_gpu() {
     let Some(script) = emulator() else { return };
     let set: &[(&str, &str)] = &[
@@ -253,4 +257,45 @@ fn tensor_core_products_on_the_emulated_gpu() {
     let (e, _) = compare(&model, &l, &w, &feed);
     eprintln!("minilm, f32: relative difference {e:.2e}");
     assert!(e <= 1e-5, "f32: {e:e}");
+}
+
+/// Fused attention over several key steps and query blocks (70 positions: 3 steps of 32 keys, 5
+/// blocks of 16 rows), with a padded row, against the interpreter — and the three-launch form
+/// (scores GEMM, softmax kernel, GEMM) too. Causal attention over 40 prompt positions in GPT-2.
+#[test]
+#[cfg_attr(feature = "mlir", ignore = "the same check runs in the plain test pass")]
+fn fused_attention_on_the_emulated_gpu() {
+    let Some(script) = emulator() else { return };
+    let l = load("minilm.ron", MINILM, false, OptLevel::O2);
+    let w = kiln_frontend::weights::random(&l, 11);
+    let mut model = emulated(&l, &w, OptLevel::O2, &script);
+    let (b, s) = (2, 70);
+    let mut feed = kiln_cpu::quant::feed(&l.graph, &ids(b, s, 6, 60)).unwrap();
+    let mask: Vec<f64> = (0..b * s).map(|i| if i >= s + 45 { 0.0 } else { 1.0 }).collect();
+    feed.insert(
+        "attention_mask".into(),
+        Tensor::from_f64(kiln_ir::DType::I64, vec![b, s], &mask).unwrap(),
+    );
+    for fused in [true, false] {
+        model.set_fused_attention(fused);
+        model.set_tensor_cores(false);
+        let (e, _) = compare(&model, &l, &w, &feed);
+        eprintln!("minilm 2x70, fused attention {fused}: relative difference {e:.2e}");
+        assert!(e <= 1e-5, "fused attention {fused}: {e:e}");
+    }
+    let set: &[(&str, &str)] = &[
+        ("layers", "1"),
+        ("vocab", "60"),
+        ("hidden", "32"),
+        ("heads", "2"),
+        ("max_pos", "48"),
+    ];
+    let l = load("gpt2.ron", set, false, OptLevel::O2);
+    let w = kiln_frontend::weights::random(&l, 12);
+    let mut model = emulated(&l, &w, OptLevel::O2, &script);
+    model.set_tensor_cores(false);
+    let feed = kiln_cpu::quant::feed(&l.graph, &ids(1, 40, 8, 60)).unwrap();
+    let (e, _) = compare(&model, &l, &w, &feed);
+    eprintln!("gpt2 1x40, fused attention: relative difference {e:.2e}");
+    assert!(e <= 1e-5, "gpt2 causal fused attention: {e:e}");
 }

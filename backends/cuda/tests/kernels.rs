@@ -106,9 +106,19 @@ fn every_spec_emits_one_gpu_func_per_fusion_group() {
         for k in kiln_cuda::emit::fixed_kernels() {
             assert!(mlir.contains(&format!("gpu.func @{k}(")), "{name}: {k} missing");
         }
+        let flash = planned.manifest.flash_kernels();
+        for &(k, j) in &flash {
+            let name = kiln_runtime::plan::flash_kernel(k, j);
+            assert!(mlir.contains(&format!("gpu.func @{name}(")), "{name}: {name} missing");
+        }
+        let attention = planned.manifest.steps.iter().filter(|s| s.flash().is_some()).count();
+        assert!(
+            attention == 0 || !flash.is_empty(),
+            "{name}: attention without a fused kernel"
+        );
         assert_eq!(
             mlir.matches("gpu.func").count(),
-            planned.kernels.len() + kiln_cuda::emit::fixed_kernels().len()
+            planned.kernels.len() + flash.len() + kiln_cuda::emit::fixed_kernels().len()
         );
     }
 }
@@ -239,7 +249,7 @@ fn emulate(args: &[&std::ffi::OsStr]) -> Option<std::process::Output> {
 #[test]
 #[cfg_attr(feature = "mlir", ignore = "the same check runs in the plain test pass")]
 fn fixed_kernels_compute_on_an_emulated_gpu() {
-    let module = kiln_cuda::emit::module(&[]).unwrap();
+    let module = kiln_cuda::emit::module(&[], &[]).unwrap();
     let dir = std::env::temp_dir().join(format!("kiln-emulate-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let file = dir.join("module.mlir");
@@ -281,7 +291,7 @@ fn fused_kernels_compute_on_an_emulated_gpu() {
             }
         }
     }
-    let module = kiln_cuda::emit::module(&specs).unwrap();
+    let module = kiln_cuda::emit::module(&specs, &[]).unwrap();
     let ty = |d: DType, shape: &[usize]| TensorType::new(d, shape.iter().map(|x| Dim::known(*x as u64)).collect());
     let bind = kiln_ir::Bindings::new();
     let eval = |op: Op, d: DType, shape: &[usize], args: &[&Value]| -> Value {

@@ -60,6 +60,8 @@ pub(super) trait Device {
     fn bind(&self) -> Result<(), String>;
     /// Waits for every launch; reports a failure of any of them.
     fn synchronize(&self) -> Result<(), String>;
+    /// Whether the loaded module has kernel `name`.
+    fn has(&self, name: &str) -> bool;
 }
 
 /// Device memory, freed on drop.
@@ -114,16 +116,18 @@ pub(super) struct Driver {
     ctx: Arc<CudaContext>,
     module: sys::CUmodule,
     kernels: Vec<sys::CUfunction>,
-    fixed: BTreeMap<&'static str, sys::CUfunction>,
+    named: BTreeMap<String, sys::CUfunction>,
 }
 
 impl Driver {
-    /// Loads a NUL-terminated PTX image and looks up `k0..k{fused}` and the fixed kernels.
+    /// Loads a NUL-terminated PTX image and looks up `k0..k{fused}`, the `required` kernels, and
+    /// those `optional` kernels the module has.
     pub fn load(
         ctx: Arc<CudaContext>,
         ptx: &[u8],
         fused: usize,
-        fixed_names: &[&'static str],
+        required: &[&str],
+        optional: &[String],
     ) -> Result<Driver, String> {
         ctx.bind_to_thread().map_err(|e| format!("CUDA context: {e}"))?;
         // SAFETY: a NUL-terminated PTX image (checked by the caller), as the driver expects.
@@ -132,7 +136,7 @@ impl Driver {
             ctx,
             module,
             kernels: Vec::new(),
-            fixed: BTreeMap::new(),
+            named: BTreeMap::new(),
         };
         let func = |name: &str| -> Result<sys::CUfunction, String> {
             let c = CString::new(name).map_err(|_| format!("kernel name `{name}`"))?;
@@ -142,8 +146,13 @@ impl Driver {
         for i in 0..fused {
             d.kernels.push(func(&format!("k{i}"))?);
         }
-        for name in fixed_names {
-            d.fixed.insert(name, func(name)?);
+        for name in required {
+            d.named.insert(name.to_string(), func(name)?);
+        }
+        for name in optional {
+            if let Ok(f) = func(name) {
+                d.named.insert(name.to_string(), f);
+            }
         }
         Ok(d)
     }
@@ -181,7 +190,7 @@ impl Device for Driver {
     fn launch(&self, k: Kernel, grid: (u32, u32, u32), block: (u32, u32, u32), args: &[Arg]) -> Result<(), String> {
         let f = match k {
             Kernel::Fused(i) => *self.kernels.get(i).ok_or_else(|| format!("no kernel k{i}"))?,
-            Kernel::Fixed(n) => *self.fixed.get(n).ok_or_else(|| format!("no kernel {n}"))?,
+            Kernel::Fixed(n) => *self.named.get(n).ok_or_else(|| format!("no kernel {n}"))?,
         };
         let mut store: Vec<u64> = args.iter().map(|a| a.slot()).collect();
         // Each parameter points at its 8-byte slot; a 4-byte f32 parameter reads the low half.
@@ -200,6 +209,10 @@ impl Device for Driver {
         self.ctx
             .synchronize()
             .map_err(|e| format!("the GPU failed while running: {e}"))
+    }
+
+    fn has(&self, name: &str) -> bool {
+        self.named.contains_key(name)
     }
 }
 
@@ -220,6 +233,8 @@ impl Drop for Driver {
 /// strides, cache views) can be tested on machines without one.
 pub(super) struct Emulator {
     io: RefCell<(Child, ChildStdin, BufReader<ChildStdout>)>,
+    /// The module's `gpu.func` names.
+    funcs: std::collections::BTreeSet<String>,
 }
 
 impl Emulator {
@@ -246,8 +261,15 @@ impl Emulator {
         };
         let stdin = child.stdin.take().ok_or("no stdin")?;
         let stdout = BufReader::new(child.stdout.take().ok_or("no stdout")?);
+        let funcs = mlir
+            .lines()
+            .filter_map(|l| l.trim_start().strip_prefix("gpu.func @"))
+            .filter_map(|l| l.split('(').next())
+            .map(str::to_string)
+            .collect();
         let emu = Emulator {
             io: RefCell::new((child, stdin, stdout)),
+            funcs,
         };
         // The module is parsed before the first answer.
         let ready = emu.answer();
@@ -345,6 +367,10 @@ impl Device for Emulator {
 
     fn synchronize(&self) -> Result<(), String> {
         Ok(())
+    }
+
+    fn has(&self, name: &str) -> bool {
+        self.funcs.contains(name)
     }
 }
 

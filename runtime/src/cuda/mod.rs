@@ -34,6 +34,11 @@ const TC_TILE: usize = 128;
 const TC_THREADS: u32 = 256;
 /// Products of fewer rows stay on the SIMT kernel: a 128-row tile would mostly compute padding.
 const TC_MIN_ROWS: usize = 32;
+/// Fused attention: query rows per block, threads per block, largest head dimension
+/// (`kiln_cuda::emit::FA_ROWS`, `FA_THREADS`, `FA_MAX_DIM`).
+const FA_ROWS: usize = 16;
+const FA_THREADS: u32 = 128;
+const FA_MAX_DIM: usize = 128;
 /// Rank the copy kernel walks (`kiln_cuda::emit::COPY_RANK`).
 const COPY_RANK: usize = 6;
 
@@ -51,6 +56,10 @@ pub struct CudaModel {
     /// rounded to bf16, f32 accumulation); `KILN_CUDA_MMA=off` at load, or
     /// [`CudaModel::set_tensor_cores`], keeps every product in f32.
     tensor_cores: bool,
+    /// Whether attention runs as one fused kernel (FlashAttention-style, `fa*`) where the artifact
+    /// has it and head dimensions are at most 128; `KILN_CUDA_FLASH=off` at load, or
+    /// [`CudaModel::set_fused_attention`], keeps the three-launch form (scores GEMM, softmax, GEMM).
+    fused_attention: bool,
     /// The GPU's name.
     pub device: String,
 }
@@ -114,7 +123,13 @@ impl CudaModel {
                 chosen.arch
             )));
         }
-        let driver = Driver::load(ctx, ptx, m.kernels.len(), &crate::plan::GPU_FIXED_KERNELS)
+        // Fused attention kernels are optional: artifacts from before them attend in three launches.
+        let flash: Vec<String> = m
+            .flash_kernels()
+            .into_iter()
+            .map(|(k, j)| crate::plan::flash_kernel(k, j))
+            .collect();
+        let driver = Driver::load(ctx, ptx, m.kernels.len(), &crate::plan::GPU_FIXED_KERNELS, &flash)
             .map_err(|e| LoadError::Cuda(format!("the driver rejected the PTX for {}: {e}", chosen.arch)))?;
         let arch = chosen.arch.clone();
         CudaModel::place(m, bytes[s.weights.clone()].to_vec(), Rc::new(driver), arch, device)
@@ -185,6 +200,7 @@ impl CudaModel {
         }
         Ok(CudaModel {
             tensor_cores: std::env::var("KILN_CUDA_MMA").map_or(true, |v| v != "off"),
+            fused_attention: std::env::var("KILN_CUDA_FLASH").map_or(true, |v| v != "off"),
             arch,
             manifest: m,
             dev,
@@ -204,6 +220,12 @@ impl CudaModel {
     /// Whether matrix products run on tensor cores.
     pub fn tensor_cores(&self) -> bool {
         self.tensor_cores
+    }
+
+    /// Runs attention as one fused kernel where possible (the default unless `KILN_CUDA_FLASH=off`)
+    /// or always as scores GEMM, softmax kernel and GEMM.
+    pub fn set_fused_attention(&mut self, on: bool) {
+        self.fused_attention = on;
     }
 
     /// The manifest (signature, plan, kernels).
@@ -945,6 +967,56 @@ impl Run<'_> {
                     return Ok(());
                 }
                 let space = [b, h, sq, sk];
+                let decl = &mm.kernels[*kernel as usize];
+                let flash = step.flash().map(|(k, j)| crate::plan::flash_kernel(k, j));
+                if let Some(name) = flash.filter(|n| {
+                    self.model.fused_attention && d <= FA_MAX_DIM && dv <= FA_MAX_DIM && self.model.dev.has(n)
+                }) {
+                    // One fused kernel; the offsets table is the softmax kernel's (the score block
+                    // itself is never stored, so its entries go unread).
+                    let score_buf = Buf {
+                        ptr: std::ptr::null_mut(),
+                        len: 4 * elems(&space),
+                    };
+                    let ins: Vec<(Buf, &[usize])> = kernel_inputs
+                        .iter()
+                        .map(|i| match i {
+                            None => (score_buf, &space[..]),
+                            Some(x) => self.buf(*x),
+                        })
+                        .collect();
+                    let (rows, _, _, offs) = kernels::row_offsets(
+                        KernelKind::SoftmaxLast,
+                        &ins,
+                        contiguous,
+                        (score_buf, &space),
+                        &space,
+                        decl,
+                    )?;
+                    if b * h > 65535 || sq.div_ceil(FA_ROWS) > 1 << 20 || rows != b * h * sq {
+                        return Err(format!(
+                            "attention over {b}x{h} heads of {sq} rows exceeds the launch grid"
+                        ));
+                    }
+                    let table = self.upload(&offs.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>())?;
+                    let mut args: Vec<Arg> = [sq, sk, d, dv, h].iter().map(|x| Arg::I(*x as i64)).collect();
+                    for (val, st) in [(*q, qst), (*k, kst), (*v, vst), (*out, ost)] {
+                        args.push(Arg::P(self.addr[val as usize] + 4 * st.0 as u64));
+                        args.extend([st.1, st.2, st.3].iter().map(|x| Arg::I(*x as i64)));
+                    }
+                    args.push(Arg::F(*scale));
+                    args.push(Arg::P(table.ptr));
+                    // The score input's pointer is never read: any valid address will do.
+                    args.extend(
+                        kernel_inputs
+                            .iter()
+                            .map(|i| Arg::P(i.map_or(table.ptr, |x| self.addr[x as usize]))),
+                    );
+                    let grid = (sq.div_ceil(FA_ROWS) as u32, (b * h) as u32, 1);
+                    self.launch(Kernel::Fixed(&name), grid, (FA_THREADS, 1, 1), &args)?;
+                    self.keep.push(table);
+                    return Ok(());
+                }
                 let scores = DevMem::alloc(&self.model.dev, 4 * elems(&space))?;
                 // scores[b, h] = scale · q[b, h] k[b, h]ᵀ
                 let b_args = [
@@ -977,7 +1049,6 @@ impl Run<'_> {
                         Some(x) => self.buf(*x),
                     })
                     .collect();
-                let decl = &mm.kernels[*kernel as usize];
                 let (rows, n, _, offs) = kernels::row_offsets(
                     KernelKind::SoftmaxLast,
                     &ins,
