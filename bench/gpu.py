@@ -92,9 +92,14 @@ def main():
     # MiniLM.
     for b, s in ((1, 128), (8, 128), (32, 128)):
         shapes = [f"input_ids={b}x{s}", f"attention_mask={b}x{s}", f"token_type_ids={b}x{s}"]
-        ms = kiln_bench(a.kiln_bin, f"{a.dir}/minilm.kiln", shapes, a.iters, a.warmup)
-        rows.append((f"minilm {b}x{s}", "kiln", ms, None))
-        print(f"minilm {b}x{s} kiln {ms:.3f} ms", flush=True)
+        # Fused attention (the default) and the three-launch form (scores GEMM, softmax, GEMM).
+        for flash in ("on", "off"):
+            os.environ["KILN_CUDA_FLASH"] = flash
+            ms = kiln_bench(a.kiln_bin, f"{a.dir}/minilm.kiln", shapes, a.iters, a.warmup)
+            label = "kiln" if flash == "on" else "kiln (attention unfused)"
+            rows.append((f"minilm {b}x{s}", label, ms, None))
+            print(f"minilm {b}x{s} {label} {ms:.3f} ms", flush=True)
+        os.environ.pop("KILN_CUDA_FLASH")
     if transformers is not None:
         cfg = transformers.BertConfig(
             vocab_size=30522, hidden_size=384, num_hidden_layers=6, num_attention_heads=12, intermediate_size=1536

@@ -96,12 +96,13 @@ PY
   echo "prepared decode: $(python3 -c "import json; print(json.load(open('$dir/decode/want.json'))['tokens'])")"
   ;;
 check)
-  # Twice: KILN_CUDA_MMA=off (every product in f32: tight tolerance, and the decoded tokens must
-  # match the CPU's), then tensor cores (bf16 operands: relative L2 error <= 2e-2).
+  # Three times: KILN_CUDA_MMA=off (every product in f32: tight tolerance, and the decoded tokens
+  # must match the CPU's) with fused attention and without it (KILN_CUDA_FLASH=off: scores GEMM,
+  # softmax kernel, GEMM), then tensor cores (bf16 operands: relative L2 error <= 2e-2).
   fail=0
-  for mma in off on; do
-  export KILN_CUDA_MMA=$mma
-  echo "== KILN_CUDA_MMA=$mma"
+  for mode in off:on off:off on:on; do
+  export KILN_CUDA_MMA=${mode%:*} KILN_CUDA_FLASH=${mode#*:}
+  echo "== KILN_CUDA_MMA=$KILN_CUDA_MMA KILN_CUDA_FLASH=$KILN_CUDA_FLASH"
   for c in "${cases[@]}"; do
     IFS='|' read -r name _ <<<"$c"
     mapfile -t args <"$dir/$name/args.txt"

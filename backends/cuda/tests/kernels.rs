@@ -170,6 +170,9 @@ fn every_spec_lowers_to_ptx_that_ptxas_accepts() {
                 .filter(|l| l.contains("bytes spill stores") && !l.contains(" 0 bytes spill stores"))
                 .collect();
             assert!(spills.is_empty(), "{name} {}: register spills:\n{info}", arch.chip);
+            if std::env::var_os("KILN_PTXAS_REPORT").is_some() {
+                eprintln!("{name} {}:\n{info}", arch.chip);
+            }
             assert!(info.contains("gemm_tc_f32"), "{name}: no tensor-core GEMM in:\n{info}");
         }
     }
