@@ -469,13 +469,17 @@ impl Manifest {
 }
 
 /// The plan-independent kernels every CUDA artifact carries (`kiln_cuda::emit` writes them).
-pub const GPU_FIXED_KERNELS: [&str; 18] = [
+pub const GPU_FIXED_KERNELS: [&str; 22] = [
     "gemm_f32",
     "gemm_i8",
     "gemm_i4",
     "gemm_tc_f32",
     "gemm_tc_i8",
     "gemm_tc_i4",
+    "gemv_f32",
+    "gemv_i8",
+    "gemv_i4",
+    "gemv_cols_f32",
     "copy_i8",
     "copy_i16",
     "copy_i32",

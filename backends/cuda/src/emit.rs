@@ -417,6 +417,115 @@ pub fn fused(spec: &KernelSpec, name: &str, out: &mut String) -> Result<(), Stri
     Ok(())
 }
 
+/// Most rows a matrix–vector kernel (`gemv_*`) takes: decoding's products.
+pub const GEMV_ROWS: i64 = 4;
+/// Threads per block of the matrix–vector kernels (8 warps).
+pub const GEMV_THREADS: u32 = 256;
+
+/// Matrix–vector product for at most [`GEMV_ROWS`] rows with a right operand stored k-fast (a
+/// `[n, k]` weight, and every int8/int4 one): one warp per output column, lanes striding along k
+/// (coalesced reads of the weight row), a butterfly sum, lane 0 storing through the GEMM epilogue.
+/// Same parameters as [`gemm`]. Launch: grid `(ceil(n / 8), 1, batches)`, blocks of 256.
+pub fn gemv(kind: BOperand, name: &str, out: &mut String) {
+    let mut f = Func::new(name);
+    let p = GemmParams::declare(&mut f, kind);
+    let b = &mut f.body;
+    b.line("%c0_idx = arith.constant 0 : index");
+    let bases = p.bases(b);
+    let tid = b.idx("thread_id", "x");
+    let bx = b.idx("block_id", "x");
+    let c32 = b.i64c(32);
+    let lane = b.ibin("remui", &tid, &c32);
+    let warp = b.ibin("divui", &tid, &c32);
+    let wpb = b.i64c(GEMV_THREADS as i64 / 32);
+    let col = b.ibin("muli", &bx, &wpb);
+    let col = b.ibin("addi", &col, &warp);
+    let zero = b.f32c(0.0);
+    let rows: Vec<String> = (0..GEMV_ROWS).map(|r| b.i64c(r)).collect();
+    let init: Vec<(&str, &str)> = rows.iter().map(|_| (zero.as_str(), "f32")).collect();
+    let (kk, acc, res) = b.begin_for(&lane, &p.k, &c32, &init);
+    let bv = p.load_operand(b, &bases, false, &col, &kk);
+    let mut next = Vec::new();
+    for (r, a) in rows.iter().zip(&acc) {
+        let av = p.load_operand(b, &bases, true, r, &kk);
+        next.push(b.val(&format!("math.fma {av}, {bv}, {a} : f32")));
+    }
+    let nref: Vec<(&str, &str)> = next.iter().map(|x| (x.as_str(), "f32")).collect();
+    b.end_for(&nref);
+    let sums: Vec<String> = res.iter().map(|x| b.warp_reduce(x, ReduceOp::Sum)).collect();
+    let z = b.i64c(0);
+    let first = b.icmp("eq", &lane, &z);
+    b.begin_if(&first);
+    for (r, v) in rows.iter().zip(&sums) {
+        p.store_output(b, &bases, r, &col, v);
+    }
+    b.end_if();
+    f.finish(out);
+}
+
+/// Matrix–vector product for at most [`GEMV_ROWS`] rows with an f32 right operand stored n-fast
+/// (a `[k, n]` weight, GPT-2's layout): lane `i` of every warp owns column `32·block + i`
+/// (coalesced across the warp), the 8 warps split k between them and their partial sums meet in
+/// shared memory. Same parameters as [`gemm`]. Launch: grid `(ceil(n / 32), 1, batches)`, blocks
+/// of 256.
+pub fn gemv_cols(name: &str, out: &mut String) {
+    let warps = GEMV_THREADS as i64 / 32;
+    let red_len = warps * GEMV_ROWS * 32;
+    let red_ty = format!("memref<{red_len}xf32, #gpu.address_space<workgroup>>");
+    let mut f = Func::new(name);
+    let p = GemmParams::declare(&mut f, BOperand::F32);
+    f.smem.push(("red".into(), red_ty.clone()));
+    let b = &mut f.body;
+    b.line("%c0_idx = arith.constant 0 : index");
+    let bases = p.bases(b);
+    let tid = b.idx("thread_id", "x");
+    let bx = b.idx("block_id", "x");
+    let c32 = b.i64c(32);
+    let lane = b.ibin("remui", &tid, &c32);
+    let warp = b.ibin("divui", &tid, &c32);
+    let col = b.ibin("muli", &bx, &c32);
+    let col = b.ibin("addi", &col, &lane);
+    let nw = b.i64c(warps);
+    let zero = b.f32c(0.0);
+    let rows: Vec<String> = (0..GEMV_ROWS).map(|r| b.i64c(r)).collect();
+    let init: Vec<(&str, &str)> = rows.iter().map(|_| (zero.as_str(), "f32")).collect();
+    let (kk, acc, res) = b.begin_for(&warp, &p.k, &nw, &init);
+    let bv = p.load_operand(b, &bases, false, &col, &kk);
+    let mut next = Vec::new();
+    for (r, a) in rows.iter().zip(&acc) {
+        let av = p.load_operand(b, &bases, true, r, &kk);
+        next.push(b.val(&format!("math.fma {av}, {bv}, {a} : f32")));
+    }
+    let nref: Vec<(&str, &str)> = next.iter().map(|x| (x.as_str(), "f32")).collect();
+    b.end_for(&nref);
+    // red[(warp · ROWS + r) · 32 + lane] = partial; warp 0 adds them up.
+    let nrows = b.i64c(GEMV_ROWS);
+    let wr = b.ibin("muli", &warp, &nrows);
+    for (r, v) in rows.iter().zip(&res) {
+        let slot = b.ibin("addi", &wr, r);
+        b.shared_store(v, "%red", (&slot, &c32, &lane), &red_ty);
+    }
+    b.line("gpu.barrier");
+    let z = b.i64c(0);
+    let first = b.icmp("eq", &warp, &z);
+    b.begin_if(&first);
+    for r in &rows {
+        let mut sum = zero.clone();
+        for w in 0..warps {
+            let slot = b.i64c(w * GEMV_ROWS);
+            let slot = b.ibin("addi", &slot, r);
+            let at = b.ibin("muli", &slot, &c32);
+            let at = b.ibin("addi", &at, &lane);
+            let at = b.val(&format!("arith.index_cast {at} : i64 to index"));
+            let x = b.val(&format!("memref.load %red[{at}] : {red_ty}"));
+            sum = b.fbin("addf", &sum, &x);
+        }
+        p.store_output(b, &bases, r, &col, &sum);
+    }
+    b.end_if();
+    f.finish(out);
+}
+
 /// Query rows per block of the fused attention kernel (4 per warp).
 pub const FA_ROWS: i64 = 16;
 /// Keys per step of the fused attention kernel (one per lane).
@@ -1393,6 +1502,12 @@ pub fn gather(ty: &str, ix: &str, out: &mut String) {
 pub fn fixed_kernels() -> Vec<String> {
     let mut v = vec!["gemm_f32".to_string(), "gemm_i8".into(), "gemm_i4".into()];
     v.extend(["gemm_tc_f32".to_string(), "gemm_tc_i8".into(), "gemm_tc_i4".into()]);
+    v.extend([
+        "gemv_f32".to_string(),
+        "gemv_i8".into(),
+        "gemv_i4".into(),
+        "gemv_cols_f32".into(),
+    ]);
     for (_, t) in COPY_TYPES {
         v.push(format!("copy_{t}"));
     }
@@ -1423,6 +1538,10 @@ pub fn module(specs: &[KernelSpec], flash_kernels: &[(u32, usize)]) -> Result<St
     gemm_tc(BOperand::F32, "gemm_tc_f32", &mut out);
     gemm_tc(BOperand::Int8, "gemm_tc_i8", &mut out);
     gemm_tc(BOperand::Int4, "gemm_tc_i4", &mut out);
+    gemv(BOperand::F32, "gemv_f32", &mut out);
+    gemv(BOperand::Int8, "gemv_i8", &mut out);
+    gemv(BOperand::Int4, "gemv_i4", &mut out);
+    gemv_cols("gemv_cols_f32", &mut out);
     for (_, t) in COPY_TYPES {
         copy(t, &mut out);
     }

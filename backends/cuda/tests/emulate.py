@@ -562,7 +562,11 @@ def gemm_case(funcs, kernel, m, n, k, z, a_kfast, b_kfast, rng, tensor_cores):
     scale = 0.5
     args = [m, n, k, z2, Ptr("a"), sa1, sa2, sam, sak] + bargs
     args += [Ptr("c"), z2 * m * n, m * n, n, scale, Ptr("bias"), 1, Ptr("acc"), z2 * m * n, m * n, n, 1]
-    if tensor_cores:
+    if kernel.startswith("gemv_cols"):
+        grid, block = (-(-n // 32), 1, z1 * z2), (256, 1, 1)
+    elif kernel.startswith("gemv"):
+        grid, block = (-(-n // 8), 1, z1 * z2), (256, 1, 1)
+    elif tensor_cores:
         grid, block = (-(-n // 128), -(-m // 128), z1 * z2), (256, 1, 1)
     else:
         grid, block = (-(-n // 64), -(-m // 64), z1 * z2), (256, 1, 1)
@@ -756,6 +760,11 @@ def main():
         ("gemm_f32", 65, 12, 18, (1, 1), False, True),
         ("gemm_i8", 5, 18, 40, (1, 1), True, True),
         ("gemm_i4", 3, 10, 64, (1, 1), True, True),
+        ("gemv_f32", 3, 19, 70, (1, 2), True, True),
+        ("gemv_cols_f32", 4, 45, 50, (2, 1), False, False),
+        ("gemv_cols_f32", 1, 70, 9, (1, 1), True, False),
+        ("gemv_i8", 1, 20, 64, (1, 1), True, True),
+        ("gemv_i4", 2, 10, 96, (1, 1), False, True),
     ]
     only = sys.argv[2:] or None
     bad = 0

@@ -34,6 +34,11 @@ const TC_TILE: usize = 128;
 const TC_THREADS: u32 = 256;
 /// Products of fewer rows stay on the SIMT kernel: a 128-row tile would mostly compute padding.
 const TC_MIN_ROWS: usize = 32;
+/// Products of at most this many rows run on the matrix–vector kernels (`kiln_cuda::emit::GEMV_ROWS`,
+/// `GEMV_THREADS`; a block of `gemv_{f32,i8,i4}` covers one column per warp).
+const GEMV_ROWS: usize = 4;
+const GEMV_THREADS: u32 = 256;
+const GEMV_COLS_PER_WARP_BLOCK: usize = 8;
 /// Fused attention: query rows per block, threads per block, largest head dimension
 /// (`kiln_cuda::emit::FA_ROWS`, `FA_THREADS`, `FA_MAX_DIM`).
 const FA_ROWS: usize = 16;
@@ -562,6 +567,25 @@ impl Run<'_> {
         args.push(Arg::P(accp));
         args.extend(accs.iter().map(|x| Arg::I(*x as i64)));
         args.push(Arg::I(acc.is_some() as i64));
+        if m <= GEMV_ROWS {
+            // Decoding's few rows: one warp per column for k-fast right operands (every quantized
+            // weight), one lane per column for n-fast f32 ones.
+            let (kf, nf) = match b {
+                [_, _, _, Arg::I(sbk), Arg::I(sbn)] => (*sbk == 1, *sbn == 1),
+                _ => (true, false),
+            };
+            let pick = match kernel {
+                "gemm_i8" => Some(("gemv_i8", GEMV_COLS_PER_WARP_BLOCK)),
+                "gemm_i4" => Some(("gemv_i4", GEMV_COLS_PER_WARP_BLOCK)),
+                _ if kf => Some(("gemv_f32", GEMV_COLS_PER_WARP_BLOCK)),
+                _ if nf => Some(("gemv_cols_f32", 32)),
+                _ => None,
+            };
+            if let Some((name, cols)) = pick {
+                let grid = (n.div_ceil(cols) as u32, 1, (z1 * z2) as u32);
+                return self.launch(Kernel::Fixed(name), grid, (GEMV_THREADS, 1, 1), &args);
+            }
+        }
         if self.model.tensor_cores && m >= TC_MIN_ROWS {
             let grid = (n.div_ceil(TC_TILE) as u32, m.div_ceil(TC_TILE) as u32, (z1 * z2) as u32);
             let tc = match kernel {
