@@ -11,6 +11,7 @@
 
 mod device;
 
+use std::cell::RefCell;
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::rc::Rc;
@@ -65,6 +66,10 @@ pub struct CudaModel {
     /// has it and head dimensions are at most 128; `KILN_CUDA_FLASH=off` at load, or
     /// [`CudaModel::set_fused_attention`], keeps the three-launch form (scores GEMM, softmax, GEMM).
     fused_attention: bool,
+    /// Device buffers kept between runs, grown on demand: the memory plan's arena, and the
+    /// per-run upload (error flag, row offsets tables, inputs).
+    arena: RefCell<Option<DevMem>>,
+    scratch: RefCell<Option<DevMem>>,
     /// The GPU's name.
     pub device: String,
 }
@@ -206,6 +211,8 @@ impl CudaModel {
         Ok(CudaModel {
             tensor_cores: std::env::var("KILN_CUDA_MMA").map_or(true, |v| v != "off"),
             fused_attention: std::env::var("KILN_CUDA_FLASH").map_or(true, |v| v != "off"),
+            arena: RefCell::new(None),
+            scratch: RefCell::new(None),
             arch,
             manifest: m,
             dev,
@@ -285,21 +292,45 @@ impl CudaModel {
             .collect();
         let (offsets, arena_len, _) = crate::exec::plan_memory(m, &sizes);
         let dev = &self.dev;
-        let arena = DevMem::alloc(dev, arena_len).map_err(|e| fail(usize::MAX, usize::MAX, e))?;
-        let mut uploaded = Vec::new();
-        for p in &m.inputs {
-            uploaded.push(
-                DevMem::upload(dev, inputs[&p.name].as_bytes()).map_err(|e| fail(usize::MAX, p.value as usize, e))?,
-            );
+        // One upload per run: the error flag, every step's row offsets table, the inputs.
+        let mut host = vec![0u8; 16];
+        let pad = |host: &mut Vec<u8>| host.resize(host.len().div_ceil(16) * 16, 0);
+        let mut tables: Vec<Option<Table>> = Vec::with_capacity(m.steps.len());
+        for (si, step) in m.steps.iter().enumerate() {
+            let t = self
+                .table(step, &shapes, &sizes, &syms)
+                .map_err(|e| fail(si, step.out() as usize, e))?;
+            tables.push(t.map(|(rows, n, offs)| {
+                pad(&mut host);
+                let at = host.len();
+                host.extend(offs.iter().flat_map(|x| x.to_le_bytes()));
+                Table { at, rows, n }
+            }));
         }
-        let err_flag = DevMem::upload(dev, &[0u8; 4]).map_err(|e| fail(usize::MAX, usize::MAX, e))?;
+        let mut input_at = Vec::with_capacity(m.inputs.len());
+        for p in &m.inputs {
+            pad(&mut host);
+            input_at.push(host.len());
+            host.extend_from_slice(inputs[&p.name].as_bytes());
+        }
+        let grown = |slot: &RefCell<Option<DevMem>>, len: usize| -> Result<u64, String> {
+            let mut slot = slot.borrow_mut();
+            if slot.as_ref().is_none_or(|b| b.len < len) {
+                *slot = None;
+                *slot = Some(DevMem::alloc(dev, len.next_power_of_two())?);
+            }
+            Ok(slot.as_ref().map_or(0, |b| b.ptr))
+        };
+        let arena = grown(&self.arena, arena_len).map_err(|e| fail(usize::MAX, usize::MAX, e))?;
+        let scratch = grown(&self.scratch, host.len()).map_err(|e| fail(usize::MAX, usize::MAX, e))?;
+        dev.write(scratch, &host).map_err(|e| fail(usize::MAX, usize::MAX, e))?;
         let mut addr = vec![0u64; m.values.len()];
         // Views of the cache have no arena space of their own (the plan sized them at capacity).
         for (i, v) in m.values.iter().enumerate() {
             addr[i] = match &v.storage {
-                Storage::Input(n) => uploaded[*n as usize].ptr,
+                Storage::Input(n) => scratch + input_at[*n as usize] as u64,
                 Storage::Weight { offset, .. } => self.weights.ptr + offset,
-                Storage::Temp => arena.ptr + offsets[i] as u64,
+                Storage::Temp => arena + offsets[i] as u64,
                 Storage::Alias(src) => addr[*src as usize],
             };
         }
@@ -329,7 +360,9 @@ impl CudaModel {
             shapes: &shapes,
             sizes: &sizes,
             syms: &syms,
-            err: err_flag.ptr,
+            err: scratch,
+            scratch,
+            tables,
             keep: Vec::new(),
             cache,
         };
@@ -337,7 +370,7 @@ impl CudaModel {
             run.step(si, step).map_err(|msg| fail(si, step.out() as usize, msg))?;
         }
         self.dev.synchronize().map_err(|e| fail(usize::MAX, usize::MAX, e))?;
-        let flag = download(&**dev, err_flag.ptr, 4).map_err(|e| fail(usize::MAX, usize::MAX, e))?;
+        let flag = download(&**dev, scratch, 4).map_err(|e| fail(usize::MAX, usize::MAX, e))?;
         if flag != [0, 0, 0, 0] {
             return Err(fail(usize::MAX, usize::MAX, "a gather index is out of range".into()));
         }
@@ -356,6 +389,84 @@ impl CudaModel {
 impl std::fmt::Debug for CudaModel {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "CudaModel({} on {}, {})", self.manifest.name, self.device, self.arch)
+    }
+}
+
+/// Where a step's row offsets table sits in its run's upload, and its rows and columns.
+struct Table {
+    at: usize,
+    rows: usize,
+    n: usize,
+}
+
+impl CudaModel {
+    /// The row offsets table (rows, columns, entries) of a step that launches a generated kernel:
+    /// a fused kernel, or attention's softmax (also what the fused attention kernel reads).
+    fn table(
+        &self,
+        step: &Step,
+        shapes: &[Vec<usize>],
+        sizes: &[usize],
+        syms: &[usize],
+    ) -> Result<Option<(usize, usize, Vec<i64>)>, String> {
+        // Only lengths and shapes matter to the table, not addresses.
+        let buf = |len: usize| Buf {
+            ptr: std::ptr::null_mut(),
+            len,
+        };
+        let value = |v: u32| (buf(sizes[v as usize]), shapes[v as usize].as_slice());
+        match step {
+            Step::Kernel {
+                kernel,
+                kind,
+                inputs,
+                contiguous,
+                out,
+                space,
+            } => {
+                let space: Vec<usize> = space.iter().map(|d| d.eval(syms)).collect();
+                let ins: Vec<(Buf, &[usize])> = inputs.iter().map(|v| value(*v)).collect();
+                let decl = &self.manifest.kernels[*kernel as usize];
+                let (rows, n, _, offs) = kernels::row_offsets(*kind, &ins, contiguous, value(*out), &space, decl)?;
+                Ok(Some((rows, n, offs)))
+            }
+            Step::Attention {
+                q,
+                k,
+                kernel,
+                kernel_inputs,
+                contiguous,
+                seq_major,
+                views,
+                ..
+            } => {
+                let (qs, _) = kernels::attn_layout(&shapes[*q as usize], seq_major[0], views[0])?;
+                let (ks, _) = kernels::attn_layout(&shapes[*k as usize], seq_major[1], views[1])?;
+                let space = [qs[0], qs[1], qs[2], ks[2]];
+                if elems(&space) == 0 {
+                    return Ok(None);
+                }
+                let scores = buf(4 * elems(&space));
+                let ins: Vec<(Buf, &[usize])> = kernel_inputs
+                    .iter()
+                    .map(|i| match i {
+                        None => (scores, &space[..]),
+                        Some(x) => value(*x),
+                    })
+                    .collect();
+                let decl = &self.manifest.kernels[*kernel as usize];
+                let (rows, n, _, offs) = kernels::row_offsets(
+                    KernelKind::SoftmaxLast,
+                    &ins,
+                    contiguous,
+                    (scores, &space),
+                    &space,
+                    decl,
+                )?;
+                Ok(Some((rows, n, offs)))
+            }
+            _ => Ok(None),
+        }
     }
 }
 
@@ -465,23 +576,16 @@ struct Run<'a> {
     sizes: &'a [usize],
     syms: &'a [usize],
     err: u64,
-    /// Device buffers that launched kernels may still read (row offsets, score blocks).
+    /// The run's upload and each step's row offsets table in it.
+    scratch: u64,
+    tables: Vec<Option<Table>>,
+    /// Device buffers that launched kernels may still read (score blocks).
     keep: Vec<DevMem>,
     /// The session's key/value cache, when decoding.
     cache: Option<&'a mut CudaKvCache>,
 }
 
 impl Run<'_> {
-    fn buf(&self, v: u32) -> (Buf, &[usize]) {
-        (
-            Buf {
-                ptr: self.addr[v as usize] as *mut u8,
-                len: self.sizes[v as usize],
-            },
-            self.shapes[v as usize].as_slice(),
-        )
-    }
-
     fn dtype(&self, v: u32) -> DType {
         self.model.manifest.values[v as usize].dtype
     }
@@ -490,8 +594,12 @@ impl Run<'_> {
         self.model.dev.launch(k, grid, block, args)
     }
 
-    fn upload(&self, bytes: &[u8]) -> Result<DevMem, String> {
-        DevMem::upload(&self.model.dev, bytes)
+    /// Step `si`'s row offsets table: rows, columns and its device address.
+    fn table(&self, si: usize) -> Result<(usize, usize, u64), String> {
+        let t = self.tables[si]
+            .as_ref()
+            .ok_or("a generated kernel without its row offsets table")?;
+        Ok((t.rows, t.n, self.scratch + t.at as u64))
     }
 
     /// `dst[Σ i t] = src[Σ i s]` over `shape` (rank ≤ 6 after dropping unit axes).
@@ -606,19 +714,14 @@ impl Run<'_> {
                 kernel,
                 kind,
                 inputs,
-                contiguous,
                 out,
-                space,
+                ..
             } => {
-                let space: Vec<usize> = space.iter().map(|d| d.eval(self.syms)).collect();
-                let ins: Vec<(Buf, &[usize])> = inputs.iter().map(|v| self.buf(*v)).collect();
-                let decl = &mm.kernels[*kernel as usize];
-                let (rows, n, _, offs) = kernels::row_offsets(*kind, &ins, contiguous, self.buf(*out), &space, decl)?;
+                let (rows, n, table) = self.table(si)?;
                 if rows == 0 || n == 0 {
                     return Ok(());
                 }
-                let table = self.upload(&offs.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>())?;
-                let mut args = vec![Arg::I(rows as i64), Arg::I(n as i64), Arg::P(table.ptr)];
+                let mut args = vec![Arg::I(rows as i64), Arg::I(n as i64), Arg::P(table)];
                 args.extend(inputs.iter().map(|v| Arg::P(self.addr[*v as usize])));
                 args.push(Arg::P(self.addr[*out as usize]));
                 let ry = rows.min(65535) as u32;
@@ -626,9 +729,7 @@ impl Run<'_> {
                     KernelKind::Map => (n.div_ceil(BLOCK as usize).min(65535) as u32, ry, 1),
                     KernelKind::ReduceLast | KernelKind::SoftmaxLast => (1, ry, 1),
                 };
-                self.launch(Kernel::Fused(*kernel as usize), grid, (BLOCK, 1, 1), &args)?;
-                self.keep.push(table);
-                Ok(())
+                self.launch(Kernel::Fused(*kernel as usize), grid, (BLOCK, 1, 1), &args)
             }
             Step::MatMul {
                 a,
@@ -957,10 +1058,10 @@ impl Run<'_> {
                 scale,
                 kernel,
                 kernel_inputs,
-                contiguous,
                 seq_major,
                 views,
                 cached,
+                ..
             } => {
                 let (qs, qst) = kernels::attn_layout(&self.shapes[*q as usize], seq_major[0], views[0])?;
                 let (ks, mut kst) = kernels::attn_layout(&self.shapes[*k as usize], seq_major[1], views[1])?;
@@ -991,55 +1092,38 @@ impl Run<'_> {
                     return Ok(());
                 }
                 let space = [b, h, sq, sk];
-                let decl = &mm.kernels[*kernel as usize];
+                let (rows, n, table) = self.table(si)?;
+                if rows != b * h * sq || n != sk {
+                    return Err(format!(
+                        "the attention softmax's table has {rows}x{n} entries for {space:?}"
+                    ));
+                }
                 let flash = step.flash().map(|(k, j)| crate::plan::flash_kernel(k, j));
                 if let Some(name) = flash.filter(|n| {
                     self.model.fused_attention && d <= FA_MAX_DIM && dv <= FA_MAX_DIM && self.model.dev.has(n)
                 }) {
                     // One fused kernel; the offsets table is the softmax kernel's (the score block
                     // itself is never stored, so its entries go unread).
-                    let score_buf = Buf {
-                        ptr: std::ptr::null_mut(),
-                        len: 4 * elems(&space),
-                    };
-                    let ins: Vec<(Buf, &[usize])> = kernel_inputs
-                        .iter()
-                        .map(|i| match i {
-                            None => (score_buf, &space[..]),
-                            Some(x) => self.buf(*x),
-                        })
-                        .collect();
-                    let (rows, _, _, offs) = kernels::row_offsets(
-                        KernelKind::SoftmaxLast,
-                        &ins,
-                        contiguous,
-                        (score_buf, &space),
-                        &space,
-                        decl,
-                    )?;
-                    if b * h > 65535 || sq.div_ceil(FA_ROWS) > 1 << 20 || rows != b * h * sq {
+                    if b * h > 65535 || sq.div_ceil(FA_ROWS) > 1 << 20 {
                         return Err(format!(
                             "attention over {b}x{h} heads of {sq} rows exceeds the launch grid"
                         ));
                     }
-                    let table = self.upload(&offs.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>())?;
                     let mut args: Vec<Arg> = [sq, sk, d, dv, h].iter().map(|x| Arg::I(*x as i64)).collect();
                     for (val, st) in [(*q, qst), (*k, kst), (*v, vst), (*out, ost)] {
                         args.push(Arg::P(self.addr[val as usize] + 4 * st.0 as u64));
                         args.extend([st.1, st.2, st.3].iter().map(|x| Arg::I(*x as i64)));
                     }
                     args.push(Arg::F(*scale));
-                    args.push(Arg::P(table.ptr));
+                    args.push(Arg::P(table));
                     // The score input's pointer is never read: any valid address will do.
                     args.extend(
                         kernel_inputs
                             .iter()
-                            .map(|i| Arg::P(i.map_or(table.ptr, |x| self.addr[x as usize]))),
+                            .map(|i| Arg::P(i.map_or(table, |x| self.addr[x as usize]))),
                     );
                     let grid = (sq.div_ceil(FA_ROWS) as u32, (b * h) as u32, 1);
-                    self.launch(Kernel::Fixed(&name), grid, (FA_THREADS, 1, 1), &args)?;
-                    self.keep.push(table);
-                    return Ok(());
+                    return self.launch(Kernel::Fixed(&name), grid, (FA_THREADS, 1, 1), &args);
                 }
                 let scores = DevMem::alloc(&self.model.dev, 4 * elems(&space))?;
                 // scores[b, h] = scale · q[b, h] k[b, h]ᵀ
@@ -1062,27 +1146,7 @@ impl Run<'_> {
                     None,
                 )?;
                 // The softmax kernel in place over the scores, reading any mask inputs.
-                let score_buf = Buf {
-                    ptr: scores.ptr as *mut u8,
-                    len: 4 * elems(&space),
-                };
-                let ins: Vec<(Buf, &[usize])> = kernel_inputs
-                    .iter()
-                    .map(|i| match i {
-                        None => (score_buf, &space[..]),
-                        Some(x) => self.buf(*x),
-                    })
-                    .collect();
-                let (rows, n, _, offs) = kernels::row_offsets(
-                    KernelKind::SoftmaxLast,
-                    &ins,
-                    contiguous,
-                    (score_buf, &space),
-                    &space,
-                    decl,
-                )?;
-                let table = self.upload(&offs.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>())?;
-                let mut args = vec![Arg::I(rows as i64), Arg::I(n as i64), Arg::P(table.ptr)];
+                let mut args = vec![Arg::I(rows as i64), Arg::I(n as i64), Arg::P(table)];
                 args.extend(
                     kernel_inputs
                         .iter()
@@ -1114,7 +1178,6 @@ impl Run<'_> {
                     None,
                     None,
                 )?;
-                self.keep.push(table);
                 self.keep.push(scores);
                 Ok(())
             }
