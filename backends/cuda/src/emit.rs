@@ -422,6 +422,30 @@ pub const GEMV_ROWS: i64 = 4;
 /// Threads per block of the matrix–vector kernels (8 warps).
 pub const GEMV_THREADS: u32 = 256;
 
+/// This thread's partial sums `Σ_k a[r, k] · b[k, col]` over `k = start, start + step, …` for rows
+/// `r < GEMV_ROWS` (zero past `m`): the row index constants and the sums.
+fn gemv_partials(
+    b: &mut Body,
+    p: &GemmParams,
+    bases: &GemmBases,
+    col: &str,
+    (start, step): (&str, &str),
+) -> (Vec<String>, Vec<String>) {
+    let zero = b.f32c(0.0);
+    let rows: Vec<String> = (0..GEMV_ROWS).map(|r| b.i64c(r)).collect();
+    let init: Vec<(&str, &str)> = rows.iter().map(|_| (zero.as_str(), "f32")).collect();
+    let (kk, acc, res) = b.begin_for(start, &p.k, step, &init);
+    let bv = p.load_operand(b, bases, false, col, &kk);
+    let mut next = Vec::new();
+    for (r, a) in rows.iter().zip(&acc) {
+        let av = p.load_operand(b, bases, true, r, &kk);
+        next.push(b.val(&format!("math.fma {av}, {bv}, {a} : f32")));
+    }
+    let nref: Vec<(&str, &str)> = next.iter().map(|x| (x.as_str(), "f32")).collect();
+    b.end_for(&nref);
+    (rows, res)
+}
+
 /// Matrix–vector product for at most [`GEMV_ROWS`] rows with a right operand stored k-fast (a
 /// `[n, k]` weight, and every int8/int4 one): one warp per output column, lanes striding along k
 /// (coalesced reads of the weight row), a butterfly sum, lane 0 storing through the GEMM epilogue.
@@ -440,18 +464,7 @@ pub fn gemv(kind: BOperand, name: &str, out: &mut String) {
     let wpb = b.i64c(GEMV_THREADS as i64 / 32);
     let col = b.ibin("muli", &bx, &wpb);
     let col = b.ibin("addi", &col, &warp);
-    let zero = b.f32c(0.0);
-    let rows: Vec<String> = (0..GEMV_ROWS).map(|r| b.i64c(r)).collect();
-    let init: Vec<(&str, &str)> = rows.iter().map(|_| (zero.as_str(), "f32")).collect();
-    let (kk, acc, res) = b.begin_for(&lane, &p.k, &c32, &init);
-    let bv = p.load_operand(b, &bases, false, &col, &kk);
-    let mut next = Vec::new();
-    for (r, a) in rows.iter().zip(&acc) {
-        let av = p.load_operand(b, &bases, true, r, &kk);
-        next.push(b.val(&format!("math.fma {av}, {bv}, {a} : f32")));
-    }
-    let nref: Vec<(&str, &str)> = next.iter().map(|x| (x.as_str(), "f32")).collect();
-    b.end_for(&nref);
+    let (rows, res) = gemv_partials(b, &p, &bases, &col, (&lane, &c32));
     let sums: Vec<String> = res.iter().map(|x| b.warp_reduce(x, ReduceOp::Sum)).collect();
     let z = b.i64c(0);
     let first = b.icmp("eq", &lane, &z);
@@ -487,17 +500,7 @@ pub fn gemv_cols(name: &str, out: &mut String) {
     let col = b.ibin("addi", &col, &lane);
     let nw = b.i64c(warps);
     let zero = b.f32c(0.0);
-    let rows: Vec<String> = (0..GEMV_ROWS).map(|r| b.i64c(r)).collect();
-    let init: Vec<(&str, &str)> = rows.iter().map(|_| (zero.as_str(), "f32")).collect();
-    let (kk, acc, res) = b.begin_for(&warp, &p.k, &nw, &init);
-    let bv = p.load_operand(b, &bases, false, &col, &kk);
-    let mut next = Vec::new();
-    for (r, a) in rows.iter().zip(&acc) {
-        let av = p.load_operand(b, &bases, true, r, &kk);
-        next.push(b.val(&format!("math.fma {av}, {bv}, {a} : f32")));
-    }
-    let nref: Vec<(&str, &str)> = next.iter().map(|x| (x.as_str(), "f32")).collect();
-    b.end_for(&nref);
+    let (rows, res) = gemv_partials(b, &p, &bases, &col, (&warp, &nw));
     // red[(warp · ROWS + r) · 32 + lane] = partial; warp 0 adds them up.
     let nrows = b.i64c(GEMV_ROWS);
     let wr = b.ibin("muli", &warp, &nrows);

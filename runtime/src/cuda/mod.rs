@@ -1099,9 +1099,10 @@ impl Run<'_> {
                     ));
                 }
                 let flash = step.flash().map(|(k, j)| crate::plan::flash_kernel(k, j));
-                if let Some(name) = flash.filter(|n| {
-                    self.model.fused_attention && d <= FA_MAX_DIM && dv <= FA_MAX_DIM && self.model.dev.has(n)
-                }) {
+                // Decoding's few query rows would leave most of a 16-row block idle and give the
+                // GPU only b·h blocks; there the two products run as matrix–vector kernels.
+                let fused = self.model.fused_attention && sq > GEMV_ROWS && d <= FA_MAX_DIM && dv <= FA_MAX_DIM;
+                if let Some(name) = flash.filter(|n| fused && self.model.dev.has(n)) {
                     // One fused kernel; the offsets table is the softmax kernel's (the score block
                     // itself is never stored, so its entries go unread).
                     if b * h > 65535 || sq.div_ceil(FA_ROWS) > 1 << 20 {
