@@ -257,3 +257,16 @@ fn not_a_checkpoint() {
     std::fs::remove_file(&path).ok();
     assert!(e.contains("not a valid safetensors checkpoint"), "{e}");
 }
+
+/// A binary file (a compiled artifact, say) given where a spec goes is named as such, not reported
+/// as a UTF-8 decoding failure.
+#[test]
+fn binary_file_as_spec() {
+    let path = std::env::temp_dir().join(format!("kiln-binary-spec-{}.kiln", std::process::id()));
+    std::fs::write(&path, b"KILN\x00\x01\xff\xfe binary").expect("write");
+    let e = kiln_frontend::load(&path, &Options::default())
+        .expect_err("error")
+        .to_string();
+    std::fs::remove_file(&path).ok();
+    assert!(e.contains("is not a model spec") && e.contains("kiln run"), "{e}");
+}

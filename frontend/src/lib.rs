@@ -30,6 +30,15 @@ pub enum FrontendError {
         #[source]
         source: std::io::Error,
     },
+    /// The file is not text, so it cannot be a spec.
+    #[error(
+        "{path} is not a model spec: specs are RON text and this file is binary (a compiled artifact \
+         runs with `kiln run` or `kiln bench`)"
+    )]
+    NotText {
+        /// The file.
+        path: String,
+    },
     /// Problems in the spec or in binding its checkpoint, rendered with snippets.
     #[error("{0}")]
     Spec(#[from] SpecError),
@@ -48,9 +57,12 @@ pub enum FrontendError {
 
 /// Reads, parses and lowers a spec file.
 pub fn load(path: &Path, opts: &Options) -> Result<Lowered, FrontendError> {
-    let src = std::fs::read_to_string(path).map_err(|source| FrontendError::Io {
+    let bytes = std::fs::read(path).map_err(|source| FrontendError::Io {
         path: path.display().to_string(),
         source,
+    })?;
+    let src = String::from_utf8(bytes).map_err(|_| FrontendError::NotText {
+        path: path.display().to_string(),
     })?;
     lower_source(&path.display().to_string(), &src, opts)
 }
