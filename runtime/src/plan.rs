@@ -469,7 +469,7 @@ impl Manifest {
 }
 
 /// The plan-independent kernels every CUDA artifact carries (`kiln_cuda::emit` writes them).
-pub const GPU_FIXED_KERNELS: [&str; 22] = [
+pub const GPU_FIXED_KERNELS: [&str; 25] = [
     "gemm_f32",
     "gemm_i8",
     "gemm_i4",
@@ -480,6 +480,9 @@ pub const GPU_FIXED_KERNELS: [&str; 22] = [
     "gemv_i8",
     "gemv_i4",
     "gemv_cols_f32",
+    "reduce_axis_sum",
+    "reduce_axis_max",
+    "reduce_axis_min",
     "copy_i8",
     "copy_i16",
     "copy_i32",

@@ -1444,6 +1444,47 @@ pub fn copy(ty: &str, out: &mut String) {
     f.finish(out);
 }
 
+/// `reduce_axis_{sum,max,min}`: `out[o, c] = scale · ⊕_j x[o, j, c]` over `x` viewed as
+/// `[outer, r, inner]` (a reduction over contiguous axes that are not the last, such as mean
+/// pooling over the sequence; `scale` is 1, or 1/r for a mean; max and min ignore it). Parameters
+/// `(total = outer · inner, r, inner, scale, x, out)`; one thread per output, neighbours reading
+/// neighbouring columns. Launch as `copy`.
+pub fn reduce_axis(op: ReduceOp, out: &mut String) {
+    let name = match op {
+        ReduceOp::Max => "reduce_axis_max",
+        ReduceOp::Min => "reduce_axis_min",
+        ReduceOp::Sum | ReduceOp::Mean => "reduce_axis_sum",
+    };
+    let mut f = Func::new(name);
+    let (total, r, inner) = (f.i64("total"), f.i64("r"), f.i64("inner"));
+    let scale = f.param("scale", "f32");
+    let (x, dst) = (f.ptr("x"), f.ptr("out"));
+    let b = &mut f.body;
+    let (first, stride) = grid_1d(b);
+    let (i, _, _) = b.begin_for(&first, &total, &stride, &[]);
+    let o = b.ibin("divui", &i, &inner);
+    let c = b.ibin("remui", &i, &inner);
+    let base = b.ibin("muli", &o, &r);
+    let base = b.ibin("muli", &base, &inner);
+    let base = b.ibin("addi", &base, &c);
+    let init = b.f32c(identity(op));
+    let (zero, one) = (b.i64c(0), b.i64c(1));
+    let (j, acc, res) = b.begin_for(&zero, &r, &one, &[(&init, "f32")]);
+    let at = b.ibin("muli", &j, &inner);
+    let at = b.ibin("addi", &at, &base);
+    let v = b.load(&x, &at, "f32");
+    let next = b.combine(op, &acc[0], &v);
+    b.end_for(&[(&next, "f32")]);
+    let y = if matches!(op, ReduceOp::Sum | ReduceOp::Mean) {
+        b.fbin("mulf", &res[0], &scale)
+    } else {
+        res[0].clone()
+    };
+    b.store(&y, &dst, &i, "f32");
+    b.end_for(&[]);
+    f.finish(out);
+}
+
 fn grid_1d(b: &mut Body) -> (String, String) {
     let tid = b.idx("thread_id", "x");
     let bx = b.idx("block_id", "x");
@@ -1511,6 +1552,11 @@ pub fn fixed_kernels() -> Vec<String> {
         "gemv_i4".into(),
         "gemv_cols_f32".into(),
     ]);
+    v.extend([
+        "reduce_axis_sum".to_string(),
+        "reduce_axis_max".into(),
+        "reduce_axis_min".into(),
+    ]);
     for (_, t) in COPY_TYPES {
         v.push(format!("copy_{t}"));
     }
@@ -1545,6 +1591,9 @@ pub fn module(specs: &[KernelSpec], flash_kernels: &[(u32, usize)]) -> Result<St
     gemv(BOperand::Int8, "gemv_i8", &mut out);
     gemv(BOperand::Int4, "gemv_i4", &mut out);
     gemv_cols("gemv_cols_f32", &mut out);
+    for op in [ReduceOp::Sum, ReduceOp::Max, ReduceOp::Min] {
+        reduce_axis(op, &mut out);
+    }
     for (_, t) in COPY_TYPES {
         copy(t, &mut out);
     }

@@ -682,6 +682,23 @@ def serve(funcs, text):
     return 0
 
 
+def reduce_case(funcs, op, outer, r, inner, scale, rng):
+    """`reduce_axis_{op}` over x [outer, r, inner], launched as the runtime does."""
+    x = [rng.uniform(-2, 2) for _ in range(outer * r * inner)]
+    total = outer * inner
+    mem = {"x": f32buf(x), "out": f32buf([math.nan] * total)}
+    launch(funcs[f"reduce_axis_{op}"], (-(-total // 256), 1, 1), (256, 1, 1),
+           [total, r, inner, scale, Ptr("x"), Ptr("out")], mem)
+    got = struct.unpack(f"<{total}f", mem["out"])
+    for o in range(outer):
+        for c in range(inner):
+            col = [x[(o * r + j) * inner + c] for j in range(r)]
+            want = {"sum": sum(col) * scale, "max": max(col), "min": min(col)}[op]
+            if abs(got[o * inner + c] - want) > 1e-5 * (1 + abs(want)):
+                return f"out[{o}, {c}] = {got[o * inner + c]}, want {want}"
+    return None
+
+
 def copy_case(funcs, shape, perm, rng):
     """A transpose through copy_i32, with the runtime's argument packing (unit axes dropped, the
     rest right-aligned in 6 axes, padding extent 1 and stride 0)."""
@@ -779,6 +796,9 @@ def main():
         ("copy_i32 [2,3,5,4] by [2,0,3,1]", lambda: copy_case(funcs, [2, 3, 5, 4], [2, 0, 3, 1], rng)),
         ("copy_i32 [3,1,7] by [2,1,0]", lambda: copy_case(funcs, [3, 1, 7], [2, 1, 0], rng)),
         ("gather_i32_i64 2x5x3 from 4", lambda: gather_case(funcs, 2, 5, 3, 4, rng)),
+        ("reduce_axis_sum [3,7,5] scale 1/7", lambda: reduce_case(funcs, "sum", 3, 7, 5, 1 / 7, rng)),
+        ("reduce_axis_max [2,9,300]", lambda: reduce_case(funcs, "max", 2, 9, 300, 1.0, rng)),
+        ("reduce_axis_min [4,3,1]", lambda: reduce_case(funcs, "min", 4, 3, 1, 1.0, rng)),
     ):
         if only and label.split()[0] not in only:
             continue

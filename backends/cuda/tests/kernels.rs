@@ -245,7 +245,7 @@ fn emulate(args: &[&std::ffi::OsStr]) -> Option<std::process::Output> {
 }
 
 /// The fixed kernels — GEMMs (SIMT and tensor-core; f32, int8 and int4 right operands), matrix–vector
-/// products (both weight layouts), the strided
+/// products (both weight layouts), reductions over a middle axis, the strided
 /// copy (transposes) and the bounds-checked gather — compute the right results on an emulated GPU: `tests/emulate.py` interprets the emitted MLIR thread by
 /// thread (barriers and warp-collective `mma.sync` with PTX's fragment layouts), launching each
 /// kernel as `kiln_runtime::cuda` does, on partial tiles, batches and both operand layouts. Needs
@@ -267,7 +267,7 @@ fn fixed_kernels_compute_on_an_emulated_gpu() {
         o.status.success(),
         "emulated kernels differ from the reference:\n{out}{err}"
     );
-    assert_eq!(out.matches("ok  ").count(), 17, "{out}");
+    assert_eq!(out.matches("ok  ").count(), 20, "{out}");
 }
 
 /// Every distinct fused kernel of the bundled specs at -O0 and -O2 (map, reduce and softmax rows,

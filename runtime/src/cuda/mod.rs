@@ -586,6 +586,48 @@ struct Run<'a> {
 }
 
 impl Run<'_> {
+    /// An f32 reduction over contiguous axes (mean pooling over the sequence, say) on the GPU
+    /// (`reduce_axis_*`); `false` where the op is something else, for the host to evaluate.
+    fn reduce_on_device(&self, op: &kiln_ir::Op, inputs: &[u32], out: u32) -> Result<bool, String> {
+        let kiln_ir::Op::Reduce { op, axes, .. } = op else {
+            return Ok(false);
+        };
+        let [x] = inputs else { return Ok(false) };
+        let s = &self.shapes[*x as usize];
+        let contiguous = axes.windows(2).all(|w| w[1] == w[0] + 1);
+        if self.dtype(*x) != DType::F32 || self.dtype(out) != DType::F32 || axes.is_empty() || !contiguous {
+            return Ok(false);
+        }
+        let (first, last) = (axes[0], axes[axes.len() - 1]);
+        if last >= s.len() {
+            return Err(format!("reduction over axis {last} of a rank-{} value", s.len()));
+        }
+        let (outer, r, inner) = (elems(&s[..first]), elems(&s[first..=last]), elems(&s[last + 1..]));
+        if r == 0 || elems(&self.shapes[out as usize]) != outer * inner {
+            return Ok(false);
+        }
+        let total = outer * inner;
+        if total == 0 {
+            return Ok(true);
+        }
+        let (name, scale) = match op {
+            kiln_ir::ReduceOp::Sum => ("reduce_axis_sum", 1.0),
+            kiln_ir::ReduceOp::Mean => ("reduce_axis_sum", 1.0 / r as f32),
+            kiln_ir::ReduceOp::Max => ("reduce_axis_max", 1.0),
+            kiln_ir::ReduceOp::Min => ("reduce_axis_min", 1.0),
+        };
+        let args = [
+            Arg::I(total as i64),
+            Arg::I(r as i64),
+            Arg::I(inner as i64),
+            Arg::F(scale),
+            Arg::P(self.addr[*x as usize]),
+            Arg::P(self.addr[out as usize]),
+        ];
+        self.launch(Kernel::Fixed(name), grid_1d(total), (BLOCK, 1, 1), &args)?;
+        Ok(true)
+    }
+
     fn dtype(&self, v: u32) -> DType {
         self.model.manifest.values[v as usize].dtype
     }
@@ -1222,6 +1264,7 @@ impl Run<'_> {
                 }
                 Ok(())
             }
+            Step::Fallback { op, inputs, out } if self.reduce_on_device(op, inputs, *out)? => Ok(()),
             Step::Fallback { op, inputs, out } => {
                 // On the host: copy the operands over, evaluate, copy the result back.
                 self.model.dev.synchronize()?;
