@@ -292,7 +292,27 @@ impl CudaModel {
             .collect();
         let (offsets, arena_len, _) = crate::exec::plan_memory(m, &sizes);
         let dev = &self.dev;
-        // One upload per run: the error flag, every step's row offsets table, the inputs.
+        // Fallback steps whose operands the host already has (inputs, weights, earlier such steps:
+        // index and mask arithmetic) are evaluated now and travel with the upload, so they cost no
+        // synchronisation at their place in the plan.
+        let mut early: BTreeMap<u32, Vec<u8>> = BTreeMap::new();
+        let mut done = vec![false; m.steps.len()];
+        for (si, step) in m.steps.iter().enumerate() {
+            let Step::Fallback { op, inputs: args, out } = step else {
+                continue;
+            };
+            let known: Option<Vec<Vec<u8>>> = args
+                .iter()
+                .map(|v| self.host_bytes(*v, sizes[*v as usize], inputs, &early))
+                .collect();
+            let Some(known) = known else { continue };
+            let value = host_eval(m, op, args, known, (&shapes, &sizes), *out, &syms)
+                .map_err(|e| fail(si, *out as usize, e))?;
+            early.insert(*out, value);
+            done[si] = true;
+        }
+        // One upload per run: the error flag, every step's row offsets table, the inputs, the
+        // values evaluated early.
         let mut host = vec![0u8; 16];
         let pad = |host: &mut Vec<u8>| host.resize(host.len().div_ceil(16) * 16, 0);
         let mut tables: Vec<Option<Table>> = Vec::with_capacity(m.steps.len());
@@ -313,6 +333,12 @@ impl CudaModel {
             input_at.push(host.len());
             host.extend_from_slice(inputs[&p.name].as_bytes());
         }
+        let mut early_at = BTreeMap::new();
+        for (v, bytes) in &early {
+            pad(&mut host);
+            early_at.insert(*v as usize, host.len());
+            host.extend_from_slice(bytes);
+        }
         let grown = |slot: &RefCell<Option<DevMem>>, len: usize| -> Result<u64, String> {
             let mut slot = slot.borrow_mut();
             if slot.as_ref().is_none_or(|b| b.len < len) {
@@ -330,7 +356,9 @@ impl CudaModel {
             addr[i] = match &v.storage {
                 Storage::Input(n) => scratch + input_at[*n as usize] as u64,
                 Storage::Weight { offset, .. } => self.weights.ptr + offset,
-                Storage::Temp => arena + offsets[i] as u64,
+                Storage::Temp => early_at
+                    .get(&i)
+                    .map_or(arena + offsets[i] as u64, |at| scratch + *at as u64),
                 Storage::Alias(src) => addr[*src as usize],
             };
         }
@@ -367,7 +395,9 @@ impl CudaModel {
             cache,
         };
         for (si, step) in m.steps.iter().enumerate() {
-            run.step(si, step).map_err(|msg| fail(si, step.out() as usize, msg))?;
+            if !done[si] {
+                run.step(si, step).map_err(|msg| fail(si, step.out() as usize, msg))?;
+            }
         }
         self.dev.synchronize().map_err(|e| fail(usize::MAX, usize::MAX, e))?;
         let flag = download(&**dev, scratch, 4).map_err(|e| fail(usize::MAX, usize::MAX, e))?;
@@ -389,6 +419,28 @@ impl CudaModel {
 impl std::fmt::Debug for CudaModel {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "CudaModel({} on {}, {})", self.manifest.name, self.device, self.arch)
+    }
+}
+
+impl CudaModel {
+    /// The bytes of value `v` (`len` of them) if the host has them before the run starts: an
+    /// input, a weight, a value evaluated early, or an alias of one.
+    fn host_bytes(
+        &self,
+        mut v: u32,
+        len: usize,
+        inputs: &BTreeMap<String, Tensor>,
+        early: &BTreeMap<u32, Vec<u8>>,
+    ) -> Option<Vec<u8>> {
+        let bytes: &[u8] = loop {
+            match &self.manifest.values[v as usize].storage {
+                Storage::Input(n) => break inputs[&self.manifest.inputs[*n as usize].name].as_bytes(),
+                Storage::Weight { offset, len } => break &self.host_weights[*offset as usize..(offset + len) as usize],
+                Storage::Alias(src) => v = *src,
+                Storage::Temp => break early.get(&v)?,
+            }
+        };
+        bytes.get(..len).map(<[u8]>::to_vec)
     }
 }
 
@@ -1277,28 +1329,8 @@ impl Run<'_> {
                         _ => download(&*self.model.dev, self.addr[*v as usize], self.sizes[*v as usize])?,
                     });
                 }
-                let args: Vec<(Buf, &[usize], DType)> = inputs
-                    .iter()
-                    .zip(host.iter_mut())
-                    .map(|(v, h)| {
-                        (
-                            Buf {
-                                ptr: h.as_mut_ptr(),
-                                len: h.len(),
-                            },
-                            self.shapes[*v as usize].as_slice(),
-                            self.dtype(*v),
-                        )
-                    })
-                    .collect();
                 let o = *out as usize;
-                let mut value = vec![0u8; self.sizes[o]];
-                let names: Vec<String> = mm.dims.iter().map(|d| d.0.clone()).collect();
-                let rb = Buf {
-                    ptr: value.as_mut_ptr(),
-                    len: value.len(),
-                };
-                kernels::fallback(op, &args, (rb, &self.shapes[o], self.dtype(*out)), &names, self.syms)?;
+                let value = host_eval(mm, op, inputs, host, (self.shapes, self.sizes), *out, self.syms)?;
                 if !value.is_empty() {
                     // The output value's device buffer holds `sizes[o]` bytes.
                     self.model.dev.write(self.addr[o], &value)?;
@@ -1307,6 +1339,41 @@ impl Run<'_> {
             }
         }
     }
+}
+
+/// Evaluates a `Fallback` step's op on the host: `host` holds its operands' bytes.
+fn host_eval(
+    m: &Manifest,
+    op: &kiln_ir::Op,
+    inputs: &[u32],
+    mut host: Vec<Vec<u8>>,
+    (shapes, sizes): (&[Vec<usize>], &[usize]),
+    out: u32,
+    syms: &[usize],
+) -> Result<Vec<u8>, String> {
+    let args: Vec<(Buf, &[usize], DType)> = inputs
+        .iter()
+        .zip(host.iter_mut())
+        .map(|(v, h)| {
+            (
+                Buf {
+                    ptr: h.as_mut_ptr(),
+                    len: h.len(),
+                },
+                shapes[*v as usize].as_slice(),
+                m.values[*v as usize].dtype,
+            )
+        })
+        .collect();
+    let o = out as usize;
+    let mut value = vec![0u8; sizes[o]];
+    let names: Vec<String> = m.dims.iter().map(|d| d.0.clone()).collect();
+    let rb = Buf {
+        ptr: value.as_mut_ptr(),
+        len: value.len(),
+    };
+    kernels::fallback(op, &args, (rb, &shapes[o], m.values[o].dtype), &names, syms)?;
+    Ok(value)
 }
 
 /// The key/value cache of one batch of sequences, on the GPU: per slot one zeroed
