@@ -469,7 +469,7 @@ impl Manifest {
 }
 
 /// The plan-independent kernels every CUDA artifact carries (`kiln_cuda::emit` writes them).
-pub const GPU_FIXED_KERNELS: [&str; 25] = [
+pub const GPU_FIXED_KERNELS: [&str; 27] = [
     "gemm_f32",
     "gemm_i8",
     "gemm_i4",
@@ -483,6 +483,8 @@ pub const GPU_FIXED_KERNELS: [&str; 25] = [
     "reduce_axis_sum",
     "reduce_axis_max",
     "reduce_axis_min",
+    "unary_sin_f32",
+    "unary_cos_f32",
     "copy_i8",
     "copy_i16",
     "copy_i32",

@@ -1485,6 +1485,22 @@ pub fn reduce_axis(op: ReduceOp, out: &mut String) {
     f.finish(out);
 }
 
+/// `unary_{sin,cos}_f32`: `out[i] = f(x[i])` for the elementwise functions the plan leaves unfused
+/// (Llama's rotary tables). Parameters `(total, x, out)`. Launch as `copy`.
+pub fn unary_map(u: UnaryOp, name: &str, out: &mut String) {
+    let mut f = Func::new(name);
+    let total = f.i64("total");
+    let (x, dst) = (f.ptr("x"), f.ptr("out"));
+    let b = &mut f.body;
+    let (first, stride) = grid_1d(b);
+    let (i, _, _) = b.begin_for(&first, &total, &stride, &[]);
+    let v = b.load(&x, &i, "f32");
+    let y = unary(b, u, &v);
+    b.store(&y, &dst, &i, "f32");
+    b.end_for(&[]);
+    f.finish(out);
+}
+
 fn grid_1d(b: &mut Body) -> (String, String) {
     let tid = b.idx("thread_id", "x");
     let bx = b.idx("block_id", "x");
@@ -1557,6 +1573,7 @@ pub fn fixed_kernels() -> Vec<String> {
         "reduce_axis_max".into(),
         "reduce_axis_min".into(),
     ]);
+    v.extend(["unary_sin_f32".to_string(), "unary_cos_f32".into()]);
     for (_, t) in COPY_TYPES {
         v.push(format!("copy_{t}"));
     }
@@ -1594,6 +1611,8 @@ pub fn module(specs: &[KernelSpec], flash_kernels: &[(u32, usize)]) -> Result<St
     for op in [ReduceOp::Sum, ReduceOp::Max, ReduceOp::Min] {
         reduce_axis(op, &mut out);
     }
+    unary_map(UnaryOp::Sin, "unary_sin_f32", &mut out);
+    unary_map(UnaryOp::Cos, "unary_cos_f32", &mut out);
     for (_, t) in COPY_TYPES {
         copy(t, &mut out);
     }

@@ -216,7 +216,7 @@ def f16(v):
 
 
 MATH = {"sqrt": "safe(math.sqrt)", "rsqrt": "safe(_rsqrt)", "tanh": "math.tanh", "erf": "math.erf",
-        "log": "safe(math.log)", "exp": "fexp"}
+        "log": "safe(math.log)", "exp": "fexp", "sin": "safe(math.sin)", "cos": "safe(math.cos)"}
 CMPI = {"eq": "==", "ne": "!=", "slt": "<", "sle": "<=", "sgt": ">", "sge": ">=",
         "ult": "<", "ule": "<=", "ugt": ">", "uge": ">="}
 CMPF = {"oeq": "{a} == {b}", "ogt": "{a} > {b}", "olt": "{a} < {b}", "oge": "{a} >= {b}", "ole": "{a} <= {b}",

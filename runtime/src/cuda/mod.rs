@@ -680,6 +680,32 @@ impl Run<'_> {
         Ok(true)
     }
 
+    /// `sin`/`cos` of an f32 value on the GPU (`unary_*_f32`); `false` for other ops.
+    fn unary_on_device(&self, op: &kiln_ir::Op, inputs: &[u32], out: u32) -> Result<bool, String> {
+        let name = match op {
+            kiln_ir::Op::Unary(kiln_ir::UnaryOp::Sin) => "unary_sin_f32",
+            kiln_ir::Op::Unary(kiln_ir::UnaryOp::Cos) => "unary_cos_f32",
+            _ => return Ok(false),
+        };
+        let [x] = inputs else { return Ok(false) };
+        if self.dtype(*x) != DType::F32
+            || self.dtype(out) != DType::F32
+            || self.shapes[*x as usize] != self.shapes[out as usize]
+        {
+            return Ok(false);
+        }
+        let total = elems(&self.shapes[out as usize]);
+        if total > 0 {
+            let args = [
+                Arg::I(total as i64),
+                Arg::P(self.addr[*x as usize]),
+                Arg::P(self.addr[out as usize]),
+            ];
+            self.launch(Kernel::Fixed(name), grid_1d(total), (BLOCK, 1, 1), &args)?;
+        }
+        Ok(true)
+    }
+
     fn dtype(&self, v: u32) -> DType {
         self.model.manifest.values[v as usize].dtype
     }
@@ -1317,6 +1343,7 @@ impl Run<'_> {
                 Ok(())
             }
             Step::Fallback { op, inputs, out } if self.reduce_on_device(op, inputs, *out)? => Ok(()),
+            Step::Fallback { op, inputs, out } if self.unary_on_device(op, inputs, *out)? => Ok(()),
             Step::Fallback { op, inputs, out } => {
                 // On the host: copy the operands over, evaluate, copy the result back.
                 self.model.dev.synchronize()?;
