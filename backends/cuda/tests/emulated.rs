@@ -306,3 +306,49 @@ fn fused_attention_on_the_emulated_gpu() {
     eprintln!("gpt2 1x40, fused attention: relative difference {e:.2e}");
     assert!(e <= 1e-5, "gpt2 causal fused attention: {e:e}");
 }
+
+/// Reductions of a value computed on the GPU, over every axis set of a rank-3 shape and with every
+/// op: the last axis runs as a fused kernel, other contiguous axis runs as `reduce_axis_*`, and
+/// non-contiguous ones ([0, 2]) on the host in place (synchronise, download, evaluate, upload).
+#[test]
+#[cfg_attr(feature = "mlir", ignore = "the same check runs in the plain test pass")]
+fn reductions_on_the_emulated_gpu() {
+    use kiln_ir::{BinaryOp, DType, Dim, Graph, Op, ReduceOp, TensorType};
+    let Some(script) = emulator() else { return };
+    let shape = [3usize, 5, 6];
+    let x: Vec<f64> = (0..90).map(|i| ((i * 37 % 17) as f64 - 8.0) / 3.0).collect();
+    let feed: BTreeMap<String, Tensor> = [(
+        "x".to_string(),
+        Tensor::from_f64(DType::F32, shape.to_vec(), &x).unwrap(),
+    )]
+    .into();
+    for op in [ReduceOp::Sum, ReduceOp::Mean, ReduceOp::Max, ReduceOp::Min] {
+        for axes in [vec![0], vec![1], vec![2], vec![0, 1], vec![1, 2], vec![0, 2]] {
+            let mut g = Graph::new("reduce");
+            let ty = TensorType::new(DType::F32, shape.iter().map(|d| Dim::known(*d as u64)).collect());
+            let xi = g.add(Op::Input { name: "x".into(), ty }, &[], "x").unwrap();
+            let sq = g.add(Op::Binary(BinaryOp::Mul), &[xi, xi], "sq").unwrap();
+            let r = g
+                .add(
+                    Op::Reduce {
+                        op,
+                        axes: axes.clone(),
+                        keep_dims: false,
+                    },
+                    &[sq],
+                    "r",
+                )
+                .unwrap();
+            g.add_output("r", r).unwrap();
+            let w = BTreeMap::new();
+            let (planned, mlir) = kiln_cuda::plan_mlir(&g, &w, &[], &kiln_cpu::Options::for_level(2)).unwrap();
+            let model = CudaModel::emulated(&planned.manifest, planned.weights, &mlir, &script)
+                .unwrap_or_else(|e| panic!("{e}"));
+            let want = kiln_interp::run(&g, &w, &feed).unwrap();
+            let got = model.run(&feed).unwrap_or_else(|e| panic!("{op:?} {axes:?}: {e}"));
+            assert_eq!(got[0].1.shape(), want[0].1.shape(), "{op:?} {axes:?}");
+            let e = rel_diff(&got[0].1.to_f64_vec(), &want[0].1.to_f64_vec());
+            assert!(e <= 1e-6, "{op:?} over {axes:?}: {e:e}");
+        }
+    }
+}
