@@ -201,8 +201,8 @@ impl CudaModel {
                     a,
                     block,
                     ..
-                } => densify(&m, &host_weights, [*row_ptr, *cols, *vals], *a, *block),
-                Step::SpMatMul24 { vals, idx, .. } => unpack24(&m, &host_weights, *vals, *idx),
+                } => densify(&m, &host_weights, &[*row_ptr, *cols, *vals], *a, Some(*block)),
+                Step::SpMatMul24 { a, vals, idx, .. } => densify(&m, &host_weights, &[*vals, *idx], *a, None),
                 _ => continue,
             }
             .map_err(|e| LoadError::Corrupt(format!("step {si}: {e}")))?;
@@ -388,7 +388,6 @@ impl CudaModel {
             shapes: &shapes,
             sizes: &sizes,
             syms: &syms,
-            err: scratch,
             scratch,
             tables,
             keep: Vec::new(),
@@ -522,83 +521,68 @@ impl CudaModel {
     }
 }
 
-/// A block-CSR weight as a dense `[n, k]` f32 matrix (`k` from the product's left operand).
-fn densify(
-    m: &Manifest,
-    w: &[u8],
-    [row_ptr, cols, vals]: [u32; 3],
-    a: u32,
-    block: [u64; 2],
-) -> Result<Vec<u8>, String> {
-    let weight = |v: u32| -> Result<&[u8], String> {
-        match m.values[v as usize].storage {
-            Storage::Weight { offset, len } => Ok(&w[offset as usize..(offset + len) as usize]),
-            _ => Err("a sparse weight that is not stored in the artifact".into()),
+/// A sparse weight (block CSR: `[row_ptr, cols, vals]`; packed 2:4: `[vals, idx]`) as the dense
+/// `[n, k]` f32 matrix it stands for, by the reference evaluator's `Densify`/`Densify24`, which
+/// checks its indices (`k` from the product's left operand).
+fn densify(m: &Manifest, w: &[u8], parts: &[u32], a: u32, block: Option<[u64; 2]>) -> Result<Vec<u8>, String> {
+    let mut operands = Vec::new();
+    for &v in parts {
+        let decl = &m.values[v as usize];
+        let Storage::Weight { offset, len } = decl.storage else {
+            return Err("a sparse weight that is not stored in the artifact".into());
+        };
+        if decl.shape.iter().any(|d| !d.syms.is_empty()) {
+            return Err("a sparse weight whose shape is not fixed".into());
         }
-    };
-    let ints = |b: &[u8]| -> Vec<i64> {
-        b.chunks_exact(4)
-            .map(|c| i32::from_le_bytes([c[0], c[1], c[2], c[3]]) as i64)
-            .collect()
-    };
-    let rp = ints(weight(row_ptr)?);
-    let cs = ints(weight(cols)?);
-    let vs: Vec<f32> = weight(vals)?
-        .chunks_exact(4)
-        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        let shape: Vec<usize> = decl.shape.iter().map(|d| d.eval(&[])).collect();
+        operands.push((&w[offset as usize..(offset + len) as usize], shape, decl.dtype));
+    }
+    // The evaluator only reads its operands.
+    let args: Vec<(Buf, &[usize], DType)> = operands
+        .iter()
+        .map(|(bytes, shape, dt)| {
+            let buf = Buf {
+                ptr: bytes.as_ptr() as *mut u8,
+                len: bytes.len(),
+            };
+            (buf, shape.as_slice(), *dt)
+        })
         .collect();
     let k = m.values[a as usize]
         .shape
         .last()
         .filter(|d| d.syms.is_empty())
-        .map(|d| d.coeff as usize)
+        .map(|d| d.coeff)
         .ok_or("a sparse product whose inner dimension is not fixed")?;
-    let [br, bc] = [block[0] as usize, block[1] as usize];
-    if br == 0 || bc == 0 || k % bc != 0 {
-        return Err(format!("{br}x{bc} blocks do not tile {k} columns"));
-    }
-    let n = rp.len().checked_sub(1).ok_or("empty row offsets")? * br;
-    let mut out = vec![0f32; n * k];
-    for r in 0..n / br {
-        let (s, e) = (rp[r], rp[r + 1]);
-        if s < 0 || e < s || e as usize > cs.len() || e as usize * br * bc > vs.len() {
-            return Err(format!("row offsets of block row {r} out of range"));
+    let (op, n) = match block {
+        Some(block) => {
+            let blocks = args[0]
+                .1
+                .first()
+                .and_then(|r| r.checked_sub(1))
+                .ok_or("empty row offsets")?;
+            let n = blocks as u64 * block[0];
+            (
+                kiln_ir::Op::Densify {
+                    n,
+                    k,
+                    sparse_rows: 0,
+                    block,
+                },
+                n,
+            )
         }
-        for p in s as usize..e as usize {
-            let c = cs[p];
-            if c < 0 || (c as usize + 1) * bc > k {
-                return Err(format!("block column {c} out of range 0..{}", k / bc));
-            }
-            for j in 0..bc {
-                for i in 0..br {
-                    out[(r * br + i) * k + c as usize * bc + j] = vs[p * br * bc + j * br + i];
-                }
-            }
-        }
-    }
-    Ok(out.iter().flat_map(|x| x.to_le_bytes()).collect())
-}
-
-/// A packed 2:4 weight (offsets already checked) as a dense `[n, k]` f32 matrix.
-fn unpack24(m: &Manifest, w: &[u8], vals: u32, idx: u32) -> Result<Vec<u8>, String> {
-    let bytes = |v: u32| -> Result<&[u8], String> {
-        match m.values[v as usize].storage {
-            Storage::Weight { offset, len } => Ok(&w[offset as usize..(offset + len) as usize]),
-            _ => Err("a sparse weight that is not stored in the artifact".into()),
+        None => {
+            let n = args[0].1.first().copied().unwrap_or(0) as u64;
+            (kiln_ir::Op::Densify24 { n, k, sparse_rows: 0 }, n)
         }
     };
-    let (vs, ix) = (bytes(vals)?, bytes(idx)?);
-    let groups = ix.len();
-    if vs.len() != groups * 8 {
-        return Err("2:4 values and offsets disagree".into());
-    }
-    let mut out = vec![0u8; groups * 16];
-    for (g, b) in ix.iter().enumerate() {
-        for (half, at) in [(0, (b & 3) as usize), (1, ((b >> 2) & 3) as usize)] {
-            let src = &vs[(2 * g + half) * 4..(2 * g + half + 1) * 4];
-            out[(4 * g + at) * 4..(4 * g + at + 1) * 4].copy_from_slice(src);
-        }
-    }
+    let mut out = vec![0u8; (n * k * 4) as usize];
+    let rb = Buf {
+        ptr: out.as_mut_ptr(),
+        len: out.len(),
+    };
+    kernels::fallback(&op, &args, (rb, &[n as usize, k as usize], DType::F32), &[], &[])?;
     Ok(out)
 }
 
@@ -627,8 +611,8 @@ struct Run<'a> {
     shapes: &'a [Vec<usize>],
     sizes: &'a [usize],
     syms: &'a [usize],
-    err: u64,
-    /// The run's upload and each step's row offsets table in it.
+    /// The run's upload (its first word the gather kernels' error flag) and each step's row offsets
+    /// table in it.
     scratch: u64,
     tables: Vec<Option<Table>>,
     /// Device buffers that launched kernels may still read (score blocks).
@@ -1101,7 +1085,7 @@ impl Run<'_> {
                     Arg::P(self.addr[*table as usize]),
                     Arg::P(self.addr[*idx as usize]),
                     Arg::P(self.addr[*out as usize]),
-                    Arg::P(self.err),
+                    Arg::P(self.scratch),
                 ];
                 self.launch(
                     Kernel::Fixed(&format!("gather_{ty}_{ix}")),
