@@ -469,13 +469,15 @@ impl Manifest {
 }
 
 /// The plan-independent kernels every CUDA artifact carries (`kiln_cuda::emit` writes them).
-pub const GPU_FIXED_KERNELS: [&str; 27] = [
+pub const GPU_FIXED_KERNELS: [&str; 29] = [
     "gemm_f32",
     "gemm_i8",
     "gemm_i4",
     "gemm_tc_f32",
     "gemm_tc_i8",
     "gemm_tc_i4",
+    "gemm_bf16",
+    "to_bf16",
     "gemv_f32",
     "gemv_i8",
     "gemv_i4",

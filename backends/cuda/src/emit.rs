@@ -252,6 +252,8 @@ struct Func {
     name: String,
     params: Vec<(String, &'static str)>,
     smem: Vec<(String, String)>,
+    /// Extra function attributes (`nvvm.minctasm = 2 : i32`, say).
+    attrs: Vec<String>,
     body: Body,
 }
 
@@ -261,6 +263,7 @@ impl Func {
             name: name.to_string(),
             params: Vec::new(),
             smem: Vec::new(),
+            attrs: Vec::new(),
             body: Body::new(3),
         }
     }
@@ -287,7 +290,17 @@ impl Func {
             let v: Vec<String> = self.smem.iter().map(|(n, t)| format!("%{n} : {t}")).collect();
             format!(" workgroup({})", v.join(", "))
         };
-        let _ = writeln!(out, "    gpu.func @{}({}){wg} kernel {{", self.name, params.join(", "));
+        let attrs = if self.attrs.is_empty() {
+            String::new()
+        } else {
+            format!(" attributes {{{}}}", self.attrs.join(", "))
+        };
+        let _ = writeln!(
+            out,
+            "    gpu.func @{}({}){wg} kernel{attrs} {{",
+            self.name,
+            params.join(", ")
+        );
         out.push_str(&self.body.text);
         out.push_str("    }\n");
     }
@@ -1128,21 +1141,8 @@ pub fn gemm_tc(kind: BOperand, name: &str, out: &mut String) {
         for (mi, a) in af.iter().enumerate() {
             for (ni, bb) in bf.iter().enumerate() {
                 let at = (mi * 4 + ni) * 4;
-                let c = &acc_now[at..at + 4];
-                let d = b.val(&format!(
-                    "nvvm.mma.sync A[{}] B[{}] C[{}] {{layoutA = #nvvm.mma_layout<row>, \
-                     layoutB = #nvvm.mma_layout<col>, multiplicandAPtxType = #nvvm.mma_type<bf16>, \
-                     multiplicandBPtxType = #nvvm.mma_type<bf16>, shape = #nvvm.shape<m = 16, n = 8, k = 16>}} \
-                     : (i32, i32, f32) -> !llvm.struct<(f32, f32, f32, f32)>",
-                    a.join(", "),
-                    bb.join(", "),
-                    c.join(", ")
-                ));
-                for q in 0..4 {
-                    acc_now[at + q] = b.val(&format!(
-                        "llvm.extractvalue {d}[{q}] : !llvm.struct<(f32, f32, f32, f32)>"
-                    ));
-                }
+                let d = mma_bf16(b, a, bb, &acc_now[at..at + 4]);
+                acc_now[at..at + 4].clone_from_slice(&d);
             }
         }
     }
@@ -1166,6 +1166,289 @@ pub fn gemm_tc(kind: BOperand, name: &str, out: &mut String) {
             }
         }
     }
+    f.finish(out);
+}
+
+/// Depth of one stage of [`gemm_bf16`].
+const BF_K: i64 = 32;
+/// Stages of [`gemm_bf16`]'s copy pipeline: tile `t + 2` is in flight while tile `t` is multiplied.
+const BF_STAGES: i64 = 3;
+/// Bytes of one operand's slice in one stage: 128 rows of 32 bf16 (64 bytes, four 16-byte chunks).
+const BF_SLICE: i64 = TC_TILE as i64 * BF_K * 2;
+
+/// `gemm_bf16`: [`gemm_tc`] for operands already in bf16 (the runtime converts activations with
+/// [`to_bf16`] and keeps a bf16 copy of each weight), with the copies off the critical path. The
+/// parameters are [`gemm`]'s (`BOperand::F32` order) with `a` and `b` pointing at bf16 data and
+/// these requirements, which the runtime guarantees: both operands are `k`-contiguous (`sak` and
+/// `sbk` are ignored and taken as 1), `k`, the row pitches `sam`, `sbn` and the batch strides are
+/// multiples of 8 elements, and `a`, `b` are 16-byte aligned (so every 8-element chunk is one
+/// aligned 16-byte copy, and chunks past `k` are zero because the copies are zero-padded).
+///
+/// Launch as [`gemm_tc`]: blocks of [`TC_THREADS`], grid `(⌈n / 128⌉, ⌈m / 128⌉, z1 · zb)`. Each
+/// block runs a [`BF_STAGES`]-stage `cp.async` pipeline over 128 × 32 slices of both operands (48 KB of
+/// shared memory; rows out of range and chunks past `k` are zero-filled by the copy itself); each
+/// warp reads its fragments with `ldmatrix.x4` and multiplies them with `mma.sync.m16n8k16` into a
+/// 64 × 32 block of f32 accumulators (warp `w`: rows `64 (w / 4)`, columns `32 (w % 4)`). A slice
+/// row is four 16-byte chunks, stored at chunk `c ^ ((row / 2) % 4)` so that the eight row
+/// addresses of an `ldmatrix` phase fall in eight different bank groups.
+pub fn gemm_bf16(name: &str, out: &mut String) {
+    let mut f = Func::new(name);
+    let p = GemmParams::declare(&mut f, BOperand::F32);
+    let words = BF_STAGES * 2 * BF_SLICE / 4;
+    let lds = format!("memref<{words}xi32, #gpu.address_space<workgroup>>");
+    f.smem.push(("sm".into(), format!("{lds} {{llvm.align = 16 : i64}}")));
+    // Two blocks per SM: at most 128 registers a thread.
+    f.attrs.push(format!("nvvm.maxntid = array<i32: {TC_THREADS}, 1, 1>"));
+    f.attrs.push("nvvm.minctasm = 2 : i32".into());
+    let (sbn, pb) = (p.bops[4].clone(), p.bops[0].clone());
+    let b = &mut f.body;
+    let tid = b.idx("thread_id", "x");
+    let bx = b.idx("block_id", "x");
+    let by = b.idx("block_id", "y");
+    let (c1, c2, c3, c4, c8, c16) = (b.i64c(1), b.i64c(2), b.i64c(3), b.i64c(4), b.i64c(8), b.i64c(16));
+    let (c32, c64) = (b.i64c(32), b.i64c(64));
+    let ctile = b.i64c(TC_TILE as i64);
+    let zero = b.i64c(0);
+    let lane = b.ibin("remui", &tid, &c32);
+    let warp = b.ibin("divui", &tid, &c32);
+    let wm = b.ibin("divui", &warp, &c4);
+    let wn = b.ibin("remui", &warp, &c4);
+    let n0 = b.ibin("muli", &bx, &ctile);
+    let m0 = b.ibin("muli", &by, &ctile);
+    let bases = p.bases(b);
+    let base = b.val(&format!("memref.extract_aligned_pointer_as_index %sm : {lds} -> index"));
+    let sbase = b.val(&format!("arith.index_cast {base} : index to i64"));
+    // The byte offset of chunk `c` of slice row `row`.
+    let swizzled = |b: &mut Body, row: &str, c: &str| -> String {
+        let x = b.ibin("shrui", row, &c1);
+        let x = b.ibin("andi", &x, &c3);
+        let c = b.ibin("xori", c, &x);
+        let c = b.ibin("muli", &c, &c16);
+        let r = b.ibin("muli", row, &c64);
+        b.ibin("addi", &r, &c)
+    };
+    // This thread's copies: chunks `tid` and `tid + 256` of each operand's slice: rows `tid / 4`
+    // and `tid / 4 + 64`, chunk `tid % 4`, at the same swizzled position 4096 bytes apart (the
+    // swizzle depends on row / 2 % 4 only); B's slice follows A's.
+    let row = b.ibin("divui", &tid, &c4);
+    let c = b.ibin("remui", &tid, &c4);
+    let kc = b.ibin("muli", &c, &c8);
+    let dst0 = swizzled(b, &row, &c);
+    let half_rows = b.i64c(TC_TILE as i64 / 2);
+    // (operand pointer, element offset of row `row`, pitch, rows present) per operand.
+    let ops: Vec<(String, String, String, String)> = [true, false]
+        .iter()
+        .map(|&is_a| {
+            let g = b.ibin("addi", if is_a { &m0 } else { &n0 }, &row);
+            let pitch = if is_a { p.sam.clone() } else { sbn.clone() };
+            let at = b.ibin("muli", &g, &pitch);
+            let at = b.ibin("addi", &at, if is_a { &bases.a } else { &bases.b });
+            let lim = if is_a { &p.m } else { &p.n };
+            let left = b.ibin("subi", lim, &g);
+            (if is_a { p.a.clone() } else { pb.clone() }, at, pitch, left)
+        })
+        .collect();
+    let stage_bytes = b.i64c(2 * BF_SLICE);
+    let (c16i, c0i) = (b.i32c(16), b.i32c(0));
+    // Issues the copies of k-tile `kt` into stage `stage`.
+    let issue = |b: &mut Body, kt: &str, stage: &str| {
+        let k0 = b.ibin("muli", kt, &c32);
+        let gk = b.ibin("addi", &k0, &kc);
+        let in_k = b.icmp("slt", &gk, &p.k);
+        let sb = b.ibin("muli", stage, &stage_bytes);
+        let sb = b.ibin("addi", &sb, &sbase);
+        let sb = b.ibin("addi", &sb, &dst0);
+        for (oi, (ptr, at, pitch, left)) in ops.iter().enumerate() {
+            for l in 0..2i64 {
+                let dl = b.i64c(l * TC_TILE as i64 / 2);
+                let present = b.icmp("slt", &dl, left);
+                let ok = b.val(&format!("arith.andi {in_k}, {present} : i1"));
+                let mut src = b.ibin("addi", at, &gk);
+                if l == 1 {
+                    let d = b.ibin("muli", pitch, &half_rows);
+                    src = b.ibin("addi", &src, &d);
+                }
+                // Skipped copies zero-fill from the operand's first element, which always exists.
+                let src = b.select(&ok, &src, &zero, "i64");
+                let size = b.select(&ok, &c16i, &c0i, "i32");
+                let src = b.gep(ptr, &src, "i16");
+                let src = b.val(&format!("llvm.addrspacecast {src} : !llvm.ptr to !llvm.ptr<1>"));
+                let off = b.i64c(oi as i64 * BF_SLICE + l * 64 * TC_TILE as i64 / 2);
+                let dst = b.ibin("addi", &sb, &off);
+                let dst = b.val(&format!("llvm.inttoptr {dst} : i64 to !llvm.ptr<3>"));
+                b.line(&format!(
+                    "nvvm.cp.async.shared.global {dst}, {src}, 16, cache = cg, {size} \
+                     : !llvm.ptr<3>, !llvm.ptr<1>, i32"
+                ));
+            }
+        }
+    };
+    // Fragment addresses (bytes within a stage) of this lane's ldmatrix rows, per 16-deep step,
+    // as a base and constant offsets (rows 16 apart share the swizzle).
+    // A, matrix j = lane / 8 of an x4: rows (j % 2) · 8 + lane % 8 = lane % 16, chunk j / 2.
+    // B ([n, k] rows), matrix j: rows (j / 2) · 8 + lane % 8, chunk j % 2: two 8-column tiles.
+    let l16 = b.ibin("remui", &lane, &c16);
+    let hi = b.ibin("divui", &lane, &c16);
+    let l8 = b.ibin("remui", &lane, &c8);
+    let j2 = b.ibin("divui", &lane, &c8);
+    let j2 = b.ibin("remui", &j2, &c2);
+    let a_row0 = b.ibin("muli", &wm, &c64);
+    let a_row0 = b.ibin("addi", &a_row0, &l16);
+    let b_row0 = b.ibin("muli", &wn, &c32);
+    let b_hi = b.ibin("muli", &hi, &c8);
+    let b_row0 = b.ibin("addi", &b_row0, &b_hi);
+    let b_row0 = b.ibin("addi", &b_row0, &l8);
+    let mut a_at = Vec::new();
+    let mut b_at = Vec::new();
+    for ks in 0..BF_K / 16 {
+        let kc = b.i64c(2 * ks);
+        let ca = b.ibin("addi", &kc, &hi);
+        let cb = b.ibin("addi", &kc, &j2);
+        a_at.push(swizzled(b, &a_row0, &ca));
+        b_at.push(swizzled(b, &b_row0, &cb));
+    }
+    let c31 = b.i64c(BF_K - 1);
+    let kt_n = b.ibin("addi", &p.k, &c31);
+    let kt_n = b.ibin("divui", &kt_n, &c32);
+    for s in 0..BF_STAGES - 1 {
+        let sv = b.i64c(s);
+        let has = b.icmp("slt", &sv, &kt_n);
+        b.begin_if(&has);
+        issue(b, &sv, &sv);
+        b.end_if();
+        b.line("nvvm.cp.async.commit.group");
+    }
+    let fzero = b.f32c(0.0);
+    let inits: Vec<(&str, &str)> = (0..64).map(|_| (fzero.as_str(), "f32")).collect();
+    let (kt, accs, results) = b.begin_for(&zero, &kt_n, &c1, &inits);
+    // Tile kt has landed (at most the newest group, tile kt + 1, is still in flight) and every
+    // warp is done with tile kt - 1, whose stage the next copies overwrite.
+    b.line(&format!("nvvm.cp.async.wait.group {}", BF_STAGES - 2));
+    b.line("gpu.barrier");
+    let ahead = b.i64c(BF_STAGES - 1);
+    let next = b.ibin("addi", &kt, &ahead);
+    let has = b.icmp("slt", &next, &kt_n);
+    let cst = b.i64c(BF_STAGES);
+    b.begin_if(&has);
+    let ns = b.ibin("remui", &next, &cst);
+    issue(b, &next, &ns);
+    b.end_if();
+    b.line("nvvm.cp.async.commit.group");
+    let stage = b.ibin("remui", &kt, &cst);
+    let sb = b.ibin("muli", &stage, &stage_bytes);
+    let sb = b.ibin("addi", &sb, &sbase);
+    let mut acc_now: Vec<String> = accs.clone();
+    let ldm = |b: &mut Body, at: &str, plus: i64| -> Vec<String> {
+        let ad = b.ibin("addi", &sb, at);
+        let plus = b.i64c(plus);
+        let ad = b.ibin("addi", &ad, &plus);
+        let ptr = b.val(&format!("llvm.inttoptr {ad} : i64 to !llvm.ptr<3>"));
+        let r = b.val(&format!(
+            "nvvm.ldmatrix {ptr} {{num = 4 : i32, layout = #nvvm.mma_layout<row>, \
+             shape = #nvvm.ld_st_matrix_shape<m = 8, n = 8>, eltType = #nvvm.ld_st_matrix_elt_type<b16>}} \
+             : (!llvm.ptr<3>) -> !llvm.struct<(i32, i32, i32, i32)>"
+        ));
+        (0..4)
+            .map(|q| {
+                b.val(&format!(
+                    "llvm.extractvalue {r}[{q}] : !llvm.struct<(i32, i32, i32, i32)>"
+                ))
+            })
+            .collect()
+    };
+    for ks in 0..(BF_K / 16) as usize {
+        // B's two loads (rows 16 apart), then A's four one at a time, each used at once.
+        let bq: Vec<Vec<String>> = (0..2).map(|nj| ldm(b, &b_at[ks], BF_SLICE + 16 * 64 * nj)).collect();
+        // Tile ni = 2 nj + h takes registers 2h, 2h + 1 of B's nj-th load.
+        let bf: Vec<[String; 2]> = (0..4)
+            .map(|ni| [bq[ni / 2][2 * (ni % 2)].clone(), bq[ni / 2][2 * (ni % 2) + 1].clone()])
+            .collect();
+        for mi in 0..4 {
+            let a = ldm(b, &a_at[ks], 16 * 64 * mi as i64);
+            for (ni, bb) in bf.iter().enumerate() {
+                let at = (mi * 4 + ni) * 4;
+                let d = mma_bf16(b, &a, bb, &acc_now[at..at + 4]);
+                acc_now[at..at + 4].clone_from_slice(&d);
+            }
+        }
+    }
+    let ys: Vec<(&str, &str)> = acc_now.iter().map(|v| (v.as_str(), "f32")).collect();
+    b.end_for(&ys);
+    b.line("nvvm.cp.async.wait.group 0");
+    // Accumulator q of tile (mi, ni): row g + 8 (q / 2), column 2 t + q % 2 (as in gemm_tc).
+    let g = b.ibin("divui", &lane, &c4);
+    let t = b.ibin("remui", &lane, &c4);
+    let r0 = b.ibin("muli", &wm, &c64);
+    let r0 = b.ibin("addi", &r0, &m0);
+    let r0 = b.ibin("addi", &r0, &g);
+    let t2 = b.ibin("muli", &t, &c2);
+    let col0 = b.ibin("muli", &wn, &c32);
+    let col0 = b.ibin("addi", &col0, &n0);
+    let col0 = b.ibin("addi", &col0, &t2);
+    for mi in 0..4 {
+        for ni in 0..4 {
+            for q in 0..4 {
+                let dr = b.i64c(16 * mi + 8 * (q / 2));
+                let dc = b.i64c(8 * ni + q % 2);
+                let r = b.ibin("addi", &r0, &dr);
+                let col = b.ibin("addi", &col0, &dc);
+                p.store_output(b, &bases, &r, &col, &results[((mi * 4 + ni) * 4 + q) as usize]);
+            }
+        }
+    }
+    f.finish(out);
+}
+
+/// `d = a · b + c` on one `m16n8k16` bf16 tile (`nvvm.mma.sync`); returns d's four registers.
+fn mma_bf16(b: &mut Body, a: &[String], bb: &[String], c: &[String]) -> Vec<String> {
+    let d = b.val(&format!(
+        "nvvm.mma.sync A[{}] B[{}] C[{}] {{layoutA = #nvvm.mma_layout<row>, \
+         layoutB = #nvvm.mma_layout<col>, multiplicandAPtxType = #nvvm.mma_type<bf16>, \
+         multiplicandBPtxType = #nvvm.mma_type<bf16>, shape = #nvvm.shape<m = 16, n = 8, k = 16>}} \
+         : (i32, i32, f32) -> !llvm.struct<(f32, f32, f32, f32)>",
+        a.join(", "),
+        bb.join(", "),
+        c.join(", ")
+    ));
+    (0..4)
+        .map(|q| {
+            b.val(&format!(
+                "llvm.extractvalue {d}[{q}] : !llvm.struct<(f32, f32, f32, f32)>"
+            ))
+        })
+        .collect()
+}
+
+/// `to_bf16(rows, k, kp, src, srow, sk, dst)`: `dst[r, j] = bf16(src[r · srow + j · sk])` for
+/// `j < k` and 0 for `k ≤ j < kp` (`kp` even): an f32 operand of any layout as the zero-padded,
+/// row-major bf16 copy [`gemm_bf16`] reads. One thread per pair of elements; launch as `copy`.
+pub fn to_bf16(out: &mut String) {
+    let mut f = Func::new("to_bf16");
+    let (rows, k, kp) = (f.i64("rows"), f.i64("k"), f.i64("kp"));
+    let src = f.ptr("src");
+    let (srow, sk) = (f.i64("srow"), f.i64("sk"));
+    let dst = f.ptr("dst");
+    let b = &mut f.body;
+    let (first, stride) = grid_1d(b);
+    let (one, two) = (b.i64c(1), b.i64c(2));
+    let half = b.ibin("divui", &kp, &two);
+    let total = b.ibin("muli", &rows, &half);
+    let (w, _, _) = b.begin_for(&first, &total, &stride, &[]);
+    let r = b.ibin("divui", &w, &half);
+    let j = b.ibin("remui", &w, &half);
+    let j = b.ibin("muli", &j, &two);
+    let row = b.ibin("muli", &r, &srow);
+    let mut pair = Vec::new();
+    let j1 = b.ibin("addi", &j, &one);
+    for d in [&j, &j1] {
+        let inside = b.icmp("slt", d, &k);
+        let at = b.ibin("muli", d, &sk);
+        let at = b.ibin("addi", &at, &row);
+        pair.push(guarded_load(b, &inside, |b| b.load(&src, &at, "f32")));
+    }
+    let word = pack_bf16(b, &pair[0], &pair[1]);
+    b.store(&word, &dst, &w, "i32");
+    b.end_for(&[]);
     f.finish(out);
 }
 
@@ -1562,6 +1845,7 @@ pub fn gather(ty: &str, ix: &str, out: &mut String) {
 pub fn fixed_kernels() -> Vec<String> {
     let mut v = vec!["gemm_f32".to_string(), "gemm_i8".into(), "gemm_i4".into()];
     v.extend(["gemm_tc_f32".to_string(), "gemm_tc_i8".into(), "gemm_tc_i4".into()]);
+    v.extend(["gemm_bf16".to_string(), "to_bf16".into()]);
     v.extend([
         "gemv_f32".to_string(),
         "gemv_i8".into(),
@@ -1604,6 +1888,8 @@ pub fn module(specs: &[KernelSpec], flash_kernels: &[(u32, usize)]) -> Result<St
     gemm_tc(BOperand::F32, "gemm_tc_f32", &mut out);
     gemm_tc(BOperand::Int8, "gemm_tc_i8", &mut out);
     gemm_tc(BOperand::Int4, "gemm_tc_i4", &mut out);
+    gemm_bf16("gemm_bf16", &mut out);
+    to_bf16(&mut out);
     gemv(BOperand::F32, "gemv_f32", &mut out);
     gemv(BOperand::Int8, "gemv_i8", &mut out);
     gemv(BOperand::Int4, "gemv_i4", &mut out);

@@ -94,7 +94,7 @@ def parse_module(text):
     lines = text.splitlines()
     i = 0
     while i < len(lines):
-        m = re.match(r"\s*gpu\.func @(\w+)\((.*?)\)(?: workgroup\((.*?)\))? kernel \{", lines[i])
+        m = re.match(r"\s*gpu\.func @(\w+)\((.*?)\)(?: workgroup\((.*?)\))? kernel(?: attributes \{.*\})? \{", lines[i])
         if not m:
             i += 1
             continue
@@ -102,7 +102,7 @@ def parse_module(text):
         wg = []
         if m.group(3):
             for w in m.group(3).split(", %"):
-                name, ty = w.strip().lstrip("%").split(" : ")
+                name, ty = w.strip().lstrip("%").split(" : ", 1)
                 wg.append((name, ty))
         body, i = parse_block(lines, i + 1)
         funcs[m.group(1)] = (params, wg, body)
@@ -319,6 +319,10 @@ def expr_of(op, rest):
     if op == "memref.load":
         buf, idx = re.match(r"(%\w+)\[(%[\w#]+)\]", rest).groups()
         return f"{py(buf)}[{py(idx)}]"
+    if op == "memref.extract_aligned_pointer_as_index":
+        return f"_shbase[{py(rest.split(' : ')[0].strip())!r}]"
+    if op in ("llvm.inttoptr", "llvm.addrspacecast"):
+        return py(re.match(r"(%[\w#]+)", rest).group(1))
     if op == "llvm.extractvalue":
         v, k = re.match(r"(%[\w#]+)\[(\d+)\]", rest).groups()
         return f"{py(v)}[{k}]"
@@ -370,6 +374,14 @@ def emit_block(block, out, ind, targets):
         elif s.startswith("memref.store"):
             m = re.match(r"memref\.store (%[\w#]+), (%\w+)\[(%[\w#]+)\] : ", s)
             out.append(f"{pad}{py(m.group(2))}[{py(m.group(3))}] = {py(m.group(1))}")
+        elif s.startswith("nvvm.cp.async.shared.global"):
+            m = re.match(r"nvvm\.cp\.async\.shared\.global (%\w+), (%\w+), (\d+), cache = \w+(?:, (%\w+))? :", s)
+            size = py(m.group(4)) if m.group(4) else m.group(3)
+            out.append(f"{pad}cp_issue(_cp, mem, _sh, {py(m.group(1))}, {py(m.group(2))}, {m.group(3)}, {size})")
+        elif s == "nvvm.cp.async.commit.group":
+            out.append(f"{pad}_cp.append([])")
+        elif m := re.match(r"nvvm\.cp\.async\.wait\.group (\d+)$", s):
+            out.append(f"{pad}cp_wait(_cp, mem, _sh, {m.group(1)})")
         elif m := re.match(r"(%\w+), (%\w+) = gpu\.shuffle (xor|idx) (%[\w#]+), (%\w+), (%\w+) : f32", s):
             out.append(f"{pad}{py(m.group(1))} = yield ('{m.group(3)}', {py(m.group(4))}, {py(m.group(5))})")
             out.append(f"{pad}{py(m.group(2))} = True")
@@ -378,7 +390,11 @@ def emit_block(block, out, ind, targets):
             if not m:
                 raise SyntaxError(f"cannot run: {s}")
             res, opname, rest = m.groups()
-            if opname == "nvvm.mma.sync":
+            if opname == "nvvm.ldmatrix":
+                mm = re.match(r"(%\w+) \{num = (\d) : i32, layout = #nvvm\.mma_layout<row>", rest)
+                assert mm and "m = 8, n = 8" in rest and "<b16>" in rest, rest
+                out.append(f"{pad}{py(res)} = yield ('ldm', {py(mm.group(1))}, {mm.group(2)})")
+            elif opname == "nvvm.mma.sync":
                 mm = re.match(r"A\[(.*?)\] B\[(.*?)\] C\[(.*?)\]", rest)
                 assert "mma_type<bf16>" in rest and "m = 16, n = 8, k = 16" in rest, rest
                 a, b, c = ("[" + ", ".join(py(x) for x in grp.split(", ")) + "]" for grp in mm.groups())
@@ -401,11 +417,77 @@ def compile_func(name, func):
         lines.append(f"    {py('%' + pname)} = env['%{pname}']")
     for wname, _ in wg:
         lines.append(f"    {py('%' + wname)} = env['%{wname}']")
+    # Workgroup buffers as raw shared addresses (cp.async, ldmatrix): buffer j starts at
+    # SHARED_BASE * (j + 1); `_cp` is this thread's cp.async groups, the last one still open.
+    lines.append("    _sh = env['__shared']")
+    lines.append(f"    _shbase = {{{', '.join(repr(py('%' + w)) + f': SHARED_BASE * {j + 1}' for j, (w, _) in enumerate(wg))}}}")
+    lines.append("    _cp = [[]]")
     lines.append("    v_c0_idx = 0")
     emit_block(body, lines, 1, [])
     scope = dict(globals())
     exec(compile("\n".join(lines), f"<gpu.func @{name}>", "exec"), scope)
     return scope[name]
+
+
+SHARED_BASE = 1 << 40
+STATS = {"ldmatrix": 0, "ldmatrix_conflicts": 0}
+
+
+def shared_at(sh, addr, n, what):
+    """(buffer, word index) of an n-byte access at raw shared address `addr`, bounds-checked."""
+    j, off = addr // SHARED_BASE - 1, addr % SHARED_BASE
+    if not 0 <= j < len(sh):
+        raise Fault(f"{what} at {addr:#x}, which is not a workgroup buffer")
+    if off % 16:
+        raise Fault(f"{what} at byte {off} of workgroup buffer {j}, which is not 16-byte aligned")
+    if off + n > 4 * len(sh[j]):
+        raise Fault(f"{what} of {n} bytes at byte {off} of workgroup buffer {j}, which has {4 * len(sh[j])} bytes")
+    return sh[j], off // 4
+
+
+def cp_issue(cp, mem, sh, dst, src, size, src_size):
+    """cp.async: checked now, performed when a wait_group needs it (so a missing wait reads stale data)."""
+    shared_at(sh, dst, size, "cp.async destination")
+    if not 0 <= src_size <= size:
+        raise Fault(f"cp.async of {src_size} source bytes into {size}")
+    if src.off % size:
+        raise Fault(f"cp.async source at byte {src.off} of buffer {src.buf}, which is not {size}-byte aligned")
+    if src_size:
+        buf = mem.get(src.buf)
+        if buf is None or src.off < 0 or src.off + src_size > len(buf):
+            raise Fault(f"cp.async of {src_size} bytes at byte {src.off} of buffer {src.buf}, which has "
+                        f"{len(buf) if buf is not None else 0} bytes")
+    cp[-1].append((dst, src, size, src_size))
+
+
+def cp_wait(cp, mem, sh, n):
+    """cp.async.wait_group n: completes all but the newest n committed groups."""
+    while len(cp) - 1 > n:
+        for dst, src, size, src_size in cp.pop(0):
+            data = bytes(mem[src.buf][src.off:src.off + src_size]) + bytes(size - src_size) if src_size else bytes(size)
+            buf, w = shared_at(sh, dst, size, "cp.async destination")
+            buf[w:w + size // 4] = struct.unpack(f"<{size // 4}i", data)
+
+
+def ldmatrix_warp(events, sh):
+    """ldmatrix .x1/.x2/.x4 .m8n8 .b16 (non-transposed): lane 8j + r addresses row r of matrix j;
+    lane i receives, from each matrix j, the 32-bit word (i % 4) of row i / 4. Counts the phases
+    whose eight rows share a bank."""
+    num = events[0][2]
+    rows = [e[1] for e in events]
+    for j in range(num):
+        STATS["ldmatrix"] += 1
+        banks = [((a % 128) // 16) for a in rows[8 * j:8 * j + 8]]
+        if len(set(banks)) < 8:
+            STATS["ldmatrix_conflicts"] += 1
+    out = []
+    for i in range(len(events)):
+        regs = []
+        for j in range(num):
+            buf, w = shared_at(sh, rows[8 * j + i // 4], 16, "ldmatrix row")
+            regs.append(buf[w + i % 4])
+        out.append(tuple(regs) if num > 1 else regs[0])
+    return out
 
 
 def halves(word):
@@ -460,6 +542,7 @@ def launch(func, grid, block, args, mem):
                     shared["%" + name] = [0] * n
                 benv = dict(env)
                 benv.update(shared)
+                benv["__shared"] = [shared["%" + name] for name, _ in wg]
                 threads = []
                 for t in range(nthreads):
                     tid = (t % block[0], t // block[0] % block[1], t // (block[0] * block[1]))
@@ -486,6 +569,9 @@ def launch(func, grid, block, args, mem):
                         if kind == "barrier":
                             for t in lanes:
                                 pending[t] = None
+                        elif kind == "ldm":
+                            for t, d in zip(lanes, ldmatrix_warp([events[t] for t in lanes], benv["__shared"])):
+                                pending[t] = d
                         elif kind == "mma":
                             for t, d in zip(lanes, mma_warp([events[t] for t in lanes])):
                                 pending[t] = d
@@ -584,6 +670,53 @@ def gemm_case(funcs, kernel, m, n, k, z, a_kfast, b_kfast, rng, tensor_cores):
                     err = abs(got[at] - want) if got[at] == got[at] else math.inf
                     if err > tol:
                         return f"{kernel} m={m} n={n} k={k} z={z}: c[{i},{j},{r},{col}] = {got[at]}, want {want}"
+    return None
+
+
+def bf16_case(funcs, m, n, k, z, a_kfast, rng):
+    """The runtime's tensor-core path for a weight: `to_bf16` turns the f32 left operand (either
+    layout, z1 x z2 batches) into zero-padded bf16 rows, the weight is bf16 `[n, kp]` per batch as
+    the runtime uploads it, and `gemm_bf16` multiplies with scale, bias and accumulator."""
+    z1, z2 = z
+    kp = -(-k // 8) * 8
+    nb = z1 * z2
+    A = [[rng.uniform(-1, 1) for _ in range(m * k)] for _ in range(nb)]
+    Bm = [[rng.uniform(-1, 1) for _ in range(n * k)] for _ in range(nb)]  # [n][k]
+    flat = []
+    for mat in A:
+        flat += mat if a_kfast else [mat[r * k + c] for c in range(k) for r in range(m)]
+    mem = {"a": f32buf(flat), "abf": bytearray(2 * nb * m * kp + 16)}
+    # The runtime converts one batch matrix per launch when the layout is not row-major.
+    for i in range(nb):
+        srow, sk = (k, 1) if a_kfast else (1, m)
+        sub = Ptr("a", 4 * i * m * k)
+        dst = Ptr("abf", 2 * i * m * kp)
+        launch(funcs["to_bf16"], (-(-(m * kp // 2) // 256), 1, 1), (256, 1, 1), [m, k, kp, sub, srow, sk, dst], mem)
+    words = []
+    for mat in Bm:
+        for col in range(n):
+            row = [bf16(mat[col * k + kk]) for kk in range(k)] + [0.0] * (kp - k)
+            words += [struct.unpack("<I", struct.pack("<f", v))[0] >> 16 for v in row]
+    mem["b"] = bytearray(struct.pack(f"<{len(words)}H", *words))
+    bias = [rng.uniform(-1, 1) for _ in range(n)]
+    accv = [rng.uniform(-1, 1) for _ in range(nb * m * n)]
+    mem["bias"], mem["acc"] = f32buf(bias), f32buf(accv)
+    mem["c"] = f32buf([float("nan")] * (nb * m * n))
+    scale = 0.5
+    args = [m, n, kp, z2, Ptr("abf"), z2 * m * kp, m * kp, kp, 1, Ptr("b"), z2 * n * kp, n * kp, 1, kp]
+    args += [Ptr("c"), z2 * m * n, m * n, n, scale, Ptr("bias"), 1, Ptr("acc"), z2 * m * n, m * n, n, 1]
+    launch(funcs["gemm_bf16"], (-(-n // 128), -(-m // 128), nb), (256, 1, 1), args, mem)
+    got = struct.unpack(f"<{nb * m * n}f", mem["c"])
+    for i in range(nb):
+        for r in range(m):
+            for col in range(n):
+                terms = [bf16(A[i][r * k + kk]) * bf16(Bm[i][col * k + kk]) for kk in range(k)]
+                at = i * m * n + r * n + col
+                want = scale * sum(terms) + bias[col] + accv[at]
+                tol = 1e-5 * (scale * sum(abs(t) for t in terms) + abs(bias[col]) + abs(accv[at])) + 1e-6
+                err = abs(got[at] - want) if got[at] == got[at] else math.inf
+                if err > tol:
+                    return f"c[{i},{r},{col}] = {got[at]}, want {want}"
     return None
 
 
@@ -793,6 +926,9 @@ def main():
               + ("" if err is None else f": {err}"), flush=True)
         bad += err is not None
     for label, err in (
+        ("gemm_bf16 m=40 n=24 k=136 (5 k-tiles, 3 stages)", lambda: bf16_case(funcs, 40, 24, 136, (1, 1), True, rng)),
+        ("gemm_bf16 m=130 n=20 k=36 z=(2,1) a column-major", lambda: bf16_case(funcs, 130, 20, 36, (2, 1), False, rng)),
+        ("gemm_bf16 m=33 n=136 k=64 z=(1,2)", lambda: bf16_case(funcs, 33, 136, 64, (1, 2), True, rng)),
         ("copy_i32 [2,3,5,4] by [2,0,3,1]", lambda: copy_case(funcs, [2, 3, 5, 4], [2, 0, 3, 1], rng)),
         ("copy_i32 [3,1,7] by [2,1,0]", lambda: copy_case(funcs, [3, 1, 7], [2, 1, 0], rng)),
         ("gather_i32_i64 2x5x3 from 4", lambda: gather_case(funcs, 2, 5, 3, 4, rng)),
@@ -805,6 +941,9 @@ def main():
         e = err()
         print(f"{'ok  ' if e is None else 'FAIL'} {label}" + ("" if e is None else f": {e}"), flush=True)
         bad += e is not None
+    if STATS["ldmatrix"]:
+        print(f"ldmatrix: {STATS['ldmatrix']} phases, {STATS['ldmatrix_conflicts']} with a bank conflict", flush=True)
+        bad += STATS["ldmatrix_conflicts"] > 0
     return 1 if bad else 0
 
 

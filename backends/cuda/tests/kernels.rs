@@ -267,7 +267,7 @@ fn fixed_kernels_compute_on_an_emulated_gpu() {
         o.status.success(),
         "emulated kernels differ from the reference:\n{out}{err}"
     );
-    assert_eq!(out.matches("ok  ").count(), 20, "{out}");
+    assert_eq!(out.matches("ok  ").count(), 23, "{out}");
 }
 
 /// Every distinct fused kernel of the bundled specs at -O0 and -O2 (map, reduce and softmax rows,
