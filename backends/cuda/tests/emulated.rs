@@ -238,8 +238,9 @@ fn quantized_and_sparse_weights_on_the_emulated_gpu() {
 }
 
 /// Products of 32 rows or more run on the tensor-core kernels (bf16 operands, f32 accumulation):
-/// within bf16's rounding of the interpreter, and exact again with tensor cores off. Partial tiles
-/// in every direction (hidden 40, ffn 72, 2x20 rows).
+/// within bf16's rounding of the interpreter, and exact again with tensor cores off. Products by a
+/// weight take `to_bf16` + `gemm_bf16` (the weight's bf16 copy made at first use). Partial tiles in every direction and rows padded to 8 (hidden 36, ffn
+/// 70, 2x20 rows).
 #[test]
 #[cfg_attr(feature = "mlir", ignore = "the same check runs in the plain test pass")]
 fn tensor_core_products_on_the_emulated_gpu() {
@@ -247,23 +248,81 @@ fn tensor_core_products_on_the_emulated_gpu() {
     let set: &[(&str, &str)] = &[
         ("layers", "1"),
         ("vocab", "60"),
-        ("hidden", "40"),
+        ("hidden", "36"),
         ("heads", "2"),
-        ("ffn", "72"),
+        ("ffn", "70"),
     ];
     let l = load("minilm.ron", set, false, OptLevel::O2);
     let w = kiln_frontend::weights::random(&l, 9);
     let mut model = emulated(&l, &w, OptLevel::O2, &script);
     let feed = kiln_cpu::quant::feed(&l.graph, &ids(2, 20, 5, 60)).unwrap();
     model.set_tensor_cores(true);
+    model.set_fused_attention(false);
     let (e, l2) = compare(&model, &l, &w, &feed);
-    eprintln!("minilm, tensor cores: relative difference {e:.2e}, relative L2 {l2:.2e}");
+    let runs = model.launch_counts();
+    eprintln!("minilm, tensor cores: relative difference {e:.2e}, relative L2 {l2:.2e}; launches {runs:?}");
     // bf16 operands move the outputs by about 1e-3: proof the tensor-core kernels ran.
     assert!(l2 <= 1e-2 && e > 1e-5, "tensor cores: relative L2 {l2:e}, max {e:e}");
+    // The products by weights (-O2 merges Q, K and V into one): 4 on 40 rows. Attention's two
+    // products have 20 rows per head, too few for tensor cores.
+    assert_eq!(runs.get("gemm_bf16"), Some(&4), "{runs:?}");
+    assert_eq!(runs.get("to_bf16"), Some(&4), "{runs:?}");
+    assert_eq!(runs.get("gemm_f32"), Some(&2), "{runs:?}");
     model.set_tensor_cores(false);
     let (e, _) = compare(&model, &l, &w, &feed);
     eprintln!("minilm, f32: relative difference {e:.2e}");
     assert!(e <= 1e-5, "f32: {e:e}");
+    assert_eq!(
+        model.launch_counts().get("gemm_bf16"),
+        Some(&4),
+        "no tensor cores when off"
+    );
+}
+
+/// GPT-2's weights are `[in, out]` (n-contiguous): their bf16 copies are transposed at first use.
+/// Pruned weights (block CSR, 2:4) reach `gemm_bf16` through their dense copy. 2x16 rows.
+#[test]
+#[cfg_attr(feature = "mlir", ignore = "the same check runs in the plain test pass")]
+fn gpt2_dense_and_sparse_weights_on_tensor_cores() {
+    use kiln_passes::sparsity::{apply, Encoding, Pattern};
+    let Some(script) = emulator() else { return };
+    for variant in ["dense", "block 8x8 0.5", "2:4"] {
+        let mut l = load("gpt2.ron", GPT2, false, OptLevel::O2);
+        let mut w = kiln_frontend::weights::random(&l, 13);
+        if variant != "dense" {
+            let (pattern, encoding) = if variant == "2:4" {
+                (Pattern::TwoFour, Encoding::TwoFour { sparse_rows: u64::MAX })
+            } else {
+                (
+                    "block:8x8:0.5".parse().unwrap(),
+                    Encoding::Csr {
+                        sparse_rows: u64::MAX,
+                        block: [8, 8],
+                    },
+                )
+            };
+            let (targets, _) = kiln_passes::quantize::targets(&l.graph, &[]);
+            let mut choose = |_: &str, _: &[f32], _: usize, _: usize| (encoding.clone(), String::new());
+            assert!(!apply(&mut l.graph, &mut w, &targets, pattern, &mut choose)
+                .unwrap()
+                .pruned
+                .is_empty());
+        }
+        let model = emulated(&l, &w, OptLevel::O2, &script);
+        let sparse = model.manifest().steps.iter().filter(|s| {
+            matches!(
+                s,
+                kiln_runtime::plan::Step::SpMatMul { .. } | kiln_runtime::plan::Step::SpMatMul24 { .. }
+            )
+        });
+        assert_eq!(sparse.count() > 0, variant != "dense", "{variant}");
+        let feed = kiln_cpu::quant::feed(&l.graph, &ids(2, 16, 3, 60)).unwrap();
+        let (e, l2) = compare(&model, &l, &w, &feed);
+        let runs = model.launch_counts();
+        eprintln!("gpt2 {variant} 2x16, tensor cores: relative difference {e:.2e}, relative L2 {l2:.2e}; {runs:?}");
+        assert!(l2 <= 1e-2 && e > 1e-5, "{variant}: relative L2 {l2:e}, max {e:e}");
+        assert!(runs.get("gemm_bf16").copied().unwrap_or(0) >= 4, "{variant}: {runs:?}");
+    }
 }
 
 /// Fused attention over several key steps and query blocks (70 positions: 3 steps of 32 keys, 5

@@ -40,7 +40,7 @@ pub(super) enum Kernel<'a> {
 }
 
 impl Kernel<'_> {
-    fn name(self) -> String {
+    pub(super) fn name(self) -> String {
         match self {
             Kernel::Fused(i) => format!("k{i}"),
             Kernel::Fixed(n) => n.to_string(),

@@ -70,6 +70,12 @@ pub struct CudaModel {
     /// per-run upload (error flag, row offsets tables, inputs).
     arena: RefCell<Option<DevMem>>,
     scratch: RefCell<Option<DevMem>>,
+    /// Per step multiplying by a weight on tensor cores: the weight as zero-padded bf16 rows
+    /// (`[n, kp]`, `kp` = k rounded up to 8), made on first use; and the left operands' bf16 copy.
+    bf16_weights: RefCell<BTreeMap<usize, DevMem>>,
+    bf16_rows: RefCell<Option<DevMem>>,
+    /// Launches per kernel name since load.
+    launches: RefCell<BTreeMap<String, u64>>,
     /// The GPU's name.
     pub device: String,
 }
@@ -213,6 +219,9 @@ impl CudaModel {
             fused_attention: std::env::var("KILN_CUDA_FLASH").map_or(true, |v| v != "off"),
             arena: RefCell::new(None),
             scratch: RefCell::new(None),
+            bf16_weights: RefCell::new(BTreeMap::new()),
+            bf16_rows: RefCell::new(None),
+            launches: RefCell::new(BTreeMap::new()),
             arch,
             manifest: m,
             dev,
@@ -243,6 +252,21 @@ impl CudaModel {
     /// The manifest (signature, plan, kernels).
     pub fn manifest(&self) -> &Manifest {
         &self.manifest
+    }
+
+    /// How many times each kernel was launched since load (`gemm_bf16`, `k3`, …): which paths a
+    /// model's runs take.
+    pub fn launch_counts(&self) -> BTreeMap<String, u64> {
+        self.launches.borrow().clone()
+    }
+
+    /// The artifact bytes of value `v` when it is a weight (or a reshape of one).
+    fn weight_bytes(&self, v: u32) -> Option<&[u8]> {
+        match &self.manifest.values.get(v as usize)?.storage {
+            Storage::Weight { offset, len } => self.host_weights.get(*offset as usize..(offset + len) as usize),
+            Storage::Alias(src) => self.weight_bytes(*src),
+            _ => None,
+        }
     }
 
     /// Runs the model; returns the outputs by name, in declaration order.
@@ -586,6 +610,29 @@ fn densify(m: &Manifest, w: &[u8], parts: &[u32], a: u32, block: Option<[u64; 2]
     Ok(out)
 }
 
+/// A weight as [`Run::gemm_bf16`] reads it: `n` rows of `k` values (`w(row, kk)`) rounded to the
+/// nearest bf16 (ties to even, as the GPU's `cvt.rn.bf16.f32`), each padded with zeros to a
+/// multiple of 8 (16 bytes).
+fn bf16_rows(n: usize, k: usize, w: impl Fn(usize, usize) -> f32) -> Vec<u8> {
+    let kp = k.div_ceil(8) * 8;
+    let mut out = vec![0u8; 2 * n * kp];
+    for r in 0..n {
+        for kk in 0..k {
+            let h = bf16_bits(w(r, kk));
+            out[2 * (r * kp + kk)..][..2].copy_from_slice(&h.to_le_bytes());
+        }
+    }
+    out
+}
+
+fn bf16_bits(x: f32) -> u16 {
+    let b = x.to_bits();
+    if x.is_nan() {
+        return ((b >> 16) | 0x40) as u16;
+    }
+    ((b + 0x7FFF + ((b >> 16) & 1)) >> 16) as u16
+}
+
 fn elems(s: &[usize]) -> usize {
     s.iter().product()
 }
@@ -695,7 +742,101 @@ impl Run<'_> {
     }
 
     fn launch(&self, k: Kernel, grid: (u32, u32, u32), block: (u32, u32, u32), args: &[Arg]) -> Result<(), String> {
+        *self.model.launches.borrow_mut().entry(k.name()).or_default() += 1;
         self.model.dev.launch(k, grid, block, args)
+    }
+
+    /// Whether a product of `rows` rows against a weight runs on [`Run::gemm_bf16`].
+    fn bf16_applies(&self, rows: usize) -> bool {
+        self.model.tensor_cores && rows >= TC_MIN_ROWS && rows > GEMV_ROWS && self.model.dev.has("gemm_bf16")
+    }
+
+    /// Step `si`'s weight as bf16 rows on the device, uploaded on first use (`make` gives the bytes).
+    fn weight_bf16(&self, si: usize, make: impl FnOnce() -> Result<Vec<u8>, String>) -> Result<u64, String> {
+        let mut map = self.model.bf16_weights.borrow_mut();
+        if let Some(d) = map.get(&si) {
+            return Ok(d.ptr);
+        }
+        let d = DevMem::upload(&self.model.dev, &make()?)?;
+        let ptr = d.ptr;
+        map.insert(si, d);
+        Ok(ptr)
+    }
+
+    /// `c = acc + bias + scale · a @ wᵀ` on tensor cores with bf16 operands already in place for
+    /// the weight (`w`: `[n, kp]` bf16 rows, see [`bf16_rows`]): `a` (`rows × k` f32 with strides
+    /// `(sam, sak)`) becomes zero-padded bf16 rows (`to_bf16`), then `gemm_bf16` multiplies.
+    #[allow(clippy::too_many_arguments)]
+    fn gemm_bf16(
+        &mut self,
+        (rows, n, k): (usize, usize, usize),
+        a: (u64, usize, usize),
+        w: u64,
+        c: u64,
+        scale: f32,
+        bias: Option<u64>,
+        acc: Option<u64>,
+    ) -> Result<(), String> {
+        if rows == 0 || n == 0 {
+            return Ok(());
+        }
+        if rows.div_ceil(TC_TILE) > 65535 {
+            return Err(format!("a product of {rows} rows exceeds the launch grid"));
+        }
+        let kp = k.div_ceil(8) * 8;
+        let need = rows * kp * 2;
+        let abf = {
+            let mut slot = self.model.bf16_rows.borrow_mut();
+            if slot.as_ref().is_none_or(|b| b.len < need) {
+                // Launches already queued may still read the old buffer.
+                if let Some(old) = slot.take() {
+                    self.keep.push(old);
+                }
+                *slot = Some(DevMem::alloc(&self.model.dev, need.next_power_of_two())?);
+            }
+            slot.as_ref().map_or(0, |b| b.ptr)
+        };
+        let conv = [
+            Arg::I(rows as i64),
+            Arg::I(k as i64),
+            Arg::I(kp as i64),
+            Arg::P(a.0),
+            Arg::I(a.1 as i64),
+            Arg::I(a.2 as i64),
+            Arg::P(abf),
+        ];
+        self.launch(Kernel::Fixed("to_bf16"), grid_1d(rows * kp / 2), (BLOCK, 1, 1), &conv)?;
+        let (kp, n64) = (kp as i64, n as i64);
+        let args = [
+            Arg::I(rows as i64),
+            Arg::I(n64),
+            Arg::I(kp),
+            Arg::I(1),
+            Arg::P(abf),
+            Arg::I(0),
+            Arg::I(0),
+            Arg::I(kp),
+            Arg::I(1),
+            Arg::P(w),
+            Arg::I(0),
+            Arg::I(0),
+            Arg::I(1),
+            Arg::I(kp),
+            Arg::P(c),
+            Arg::I(0),
+            Arg::I(0),
+            Arg::I(n64),
+            Arg::F(scale),
+            Arg::P(bias.unwrap_or(c)),
+            Arg::I(bias.is_some() as i64),
+            Arg::P(acc.unwrap_or(c)),
+            Arg::I(0),
+            Arg::I(0),
+            Arg::I(n64),
+            Arg::I(acc.is_some() as i64),
+        ];
+        let grid = (n.div_ceil(TC_TILE) as u32, rows.div_ceil(TC_TILE) as u32, 1);
+        self.launch(Kernel::Fixed("gemm_bf16"), grid, (TC_THREADS, 1, 1), &args)
     }
 
     /// Step `si`'s row offsets table: rows, columns and its device address.
@@ -883,6 +1024,31 @@ impl Run<'_> {
                 let sto = row_major(batch);
                 let (sam, sak) = if *ta { (1, sa[ra - 1]) } else { (sa[ra - 1], 1) };
                 let (sbk, sbn) = if *tb { (1, sb[rb - 1]) } else { (sb[rb - 1], 1) };
+                // Against a weight, with the left operand one matrix of rows: bf16 tensor cores.
+                let flat = batch.is_empty() || (!*ta && sta == sto);
+                let rows = elems(batch) * m;
+                if flat && stb.iter().all(|s| *s == 0) && self.bf16_applies(rows) {
+                    if let Some(wb) = self.model.weight_bytes(*b) {
+                        if wb.len() < 4 * ((k.max(1) - 1) * sbk + (n.max(1) - 1) * sbn + 1) {
+                            return Err(format!("the weight of {sb:?} has {} bytes", wb.len()));
+                        }
+                        let w = self.weight_bf16(si, || {
+                            Ok(bf16_rows(n, k, |col, kk| {
+                                let at = 4 * (kk * sbk + col * sbn);
+                                f32::from_le_bytes([wb[at], wb[at + 1], wb[at + 2], wb[at + 3]])
+                            }))
+                        })?;
+                        return self.gemm_bf16(
+                            (rows, n, k),
+                            (self.addr[*a as usize], sam, sak),
+                            w,
+                            self.addr[*out as usize],
+                            *scale,
+                            bias.map(|v| self.addr[v as usize]),
+                            acc.map(|v| self.addr[v as usize]),
+                        );
+                    }
+                }
                 // A batch of row-major left operands against one right operand (a weight): one
                 // product over all their rows, so the row tiles fill (and tensor cores apply).
                 if !*ta && !batch.is_empty() && stb.iter().all(|s| *s == 0) && sta == sto {
@@ -1035,6 +1201,38 @@ impl Run<'_> {
                 let n = dense.len / 4 / k.max(1);
                 if elems(&self.shapes[*out as usize]) != rows * n {
                     return Err(format!("sparse product {sa:?} x [{n}, {k}] does not fit its output"));
+                }
+                if self.bf16_applies(rows) {
+                    let w = self.weight_bf16(si, || {
+                        let m = &self.model.manifest;
+                        let d = match step {
+                            Step::SpMatMul {
+                                row_ptr,
+                                cols,
+                                vals,
+                                a,
+                                block,
+                                ..
+                            } => densify(m, &self.model.host_weights, &[*row_ptr, *cols, *vals], *a, Some(*block)),
+                            Step::SpMatMul24 { a, vals, idx, .. } => {
+                                densify(m, &self.model.host_weights, &[*vals, *idx], *a, None)
+                            }
+                            _ => unreachable!("matched above"),
+                        }?;
+                        Ok(bf16_rows(n, k, |col, kk| {
+                            let at = 4 * (col * k + kk);
+                            f32::from_le_bytes([d[at], d[at + 1], d[at + 2], d[at + 3]])
+                        }))
+                    })?;
+                    return self.gemm_bf16(
+                        (rows, n, k),
+                        (self.addr[*a as usize], k, 1),
+                        w,
+                        self.addr[*out as usize],
+                        *scale,
+                        bias.map(|v| self.addr[v as usize]),
+                        acc.map(|v| self.addr[v as usize]),
+                    );
                 }
                 let b_args = [Arg::P(dense.ptr), Arg::I(0), Arg::I(0), Arg::I(1), Arg::I(k as i64)];
                 self.gemm(
