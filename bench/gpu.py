@@ -9,9 +9,10 @@ Runs on the GPU machine (python3, numpy, torch; transformers optional) with the 
 Rows (medians of --iters timed runs after warm-up, milliseconds; CUDA-synchronised):
 
 * GEMM 4096^3: kiln's ``gemm.kiln`` (f32 in and out, bf16 tensor cores inside, ``kiln bench``
-  wall time of whole runs: input upload + product + output download) and, from PyTorch, cuBLAS at
-  bf16 and at f32 (device-resident tensors, the product only), as TFLOP/s. kiln's number includes
-  64 MiB of copies each way, so it is a lower bound for its kernel.
+  wall time of whole runs: input upload + conversion to bf16 + product + output download) and its
+  product kernel alone (``kiln bench --profile``: host-timed around a synchronised launch), and,
+  from PyTorch, cuBLAS at bf16 and at f32 (device-resident tensors, the product only), as TFLOP/s.
+  Per-kernel times are printed for every kiln row.
 * MiniLM (BERT, 6 layers, hidden 384) at batch x seq 1x128, 8x128, 32x128: kiln vs PyTorch eager
   and torch.compile, f32 (``torch.backends.cuda.matmul.allow_tf32 = False``) and bf16, with random
   weights built from transformers' BertConfig when transformers is installed.
@@ -44,12 +45,23 @@ def timed(fn, iters, warmup):
     return statistics.median(ts)
 
 
-def kiln_bench(bin_, model, shapes, iters, warmup):
+def kiln_bench(bin_, model, shapes, iters, warmup, profile=False):
+    """Median wall ms of whole runs; with `profile`, also {kernel: {"ms", "launches"}} per run."""
     cmd = [bin_, "bench", model, "--iters", str(iters), "--warmup", str(warmup), "--json"]
+    if profile:
+        cmd.append("--profile")
     for s in shapes:
         cmd += ["--shape", s]
     out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip().splitlines()
-    return json.loads(out[-1])["median_ms"]
+    j = json.loads(out[-1])
+    return (j["median_ms"], j.get("kernels", {})) if profile else j["median_ms"]
+
+
+def print_kernels(label, kernels, top=12):
+    total = sum(k["ms"] for k in kernels.values()) or 1e-12
+    print(f"  {label}: kernels by time (mean per run, synchronised after each launch; {total:.3f} ms)", flush=True)
+    for name, k in sorted(kernels.items(), key=lambda kv: -kv[1]["ms"])[:top]:
+        print(f"    {name:24} {k['ms']:9.4f} ms {100 * k['ms'] / total:5.1f}%  {k['launches']:g} launches", flush=True)
 
 
 def main():
@@ -72,8 +84,15 @@ def main():
     flop = 2 * n**3
     for env in ("on", "off"):
         os.environ["KILN_CUDA_MMA"] = env
-        ms = kiln_bench(a.kiln_bin, f"{a.dir}/gemm.kiln", [f"x={n}x{n}"], a.iters, a.warmup)
-        rows.append(("gemm 4096^3", f"kiln ({'bf16 tensor cores' if env == 'on' else 'f32 SIMT'})", ms, flop / ms / 1e9))
+        ms, kernels = kiln_bench(a.kiln_bin, f"{a.dir}/gemm.kiln", [f"x={n}x{n}"], a.iters, a.warmup, profile=True)
+        label = "bf16 tensor cores" if env == "on" else "f32 SIMT"
+        rows.append(("gemm 4096^3", f"kiln ({label}), whole run", ms, flop / ms / 1e9))
+        # The product kernel alone (host-timed around a synchronised launch).
+        for name in ("gemm_bf16", "gemm_tc_f32", "gemm_f32"):
+            if name in kernels:
+                kms = kernels[name]["ms"]
+                rows.append(("gemm 4096^3", f"kiln {name} kernel", kms, flop / kms / 1e9))
+        print_kernels(f"gemm {label}", kernels)
     os.environ.pop("KILN_CUDA_MMA")
     for dt in (torch.bfloat16, torch.float32):
         x = torch.randn(n, n, device=dev, dtype=dt)
@@ -95,10 +114,11 @@ def main():
         # Fused attention (the default) and the three-launch form (scores GEMM, softmax, GEMM).
         for flash in ("on", "off"):
             os.environ["KILN_CUDA_FLASH"] = flash
-            ms = kiln_bench(a.kiln_bin, f"{a.dir}/minilm.kiln", shapes, a.iters, a.warmup)
+            ms, kernels = kiln_bench(a.kiln_bin, f"{a.dir}/minilm.kiln", shapes, a.iters, a.warmup, profile=True)
             label = "kiln" if flash == "on" else "kiln (attention unfused)"
             rows.append((f"minilm {b}x{s}", label, ms, None))
             print(f"minilm {b}x{s} {label} {ms:.3f} ms", flush=True)
+            print_kernels(f"minilm {b}x{s} {label}", kernels, top=8)
         os.environ.pop("KILN_CUDA_FLASH")
     if transformers is not None:
         cfg = transformers.BertConfig(

@@ -681,7 +681,9 @@ fn bench_feed(m: &kiln_runtime::plan::Manifest, shapes: &[String]) -> Result<BTr
     Ok(feed)
 }
 
-/// `kiln bench` on a GPU: wall time of whole runs (inputs copied over, outputs copied back).
+/// `kiln bench` on a GPU: wall time of whole runs (inputs copied over, outputs copied back);
+/// `--profile` then times each kernel over as many more runs (a synchronisation after every
+/// launch, host-timed: launch latency included).
 #[cfg(feature = "cuda-runtime")]
 fn bench_cuda(
     model: &kiln_runtime::cuda::CudaModel,
@@ -689,6 +691,7 @@ fn bench_cuda(
     iters: usize,
     warmup: usize,
     json: bool,
+    profile: bool,
 ) -> Result<()> {
     let feed = bench_feed(model.manifest(), shapes)?;
     for _ in 0..warmup.max(1) {
@@ -702,15 +705,37 @@ fn bench_cuda(
     }
     times.sort_by(|a, b| a.total_cmp(b));
     let q = |p: f64| times[((times.len() - 1) as f64 * p).round() as usize];
+    // Per kernel: milliseconds and launches per run.
+    let mut kernels: Vec<(String, f64, f64)> = Vec::new();
+    if profile {
+        model.set_profiling(true);
+        let runs = iters.max(1);
+        for _ in 0..runs {
+            model.run(&feed)?;
+        }
+        model.set_profiling(false);
+        let r = runs as f64;
+        kernels = model
+            .kernel_stats()
+            .into_iter()
+            .map(|(k, s)| (k, s.seconds * 1e3 / r, s.launches as f64 / r))
+            .collect();
+        kernels.sort_by(|a, b| b.1.total_cmp(&a.1));
+    }
     if json {
+        let ks: Vec<String> = kernels
+            .iter()
+            .map(|(k, ms, n)| format!("\"{k}\": {{\"ms\": {ms:.5}, \"launches\": {n}}}"))
+            .collect();
         println!(
-            "{{\"median_ms\": {:.4}, \"p10_ms\": {:.4}, \"p90_ms\": {:.4}, \"iters\": {}, \"device\": \"{}\", \"arch\": \"{}\"}}",
+            "{{\"median_ms\": {:.4}, \"p10_ms\": {:.4}, \"p90_ms\": {:.4}, \"iters\": {}, \"device\": \"{}\", \"arch\": \"{}\", \"kernels\": {{{}}}}}",
             q(0.5),
             q(0.1),
             q(0.9),
             times.len(),
             model.device,
-            model.arch
+            model.arch,
+            ks.join(", ")
         );
     } else {
         println!(
@@ -723,6 +748,19 @@ fn bench_cuda(
             q(0.9),
             times.len()
         );
+        if profile {
+            let total: f64 = kernels.iter().map(|k| k.1).sum();
+            println!(
+                "  kernels (mean per run over {} profiled runs; total {total:.3} ms):",
+                iters.max(1)
+            );
+            for (k, ms, n) in &kernels {
+                println!(
+                    "    {k:<24} {ms:9.4} ms {:5.1}%  {n} launches",
+                    100.0 * ms / total.max(1e-12)
+                );
+            }
+        }
     }
     Ok(())
 }
@@ -740,7 +778,7 @@ fn bench(
     let mut model = match load_artifact(path)? {
         Loaded::Cpu(m) => m,
         #[cfg(feature = "cuda-runtime")]
-        Loaded::Cuda(m) => return bench_cuda(&m, shapes, iters, warmup, json),
+        Loaded::Cuda(m) => return bench_cuda(&m, shapes, iters, warmup, json, profile),
     };
     let load_ms = t0.elapsed().as_secs_f64() * 1e3;
     if let Some(t) = threads {

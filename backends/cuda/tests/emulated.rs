@@ -268,6 +268,13 @@ fn tensor_core_products_on_the_emulated_gpu() {
     assert_eq!(runs.get("gemm_bf16"), Some(&4), "{runs:?}");
     assert_eq!(runs.get("to_bf16"), Some(&4), "{runs:?}");
     assert_eq!(runs.get("gemm_f32"), Some(&2), "{runs:?}");
+    // Profiling times every launch (and restarts the counts).
+    model.set_profiling(true);
+    model.run(&feed).unwrap();
+    model.set_profiling(false);
+    let stats = model.kernel_stats();
+    let bf = stats["gemm_bf16"];
+    assert!(bf.launches == 4 && bf.seconds > 0.0, "{stats:?}");
     model.set_tensor_cores(false);
     let (e, _) = compare(&model, &l, &w, &feed);
     eprintln!("minilm, f32: relative difference {e:.2e}");

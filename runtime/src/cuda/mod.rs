@@ -48,6 +48,14 @@ const FA_MAX_DIM: usize = 128;
 /// Rank the copy kernel walks (`kiln_cuda::emit::COPY_RANK`).
 const COPY_RANK: usize = 6;
 
+/// What [`CudaModel::kernel_stats`] reports for one kernel.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct KernelStats {
+    pub launches: u64,
+    /// Host-timed seconds (launch to completion) while profiling.
+    pub seconds: f64,
+}
+
 /// A CUDA artifact loaded onto a GPU.
 pub struct CudaModel {
     manifest: Manifest,
@@ -74,8 +82,9 @@ pub struct CudaModel {
     /// (`[n, kp]`, `kp` = k rounded up to 8), made on first use; and the left operands' bf16 copy.
     bf16_weights: RefCell<BTreeMap<usize, DevMem>>,
     bf16_rows: RefCell<Option<DevMem>>,
-    /// Launches per kernel name since load.
-    launches: RefCell<BTreeMap<String, u64>>,
+    /// Launches per kernel name since load, and (while profiling) their time.
+    launches: RefCell<BTreeMap<String, KernelStats>>,
+    profiling: std::cell::Cell<bool>,
     /// The GPU's name.
     pub device: String,
 }
@@ -222,6 +231,7 @@ impl CudaModel {
             bf16_weights: RefCell::new(BTreeMap::new()),
             bf16_rows: RefCell::new(None),
             launches: RefCell::new(BTreeMap::new()),
+            profiling: std::cell::Cell::new(false),
             arch,
             manifest: m,
             dev,
@@ -257,6 +267,26 @@ impl CudaModel {
     /// How many times each kernel was launched since load (`gemm_bf16`, `k3`, …): which paths a
     /// model's runs take.
     pub fn launch_counts(&self) -> BTreeMap<String, u64> {
+        self.launches
+            .borrow()
+            .iter()
+            .map(|(k, v)| (k.clone(), v.launches))
+            .collect()
+    }
+
+    /// Times every launch while on: each one is followed by a synchronisation and timed on the
+    /// host, so a kernel's time includes its launch latency (a few microseconds) and runs lose
+    /// their overlap of host work with the GPU's. Turning it on clears earlier statistics.
+    pub fn set_profiling(&self, on: bool) {
+        if on {
+            self.launches.borrow_mut().clear();
+        }
+        self.profiling.set(on);
+    }
+
+    /// Per kernel name: launches and seconds, since profiling was turned on (see
+    /// [`CudaModel::set_profiling`]; seconds are 0 for launches made with it off).
+    pub fn kernel_stats(&self) -> BTreeMap<String, KernelStats> {
         self.launches.borrow().clone()
     }
 
@@ -742,8 +772,20 @@ impl Run<'_> {
     }
 
     fn launch(&self, k: Kernel, grid: (u32, u32, u32), block: (u32, u32, u32), args: &[Arg]) -> Result<(), String> {
-        *self.model.launches.borrow_mut().entry(k.name()).or_default() += 1;
-        self.model.dev.launch(k, grid, block, args)
+        let t = self.model.profiling.get().then(std::time::Instant::now);
+        self.model.dev.launch(k, grid, block, args)?;
+        let seconds = match t {
+            Some(t) => {
+                self.model.dev.synchronize()?;
+                t.elapsed().as_secs_f64()
+            }
+            None => 0.0,
+        };
+        let mut stats = self.model.launches.borrow_mut();
+        let e = stats.entry(k.name()).or_default();
+        e.launches += 1;
+        e.seconds += seconds;
+        Ok(())
     }
 
     /// Whether a product of `rows` rows against a weight runs on [`Run::gemm_bf16`].
