@@ -28,6 +28,9 @@ cases=(
   # Enough rows (>= 32) for the tensor-core GEMMs, with partial tiles in every direction and an odd
   # inner dimension (ffn=201).
   "minilm-tc|specs/minilm.ron|layers=2 vocab=500 hidden=96 heads=4 ffn=201|--random-weights 1|input_ids:i64:4x40 attention_mask:i64:4x40:mask token_type_ids:i64:4x40:zeros"
+  # One product with many k-tiles (the copy pipeline wraps its 3 stages 6 times) and 3 x 3 tiles of
+  # 128, partial at the edges: gemm_bf16 on its own.
+  "gemm-tc|specs/gemm.ron|k=584 n=300 rows=260|--random-weights 1|x:f32:260x584"
   "gpt2-tc-int8|specs/gpt2.ron|layers=2 vocab=500 hidden=64 heads=4 max_pos=64|--random-weights 1 --quantize int8|input_ids:i64:3x40"
   "gpt2-tc-int4|specs/gpt2.ron|layers=2 vocab=500 hidden=64 heads=4 max_pos=64|--random-weights 1 --quantize int4:32|input_ids:i64:3x40"
 )

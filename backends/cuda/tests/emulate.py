@@ -318,7 +318,7 @@ def expr_of(op, rest):
         return f"ld(mem, {py(p)}, '{ty}')"
     if op == "memref.load":
         buf, idx = re.match(r"(%\w+)\[(%[\w#]+)\]", rest).groups()
-        return f"{py(buf)}[{py(idx)}]"
+        return f"shld({py(buf)}, {py(idx)}, _me, _ep)"
     if op == "memref.extract_aligned_pointer_as_index":
         return f"_shbase[{py(rest.split(' : ')[0].strip())!r}]"
     if op in ("llvm.inttoptr", "llvm.addrspacecast"):
@@ -373,15 +373,15 @@ def emit_block(block, out, ind, targets):
             out.append(f"{pad}st(mem, {py(m.group(2))}, '{m.group(3)}', {py(m.group(1))})")
         elif s.startswith("memref.store"):
             m = re.match(r"memref\.store (%[\w#]+), (%\w+)\[(%[\w#]+)\] : ", s)
-            out.append(f"{pad}{py(m.group(2))}[{py(m.group(3))}] = {py(m.group(1))}")
+            out.append(f"{pad}shst({py(m.group(2))}, {py(m.group(3))}, {py(m.group(1))}, _me, _ep)")
         elif s.startswith("nvvm.cp.async.shared.global"):
             m = re.match(r"nvvm\.cp\.async\.shared\.global (%\w+), (%\w+), (\d+), cache = \w+(?:, (%\w+))? :", s)
             size = py(m.group(4)) if m.group(4) else m.group(3)
-            out.append(f"{pad}cp_issue(_cp, mem, _sh, {py(m.group(1))}, {py(m.group(2))}, {m.group(3)}, {size})")
+            out.append(f"{pad}cp_issue(_cp, mem, _sh, {py(m.group(1))}, {py(m.group(2))}, {m.group(3)}, {size}, _me, _ep)")
         elif s == "nvvm.cp.async.commit.group":
             out.append(f"{pad}_cp.append([])")
         elif m := re.match(r"nvvm\.cp\.async\.wait\.group (\d+)$", s):
-            out.append(f"{pad}cp_wait(_cp, mem, _sh, {m.group(1)})")
+            out.append(f"{pad}cp_wait(_cp, mem, _sh, {m.group(1)}, _me, _ep)")
         elif m := re.match(r"(%\w+), (%\w+) = gpu\.shuffle (xor|idx) (%[\w#]+), (%\w+), (%\w+) : f32", s):
             out.append(f"{pad}{py(m.group(1))} = yield ('{m.group(3)}', {py(m.group(4))}, {py(m.group(5))})")
             out.append(f"{pad}{py(m.group(2))} = True")
@@ -422,11 +422,73 @@ def compile_func(name, func):
     lines.append("    _sh = env['__shared']")
     lines.append(f"    _shbase = {{{', '.join(repr(py('%' + w)) + f': SHARED_BASE * {j + 1}' for j, (w, _) in enumerate(wg))}}}")
     lines.append("    _cp = [[]]")
+    # Who this thread is, and the block's synchronisation clocks (see `Shared`).
+    lines.append("    _me = thread_id[0] + block_dim[0] * (thread_id[1] + block_dim[1] * thread_id[2])")
+    lines.append("    _ep = env['__clock']")
     lines.append("    v_c0_idx = 0")
     emit_block(body, lines, 1, [])
     scope = dict(globals())
     exec(compile("\n".join(lines), f"<gpu.func @{name}>", "exec"), scope)
     return scope[name]
+
+
+class Race(Fault):
+    """Two threads touch one shared-memory word with no synchronisation in between."""
+
+
+class Shared(list):
+    """A workgroup buffer (32-bit words) that remembers, per word, its last writer and readers with
+    the block's clock at the time: `clock[0]` counts barriers; `clock[1 + warp]` counts the warp's
+    collective operations (shuffle, ldmatrix, mma), which order accesses of lanes of one warp. An
+    access races with an earlier one by another thread when no barrier (or, within a warp, no
+    collective) separates them and one of them writes — what compute-sanitizer's racecheck reports."""
+
+    def __init__(self, n, name):
+        super().__init__([0] * n)
+        self.name = name
+        self.w = {}
+        self.r = {}
+
+
+def _clock(me, ep):
+    return (me, ep[0], ep[1 + me // 32])
+
+
+def _unordered(a, me, ep):
+    """Whether access `a` (thread, barriers, warp clock) is unordered with thread `me` now."""
+    if a[0] == me or a[1] != ep[0]:
+        return False
+    return a[0] // 32 != me // 32 or a[2] == ep[1 + me // 32]
+
+
+def _bounds(buf, i, what):
+    if not 0 <= i < len(buf):
+        raise Fault(f"{what} of word {i} of workgroup buffer {buf.name}, which has {len(buf)} words")
+
+
+def shld(buf, i, me, ep):
+    _bounds(buf, i, "load")
+    w = buf.w.get(i)
+    if w is not None and _unordered(w, me, ep):
+        raise Race(f"thread {me} reads word {i} of {buf.name} that thread {w[0]} wrote with no barrier between")
+    rs = buf.r.get(i)
+    if rs is None or rs[0][1] != ep[0]:
+        buf.r[i] = [_clock(me, ep)]
+    elif len(rs) < 4:
+        rs.append(_clock(me, ep))
+    return buf[i]
+
+
+def shst(buf, i, v, me, ep, what="store"):
+    _bounds(buf, i, what)
+    w = buf.w.get(i)
+    if w is not None and _unordered(w, me, ep):
+        raise Race(f"thread {me} {what}s word {i} of {buf.name} that thread {w[0]} wrote with no barrier between")
+    for r in buf.r.get(i, ()):
+        if _unordered(r, me, ep):
+            raise Race(f"thread {me} {what}s word {i} of {buf.name} that thread {r[0]} read with no barrier between")
+    buf.w[i] = _clock(me, ep)
+    buf[i] = v
 
 
 SHARED_BASE = 1 << 40
@@ -445,9 +507,15 @@ def shared_at(sh, addr, n, what):
     return sh[j], off // 4
 
 
-def cp_issue(cp, mem, sh, dst, src, size, src_size):
-    """cp.async: checked now, performed when a wait_group needs it (so a missing wait reads stale data)."""
-    shared_at(sh, dst, size, "cp.async destination")
+def cp_issue(cp, mem, sh, dst, src, size, src_size, me, ep):
+    """cp.async: checked now, performed when a wait_group needs it (so a missing wait reads stale data).
+    The copy may land any time from now on, so it races with unordered reads of its destination
+    now (and with accesses when it lands, checked then)."""
+    buf, w = shared_at(sh, dst, size, "cp.async destination")
+    for i in range(w, w + size // 4):
+        for r in buf.r.get(i, ()):
+            if _unordered(r, me, ep):
+                raise Race(f"thread {me} copies into word {i} of {buf.name} that thread {r[0]} read with no barrier between")
     if not 0 <= src_size <= size:
         raise Fault(f"cp.async of {src_size} source bytes into {size}")
     if src.off % size:
@@ -460,16 +528,17 @@ def cp_issue(cp, mem, sh, dst, src, size, src_size):
     cp[-1].append((dst, src, size, src_size))
 
 
-def cp_wait(cp, mem, sh, n):
+def cp_wait(cp, mem, sh, n, me, ep):
     """cp.async.wait_group n: completes all but the newest n committed groups."""
     while len(cp) - 1 > n:
         for dst, src, size, src_size in cp.pop(0):
             data = bytes(mem[src.buf][src.off:src.off + src_size]) + bytes(size - src_size) if src_size else bytes(size)
             buf, w = shared_at(sh, dst, size, "cp.async destination")
-            buf[w:w + size // 4] = struct.unpack(f"<{size // 4}i", data)
+            for j, v in enumerate(struct.unpack(f"<{size // 4}i", data)):
+                shst(buf, w + j, v, me, ep, "copie")
 
 
-def ldmatrix_warp(events, sh):
+def ldmatrix_warp(events, sh, lanes, ep):
     """ldmatrix .x1/.x2/.x4 .m8n8 .b16 (non-transposed): lane 8j + r addresses row r of matrix j;
     lane i receives, from each matrix j, the 32-bit word (i % 4) of row i / 4. Counts the phases
     whose eight rows share a bank."""
@@ -480,6 +549,10 @@ def ldmatrix_warp(events, sh):
         banks = [((a % 128) // 16) for a in rows[8 * j:8 * j + 8]]
         if len(set(banks)) < 8:
             STATS["ldmatrix_conflicts"] += 1
+    for i, a in enumerate(rows[:8 * num]):
+        buf, w = shared_at(sh, a, 16, "ldmatrix row")
+        for q in range(4):
+            shld(buf, w + q, lanes[i], ep)
     out = []
     for i in range(len(events)):
         regs = []
@@ -539,10 +612,11 @@ def launch(func, grid, block, args, mem):
                 shared = {}
                 for name, ty in wg:
                     n = int(re.match(r"memref<(\d+)x", ty).group(1))
-                    shared["%" + name] = [0] * n
+                    shared["%" + name] = Shared(n, name)
                 benv = dict(env)
                 benv.update(shared)
                 benv["__shared"] = [shared["%" + name] for name, _ in wg]
+                clock = benv["__clock"] = [0] * (1 + -(-nthreads // 32))
                 threads = []
                 for t in range(nthreads):
                     tid = (t % block[0], t // block[0] % block[1], t // (block[0] * block[1]))
@@ -564,13 +638,15 @@ def launch(func, grid, block, args, mem):
                         break
                     assert len(kinds) == 1, f"threads diverged: {kinds}"
                     kind = kinds.pop()
+                    if kind == "barrier":
+                        clock[0] += 1
                     for w in range(0, nthreads, 32):
                         lanes = list(range(w, min(w + 32, nthreads)))
                         if kind == "barrier":
                             for t in lanes:
                                 pending[t] = None
                         elif kind == "ldm":
-                            for t, d in zip(lanes, ldmatrix_warp([events[t] for t in lanes], benv["__shared"])):
+                            for t, d in zip(lanes, ldmatrix_warp([events[t] for t in lanes], benv["__shared"], lanes, clock)):
                                 pending[t] = d
                         elif kind == "mma":
                             for t, d in zip(lanes, mma_warp([events[t] for t in lanes])):
@@ -582,6 +658,8 @@ def launch(func, grid, block, args, mem):
                             for t in lanes:
                                 src = events[t][2]
                                 pending[t] = events[w + src][1] if 0 <= src < len(lanes) else events[t][1]
+                        if kind != "barrier":
+                            clock[1 + w // 32] += 1
 
 
 # ---------------------------------------------------------------- GEMM checks
