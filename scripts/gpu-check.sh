@@ -22,6 +22,8 @@ cases=(
   "mlp|specs/mlp.ron||--random-weights 1|x:f32:3x16"
   "minilm|specs/minilm.ron|layers=2 vocab=500 hidden=64 heads=4 ffn=128|--random-weights 1|input_ids:i64:2x9 attention_mask:i64:2x9:mask token_type_ids:i64:2x9:zeros"
   "gpt2|specs/gpt2.ron|layers=2 vocab=500 hidden=64 heads=4 max_pos=64|--random-weights 1|input_ids:i64:2x7"
+  "llama|specs/llama.ron|layers=2 vocab=500 hidden=64 heads=4 kv_heads=2 ffn=128 max_pos=64 eps=1e-6|--random-weights 1|input_ids:i64:2x7"
+  "llama-tc|specs/llama.ron|layers=2 vocab=500 hidden=64 heads=4 kv_heads=2 ffn=136 max_pos=64 eps=1e-6|--random-weights 1|input_ids:i64:3x40"
   "gpt2-int8|specs/gpt2.ron|layers=2 vocab=500 hidden=64 heads=4 max_pos=64|--random-weights 1 --quantize int8|input_ids:i64:2x7"
   "gpt2-int4|specs/gpt2.ron|layers=2 vocab=500 hidden=64 heads=4 max_pos=64|--random-weights 1 --quantize int4:32|input_ids:i64:2x7"
   "minilm-o0|specs/minilm.ron|layers=1 vocab=500 hidden=64 heads=4 ffn=128|--random-weights 1 -O0|input_ids:i64:2x9 attention_mask:i64:2x9:mask token_type_ids:i64:2x9:zeros"
@@ -97,6 +99,18 @@ PY
       --timing-json "$dir/decode/want.json" >/dev/null 2>&1
   rm -f "$dir/decode/cpu.kiln"
   echo "prepared decode: $(python3 -c "import json; print(json.load(open('$dir/decode/want.json'))['tokens'])")"
+  # The same for a Llama-style decoder (grouped-query attention, rotary tables computed on the GPU).
+  mkdir -p "$dir/decode-llama"
+  set_llama="layers=2 vocab=500 hidden=64 heads=4 kv_heads=2 ffn=128 max_pos=64 eps=1e-6"
+  # shellcheck disable=SC2046
+  $KILN compile specs/llama.ron $(sets "$set_llama") --random-weights 3 --generate --target cuda -o "$dir/decode-llama/model.kiln" >/dev/null
+  # shellcheck disable=SC2046
+  $KILN compile specs/llama.ron $(sets "$set_llama") --random-weights 3 --generate -o "$dir/decode-llama/cpu.kiln" >/dev/null
+  cp "$dir/decode/prompt.npy" "$dir/decode-llama/prompt.npy"
+  $KILN generate "$dir/decode-llama/cpu.kiln" --prompt-ids "$dir/decode-llama/prompt.npy" --max-new-tokens 16 --no-stop \
+      --timing-json "$dir/decode-llama/want.json" >/dev/null 2>&1
+  rm -f "$dir/decode-llama/cpu.kiln"
+  echo "prepared decode-llama: $(python3 -c "import json; print(json.load(open('$dir/decode-llama/want.json'))['tokens'])")"
   ;;
 check)
   # Three times: KILN_CUDA_MMA=off (every product in f32: tight tolerance, and the decoded tokens
@@ -135,20 +149,22 @@ for w in sorted(glob.glob(f"{d}/want.*.npy")):
 sys.exit(1 if bad else 0)
 PY
   done
-  if $KILN generate "$dir/decode/model.kiln" --prompt-ids "$dir/decode/prompt.npy" --max-new-tokens 16 --no-stop \
-      --timing-json "$dir/decode/got.json" >"$dir/decode/run.txt" 2>&1; then
-    python3 - "$dir/decode" <<'PY' || fail=1
+  for dec in decode decode-llama; do
+  if $KILN generate "$dir/$dec/model.kiln" --prompt-ids "$dir/$dec/prompt.npy" --max-new-tokens 16 --no-stop \
+      --timing-json "$dir/$dec/got.json" >"$dir/$dec/run.txt" 2>&1; then
+    python3 - "$dir/$dec" <<'PY' || fail=1
 import json, sys
 d = sys.argv[1]
 want, got = json.load(open(f"{d}/want.json")), json.load(open(f"{d}/got.json"))
 ok = want["tokens"] == got["tokens"]
-print(f"{'ok  ' if ok else 'FAIL'} decode: GPU tokens {got['tokens']}" + ("" if ok else f", CPU {want['tokens']}"))
+print(f"{'ok  ' if ok else 'FAIL'} {d.rsplit('/', 1)[-1]}: GPU tokens {got['tokens']}" + ("" if ok else f", CPU {want['tokens']}"))
 print(f"     decode median {sorted(got['decode_ms'])[len(got['decode_ms']) // 2]:.3f} ms/step on the GPU")
 sys.exit(0 if ok else 1)
 PY
   else
-    echo "FAIL decode: $(tail -1 "$dir/decode/run.txt")"; fail=1
+    echo "FAIL $dec: $(tail -1 "$dir/$dec/run.txt")"; fail=1
   fi
+  done
   done
   exit $fail
   ;;
