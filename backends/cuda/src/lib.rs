@@ -59,9 +59,15 @@ pub fn compile(
     manifest.tokenizer = opts.tokenizer.clone();
     let mut code = Vec::new();
     let mut modules = Vec::new();
-    for arch in ptx::ARCHS {
+    // Every architecture's module, then the sm_90a-only kernels (loaded beside sm_90's on a 9.0 GPU).
+    let wgmma = emit::wgmma_module();
+    let sources = ptx::ARCHS
+        .iter()
+        .map(|a| (*a, mlir.as_str()))
+        .chain([(ptx::HOPPER_A, wgmma.as_str())]);
+    for (arch, source) in sources {
         let text =
-            ptx::to_ptx(&mlir, arch, &toolkit).map_err(|e| CompileError::Codegen(format!("{}: {e}", arch.chip)))?;
+            ptx::to_ptx(source, arch, &toolkit).map_err(|e| CompileError::Codegen(format!("{}: {e}", arch.chip)))?;
         while code.len() % 16 != 0 {
             code.push(0);
         }

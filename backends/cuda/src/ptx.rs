@@ -72,6 +72,13 @@ pub const ARCHS: [Arch; 2] = [
     },
 ];
 
+/// Hopper with its architecture-specific instructions (`wgmma`): PTX for `sm_90a` runs on compute
+/// capability 9.0 only, so it holds just the kernels that need it (`emit::wgmma_module`).
+pub const HOPPER_A: Arch = Arch {
+    chip: "sm_90a",
+    ptx: "ptx80",
+};
+
 /// Lowers a module of `gpu.module`s (MLIR text) to PTX for `arch`.
 pub fn to_ptx(mlir: &str, arch: Arch, toolkit: &Path) -> Result<String, String> {
     let registry = DialectRegistry::new();
@@ -101,10 +108,16 @@ pub fn to_ptx(mlir: &str, arch: Arch, toolkit: &Path) -> Result<String, String> 
         }
         let pipeline = format!(
             "builtin.module(nvvm-attach-target{{chip={} features=+{} O=3}},\
-             gpu.module(convert-scf-to-cf,convert-gpu-to-nvvm,reconcile-unrealized-casts),\
+             gpu.module(convert-scf-to-cf,convert-gpu-to-nvvm,{}reconcile-unrealized-casts),\
              gpu-module-to-binary{{format=isa toolkit={}}})",
             arch.chip,
             arch.ptx,
+            // wgmma lowers to inline PTX (NVVM's PTX-builder ops), which LLVM translation needs done first.
+            if arch.chip.ends_with('a') {
+                "convert-nvvm-to-llvm,"
+            } else {
+                ""
+            },
             toolkit.display()
         );
         let pm = PassManager::new(&ctx);

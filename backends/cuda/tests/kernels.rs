@@ -178,6 +178,42 @@ fn every_spec_lowers_to_ptx_that_ptxas_accepts() {
     }
 }
 
+/// The sm_90a module (`gemm_wgmma`: cp.async pipeline, proxy fence, `wgmma.mma_async`) lowers and
+/// assembles for sm_90a with no spills and fits two blocks per SM.
+#[cfg(feature = "mlir")]
+#[test]
+fn wgmma_module_assembles_for_sm_90a() {
+    let Ok(toolkit) = kiln_cuda::ptx::toolkit() else {
+        assert!(std::env::var_os("KILN_REQUIRE_PTXAS").is_none(), "no CUDA toolkit");
+        return;
+    };
+    if !toolkit.join("bin/ptxas").is_file() {
+        assert!(std::env::var_os("KILN_REQUIRE_PTXAS").is_none(), "no ptxas");
+        return;
+    }
+    let arch = kiln_cuda::ptx::HOPPER_A;
+    let ptx = kiln_cuda::ptx::to_ptx(&kiln_cuda::emit::wgmma_module(), arch, &toolkit).unwrap();
+    assert!(ptx.contains(".target sm_90a"), "{ptx}");
+    assert_eq!(
+        ptx.matches("wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16")
+            .count(),
+        2
+    );
+    assert!(ptx.contains("fence.proxy.async.shared::cta"));
+    let info = kiln_cuda::ptx::ptxas(&ptx, arch.chip, &toolkit).unwrap_or_else(|e| panic!("{e}"));
+    if std::env::var_os("KILN_PTXAS_REPORT").is_some() {
+        eprintln!("{info}");
+    }
+    assert!(info.contains(" 0 bytes spill stores"), "{info}");
+    let regs: u32 = info
+        .split("Used ")
+        .nth(1)
+        .and_then(|r| r.split(' ').next())
+        .and_then(|r| r.parse().ok())
+        .unwrap_or_else(|| panic!("{info}"));
+    assert!(regs <= 128, "{regs} registers: {info}");
+}
+
 /// A CUDA artifact loads only where a driver and a GPU are: elsewhere the error says so. With a
 /// GPU, every output matches the interpreter. A damaged PTX table is refused before the driver is
 /// asked anything.

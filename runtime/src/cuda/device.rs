@@ -115,6 +115,8 @@ pub(super) fn download(dev: &dyn Device, addr: u64, len: usize) -> Result<Vec<u8
 pub(super) struct Driver {
     ctx: Arc<CudaContext>,
     module: sys::CUmodule,
+    /// Further modules (sm_90a's), unloaded with the first.
+    extra: Vec<sys::CUmodule>,
     kernels: Vec<sys::CUfunction>,
     named: BTreeMap<String, sys::CUfunction>,
 }
@@ -135,6 +137,7 @@ impl Driver {
         let mut d = Driver {
             ctx,
             module,
+            extra: Vec::new(),
             kernels: Vec::new(),
             named: BTreeMap::new(),
         };
@@ -155,6 +158,20 @@ impl Driver {
             }
         }
         Ok(d)
+    }
+
+    /// Loads a second NUL-terminated PTX image (sm_90a's) and its kernels `names`.
+    pub fn load_extra(&mut self, ptx: &[u8], names: &[&str]) -> Result<(), String> {
+        // SAFETY: a NUL-terminated PTX image (checked by the caller), as the driver expects.
+        let module = unsafe { result::module::load_data(ptx.as_ptr() as *const c_void) }.map_err(|e| e.to_string())?;
+        self.extra.push(module);
+        for name in names {
+            let c = CString::new(*name).map_err(|_| format!("kernel name `{name}`"))?;
+            // SAFETY: the module was just loaded and stays loaded while the driver lives.
+            let f = unsafe { result::module::get_function(module, c) }.map_err(|e| format!("kernel `{name}`: {e}"))?;
+            self.named.insert(name.to_string(), f);
+        }
+        Ok(())
     }
 }
 
@@ -219,8 +236,11 @@ impl Device for Driver {
 impl Drop for Driver {
     fn drop(&mut self) {
         if self.ctx.bind_to_thread().is_ok() {
-            // SAFETY: loaded in `load`, unloaded once.
+            // SAFETY: loaded in `load` / `load_extra`, unloaded once.
             unsafe {
+                for m in self.extra.drain(..) {
+                    let _ = result::module::unload(m);
+                }
                 let _ = result::module::unload(self.module);
             }
         }

@@ -70,6 +70,10 @@ pub struct CudaModel {
     /// rounded to bf16, f32 accumulation); `KILN_CUDA_MMA=off` at load, or
     /// [`CudaModel::set_tensor_cores`], keeps every product in f32.
     tensor_cores: bool,
+    /// Whether products by a weight use Hopper's warpgroup MMA (`gemm_wgmma`) instead of
+    /// `gemm_bf16`: opt-in (`KILN_CUDA_WGMMA=on`, [`CudaModel::set_wgmma`]) until it has been
+    /// checked on an H100; needs the artifact's sm_90a module and a compute capability 9.0 GPU.
+    wgmma: bool,
     /// Whether attention runs as one fused kernel (FlashAttention-style, `fa*`) where the artifact
     /// has it and head dimensions are at most 128; `KILN_CUDA_FLASH=off` at load, or
     /// [`CudaModel::set_fused_attention`], keeps the three-launch form (scores GEMM, softmax, GEMM).
@@ -154,8 +158,27 @@ impl CudaModel {
             .into_iter()
             .map(|(k, j)| crate::plan::flash_kernel(k, j))
             .collect();
-        let driver = Driver::load(ctx, ptx, m.kernels.len(), &crate::plan::GPU_FIXED_KERNELS, &flash)
+        // Kernels that need Hopper's architecture-specific instructions (wgmma) come in a module of
+        // their own for exactly compute capability 9.0.
+        let extra = match gpu.modules.iter().find(|x| x.arch == "sm_90a") {
+            Some(x) if cc == 90 => {
+                let p = &code[x.offset as usize..(x.offset + x.len) as usize];
+                if p.last() != Some(&0) || p[..p.len() - 1].contains(&0) {
+                    return Err(LoadError::Corrupt(
+                        "the PTX for sm_90a is not one NUL-terminated text".into(),
+                    ));
+                }
+                Some(p)
+            }
+            _ => None,
+        };
+        let mut driver = Driver::load(ctx, ptx, m.kernels.len(), &crate::plan::GPU_FIXED_KERNELS, &flash)
             .map_err(|e| LoadError::Cuda(format!("the driver rejected the PTX for {}: {e}", chosen.arch)))?;
+        if let Some(p) = extra {
+            driver
+                .load_extra(p, &["gemm_wgmma"])
+                .map_err(|e| LoadError::Cuda(format!("the driver rejected the PTX for sm_90a: {e}")))?;
+        }
         let arch = chosen.arch.clone();
         CudaModel::place(m, bytes[s.weights.clone()].to_vec(), Rc::new(driver), arch, device)
     }
@@ -226,6 +249,7 @@ impl CudaModel {
         Ok(CudaModel {
             tensor_cores: std::env::var("KILN_CUDA_MMA").map_or(true, |v| v != "off"),
             fused_attention: std::env::var("KILN_CUDA_FLASH").map_or(true, |v| v != "off"),
+            wgmma: std::env::var("KILN_CUDA_WGMMA").is_ok_and(|v| v == "on"),
             arena: RefCell::new(None),
             scratch: RefCell::new(None),
             bf16_weights: RefCell::new(BTreeMap::new()),
@@ -251,6 +275,13 @@ impl CudaModel {
     /// Whether matrix products run on tensor cores.
     pub fn tensor_cores(&self) -> bool {
         self.tensor_cores
+    }
+
+    /// Uses `gemm_wgmma` for products by a weight where the device has it (see the field). Returns
+    /// whether it will be used.
+    pub fn set_wgmma(&mut self, on: bool) -> bool {
+        self.wgmma = on;
+        on && self.dev.has("gemm_wgmma")
     }
 
     /// Runs attention as one fused kernel where possible (the default unless `KILN_CUDA_FLASH=off`)
@@ -878,7 +909,12 @@ impl Run<'_> {
             Arg::I(acc.is_some() as i64),
         ];
         let grid = (n.div_ceil(TC_TILE) as u32, rows.div_ceil(TC_TILE) as u32, 1);
-        self.launch(Kernel::Fixed("gemm_bf16"), grid, (TC_THREADS, 1, 1), &args)
+        let kernel = if self.model.wgmma && self.model.dev.has("gemm_wgmma") {
+            "gemm_wgmma"
+        } else {
+            "gemm_bf16"
+        };
+        self.launch(Kernel::Fixed(kernel), grid, (TC_THREADS, 1, 1), &args)
     }
 
     /// Step `si`'s row offsets table: rows, columns and its device address.
