@@ -82,18 +82,19 @@ def main():
     # GEMM 4096^3.
     n = 4096
     flop = 2 * n**3
-    for env in ("on", "off"):
-        os.environ["KILN_CUDA_MMA"] = env
+    for env, wg in (("on", "on"), ("on", "off"), ("off", "off")):
+        os.environ["KILN_CUDA_MMA"], os.environ["KILN_CUDA_WGMMA"] = env, wg
         ms, kernels = kiln_bench(a.kiln_bin, f"{a.dir}/gemm.kiln", [f"x={n}x{n}"], a.iters, a.warmup, profile=True)
-        label = "bf16 tensor cores" if env == "on" else "f32 SIMT"
+        label = {"on": "bf16 wgmma", "off": "bf16 mma.sync"}[wg] if env == "on" else "f32 SIMT"
         rows.append(("gemm 4096^3", f"kiln ({label}), whole run", ms, flop / ms / 1e9))
         # The product kernel alone (host-timed around a synchronised launch).
-        for name in ("gemm_bf16", "gemm_tc_f32", "gemm_f32"):
+        for name in ("gemm_wgmma", "gemm_bf16", "gemm_tc_f32", "gemm_f32"):
             if name in kernels:
                 kms = kernels[name]["ms"]
                 rows.append(("gemm 4096^3", f"kiln {name} kernel", kms, flop / kms / 1e9))
         print_kernels(f"gemm {label}", kernels)
     os.environ.pop("KILN_CUDA_MMA")
+    os.environ.pop("KILN_CUDA_WGMMA")
     for dt in (torch.bfloat16, torch.float32):
         x = torch.randn(n, n, device=dev, dtype=dt)
         w = torch.randn(n, n, device=dev, dtype=dt)
@@ -120,6 +121,13 @@ def main():
             print(f"minilm {b}x{s} {label} {ms:.3f} ms", flush=True)
             print_kernels(f"minilm {b}x{s} {label}", kernels, top=8)
         os.environ.pop("KILN_CUDA_FLASH")
+        # Products by weights on Hopper's wgmma (opt-in).
+        os.environ["KILN_CUDA_WGMMA"] = "on"
+        ms, kernels = kiln_bench(a.kiln_bin, f"{a.dir}/minilm.kiln", shapes, a.iters, a.warmup, profile=True)
+        os.environ.pop("KILN_CUDA_WGMMA")
+        rows.append((f"minilm {b}x{s}", "kiln (wgmma)", ms, None))
+        print(f"minilm {b}x{s} kiln (wgmma) {ms:.3f} ms", flush=True)
+        print_kernels(f"minilm {b}x{s} kiln (wgmma)", kernels, top=8)
     if transformers is not None:
         cfg = transformers.BertConfig(
             vocab_size=30522, hidden_size=384, num_hidden_layers=6, num_attention_heads=12, intermediate_size=1536

@@ -113,13 +113,16 @@ PY
   echo "prepared decode-llama: $(python3 -c "import json; print(json.load(open('$dir/decode-llama/want.json'))['tokens'])")"
   ;;
 check)
-  # Three times: KILN_CUDA_MMA=off (every product in f32: tight tolerance, and the decoded tokens
+  # Four times: KILN_CUDA_MMA=off (every product in f32: tight tolerance, and the decoded tokens
   # must match the CPU's) with fused attention and without it (KILN_CUDA_FLASH=off: scores GEMM,
-  # softmax kernel, GEMM), then tensor cores (bf16 operands: relative L2 error <= 2e-2).
+  # softmax kernel, GEMM), then tensor cores (bf16 operands: relative L2 error <= 2e-2) through
+  # mma.sync (gemm_bf16) and through Hopper's wgmma (gemm_wgmma, opt-in until this passes; on a
+  # GPU other than compute capability 9.0 the fourth pass repeats the third).
   fail=0
-  for mode in off:on off:off on:on; do
-  export KILN_CUDA_MMA=${mode%:*} KILN_CUDA_FLASH=${mode#*:}
-  echo "== KILN_CUDA_MMA=$KILN_CUDA_MMA KILN_CUDA_FLASH=$KILN_CUDA_FLASH"
+  for mode in off:on:off off:off:off on:on:off on:on:on; do
+  IFS=':' read -r KILN_CUDA_MMA KILN_CUDA_FLASH KILN_CUDA_WGMMA <<<"$mode"
+  export KILN_CUDA_MMA KILN_CUDA_FLASH KILN_CUDA_WGMMA
+  echo "== KILN_CUDA_MMA=$KILN_CUDA_MMA KILN_CUDA_FLASH=$KILN_CUDA_FLASH KILN_CUDA_WGMMA=$KILN_CUDA_WGMMA"
   for c in "${cases[@]}"; do
     IFS='|' read -r name _ <<<"$c"
     mapfile -t args <"$dir/$name/args.txt"

@@ -319,6 +319,8 @@ def expr_of(op, rest):
     if op == "memref.load":
         buf, idx = re.match(r"(%\w+)\[(%[\w#]+)\]", rest).groups()
         return f"shld({py(buf)}, {py(idx)}, _me, _ep)"
+    if op == "llvm.mlir.zero":
+        return f"({', '.join(['0.0'] * rest.count('f32'))},)"
     if op == "memref.extract_aligned_pointer_as_index":
         return f"_shbase[{py(rest.split(' : ')[0].strip())!r}]"
     if op in ("llvm.inttoptr", "llvm.addrspacecast"):
@@ -378,6 +380,10 @@ def emit_block(block, out, ind, targets):
             m = re.match(r"nvvm\.cp\.async\.shared\.global (%\w+), (%\w+), (\d+), cache = \w+(?:, (%\w+))? :", s)
             size = py(m.group(4)) if m.group(4) else m.group(3)
             out.append(f"{pad}cp_issue(_cp, mem, _sh, {py(m.group(1))}, {py(m.group(2))}, {m.group(3)}, {size}, _me, _ep)")
+        elif s.startswith("nvvm.fence.proxy") or s.startswith("nvvm.wgmma.fence") or s.startswith("nvvm.wgmma.commit") \
+                or s.startswith("nvvm.wgmma.wait"):
+            # Proxy fences and wgmma's fence/commit/wait: the emulated wgmma completes at once.
+            pass
         elif s == "nvvm.cp.async.commit.group":
             out.append(f"{pad}_cp.append([])")
         elif m := re.match(r"nvvm\.cp\.async\.wait\.group (\d+)$", s):
@@ -390,7 +396,13 @@ def emit_block(block, out, ind, targets):
             if not m:
                 raise SyntaxError(f"cannot run: {s}")
             res, opname, rest = m.groups()
-            if opname == "nvvm.ldmatrix":
+            if opname == "nvvm.wgmma.mma_async":
+                mm = re.match(r"(%[\w#]+), (%[\w#]+), (%[\w#]+), #nvvm\.shape<m = 64, n = (\d+), k = 16>, "
+                              r"D \[<f32>, #nvvm\.wgmma_scale_out<one>\], A \[<bf16>, #nvvm\.wgmma_scale_in<one>, <row>\], "
+                              r"B \[<bf16>, #nvvm\.wgmma_scale_in<one>, <col>\]", rest)
+                assert mm, rest
+                out.append(f"{pad}{py(res)} = yield ('wgmma', {py(mm.group(1))}, {py(mm.group(2))}, {py(mm.group(3))}, {mm.group(4)})")
+            elif opname == "nvvm.ldmatrix":
                 mm = re.match(r"(%\w+) \{num = (\d) : i32, layout = #nvvm\.mma_layout<row>", rest)
                 assert mm and "m = 8, n = 8" in rest and "<b16>" in rest, rest
                 out.append(f"{pad}{py(res)} = yield ('ldm', {py(mm.group(1))}, {mm.group(2)})")
@@ -417,10 +429,11 @@ def compile_func(name, func):
         lines.append(f"    {py('%' + pname)} = env['%{pname}']")
     for wname, _ in wg:
         lines.append(f"    {py('%' + wname)} = env['%{wname}']")
-    # Workgroup buffers as raw shared addresses (cp.async, ldmatrix): buffer j starts at
-    # SHARED_BASE * (j + 1); `_cp` is this thread's cp.async groups, the last one still open.
+    # Workgroup buffers as raw shared addresses (cp.async, ldmatrix, wgmma descriptors): one flat
+    # shared window, each buffer at `Shared.base`; `_cp` is this thread's cp.async groups, the last
+    # one still open.
     lines.append("    _sh = env['__shared']")
-    lines.append(f"    _shbase = {{{', '.join(repr(py('%' + w)) + f': SHARED_BASE * {j + 1}' for j, (w, _) in enumerate(wg))}}}")
+    lines.append(f"    _shbase = {{{', '.join(repr(py('%' + w)) + f': _sh[{j}].base' for j, (w, _) in enumerate(wg))}}}")
     lines.append("    _cp = [[]]")
     # Who this thread is, and the block's synchronisation clocks (see `Shared`).
     lines.append("    _me = thread_id[0] + block_dim[0] * (thread_id[1] + block_dim[1] * thread_id[2])")
@@ -491,20 +504,82 @@ def shst(buf, i, v, me, ep, what="store"):
     buf[i] = v
 
 
-SHARED_BASE = 1 << 40
-STATS = {"ldmatrix": 0, "ldmatrix_conflicts": 0}
+STATS = {"ldmatrix": 0, "ldmatrix_conflicts": 0, "wgmma": 0}
 
 
-def shared_at(sh, addr, n, what):
+def place_shared(bufs):
+    """Lays a block's workgroup buffers out in one shared window, each 1024-byte aligned (what a
+    `{llvm.align}` up to 1024 asks), like the hardware's static shared memory."""
+    at = 0
+    for b in bufs:
+        at = -(-at // 1024) * 1024
+        b.base = at
+        at += 4 * len(b)
+
+
+def shared_at(sh, addr, n, what, align=16):
     """(buffer, word index) of an n-byte access at raw shared address `addr`, bounds-checked."""
-    j, off = addr // SHARED_BASE - 1, addr % SHARED_BASE
-    if not 0 <= j < len(sh):
-        raise Fault(f"{what} at {addr:#x}, which is not a workgroup buffer")
-    if off % 16:
-        raise Fault(f"{what} at byte {off} of workgroup buffer {j}, which is not 16-byte aligned")
-    if off + n > 4 * len(sh[j]):
-        raise Fault(f"{what} of {n} bytes at byte {off} of workgroup buffer {j}, which has {4 * len(sh[j])} bytes")
-    return sh[j], off // 4
+    for b in sh:
+        if b.base <= addr < b.base + 4 * len(b):
+            off = addr - b.base
+            if off % align:
+                raise Fault(f"{what} at byte {off} of workgroup buffer {b.name}, which is not {align}-byte aligned")
+            if off + n > 4 * len(b):
+                raise Fault(f"{what} of {n} bytes at byte {off} of workgroup buffer {b.name}, which has {4 * len(b)} bytes")
+            return b, off // 4
+    raise Fault(f"{what} at shared address {addr:#x}, which is in no workgroup buffer")
+
+
+def wgmma_operand(sh, desc, rows, me, ep, what):
+    """The `rows` x 16 bf16 K-major operand a wgmma matrix descriptor names, as floats [row][k]:
+    start address, leading and stride byte offsets (/16) in bits 0-13, 16-29, 32-45, base offset
+    (bits 49-51, must be 0) and swizzle mode (bits 62-63: 0 none, 1 128-byte, 2 64-byte, 3 32-byte).
+    No swizzle: 8 x 16-byte core matrices, `lbo` apart along k and `sbo` apart along rows; a
+    swizzle of W bytes: rows W bytes apart in 8-row groups `sbo` apart, and the 16-byte chunk of
+    byte address a XOR-ed with its bits 7 and up (`(a >> 7) % (W / 16)`)."""
+    desc &= (1 << 64) - 1
+    start, lbo, sbo = (desc & 0x3FFF) << 4, ((desc >> 16) & 0x3FFF) << 4, ((desc >> 32) & 0x3FFF) << 4
+    mode = desc >> 62
+    if (desc >> 49) & 7:
+        raise Fault(f"{what}: descriptor {desc:#x} has a base offset, which the emulator does not model")
+    width = {1: 128, 2: 64, 3: 32}.get(mode)
+    out = []
+    for r in range(rows):
+        row = []
+        for k in range(16):
+            if width is None:
+                a = start + (r // 8) * sbo + (k // 8) * lbo + (r % 8) * 16 + (k % 8) * 2
+            else:
+                a = start + (r // 8) * sbo + (r % 8) * width + 2 * k
+                a ^= ((a >> 7) % (width // 16)) << 4
+            buf, w = shared_at(sh, a - a % 4, 4, what, align=4)
+            word = shld(buf, w, me, ep)
+            row.append(halves(word)[(a % 4) // 2])
+        out.append(row)
+    return out
+
+
+def wgmma_group(events, sh, first, ep):
+    """wgmma.mma_async m64nNk16 (bf16 in, f32 accumulators) for one warpgroup: events[i] =
+    ("wgmma", desc_a, desc_b, acc, n). Thread i (warp w = i / 32, lane l) holds accumulator 4 j + q
+    = D[16 w + l / 4 + 8 (q / 2)][8 j + 2 (l % 4) + q % 2]."""
+    _, da, db, _, n = events[0]
+    for e in events:
+        if e[1] != da or e[2] != db:
+            raise Fault("wgmma descriptors differ within a warpgroup")
+    STATS["wgmma"] += 1
+    A = wgmma_operand(sh, da, 64, first, ep, "wgmma A")
+    B = wgmma_operand(sh, db, n, first, ep, "wgmma B")
+    out = []
+    for i, e in enumerate(events):
+        w, l = i // 32, i % 32
+        acc = list(e[3])
+        for j in range(n // 8):
+            for q in range(4):
+                r, c = 16 * w + l // 4 + 8 * (q // 2), 8 * j + 2 * (l % 4) + q % 2
+                acc[4 * j + q] = f32(acc[4 * j + q] + sum(A[r][k] * B[c][k] for k in range(16)))
+        out.append(tuple(acc))
+    return out
 
 
 def cp_issue(cp, mem, sh, dst, src, size, src_size, me, ep):
@@ -616,6 +691,7 @@ def launch(func, grid, block, args, mem):
                 benv = dict(env)
                 benv.update(shared)
                 benv["__shared"] = [shared["%" + name] for name, _ in wg]
+                place_shared(benv["__shared"])
                 clock = benv["__clock"] = [0] * (1 + -(-nthreads // 32))
                 threads = []
                 for t in range(nthreads):
@@ -640,6 +716,16 @@ def launch(func, grid, block, args, mem):
                     kind = kinds.pop()
                     if kind == "barrier":
                         clock[0] += 1
+                    if kind == "wgmma":
+                        if nthreads % 128:
+                            raise Fault(f"wgmma in a block of {nthreads} threads (not whole warpgroups)")
+                        for g in range(0, nthreads, 128):
+                            group = list(range(g, g + 128))
+                            for t, d in zip(group, wgmma_group([events[t] for t in group], benv["__shared"], g, clock)):
+                                pending[t] = d
+                            for w in range(g, g + 128, 32):
+                                clock[1 + w // 32] += 1
+                        continue
                     for w in range(0, nthreads, 32):
                         lanes = list(range(w, min(w + 32, nthreads)))
                         if kind == "barrier":
@@ -751,7 +837,7 @@ def gemm_case(funcs, kernel, m, n, k, z, a_kfast, b_kfast, rng, tensor_cores):
     return None
 
 
-def bf16_case(funcs, m, n, k, z, a_kfast, rng):
+def bf16_case(funcs, m, n, k, z, a_kfast, rng, kernel="gemm_bf16"):
     """The runtime's tensor-core path for a weight: `to_bf16` turns the f32 left operand (either
     layout, z1 x z2 batches) into zero-padded bf16 rows, the weight is bf16 `[n, kp]` per batch as
     the runtime uploads it, and `gemm_bf16` multiplies with scale, bias and accumulator."""
@@ -783,7 +869,7 @@ def bf16_case(funcs, m, n, k, z, a_kfast, rng):
     scale = 0.5
     args = [m, n, kp, z2, Ptr("abf"), z2 * m * kp, m * kp, kp, 1, Ptr("b"), z2 * n * kp, n * kp, 1, kp]
     args += [Ptr("c"), z2 * m * n, m * n, n, scale, Ptr("bias"), 1, Ptr("acc"), z2 * m * n, m * n, n, 1]
-    launch(funcs["gemm_bf16"], (-(-n // 128), -(-m // 128), nb), (256, 1, 1), args, mem)
+    launch(funcs[kernel], (-(-n // 128), -(-m // 128), nb), (256, 1, 1), args, mem)
     got = struct.unpack(f"<{nb * m * n}f", mem["c"])
     for i in range(nb):
         for r in range(m):
@@ -1007,6 +1093,9 @@ def main():
         ("gemm_bf16 m=40 n=24 k=136 (5 k-tiles, 3 stages)", lambda: bf16_case(funcs, 40, 24, 136, (1, 1), True, rng)),
         ("gemm_bf16 m=130 n=20 k=36 z=(2,1) a column-major", lambda: bf16_case(funcs, 130, 20, 36, (2, 1), False, rng)),
         ("gemm_bf16 m=33 n=136 k=64 z=(1,2)", lambda: bf16_case(funcs, 33, 136, 64, (1, 2), True, rng)),
+        ("gemm_wgmma m=40 n=24 k=136 (5 k-tiles)", lambda: bf16_case(funcs, 40, 24, 136, (1, 1), True, rng, "gemm_wgmma")),
+        ("gemm_wgmma m=130 n=140 k=40 z=(1,2) a column-major",
+         lambda: bf16_case(funcs, 130, 140, 40, (1, 2), False, rng, "gemm_wgmma")),
         ("copy_i32 [2,3,5,4] by [2,0,3,1]", lambda: copy_case(funcs, [2, 3, 5, 4], [2, 0, 3, 1], rng)),
         ("copy_i32 [3,1,7] by [2,1,0]", lambda: copy_case(funcs, [3, 1, 7], [2, 1, 0], rng)),
         ("gather_i32_i64 2x5x3 from 4", lambda: gather_case(funcs, 2, 5, 3, 4, rng)),
@@ -1014,11 +1103,13 @@ def main():
         ("reduce_axis_max [2,9,300]", lambda: reduce_case(funcs, "max", 2, 9, 300, 1.0, rng)),
         ("reduce_axis_min [4,3,1]", lambda: reduce_case(funcs, "min", 4, 3, 1, 1.0, rng)),
     ):
-        if only and label.split()[0] not in only:
+        if only and label.split()[0] not in only or label.split()[0] not in funcs and label.startswith("gemm_wgmma"):
             continue
         e = err()
         print(f"{'ok  ' if e is None else 'FAIL'} {label}" + ("" if e is None else f": {e}"), flush=True)
         bad += e is not None
+    if STATS["wgmma"]:
+        print(f"wgmma: {STATS['wgmma']} warpgroup products", flush=True)
     if STATS["ldmatrix"]:
         print(f"ldmatrix: {STATS['ldmatrix']} phases, {STATS['ldmatrix_conflicts']} with a bank conflict", flush=True)
         bad += STATS["ldmatrix_conflicts"] > 0

@@ -51,6 +51,8 @@ fn load(spec: &str, set: &[(&str, &str)], decode: bool, level: OptLevel) -> Lowe
 fn emulated(l: &Lowered, w: &BTreeMap<String, Tensor>, level: OptLevel, script: &std::path::Path) -> CudaModel {
     let opts = kiln_cpu::Options::for_level(if level == OptLevel::O0 { 0 } else { 2 });
     let (planned, mlir) = kiln_cuda::plan_mlir(&l.graph, w, &l.dims, &opts).unwrap();
+    // The emulated device has the sm_90a kernels too (a GPU has them on compute capability 9.0).
+    let mlir = mlir + &kiln_cuda::emit::wgmma_module();
     CudaModel::emulated(&planned.manifest, planned.weights, &mlir, script).unwrap_or_else(|e| panic!("{e}"))
 }
 
@@ -275,6 +277,14 @@ fn tensor_core_products_on_the_emulated_gpu() {
     let stats = model.kernel_stats();
     let bf = stats["gemm_bf16"];
     assert!(bf.launches == 4 && bf.seconds > 0.0, "{stats:?}");
+    // Hopper's warpgroup MMA instead (opt-in): the same products through gemm_wgmma.
+    assert!(model.set_wgmma(true));
+    let (e, l2) = compare(&model, &l, &w, &feed);
+    let runs = model.kernel_stats();
+    eprintln!("minilm, wgmma: relative difference {e:.2e}, relative L2 {l2:.2e}");
+    assert!(l2 <= 1e-2 && e > 1e-5, "wgmma: relative L2 {l2:e}, max {e:e}");
+    assert_eq!(runs.get("gemm_wgmma").map(|s| s.launches), Some(4), "{runs:?}");
+    model.set_wgmma(false);
     model.set_tensor_cores(false);
     let (e, _) = compare(&model, &l, &w, &feed);
     eprintln!("minilm, f32: relative difference {e:.2e}");
