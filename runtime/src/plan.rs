@@ -428,6 +428,11 @@ pub fn flash_kernel(kernel: u32, score: usize) -> String {
     format!("fa{kernel}_{score}")
 }
 
+/// The tensor-core variant of [`flash_kernel`] for head dimension `dim` (`d = dv`).
+pub fn flash_tc_kernel(kernel: u32, score: usize, dim: i64) -> String {
+    format!("fa{kernel}_{score}_tc{dim}")
+}
+
 /// Everything about an artifact except its bytes.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Manifest {

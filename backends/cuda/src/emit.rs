@@ -11,6 +11,9 @@
 
 use std::fmt::Write;
 
+mod flash_tc;
+pub use flash_tc::{flash_tc, FT_DIMS, FT_ROWS, FT_THREADS};
+
 use kiln_cpu::plan::{Expr, KernelSpec};
 use kiln_ir::{BinaryOp, CmpOp, DType, ReduceOp, UnaryOp};
 use kiln_runtime::plan::KernelKind;
@@ -1995,6 +1998,15 @@ pub fn module(specs: &[KernelSpec], flash_kernels: &[(u32, usize)]) -> Result<St
             .get(k as usize)
             .ok_or_else(|| format!("attention names kernel {k}, which does not exist"))?;
         flash(spec, score, &kiln_runtime::plan::flash_kernel(k, score), &mut out)?;
+        for dim in FT_DIMS {
+            flash_tc(
+                spec,
+                score,
+                dim,
+                &kiln_runtime::plan::flash_tc_kernel(k, score, dim),
+                &mut out,
+            )?;
+        }
     }
     gemm(BOperand::F32, "gemm_f32", &mut out);
     gemm(BOperand::Int8, "gemm_i8", &mut out);

@@ -403,9 +403,9 @@ def emit_block(block, out, ind, targets):
                 assert mm, rest
                 out.append(f"{pad}{py(res)} = yield ('wgmma', {py(mm.group(1))}, {py(mm.group(2))}, {py(mm.group(3))}, {mm.group(4)})")
             elif opname == "nvvm.ldmatrix":
-                mm = re.match(r"(%\w+) \{num = (\d) : i32, layout = #nvvm\.mma_layout<row>", rest)
+                mm = re.match(r"(%\w+) \{num = (\d) : i32, layout = #nvvm\.mma_layout<(row|col)>", rest)
                 assert mm and "m = 8, n = 8" in rest and "<b16>" in rest, rest
-                out.append(f"{pad}{py(res)} = yield ('ldm', {py(mm.group(1))}, {mm.group(2)})")
+                out.append(f"{pad}{py(res)} = yield ('ldm', {py(mm.group(1))}, {mm.group(2)}, {mm.group(3) == 'col'})")
             elif opname == "nvvm.mma.sync":
                 mm = re.match(r"A\[(.*?)\] B\[(.*?)\] C\[(.*?)\]", rest)
                 assert "mma_type<bf16>" in rest and "m = 16, n = 8, k = 16" in rest, rest
@@ -614,10 +614,11 @@ def cp_wait(cp, mem, sh, n, me, ep):
 
 
 def ldmatrix_warp(events, sh, lanes, ep):
-    """ldmatrix .x1/.x2/.x4 .m8n8 .b16 (non-transposed): lane 8j + r addresses row r of matrix j;
-    lane i receives, from each matrix j, the 32-bit word (i % 4) of row i / 4. Counts the phases
-    whose eight rows share a bank."""
-    num = events[0][2]
+    """ldmatrix .x1/.x2/.x4 .m8n8 .b16: lane 8j + r addresses row r of matrix j; lane i receives,
+    from each matrix j, the 32-bit word (i % 4) of row i / 4 — or with .trans (layout col) the
+    elements (row 2 (i % 4), column i / 4) and (row 2 (i % 4) + 1, column i / 4), lower half
+    first. Counts the phases whose eight rows share a bank."""
+    num, trans = events[0][2], events[0][3]
     rows = [e[1] for e in events]
     for j in range(num):
         STATS["ldmatrix"] += 1
@@ -632,10 +633,24 @@ def ldmatrix_warp(events, sh, lanes, ep):
     for i in range(len(events)):
         regs = []
         for j in range(num):
+            if trans:
+                col = i // 4
+                pair = []
+                for r in (2 * (i % 4), 2 * (i % 4) + 1):
+                    buf, w = shared_at(sh, rows[8 * j + r], 16, "ldmatrix row")
+                    pair.append(halves(buf[w + col // 2])[col % 2])
+                regs.append(bf16_word(pair[0], pair[1]))
+                continue
             buf, w = shared_at(sh, rows[8 * j + i // 4], 16, "ldmatrix row")
             regs.append(buf[w + i % 4])
         out.append(tuple(regs) if num > 1 else regs[0])
     return out
+
+
+def bf16_word(lo, hi):
+    """Two bf16-exact floats packed into one 32-bit word (as a signed int, like the kernels' i32)."""
+    bits = lambda x: struct.unpack("<I", struct.pack("<f", x))[0] >> 16
+    return wrap(bits(lo) | bits(hi) << 16, "i32")
 
 
 def halves(word):

@@ -270,6 +270,9 @@ fn tensor_core_products_on_the_emulated_gpu() {
     assert_eq!(runs.get("gemm_bf16"), Some(&4), "{runs:?}");
     assert_eq!(runs.get("to_bf16"), Some(&4), "{runs:?}");
     assert_eq!(runs.get("gemm_f32"), Some(&2), "{runs:?}");
+    // A run that leaves its outputs on the device launches the same kernels.
+    model.run_on_device(&feed).unwrap();
+    assert_eq!(model.launch_counts().get("gemm_bf16"), Some(&8));
     // Profiling times every launch (and restarts the counts).
     model.set_profiling(true);
     model.run(&feed).unwrap();
@@ -381,6 +384,59 @@ fn fused_attention_on_the_emulated_gpu() {
     let (e, _) = compare(&model, &l, &w, &feed);
     eprintln!("gpt2 1x40, fused attention: relative difference {e:.2e}");
     assert!(e <= 1e-5, "gpt2 causal fused attention: {e:e}");
+}
+
+/// Fused attention on tensor cores (`fa*_tc32`, `fa*_tc64`: bf16 `mma.sync` for both products,
+/// K and V fragments by `ldmatrix`, V's transposed): MiniLM with head dimension 32 over 70
+/// positions with a padded row (two 64-key steps, two 64-row blocks), and GPT-2 with head
+/// dimension 64, causal over 40. Within bf16's rounding of the interpreter.
+#[test]
+#[cfg_attr(feature = "mlir", ignore = "the same check runs in the plain test pass")]
+fn tensor_core_attention_on_the_emulated_gpu() {
+    let Some(script) = emulator() else { return };
+    let set: &[(&str, &str)] = &[
+        ("layers", "1"),
+        ("vocab", "60"),
+        ("hidden", "64"),
+        ("heads", "2"),
+        ("ffn", "64"),
+    ];
+    let l = load("minilm.ron", set, false, OptLevel::O2);
+    let w = kiln_frontend::weights::random(&l, 14);
+    let model = emulated(&l, &w, OptLevel::O2, &script);
+    let (b, s) = (2, 70);
+    let mut feed = kiln_cpu::quant::feed(&l.graph, &ids(b, s, 6, 60)).unwrap();
+    let mask: Vec<f64> = (0..b * s).map(|i| if i >= s + 45 { 0.0 } else { 1.0 }).collect();
+    feed.insert(
+        "attention_mask".into(),
+        Tensor::from_f64(kiln_ir::DType::I64, vec![b, s], &mask).unwrap(),
+    );
+    let (e, l2) = compare(&model, &l, &w, &feed);
+    let runs = model.launch_counts();
+    eprintln!("minilm d=32 2x70, tensor-core attention: relative difference {e:.2e}, relative L2 {l2:.2e}; {runs:?}");
+    // bf16 rounding gives ~9e-4; dropping the online softmax's rescale gives 5e-2 and 1e-2.
+    assert!(l2 <= 3e-3 && e <= 1e-2, "relative L2 {l2:e}, max {e:e}");
+    assert!(runs.keys().any(|k| k.ends_with("_tc32")), "{runs:?}");
+    let set: &[(&str, &str)] = &[
+        ("layers", "1"),
+        ("vocab", "60"),
+        ("hidden", "128"),
+        ("heads", "2"),
+        ("max_pos", "48"),
+    ];
+    let l = load("gpt2.ron", set, false, OptLevel::O2);
+    let w = kiln_frontend::weights::random(&l, 15);
+    let model = emulated(&l, &w, OptLevel::O2, &script);
+    let feed = kiln_cpu::quant::feed(&l.graph, &ids(1, 40, 8, 60)).unwrap();
+    let (e, l2) = compare(&model, &l, &w, &feed);
+    let runs = model.launch_counts();
+    eprintln!(
+        "gpt2 d=64 1x40 causal, tensor-core attention: relative difference {e:.2e}, relative L2 {l2:.2e}; {runs:?}"
+    );
+    assert!(l2 <= 1e-2 && e <= 1e-2, "relative L2 {l2:e}, max {e:e}");
+    assert!(runs.keys().any(|k| k.ends_with("_tc64")), "{runs:?}");
+    // A batch of one sequence is one matrix of rows too: the products by weights take gemm_bf16.
+    assert_eq!(runs.get("gemm_bf16"), Some(&5), "{runs:?}");
 }
 
 /// Reductions of a value computed on the GPU, over every axis set of a rank-3 shape and with every

@@ -108,8 +108,12 @@ fn every_spec_emits_one_gpu_func_per_fusion_group() {
         }
         let flash = planned.manifest.flash_kernels();
         for &(k, j) in &flash {
-            let name = kiln_runtime::plan::flash_kernel(k, j);
-            assert!(mlir.contains(&format!("gpu.func @{name}(")), "{name}: {name} missing");
+            let fa = kiln_runtime::plan::flash_kernel(k, j);
+            assert!(mlir.contains(&format!("gpu.func @{fa}(")), "{name}: {fa} missing");
+            for dim in kiln_cuda::emit::FT_DIMS {
+                let tc = kiln_runtime::plan::flash_tc_kernel(k, j, dim);
+                assert!(mlir.contains(&format!("gpu.func @{tc}(")), "{name}: {tc} missing");
+            }
         }
         let attention = planned.manifest.steps.iter().filter(|s| s.flash().is_some()).count();
         assert!(
@@ -118,7 +122,9 @@ fn every_spec_emits_one_gpu_func_per_fusion_group() {
         );
         assert_eq!(
             mlir.matches("gpu.func").count(),
-            planned.kernels.len() + flash.len() + kiln_cuda::emit::fixed_kernels().len()
+            planned.kernels.len()
+                + flash.len() * (1 + kiln_cuda::emit::FT_DIMS.len())
+                + kiln_cuda::emit::fixed_kernels().len()
         );
     }
 }

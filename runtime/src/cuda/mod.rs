@@ -45,6 +45,11 @@ const GEMV_COLS_PER_WARP_BLOCK: usize = 8;
 const FA_ROWS: usize = 16;
 const FA_THREADS: u32 = 128;
 const FA_MAX_DIM: usize = 128;
+/// Tensor-core fused attention: query rows and threads per block, and the head dimensions it is
+/// emitted for (`kiln_cuda::emit::FT_ROWS`, `FT_THREADS`, `FT_DIMS`).
+const FT_ROWS: usize = 64;
+const FT_THREADS: u32 = 128;
+const FT_DIMS: [i64; 2] = [32, 64];
 /// Rank the copy kernel walks (`kiln_cuda::emit::COPY_RANK`).
 const COPY_RANK: usize = 6;
 
@@ -156,7 +161,10 @@ impl CudaModel {
         let flash: Vec<String> = m
             .flash_kernels()
             .into_iter()
-            .map(|(k, j)| crate::plan::flash_kernel(k, j))
+            .flat_map(|(k, j)| {
+                let tc = FT_DIMS.map(|d| crate::plan::flash_tc_kernel(k, j, d));
+                std::iter::once(crate::plan::flash_kernel(k, j)).chain(tc)
+            })
             .collect();
         // Kernels that need Hopper's architecture-specific instructions (wgmma) come in a module of
         // their own for exactly compute capability 9.0.
@@ -332,7 +340,13 @@ impl CudaModel {
 
     /// Runs the model; returns the outputs by name, in declaration order.
     pub fn run(&self, inputs: &BTreeMap<String, Tensor>) -> Result<Vec<(String, Tensor)>, RunError> {
-        self.run_inner(inputs, None)
+        self.run_inner(inputs, None, true)
+    }
+
+    /// Runs the model and waits for it, leaving the outputs on the GPU: what a framework whose
+    /// tensors stay on the device is timed doing (`kiln bench` reports both).
+    pub fn run_on_device(&self, inputs: &BTreeMap<String, Tensor>) -> Result<(), RunError> {
+        self.run_inner(inputs, None, false).map(|_| ())
     }
 
     /// Starts a generation session: an empty key/value cache on the GPU.
@@ -355,6 +369,7 @@ impl CudaModel {
         &self,
         inputs: &BTreeMap<String, Tensor>,
         mut cache: Option<&mut CudaKvCache>,
+        fetch: bool,
     ) -> Result<Vec<(String, Tensor)>, RunError> {
         let m = &self.manifest;
         let fail = |step: usize, value: usize, msg: String| RunError::Step {
@@ -489,7 +504,7 @@ impl CudaModel {
             return Err(fail(usize::MAX, usize::MAX, "a gather index is out of range".into()));
         }
         let mut outs = Vec::new();
-        for p in &m.outputs {
+        for p in m.outputs.iter().filter(|_| fetch) {
             let v = p.value as usize;
             let bytes = download(&**dev, run.addr[v], sizes[v]).map_err(|e| fail(usize::MAX, v, e))?;
             let t = Tensor::from_le_bytes(m.values[v].dtype, shapes[v].clone(), &bytes)
@@ -1102,8 +1117,11 @@ impl Run<'_> {
                 let sto = row_major(batch);
                 let (sam, sak) = if *ta { (1, sa[ra - 1]) } else { (sa[ra - 1], 1) };
                 let (sbk, sbn) = if *tb { (1, sb[rb - 1]) } else { (sb[rb - 1], 1) };
+                // Whether the left operand's batches are laid out like the output's (axes of one
+                // element, whose strides bstrides reports as 0, do not count): one matrix of rows.
+                let same = (0..batch.len()).all(|i| batch[i] == 1 || sta[i] == sto[i]);
                 // Against a weight, with the left operand one matrix of rows: bf16 tensor cores.
-                let flat = batch.is_empty() || (!*ta && sta == sto);
+                let flat = batch.is_empty() || (!*ta && same);
                 let rows = elems(batch) * m;
                 if flat && stb.iter().all(|s| *s == 0) && self.bf16_applies(rows) {
                     if let Some(wb) = self.model.weight_bytes(*b) {
@@ -1129,7 +1147,7 @@ impl Run<'_> {
                 }
                 // A batch of row-major left operands against one right operand (a weight): one
                 // product over all their rows, so the row tiles fill (and tensor cores apply).
-                if !*ta && !batch.is_empty() && stb.iter().all(|s| *s == 0) && sta == sto {
+                if !*ta && !batch.is_empty() && stb.iter().all(|s| *s == 0) && same {
                     let b_args = [
                         Arg::P(self.addr[*b as usize]),
                         Arg::I(0),
@@ -1503,6 +1521,19 @@ impl Run<'_> {
                             .iter()
                             .map(|i| Arg::P(i.map_or(table, |x| self.addr[x as usize]))),
                     );
+                    // On tensor cores where the head dimension has a kernel and the rows fill a
+                    // 64-row block at least halfway.
+                    let (kk, j) = step.flash().expect("a fused attention kernel has a name");
+                    let tc = crate::plan::flash_tc_kernel(kk, j, d as i64);
+                    if self.model.tensor_cores
+                        && d == dv
+                        && FT_DIMS.contains(&(d as i64))
+                        && sq >= FT_ROWS / 2
+                        && self.model.dev.has(&tc)
+                    {
+                        let grid = (sq.div_ceil(FT_ROWS) as u32, (b * h) as u32, 1);
+                        return self.launch(Kernel::Fixed(&tc), grid, (FT_THREADS, 1, 1), &args);
+                    }
                     let grid = (sq.div_ceil(FA_ROWS) as u32, (b * h) as u32, 1);
                     return self.launch(Kernel::Fixed(&name), grid, (FA_THREADS, 1, 1), &args);
                 }
@@ -1715,7 +1746,7 @@ impl CudaSession<'_> {
             });
         }
         self.failed = true;
-        let outs = self.model.run_inner(&inputs, Some(&mut self.cache))?;
+        let outs = self.model.run_inner(&inputs, Some(&mut self.cache), true)?;
         self.cache.len = self.feed.len();
         self.failed = false;
         Ok(outs)
