@@ -554,6 +554,66 @@ pub const FA_THREADS: u32 = 128;
 /// Largest head dimension (of queries/keys and of values) the fused attention kernel takes.
 pub const FA_MAX_DIM: i64 = 128;
 
+/// The parameters of the fused attention kernels, in launch order (see [`flash`]): each operand as
+/// (pointer, batch, head and position strides).
+struct AttnParams {
+    sq: String,
+    sk: String,
+    d: String,
+    dv: String,
+    h: String,
+    q: [String; 4],
+    k: [String; 4],
+    v: [String; 4],
+    o: [String; 4],
+    scale: String,
+    offs: String,
+    ins: Vec<String>,
+}
+
+impl AttnParams {
+    fn declare(f: &mut Func, spec: &KernelSpec) -> AttnParams {
+        let (sq, sk, d, dv, h) = (f.i64("sq"), f.i64("sk"), f.i64("d"), f.i64("dv"), f.i64("h"));
+        let operand = |f: &mut Func, n: &str| -> [String; 4] {
+            [
+                f.ptr(n),
+                f.i64(&format!("{n}sb")),
+                f.i64(&format!("{n}sh")),
+                f.i64(&format!("{n}ss")),
+            ]
+        };
+        let (q, k, v, o) = (operand(f, "q"), operand(f, "k"), operand(f, "v"), operand(f, "o"));
+        let scale = f.param("scale", "f32");
+        let offs = f.ptr("offs");
+        let ins = (0..spec.inputs.len()).map(|i| f.ptr(&format!("in{i}"))).collect();
+        AttnParams {
+            sq,
+            sk,
+            d,
+            dv,
+            h,
+            q,
+            k,
+            v,
+            o,
+            scale,
+            offs,
+            ins,
+        }
+    }
+
+    /// The first element of q, k, v and o for block row `bh` (batch `bh / h`, head `bh % h`).
+    fn bases(&self, b: &mut Body, bh: &str) -> [String; 4] {
+        let bi = b.ibin("divui", bh, &self.h);
+        let hi = b.ibin("remui", bh, &self.h);
+        [&self.q, &self.k, &self.v, &self.o].map(|[_, sb, sh, _]| {
+            let x = b.ibin("muli", &bi, sb);
+            let y = b.ibin("muli", &hi, sh);
+            b.ibin("addi", &x, &y)
+        })
+    }
+}
+
 /// Fused attention (FlashAttention-2's schedule on CUDA cores): `out = softmax(prologue(scale ·
 /// q kᵀ)) v` without materialising the scores. `spec` is the attention step's softmax kernel;
 /// its expressions (mask bias, causal select) are evaluated per score with input `score` standing
@@ -593,23 +653,22 @@ pub fn flash(spec: &KernelSpec, score: usize, name: &str, out: &mut String) -> R
     let ks_ty = format!("memref<{ks_len}xf32, #gpu.address_space<workgroup>>");
     let vs_ty = format!("memref<{vs_len}xf32, #gpu.address_space<workgroup>>");
     let mut f = Func::new(name);
-    let (sq, sk, d, dv, h) = (f.i64("sq"), f.i64("sk"), f.i64("d"), f.i64("dv"), f.i64("h"));
-    let (sq, sk, d, dv, h) = (sq.as_str(), sk.as_str(), d.as_str(), dv.as_str(), h.as_str());
-    let operand = |f: &mut Func, n: &str| -> [String; 4] {
-        [
-            f.ptr(n),
-            f.i64(&format!("{n}sb")),
-            f.i64(&format!("{n}sh")),
-            f.i64(&format!("{n}ss")),
-        ]
-    };
-    let [q, qsb, qsh, qss] = operand(&mut f, "q");
-    let [k, ksb, ksh, kss] = operand(&mut f, "k");
-    let [v, vsb, vsh, vss] = operand(&mut f, "v");
-    let [o, osb, osh, oss] = operand(&mut f, "o");
-    let scale = f.param("scale", "f32");
-    let offs = f.ptr("offs");
-    let ins: Vec<String> = (0..spec.inputs.len()).map(|i| f.ptr(&format!("in{i}"))).collect();
+    let params = AttnParams::declare(&mut f, spec);
+    let AttnParams {
+        sq,
+        sk,
+        d,
+        dv,
+        q: [q, _, _, qss],
+        k: [k, _, _, kss],
+        v: [v, _, _, vss],
+        o: [o, _, _, oss],
+        scale,
+        offs,
+        ins,
+        ..
+    } = &params;
+    let (sq, sk, d, dv) = (sq.as_str(), sk.as_str(), d.as_str(), dv.as_str());
     f.smem.push(("qs".into(), qs_ty.clone()));
     f.smem.push(("ks".into(), ks_ty.clone()));
     f.smem.push(("vs".into(), vs_ty.clone()));
@@ -628,18 +687,8 @@ pub fn flash(spec: &KernelSpec, score: usize, name: &str, out: &mut String) -> R
     let vp = b.i64c(FA_MAX_DIM);
     let fzero = b.f32c(0.0);
     let ninf = b.f32c(f32::NEG_INFINITY);
-    // This block's batch, head and first query row; each operand's base element.
-    let bi = b.ibin("divui", &bh, &h);
-    let hi = b.ibin("remui", &bh, &h);
-    let base = |b: &mut Body, sb: &str, sh: &str| -> String {
-        let x = b.ibin("muli", &bi, sb);
-        let y = b.ibin("muli", &hi, sh);
-        b.ibin("addi", &x, &y)
-    };
-    let qb = base(b, &qsb, &qsh);
-    let kb = base(b, &ksb, &ksh);
-    let vb = base(b, &vsb, &vsh);
-    let ob = base(b, &osb, &osh);
+    // This block's first query row; each operand's base element.
+    let [qb, kb, vb, ob] = params.bases(b, &bh);
     let rows_c = b.i64c(FA_ROWS);
     let row0 = b.ibin("muli", &bx, &rows_c);
     // Stage the query rows: qs[r · QP + c] (zeros past sq).
@@ -648,12 +697,12 @@ pub fn flash(spec: &KernelSpec, score: usize, name: &str, out: &mut String) -> R
     let r = b.ibin("divui", &i, d);
     let c = b.ibin("remui", &i, d);
     let row = b.ibin("addi", &row0, &r);
-    let ok = b.icmp("slt", &row, &sq);
+    let ok = b.icmp("slt", &row, sq);
     let x = guarded_load(b, &ok, |b| {
-        let at = b.ibin("muli", &row, &qss);
+        let at = b.ibin("muli", &row, qss);
         let at = b.ibin("addi", &at, &c);
         let at = b.ibin("addi", &at, &qb);
-        b.load(&q, &at, "f32")
+        b.load(q, &at, "f32")
     });
     b.shared_store(&x, "%qs", (&r, &qp, &c), &qs_ty);
     b.end_for(&[]);
@@ -668,7 +717,7 @@ pub fn flash(spec: &KernelSpec, score: usize, name: &str, out: &mut String) -> R
         }
     }
     let init_ref: Vec<(&str, &str)> = init.iter().map(|(a, t)| (a.as_str(), *t)).collect();
-    let (t0, carried, results) = b.begin_for(&zero, &sk, &keys, &init_ref);
+    let (t0, carried, results) = b.begin_for(&zero, sk, &keys, &init_ref);
     b.line("gpu.barrier");
     // Stage this step's keys and values (zeros past sk).
     for (src, sbase, sstride, width, buf, ty, pitch) in [
@@ -680,7 +729,7 @@ pub fn flash(spec: &KernelSpec, score: usize, name: &str, out: &mut String) -> R
         let j = b.ibin("divui", &i, width);
         let c = b.ibin("remui", &i, width);
         let key = b.ibin("addi", &t0, &j);
-        let ok = b.icmp("slt", &key, &sk);
+        let ok = b.icmp("slt", &key, sk);
         let x = guarded_load(b, &ok, |b| {
             let at = b.ibin("muli", &key, sstride);
             let at = b.ibin("addi", &at, &c);
@@ -692,7 +741,7 @@ pub fn flash(spec: &KernelSpec, score: usize, name: &str, out: &mut String) -> R
     }
     b.line("gpu.barrier");
     let key = b.ibin("addi", &t0, &lane);
-    let key_ok = b.icmp("slt", &key, &sk);
+    let key_ok = b.icmp("slt", &key, sk);
     let nops = b.i64c(spec.inputs.len() as i64 + 1);
     let width = b.i32c(32);
     let mut next: Vec<String> = Vec::new();
@@ -716,7 +765,7 @@ pub fn flash(spec: &KernelSpec, score: usize, name: &str, out: &mut String) -> R
         let kv = b.val(&format!("memref.load %ks[{ki}] : {ks_ty}"));
         let fma = b.val(&format!("math.fma {qv}, {kv}, {} : f32", acc[0]));
         b.end_for(&[(&fma, "f32")]);
-        let s = b.fbin("mulf", &dot[0], &scale);
+        let s = b.fbin("mulf", &dot[0], scale);
         // The softmax kernel's prologue on this score (-inf past the keys and rows).
         let both = b.val(&format!("arith.andi {key_ok}, {row_ok} : i1"));
         let xr = b.fresh();
@@ -731,7 +780,7 @@ pub fn flash(spec: &KernelSpec, score: usize, name: &str, out: &mut String) -> R
             }
             let jc = b.i64c(j as i64);
             let at = b.ibin("addi", &trow, &jc);
-            let start = b.load(&offs, &at, "i64");
+            let start = b.load(offs, &at, "i64");
             let at = if spec.inputs[j].1 {
                 b.ibin("addi", &start, &key)
             } else {
@@ -792,20 +841,20 @@ pub fn flash(spec: &KernelSpec, score: usize, name: &str, out: &mut String) -> R
         let lr = b.ibin("muli", &warp, &wr);
         let lr = b.ibin("addi", &lr, &rw);
         let row = b.ibin("addi", &row0, &lr);
-        let row_ok = b.icmp("slt", &row, &sq);
+        let row_ok = b.icmp("slt", &row, sq);
         b.begin_if(&row_ok);
         let fone = b.f32c(1.0);
         let inv = b.fbin("divf", &fone, &st[1]);
-        let orow = b.ibin("muli", &row, &oss);
+        let orow = b.ibin("muli", &row, oss);
         let orow = b.ibin("addi", &orow, &ob);
         for u in 0..4 {
             let cu = b.i64c(32 * u);
             let col = b.ibin("addi", &lane, &cu);
-            let col_ok = b.icmp("slt", &col, &dv);
+            let col_ok = b.icmp("slt", &col, dv);
             b.begin_if(&col_ok);
             let y = b.fbin("mulf", &st[2 + u as usize], &inv);
             let at = b.ibin("addi", &orow, &col);
-            b.store(&y, &o, &at, "f32");
+            b.store(&y, o, &at, "f32");
             b.end_if();
         }
         b.end_if();
@@ -931,16 +980,27 @@ fn binary(b: &mut Body, op: BinaryOp, x: &str, y: &str) -> String {
 
 /// `if c { load } else { 0 }` as a value.
 fn guarded_load(b: &mut Body, c: &str, load: impl FnOnce(&mut Body) -> String) -> String {
+    guarded(b, c, "f32", load, |b| b.f32c(0.0))
+}
+
+/// `if c { then } else { other }` as a value of type `ty` (each branch emitted in its region).
+fn guarded(
+    b: &mut Body,
+    c: &str,
+    ty: &str,
+    then: impl FnOnce(&mut Body) -> String,
+    other: impl FnOnce(&mut Body) -> String,
+) -> String {
     let r = b.fresh();
-    b.line(&format!("{r} = scf.if {c} -> (f32) {{"));
+    b.line(&format!("{r} = scf.if {c} -> ({ty}) {{"));
     b.indent += 1;
-    let v = load(b);
-    b.line(&format!("scf.yield {v} : f32"));
+    let v = then(b);
+    b.line(&format!("scf.yield {v} : {ty}"));
     b.indent -= 1;
     b.line("} else {");
     b.indent += 1;
-    let z = b.f32c(0.0);
-    b.line(&format!("scf.yield {z} : f32"));
+    let z = other(b);
+    b.line(&format!("scf.yield {z} : {ty}"));
     b.indent -= 1;
     b.line("}");
     r
@@ -1158,17 +1218,7 @@ pub fn gemm_tc(kind: BOperand, name: &str, out: &mut String) {
     let t2 = b.ibin("muli", &t, &c2);
     let col0 = b.ibin("addi", &n0, &b_row0);
     let col0 = b.ibin("addi", &col0, &t2);
-    for mi in 0..4 {
-        for ni in 0..4 {
-            for q in 0..4 {
-                let dr = b.i64c(16 * mi + 8 * (q / 2));
-                let dc = b.i64c(8 * ni + q % 2);
-                let r = b.ibin("addi", &r0, &dr);
-                let col = b.ibin("addi", &col0, &dc);
-                p.store_output(b, &bases, &r, &col, &results[((mi * 4 + ni) * 4 + q) as usize]);
-            }
-        }
-    }
+    store_warp_tile(b, &p, &bases, (&r0, &col0), &results);
     f.finish(out);
 }
 
@@ -1502,17 +1552,7 @@ fn bf16_pipeline(name: &str, wgmma: bool, out: &mut String) {
     let col0 = b.ibin("muli", &wn, &c32);
     let col0 = b.ibin("addi", &col0, &n0);
     let col0 = b.ibin("addi", &col0, &t2);
-    for mi in 0..4 {
-        for ni in 0..4 {
-            for q in 0..4 {
-                let dr = b.i64c(16 * mi + 8 * (q / 2));
-                let dc = b.i64c(8 * ni + q % 2);
-                let r = b.ibin("addi", &r0, &dr);
-                let col = b.ibin("addi", &col0, &dc);
-                p.store_output(b, &bases, &r, &col, &results[((mi * 4 + ni) * 4 + q) as usize]);
-            }
-        }
-    }
+    store_warp_tile(b, &p, &bases, (&r0, &col0), &results);
     f.finish(out);
 }
 
@@ -1567,6 +1607,22 @@ pub fn to_bf16(out: &mut String) {
     b.store(&word, &dst, &w, "i32");
     b.end_for(&[]);
     f.finish(out);
+}
+
+/// The epilogue of a warp's 64 × 32 tile of `m16n8` accumulators: accumulator q of tile (mi, ni)
+/// is row `r0 + 16 mi + 8 (q / 2)`, column `col0 + 8 ni + q % 2` (`r0`, `col0`: the lane's first).
+fn store_warp_tile(b: &mut Body, p: &GemmParams, bases: &GemmBases, (r0, col0): (&str, &str), results: &[String]) {
+    for mi in 0..4 {
+        for ni in 0..4 {
+            for q in 0..4 {
+                let dr = b.i64c(16 * mi + 8 * (q / 2));
+                let dc = b.i64c(8 * ni + q % 2);
+                let r = b.ibin("addi", r0, &dr);
+                let col = b.ibin("addi", col0, &dc);
+                p.store_output(b, bases, &r, &col, &results[((mi * 4 + ni) * 4 + q) as usize]);
+            }
+        }
+    }
 }
 
 /// Where staging element `e` of a tile `rows` long and `depth` deep goes: `(row, k)`. When the

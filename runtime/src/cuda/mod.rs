@@ -239,19 +239,10 @@ impl CudaModel {
         let weights = DevMem::upload(&dev, &host_weights).map_err(LoadError::Cuda)?;
         let mut dense = BTreeMap::new();
         for (si, step) in m.steps.iter().enumerate() {
-            let d = match step {
-                Step::SpMatMul {
-                    row_ptr,
-                    cols,
-                    vals,
-                    a,
-                    block,
-                    ..
-                } => densify(&m, &host_weights, &[*row_ptr, *cols, *vals], *a, Some(*block)),
-                Step::SpMatMul24 { a, vals, idx, .. } => densify(&m, &host_weights, &[*vals, *idx], *a, None),
-                _ => continue,
-            }
-            .map_err(|e| LoadError::Corrupt(format!("step {si}: {e}")))?;
+            let Some(d) = densify_step(&m, &host_weights, step) else {
+                continue;
+            };
+            let d = d.map_err(|e| LoadError::Corrupt(format!("step {si}: {e}")))?;
             dense.insert(si, DevMem::upload(&dev, &d).map_err(LoadError::Cuda)?);
         }
         Ok(CudaModel {
@@ -624,6 +615,22 @@ impl CudaModel {
 /// A sparse weight (block CSR: `[row_ptr, cols, vals]`; packed 2:4: `[vals, idx]`) as the dense
 /// `[n, k]` f32 matrix it stands for, by the reference evaluator's `Densify`/`Densify24`, which
 /// checks its indices (`k` from the product's left operand).
+/// A sparse product step's weight as dense f32 `[n, k]` bytes; `None` for other steps.
+fn densify_step(m: &Manifest, w: &[u8], step: &Step) -> Option<Result<Vec<u8>, String>> {
+    Some(match step {
+        Step::SpMatMul {
+            row_ptr,
+            cols,
+            vals,
+            a,
+            block,
+            ..
+        } => densify(m, w, &[*row_ptr, *cols, *vals], *a, Some(*block)),
+        Step::SpMatMul24 { a, vals, idx, .. } => densify(m, w, &[*vals, *idx], *a, None),
+        _ => return None,
+    })
+}
+
 fn densify(m: &Manifest, w: &[u8], parts: &[u32], a: u32, block: Option<[u64; 2]>) -> Result<Vec<u8>, String> {
     let mut operands = Vec::new();
     for &v in parts {
@@ -1300,21 +1307,8 @@ impl Run<'_> {
                 }
                 if self.bf16_applies(rows) {
                     let w = self.weight_bf16(si, || {
-                        let m = &self.model.manifest;
-                        let d = match step {
-                            Step::SpMatMul {
-                                row_ptr,
-                                cols,
-                                vals,
-                                a,
-                                block,
-                                ..
-                            } => densify(m, &self.model.host_weights, &[*row_ptr, *cols, *vals], *a, Some(*block)),
-                            Step::SpMatMul24 { a, vals, idx, .. } => {
-                                densify(m, &self.model.host_weights, &[*vals, *idx], *a, None)
-                            }
-                            _ => unreachable!("matched above"),
-                        }?;
+                        let d = densify_step(&self.model.manifest, &self.model.host_weights, step)
+                            .expect("a sparse product")?;
                         Ok(bf16_rows(n, k, |col, kk| {
                             let at = 4 * (col * k + kk);
                             f32::from_le_bytes([d[at], d[at + 1], d[at + 2], d[at + 3]])

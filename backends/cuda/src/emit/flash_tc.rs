@@ -41,22 +41,20 @@ pub fn flash_tc(spec: &KernelSpec, score: usize, dim: i64, name: &str, out: &mut
     let kv_words = FT_KEYS * pitch_words;
     let lds = format!("memref<{kv_words}xi32, #gpu.address_space<workgroup>>");
     let mut f = Func::new(name);
-    let (sq, sk, _d, _dv, h) = (f.i64("sq"), f.i64("sk"), f.i64("d"), f.i64("dv"), f.i64("h"));
-    let operand = |f: &mut Func, n: &str| -> [String; 4] {
-        [
-            f.ptr(n),
-            f.i64(&format!("{n}sb")),
-            f.i64(&format!("{n}sh")),
-            f.i64(&format!("{n}ss")),
-        ]
-    };
-    let [q, qsb, qsh, qss] = operand(&mut f, "q");
-    let [k, ksb, ksh, kss] = operand(&mut f, "k");
-    let [v, vsb, vsh, vss] = operand(&mut f, "v");
-    let [o, osb, osh, oss] = operand(&mut f, "o");
-    let scale = f.param("scale", "f32");
-    let offs = f.ptr("offs");
-    let ins: Vec<String> = (0..spec.inputs.len()).map(|i| f.ptr(&format!("in{i}"))).collect();
+    // d and dv are `dim` (the runtime launches this kernel only then).
+    let params = AttnParams::declare(&mut f, spec);
+    let AttnParams {
+        sq,
+        sk,
+        q: [q, _, _, qss],
+        k: [k, _, _, kss],
+        v: [v, _, _, vss],
+        o: [o, _, _, oss],
+        scale,
+        offs,
+        ins,
+        ..
+    } = &params;
     f.smem.push(("ks".into(), format!("{lds} {{llvm.align = 16 : i64}}")));
     f.smem.push(("vs".into(), format!("{lds} {{llvm.align = 16 : i64}}")));
     let b = &mut f.body;
@@ -73,17 +71,7 @@ pub fn flash_tc(spec: &KernelSpec, score: usize, dim: i64, name: &str, out: &mut
     let t2 = b.ibin("muli", &t, &c2);
     let fzero = b.f32c(0.0);
     let ninf = b.f32c(f32::NEG_INFINITY);
-    let bi = b.ibin("divui", &bh, &h);
-    let hi = b.ibin("remui", &bh, &h);
-    let base = |b: &mut Body, sb: &str, sh: &str| -> String {
-        let x = b.ibin("muli", &bi, sb);
-        let y = b.ibin("muli", &hi, sh);
-        b.ibin("addi", &x, &y)
-    };
-    let qb = base(b, &qsb, &qsh);
-    let kb = base(b, &ksb, &ksh);
-    let vb = base(b, &vsb, &vsh);
-    let ob = base(b, &osb, &osh);
+    let [qb, kb, vb, ob] = params.bases(b, &bh);
     let rows_c = b.i64c(FT_ROWS);
     let row0 = b.ibin("muli", &bx, &rows_c);
     let wrow = b.ibin("muli", &warp, &c16);
@@ -93,13 +81,13 @@ pub fn flash_tc(spec: &KernelSpec, score: usize, dim: i64, name: &str, out: &mut
     let r_lo = b.ibin("addi", &wrow, &g);
     let r_hi = b.ibin("addi", &r_lo, &c8);
     let rows = [r_lo, r_hi];
-    let ok: Vec<String> = rows.iter().map(|r| b.icmp("slt", r, &sq)).collect();
+    let ok: Vec<String> = rows.iter().map(|r| b.icmp("slt", r, sq)).collect();
     let row_at = |b: &mut Body, r: &str, ss: &str, base: &str| -> String {
         let x = b.ibin("muli", r, ss);
         b.ibin("addi", &x, base)
     };
-    let q_at: Vec<String> = rows.iter().map(|r| row_at(b, r, &qss, &qb)).collect();
-    let o_at: Vec<String> = rows.iter().map(|r| row_at(b, r, &oss, &ob)).collect();
+    let q_at: Vec<String> = rows.iter().map(|r| row_at(b, r, qss, &qb)).collect();
+    let o_at: Vec<String> = rows.iter().map(|r| row_at(b, r, oss, &ob)).collect();
     // Q's A fragments, one per 16 columns: (row lo, cols 2t..), (hi, 2t..), (lo, 2t+8..), (hi, 2t+8..).
     let mut qf: Vec<Vec<String>> = Vec::new();
     for ks in 0..dim / 16 {
@@ -108,9 +96,9 @@ pub fn flash_tc(spec: &KernelSpec, score: usize, dim: i64, name: &str, out: &mut
             let col = b.i64c(16 * ks + half);
             let col = b.ibin("addi", &col, &t2);
             let at = b.ibin("addi", &q_at[r], &col);
-            let lo = guarded_load(b, &ok[r], |b| b.load(&q, &at, "f32"));
+            let lo = guarded_load(b, &ok[r], |b| b.load(q, &at, "f32"));
             let at1 = b.ibin("addi", &at, &c1);
-            let hi = guarded_load(b, &ok[r], |b| b.load(&q, &at1, "f32"));
+            let hi = guarded_load(b, &ok[r], |b| b.load(q, &at1, "f32"));
             regs.push(pack_bf16(b, &lo, &hi));
         }
         qf.push(regs);
@@ -119,7 +107,7 @@ pub fn flash_tc(spec: &KernelSpec, score: usize, dim: i64, name: &str, out: &mut
     let nops = b.i64c(spec.inputs.len() as i64 + 1);
     let mut starts: Vec<Vec<Option<String>>> = Vec::new();
     for (r, row) in rows.iter().enumerate() {
-        let grow = b.ibin("muli", &bh, &sq);
+        let grow = b.ibin("muli", &bh, sq);
         let grow = b.ibin("addi", &grow, row);
         let trow = b.ibin("muli", &grow, &nops);
         let mut per = Vec::new();
@@ -130,17 +118,7 @@ pub fn flash_tc(spec: &KernelSpec, score: usize, dim: i64, name: &str, out: &mut
             }
             let jc = b.i64c(j as i64);
             let at = b.ibin("addi", &trow, &jc);
-            let s = b.fresh();
-            b.line(&format!("{s} = scf.if {} -> (i64) {{", ok[r]));
-            b.indent += 1;
-            let x = b.load(&offs, &at, "i64");
-            b.line(&format!("scf.yield {x} : i64"));
-            b.indent -= 1;
-            b.line("} else {");
-            b.indent += 1;
-            b.line(&format!("scf.yield {zero} : i64"));
-            b.indent -= 1;
-            b.line("}");
+            let s = guarded(b, &ok[r], "i64", |b| b.load(offs, &at, "i64"), |_| zero.clone());
             per.push(Some(s));
         }
         starts.push(per);
@@ -186,7 +164,7 @@ pub fn flash_tc(spec: &KernelSpec, score: usize, dim: i64, name: &str, out: &mut
     let init_ref: Vec<(&str, &str)> = init.iter().map(|(a, ty)| (a.as_str(), *ty)).collect();
     let keys = b.i64c(FT_KEYS);
     let width = b.i32c(32);
-    let (t0, carried, results) = b.begin_for(&zero, &sk, &keys, &init_ref);
+    let (t0, carried, results) = b.begin_for(&zero, sk, &keys, &init_ref);
     b.line("gpu.barrier");
     // Stage 64 keys and values as bf16 pairs (zeros past sk).
     let half = b.i64c(dim / 2);
@@ -198,7 +176,7 @@ pub fn flash_tc(spec: &KernelSpec, score: usize, dim: i64, name: &str, out: &mut
         let j = b.ibin("divui", &i, &half);
         let c = b.ibin("remui", &i, &half);
         let key = b.ibin("addi", &t0, &j);
-        let inside = b.icmp("slt", &key, &sk);
+        let inside = b.icmp("slt", &key, sk);
         let at = b.ibin("muli", &key, sstride);
         let at = b.ibin("addi", &at, sbase);
         let col = b.ibin("muli", &c, &c2);
@@ -250,32 +228,25 @@ pub fn flash_tc(spec: &KernelSpec, score: usize, dim: i64, name: &str, out: &mut
             let kc = b.i64c(8 * ti as i64 + (qi % 2) as i64);
             let key = b.ibin("addi", &t0, &kc);
             let key = b.ibin("addi", &key, &t2);
-            let key_ok = b.icmp("slt", &key, &sk);
+            let key_ok = b.icmp("slt", &key, sk);
             let both = b.val(&format!("arith.andi {key_ok}, {} : i1", ok[r]));
-            let sv = b.fbin("mulf", acc, &scale);
-            let xr = b.fresh();
-            b.line(&format!("{xr} = scf.if {both} -> (f32) {{"));
-            b.indent += 1;
-            let y = exprs(b, spec, &mut |b: &mut Body, j: usize| {
-                if j == score {
-                    return Val::F(sv.clone());
-                }
-                let start = starts[r][j].clone().expect("only the score input has no start");
-                let at = if spec.inputs[j].1 {
-                    b.ibin("addi", &start, &key)
-                } else {
-                    start
-                };
-                load_elem(b, spec.inputs[j].0, &ins[j], &at)
-            });
-            b.line(&format!("scf.yield {} : f32", y.f()));
-            b.indent -= 1;
-            b.line("} else {");
-            b.indent += 1;
-            b.line(&format!("scf.yield {ninf} : f32"));
-            b.indent -= 1;
-            b.line("}");
-            xs.push(xr);
+            let sv = b.fbin("mulf", acc, scale);
+            let prologue = |b: &mut Body| {
+                let y = exprs(b, spec, &mut |b: &mut Body, j: usize| {
+                    if j == score {
+                        return Val::F(sv.clone());
+                    }
+                    let start = starts[r][j].clone().expect("only the score input has no start");
+                    let at = if spec.inputs[j].1 {
+                        b.ibin("addi", &start, &key)
+                    } else {
+                        start
+                    };
+                    load_elem(b, spec.inputs[j].0, &ins[j], &at)
+                });
+                y.f().to_string()
+            };
+            xs.push(guarded(b, &both, "f32", prologue, |_| ninf.clone()));
         }
         x.push(xs);
     }
@@ -370,7 +341,7 @@ pub fn flash_tc(spec: &KernelSpec, score: usize, dim: i64, name: &str, out: &mut
                 let col = b.i64c(8 * ti as i64 + e as i64);
                 let col = b.ibin("addi", &col, &t2);
                 let at = b.ibin("addi", &o_at[r], &col);
-                b.store(&y, &o, &at, "f32");
+                b.store(&y, o, &at, "f32");
             }
         }
         b.end_if();
