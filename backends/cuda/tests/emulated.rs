@@ -388,8 +388,9 @@ fn fused_attention_on_the_emulated_gpu() {
 
 /// Fused attention on tensor cores (`fa*_tc32`, `fa*_tc64`: bf16 `mma.sync` for both products,
 /// K and V fragments by `ldmatrix`, V's transposed): MiniLM with head dimension 32 over 70
-/// positions with a padded row (two 64-key steps, two 64-row blocks), and GPT-2 with head
-/// dimension 64, causal over 40. Within bf16's rounding of the interpreter.
+/// positions with a padded row (two 64-key steps, two 64-row blocks), GPT-2 with head dimension
+/// 64, causal over 40, and Llama with 128 (grouped-query). Within bf16's rounding of the
+/// interpreter.
 #[test]
 #[cfg_attr(feature = "mlir", ignore = "the same check runs in the plain test pass")]
 fn tensor_core_attention_on_the_emulated_gpu() {
@@ -437,6 +438,26 @@ fn tensor_core_attention_on_the_emulated_gpu() {
     assert!(runs.keys().any(|k| k.ends_with("_tc64")), "{runs:?}");
     // A batch of one sequence is one matrix of rows too: the products by weights take gemm_bf16.
     assert_eq!(runs.get("gemm_bf16"), Some(&5), "{runs:?}");
+    // Llama: head dimension 128, grouped-query attention (2 query heads share one key/value head),
+    // rotary positions, causal over 36.
+    let set: &[(&str, &str)] = &[
+        ("layers", "1"),
+        ("vocab", "60"),
+        ("hidden", "256"),
+        ("heads", "2"),
+        ("kv_heads", "1"),
+        ("ffn", "64"),
+        ("max_pos", "48"),
+    ];
+    let l = load("llama.ron", set, false, OptLevel::O2);
+    let w = kiln_frontend::weights::random(&l, 16);
+    let model = emulated(&l, &w, OptLevel::O2, &script);
+    let feed = kiln_cpu::quant::feed(&l.graph, &ids(1, 36, 9, 60)).unwrap();
+    let (e, l2) = compare(&model, &l, &w, &feed);
+    let runs = model.launch_counts();
+    eprintln!("llama d=128 1x36 causal GQA, tensor-core attention: relative difference {e:.2e}, relative L2 {l2:.2e}; {runs:?}");
+    assert!(l2 <= 1e-2 && e <= 1e-2, "relative L2 {l2:e}, max {e:e}");
+    assert!(runs.keys().any(|k| k.ends_with("_tc128")), "{runs:?}");
 }
 
 /// Reductions of a value computed on the GPU, over every axis set of a rank-3 shape and with every

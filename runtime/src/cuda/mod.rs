@@ -49,7 +49,7 @@ const FA_MAX_DIM: usize = 128;
 /// emitted for (`kiln_cuda::emit::FT_ROWS`, `FT_THREADS`, `FT_DIMS`).
 const FT_ROWS: usize = 64;
 const FT_THREADS: u32 = 128;
-const FT_DIMS: [i64; 2] = [32, 64];
+const FT_DIMS: [i64; 3] = [32, 64, 128];
 /// Rank the copy kernel walks (`kiln_cuda::emit::COPY_RANK`).
 const COPY_RANK: usize = 6;
 

@@ -11,7 +11,7 @@ const FT_KEYS: i64 = 64;
 pub const FT_THREADS: u32 = 128;
 /// The head dimensions (`d = dv`) tensor-core attention kernels are emitted for: the fragments
 /// are registers, so the dimension is fixed per kernel (MiniLM's 32, GPT-2's 64).
-pub const FT_DIMS: [i64; 2] = [32, 64];
+pub const FT_DIMS: [i64; 3] = [32, 64, 128];
 
 /// `fa{kernel}_{score}_tc{dim}`: [`super::flash`] (same parameters, same launch arguments; grid
 /// `(⌈sq / 64⌉, b·h)`, blocks of [`FT_THREADS`]) for `d = dv = dim` on tensor cores.
