@@ -126,6 +126,18 @@ def main():
             print(f"minilm {b}x{s} {label} {ms:.3f} ms", flush=True)
             print_kernels(f"minilm {b}x{s} {label}", kernels, top=8)
         os.environ.pop("KILN_CUDA_FLASH")
+        # The alternatives a later session picks defaults from: attention on CUDA cores; products
+        # by weights below 512 rows register-staged (no bf16 conversion launch).
+        for env, val, label in (("KILN_CUDA_TC_ATTENTION", "off", "kiln (attention on CUDA cores)"),
+                                ("KILN_CUDA_BF16_MIN_ROWS", "512", "kiln (gemm_tc_f32 below 512 rows)")):
+            if env == "KILN_CUDA_BF16_MIN_ROWS" and b * s >= 512:
+                continue
+            os.environ[env] = val
+            ms = kiln_bench(a.kiln_bin, f"{a.dir}/minilm.kiln", shapes, a.iters, a.warmup)
+            os.environ.pop(env)
+            rows.append((f"minilm {b}x{s}", label, ms, None))
+            rows.append((f"minilm {b}x{s}", label + ", outputs on the GPU", kiln_bench.resident, None))
+            print(f"minilm {b}x{s} {label} {ms:.3f} ms (outputs on the GPU {kiln_bench.resident:.3f})", flush=True)
         # Products by weights on Hopper's wgmma (opt-in).
         os.environ["KILN_CUDA_WGMMA"] = "on"
         ms, kernels = kiln_bench(a.kiln_bin, f"{a.dir}/minilm.kiln", shapes, a.iters, a.warmup, profile=True)

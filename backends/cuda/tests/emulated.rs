@@ -418,6 +418,18 @@ fn tensor_core_attention_on_the_emulated_gpu() {
     // bf16 rounding gives ~9e-4; dropping the online softmax's rescale gives 5e-2 and 1e-2.
     assert!(l2 <= 3e-3 && e <= 1e-2, "relative L2 {l2:e}, max {e:e}");
     assert!(runs.keys().any(|k| k.ends_with("_tc32")), "{runs:?}");
+    // On CUDA cores instead (KILN_CUDA_TC_ATTENTION=off); products by weights below 256 rows
+    // register-staged (KILN_CUDA_BF16_MIN_ROWS=256): no bf16 conversions.
+    let mut model = model;
+    model.set_tc_attention(false);
+    model.set_bf16_min_rows(256);
+    model.set_profiling(true);
+    let (e2, l2b) = compare(&model, &l, &w, &feed);
+    let runs = model.launch_counts();
+    eprintln!("minilm d=32 2x70, CUDA-core attention: relative difference {e2:.2e}, relative L2 {l2b:.2e}");
+    assert!(l2b <= 3e-3 && e2 <= 1e-2, "relative L2 {l2b:e}, max {e2:e}");
+    assert!(runs.keys().all(|k| !k.ends_with("_tc32") && k != "to_bf16"), "{runs:?}");
+    assert_eq!(runs.get("gemm_tc_f32"), Some(&4), "{runs:?}");
     let set: &[(&str, &str)] = &[
         ("layers", "1"),
         ("vocab", "60"),

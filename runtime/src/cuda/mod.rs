@@ -79,6 +79,13 @@ pub struct CudaModel {
     /// `gemm_bf16`: opt-in (`KILN_CUDA_WGMMA=on`, [`CudaModel::set_wgmma`]) until it has been
     /// checked on an H100; needs the artifact's sm_90a module and a compute capability 9.0 GPU.
     wgmma: bool,
+    /// Whether fused attention uses its tensor-core kernels where they exist (with tensor cores on;
+    /// `KILN_CUDA_TC_ATTENTION=off` keeps it on CUDA cores).
+    tc_attention: bool,
+    /// Products by a weight with fewer rows than this (and at least 32) skip the bf16 copy and its
+    /// conversion launch and run on `gemm_tc_*` (`KILN_CUDA_BF16_MIN_ROWS`, default 32): a knob for
+    /// a GPU run to measure where the extra launch stops paying.
+    bf16_min_rows: usize,
     /// Whether attention runs as one fused kernel (FlashAttention-style, `fa*`) where the artifact
     /// has it and head dimensions are at most 128; `KILN_CUDA_FLASH=off` at load, or
     /// [`CudaModel::set_fused_attention`], keeps the three-launch form (scores GEMM, softmax, GEMM).
@@ -249,6 +256,11 @@ impl CudaModel {
             tensor_cores: std::env::var("KILN_CUDA_MMA").map_or(true, |v| v != "off"),
             fused_attention: std::env::var("KILN_CUDA_FLASH").map_or(true, |v| v != "off"),
             wgmma: std::env::var("KILN_CUDA_WGMMA").is_ok_and(|v| v == "on"),
+            tc_attention: std::env::var("KILN_CUDA_TC_ATTENTION").map_or(true, |v| v != "off"),
+            bf16_min_rows: std::env::var("KILN_CUDA_BF16_MIN_ROWS")
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(TC_MIN_ROWS),
             arena: RefCell::new(None),
             scratch: RefCell::new(None),
             bf16_weights: RefCell::new(BTreeMap::new()),
@@ -281,6 +293,18 @@ impl CudaModel {
     pub fn set_wgmma(&mut self, on: bool) -> bool {
         self.wgmma = on;
         on && self.dev.has("gemm_wgmma")
+    }
+
+    /// Products by a weight with fewer rows than `rows` run on `gemm_tc_*` (register-staged bf16)
+    /// instead of converting their left operand for `gemm_bf16` (see the field).
+    pub fn set_bf16_min_rows(&mut self, rows: usize) {
+        self.bf16_min_rows = rows;
+    }
+
+    /// Runs fused attention on its tensor-core kernels where they exist (the default) or on CUDA
+    /// cores.
+    pub fn set_tc_attention(&mut self, on: bool) {
+        self.tc_attention = on;
     }
 
     /// Runs attention as one fused kernel where possible (the default unless `KILN_CUDA_FLASH=off`)
@@ -843,7 +867,10 @@ impl Run<'_> {
 
     /// Whether a product of `rows` rows against a weight runs on [`Run::gemm_bf16`].
     fn bf16_applies(&self, rows: usize) -> bool {
-        self.model.tensor_cores && rows >= TC_MIN_ROWS && rows > GEMV_ROWS && self.model.dev.has("gemm_bf16")
+        self.model.tensor_cores
+            && rows >= TC_MIN_ROWS.max(self.model.bf16_min_rows)
+            && rows > GEMV_ROWS
+            && self.model.dev.has("gemm_bf16")
     }
 
     /// Step `si`'s weight as bf16 rows on the device, uploaded on first use (`make` gives the bytes).
@@ -1520,6 +1547,7 @@ impl Run<'_> {
                     let (kk, j) = step.flash().expect("a fused attention kernel has a name");
                     let tc = crate::plan::flash_tc_kernel(kk, j, d as i64);
                     if self.model.tensor_cores
+                        && self.model.tc_attention
                         && d == dv
                         && FT_DIMS.contains(&(d as i64))
                         && sq >= FT_ROWS / 2
