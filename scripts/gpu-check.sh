@@ -33,6 +33,11 @@ cases=(
   # One product with many k-tiles (the copy pipeline wraps its 3 stages 6 times) and 3 x 3 tiles of
   # 128, partial at the edges: gemm_bf16 on its own.
   "gemm-tc|specs/gemm.ron|k=584 n=300 rows=260|--random-weights 1|x:f32:260x584"
+  # Head dimensions 32, 64 and 128 with >= 32 query rows: the tensor-core attention kernels (with
+  # a padded row, causal, grouped-query; several 64-key steps and 64-row blocks).
+  "minilm-att32|specs/minilm.ron|layers=2 vocab=500 hidden=128 heads=4 ffn=256|--random-weights 1|input_ids:i64:3x70 attention_mask:i64:3x70:mask token_type_ids:i64:3x70:zeros"
+  "gpt2-att64|specs/gpt2.ron|layers=2 vocab=500 hidden=128 heads=2 max_pos=160|--random-weights 1|input_ids:i64:2x150"
+  "llama-att128|specs/llama.ron|layers=1 vocab=500 hidden=256 heads=2 kv_heads=1 ffn=256 max_pos=128 eps=1e-6|--random-weights 1|input_ids:i64:1x100"
   "gpt2-tc-int8|specs/gpt2.ron|layers=2 vocab=500 hidden=64 heads=4 max_pos=64|--random-weights 1 --quantize int8|input_ids:i64:3x40"
   "gpt2-tc-int4|specs/gpt2.ron|layers=2 vocab=500 hidden=64 heads=4 max_pos=64|--random-weights 1 --quantize int4:32|input_ids:i64:3x40"
 )
@@ -113,16 +118,17 @@ PY
   echo "prepared decode-llama: $(python3 -c "import json; print(json.load(open('$dir/decode-llama/want.json'))['tokens'])")"
   ;;
 check)
-  # Four times: KILN_CUDA_MMA=off (every product in f32: tight tolerance, and the decoded tokens
+  # Five times: KILN_CUDA_MMA=off (every product in f32: tight tolerance, and the decoded tokens
   # must match the CPU's) with fused attention and without it (KILN_CUDA_FLASH=off: scores GEMM,
-  # softmax kernel, GEMM), then tensor cores (bf16 operands: relative L2 error <= 2e-2) through
-  # mma.sync (gemm_bf16) and through Hopper's wgmma (gemm_wgmma, opt-in until this passes; on a
-  # GPU other than compute capability 9.0 the fourth pass repeats the third).
+  # softmax kernel, GEMM), then tensor cores (bf16 operands: relative L2 error <= 2e-2): the
+  # defaults (gemm_bf16, tensor-core attention), attention on CUDA cores (so a failure points at
+  # one kernel family), and Hopper's wgmma (gemm_wgmma, opt-in until this passes; on a GPU other
+  # than compute capability 9.0 that pass repeats the defaults).
   fail=0
-  for mode in off:on:off off:off:off on:on:off on:on:on; do
-  IFS=':' read -r KILN_CUDA_MMA KILN_CUDA_FLASH KILN_CUDA_WGMMA <<<"$mode"
-  export KILN_CUDA_MMA KILN_CUDA_FLASH KILN_CUDA_WGMMA
-  echo "== KILN_CUDA_MMA=$KILN_CUDA_MMA KILN_CUDA_FLASH=$KILN_CUDA_FLASH KILN_CUDA_WGMMA=$KILN_CUDA_WGMMA"
+  for mode in off:on:off:on off:off:off:on on:on:off:on on:on:off:off on:on:on:on; do
+  IFS=':' read -r KILN_CUDA_MMA KILN_CUDA_FLASH KILN_CUDA_WGMMA KILN_CUDA_TC_ATTENTION <<<"$mode"
+  export KILN_CUDA_MMA KILN_CUDA_FLASH KILN_CUDA_WGMMA KILN_CUDA_TC_ATTENTION
+  echo "== KILN_CUDA_MMA=$KILN_CUDA_MMA KILN_CUDA_FLASH=$KILN_CUDA_FLASH KILN_CUDA_WGMMA=$KILN_CUDA_WGMMA KILN_CUDA_TC_ATTENTION=$KILN_CUDA_TC_ATTENTION"
   for c in "${cases[@]}"; do
     IFS='|' read -r name _ <<<"$c"
     mapfile -t args <"$dir/$name/args.txt"
