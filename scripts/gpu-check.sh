@@ -116,8 +116,13 @@ PY
       --timing-json "$dir/decode-llama/want.json" >/dev/null 2>&1
   rm -f "$dir/decode-llama/cpu.kiln"
   echo "prepared decode-llama: $(python3 -c "import json; print(json.load(open('$dir/decode-llama/want.json'))['tokens'])")"
+  # The artifacts are mostly PTX text: compressed, DIR fits the device machine's transfer limit
+  # beside a kiln binary.
+  xz -T0 -f "$dir"/*/model.kiln
+  du -sh "$dir"
   ;;
 check)
+  for f in "$dir"/*/model.kiln.xz; do xz -dkf "$f"; done
   # Five times: KILN_CUDA_MMA=off (every product in f32: tight tolerance, and the decoded tokens
   # must match the CPU's) with fused attention and without it (KILN_CUDA_FLASH=off: scores GEMM,
   # softmax kernel, GEMM), then tensor cores (bf16 operands: relative L2 error <= 2e-2): the
