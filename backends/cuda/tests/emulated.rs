@@ -472,6 +472,45 @@ fn tensor_core_attention_on_the_emulated_gpu() {
     assert!(runs.keys().any(|k| k.ends_with("_tc128")), "{runs:?}");
 }
 
+/// A generation session whose prompt is long enough (34 positions, head dimension 64) for the
+/// tensor-core attention kernel: its keys and values are read in place from the cache on the
+/// device (strides of the cache's capacity). Then two decode steps on the matrix–vector path.
+#[test]
+#[cfg_attr(feature = "mlir", ignore = "the same check runs in the plain test pass")]
+fn tensor_core_attention_over_the_cache_on_the_emulated_gpu() {
+    let Some(script) = emulator() else { return };
+    let set: &[(&str, &str)] = &[
+        ("layers", "1"),
+        ("vocab", "60"),
+        ("hidden", "128"),
+        ("heads", "2"),
+        ("max_pos", "48"),
+    ];
+    let l = load("gpt2.ron", set, true, OptLevel::O2);
+    let w = kiln_frontend::weights::random(&l, 17);
+    let model = emulated(&l, &w, OptLevel::O2, &script);
+    let mut session = model.session().unwrap();
+    let mut feed = Feed::new("input_ids", session.capacity());
+    let mut cache = kiln_interp::KvCache::default();
+    let prompts = ids(1, 34, 3, 60);
+    let mut got = session.prefill(&prompts).unwrap_or_else(|e| panic!("prefill: {e}"));
+    let mut inputs = feed.prefill(&prompts).unwrap();
+    for step in 0..3 {
+        let want = kiln_interp::run_with_cache(&l.graph, &w, &inputs, &mut cache).unwrap();
+        let wv = want[0].1.to_f64_vec();
+        let gv: Vec<f64> = got.iter().flatten().map(|x| *x as f64).collect();
+        let e = rel_diff(&gv, &wv);
+        eprintln!("gpt2 d=64, prompt of 34, step {step}: relative difference {e:.2e}");
+        // The prompt's products and attention ran in bf16; later steps read its cache.
+        assert!(e <= 5e-3, "step {step}: {e:e}");
+        let next = [((step * 11) % 59 + 1) as i64];
+        got = session.step(&next).unwrap_or_else(|e| panic!("step {step}: {e}"));
+        inputs = feed.step(&next).unwrap();
+    }
+    let runs = model.launch_counts();
+    assert!(runs.keys().any(|k| k.ends_with("_tc64")), "{runs:?}");
+}
+
 /// Reductions of a value computed on the GPU, over every axis set of a rank-3 shape and with every
 /// op: the last axis runs as a fused kernel, other contiguous axis runs as `reduce_axis_*`, and
 /// non-contiguous ones ([0, 2]) on the host in place (synchronise, download, evaluate, upload).
