@@ -13,6 +13,8 @@ use std::fmt::Write;
 
 mod flash_tc;
 pub use flash_tc::{flash_tc, FT_DIMS, FT_ROWS, FT_THREADS};
+mod wgmma;
+pub use wgmma::{gemm_wgmma, wgmma_module, WG_BM, WG_BN, WG_SMEM};
 
 use kiln_cpu::plan::{Expr, KernelSpec};
 use kiln_ir::{BinaryOp, CmpOp, DType, ReduceOp, UnaryOp};
@@ -1245,59 +1247,15 @@ const BF_SLICE: i64 = TC_TILE as i64 * BF_K * 2;
 /// row is four 16-byte chunks, stored at chunk `c ^ ((row / 2) % 4)` so that the eight row
 /// addresses of an `ldmatrix` phase fall in eight different bank groups.
 pub fn gemm_bf16(name: &str, out: &mut String) {
-    bf16_pipeline(name, false, out)
+    bf16_pipeline(name, out)
 }
 
-/// `gemm_wgmma`: [`gemm_bf16`] (same parameters, requirements, launch and copy pipeline) with the
-/// products on Hopper's warpgroup MMA: each of the two warpgroups multiplies its 64 rows of the
-/// stage by all 128 columns with two `wgmma.mma_async.m64n128k16` (operands read straight from
-/// shared memory through matrix descriptors) into 64 f32 accumulators a thread. The slices' layout
-/// is the canonical K-major 64-byte-swizzle layout the descriptors name (swizzle mode 2; 8-row
-/// groups 512 bytes apart; the stage buffers 1024-byte aligned), which is exactly [`gemm_bf16`]'s
-/// `chunk ^ ((row / 2) % 4)`. Needs `sm_90a` (PTX `.target sm_90a`): it lives in its own module
-/// ([`wgmma_module`]). Accumulator `4 j + q` of thread (warp w of its warpgroup, lane l) is row
-/// `16 w + l / 4 + 8 (q / 2)`, column `8 j + 2 (l % 4) + q % 2` of the warpgroup's 64 × 128 tile.
-pub fn gemm_wgmma(name: &str, out: &mut String) {
-    bf16_pipeline(name, true, out)
-}
-
-/// The MLIR module of the `sm_90a`-only kernels ([`gemm_wgmma`]).
-pub fn wgmma_module() -> String {
-    let mut out = String::from("module attributes {gpu.container_module} {\n  gpu.module @kiln {\n");
-    gemm_wgmma("gemm_wgmma", &mut out);
-    out.push_str("  }\n}\n");
-    out
-}
-
-/// The 64 f32 accumulators of one `m64n128` warpgroup product.
-const WG_ACC: &str = "!llvm.struct<(f32, f32, f32, f32, f32, f32, f32, f32, f32, f32, f32, f32, f32, f32, f32, f32, \
-                      f32, f32, f32, f32, f32, f32, f32, f32, f32, f32, f32, f32, f32, f32, f32, f32, \
-                      f32, f32, f32, f32, f32, f32, f32, f32, f32, f32, f32, f32, f32, f32, f32, f32, \
-                      f32, f32, f32, f32, f32, f32, f32, f32, f32, f32, f32, f32, f32, f32, f32, f32)>";
-
-/// A wgmma shared-memory matrix descriptor for a K-major slice at shared address `addr` in the
-/// 64-byte swizzle layout: start address / 16 (bits 0–13), leading byte offset 1 (unused by
-/// K-major swizzled layouts; bits 16–29), stride byte offset 512 / 16 between 8-row groups (bits
-/// 32–45), swizzle mode 2 = 64 bytes (bits 62–63).
-fn wgmma_desc(b: &mut Body, addr: &str) -> String {
-    let mask = b.i64c(0x3FFFF);
-    let a = b.ibin("andi", addr, &mask);
-    let four = b.i64c(4);
-    let a = b.ibin("shrui", &a, &four);
-    let fixed = b.i64c((1i64 << 16) | ((512i64 >> 4) << 32) | (2i64 << 62));
-    b.ibin("ori", &a, &fixed)
-}
-
-fn bf16_pipeline(name: &str, wgmma: bool, out: &mut String) {
+fn bf16_pipeline(name: &str, out: &mut String) {
     let mut f = Func::new(name);
     let p = GemmParams::declare(&mut f, BOperand::F32);
     let words = BF_STAGES * 2 * BF_SLICE / 4;
     let lds = format!("memref<{words}xi32, #gpu.address_space<workgroup>>");
-    // wgmma's swizzle pattern repeats every 512 bytes and is taken from address bits: stages start
-    // on 1024-byte boundaries.
-    let align = if wgmma { 1024 } else { 16 };
-    f.smem
-        .push(("sm".into(), format!("{lds} {{llvm.align = {align} : i64}}")));
+    f.smem.push(("sm".into(), format!("{lds} {{llvm.align = 16 : i64}}")));
     // Two blocks per SM: at most 128 registers a thread.
     f.attrs.push(format!("nvvm.maxntid = array<i32: {TC_THREADS}, 1, 1>"));
     f.attrs.push("nvvm.minctasm = 2 : i32".into());
@@ -1420,28 +1378,11 @@ fn bf16_pipeline(name: &str, wgmma: bool, out: &mut String) {
         b.line("nvvm.cp.async.commit.group");
     }
     let fzero = b.f32c(0.0);
-    // wgmma: this thread's warpgroup, and its accumulators.
-    let (wg, wg_zero) = if wgmma {
-        (
-            b.ibin("divui", &warp, &c4),
-            b.val(&format!("llvm.mlir.zero : {WG_ACC}")),
-        )
-    } else {
-        (String::new(), String::new())
-    };
-    let inits: Vec<(&str, &str)> = if wgmma {
-        vec![(wg_zero.as_str(), WG_ACC)]
-    } else {
-        (0..64).map(|_| (fzero.as_str(), "f32")).collect()
-    };
+    let inits: Vec<(&str, &str)> = (0..64).map(|_| (fzero.as_str(), "f32")).collect();
     let (kt, accs, results) = b.begin_for(&zero, &kt_n, &c1, &inits);
     // Tile kt has landed (at most the newest group, tile kt + 1, is still in flight) and every
     // warp is done with tile kt - 1, whose stage the next copies overwrite.
     b.line(&format!("nvvm.cp.async.wait.group {}", BF_STAGES - 2));
-    if wgmma {
-        // cp.async wrote through the generic proxy; wgmma reads through the async proxy.
-        b.line("nvvm.fence.proxy {kind = #nvvm.proxy_kind<async.shared>, space = #nvvm.shared_space<cta>}");
-    }
     b.line("gpu.barrier");
     let ahead = b.i64c(BF_STAGES - 1);
     let next = b.ibin("addi", &kt, &ahead);
@@ -1455,55 +1396,6 @@ fn bf16_pipeline(name: &str, wgmma: bool, out: &mut String) {
     let stage = b.ibin("remui", &kt, &cst);
     let sb = b.ibin("muli", &stage, &stage_bytes);
     let sb = b.ibin("addi", &sb, &sbase);
-    if wgmma {
-        // Warpgroup wg takes rows 64 wg… of A's slice (64 rows of 64 bytes each) and all of B's.
-        let rows = b.i64c(64 * 64);
-        let a0 = b.ibin("muli", &wg, &rows);
-        let a0 = b.ibin("addi", &a0, &sb);
-        let bslice = b.i64c(BF_SLICE);
-        let b0 = b.ibin("addi", &sb, &bslice);
-        b.line("nvvm.wgmma.fence.aligned");
-        let mut acc = accs[0].clone();
-        for ks in 0..BF_K / 16 {
-            let dk = b.i64c(32 * ks);
-            let aa = b.ibin("addi", &a0, &dk);
-            let ba = b.ibin("addi", &b0, &dk);
-            let da = wgmma_desc(b, &aa);
-            let db = wgmma_desc(b, &ba);
-            acc = b.val(&format!(
-                "nvvm.wgmma.mma_async {da}, {db}, {acc}, #nvvm.shape<m = 64, n = 128, k = 16>, \
-                 D [<f32>, #nvvm.wgmma_scale_out<one>], A [<bf16>, #nvvm.wgmma_scale_in<one>, <row>], \
-                 B [<bf16>, #nvvm.wgmma_scale_in<one>, <col>] : {WG_ACC} -> {WG_ACC}"
-            ));
-        }
-        b.line("nvvm.wgmma.commit.group.sync.aligned");
-        // Done reading this stage before the next iteration's barrier lets copies overwrite it.
-        b.line("nvvm.wgmma.wait.group.sync.aligned 0");
-        b.end_for(&[(&acc, WG_ACC)]);
-        b.line("nvvm.cp.async.wait.group 0");
-        let g = b.ibin("divui", &lane, &c4);
-        let t = b.ibin("remui", &lane, &c4);
-        let w4 = b.ibin("remui", &warp, &c4);
-        let r0 = b.ibin("muli", &wg, &c64);
-        let r0 = b.ibin("addi", &r0, &m0);
-        let rw = b.ibin("muli", &w4, &c16);
-        let r0 = b.ibin("addi", &r0, &rw);
-        let r0 = b.ibin("addi", &r0, &g);
-        let t2 = b.ibin("muli", &t, &c2);
-        let col0 = b.ibin("addi", &n0, &t2);
-        for j in 0..16 {
-            for q in 0..4 {
-                let v = b.val(&format!("llvm.extractvalue {}[{}] : {WG_ACC}", results[0], 4 * j + q));
-                let dr = b.i64c(8 * (q / 2));
-                let dc = b.i64c(8 * j + q % 2);
-                let r = b.ibin("addi", &r0, &dr);
-                let col = b.ibin("addi", &col0, &dc);
-                p.store_output(b, &bases, &r, &col, &v);
-            }
-        }
-        f.finish(out);
-        return;
-    }
     let mut acc_now: Vec<String> = accs.clone();
     let ldm = |b: &mut Body, at: &str, plus: i64| -> Vec<String> {
         let ad = b.ibin("addi", &sb, at);

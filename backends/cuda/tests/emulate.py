@@ -10,8 +10,9 @@ barriers and warp-collective operations.
 
 Serving, it reads one command per line and answers each with one line, `ok [VALUE]` or `err MESSAGE`:
 `alloc LEN` (-> the buffer's address, `id << 32`), `free ADDR`, `write ADDR HEX`, `read ADDR LEN`
-(-> hex), `zero ADDR LEN`, `launch KERNEL GX GY GZ BX BY BZ ARG...` (each argument a 64-bit
-parameter slot as the driver gets it: an address, an integer, or an f32's bits in the low half).
+(-> hex), `zero ADDR LEN`, `launch KERNEL GX GY GZ BX BY BZ SMEM ARG...` (SMEM: bytes of dynamic
+shared memory; each argument a 64-bit parameter slot as the driver gets it: an address, an
+integer, or an f32's bits in the low half).
 Every load and store is bounds-checked against the buffer its pointer came from.
 
 The GEMM checks launch each kernel the way `kiln_runtime::cuda` does (grid, block size, parameter
@@ -323,7 +324,10 @@ def expr_of(op, rest):
         return f"({', '.join(['0.0'] * rest.count('f32'))},)"
     if op == "memref.extract_aligned_pointer_as_index":
         return f"_shbase[{py(rest.split(' : ')[0].strip())!r}]"
-    if op in ("llvm.inttoptr", "llvm.addrspacecast"):
+    if op == "llvm.mlir.addressof":
+        # The dynamic shared memory symbol: its raw shared address.
+        return "env['__dyn'].base"
+    if op in ("llvm.inttoptr", "llvm.addrspacecast", "llvm.ptrtoint"):
         return py(re.match(r"(%[\w#]+)", rest).group(1))
     if op == "llvm.extractvalue":
         v, k = re.match(r"(%[\w#]+)\[(\d+)\]", rest).groups()
@@ -380,14 +384,19 @@ def emit_block(block, out, ind, targets):
             m = re.match(r"nvvm\.cp\.async\.shared\.global (%\w+), (%\w+), (\d+), cache = \w+(?:, (%\w+))? :", s)
             size = py(m.group(4)) if m.group(4) else m.group(3)
             out.append(f"{pad}cp_issue(_cp, mem, _sh, {py(m.group(1))}, {py(m.group(2))}, {m.group(3)}, {size}, _me, _ep)")
-        elif s.startswith("nvvm.fence.proxy") or s.startswith("nvvm.wgmma.fence") or s.startswith("nvvm.wgmma.commit") \
-                or s.startswith("nvvm.wgmma.wait"):
-            # Proxy fences and wgmma's fence/commit/wait: the emulated wgmma completes at once.
+        elif s.startswith("nvvm.fence.proxy"):
+            assert "async.shared" in s, s
+            out.append(f"{pad}proxy_fence(_pf)")
+        elif s == "nvvm.wgmma.fence.aligned":
             pass
+        elif s == "nvvm.wgmma.commit.group.sync.aligned":
+            out.append(f"{pad}yield ('wgcommit',)")
+        elif m := re.match(r"nvvm\.wgmma\.wait\.group\.sync\.aligned (\d+)$", s):
+            out.append(f"{pad}yield ('wgwait', {m.group(1)})")
         elif s == "nvvm.cp.async.commit.group":
             out.append(f"{pad}_cp.append([])")
         elif m := re.match(r"nvvm\.cp\.async\.wait\.group (\d+)$", s):
-            out.append(f"{pad}cp_wait(_cp, mem, _sh, {m.group(1)}, _me, _ep)")
+            out.append(f"{pad}cp_wait(_cp, mem, _sh, {m.group(1)}, _me, _ep, _pf)")
         elif m := re.match(r"(%\w+), (%\w+) = gpu\.shuffle (xor|idx) (%[\w#]+), (%\w+), (%\w+) : f32", s):
             out.append(f"{pad}{py(m.group(1))} = yield ('{m.group(3)}', {py(m.group(4))}, {py(m.group(5))})")
             out.append(f"{pad}{py(m.group(2))} = True")
@@ -435,6 +444,8 @@ def compile_func(name, func):
     lines.append("    _sh = env['__shared']")
     lines.append(f"    _shbase = {{{', '.join(repr(py('%' + w)) + f': _sh[{j}].base' for j, (w, _) in enumerate(wg))}}}")
     lines.append("    _cp = [[]]")
+    # Shared words this thread's cp.async copies wrote since its last async-proxy fence.
+    lines.append("    _pf = []")
     # Who this thread is, and the block's synchronisation clocks (see `Shared`).
     lines.append("    _me = thread_id[0] + block_dim[0] * (thread_id[1] + block_dim[1] * thread_id[2])")
     lines.append("    _ep = env['__clock']")
@@ -454,13 +465,19 @@ class Shared(list):
     the block's clock at the time: `clock[0]` counts barriers; `clock[1 + warp]` counts the warp's
     collective operations (shuffle, ldmatrix, mma), which order accesses of lanes of one warp. An
     access races with an earlier one by another thread when no barrier (or, within a warp, no
-    collective) separates them and one of them writes — what compute-sanitizer's racecheck reports."""
+    collective) separates them and one of them writes — what compute-sanitizer's racecheck reports.
+    `inflight` counts, per word, the issued wgmma products reading it that no wait_group has
+    retired yet (writing such a word is a race whatever the barriers); `generic` holds the words
+    cp.async wrote that their copying thread has not yet fenced for the async proxy (wgmma may not
+    read them)."""
 
     def __init__(self, n, name):
         super().__init__([0] * n)
         self.name = name
         self.w = {}
         self.r = {}
+        self.inflight = {}
+        self.generic = {}
 
 
 def _clock(me, ep):
@@ -494,6 +511,8 @@ def shld(buf, i, me, ep):
 
 def shst(buf, i, v, me, ep, what="store"):
     _bounds(buf, i, what)
+    if buf.inflight.get(i):
+        raise Race(f"thread {me} {what}s word {i} of {buf.name} while a wgmma reading it is in flight")
     w = buf.w.get(i)
     if w is not None and _unordered(w, me, ep):
         raise Race(f"thread {me} {what}s word {i} of {buf.name} that thread {w[0]} wrote with no barrier between")
@@ -530,7 +549,7 @@ def shared_at(sh, addr, n, what, align=16):
     raise Fault(f"{what} at shared address {addr:#x}, which is in no workgroup buffer")
 
 
-def wgmma_operand(sh, desc, rows, me, ep, what):
+def wgmma_operand(sh, desc, rows, me, ep, what, words):
     """The `rows` x 16 bf16 K-major operand a wgmma matrix descriptor names, as floats [row][k]:
     start address, leading and stride byte offsets (/16) in bits 0-13, 16-29, 32-45, base offset
     (bits 49-51, must be 0) and swizzle mode (bits 62-63: 0 none, 1 128-byte, 2 64-byte, 3 32-byte).
@@ -553,23 +572,32 @@ def wgmma_operand(sh, desc, rows, me, ep, what):
                 a = start + (r // 8) * sbo + (r % 8) * width + 2 * k
                 a ^= ((a >> 7) % (width // 16)) << 4
             buf, w = shared_at(sh, a - a % 4, 4, what, align=4)
+            if w in buf.generic:
+                raise Fault(f"{what} reads word {w} of {buf.name}, which thread {buf.generic[w]} copied with "
+                            "cp.async and has not fenced for the async proxy (fence.proxy.async)")
             word = shld(buf, w, me, ep)
+            words[(id(buf), w)] = buf
             row.append(halves(word)[(a % 4) // 2])
         out.append(row)
     return out
 
 
-def wgmma_group(events, sh, first, ep):
+def wgmma_group(events, sh, first, ep, pending):
     """wgmma.mma_async m64nNk16 (bf16 in, f32 accumulators) for one warpgroup: events[i] =
     ("wgmma", desc_a, desc_b, acc, n). Thread i (warp w = i / 32, lane l) holds accumulator 4 j + q
-    = D[16 w + l / 4 + 8 (q / 2)][8 j + 2 (l % 4) + q % 2]."""
+    = D[16 w + l / 4 + 8 (q / 2)][8 j + 2 (l % 4) + q % 2]. The product is computed from shared
+    memory as it is now; it stays in flight — its operand words marked, its accumulators
+    unreadable — until a wait_group retires it (`pending`: the warpgroup's open group)."""
     _, da, db, _, n = events[0]
     for e in events:
         if e[1] != da or e[2] != db:
             raise Fault("wgmma descriptors differ within a warpgroup")
     STATS["wgmma"] += 1
-    A = wgmma_operand(sh, da, 64, first, ep, "wgmma A")
-    B = wgmma_operand(sh, db, n, first, ep, "wgmma B")
+    words = {}
+    A = wgmma_operand(sh, da, 64, first, ep, "wgmma A", words)
+    B = wgmma_operand(sh, db, n, first, ep, "wgmma B", words)
+    for (_, w), buf in words.items():
+        buf.inflight[w] = buf.inflight.get(w, 0) + 1
     out = []
     for i, e in enumerate(events):
         w, l = i // 32, i % 32
@@ -578,8 +606,24 @@ def wgmma_group(events, sh, first, ep):
             for q in range(4):
                 r, c = 16 * w + l // 4 + 8 * (q // 2), 8 * j + 2 * (l % 4) + q % 2
                 acc[4 * j + q] = f32(acc[4 * j + q] + sum(A[r][k] * B[c][k] for k in range(16)))
-        out.append(tuple(acc))
+        d = InFlight(acc)
+        d.done = False
+        out.append(d)
+    pending.append((words, out))
     return out
+
+
+def wgmma_retire(groups, n, first, ep):
+    """wgmma.wait_group n for one warpgroup (`groups`: its committed groups, oldest first, then the
+    open one): retires all but the newest n committed groups. Their operand reads end now, as far
+    as the race checks are concerned."""
+    while len(groups) - 1 > n:
+        for words, outs in groups.pop(0):
+            for (_, w), buf in words.items():
+                buf.inflight[w] -= 1
+                shld(buf, w, first, ep)
+            for d in outs:
+                d.done = True
 
 
 def cp_issue(cp, mem, sh, dst, src, size, src_size, me, ep):
@@ -588,6 +632,8 @@ def cp_issue(cp, mem, sh, dst, src, size, src_size, me, ep):
     now (and with accesses when it lands, checked then)."""
     buf, w = shared_at(sh, dst, size, "cp.async destination")
     for i in range(w, w + size // 4):
+        if buf.inflight.get(i):
+            raise Race(f"thread {me} copies into word {i} of {buf.name} while a wgmma reading it is in flight")
         for r in buf.r.get(i, ()):
             if _unordered(r, me, ep):
                 raise Race(f"thread {me} copies into word {i} of {buf.name} that thread {r[0]} read with no barrier between")
@@ -603,14 +649,35 @@ def cp_issue(cp, mem, sh, dst, src, size, src_size, me, ep):
     cp[-1].append((dst, src, size, src_size))
 
 
-def cp_wait(cp, mem, sh, n, me, ep):
-    """cp.async.wait_group n: completes all but the newest n committed groups."""
+def cp_wait(cp, mem, sh, n, me, ep, pf):
+    """cp.async.wait_group n: completes all but the newest n committed groups. The words written
+    are the generic proxy's until this thread's next `fence.proxy.async` (`pf`)."""
     while len(cp) - 1 > n:
         for dst, src, size, src_size in cp.pop(0):
             data = bytes(mem[src.buf][src.off:src.off + src_size]) + bytes(size - src_size) if src_size else bytes(size)
             buf, w = shared_at(sh, dst, size, "cp.async destination")
             for j, v in enumerate(struct.unpack(f"<{size // 4}i", data)):
                 shst(buf, w + j, v, me, ep, "copie")
+                buf.generic[w + j] = me
+                pf.append((buf, w + j))
+
+
+def proxy_fence(pf):
+    """fence.proxy.async.shared::cta: this thread's shared-memory writes so far become visible to
+    the async proxy (wgmma's operand reads)."""
+    for buf, w in pf:
+        buf.generic.pop(w, None)
+    pf.clear()
+
+
+class InFlight(tuple):
+    """A wgmma's accumulators: they may feed further wgmma products at once, but reading them
+    (`llvm.extractvalue`) needs a wait_group that retired the product first."""
+
+    def __getitem__(self, i):
+        if not self.done:
+            raise Fault("wgmma accumulators read before a wgmma.wait_group retired their product")
+        return tuple.__getitem__(self, i)
 
 
 def ldmatrix_warp(events, sh, lanes, ep):
@@ -687,7 +754,8 @@ def mma_warp(events):
 COMPILED = {}
 
 
-def launch(func, grid, block, args, mem):
+def launch(func, grid, block, args, mem, dyn=0):
+    """Runs `func` over `grid` x `block` with `dyn` bytes of dynamic shared memory."""
     params, wg, body = func
     run = COMPILED.get(id(func))
     if run is None:
@@ -707,6 +775,13 @@ def launch(func, grid, block, args, mem):
                 benv.update(shared)
                 benv["__shared"] = [shared["%" + name] for name, _ in wg]
                 place_shared(benv["__shared"])
+                # Dynamic shared memory follows the static buffers; the hardware promises it only
+                # 16-byte alignment, so the emulator gives it no more.
+                dsm = benv["__dyn"] = Shared(dyn // 4, "dynamic shared memory")
+                end = max([b.base + 4 * len(b) for b in benv["__shared"]], default=0)
+                dsm.base = -(-end // 1024) * 1024 + 16
+                benv["__shared"].append(dsm)
+                wgroups = {g: [[]] for g in range(0, nthreads, 128)}
                 clock = benv["__clock"] = [0] * (1 + -(-nthreads // 32))
                 threads = []
                 for t in range(nthreads):
@@ -726,6 +801,8 @@ def launch(func, grid, block, args, mem):
                     kinds = {events[t][0] for t in live}
                     if "done" in kinds:
                         assert kinds == {"done"}, f"threads diverged at a collective: {kinds}"
+                        if any(ops for groups in wgroups.values() for grp in groups for ops in grp):
+                            raise Fault(f"block {(bx, by, bz)} ended with wgmma products no wait_group retired")
                         break
                     assert len(kinds) == 1, f"threads diverged: {kinds}"
                     kind = kinds.pop()
@@ -736,10 +813,24 @@ def launch(func, grid, block, args, mem):
                             raise Fault(f"wgmma in a block of {nthreads} threads (not whole warpgroups)")
                         for g in range(0, nthreads, 128):
                             group = list(range(g, g + 128))
-                            for t, d in zip(group, wgmma_group([events[t] for t in group], benv["__shared"], g, clock)):
+                            ds = wgmma_group([events[t] for t in group], benv["__shared"], g, clock, wgroups[g][-1])
+                            for t, d in zip(group, ds):
                                 pending[t] = d
                             for w in range(g, g + 128, 32):
                                 clock[1 + w // 32] += 1
+                        continue
+                    if kind in ("wgcommit", "wgwait"):
+                        if nthreads % 128:
+                            raise Fault(f"wgmma {kind[2:]} in a block of {nthreads} threads (not whole warpgroups)")
+                        for g in range(0, nthreads, 128):
+                            if len({events[t] for t in range(g, g + 128)}) != 1:
+                                raise Fault("wgmma.wait_group counts differ within a warpgroup")
+                            if kind == "wgcommit":
+                                wgroups[g].append([])
+                            else:
+                                wgmma_retire(wgroups[g], events[g][1], g, clock)
+                            for t in range(g, g + 128):
+                                pending[t] = None
                         continue
                     for w in range(0, nthreads, 32):
                         lanes = list(range(w, min(w + 32, nthreads)))
@@ -884,7 +975,11 @@ def bf16_case(funcs, m, n, k, z, a_kfast, rng, kernel="gemm_bf16"):
     scale = 0.5
     args = [m, n, kp, z2, Ptr("abf"), z2 * m * kp, m * kp, kp, 1, Ptr("b"), z2 * n * kp, n * kp, 1, kp]
     args += [Ptr("c"), z2 * m * n, m * n, n, scale, Ptr("bias"), 1, Ptr("acc"), z2 * m * n, m * n, n, 1]
-    launch(funcs[kernel], (-(-n // 128), -(-m // 128), nb), (256, 1, 1), args, mem)
+    if kernel == "gemm_wgmma":
+        # 128 x 256 tiles, four 48 KB stages in dynamic shared memory (emit::WG_SMEM).
+        launch(funcs[kernel], (-(-n // 256), -(-m // 128), nb), (256, 1, 1), args, mem, 4 * 384 * 128 + 1024)
+    else:
+        launch(funcs[kernel], (-(-n // 128), -(-m // 128), nb), (256, 1, 1), args, mem)
     got = struct.unpack(f"<{nb * m * n}f", mem["c"])
     for i in range(nb):
         for r in range(m):
@@ -979,12 +1074,12 @@ def serve(funcs, text):
                     mem[buf][off:off + n] = data or bytes(n)
             elif cmd == "launch":
                 func = funcs[w[1]]
-                dims = [int(x) for x in w[2:8]]
-                slots = [int(x) for x in w[8:]]
+                dims = [int(x) for x in w[2:9]]
+                slots = [int(x) for x in w[9:]]
                 if len(slots) != len(func[0]):
                     raise TypeError(f"{w[1]} takes {len(func[0])} parameters, the launch passed {len(slots)}")
                 args = [param(ty, v) for (_, ty), v in zip(func[0], slots)]
-                launch(func, tuple(dims[:3]), tuple(dims[3:]), args, mem)
+                launch(func, tuple(dims[:3]), tuple(dims[3:6]), args, mem, dims[6])
             else:
                 raise ValueError(f"unknown command `{cmd}`")
         except Exception as e:  # noqa: BLE001 - every failure goes back to the runtime as a message
@@ -1108,7 +1203,7 @@ def main():
         ("gemm_bf16 m=40 n=24 k=136 (5 k-tiles, 3 stages)", lambda: bf16_case(funcs, 40, 24, 136, (1, 1), True, rng)),
         ("gemm_bf16 m=130 n=20 k=36 z=(2,1) a column-major", lambda: bf16_case(funcs, 130, 20, 36, (2, 1), False, rng)),
         ("gemm_bf16 m=33 n=136 k=64 z=(1,2)", lambda: bf16_case(funcs, 33, 136, 64, (1, 2), True, rng)),
-        ("gemm_wgmma m=40 n=24 k=136 (5 k-tiles)", lambda: bf16_case(funcs, 40, 24, 136, (1, 1), True, rng, "gemm_wgmma")),
+        ("gemm_wgmma m=40 n=24 k=300 (5 k-tiles, 4 stages)", lambda: bf16_case(funcs, 40, 24, 300, (1, 1), True, rng, "gemm_wgmma")),
         ("gemm_wgmma m=130 n=140 k=40 z=(1,2) a column-major",
          lambda: bf16_case(funcs, 130, 140, 40, (1, 2), False, rng, "gemm_wgmma")),
         ("copy_i32 [2,3,5,4] by [2,0,3,1]", lambda: copy_case(funcs, [2, 3, 5, 4], [2, 0, 3, 1], rng)),

@@ -184,8 +184,9 @@ fn every_spec_lowers_to_ptx_that_ptxas_accepts() {
     }
 }
 
-/// The sm_90a module (`gemm_wgmma`: cp.async pipeline, proxy fence, `wgmma.mma_async`) lowers and
-/// assembles for sm_90a with no spills and fits two blocks per SM.
+/// The sm_90a module (`gemm_wgmma`: cp.async pipeline into dynamic shared memory, proxy fence,
+/// `wgmma.mma_async` kept in flight) lowers and assembles for sm_90a with no spills, within one
+/// 256-thread block's register budget, and without ptxas serialising the wgmma pipeline.
 #[cfg(feature = "mlir")]
 #[test]
 fn wgmma_module_assembles_for_sm_90a() {
@@ -201,23 +202,28 @@ fn wgmma_module_assembles_for_sm_90a() {
     let ptx = kiln_cuda::ptx::to_ptx(&kiln_cuda::emit::wgmma_module(), arch, &toolkit).unwrap();
     assert!(ptx.contains(".target sm_90a"), "{ptx}");
     assert_eq!(
-        ptx.matches("wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16")
+        ptx.matches("wgmma.mma_async.sync.aligned.m64n256k16.f32.bf16.bf16")
             .count(),
-        2
+        4
     );
     assert!(ptx.contains("fence.proxy.async.shared::cta"));
+    assert!(ptx.contains(".extern .shared .align 1024 .b8 kiln_dsmem[]"), "{ptx}");
+    assert!(ptx.contains("wgmma.wait_group.sync.aligned \t1;"), "{ptx}");
     let info = kiln_cuda::ptx::ptxas(&ptx, arch.chip, &toolkit).unwrap_or_else(|e| panic!("{e}"));
     if std::env::var_os("KILN_PTXAS_REPORT").is_some() {
         eprintln!("{info}");
     }
     assert!(info.contains(" 0 bytes spill stores"), "{info}");
+    // ptxas keeps wgmma asynchronous only if nothing touches the accumulators between the products
+    // and their wait; otherwise it serialises them and says so (C7515, "Potential Performance Loss").
+    assert!(!info.contains("serialized"), "{info}");
     let regs: u32 = info
         .split("Used ")
         .nth(1)
         .and_then(|r| r.split(' ').next())
         .and_then(|r| r.parse().ok())
         .unwrap_or_else(|| panic!("{info}"));
-    assert!(regs <= 128, "{regs} registers: {info}");
+    assert!(regs <= 255, "{regs} registers: {info}");
 }
 
 /// A CUDA artifact loads only where a driver and a GPU are: elsewhere the error says so. With a

@@ -160,7 +160,8 @@ impl Driver {
         Ok(d)
     }
 
-    /// Loads a second NUL-terminated PTX image (sm_90a's) and its kernels `names`.
+    /// Loads a second NUL-terminated PTX image (sm_90a's) and its kernels `names`, raising each
+    /// one's dynamic shared memory limit to what it launches with ([`super::dynamic_smem`]).
     pub fn load_extra(&mut self, ptx: &[u8], names: &[&str]) -> Result<(), String> {
         // SAFETY: a NUL-terminated PTX image (checked by the caller), as the driver expects.
         let module = unsafe { result::module::load_data(ptx.as_ptr() as *const c_void) }.map_err(|e| e.to_string())?;
@@ -169,6 +170,13 @@ impl Driver {
             let c = CString::new(*name).map_err(|_| format!("kernel name `{name}`"))?;
             // SAFETY: the module was just loaded and stays loaded while the driver lives.
             let f = unsafe { result::module::get_function(module, c) }.map_err(|e| format!("kernel `{name}`: {e}"))?;
+            let smem = super::dynamic_smem(name);
+            if smem > 0 {
+                let attr = sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES;
+                // SAFETY: a function of a loaded module; the driver checks the value against the device.
+                unsafe { result::function::set_function_attribute(f, attr, smem as i32) }
+                    .map_err(|e| format!("kernel `{name}` needs {smem} bytes of shared memory: {e}"))?;
+            }
             self.named.insert(name.to_string(), f);
         }
         Ok(())
@@ -205,16 +213,19 @@ impl Device for Driver {
     }
 
     fn launch(&self, k: Kernel, grid: (u32, u32, u32), block: (u32, u32, u32), args: &[Arg]) -> Result<(), String> {
-        let f = match k {
-            Kernel::Fused(i) => *self.kernels.get(i).ok_or_else(|| format!("no kernel k{i}"))?,
-            Kernel::Fixed(n) => *self.named.get(n).ok_or_else(|| format!("no kernel {n}"))?,
+        let (f, smem) = match k {
+            Kernel::Fused(i) => (*self.kernels.get(i).ok_or_else(|| format!("no kernel k{i}"))?, 0),
+            Kernel::Fixed(n) => (
+                *self.named.get(n).ok_or_else(|| format!("no kernel {n}"))?,
+                super::dynamic_smem(n),
+            ),
         };
         let mut store: Vec<u64> = args.iter().map(|a| a.slot()).collect();
         // Each parameter points at its 8-byte slot; a 4-byte f32 parameter reads the low half.
         let mut ptrs: Vec<*mut c_void> = store.iter_mut().map(|v| v as *mut u64 as *mut c_void).collect();
         // SAFETY: the argument list matches the kernel's signature (the emitter and the runtime agree
         // on it), every address lies in a live allocation, and the shapes were checked.
-        unsafe { result::launch_kernel(f, grid, block, 0, std::ptr::null_mut(), &mut ptrs) }
+        unsafe { result::launch_kernel(f, grid, block, smem, std::ptr::null_mut(), &mut ptrs) }
             .map_err(|e| format!("launching {}: {e}", k.name()))
     }
 
@@ -365,8 +376,12 @@ impl Device for Emulator {
     }
 
     fn launch(&self, k: Kernel, grid: (u32, u32, u32), block: (u32, u32, u32), args: &[Arg]) -> Result<(), String> {
+        let smem = match k {
+            Kernel::Fixed(n) => super::dynamic_smem(n),
+            Kernel::Fused(_) => 0,
+        };
         let mut cmd = format!(
-            "launch {} {} {} {} {} {} {}",
+            "launch {} {} {} {} {} {} {} {smem}",
             k.name(),
             grid.0,
             grid.1,

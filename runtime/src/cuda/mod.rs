@@ -33,6 +33,19 @@ const TILE: usize = 64;
 /// `TC_THREADS`).
 const TC_TILE: usize = 128;
 const TC_THREADS: u32 = 256;
+/// Output tile (rows, columns) and dynamic shared memory of `gemm_wgmma` (`kiln_cuda::emit::WG_BM`,
+/// `WG_BN`, `WG_SMEM`).
+const WG_TILE: (usize, usize) = (128, 256);
+const WG_SMEM: u32 = 4 * 384 * 128 + 1024;
+
+/// Bytes of dynamic shared memory kernel `name` needs at launch (0: static shared memory only).
+pub(super) fn dynamic_smem(name: &str) -> u32 {
+    if name == "gemm_wgmma" {
+        WG_SMEM
+    } else {
+        0
+    }
+}
 /// Products of fewer rows stay on the SIMT kernel: a 128-row tile would mostly compute padding.
 const TC_MIN_ROWS: usize = 32;
 /// Products of at most this many rows run on the matrix–vector kernels (`kiln_cuda::emit::GEMV_ROWS`,
@@ -957,12 +970,12 @@ impl Run<'_> {
             Arg::I(n64),
             Arg::I(acc.is_some() as i64),
         ];
-        let grid = (n.div_ceil(TC_TILE) as u32, rows.div_ceil(TC_TILE) as u32, 1);
-        let kernel = if self.model.wgmma && self.model.dev.has("gemm_wgmma") {
-            "gemm_wgmma"
+        let (kernel, (tm, tn)) = if self.model.wgmma && self.model.dev.has("gemm_wgmma") {
+            ("gemm_wgmma", WG_TILE)
         } else {
-            "gemm_bf16"
+            ("gemm_bf16", (TC_TILE, TC_TILE))
         };
+        let grid = (n.div_ceil(tn) as u32, rows.div_ceil(tm) as u32, 1);
         self.launch(Kernel::Fixed(kernel), grid, (TC_THREADS, 1, 1), &args)
     }
 
