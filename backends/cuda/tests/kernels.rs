@@ -129,10 +129,13 @@ fn every_spec_emits_one_gpu_func_per_fusion_group() {
     }
 }
 
-/// The runtime looks up exactly the fixed kernels the emitter writes.
+/// The runtime looks up exactly the fixed kernels the emitter writes, and launches `gemm_wgmma`
+/// with the dynamic shared memory it was written for.
 #[test]
 fn fixed_kernels_agree_with_the_runtime() {
     assert_eq!(kiln_cuda::emit::fixed_kernels(), kiln_runtime::plan::GPU_FIXED_KERNELS);
+    assert_eq!(kiln_runtime::cuda::dynamic_smem("gemm_wgmma"), kiln_cuda::emit::WG_SMEM);
+    assert_eq!(kiln_runtime::cuda::dynamic_smem("gemm_bf16"), 0);
 }
 
 /// The kernels of the MLP spec as MLIR text: a change to the emitter shows up here.

@@ -39,7 +39,7 @@ const WG_TILE: (usize, usize) = (128, 256);
 const WG_SMEM: u32 = 4 * 384 * 128 + 1024;
 
 /// Bytes of dynamic shared memory kernel `name` needs at launch (0: static shared memory only).
-pub(super) fn dynamic_smem(name: &str) -> u32 {
+pub fn dynamic_smem(name: &str) -> u32 {
     if name == "gemm_wgmma" {
         WG_SMEM
     } else {
