@@ -301,7 +301,9 @@ fn is_artifact(path: &Path) -> bool {
         && &magic == kiln_runtime::artifact::MAGIC
 }
 
-/// A loaded artifact: for this CPU, or for a GPU.
+/// A loaded artifact: for this CPU, or for a GPU. One lives per command, so the variants' sizes
+/// do not matter.
+#[allow(clippy::large_enum_variant)]
 pub(crate) enum Loaded {
     Cpu(kiln_runtime::Model),
     #[cfg(feature = "cuda-runtime")]
@@ -786,6 +788,8 @@ fn bench(
     profile: bool,
 ) -> Result<()> {
     let t0 = Instant::now();
+    // Without `cuda-runtime` the match has one arm (clippy would make it a `let`).
+    #[allow(clippy::infallible_destructuring_match)]
     let mut model = match load_artifact(path)? {
         Loaded::Cpu(m) => m,
         #[cfg(feature = "cuda-runtime")]

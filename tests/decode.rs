@@ -112,7 +112,7 @@ fn check_compiled(name: &str, o: &[(&str, &str)], dir: &str) {
         let mut s = m.session().unwrap();
         let got = s
             .generate(
-                &[p.clone()],
+                std::slice::from_ref(p),
                 want.len(),
                 &mut Sampler::new(Sampling::default()),
                 None,

@@ -275,9 +275,10 @@ impl<'s> Locator<'s> {
         // Enter the top-level `Model(`.
         let first_open = self.toks.iter().position(|t| t.kind == Kind::Open && t.depth == 0)?;
         let mut lo = first_open + 1;
-        let mut depth = 1;
         let mut found = None;
         for (n, step) in path.0.iter().enumerate() {
+            // Step n's field sits n + 1 levels inside `Model(`.
+            let depth = n + 1;
             let mut j = lo;
             let hit = loop {
                 let Some(t) = self.toks.get(j) else { return found };
@@ -318,7 +319,6 @@ impl<'s> Locator<'s> {
                 return found;
             }
             lo = k + 1;
-            depth += 1;
         }
         found
     }

@@ -1348,6 +1348,7 @@ impl<'a> Lowerer<'a> {
     }
 
     /// Rotary embedding of `x [b, h, s, d]` on its first `rd` features.
+    #[allow(clippy::too_many_arguments)]
     fn rope(
         &mut self,
         x: NodeId,

@@ -88,7 +88,7 @@ impl std::fmt::Display for Pattern {
 pub fn prune(w: &mut [f32], n: usize, k: usize, pattern: Pattern) -> Result<(), String> {
     match pattern {
         Pattern::TwoFour => {
-            if k % 4 != 0 {
+            if !k.is_multiple_of(4) {
                 return Err(format!("{k} input columns are not a multiple of 4"));
             }
             for quad in w.chunks_exact_mut(4) {
@@ -107,7 +107,7 @@ pub fn prune(w: &mut [f32], n: usize, k: usize, pattern: Pattern) -> Result<(), 
             }
         }
         Pattern::Block { rows, cols, ratio } => {
-            if n % rows != 0 || k % cols != 0 {
+            if !n.is_multiple_of(rows) || !k.is_multiple_of(cols) {
                 return Err(format!("[{n}, {k}] does not split into {rows}x{cols} blocks"));
             }
             let (br, bc) = (n / rows, k / cols);
@@ -266,6 +266,10 @@ fn param(g: &mut Graph, weights: &mut BTreeMap<String, Tensor>, name: String, t:
         .map_err(|e| e.to_string())
 }
 
+/// Picks the encoding of a pruned weight: `(name, pruned [n, k], n, k)` → the encoding and the
+/// reason (measured times, say).
+pub type Chooser<'a> = dyn FnMut(&str, &[f32], usize, usize) -> (Encoding, String) + 'a;
+
 /// Prunes every target's weight and re-encodes it as `choose(name, pruned [n, k], n, k)` says
 /// (the encoding and the reason, e.g. measured times).
 pub fn apply(
@@ -273,7 +277,7 @@ pub fn apply(
     weights: &mut BTreeMap<String, Tensor>,
     targets: &[Target],
     pattern: Pattern,
-    choose: &mut dyn FnMut(&str, &[f32], usize, usize) -> (Encoding, String),
+    choose: &mut Chooser,
 ) -> Result<SparsityReport, String> {
     let mut report = SparsityReport::default();
     for t in targets {

@@ -1246,7 +1246,7 @@ pub fn qmatmul(
         && k % g == 0
         && match w.bits {
             8 => w.codes.len == n * k,
-            4 => g % 32 == 0 && w.codes.len == n * k / 2,
+            4 => g.is_multiple_of(32) && w.codes.len == n * k / 2,
             _ => false,
         };
     if !ok {
@@ -2021,6 +2021,9 @@ unsafe fn dot_avx2(x: &[f32], y: &[f32]) -> f32 {
     t
 }
 
+/// A product with one operand's encoding fixed: `(activations, strides)`, `(output, strides)`.
+type Product<'a> = dyn Fn((Buf, &[usize]), (Buf, &[usize])) -> Result<(), String> + Sync + 'a;
+
 /// Median nanoseconds of `m`-row products with `w` (`[n, k]`, row-major f32) stored dense and as
 /// `sparse` runs it (given the `[m, k]` activations and the `[m, n]` output), for the compiler's
 /// choice of encoding.
@@ -2030,7 +2033,7 @@ fn measure_against_dense(
     k: usize,
     m: usize,
     threads: usize,
-    sparse: &(dyn Fn((Buf, &[usize]), (Buf, &[usize])) -> Result<(), String> + Sync),
+    sparse: &Product,
 ) -> Result<(f64, f64), String> {
     let pool = pool(threads)?;
     let a: Vec<f32> = (0..m * k).map(|i| ((i % 7) as f32 - 3.0) * 0.1).collect();

@@ -40,7 +40,7 @@ pub fn usable(bits: u8, group: usize) -> bool {
     #[cfg(target_arch = "x86_64")]
     {
         group > 0
-            && group % BLOCK == 0
+            && group.is_multiple_of(BLOCK)
             && matches!(bits, 4 | 8)
             && std::arch::is_x86_feature_detected!("avx2")
             && std::arch::is_x86_feature_detected!("fma")
@@ -85,8 +85,8 @@ impl Q8 {
     /// and, with groups of 64 or more columns, codes in paired order. `None` if a value is
     /// infinite or NaN, which a block scale cannot represent.
     pub fn new(a: &[f32], rows: usize, k: usize, group: usize, bits: u8) -> Option<Q8> {
-        assert!(group % BLOCK == 0 && k % group == 0 && a.len() == rows * k);
-        let paired = bits == 4 && group % (2 * BLOCK) == 0;
+        assert!(group.is_multiple_of(BLOCK) && k.is_multiple_of(group) && a.len() == rows * k);
+        let paired = bits == 4 && group.is_multiple_of(2 * BLOCK);
         let sum_stride = if bits == 4 { (k / group).div_ceil(8) * 8 } else { 0 };
         let mut q = Q8 {
             k,

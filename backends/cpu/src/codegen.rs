@@ -152,11 +152,11 @@ impl Gen<'_, '_> {
         let row_off = self.b.ins().imul_imm_s(rv, nops * 8);
         let row_ptr = self.b.ins().iadd(offs, row_off);
         let mut addrs = Vec::new();
-        for j in 0..=nin {
+        for (j, &base) in bases.iter().enumerate() {
             let dt = if j < nin { spec.inputs[j].0 } else { spec.output };
             let o = self.b.ins().load(types::I64, trusted, row_ptr, (8 * j) as i32);
             let bytes = self.b.ins().imul_imm_s(o, esize(dt));
-            addrs.push(self.b.ins().iadd(bases[j], bytes));
+            addrs.push(self.b.ins().iadd(base, bytes));
         }
         // Inputs broadcast along the last axis: one value per row.
         let mut row_scalars: Vec<Option<V>> = vec![None; nin];
@@ -465,12 +465,12 @@ impl Gen<'_, '_> {
         }
     }
 
-    fn to_int(&mut self, vector: bool, x: Value) -> Value {
+    fn bitcast_int(&mut self, vector: bool, x: Value) -> Value {
         let flags = if vector { Self::lanes() } else { MemFlags::new() };
         self.b.ins().bitcast(Self::int_ty(vector), flags, x)
     }
 
-    fn to_float(&mut self, vector: bool, x: Value) -> Value {
+    fn bitcast_float(&mut self, vector: bool, x: Value) -> Value {
         let (ty, flags) = if vector {
             (types::F32X4, Self::lanes())
         } else {
@@ -490,12 +490,12 @@ impl Gen<'_, '_> {
 
     /// `|x|` with the sign of `s`.
     fn with_sign_of(&mut self, vector: bool, mag: Value, s: Value) -> Value {
-        let mi = self.to_int(vector, mag);
-        let si = self.to_int(vector, s);
+        let mi = self.bitcast_int(vector, mag);
+        let si = self.bitcast_int(vector, s);
         let sign = self.iconst32(vector, i32::MIN);
         let sb = self.b.ins().band(si, sign);
         let r = self.b.ins().bor(mi, sb);
-        self.to_float(vector, r)
+        self.bitcast_float(vector, r)
     }
 
     fn exp(&mut self, vector: bool, x: Value) -> Value {
@@ -528,11 +528,11 @@ impl Gen<'_, '_> {
             let cv = self.konst(vector, *c);
             p = self.mul_add(p, r, cv);
         }
-        let ti = self.to_int(vector, t);
+        let ti = self.bitcast_int(vector, t);
         let mi = self.iconst32(vector, 0x4B40_0000 - 127);
         let e = self.b.ins().isub(ti, mi);
         let e = self.b.ins().ishl_imm_u(e, 23);
-        let scale = self.to_float(vector, e);
+        let scale = self.bitcast_float(vector, e);
         let res = self.b.ins().fmul(p, scale);
         let zero = self.konst(vector, 0.0);
         self.select(under, zero, res)

@@ -661,7 +661,7 @@ pub fn plan(
             }
             _ if folded.contains_key(&n) => {
                 let t = &folded[&n];
-                while wbytes.len() % kiln_runtime::artifact::ALIGN != 0 {
+                while !wbytes.len().is_multiple_of(kiln_runtime::artifact::ALIGN) {
                     wbytes.push(0);
                 }
                 decl.storage = Storage::Weight {
