@@ -88,7 +88,11 @@ pub fn calibrate(
     if decoding {
         for s in samples {
             let mut sess = m.session().map_err(|e| e.to_string())?;
-            absorb(sess.prefill_outputs(std::slice::from_ref(s)).map_err(|e| e.to_string())?, s)?;
+            absorb(
+                sess.prefill_outputs(std::slice::from_ref(s))
+                    .map_err(|e| e.to_string())?,
+                s,
+            )?;
         }
     } else {
         // One sample per run: padding positions would add activations the model never uses.
