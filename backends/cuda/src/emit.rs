@@ -1308,7 +1308,6 @@ fn bf16_pipeline(name: &str, out: &mut String) {
         })
         .collect();
     let stage_bytes = b.i64c(2 * BF_SLICE);
-    let (c16i, c0i) = (b.i32c(16), b.i32c(0));
     // Issues the copies of k-tile `kt` into stage `stage`.
     let issue = |b: &mut Body, kt: &str, stage: &str| {
         let k0 = b.ibin("muli", kt, &c32);
@@ -1327,18 +1326,9 @@ fn bf16_pipeline(name: &str, out: &mut String) {
                     let d = b.ibin("muli", pitch, &half_rows);
                     src = b.ibin("addi", &src, &d);
                 }
-                // Skipped copies zero-fill from the operand's first element, which always exists.
-                let src = b.select(&ok, &src, &zero, "i64");
-                let size = b.select(&ok, &c16i, &c0i, "i32");
-                let src = b.gep(ptr, &src, "i16");
-                let src = b.val(&format!("llvm.addrspacecast {src} : !llvm.ptr to !llvm.ptr<1>"));
                 let off = b.i64c(oi as i64 * BF_SLICE + l * 64 * TC_TILE as i64 / 2);
                 let dst = b.ibin("addi", &sb, &off);
-                let dst = b.val(&format!("llvm.inttoptr {dst} : i64 to !llvm.ptr<3>"));
-                b.line(&format!(
-                    "nvvm.cp.async.shared.global {dst}, {src}, 16, cache = cg, {size} \
-                     : !llvm.ptr<3>, !llvm.ptr<1>, i32"
-                ));
+                cp_async16(b, ptr, &src, &ok, &dst);
             }
         }
     };
@@ -1384,18 +1374,13 @@ fn bf16_pipeline(name: &str, out: &mut String) {
     // warp is done with tile kt - 1, whose stage the next copies overwrite.
     b.line(&format!("nvvm.cp.async.wait.group {}", BF_STAGES - 2));
     b.line("gpu.barrier");
-    let ahead = b.i64c(BF_STAGES - 1);
-    let next = b.ibin("addi", &kt, &ahead);
-    let has = b.icmp("slt", &next, &kt_n);
-    let cst = b.i64c(BF_STAGES);
-    b.begin_if(&has);
-    let ns = b.ibin("remui", &next, &cst);
-    issue(b, &next, &ns);
-    b.end_if();
-    b.line("nvvm.cp.async.commit.group");
-    let stage = b.ibin("remui", &kt, &cst);
-    let sb = b.ibin("muli", &stage, &stage_bytes);
-    let sb = b.ibin("addi", &sb, &sbase);
+    let sb = refill(
+        b,
+        (&kt, &kt_n),
+        (BF_STAGES - 1, BF_STAGES),
+        (&stage_bytes, &sbase),
+        &issue,
+    );
     let mut acc_now: Vec<String> = accs.clone();
     let ldm = |b: &mut Body, at: &str, plus: i64| -> Vec<String> {
         let ad = b.ibin("addi", &sb, at);
@@ -1446,6 +1431,47 @@ fn bf16_pipeline(name: &str, out: &mut String) {
     let col0 = b.ibin("addi", &col0, &t2);
     store_warp_tile(b, &p, &bases, (&r0, &col0), &results);
     f.finish(out);
+}
+
+/// One 16-byte `cp.async` from element `src` of the bf16 operand `ptr` to the shared address
+/// `dst` (bytes); where `ok` is false it copies nothing and zero-fills the 16 bytes (reading from
+/// the operand's first element, which always exists).
+fn cp_async16(b: &mut Body, ptr: &str, src: &str, ok: &str, dst: &str) {
+    let zero = b.i64c(0);
+    let (c16, c0) = (b.i32c(16), b.i32c(0));
+    let src = b.select(ok, src, &zero, "i64");
+    let size = b.select(ok, &c16, &c0, "i32");
+    let src = b.gep(ptr, &src, "i16");
+    let src = b.val(&format!("llvm.addrspacecast {src} : !llvm.ptr to !llvm.ptr<1>"));
+    let dst = b.val(&format!("llvm.inttoptr {dst} : i64 to !llvm.ptr<3>"));
+    b.line(&format!(
+        "nvvm.cp.async.shared.global {dst}, {src}, 16, cache = cg, {size} : !llvm.ptr<3>, !llvm.ptr<1>, i32"
+    ));
+}
+
+/// The pipelined GEMMs' refill, once the stage it overwrites is free: issues k-tile `kt + ahead`
+/// (where there is one) into stage `(kt + ahead) % stages` and commits the group — an empty one
+/// past the last tile, so that group counts stay one per tile — and returns the shared address
+/// of tile `kt`'s stage.
+fn refill(
+    b: &mut Body,
+    (kt, kt_n): (&str, &str),
+    (ahead, stages): (i64, i64),
+    (stage_bytes, sbase): (&str, &str),
+    issue: &dyn Fn(&mut Body, &str, &str),
+) -> String {
+    let ahead = b.i64c(ahead);
+    let next = b.ibin("addi", kt, &ahead);
+    let has = b.icmp("slt", &next, kt_n);
+    let cst = b.i64c(stages);
+    b.begin_if(&has);
+    let ns = b.ibin("remui", &next, &cst);
+    issue(b, &next, &ns);
+    b.end_if();
+    b.line("nvvm.cp.async.commit.group");
+    let stage = b.ibin("remui", kt, &cst);
+    let sb = b.ibin("muli", &stage, stage_bytes);
+    b.ibin("addi", &sb, sbase)
 }
 
 /// `d = a · b + c` on one `m16n8k16` bf16 tile (`nvvm.mma.sync`); returns d's four registers.

@@ -96,7 +96,6 @@ pub fn gemm_wgmma(name: &str, out: &mut String) {
         })
         .collect();
     let stage_bytes = b.i64c(WG_STAGE);
-    let (c16i, c0i) = (b.i32c(16), b.i32c(0));
     let cbk = b.i64c(WG_BK);
     // Issues the copies of k-tile `kt` into stage `stage`.
     let issue = |b: &mut Body, kt: &str, stage: &str| {
@@ -115,18 +114,9 @@ pub fn gemm_wgmma(name: &str, out: &mut String) {
                 let dl = b.i64c(32 * l);
                 let present = b.icmp("slt", &dl, left);
                 let ok = b.val(&format!("arith.andi {in_k}, {present} : i1"));
-                // Skipped copies zero-fill from the operand's first element, which always exists.
-                let from = b.select(&ok, &src, &zero, "i64");
-                let size = b.select(&ok, &c16i, &c0i, "i32");
-                let from = b.gep(ptr, &from, "i16");
-                let from = b.val(&format!("llvm.addrspacecast {from} : !llvm.ptr to !llvm.ptr<1>"));
                 let o = b.i64c(off + 32 * 128 * l);
                 let dst = b.ibin("addi", &sb, &o);
-                let dst = b.val(&format!("llvm.inttoptr {dst} : i64 to !llvm.ptr<3>"));
-                b.line(&format!(
-                    "nvvm.cp.async.shared.global {dst}, {from}, 16, cache = cg, {size} \
-                     : !llvm.ptr<3>, !llvm.ptr<1>, i32"
-                ));
+                cp_async16(b, ptr, &src, &ok, &dst);
             }
         }
     };
@@ -154,18 +144,7 @@ pub fn gemm_wgmma(name: &str, out: &mut String) {
     b.line(&format!("nvvm.cp.async.wait.group {}", WG_AHEAD - 1));
     b.line("nvvm.fence.proxy {kind = #nvvm.proxy_kind<async.shared>, space = #nvvm.shared_space<cta>}");
     b.line("gpu.barrier");
-    let ahead = b.i64c(WG_AHEAD);
-    let next = b.ibin("addi", &kt, &ahead);
-    let has = b.icmp("slt", &next, &kt_n);
-    let cst = b.i64c(WG_STAGES);
-    b.begin_if(&has);
-    let ns = b.ibin("remui", &next, &cst);
-    issue(b, &next, &ns);
-    b.end_if();
-    b.line("nvvm.cp.async.commit.group");
-    let stage = b.ibin("remui", &kt, &cst);
-    let sb = b.ibin("muli", &stage, &stage_bytes);
-    let sb = b.ibin("addi", &sb, &sbase);
+    let sb = refill(b, (&kt, &kt_n), (WG_AHEAD, WG_STAGES), (&stage_bytes, &sbase), &issue);
     let a0 = b.ibin("addi", &sb, &a_off);
     let b0 = b.ibin("addi", &sb, &b_off);
     b.line("nvvm.wgmma.fence.aligned");
