@@ -1,8 +1,9 @@
 #!/usr/bin/env python3
 """Runs kiln's generated GPU kernels without a GPU: an interpreter for the MLIR subset that
-`kiln_cuda::emit` writes (arith, math, scf, memref on workgroup buffers, llvm pointers, gpu ids,
-barriers and shuffles, nvvm.mma.sync), with every thread of a block a coroutine that pauses at
-barriers and warp-collective operations.
+`kiln_cuda::emit` writes (arith, math, scf, memref on workgroup buffers and dynamic shared memory,
+llvm pointers, gpu ids, barriers and shuffles, cp.async, ldmatrix, nvvm.mma.sync, and Hopper's
+asynchronous wgmma with its commit/wait groups and async-proxy fences), with every thread of a block
+a coroutine that pauses at barriers and warp-collective operations.
 
     python3 emulate.py MODULE.mlir [KERNEL...]   # checks the fixed kernels (GEMMs, copy, gather)
     python3 emulate.py MODULE.mlir --launches JOBS.json   # runs launches, prints their outputs
