@@ -138,29 +138,44 @@ fn decoders_generate_on_the_emulated_gpu() {
         let l = load(spec, set, true, OptLevel::O2);
         let w = kiln_frontend::weights::random(&l, 5);
         let model = emulated(&l, &w, OptLevel::O2, &script);
-        let mut session = model.session().unwrap();
-        let mut feed = Feed::new("input_ids", session.capacity());
-        let mut cache = kiln_interp::KvCache::default();
-        let prompts = ids(2, 3, 2, 60);
-        let mut got = session
-            .prefill(&prompts)
-            .unwrap_or_else(|e| panic!("{spec} prefill: {e}"));
-        let mut inputs = feed.prefill(&prompts).unwrap();
-        for step in 0..3 {
-            let want = kiln_interp::run_with_cache(&l.graph, &w, &inputs, &mut cache).unwrap();
-            let wv = want[0].1.to_f64_vec();
-            let gv: Vec<f64> = got.iter().flatten().map(|x| *x as f64).collect();
-            let e = rel_diff(&gv, &wv);
-            eprintln!("{spec} step {step}: relative difference {e:.2e}");
-            assert!(e <= 1e-5, "{spec} step {step}: {e:e}");
-            let next: Vec<i64> = (0..2).map(|r| ((step * 13 + r * 7) % 59 + 1) as i64).collect();
-            got = session
-                .step(&next)
-                .unwrap_or_else(|e| panic!("{spec} step {step}: {e}"));
-            inputs = feed.step(&next).unwrap();
-        }
-        assert_eq!(session.len(), 6);
+        let next = |step: usize| (0..2).map(|r| ((step * 13 + r * 7) % 59 + 1) as i64).collect();
+        let len = decode_against_interpreter(&model, (&l, &w), &ids(2, 3, 2, 60), next, 1e-5, spec);
+        assert_eq!(len, 6);
     }
+}
+
+/// Prefills `prompts` on a session of `model`, then takes three decode steps (`next(step)`'s
+/// tokens); the logits of the prefill and of each step against the interpreter with its own
+/// cache, within `tol` relative. Returns the session's length.
+fn decode_against_interpreter(
+    model: &CudaModel,
+    (l, w): (&Lowered, &BTreeMap<String, Tensor>),
+    prompts: &[Vec<i64>],
+    next: impl Fn(usize) -> Vec<i64>,
+    tol: f64,
+    label: &str,
+) -> usize {
+    let mut session = model.session().unwrap();
+    let mut feed = Feed::new("input_ids", session.capacity());
+    let mut cache = kiln_interp::KvCache::default();
+    let mut got = session
+        .prefill(prompts)
+        .unwrap_or_else(|e| panic!("{label} prefill: {e}"));
+    let mut inputs = feed.prefill(prompts).unwrap();
+    for step in 0..3 {
+        let want = kiln_interp::run_with_cache(&l.graph, w, &inputs, &mut cache).unwrap();
+        let wv = want[0].1.to_f64_vec();
+        let gv: Vec<f64> = got.iter().flatten().map(|x| *x as f64).collect();
+        let e = rel_diff(&gv, &wv);
+        eprintln!("{label} step {step}: relative difference {e:.2e}");
+        assert!(e <= tol, "{label} step {step}: {e:e}");
+        let next = next(step);
+        got = session
+            .step(&next)
+            .unwrap_or_else(|e| panic!("{label} step {step}: {e}"));
+        inputs = feed.step(&next).unwrap();
+    }
+    session.len()
 }
 
 /// Every output of `model` against the interpreter on `feed`: the largest difference relative to
@@ -489,24 +504,10 @@ fn tensor_core_attention_over_the_cache_on_the_emulated_gpu() {
     let l = load("gpt2.ron", set, true, OptLevel::O2);
     let w = kiln_frontend::weights::random(&l, 17);
     let model = emulated(&l, &w, OptLevel::O2, &script);
-    let mut session = model.session().unwrap();
-    let mut feed = Feed::new("input_ids", session.capacity());
-    let mut cache = kiln_interp::KvCache::default();
-    let prompts = ids(1, 34, 3, 60);
-    let mut got = session.prefill(&prompts).unwrap_or_else(|e| panic!("prefill: {e}"));
-    let mut inputs = feed.prefill(&prompts).unwrap();
-    for step in 0..3 {
-        let want = kiln_interp::run_with_cache(&l.graph, &w, &inputs, &mut cache).unwrap();
-        let wv = want[0].1.to_f64_vec();
-        let gv: Vec<f64> = got.iter().flatten().map(|x| *x as f64).collect();
-        let e = rel_diff(&gv, &wv);
-        eprintln!("gpt2 d=64, prompt of 34, step {step}: relative difference {e:.2e}");
-        // The prompt's products and attention ran in bf16; later steps read its cache.
-        assert!(e <= 5e-3, "step {step}: {e:e}");
-        let next = [((step * 11) % 59 + 1) as i64];
-        got = session.step(&next).unwrap_or_else(|e| panic!("step {step}: {e}"));
-        inputs = feed.step(&next).unwrap();
-    }
+    let next = |step: usize| vec![((step * 11) % 59 + 1) as i64];
+    // The prompt's products and attention ran in bf16; later steps read its cache.
+    let label = "gpt2 d=64, prompt of 34,";
+    decode_against_interpreter(&model, (&l, &w), &ids(1, 34, 3, 60), next, 5e-3, label);
     let runs = model.launch_counts();
     assert!(runs.keys().any(|k| k.ends_with("_tc64")), "{runs:?}");
 }

@@ -46,6 +46,14 @@ impl Kernel<'_> {
             Kernel::Fixed(n) => n.to_string(),
         }
     }
+
+    /// Bytes of dynamic shared memory the kernel launches with ([`super::dynamic_smem`]).
+    fn dynamic_smem(self) -> u32 {
+        match self {
+            Kernel::Fused(_) => 0,
+            Kernel::Fixed(n) => super::dynamic_smem(n),
+        }
+    }
 }
 
 /// Device memory and kernel launches. Launches may run asynchronously; reads wait for them.
@@ -213,19 +221,16 @@ impl Device for Driver {
     }
 
     fn launch(&self, k: Kernel, grid: (u32, u32, u32), block: (u32, u32, u32), args: &[Arg]) -> Result<(), String> {
-        let (f, smem) = match k {
-            Kernel::Fused(i) => (*self.kernels.get(i).ok_or_else(|| format!("no kernel k{i}"))?, 0),
-            Kernel::Fixed(n) => (
-                *self.named.get(n).ok_or_else(|| format!("no kernel {n}"))?,
-                super::dynamic_smem(n),
-            ),
+        let f = match k {
+            Kernel::Fused(i) => *self.kernels.get(i).ok_or_else(|| format!("no kernel k{i}"))?,
+            Kernel::Fixed(n) => *self.named.get(n).ok_or_else(|| format!("no kernel {n}"))?,
         };
         let mut store: Vec<u64> = args.iter().map(|a| a.slot()).collect();
         // Each parameter points at its 8-byte slot; a 4-byte f32 parameter reads the low half.
         let mut ptrs: Vec<*mut c_void> = store.iter_mut().map(|v| v as *mut u64 as *mut c_void).collect();
         // SAFETY: the argument list matches the kernel's signature (the emitter and the runtime agree
         // on it), every address lies in a live allocation, and the shapes were checked.
-        unsafe { result::launch_kernel(f, grid, block, smem, std::ptr::null_mut(), &mut ptrs) }
+        unsafe { result::launch_kernel(f, grid, block, k.dynamic_smem(), std::ptr::null_mut(), &mut ptrs) }
             .map_err(|e| format!("launching {}: {e}", k.name()))
     }
 
@@ -376,19 +381,16 @@ impl Device for Emulator {
     }
 
     fn launch(&self, k: Kernel, grid: (u32, u32, u32), block: (u32, u32, u32), args: &[Arg]) -> Result<(), String> {
-        let smem = match k {
-            Kernel::Fixed(n) => super::dynamic_smem(n),
-            Kernel::Fused(_) => 0,
-        };
         let mut cmd = format!(
-            "launch {} {} {} {} {} {} {} {smem}",
+            "launch {} {} {} {} {} {} {} {}",
             k.name(),
             grid.0,
             grid.1,
             grid.2,
             block.0,
             block.1,
-            block.2
+            block.2,
+            k.dynamic_smem()
         );
         for a in args {
             cmd.push_str(&format!(" {}", a.slot()));
