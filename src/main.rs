@@ -70,6 +70,11 @@ enum Cmd {
         /// Code generation target.
         #[arg(long, value_enum, default_value_t = TargetArg::Cpu)]
         target: TargetArg,
+        /// CPU level to compile for: native (the best this machine runs), x86-64-v2, x86-64-v3
+        /// (AVX2, FMA), x86-64-v4 (AVX-512) or portable. The artifact runs on any CPU with the
+        /// level's features.
+        #[arg(long, value_name = "LEVEL", default_value = "native", value_parser = kiln_runtime::cpu::Level::parse)]
+        cpu: kiln_runtime::cpu::Level,
         /// With --target cuda: also write the kernels' MLIR (before lowering to PTX) to this file.
         #[arg(long, value_name = "FILE")]
         dump_mlir: Option<PathBuf>,
@@ -397,7 +402,7 @@ fn compile(
     spec: &Path,
     o: &SpecOpts,
     w: &WeightOpts,
-    target: TargetArg,
+    (target, cpu): (TargetArg, kiln_runtime::cpu::Level),
     dump_mlir: Option<&Path>,
     opt: u8,
     out: &Path,
@@ -444,6 +449,7 @@ fn compile(
     let t_opt = start.elapsed() - t_front;
     let copts = kiln_cpu::Options {
         tokenizer,
+        cpu,
         ..kiln_cpu::Options::for_level(opt)
     };
     let compiled = match target {
@@ -509,8 +515,9 @@ fn compile(
         println!("  code     PTX for {}", archs.join(", "));
     } else {
         println!(
-            "  code     {} bytes for {}",
+            "  code     {} bytes for {} ({})",
             compiled.code.len(),
+            m.target.level,
             m.target.features.join(" ")
         );
     }
@@ -608,6 +615,7 @@ fn plan_summary<'a>(
                 e.1 += kernels[*kernel as usize].ops;
             }
             Step::MatMul { scale, bias, acc, .. }
+            | Step::PackedMatMul { scale, bias, acc, .. }
             | Step::QMatMul { scale, bias, acc, .. }
             | Step::SpMatMul { scale, bias, acc, .. } => {
                 s.matmuls += 1;
@@ -820,13 +828,18 @@ fn bench(
         .and_then(|t| t.shape().first().copied())
         .unwrap_or(1);
     let (median, p10, p90) = (q(0.5), q(0.1), q(0.9));
+    let level = model.level();
+    let cpu = kiln_runtime::cpu::model_name();
     if json {
+        let features: Vec<String> = m.target.features.iter().map(|f| format!("\"{f}\"")).collect();
         println!(
-            "{{\"median_ms\": {median:.4}, \"p10_ms\": {p10:.4}, \"p90_ms\": {p90:.4}, \"iters\": {}, \"threads\": {}, \"peak_activation_bytes\": {peak}, \"load_ms\": {load_ms:.3}}}",
-            times.len(), threads.unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1))
+            "{{\"median_ms\": {median:.4}, \"p10_ms\": {p10:.4}, \"p90_ms\": {p90:.4}, \"iters\": {}, \"threads\": {}, \"peak_activation_bytes\": {peak}, \"load_ms\": {load_ms:.3}, \"level\": \"{level}\", \"features\": [{}], \"cpu\": \"{}\"}}",
+            times.len(), threads.unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)),
+            features.join(", "), cpu.replace('\\', "\\\\").replace('"', "\\\"")
         );
     } else {
         println!("{}: {} iterations", path.display(), times.len());
+        println!("  target      {level} on {cpu}");
         println!("  latency     median {median:.3} ms (p10 {p10:.3}, p90 {p90:.3})");
         println!(
             "  throughput  {:.1} inferences/s ({} per batch)",
@@ -896,6 +909,7 @@ fn main() -> ExitCode {
             spec_opts,
             weights,
             target,
+            cpu,
             dump_mlir,
             opt,
             output,
@@ -927,7 +941,7 @@ fn main() -> ExitCode {
                 spec,
                 spec_opts,
                 weights,
-                *target,
+                (*target, *cpu),
                 dump_mlir.as_deref(),
                 *opt,
                 output,

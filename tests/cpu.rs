@@ -8,6 +8,7 @@ use std::collections::BTreeMap;
 use common::*;
 use kiln_ir::{DType, Op, Tensor};
 use kiln_passes::{optimize, OptLevel};
+use kiln_runtime::cpu::Level;
 
 /// Deterministic inputs for a graph at concrete dims: ids in [0, vocab), masks with padding.
 fn inputs_for(
@@ -58,20 +59,33 @@ fn inputs_for(
 fn check_spec(name: &str, overrides: &[(&str, &str)], shapes: &[&[(&str, usize)]], vocab: i64, tol: f64) {
     let l = spec(name, overrides);
     let w = kiln_frontend::weights::random(&l, 11);
-    for level in [OptLevel::O0, OptLevel::O1, OptLevel::O2] {
+    // Every optimization level for the best CPU level here, and -O2 for every other CPU level
+    // this machine runs (so the AVX-512, AVX2 and portable kernels are all checked where they run).
+    let host = Level::host();
+    let mut runs: Vec<(OptLevel, Level)> = [OptLevel::O0, OptLevel::O1, OptLevel::O2].map(|o| (o, host)).into();
+    runs.extend(
+        Level::runnable()
+            .into_iter()
+            .filter(|c| *c != host)
+            .map(|c| (OptLevel::O2, c)),
+    );
+    for c in Level::ALL.into_iter().filter(|c| !c.runs_here()) {
+        eprintln!(
+            "SKIPPED {name} at --cpu {c}: this CPU ({}) lacks it",
+            kiln_runtime::cpu::model_name()
+        );
+    }
+    for (level, cpu) in runs {
         let mut g = l.graph.clone();
         optimize(&mut g, level, true).unwrap();
-        let dir = std::env::temp_dir().join(format!("kiln-cpu-{}-{name}-{level:?}", std::process::id()));
+        let dir = std::env::temp_dir().join(format!("kiln-cpu-{}-{name}-{level:?}-{cpu}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("model.kiln");
-        kiln_cpu::compile_to_file(
-            &g,
-            &w,
-            &l.dims,
-            &kiln_cpu::Options::for_level(if level == OptLevel::O0 { 0 } else { 1 }),
-            &path,
-        )
-        .unwrap_or_else(|e| panic!("{name}: {e}"));
+        let opts = kiln_cpu::Options {
+            cpu,
+            ..kiln_cpu::Options::for_level(if level == OptLevel::O0 { 0 } else { 1 })
+        };
+        kiln_cpu::compile_to_file(&g, &w, &l.dims, &opts, &path).unwrap_or_else(|e| panic!("{name}: {e}"));
         let model = kiln_runtime::Model::load(&path).unwrap_or_else(|e| panic!("{name}: {e}"));
         for (si, s) in shapes.iter().enumerate() {
             let dims: BTreeMap<&str, usize> = s.iter().copied().collect();
@@ -83,10 +97,10 @@ fn check_spec(name: &str, overrides: &[(&str, &str)], shapes: &[&[(&str, usize)]
                 let err = a
                     .max_abs_diff(b)
                     .unwrap_or_else(|| panic!("{name} {n1}: shape {:?} vs {:?}", a.shape(), b.shape()));
-                eprintln!("{name} {level:?} {s:?} {n1}: max abs error {err:.2e}");
+                eprintln!("{name} {level:?} {cpu} {s:?} {n1}: max abs error {err:.2e}");
                 assert!(
                     err <= tol,
-                    "{name} {level:?} {s:?} {n1}: max abs error {err:e} > {tol:e}"
+                    "{name} {level:?} {cpu} {s:?} {n1}: max abs error {err:e} > {tol:e}"
                 );
             }
         }

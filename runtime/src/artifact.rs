@@ -24,7 +24,7 @@ use crate::LoadError;
 /// File magic.
 pub const MAGIC: &[u8; 8] = b"KILNART\0";
 /// The format version this runtime reads and writes.
-pub const VERSION: u32 = 1;
+pub const VERSION: u32 = 2;
 const HEADER: usize = 64;
 const TRAILER: usize = 8;
 /// Alignment of the weight and code sections and of each weight tensor.

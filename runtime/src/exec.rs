@@ -7,6 +7,7 @@ use std::time::Instant;
 use kiln_ir::{DType, Tensor};
 
 use crate::artifact;
+use crate::cpu::Level;
 use crate::kernels::{self, Buf, KernelFn};
 use crate::plan::{Manifest, Step, Storage};
 use crate::{LoadError, RunError};
@@ -56,40 +57,47 @@ pub struct Model {
     threads: usize,
     /// Whether quantized products of a few rows quantize their activations to int8.
     int8_activations: bool,
+    /// The CPU level kernels dispatch on: the artifact's.
+    level: Level,
     /// Seconds spent in `load` after the file was mapped.
     pub load_seconds: f64,
 }
 
-fn cpu_has(feature: &str) -> Option<bool> {
-    #[cfg(target_arch = "x86_64")]
-    {
-        Some(match feature {
-            "sse3" => std::arch::is_x86_feature_detected!("sse3"),
-            "ssse3" => std::arch::is_x86_feature_detected!("ssse3"),
-            "sse4.1" => std::arch::is_x86_feature_detected!("sse4.1"),
-            "sse4.2" => std::arch::is_x86_feature_detected!("sse4.2"),
-            "popcnt" => std::arch::is_x86_feature_detected!("popcnt"),
-            "avx" => std::arch::is_x86_feature_detected!("avx"),
-            "avx2" => std::arch::is_x86_feature_detected!("avx2"),
-            "fma" => std::arch::is_x86_feature_detected!("fma"),
-            "bmi1" => std::arch::is_x86_feature_detected!("bmi1"),
-            "bmi2" => std::arch::is_x86_feature_detected!("bmi2"),
-            "lzcnt" => std::arch::is_x86_feature_detected!("lzcnt"),
-            "cmpxchg16b" => std::arch::is_x86_feature_detected!("cmpxchg16b"),
-            "f16c" => std::arch::is_x86_feature_detected!("f16c"),
-            "avx512f" => std::arch::is_x86_feature_detected!("avx512f"),
-            "avx512vl" => std::arch::is_x86_feature_detected!("avx512vl"),
-            "avx512dq" => std::arch::is_x86_feature_detected!("avx512dq"),
-            "avx512bitalg" => std::arch::is_x86_feature_detected!("avx512bitalg"),
-            "avx512vbmi" => std::arch::is_x86_feature_detected!("avx512vbmi"),
-            _ => return None,
-        })
+/// Checks that this CPU runs the artifact's code: every feature it records that this runtime
+/// knows must be present (unknown names are skipped). Returns the level kernels dispatch on.
+fn check_cpu(t: &crate::plan::Target) -> Result<Level, LoadError> {
+    let level = Level::ALL
+        .into_iter()
+        .find(|l| l.name() == t.level)
+        .unwrap_or_else(|| Level::from_features(&t.features));
+    // The level's own features too: kernels dispatch on the level, whatever the list says.
+    let mut wanted = t.features.clone();
+    wanted.extend(
+        level
+            .features()
+            .iter()
+            .map(|f| f.to_string())
+            .filter(|f| !t.features.contains(f)),
+    );
+    let missing = crate::cpu::missing(&wanted);
+    if missing.is_empty() {
+        return Ok(level);
     }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        let _ = feature;
-        None
-    }
+    let name = if t.level.is_empty() {
+        "its CPU features"
+    } else {
+        t.level.as_str()
+    };
+    Err(LoadError::Target {
+        wanted: format!("{name} (code using {})", t.features.join(", ")),
+        have: format!(
+            "a CPU without {} ({}, which runs up to {}; compile with --cpu {} or lower)",
+            missing.join(", "),
+            crate::cpu::model_name(),
+            Level::host(),
+            Level::host()
+        ),
+    })
 }
 
 impl Model {
@@ -114,23 +122,7 @@ impl Model {
                 have: std::env::consts::ARCH.to_string(),
             });
         }
-        for f in &m.target.features {
-            match cpu_has(f) {
-                Some(true) => {}
-                Some(false) => {
-                    return Err(LoadError::Target {
-                        wanted: format!("a CPU with {f}"),
-                        have: format!("a CPU without {f}"),
-                    })
-                }
-                None => {
-                    return Err(LoadError::Target {
-                        wanted: format!("CPU feature `{f}`"),
-                        have: "a runtime that does not know it".into(),
-                    })
-                }
-            }
-        }
+        let level = check_cpu(&m.target)?;
         crate::validate::manifest(&m, s.weights.len(), s.code.len())?;
         check_packed_weights(&m, &bytes.as_slice()[s.weights.clone()])?;
         let code_bytes = &bytes.as_slice()[s.code.clone()];
@@ -162,6 +154,7 @@ impl Model {
             pool,
             threads,
             int8_activations: true,
+            level,
             load_seconds: start.elapsed().as_secs_f64(),
         })
     }
@@ -194,6 +187,11 @@ impl Model {
     /// term (see `q8.rs`).
     pub fn set_int8_activations(&mut self, on: bool) {
         self.int8_activations = on;
+    }
+
+    /// The CPU level the artifact was compiled for, which its kernels dispatch on.
+    pub fn level(&self) -> Level {
+        self.level
     }
 
     /// The manifest (signature, plan, kernels).
@@ -457,6 +455,24 @@ impl Model {
                     acc: acc.map(|v| (bufs[v as usize], shapes[v as usize].as_slice())),
                 },
                 self.threads,
+                self.level,
+            ),
+            Step::PackedMatMul {
+                a,
+                w,
+                kernel,
+                out,
+                scale,
+                bias,
+                acc,
+            } => kernels::packed_matmul(
+                (bufs[*a as usize], &shapes[*a as usize]),
+                (bufs[*w as usize], &shapes[*w as usize], kernel),
+                (bufs[*out as usize], &shapes[*out as usize]),
+                *scale,
+                bias.map(|v| (bufs[v as usize], shapes[v as usize].as_slice())),
+                acc.map(|v| (bufs[v as usize], shapes[v as usize].as_slice())),
+                self.threads,
             ),
             Step::QMatMul {
                 a,
@@ -487,6 +503,7 @@ impl Model {
                     acc.map(|v| (bufs[v as usize], shapes[v as usize].as_slice())),
                     self.int8_activations,
                     self.threads,
+                    self.level,
                 )
             }
             Step::SpMatMul24 {
@@ -507,6 +524,7 @@ impl Model {
                 bias.map(|v| (bufs[v as usize], shapes[v as usize].as_slice())),
                 acc.map(|v| (bufs[v as usize], shapes[v as usize].as_slice())),
                 self.threads,
+                self.level,
             ),
             Step::SpMatMul {
                 a,
@@ -536,6 +554,7 @@ impl Model {
                 bias.map(|v| (bufs[v as usize], shapes[v as usize].as_slice())),
                 acc.map(|v| (bufs[v as usize], shapes[v as usize].as_slice())),
                 self.threads,
+                self.level,
             ),
             Step::Gather { table, idx, out, axis } => {
                 let m = &self.manifest;
@@ -660,6 +679,7 @@ fn step_kind(step: &Step) -> String {
             kind, inputs, space, ..
         } => format!("kernel:{kind:?}:{}in:rank{}", inputs.len(), space.len()),
         Step::MatMul { .. } => "matmul".into(),
+        Step::PackedMatMul { kernel, .. } => format!("matmul:{kernel}"),
         Step::QMatMul { bits, .. } => format!("matmul:int{bits}"),
         Step::SpMatMul { .. } => "matmul:csr".into(),
         Step::SpMatMul24 { .. } => "matmul:2:4".into(),

@@ -6,6 +6,7 @@
 use kiln_ir::{DType, Dim, Op, Tensor, TensorType};
 use rayon::prelude::*;
 
+use crate::cpu::Level;
 use crate::plan::{ColumnView, KernelDecl, KernelKind};
 
 /// The ABI of generated kernels: `rows` rows of `n` elements; `offs` holds, per row, the element
@@ -272,6 +273,7 @@ pub fn matmul(
     out: (Buf, &[usize]),
     e: Epilogue,
     threads: usize,
+    level: Level,
 ) -> Result<(), String> {
     let (ta, tb) = (e.ta, e.tb);
     let (sa, sb, so) = (a.1, b.1, out.1);
@@ -365,6 +367,7 @@ pub fn matmul(
                     read_dst,
                     scale,
                     threads,
+                    level.avx2(),
                 )
             };
         } else {
@@ -396,6 +399,55 @@ pub fn matmul(
     Ok(())
 }
 
+/// A product by a weight packed for a microkernel (`Step::PackedMatMul`), after checking every
+/// shape against its buffer.
+pub fn packed_matmul(
+    a: (Buf, &[usize]),
+    (w, ws, kernel): (Buf, &[usize], &str),
+    out: (Buf, &[usize]),
+    scale: f32,
+    bias: Option<(Buf, &[usize])>,
+    acc: Option<(Buf, &[usize])>,
+    threads: usize,
+) -> Result<(), String> {
+    let kern = crate::gemm::MicroKernel::by_name(kernel).ok_or_else(|| format!("no microkernel `{kernel}`"))?;
+    let (sa, so) = (a.1, out.1);
+    let (Some((&k, lead_a)), Some((&n, lead_o)), &[panels, kw, nr]) = (sa.split_last(), so.split_last(), ws) else {
+        return Err(format!("packed matmul shapes {sa:?} x {ws:?} -> {so:?} do not fit"));
+    };
+    if lead_a != lead_o || k != kw || nr != kern.nr || n.div_ceil(nr) != panels {
+        return Err(format!("packed matmul shapes {sa:?} x {ws:?} -> {so:?} do not fit"));
+    }
+    check_len("matmul lhs", a.0, sa, 4)?;
+    check_len("packed weight", w, ws, 4)?;
+    check_len("matmul output", out.0, so, 4)?;
+    if let Some((b, s)) = bias {
+        if s != [n] {
+            return Err(format!("matmul bias {s:?} is not [{n}]"));
+        }
+        check_len("matmul bias", b, s, 4)?;
+    }
+    if let Some((r, s)) = acc {
+        if s != so {
+            return Err(format!("matmul accumulator {s:?} differs from the result {so:?}"));
+        }
+        check_len("matmul accumulator", r, s, 4)?;
+    }
+    let ptr = |x: Option<(Buf, &[usize])>| x.map_or(std::ptr::null(), |(b, _)| b.ptr as *const f32);
+    let o = crate::gemm::Operands {
+        a: a.0.ptr as *const f32,
+        b: w.ptr as *const f32,
+        out: out.0.ptr as *mut f32,
+        bias: ptr(bias),
+        res: ptr(acc),
+        scale,
+    };
+    // SAFETY: every length was checked above; loading checked that this CPU runs the kernel's
+    // level (the artifact's, which validation checked the kernel does not exceed).
+    unsafe { crate::gemm::matmul(kern, o, elems(lead_o), k, n, threads) };
+    Ok(())
+}
+
 /// Products with at most this many rows (decode steps) take the matrix-vector path.
 const GEMV_ROWS: usize = 4;
 
@@ -417,6 +469,7 @@ unsafe fn gemv(
     accumulate: bool,
     scale: f32,
     threads: usize,
+    avx2: bool,
 ) {
     let (ap, bp, op) = (a as usize, b as usize, out as usize);
     let store = |r: usize, j0: usize, acc: &[f32]| {
@@ -442,7 +495,7 @@ unsafe fn gemv(
             // SAFETY: rows j0..j1 of B.
             let b = unsafe { std::slice::from_raw_parts((bp as *const f32).add(j0 * k), (j1 - j0) * k) };
             let mut acc = vec![0f32; rows * (j1 - j0)];
-            dot_rows(a, rows, k, b, j1 - j0, &mut acc);
+            dot_rows(a, rows, k, b, j1 - j0, &mut acc, avx2);
             for r in 0..rows {
                 store(r, j0, &acc[r * (j1 - j0)..(r + 1) * (j1 - j0)]);
             }
@@ -459,7 +512,7 @@ unsafe fn gemv(
             if k0 < k1 {
                 // SAFETY: rows k0..k1 of B.
                 let b = unsafe { std::slice::from_raw_parts((bp as *const f32).add(k0 * n), (k1 - k0) * n) };
-                axpy_rows(a, rows, k, k0, k1, b, n, &mut acc);
+                axpy_rows(a, rows, k, k0, k1, b, n, &mut acc, avx2);
             }
             acc
         };
@@ -479,10 +532,10 @@ unsafe fn gemv(
 }
 
 /// `acc[r, j] = a[r, :] · b[j, :]` for `cols` rows `j` of `b` (`[cols, k]`).
-fn dot_rows(a: &[f32], rows: usize, k: usize, b: &[f32], cols: usize, acc: &mut [f32]) {
+fn dot_rows(a: &[f32], rows: usize, k: usize, b: &[f32], cols: usize, acc: &mut [f32], avx2: bool) {
     #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
-        // SAFETY: the CPU has AVX2 and FMA.
+    if avx2 {
+        // SAFETY: the artifact's level has AVX2 and FMA, which loading checked this CPU has.
         unsafe { dot_rows_avx2(a, rows, k, b, cols, acc) };
         return;
     }
@@ -528,10 +581,10 @@ unsafe fn dot_rows_avx2(a: &[f32], rows: usize, k: usize, b: &[f32], cols: usize
 
 /// `acc[r, :] += a[r, k0..k1] @ b` for `b` the rows `k0..k1` of a `[k, n]` matrix.
 #[allow(clippy::too_many_arguments)]
-fn axpy_rows(a: &[f32], rows: usize, k: usize, k0: usize, k1: usize, b: &[f32], n: usize, acc: &mut [f32]) {
+fn axpy_rows(a: &[f32], rows: usize, k: usize, k0: usize, k1: usize, b: &[f32], n: usize, acc: &mut [f32], avx2: bool) {
     #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
-        // SAFETY: the CPU has AVX2 and FMA.
+    if avx2 {
+        // SAFETY: the artifact's level has AVX2 and FMA, which loading checked this CPU has.
         unsafe { axpy_rows_avx2(a, rows, k, k0, k1, b, n, acc) };
         return;
     }
@@ -1004,10 +1057,11 @@ pub struct QWeight {
 struct Floats<'a> {
     bytes: &'a [u8],
     dt: DType,
+    f16c: bool,
 }
 
 impl<'a> Floats<'a> {
-    fn new(b: Buf, dt: DType, n: usize) -> Result<Floats<'a>, String> {
+    fn new(b: Buf, dt: DType, n: usize, level: Level) -> Result<Floats<'a>, String> {
         if !matches!(dt, DType::F32 | DType::F16 | DType::BF16) {
             return Err(format!("quantization scales of dtype {dt}"));
         }
@@ -1018,6 +1072,7 @@ impl<'a> Floats<'a> {
         Ok(Floats {
             bytes: unsafe { std::slice::from_raw_parts(b.ptr as *const u8, b.len) },
             dt,
+            f16c: level.avx2(),
         })
     }
 
@@ -1026,8 +1081,8 @@ impl<'a> Floats<'a> {
         let es = self.dt.size_bytes();
         let src = &self.bytes[start * es..(start + dst.len()) * es];
         #[cfg(target_arch = "x86_64")]
-        if self.dt == DType::F16 && std::arch::is_x86_feature_detected!("f16c") {
-            // SAFETY: the CPU has F16C; `src` holds `dst.len()` f16 values.
+        if self.dt == DType::F16 && self.f16c {
+            // SAFETY: the artifact's level has F16C, which loading checked this CPU has; `src` holds `dst.len()` f16 values.
             unsafe { f16_to_f32_f16c(src, dst) };
             return;
         }
@@ -1233,6 +1288,7 @@ pub fn qmatmul(
     acc: Option<(Buf, &[usize])>,
     int8_activations: bool,
     threads: usize,
+    level: Level,
 ) -> Result<(), String> {
     let (sa, so) = (a.1, out.1);
     let (Some(&k), Some(&n)) = (sa.last(), so.last()) else {
@@ -1258,9 +1314,9 @@ pub fn qmatmul(
     check_len("quantized matmul lhs", a.0, sa, 4)?;
     check_len("quantized matmul output", out.0, so, 4)?;
     let groups = k / g;
-    let sf = Floats::new(w.scales.0, w.scales.1, n * groups)?;
+    let sf = Floats::new(w.scales.0, w.scales.1, n * groups, level)?;
     let mf = match w.mins {
-        Some((b, dt)) => Some(Floats::new(b, dt, n * groups)?),
+        Some((b, dt)) => Some(Floats::new(b, dt, n * groups, level)?),
         None if w.bits == 4 => return Err("4-bit weights need minimums".into()),
         None => None,
     };
@@ -1288,8 +1344,8 @@ pub fn qmatmul(
         *o = if read_dst { *o + scale * v } else { scale * v };
     };
     let cb = if w.bits == 8 { k } else { k / 2 };
-    if rows <= GEMV_ROWS && int8_activations && crate::q8::usable(w.bits, g) {
-        if let Some(q) = crate::q8::Q8::new(av, rows, k, g, w.bits) {
+    if rows <= GEMV_ROWS && int8_activations && crate::q8::usable(w.bits, g, level) {
+        if let Some(q) = crate::q8::Q8::new(av, rows, k, g, w.bits, level) {
             // Integer dot products on the activations quantized to int8 (see `q8`); a task converts
             // the scales and minimums of up to `CHUNK` weight rows at a time.
             const CHUNK: usize = 64;
@@ -1326,7 +1382,7 @@ pub fn qmatmul(
         let blocks = (threads * 4).clamp(1, n.div_ceil(16).max(1));
         let width = n.div_ceil(blocks);
         #[cfg(target_arch = "x86_64")]
-        let fast = std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma");
+        let fast = level.avx2();
         let work = |bi: usize| {
             let (mut s, mut m) = (Vec::new(), Vec::new());
             for j in bi * width..((bi + 1) * width).min(n) {
@@ -1469,10 +1525,11 @@ pub fn spmatmul(
     bias: Option<(Buf, &[usize])>,
     acc: Option<(Buf, &[usize])>,
     threads: usize,
+    level: Level,
 ) -> Result<(), String> {
     let (k, n) = sparse_shapes(a, out)?;
     if w.block != [1, 1] {
-        return block_spmatmul(a, w, out, sparse_rows, scale, bias, acc, threads);
+        return block_spmatmul(a, w, out, sparse_rows, scale, bias, acc, threads, level);
     }
     if w.row_ptr.len != (n + 1) * 4 || w.cols.len != w.vals.len {
         return Err(format!("CSR weight does not fit [{n}, {k}]"));
@@ -1563,6 +1620,7 @@ fn block_spmatmul(
     bias: Option<(Buf, &[usize])>,
     acc: Option<(Buf, &[usize])>,
     threads: usize,
+    level: Level,
 ) -> Result<(), String> {
     let sa = a.1;
     let (k, n) = sparse_shapes(a, out)?;
@@ -1632,7 +1690,7 @@ fn block_spmatmul(
     let tasks = (threads * 4).clamp(1, bands.max(1));
     let per = bands.div_ceil(tasks);
     #[cfg(target_arch = "x86_64")]
-    let simd = matches!(br, 8 | 16 | 32) && is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma");
+    let simd = matches!(br, 8 | 16 | 32) && level.avx2();
     let work = |t: usize| {
         for band in t * per..((t + 1) * per).min(bands) {
             let blocks = rp[band] as usize..rp[band + 1] as usize;
@@ -1768,14 +1826,14 @@ unsafe fn block_band_avx2<const V: usize, const R: usize>(
 
 /// Row `j` of a packed 2:4 weight, unpacked into `dst` (`k` values; offsets bytes are masked to
 /// their two 2-bit fields, so any byte stays inside the group — the loader checked them).
-fn unpack24_row(vals: &[f32], idx: &[u8], j: usize, k: usize, dst: &mut [f32]) {
+fn unpack24_row(vals: &[f32], idx: &[u8], j: usize, k: usize, dst: &mut [f32], avx2: bool) {
     let (v, ix) = (
         &vals[j * (k / 2)..(j + 1) * (k / 2)],
         &idx[j * (k / 4)..(j + 1) * (k / 4)],
     );
     #[cfg(target_arch = "x86_64")]
-    if is_x86_feature_detected!("avx2") {
-        // SAFETY: the feature was just detected; `v`, `ix` and `dst` hold one row each.
+    if avx2 {
+        // SAFETY: the artifact's level has AVX2 (checked at load); `v`, `ix` and `dst` hold one row each.
         unsafe { unpack24_row_avx2(v, ix, dst) };
         return;
     }
@@ -1907,6 +1965,7 @@ pub fn spmatmul24(
     bias: Option<(Buf, &[usize])>,
     acc: Option<(Buf, &[usize])>,
     threads: usize,
+    level: Level,
 ) -> Result<(), String> {
     let (k, n) = sparse_shapes(a, out)?;
     if k % 4 != 0 || vals.len != n * (k / 2) * 4 || idx.len != n * (k / 4) {
@@ -1925,8 +1984,7 @@ pub fn spmatmul24(
     if rows <= sparse_rows {
         let blocks = (threads * 4).clamp(1, n.div_ceil(16).max(1));
         let width = n.div_ceil(blocks);
-        #[cfg(target_arch = "x86_64")]
-        let simd = is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma");
+        let simd = level.avx2();
         let work = |bi: usize| {
             let mut w = vec![0f32; k];
             for j in bi * width..((bi + 1) * width).min(n) {
@@ -1937,7 +1995,7 @@ pub fn spmatmul24(
                 #[cfg(not(target_arch = "x86_64"))]
                 let direct = false;
                 if !direct {
-                    unpack24_row(vs, ix, j, k, &mut w);
+                    unpack24_row(vs, ix, j, k, &mut w, simd);
                 }
                 for r in 0..rows {
                     let x = &av[r * k..(r + 1) * k];
@@ -1946,12 +2004,12 @@ pub fn spmatmul24(
                     let t = if direct {
                         unsafe { dot24_avx2(vr, ir, x) }
                     } else {
-                        dot(x, &w)
+                        dot(x, &w, simd)
                     };
                     #[cfg(not(target_arch = "x86_64"))]
                     let t = {
                         let _ = (vr, ir);
-                        dot(x, &w)
+                        dot(x, &w, simd)
                     };
                     // SAFETY: (r, j) is in the output and written by this task only.
                     let o = unsafe { &mut *(op as *mut f32).add(r * n + j) };
@@ -1974,7 +2032,7 @@ pub fn spmatmul24(
                 threads,
                 |j0, j1, t| {
                     for j in j0..j1 {
-                        unpack24_row(vs, ix, j, k, &mut t[(j - j0) * k..(j - j0 + 1) * k]);
+                        unpack24_row(vs, ix, j, k, &mut t[(j - j0) * k..(j - j0 + 1) * k], level.avx2());
                     }
                 },
             )
@@ -1984,10 +2042,10 @@ pub fn spmatmul24(
 }
 
 /// `Σ x·y`, eight lanes at a time where the CPU has AVX2 and FMA.
-fn dot(x: &[f32], y: &[f32]) -> f32 {
+fn dot(x: &[f32], y: &[f32], avx2: bool) -> f32 {
     #[cfg(target_arch = "x86_64")]
-    if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
-        // SAFETY: the features were just detected.
+    if avx2 {
+        // SAFETY: the artifact's level has AVX2 and FMA (checked at load).
         return unsafe { dot_avx2(x, y) };
     }
     x.iter().zip(y).map(|(a, b)| a * b).sum()
@@ -2033,6 +2091,7 @@ fn measure_against_dense(
     k: usize,
     m: usize,
     threads: usize,
+    level: Level,
     sparse: &Product,
 ) -> Result<(f64, f64), String> {
     let pool = pool(threads)?;
@@ -2073,6 +2132,7 @@ fn measure_against_dense(
                     acc: None,
                 },
                 threads,
+                level,
             )
         })?;
         let sparse = time(&|| sparse((ab, &sa), (ob, &so)))?;
@@ -2099,16 +2159,17 @@ pub fn measure_sparse(
     k: usize,
     m: usize,
     threads: usize,
+    level: Level,
 ) -> Result<(f64, f64), String> {
     let buf = |p: *const u8, len: usize| Buf { ptr: p as *mut u8, len };
-    measure_against_dense(w, n, k, m, threads, &|a, out| {
+    measure_against_dense(w, n, k, m, threads, level, &|a, out| {
         let w = CsrWeight {
             row_ptr: buf(row_ptr.as_ptr() as *const u8, row_ptr.len() * 4),
             cols: buf(cols.as_ptr() as *const u8, cols.len() * 4),
             vals: buf(vals.as_ptr() as *const u8, vals.len() * 4),
             block,
         };
-        spmatmul(a, w, out, usize::MAX, 1.0, None, None, threads)
+        spmatmul(a, w, out, usize::MAX, 1.0, None, None, threads, level)
     })
 }
 
@@ -2121,14 +2182,15 @@ pub fn measure_sparse24(
     k: usize,
     m: usize,
     threads: usize,
+    level: Level,
 ) -> Result<(f64, f64), String> {
     let buf = |p: *const u8, len: usize| Buf { ptr: p as *mut u8, len };
-    measure_against_dense(w, n, k, m, threads, &|a, out| {
+    measure_against_dense(w, n, k, m, threads, level, &|a, out| {
         let packed = (
             buf(vals.as_ptr() as *const u8, vals.len() * 4),
             buf(idx.as_ptr(), idx.len()),
         );
-        spmatmul24(a, packed, out, usize::MAX, 1.0, None, None, threads)
+        spmatmul24(a, packed, out, usize::MAX, 1.0, None, None, threads, level)
     })
 }
 

@@ -15,9 +15,11 @@
 //! compiles anything.
 
 pub mod artifact;
+pub mod cpu;
 #[cfg(feature = "cuda")]
 pub mod cuda;
 mod exec;
+pub mod gemm;
 mod kernels;
 pub mod npy;
 pub mod plan;

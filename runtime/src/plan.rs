@@ -29,8 +29,12 @@ impl DimExpr {
 pub struct Target {
     /// `std::env::consts::ARCH` of the compiling machine, e.g. `x86_64`.
     pub arch: String,
-    /// CPU features the generated code uses (`sse4.1`, `fma`, …).
+    /// CPU features the code uses (`sse4.1`, `fma`, …): exactly those of `level`.
     pub features: Vec<String>,
+    /// The CPU level the code was compiled for ([`crate::cpu::Level::name`]); empty in artifacts
+    /// that predate levels, whose level is then read from `features`.
+    #[serde(default)]
+    pub level: String,
 }
 
 /// Where a value's bytes live.
@@ -155,6 +159,25 @@ pub enum Step {
         /// A `[n]` vector added to every row.
         bias: Option<u32>,
         /// A tensor of the result's shape added to it (a residual connection).
+        acc: Option<u32>,
+    },
+    /// A product by a weight packed at compile time for a microkernel: `out = scale · (a @ B) +
+    /// bias + acc`, `a [.., m, k]` row-major, `B [k, n]` stored as `w` — the kernel's panels,
+    /// `[⌈n / nr⌉, k, nr]` (see `kiln_runtime::gemm`).
+    PackedMatMul {
+        /// Left operand `[.., m, k]`.
+        a: u32,
+        /// The packed weight `[panels, k, nr]`.
+        w: u32,
+        /// The microkernel it was packed for (`gemm::REGISTRY`).
+        kernel: String,
+        /// Result `[.., m, n]`.
+        out: u32,
+        /// Multiplies the product.
+        scale: f32,
+        /// A `[n]` vector added to every row.
+        bias: Option<u32>,
+        /// A tensor of the result's shape added to it.
         acc: Option<u32>,
     },
     /// A product with a quantized right operand (`Dequantize` fused in): `out = acc + bias + scale *
@@ -337,6 +360,7 @@ impl Step {
         match self {
             Step::Kernel { out, .. }
             | Step::MatMul { out, .. }
+            | Step::PackedMatMul { out, .. }
             | Step::QMatMul { out, .. }
             | Step::SpMatMul { out, .. }
             | Step::SpMatMul24 { out, .. }
@@ -355,7 +379,9 @@ impl Step {
     pub fn inputs(&self) -> Vec<u32> {
         match self {
             Step::Kernel { inputs, .. } | Step::Fallback { inputs, .. } => inputs.clone(),
-            Step::MatMul { a, b, bias, acc, .. } => [*a, *b].into_iter().chain(*bias).chain(*acc).collect(),
+            Step::MatMul { a, b, bias, acc, .. } | Step::PackedMatMul { a, w: b, bias, acc, .. } => {
+                [*a, *b].into_iter().chain(*bias).chain(*acc).collect()
+            }
             Step::QMatMul {
                 a,
                 codes,

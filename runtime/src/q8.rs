@@ -36,18 +36,14 @@ pub const BLOCK: usize = 32;
 const PREFETCH: usize = 4096;
 
 /// Whether a weight of `bits` with groups of `group` columns can take the integer path here.
-pub fn usable(bits: u8, group: usize) -> bool {
+pub fn usable(bits: u8, group: usize, level: crate::cpu::Level) -> bool {
     #[cfg(target_arch = "x86_64")]
     {
-        group > 0
-            && group.is_multiple_of(BLOCK)
-            && matches!(bits, 4 | 8)
-            && std::arch::is_x86_feature_detected!("avx2")
-            && std::arch::is_x86_feature_detected!("fma")
+        group > 0 && group.is_multiple_of(BLOCK) && matches!(bits, 4 | 8) && level.avx2()
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
-        let _ = (bits, group);
+        let _ = (bits, group, level);
         false
     }
 }
@@ -84,7 +80,7 @@ impl Q8 {
     /// [`BLOCK`]) for a product with `bits`-bit weights: 4-bit ones also get each group's f32 sum
     /// and, with groups of 64 or more columns, codes in paired order. `None` if a value is
     /// infinite or NaN, which a block scale cannot represent.
-    pub fn new(a: &[f32], rows: usize, k: usize, group: usize, bits: u8) -> Option<Q8> {
+    pub fn new(a: &[f32], rows: usize, k: usize, group: usize, bits: u8, level: crate::cpu::Level) -> Option<Q8> {
         assert!(group.is_multiple_of(BLOCK) && k.is_multiple_of(group) && a.len() == rows * k);
         let paired = bits == 4 && group.is_multiple_of(2 * BLOCK);
         let sum_stride = if bits == 4 { (k / group).div_ceil(8) * 8 } else { 0 };
@@ -101,14 +97,17 @@ impl Q8 {
             paired,
         };
         #[cfg(target_arch = "x86_64")]
-        let finite = if std::arch::is_x86_feature_detected!("avx2") {
-            // SAFETY: the CPU has AVX2; the buffers have the sizes set above.
+        let finite = if level.avx2() {
+            // SAFETY: the artifact's level has AVX2 (checked at load); the buffers have the sizes set above.
             unsafe { q.fill_avx2(a) }
         } else {
             q.fill(a)
         };
         #[cfg(not(target_arch = "x86_64"))]
-        let finite = q.fill(a);
+        let finite = {
+            let _ = level;
+            q.fill(a)
+        };
         if paired {
             for (p, d) in q.pair_d.chunks_exact_mut(8).zip(q.d.chunks_exact(2)) {
                 p[..4].fill(d[0]);
@@ -584,7 +583,7 @@ mod tests {
     /// rounding only.
     #[test]
     fn integer_products_stay_within_the_activation_step() {
-        if !usable(8, BLOCK) {
+        if !usable(8, BLOCK, crate::cpu::Level::host()) {
             eprintln!("no AVX2 and FMA: the integer path is not taken on this CPU");
             return;
         }
@@ -620,7 +619,7 @@ mod tests {
                 };
                 let oty = TensorType::new(DType::F32, vec![(rows as u64).into(), (n as u64).into()]);
                 let want = kiln_interp::eval_op(&mm, &oty, &[&av, &deq], &Default::default()).unwrap();
-                let q = Q8::new(&a, rows, k, g, bits).unwrap();
+                let q = Q8::new(&a, rows, k, g, bits, crate::cpu::Level::host()).unwrap();
                 for threads in [1, 2] {
                     let mut out = vec![0f32; rows * n];
                     let ab: &[u8] = unsafe { std::slice::from_raw_parts(a.as_ptr() as *const u8, a.len() * 4) };
@@ -644,6 +643,7 @@ mod tests {
                         None,
                         true,
                         threads,
+                        crate::cpu::Level::host(),
                     )
                     .unwrap();
                     for r in 0..rows {
@@ -696,6 +696,7 @@ mod tests {
                         None,
                         false,
                         threads,
+                        crate::cpu::Level::host(),
                     )
                     .unwrap();
                     for (i, (x, y)) in out.iter().zip(&want.data).enumerate() {
@@ -719,7 +720,7 @@ mod tests {
         let (rows, k) = (3, 256);
         let a = activations(rows, k, 5);
         for (bits, g) in [(8, 256), (4, 32), (4, 128)] {
-            let q = Q8::new(&a, rows, k, g, bits).unwrap();
+            let q = Q8::new(&a, rows, k, g, bits, crate::cpu::Level::host()).unwrap();
             assert_eq!(q.paired, bits == 4 && g >= 64);
             let mut p = Q8 {
                 q: vec![0; rows * k],
@@ -742,7 +743,10 @@ mod tests {
             for bad in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
                 let mut b = a.clone();
                 b[k + 40] = bad;
-                assert!(Q8::new(&b, rows, k, g, bits).is_none(), "{bad}");
+                assert!(
+                    Q8::new(&b, rows, k, g, bits, crate::cpu::Level::host()).is_none(),
+                    "{bad}"
+                );
                 assert!(!p.fill(&b), "{bad}");
             }
         }

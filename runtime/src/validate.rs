@@ -175,6 +175,15 @@ pub fn manifest(m: &Manifest, weights_len: usize, code_len: usize) -> Result<(),
                     return bad(format!("step {si}: matmul on non-f32 values"));
                 }
             }
+            Step::PackedMatMul {
+                a,
+                w,
+                kernel,
+                out,
+                bias,
+                acc,
+                ..
+            } => packed_matmul(m, si, (*a, *w, *out), kernel, (*bias, *acc))?,
             Step::QMatMul {
                 a,
                 codes,
@@ -324,4 +333,45 @@ fn step_reads_other(st: &Step, val: u32) -> bool {
         Step::Attention { q, kernel_inputs, .. } => *q == val || kernel_inputs.iter().flatten().any(|x| *x == val),
         _ => false,
     }
+}
+
+/// A packed product: f32 operands, a kernel this runtime has and the artifact's level allows, and
+/// a weight in that kernel's panel layout `[panels, k, nr]`.
+fn packed_matmul(
+    m: &Manifest,
+    si: usize,
+    (a, w, out): (u32, u32, u32),
+    kernel: &str,
+    (bias, acc): (Option<u32>, Option<u32>),
+) -> Result<(), LoadError> {
+    let dt = |v: u32| m.values[v as usize].dtype;
+    if [a, w, out]
+        .into_iter()
+        .chain(bias)
+        .chain(acc)
+        .any(|v| dt(v) != DType::F32)
+    {
+        return bad(format!("step {si}: matmul on non-f32 values"));
+    }
+    let Some(kern) = crate::gemm::MicroKernel::by_name(kernel) else {
+        return bad(format!(
+            "step {si} uses microkernel `{kernel}`, which this runtime does not have; recompile the model with this kiln"
+        ));
+    };
+    let level = crate::cpu::Level::ALL.into_iter().find(|l| l.name() == m.target.level);
+    if level.is_none_or(|l| kern.level > l) {
+        return bad(format!(
+            "step {si} uses microkernel `{kernel}` (level {}), above the artifact's level `{}`",
+            kern.level, m.target.level
+        ));
+    }
+    let wv = &m.values[w as usize];
+    let shape: Vec<u64> = wv.shape.iter().map(|d| d.coeff).collect();
+    if !matches!(wv.storage, Storage::Weight { .. }) || shape.len() != 3 || shape[2] != kern.nr as u64 {
+        return bad(format!(
+            "step {si}: the packed weight is not `{kernel}`'s panels [panels, k, {}]",
+            kern.nr
+        ));
+    }
+    Ok(())
 }

@@ -19,44 +19,65 @@ use cranelift_codegen::settings::{self, Configurable};
 use cranelift_codegen::Context;
 use cranelift_frontend::{FunctionBuilder, FunctionBuilderContext};
 use kiln_ir::{BinaryOp, CmpOp, DType, ReduceOp, UnaryOp};
+use kiln_runtime::cpu::Level;
 use kiln_runtime::plan::KernelKind;
 
 use crate::plan::{Expr, KernelSpec};
 
-/// A Cranelift code generator for the host CPU.
+/// A Cranelift code generator for one CPU level.
 pub struct Codegen {
     isa: OwnedTargetIsa,
     fma: bool,
-    /// CPU features the generated code may use, in the runtime's spelling.
-    pub features: Vec<String>,
+    /// The level the code is generated for.
+    pub level: Level,
+}
+
+/// Cranelift's x64 flag for a level feature, where Cranelift has one (it has none for F16C,
+/// MOVBE, AVX-512 BW/CD, which its code never needs).
+fn cranelift_flag(feature: &str) -> Option<&'static str> {
+    Some(match feature {
+        "sse3" => "has_sse3",
+        "ssse3" => "has_ssse3",
+        "sse4.1" => "has_sse41",
+        "sse4.2" => "has_sse42",
+        "popcnt" => "has_popcnt",
+        "cmpxchg16b" => "has_cmpxchg16b",
+        "avx" => "has_avx",
+        "avx2" => "has_avx2",
+        "fma" => "has_fma",
+        "bmi1" => "has_bmi1",
+        "bmi2" => "has_bmi2",
+        "lzcnt" => "has_lzcnt",
+        "avx512f" => "has_avx512f",
+        "avx512dq" => "has_avx512dq",
+        "avx512vl" => "has_avx512vl",
+        _ => return None,
+    })
 }
 
 impl Codegen {
-    /// A generator for this machine's CPU (its SIMD extensions and FMA, where present).
-    pub fn host() -> Result<Codegen, String> {
+    /// A generator for `level`: Cranelift's ISA flags are the level's preset (x86-64-v2/v3/v4,
+    /// or the architecture's baseline for `portable`), never the compiling machine's features.
+    pub fn for_level(level: Level) -> Result<Codegen, String> {
         let mut flags = settings::builder();
         flags.set("opt_level", "speed").map_err(|e| e.to_string())?;
         flags.set("is_pic", "true").map_err(|e| e.to_string())?;
-        let builder = cranelift_native::builder().map_err(|e| e.to_string())?;
-        let isa = builder.finish(settings::Flags::new(flags)).map_err(|e| e.to_string())?;
-        let mut features = Vec::new();
-        let mut fma = false;
-        for v in isa.isa_flags() {
-            if v.as_bool() != Some(true) {
-                continue;
+        let mut builder = cranelift_native::builder_with_options(false).map_err(|e| e.to_string())?;
+        for feature in level.features() {
+            // Cranelift's presets leave out `has_avx` (x86-64-v3) and `has_avx512f` (v4), which
+            // its FMA and AVX-512 lowerings test: set every flag of the level by hand.
+            if let Some(flag) = cranelift_flag(feature) {
+                builder
+                    .enable(flag)
+                    .map_err(|e| format!("Cranelift flag {flag}: {e}"))?;
             }
-            let Some(name) = v.name.strip_prefix("has_") else {
-                continue;
-            };
-            let name = match name {
-                "sse41" => "sse4.1".to_string(),
-                "sse42" => "sse4.2".to_string(),
-                other => other.to_string(),
-            };
-            fma |= name == "fma";
-            features.push(name);
         }
-        Ok(Codegen { isa, fma, features })
+        let isa = builder.finish(settings::Flags::new(flags)).map_err(|e| e.to_string())?;
+        let fma = isa
+            .isa_flags()
+            .iter()
+            .any(|v| v.name == "has_fma" && v.as_bool() == Some(true));
+        Ok(Codegen { isa, fma, level })
     }
 
     /// Generates one kernel's machine code.
@@ -86,8 +107,13 @@ impl Codegen {
             .map_err(|e| format!("{:?}", e.inner))?;
         if !code.buffer.relocs().is_empty() {
             return Err(format!(
-                "kernel `{}` needs relocations, which artifacts cannot carry",
-                spec.name
+                "kernel `{}` needs relocations ({:?}), which artifacts cannot carry",
+                spec.name,
+                code.buffer
+                    .relocs()
+                    .iter()
+                    .map(|r| format!("{:?}", r.target))
+                    .collect::<Vec<_>>()
             ));
         }
         Ok(code.code_buffer().to_vec())

@@ -5,6 +5,7 @@
 //! (`kiln-runtime`) loads and runs the result without this crate.
 
 pub mod codegen;
+pub mod pack;
 pub mod plan;
 pub mod quant;
 
@@ -12,6 +13,7 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 use kiln_ir::{Graph, Tensor};
+use kiln_runtime::cpu::Level;
 use kiln_runtime::plan::{Manifest, Target};
 
 /// Why a graph could not be compiled.
@@ -51,6 +53,8 @@ pub struct Options {
     pub opt_level: String,
     /// A `tokenizer.json` to carry in the artifact.
     pub tokenizer: Option<String>,
+    /// The CPU level to compile for (`--cpu`; default: the best this machine runs).
+    pub cpu: Level,
 }
 
 impl Options {
@@ -60,6 +64,7 @@ impl Options {
             fuse: level > 0,
             opt_level: format!("O{level}"),
             tokenizer: None,
+            cpu: Level::host(),
         }
     }
 }
@@ -74,19 +79,24 @@ pub struct Compiled {
     pub code: Vec<u8>,
 }
 
-/// Compiles `graph` for this machine's CPU.
+/// Compiles `graph` for the CPU level `opts.cpu`.
 pub fn compile(
     graph: &Graph,
     weights: &BTreeMap<String, Tensor>,
     dims: &[(String, u64)],
     opts: &Options,
 ) -> Result<Compiled, CompileError> {
-    let cg = codegen::Codegen::host().map_err(CompileError::Codegen)?;
+    let cg = codegen::Codegen::for_level(opts.cpu).map_err(CompileError::Codegen)?;
     let target = Target {
         arch: std::env::consts::ARCH.to_string(),
-        features: cg.features.clone(),
+        features: opts.cpu.features().iter().map(|f| f.to_string()).collect(),
+        level: opts.cpu.name().to_string(),
     };
-    let planned = plan::plan(graph, weights, dims, target, opts)?;
+    let mut planned = plan::plan(graph, weights, dims, target, opts)?;
+    // KILN_PACK=off keeps products on the GEMM library (for side-by-side measurements).
+    if opts.fuse && std::env::var("KILN_PACK").as_deref() != Ok("off") {
+        pack::pack_weights(&mut planned, opts.cpu);
+    }
     let mut manifest = planned.manifest;
     manifest.tokenizer = opts.tokenizer.clone();
     let mut code = Vec::new();

@@ -312,6 +312,8 @@ pub fn sparsify(
 ) -> Result<kiln_passes::sparsity::SparsityReport, String> {
     use kiln_passes::sparsity::Encoding;
     let decoding = is_decoding(graph);
+    // Measured with the kernels of the best level this machine runs.
+    let level = kiln_runtime::cpu::Level::host();
     let (targets, skipped) = quantize::targets(graph, exclude);
     // Candidate encodings: CSR; block patterns also their blocks (block CSR); 2:4 also packed 2:4.
     // `None` is packed 2:4, `Some(block)` (block) CSR.
@@ -328,11 +330,11 @@ pub fn sparsify(
             let time = |m| match cand {
                 Some(block) => {
                     let c = kiln_passes::sparsity::Csr::blocked(w, n, k, block);
-                    kiln_runtime::measure_sparse(w, &c.row_ptr, &c.cols, &c.vals, block, n, k, m, threads)
+                    kiln_runtime::measure_sparse(w, &c.row_ptr, &c.cols, &c.vals, block, n, k, m, threads, level)
                 }
                 None => {
                     let (vals, idx) = kiln_passes::sparsity::pack24(w, n, k)?;
-                    kiln_runtime::measure_sparse24(w, &vals, &idx, n, k, m, threads)
+                    kiln_runtime::measure_sparse24(w, &vals, &idx, n, k, m, threads, level)
                 }
             };
             match (time(1), time(rows)) {

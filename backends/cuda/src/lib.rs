@@ -39,6 +39,7 @@ pub fn plan_mlir(
     let target = Target {
         arch: GPU_ARCH.to_string(),
         features: CHIPS.iter().map(|c| c.to_string()).collect(),
+        level: String::new(),
     };
     let planned = kiln_cpu::plan::plan(graph, weights, dims, target, opts)?;
     let mlir = emit::module(&planned.kernels, &planned.manifest.flash_kernels()).map_err(CompileError::Codegen)?;

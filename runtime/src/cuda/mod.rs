@@ -1317,6 +1317,9 @@ impl Run<'_> {
                     acc.map(|v| (self.addr[v as usize], [0, 0, n])),
                 )
             }
+            Step::PackedMatMul { kernel, .. } => Err(format!(
+                "step {si} is a CPU product packed for `{kernel}`: this artifact was compiled for a CPU"
+            )),
             Step::SpMatMul {
                 a,
                 out,

@@ -1,0 +1,231 @@
+//! kiln's own matrix products by weights packed at compile time.
+//!
+//! A product `out = scale · (A @ B) + bias + res` whose right operand is a weight runs on a
+//! register-tiled microkernel chosen for the artifact's CPU level ([`REGISTRY`]). The compiler
+//! stores `B` in that kernel's panel layout ([`pack`]): `⌈n / NR⌉` panels, each `k` rows of `NR`
+//! contiguous floats, zero past `n`; so the product reads `B` sequentially, never packs it at run
+//! time, and serves decode steps (a few rows: one streaming pass over the panels) and prefills
+//! alike. The epilogue is applied to the accumulators before the one store.
+//!
+//! Blocking: depth in blocks of `kc` (a panel's block stays in L1 while every row tile of the
+//! task reuses it), rows in blocks of about `MC` (their `A` stays in L2), and tasks of (row
+//! block × group of panels) spread over the pool's threads.
+
+mod portable;
+mod tile;
+#[cfg(target_arch = "x86_64")]
+mod x86;
+
+use crate::cpu::Level;
+pub use tile::Tile;
+
+/// One microkernel: its name (recorded in the artifact), tile, packing and required level.
+#[derive(Debug)]
+pub struct MicroKernel {
+    /// Recorded in `Step::PackedMatMul`.
+    pub name: &'static str,
+    /// The lowest CPU level it runs on.
+    pub level: Level,
+    /// Rows per register tile.
+    pub mr: usize,
+    /// Columns per panel (the packing's width).
+    pub nr: usize,
+    /// Depth block.
+    pub kc: usize,
+    /// Rows per row block (a multiple of `mr`).
+    pub mc: usize,
+    run: unsafe fn(usize, &Tile),
+}
+
+/// Every microkernel this runtime has, lowest level first.
+pub const REGISTRY: &[MicroKernel] = &[
+    MicroKernel {
+        name: "portable_4x8",
+        level: Level::Portable,
+        mr: portable::MR,
+        nr: portable::NR,
+        kc: 256,
+        mc: 64,
+        run: portable::run,
+    },
+    #[cfg(target_arch = "x86_64")]
+    MicroKernel {
+        name: "avx2_6x16",
+        level: Level::V3,
+        mr: x86::avx2::MR,
+        nr: x86::avx2::NR,
+        kc: 256,
+        mc: 72,
+        run: x86::avx2::run,
+    },
+    #[cfg(target_arch = "x86_64")]
+    MicroKernel {
+        name: "avx512_8x32",
+        level: Level::V4,
+        mr: x86::avx512::MR,
+        nr: x86::avx512::NR,
+        kc: 384,
+        mc: 96,
+        run: x86::avx512::run,
+    },
+];
+
+impl MicroKernel {
+    /// The best kernel for code of `level`.
+    pub fn for_level(level: Level) -> &'static MicroKernel {
+        REGISTRY.iter().rev().find(|k| k.level <= level).unwrap_or(&REGISTRY[0])
+    }
+
+    /// The kernel of that name, if this runtime has it.
+    pub fn by_name(name: &str) -> Option<&'static MicroKernel> {
+        REGISTRY.iter().find(|k| k.name == name)
+    }
+
+    /// Floats of `B` (`[k, n]`) packed for this kernel.
+    pub fn packed_len(&self, k: usize, n: usize) -> usize {
+        n.div_ceil(self.nr) * k * self.nr
+    }
+}
+
+/// Packs `B` — `w` as `[k, n]`, or as `[n, k]` if `transposed` — into `kern`'s panels.
+pub fn pack(kern: &MicroKernel, w: &[f32], k: usize, n: usize, transposed: bool) -> Vec<f32> {
+    let nr = kern.nr;
+    let mut out = vec![0f32; kern.packed_len(k, n)];
+    if k == 0 {
+        return out;
+    }
+    for (p, panel) in out.chunks_exact_mut(k * nr).enumerate() {
+        for (kk, row) in panel.chunks_exact_mut(nr).enumerate() {
+            for (jj, o) in row.iter_mut().enumerate().take(n.saturating_sub(p * nr)) {
+                let j = p * nr + jj;
+                *o = if transposed { w[j * k + kk] } else { w[kk * n + j] };
+            }
+        }
+    }
+    out
+}
+
+/// A packed product's operands: `a` `[m, k]` row-major, `b` packed for the kernel, `out`
+/// `[m, n]`; `bias` `[n]` and `res` `[m, n]` may be null.
+#[derive(Clone, Copy)]
+pub struct Operands {
+    /// Left operand.
+    pub a: *const f32,
+    /// Packed right operand.
+    pub b: *const f32,
+    /// Result.
+    pub out: *mut f32,
+    /// Bias row, or null.
+    pub bias: *const f32,
+    /// Residual, or null.
+    pub res: *const f32,
+    /// Multiplies the product.
+    pub scale: f32,
+}
+
+// SAFETY: the pointers are only dereferenced inside `matmul`, whose caller vouches for them;
+// tasks write disjoint tiles of `out`.
+unsafe impl Send for Operands {}
+unsafe impl Sync for Operands {}
+
+/// `out = scale · (a @ b) + bias + res`, `[m, k] × [k, n]`, on `threads` threads of the current
+/// rayon pool.
+///
+/// # Safety
+/// The CPU runs `kern`'s level; `a` holds `m·k` floats, `b` `kern.packed_len(k, n)`, `out` and
+/// `res` `m·n`, `bias` `n`; `out` overlaps none of them except, element for element, `res`.
+pub unsafe fn matmul(kern: &MicroKernel, o: Operands, m: usize, k: usize, n: usize, threads: usize) {
+    if m == 0 || n == 0 {
+        return;
+    }
+    let panels = n.div_ceil(kern.nr);
+    let row_blocks = m.div_ceil(kern.mc);
+    let mc = m.div_ceil(row_blocks).div_ceil(kern.mr) * kern.mr;
+    let groups = if threads > 1 {
+        (3 * threads).div_ceil(row_blocks).clamp(1, panels)
+    } else {
+        1
+    };
+    let per = panels.div_ceil(groups);
+    // Few rows reuse no panel: stream the whole depth at once.
+    let kc = if m <= kern.mr { k.max(1) } else { kern.kc };
+    let task = |t: usize| {
+        let (rb, g) = (t / groups, t % groups);
+        let rows = rb * mc..((rb + 1) * mc).min(m);
+        let cols = g * per..((g + 1) * per).min(panels);
+        // SAFETY: the caller's bounds; the task's tiles are its own.
+        unsafe { block(kern, o, (rows, cols), (k, n, kc)) };
+    };
+    let tasks = row_blocks * groups;
+    if threads > 1 && tasks > 1 {
+        use rayon::prelude::*;
+        (0..tasks).into_par_iter().for_each(task);
+    } else {
+        (0..tasks).for_each(task);
+    }
+}
+
+/// Rows × panels of the product, depth block by depth block.
+unsafe fn block(
+    kern: &MicroKernel,
+    o: Operands,
+    (rows, panels): (std::ops::Range<usize>, std::ops::Range<usize>),
+    (k, n, kc): (usize, usize, usize),
+) {
+    let nr = kern.nr;
+    if k == 0 {
+        // No depth: the product is zero; the epilogue still runs.
+        for p in panels {
+            for i in rows.clone().step_by(kern.mr) {
+                let zero = vec![0f32; kern.mr * nr];
+                let t = tile(o, (i, p * nr), (k, n), nr, 0, false, true, zero.as_ptr());
+                t.store_scalar(kern.mr.min(rows.end - i), nr, &zero);
+            }
+        }
+        return;
+    }
+    for k0 in (0..k).step_by(kc) {
+        let depth = kc.min(k - k0);
+        let (first, last) = (k0 == 0, k0 + depth == k);
+        for p in panels.clone() {
+            let b = o.b.add(p * k * nr + k0 * nr);
+            for i in rows.clone().step_by(kern.mr) {
+                let mut t = tile(o, (i, p * nr), (k, n), nr, depth, !first, last, b);
+                t.a = t.a.add(k0);
+                (kern.run)(kern.mr.min(rows.end - i), &t);
+            }
+        }
+    }
+}
+
+/// The tile at row `i`, column `j`.
+#[allow(clippy::too_many_arguments)]
+unsafe fn tile(
+    o: Operands,
+    (i, j): (usize, usize),
+    (k, n): (usize, usize),
+    nr: usize,
+    kc: usize,
+    load_c: bool,
+    last: bool,
+    b: *const f32,
+) -> Tile {
+    let nullable = |p: *const f32, off: usize| if p.is_null() { p } else { p.add(off) };
+    Tile {
+        a: o.a.add(i * k),
+        lda: k,
+        b,
+        kc,
+        c: o.out.add(i * n + j),
+        ldc: n,
+        cols: nr.min(n - j),
+        load_c,
+        last,
+        scale: o.scale,
+        bias: nullable(o.bias, j),
+        res: nullable(o.res, i * n + j),
+    }
+}
+
+#[cfg(test)]
+mod tests;
