@@ -9,6 +9,7 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 
 use common::*;
 use kiln_ir::Tensor;
+use kiln_runtime::cpu::{self, Level};
 use kiln_runtime::plan::{Manifest, Step, Storage};
 use kiln_runtime::{artifact, Model};
 
@@ -98,12 +99,50 @@ fn wrong_target_is_refused() {
         .unwrap_err()
         .to_string();
     assert!(e.contains("compiled for riscv64"), "{e}");
+    // A feature name this runtime does not know never stops a load (a newer compiler may
+    // record one); the features it knows are checked.
     let mut m = c.manifest.clone();
     m.target.features.push("quantum-fp".into());
+    Model::from_bytes(&artifact::encode(&m, &c.weights, &c.code).unwrap()).unwrap();
+    let Some(above) = Level::ALL.into_iter().find(|l| !l.runs_here()) else {
+        eprintln!(
+            "SKIPPED the missing-feature check: this CPU runs every level ({})",
+            cpu::model_name()
+        );
+        return;
+    };
+    let lacking: Vec<&str> = above
+        .features()
+        .into_iter()
+        .filter(|f| cpu::has(f) == Some(false))
+        .collect();
+    let mut m = c.manifest.clone();
+    m.target.features = above.features().iter().map(|f| f.to_string()).collect();
+    m.target.level = above.name().into();
     let e = Model::from_bytes(&artifact::encode(&m, &c.weights, &c.code).unwrap())
         .unwrap_err()
         .to_string();
-    assert!(e.contains("quantum-fp"), "{e}");
+    assert!(e.contains(above.name()) && e.contains(lacking[0]), "{e}");
+    assert!(e.contains(&format!("compile with --cpu {}", Level::host())), "{e}");
+    // A level whose features the list leaves out is still checked against its own.
+    m.target.features.clear();
+    let e = Model::from_bytes(&artifact::encode(&m, &c.weights, &c.code).unwrap())
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains(lacking[0]), "{e}");
+}
+
+#[test]
+fn lower_levels_load_and_name_their_level() {
+    let (_, c) = tiny_gpt2();
+    assert_eq!(c.manifest.target.level, Level::host().name());
+    let m = Model::from_bytes(&artifact::encode(&c.manifest, &c.weights, &c.code).unwrap()).unwrap();
+    assert_eq!(m.level(), Level::host());
+    // An artifact that predates levels: its level is read from its features.
+    let mut old = c.manifest.clone();
+    old.target.level.clear();
+    let m = Model::from_bytes(&artifact::encode(&old, &c.weights, &c.code).unwrap()).unwrap();
+    assert_eq!(m.level(), Level::host());
 }
 
 /// Damages one field of the manifest in a way a checksum cannot catch (a hostile or buggy writer).
@@ -147,6 +186,10 @@ fn mutate(m: &mut Manifest, r: &mut Rng) {
                     }
                 }
                 Step::MatMul { a, b, out, .. } => *[a, b, out][r.below(3)] = pick(r, nv),
+                Step::PackedMatMul { a, w, out, kernel, .. } => match r.below(4) {
+                    0 => *kernel = ["avx512_8x32", "sse_6x8", "no_such_kernel"][r.below(3)].to_string(),
+                    _ => *[a, w, out][r.below(3)] = pick(r, nv),
+                },
                 Step::SpMatMul {
                     a,
                     row_ptr,

@@ -66,10 +66,7 @@ pub struct Model {
 /// Checks that this CPU runs the artifact's code: every feature it records that this runtime
 /// knows must be present (unknown names are skipped). Returns the level kernels dispatch on.
 fn check_cpu(t: &crate::plan::Target) -> Result<Level, LoadError> {
-    let level = Level::ALL
-        .into_iter()
-        .find(|l| l.name() == t.level)
-        .unwrap_or_else(|| Level::from_features(&t.features));
+    let level = t.level();
     // The level's own features too: kernels dispatch on the level, whatever the list says.
     let mut wanted = t.features.clone();
     wanted.extend(

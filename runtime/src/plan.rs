@@ -37,6 +37,17 @@ pub struct Target {
     pub level: String,
 }
 
+impl Target {
+    /// The level the code was compiled for: the recorded one, or for artifacts that record none
+    /// (or one this runtime does not know) the highest level whose features are all listed.
+    pub fn level(&self) -> crate::cpu::Level {
+        crate::cpu::Level::ALL
+            .into_iter()
+            .find(|l| l.name() == self.level)
+            .unwrap_or_else(|| crate::cpu::Level::from_features(&self.features))
+    }
+}
+
 /// Where a value's bytes live.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Storage {

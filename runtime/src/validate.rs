@@ -358,11 +358,11 @@ fn packed_matmul(
             "step {si} uses microkernel `{kernel}`, which this runtime does not have; recompile the model with this kiln"
         ));
     };
-    let level = crate::cpu::Level::ALL.into_iter().find(|l| l.name() == m.target.level);
-    if level.is_none_or(|l| kern.level > l) {
+    if kern.level > m.target.level() {
         return bad(format!(
-            "step {si} uses microkernel `{kernel}` (level {}), above the artifact's level `{}`",
-            kern.level, m.target.level
+            "step {si} uses microkernel `{kernel}` (level {}), above the artifact's level {}",
+            kern.level,
+            m.target.level()
         ));
     }
     let wv = &m.values[w as usize];

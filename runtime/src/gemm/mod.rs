@@ -37,7 +37,7 @@ pub struct MicroKernel {
     run: unsafe fn(usize, &Tile),
 }
 
-/// Every microkernel this runtime has, lowest level first.
+/// Every microkernel this runtime has, lowest level first (the last of a level is its choice).
 pub const REGISTRY: &[MicroKernel] = &[
     MicroKernel {
         name: "portable_4x8",
@@ -47,6 +47,16 @@ pub const REGISTRY: &[MicroKernel] = &[
         kc: 256,
         mc: 64,
         run: portable::run,
+    },
+    #[cfg(target_arch = "x86_64")]
+    MicroKernel {
+        name: "sse_6x8",
+        level: Level::Portable,
+        mr: x86::sse::MR,
+        nr: x86::sse::NR,
+        kc: 256,
+        mc: 72,
+        run: x86::sse::run,
     },
     #[cfg(target_arch = "x86_64")]
     MicroKernel {

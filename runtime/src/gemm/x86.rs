@@ -1,7 +1,7 @@
-//! x86-64 microkernels: AVX2 + FMA (6 × 16 tiles, 12 of the 16 ymm registers accumulate) and
-//! AVX-512 (8 × 32 tiles, 16 of the 32 zmm registers accumulate). One macro writes both, so the
-//! AVX-512 kernel — which cannot run on an AVX2-only machine — has exactly the structure of the
-//! AVX2 one that runs everywhere the tests do.
+//! x86-64 microkernels: SSE2 (x86-64's baseline; 6 × 8 tiles, multiply then add), AVX2 + FMA
+//! (6 × 16 tiles, 12 of the 16 ymm registers accumulate) and AVX-512 (8 × 32 tiles, 16 of the 32
+//! zmm registers accumulate). One macro writes all three, so the AVX-512 kernel — which cannot
+//! run on an AVX2-only machine — has exactly the structure of the ones the tests run everywhere.
 //!
 //! Per depth step a tile loads two vectors of the packed panel, broadcasts one element of each
 //! of its rows of `A` and issues two FMAs per row. Full tiles apply the epilogue on the vectors;
@@ -16,7 +16,8 @@ macro_rules! microkernel {
         fma = $fma:ident, add = $add:ident, mul = $mul:ident
     ) => {
         pub mod $module {
-            use super::Tile;
+            #[allow(unused_imports)]
+            use super::{sse_mul_add, Tile};
             use std::arch::x86_64::*;
 
             /// Rows per tile.
@@ -98,8 +99,37 @@ macro_rules! seq_macro_rows {
     };
 }
 
-// SAFETY (both): the unaligned loads and stores read and write inside the tile, as `Tile`
+/// `a · b + c` in two SSE instructions (SSE has no FMA).
+///
+/// # Safety
+/// None beyond SSE2, which every x86-64 CPU has.
+#[inline(always)]
+unsafe fn sse_mul_add(
+    a: std::arch::x86_64::__m128,
+    b: std::arch::x86_64::__m128,
+    c: std::arch::x86_64::__m128,
+) -> std::arch::x86_64::__m128 {
+    use std::arch::x86_64::*;
+    _mm_add_ps(_mm_mul_ps(a, b), c)
+}
+
+// SAFETY (all): the unaligned loads and stores read and write inside the tile, as `Tile`
 // describes; `run` is only called once the CPU level has the features.
+microkernel!(
+    sse,
+    "sse2",
+    4,
+    6,
+    __m128,
+    zero = _mm_setzero_ps,
+    load = _mm_loadu_ps,
+    store = _mm_storeu_ps,
+    splat = _mm_set1_ps,
+    fma = sse_mul_add,
+    add = _mm_add_ps,
+    mul = _mm_mul_ps
+);
+
 microkernel!(
     avx2,
     "avx2,fma",
