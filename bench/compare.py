@@ -22,16 +22,21 @@ Default mode
     * kiln (optional, ``--kiln-bin`` and ``--kiln-model``): one subprocess per
       shape, ``KILN bench MODEL --shape input_ids=BxS ... --iters N --warmup W
       --threads T --json``; the last line of its stdout must be a JSON object
-      with at least ``median_ms``, ``p10_ms`` and ``p90_ms``.
+      with at least ``median_ms``, ``p10_ms`` and ``p90_ms``.  Its optional
+      ``level`` (the CPU level the artifact was compiled for), ``features`` and
+      ``cpu`` go into the report header (``unknown`` when absent) and the JSON.
 
     Inputs: token ids drawn uniformly from [1000, 30000) with a fixed seed,
     an all-ones attention mask and all-zero token types.
+
+    The report header names the date, the CPU model (/proc/cpuinfo), kiln's
+    CPU level, the thread count, the library versions and the load average.
 
 ``--gemm`` mode
     Measures numpy float32 matmul GFLOP/s at 128x384x1536 and 1024^3 and shows
     which BLAS numpy uses.  OPENBLAS_CORETYPE / OPENBLAS_L2_SIZE are printed,
     never changed; run with ``env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE``
-    for a fair number.
+    for a fair number.  (bench/gemm.py times kiln's GEMM against numpy's.)
 
 Examples
     python3 bench/compare.py --iters 10
@@ -44,12 +49,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import datetime
 import io
 import json
 import os
-import platform
-import subprocess
 import sys
 import time
 import warnings
@@ -64,27 +66,31 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 import numpy as np  # noqa: E402
 
+# Shared helpers (bench/ is on sys.path when run as a script).
+from common import (  # noqa: E402
+    BenchError,
+    cache_dir,
+    check_kiln_bin,
+    cpu_model,
+    kiln_bench,
+    kiln_features,
+    kiln_level,
+    load_average,
+    now,
+    stats_ms,
+)
+
 INPUT_NAMES = ("input_ids", "attention_mask", "token_type_ids")
 OUTPUT_NAME = "last_hidden_state"
 DEFAULT_SHAPES = "1x128,8x128,1x512"
 TOKEN_LOW, TOKEN_HIGH = 1000, 30000
-KILN_KEYS = ("median_ms", "p10_ms", "p90_ms")
 OPENBLAS_VARS = ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE")
 # ORT vs PyTorch max |diff| above this is reported as a mismatch.
 ORT_TOLERANCE = 1e-3
 
 
-class BenchError(RuntimeError):
-    """A benchmark step failed; the message is shown to the user as is."""
-
-
 # --------------------------------------------------------------------------
 # helpers
-
-
-def cache_dir() -> Path:
-    """``$KILN_CACHE`` or ``~/.cache/kiln``."""
-    return Path(os.environ.get("KILN_CACHE") or Path.home() / ".cache" / "kiln")
 
 
 def parse_shapes(text: str) -> list[tuple[int, int]]:
@@ -104,18 +110,6 @@ def parse_shapes(text: str) -> list[tuple[int, int]]:
     if not shapes:
         raise argparse.ArgumentTypeError("no shapes given")
     return shapes
-
-
-def stats_ms(times_ms: list[float]) -> dict:
-    """Median / p10 / p90 (linear interpolation) of per-iteration times."""
-    a = np.asarray(times_ms, dtype=np.float64)
-    return {
-        "median_ms": float(np.median(a)),
-        "p10_ms": float(np.percentile(a, 10)),
-        "p90_ms": float(np.percentile(a, 90)),
-        "min_ms": float(a.min()),
-        "iters": int(a.size),
-    }
 
 
 def time_calls(fn, warmup: int, iters: int) -> tuple[list[float], object]:
@@ -146,26 +140,6 @@ def make_inputs(batch: int, seq: int, seed: int) -> dict[str, np.ndarray]:
         "attention_mask": np.ones_like(ids),
         "token_type_ids": np.zeros_like(ids),
     }
-
-
-def cpu_model() -> str:
-    """The CPU's model name from /proc/cpuinfo (or platform as a fallback)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.lower().startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def load_average() -> str:
-    """1/5/15-minute load average: other work on the machine skews timings."""
-    try:
-        return "/".join(f"{v:.2f}" for v in os.getloadavg())
-    except OSError:
-        return "?"
 
 
 def openblas_env() -> dict[str, str | None]:
@@ -277,37 +251,8 @@ def bench_torch(model, feed: dict, warmup: int, iters: int):
 def bench_kiln(kiln_bin: str, kiln_model: str, batch: int, seq: int,
                warmup: int, iters: int, threads: int) -> dict:
     """Run ``kiln bench`` for one shape; return the parsed JSON (last stdout line)."""
-    cmd = [kiln_bin, "bench", kiln_model]
-    for name in INPUT_NAMES:
-        cmd += ["--shape", f"{name}={batch}x{seq}"]
-    cmd += ["--iters", str(iters), "--warmup", str(warmup),
-            "--threads", str(threads), "--json"]
-    shown = " ".join(cmd)
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-    except OSError as e:
-        raise BenchError(f"kiln: could not run {shown}: {e}")
-    if proc.returncode != 0:
-        raise BenchError(
-            f"kiln: `{shown}` exited with status {proc.returncode}\n"
-            f"--- stderr (tail) ---\n{proc.stderr[-2000:]}"
-            f"--- stdout (tail) ---\n{proc.stdout[-2000:]}"
-        )
-    lines = [ln for ln in proc.stdout.splitlines() if ln.strip()]
-    if not lines:
-        raise BenchError(f"kiln: `{shown}` printed nothing on stdout (expected a JSON line)")
-    try:
-        result = json.loads(lines[-1])
-    except json.JSONDecodeError as e:
-        raise BenchError(
-            f"kiln: last stdout line of `{shown}` is not JSON ({e}):\n  {lines[-1][:500]}"
-        )
-    if not isinstance(result, dict):
-        raise BenchError(f"kiln: last stdout line of `{shown}` is JSON but not an object")
-    missing = [k for k in KILN_KEYS if not isinstance(result.get(k), (int, float))]
-    if missing:
-        raise BenchError(f"kiln: JSON from `{shown}` lacks numeric key(s) {missing}: {lines[-1][:500]}")
-    return result
+    shapes = [f"{name}={batch}x{seq}" for name in INPUT_NAMES]
+    return kiln_bench(kiln_bin, kiln_model, shapes, iters, warmup, threads)
 
 
 # --------------------------------------------------------------------------
@@ -326,14 +271,16 @@ def fmt_ratio(a: dict | None, b: dict | None) -> str:
     return f"{a['median_ms'] / b['median_ms']:.2f}×"
 
 
-def header_line(threads: int, extra: str = "") -> str:
+def header_line(threads: int, extra: str = "", level: str | None = "") -> str:
+    """Date, CPU model, kiln's CPU level (None: kiln not run, shown as n/a; "": left out, as
+    before the kiln runs), threads, versions, load average."""
     import onnxruntime
     import torch
     import transformers
 
-    date = datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
+    kiln = "" if level == "" else f" · kiln level: {level if level is not None else 'n/a'}"
     return (
-        f"{date} · CPU: {cpu_model()} ({os.cpu_count()} logical) · threads: {threads} · "
+        f"{now()} · CPU: {cpu_model()} ({os.cpu_count()} logical){kiln} · threads: {threads} · "
         f"onnxruntime {onnxruntime.__version__} · torch {torch.__version__} · "
         f"transformers {transformers.__version__}{extra} · load avg {load_average()}"
     )
@@ -364,8 +311,7 @@ def run_compare(args) -> dict:
     if use_kiln:
         if not (args.kiln_bin and args.kiln_model):
             raise BenchError("kiln needs both --kiln-bin and --kiln-model")
-        if not os.access(args.kiln_bin, os.X_OK):
-            raise BenchError(f"--kiln-bin {args.kiln_bin}: not an executable file")
+        check_kiln_bin(args.kiln_bin)
         if not os.path.isfile(args.kiln_model):
             raise BenchError(f"--kiln-model {args.kiln_model}: no such file")
 
@@ -385,9 +331,8 @@ def run_compare(args) -> dict:
     sess = make_ort_session(onnx_path, threads)
     model = load_torch_model(args.model_dir, args.attn)
 
-    header = header_line(threads, f" · PyTorch attn: {args.attn}"
-                         + (" · ORT: dynamic int8" if args.ort_int8 else ""))
-    print(header, file=sys.stderr)
+    extra = f" · PyTorch attn: {args.attn}" + (" · ORT: dynamic int8" if args.ort_int8 else "")
+    print(header_line(threads, extra), file=sys.stderr)
     rows = []
     for batch, seq in args.shapes:
         feed = make_inputs(batch, seq, args.seed)
@@ -413,7 +358,14 @@ def run_compare(args) -> dict:
                   f"(> {ORT_TOLERANCE}); stale {onnx_path}? try --reexport", file=sys.stderr)
         rows.append(row)
 
+    # kiln's CPU level and features: from its bench JSON (the same artifact for every shape).
+    kiln_first = rows[0].get("kiln") if (use_kiln and rows) else None
+    level = kiln_level(kiln_first) if use_kiln else None
+    features = kiln_features(kiln_first)
+    header = header_line(threads, extra, level)
     print(header)
+    if features:
+        print(f"kiln CPU features: {', '.join(features)}")
     print(f"cells: median [p10–p90] ms over {args.iters} iterations after {args.warmup} "
           f"warm-up; ratios of medians (< 1 means kiln is faster)")
     print()
@@ -421,6 +373,10 @@ def run_compare(args) -> dict:
     return {
         "mode": "compare",
         "header": header,
+        "cpu": cpu_model(),
+        "kiln_level": level,
+        "kiln_features": features,
+        "kiln_cpu": kiln_first.get("cpu") if kiln_first else None,
         "threads": threads,
         "iters": args.iters,
         "warmup": args.warmup,
@@ -485,8 +441,7 @@ def gemm_gflops(m: int, k: int, n: int, runs: int, min_time_s: float = 0.05) -> 
 def run_gemm(args) -> dict:
     sizes = [(128, 384, 1536), (1024, 1024, 1024)]
     env = openblas_env()
-    date = datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
-    print(f"{date} · CPU: {cpu_model()} ({os.cpu_count()} logical) · numpy {np.__version__}"
+    print(f"{now()} · CPU: {cpu_model()} ({os.cpu_count()} logical) · numpy {np.__version__}"
           f" · load avg {load_average()}")
     print("env: " + ", ".join(f"{k}={v if v is not None else '(unset)'}" for k, v in env.items()))
     text, info = blas_info()

@@ -648,6 +648,7 @@ impl Model {
                     *views,
                     cached,
                     self.threads,
+                    self.level,
                 )
             }
             Step::Fallback { op, inputs, out } => {

@@ -436,6 +436,8 @@ pub fn packed_matmul(
     let ptr = |x: Option<(Buf, &[usize])>| x.map_or(std::ptr::null(), |(b, _)| b.ptr as *const f32);
     let o = crate::gemm::Operands {
         a: a.0.ptr as *const f32,
+        lda: k,
+        ldc: n,
         b: w.ptr as *const f32,
         out: out.0.ptr as *mut f32,
         bias: ptr(bias),
@@ -879,6 +881,7 @@ pub fn attention(
     views: [Option<ColumnView>; 3],
     cached: [Option<usize>; 2],
     threads: usize,
+    level: Level,
 ) -> Result<(), String> {
     if contiguous.len() != inputs.len() {
         return Err("attention kernel layout does not match its inputs".into());
@@ -946,6 +949,7 @@ pub fn attention(
         .iter()
         .map(|i| i.map_or(0, |(buf, _)| buf.ptr as usize))
         .collect();
+    let kern = crate::gemm::MicroKernel::for_level(level);
     let work = |bh: usize| {
         let (bi, hi) = (bh / h, bh % h);
         let rows = ATTN_ROWS.min(sq);
@@ -953,35 +957,34 @@ pub fn attention(
         let mut offs = vec![0i64; rows * nops];
         let mut ptrs = input_ptrs.clone();
         ptrs.push(0);
+        // This head's keys (as Kᵀ, [d, sk]) and values ([sk, dv]) packed once for every query
+        // block. SAFETY (reads): offsets and extents were checked against the buffers above.
+        let (k_off, v_off) = (kst.0 + bi * kst.1 + hi * kst.2, vst.0 + bi * vst.1 + hi * vst.2);
+        let mut kt = vec![0f32; kern.packed_len(d, sk)];
+        crate::gemm::pack_into(kern, d, sk, &mut kt, |kk, j| unsafe {
+            *(kp as *const f32).add(k_off + j * kst.3 + kk)
+        });
+        let mut vv = vec![0f32; kern.packed_len(sk, dv)];
+        crate::gemm::pack_into(kern, sk, dv, &mut vv, |kk, j| unsafe {
+            *(vp as *const f32).add(v_off + kk * vst.3 + j)
+        });
         let mut q0 = 0;
         while q0 < sq {
             let r = rows.min(sq - q0);
             let q_off = qst.0 + bi * qst.1 + hi * qst.2 + q0 * qst.3;
-            let k_off = kst.0 + bi * kst.1 + hi * kst.2;
-            // SAFETY (GEMMs): offsets and extents were checked against the buffers above.
-            unsafe {
-                gemm::gemm::<f32>(
-                    r,
-                    sk,
-                    d,
-                    scores.as_mut_ptr(),
-                    1,
-                    sk as isize,
-                    false,
-                    (qp as *const f32).add(q_off),
-                    1,
-                    qst.3 as isize,
-                    (kp as *const f32).add(k_off),
-                    kst.3 as isize,
-                    1,
-                    0.0,
-                    scale,
-                    false,
-                    false,
-                    false,
-                    gemm::Parallelism::None,
-                );
-            }
+            let qk = crate::gemm::Operands {
+                a: unsafe { (qp as *const f32).add(q_off) },
+                lda: qst.3,
+                ldc: sk,
+                b: kt.as_ptr(),
+                out: scores.as_mut_ptr(),
+                bias: std::ptr::null(),
+                res: std::ptr::null(),
+                scale,
+            };
+            // SAFETY: the artifact's level runs the kernel (checked at load); `q` rows and the
+            // score block have the extents given.
+            unsafe { crate::gemm::matmul(kern, qk, r, d, sk, 1) };
             for row in 0..r {
                 for (j, st) in strides.iter().enumerate() {
                     offs[row * nops + j] = match st {
@@ -1001,31 +1004,19 @@ pub fn attention(
             // the checked buffers or the score block) and writes the score block in place; a
             // softmax row reads each element before it writes it.
             unsafe { softmax(r as i64, sk as i64, offs.as_ptr(), ptrs.as_ptr() as *const *mut u8) };
-            let v_off = vst.0 + bi * vst.1 + hi * vst.2;
             let o_off = ost.0 + bi * ost.1 + hi * ost.2 + q0 * ost.3;
-            unsafe {
-                gemm::gemm::<f32>(
-                    r,
-                    dv,
-                    sk,
-                    (op as *mut f32).add(o_off),
-                    1,
-                    ost.3 as isize,
-                    false,
-                    scores.as_ptr(),
-                    1,
-                    sk as isize,
-                    (vp as *const f32).add(v_off),
-                    1,
-                    vst.3 as isize,
-                    0.0,
-                    1.0,
-                    false,
-                    false,
-                    false,
-                    gemm::Parallelism::None,
-                );
-            }
+            let pv = crate::gemm::Operands {
+                a: scores.as_ptr(),
+                lda: sk,
+                ldc: ost.3,
+                b: vv.as_ptr(),
+                out: unsafe { (op as *mut f32).add(o_off) },
+                bias: std::ptr::null(),
+                res: std::ptr::null(),
+                scale: 1.0,
+            };
+            // SAFETY: as above; this block's output rows belong to this task alone.
+            unsafe { crate::gemm::matmul(kern, pv, r, sk, dv, 1) };
             q0 += r;
         }
     };

@@ -99,28 +99,42 @@ impl MicroKernel {
 
 /// Packs `B` — `w` as `[k, n]`, or as `[n, k]` if `transposed` — into `kern`'s panels.
 pub fn pack(kern: &MicroKernel, w: &[f32], k: usize, n: usize, transposed: bool) -> Vec<f32> {
-    let nr = kern.nr;
     let mut out = vec![0f32; kern.packed_len(k, n)];
-    if k == 0 {
-        return out;
-    }
-    for (p, panel) in out.chunks_exact_mut(k * nr).enumerate() {
-        for (kk, row) in panel.chunks_exact_mut(nr).enumerate() {
-            for (jj, o) in row.iter_mut().enumerate().take(n.saturating_sub(p * nr)) {
-                let j = p * nr + jj;
-                *o = if transposed { w[j * k + kk] } else { w[kk * n + j] };
-            }
-        }
+    if transposed {
+        pack_into(kern, k, n, &mut out, |kk, j| w[j * k + kk]);
+    } else {
+        pack_into(kern, k, n, &mut out, |kk, j| w[kk * n + j]);
     }
     out
 }
 
-/// A packed product's operands: `a` `[m, k]` row-major, `b` packed for the kernel, `out`
-/// `[m, n]`; `bias` `[n]` and `res` `[m, n]` may be null.
+/// Packs `B [k, n]`, element `(kk, j)` being `at(kk, j)`, into `out` (`kern.packed_len(k, n)`
+/// floats; the padding past `n` is written as zeros).
+pub fn pack_into(kern: &MicroKernel, k: usize, n: usize, out: &mut [f32], at: impl Fn(usize, usize) -> f32) {
+    let nr = kern.nr;
+    if k == 0 {
+        return;
+    }
+    for (p, panel) in out[..kern.packed_len(k, n)].chunks_exact_mut(k * nr).enumerate() {
+        let width = nr.min(n - p * nr);
+        for (kk, row) in panel.chunks_exact_mut(nr).enumerate() {
+            for (jj, o) in row.iter_mut().enumerate() {
+                *o = if jj < width { at(kk, p * nr + jj) } else { 0.0 };
+            }
+        }
+    }
+}
+
+/// A packed product's operands: `a` `[m, k]` with row stride `lda`, `b` packed for the kernel,
+/// `out` `[m, n]` with row stride `ldc`; `bias` `[n]` and `res` (`out`'s layout) may be null.
 #[derive(Clone, Copy)]
 pub struct Operands {
     /// Left operand.
     pub a: *const f32,
+    /// Row stride of `a` (`k` when contiguous).
+    pub lda: usize,
+    /// Row stride of `out` and `res` (`n` when contiguous).
+    pub ldc: usize,
     /// Packed right operand.
     pub b: *const f32,
     /// Result.
@@ -142,8 +156,9 @@ unsafe impl Sync for Operands {}
 /// rayon pool.
 ///
 /// # Safety
-/// The CPU runs `kern`'s level; `a` holds `m·k` floats, `b` `kern.packed_len(k, n)`, `out` and
-/// `res` `m·n`, `bias` `n`; `out` overlaps none of them except, element for element, `res`.
+/// The CPU runs `kern`'s level; `a` holds `m` rows of `k` floats `lda` apart, `b`
+/// `kern.packed_len(k, n)` floats, `out` and `res` `m` rows of `n` floats `ldc` apart, `bias` `n`;
+/// `out` overlaps none of them except, element for element, `res`.
 pub unsafe fn matmul(kern: &MicroKernel, o: Operands, m: usize, k: usize, n: usize, threads: usize) {
     if m == 0 || n == 0 {
         return;
@@ -188,7 +203,7 @@ unsafe fn block(
         for p in panels {
             for i in rows.clone().step_by(kern.mr) {
                 let zero = vec![0f32; kern.mr * nr];
-                let t = tile(o, (i, p * nr), (k, n), nr, 0, false, true, zero.as_ptr());
+                let t = tile(o, (i, p * nr), n, nr, 0, false, true, zero.as_ptr());
                 t.store_scalar(kern.mr.min(rows.end - i), nr, &zero);
             }
         }
@@ -200,7 +215,7 @@ unsafe fn block(
         for p in panels.clone() {
             let b = o.b.add(p * k * nr + k0 * nr);
             for i in rows.clone().step_by(kern.mr) {
-                let mut t = tile(o, (i, p * nr), (k, n), nr, depth, !first, last, b);
+                let mut t = tile(o, (i, p * nr), n, nr, depth, !first, last, b);
                 t.a = t.a.add(k0);
                 (kern.run)(kern.mr.min(rows.end - i), &t);
             }
@@ -213,7 +228,7 @@ unsafe fn block(
 unsafe fn tile(
     o: Operands,
     (i, j): (usize, usize),
-    (k, n): (usize, usize),
+    n: usize,
     nr: usize,
     kc: usize,
     load_c: bool,
@@ -222,18 +237,18 @@ unsafe fn tile(
 ) -> Tile {
     let nullable = |p: *const f32, off: usize| if p.is_null() { p } else { p.add(off) };
     Tile {
-        a: o.a.add(i * k),
-        lda: k,
+        a: o.a.add(i * o.lda),
+        lda: o.lda,
         b,
         kc,
-        c: o.out.add(i * n + j),
-        ldc: n,
+        c: o.out.add(i * o.ldc + j),
+        ldc: o.ldc,
         cols: nr.min(n - j),
         load_c,
         last,
         scale: o.scale,
         bias: nullable(o.bias, j),
-        res: nullable(o.res, i * n + j),
+        res: nullable(o.res, i * o.ldc + j),
     }
 }
 

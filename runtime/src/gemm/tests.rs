@@ -33,6 +33,8 @@ fn check(kern: &MicroKernel, c: &Case, threads: usize, seed: &mut u64) {
     let mut out = vec![f32::NAN; m * n];
     let o = Operands {
         a: a.as_ptr(),
+        lda: k,
+        ldc: n,
         b: packed.as_ptr(),
         out: out.as_mut_ptr(),
         bias: if c.bias { bias.as_ptr() } else { std::ptr::null() },
