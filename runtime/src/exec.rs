@@ -462,6 +462,7 @@ impl Model {
                 scale,
                 bias,
                 acc,
+                post,
             } => kernels::packed_matmul(
                 (bufs[*a as usize], &shapes[*a as usize]),
                 (bufs[*w as usize], &shapes[*w as usize], kernel),
@@ -469,6 +470,7 @@ impl Model {
                 *scale,
                 bias.map(|v| (bufs[v as usize], shapes[v as usize].as_slice())),
                 acc.map(|v| (bufs[v as usize], shapes[v as usize].as_slice())),
+                post.map(|k| self.kernels[k as usize]),
                 self.threads,
             ),
             Step::QMatMul {

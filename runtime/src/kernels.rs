@@ -408,6 +408,7 @@ pub fn packed_matmul(
     scale: f32,
     bias: Option<(Buf, &[usize])>,
     acc: Option<(Buf, &[usize])>,
+    post: Option<KernelFn>,
     threads: usize,
 ) -> Result<(), String> {
     let kern = crate::gemm::MicroKernel::by_name(kernel).ok_or_else(|| format!("no microkernel `{kernel}`"))?;
@@ -443,6 +444,7 @@ pub fn packed_matmul(
         bias: ptr(bias),
         res: ptr(acc),
         scale,
+        post,
     };
     // SAFETY: every length was checked above; loading checked that this CPU runs the kernel's
     // level (the artifact's, which validation checked the kernel does not exceed).
@@ -981,6 +983,7 @@ pub fn attention(
                 bias: std::ptr::null(),
                 res: std::ptr::null(),
                 scale,
+                post: None,
             };
             // SAFETY: the artifact's level runs the kernel (checked at load); `q` rows and the
             // score block have the extents given.
@@ -1014,6 +1017,7 @@ pub fn attention(
                 bias: std::ptr::null(),
                 res: std::ptr::null(),
                 scale: 1.0,
+                post: None,
             };
             // SAFETY: as above; this block's output rows belong to this task alone.
             unsafe { crate::gemm::matmul(kern, pv, r, sk, dv, 1) };

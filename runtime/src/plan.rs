@@ -190,6 +190,10 @@ pub enum Step {
         bias: Option<u32>,
         /// A tensor of the result's shape added to it.
         acc: Option<u32>,
+        /// A generated one-input elementwise kernel applied in place to each block of the result
+        /// while it is in cache (an activation): the value it computed is an alias of `out`.
+        #[serde(default)]
+        post: Option<u32>,
     },
     /// A product with a quantized right operand (`Dequantize` fused in): `out = acc + bias + scale *
     /// (a @ wᵀ)`, `w [n, k]` dequantized on the fly from `codes` and `scales` (and `mins` for 4 bits),

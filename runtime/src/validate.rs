@@ -182,8 +182,15 @@ pub fn manifest(m: &Manifest, weights_len: usize, code_len: usize) -> Result<(),
                 out,
                 bias,
                 acc,
+                post,
                 ..
-            } => packed_matmul(m, si, (*a, *w, *out), kernel, (*bias, *acc))?,
+            } => {
+                packed_matmul(m, si, (*a, *w, *out), kernel, (*bias, *acc))?;
+                let k = post.map(|k| m.kernels.get(k as usize));
+                if k.is_some_and(|k| k.is_none_or(|k| k.inputs != [DType::F32] || k.output != DType::F32)) {
+                    return bad(format!("step {si}: its epilogue is not a one-input f32 kernel"));
+                }
+            }
             Step::QMatMul {
                 a,
                 codes,

@@ -12,7 +12,7 @@ use std::collections::{HashMap, HashSet};
 use kiln_runtime::artifact::ALIGN;
 use kiln_runtime::cpu::Level;
 use kiln_runtime::gemm::{self, MicroKernel};
-use kiln_runtime::plan::{DimExpr, Manifest, Step, Storage, ValueDecl};
+use kiln_runtime::plan::{DimExpr, KernelKind, Manifest, Step, Storage, ValueDecl};
 
 use crate::plan::Planned;
 
@@ -53,13 +53,64 @@ pub fn pack_weights(p: &mut Planned, level: Level) -> usize {
             scale,
             bias,
             acc,
+            post: None,
         };
         count += 1;
     }
     if count > 0 {
+        fuse_activations(&mut p.manifest);
         drop_unread_weights(&mut p.manifest, &mut p.weights);
     }
     count
+}
+
+/// Moves a one-input elementwise kernel that is the only reader of a packed product's result
+/// into the product (`post`): it then runs on each block of the result while the block is in
+/// cache, in place, and the value it computed becomes an alias of the product's.
+fn fuse_activations(m: &mut Manifest) {
+    let mut si = 0;
+    while si < m.steps.len() {
+        let Step::PackedMatMul { out, post: None, .. } = m.steps[si] else {
+            si += 1;
+            continue;
+        };
+        if let Some((ki, kernel, p)) = sole_map_reader(m, out) {
+            m.steps.remove(ki);
+            m.values[p as usize].storage = Storage::Alias(out);
+            if let Step::PackedMatMul { post, .. } = &mut m.steps[si] {
+                *post = Some(kernel);
+            }
+        }
+        si += 1;
+    }
+}
+
+/// `(step, kernel, its result)` of the Map kernel step that alone reads `v`, if `v` has no other
+/// reader, alias or port and the kernel's one contiguous input is `v` with `v`'s shape.
+fn sole_map_reader(m: &Manifest, v: u32) -> Option<(usize, u32, u32)> {
+    let mut readers = m.steps.iter().enumerate().filter(|(_, s)| s.inputs().contains(&v));
+    let (ki, step) = readers.next()?;
+    let aliased = m.values.iter().any(|x| x.storage == Storage::Alias(v));
+    let ported = m.outputs.iter().any(|o| o.value == v);
+    if readers.next().is_some() || aliased || ported {
+        return None;
+    }
+    let Step::Kernel {
+        kernel,
+        kind: KernelKind::Map,
+        inputs,
+        contiguous,
+        out,
+        space,
+    } = step
+    else {
+        return None;
+    };
+    let shape = &m.values[v as usize].shape;
+    let fits = inputs == &[v] && contiguous == &[true] && space == shape && m.values[*out as usize].shape == *shape;
+    let later = *out > v && m.values[*out as usize].storage == Storage::Temp;
+    let port = m.outputs.iter().any(|o| o.value == *out);
+    (fits && later && !port).then_some((ki, *kernel, *out))
 }
 
 /// `(weight value, transposed)` of a product the microkernels can run with a packed weight.

@@ -145,6 +145,8 @@ pub struct Operands {
     pub res: *const f32,
     /// Multiplies the product.
     pub scale: f32,
+    /// An elementwise kernel applied in place to each finished block (`rows × cols` of `out`).
+    pub post: Option<crate::kernels::KernelFn>,
 }
 
 // SAFETY: the pointers are only dereferenced inside `matmul`, whose caller vouches for them;
@@ -179,7 +181,12 @@ pub unsafe fn matmul(kern: &MicroKernel, o: Operands, m: usize, k: usize, n: usi
         let rows = rb * mc..((rb + 1) * mc).min(m);
         let cols = g * per..((g + 1) * per).min(panels);
         // SAFETY: the caller's bounds; the task's tiles are its own.
-        unsafe { block(kern, o, (rows, cols), (k, n, kc)) };
+        unsafe { block(kern, o, (rows.clone(), cols.clone()), (k, n, kc)) };
+        if let Some(f) = o.post {
+            let (c0, c1) = (cols.start * kern.nr, (cols.end * kern.nr).min(n));
+            // SAFETY: the block lies inside `out`; the kernel reads and writes each element once.
+            unsafe { post(f, o, rows, c0..c1) };
+        }
     };
     let tasks = row_blocks * groups;
     if threads > 1 && tasks > 1 {
@@ -188,6 +195,16 @@ pub unsafe fn matmul(kern: &MicroKernel, o: Operands, m: usize, k: usize, n: usi
     } else {
         (0..tasks).for_each(task);
     }
+}
+
+/// Runs a one-input elementwise kernel in place over rows × columns `c` of `out`.
+unsafe fn post(f: crate::kernels::KernelFn, o: Operands, rows: std::ops::Range<usize>, c: std::ops::Range<usize>) {
+    if rows.is_empty() || c.is_empty() {
+        return;
+    }
+    let offs: Vec<i64> = rows.clone().flat_map(|r| [(r * o.ldc + c.start) as i64; 2]).collect();
+    let ptrs = [o.out as *mut u8; 2];
+    f(rows.len() as i64, c.len() as i64, offs.as_ptr(), ptrs.as_ptr());
 }
 
 /// Rows × panels of the product, depth block by depth block.

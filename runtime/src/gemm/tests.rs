@@ -40,6 +40,7 @@ fn check(kern: &MicroKernel, c: &Case, threads: usize, seed: &mut u64) {
         bias: if c.bias { bias.as_ptr() } else { std::ptr::null() },
         res: if c.res { res.as_ptr() } else { std::ptr::null() },
         scale,
+        post: None,
     };
     let pool = crate::kernels::pool(threads).unwrap();
     // SAFETY: the level was checked by the caller; sizes as documented.
