@@ -868,6 +868,16 @@ pub(crate) fn attn_layout(
 /// Query rows per attention block: the score block (rows × keys f32) stays in L2.
 const ATTN_ROWS: usize = 64;
 
+/// Attention with at most this many query rows reads keys and values in place (no packing).
+const FEW_QUERY_ROWS: usize = 4;
+
+/// `dst += a · x`.
+fn axpy(dst: &mut [f32], a: f32, x: &[f32]) {
+    for (d, x) in dst.iter_mut().zip(x) {
+        *d += a * x;
+    }
+}
+
 /// Blocked attention: see `Step::Attention`.
 #[allow(clippy::too_many_arguments)]
 pub fn attention(
@@ -962,18 +972,36 @@ pub fn attention(
         // This head's keys (as Kᵀ, [d, sk]) and values ([sk, dv]) packed once for every query
         // block. SAFETY (reads): offsets and extents were checked against the buffers above.
         let (k_off, v_off) = (kst.0 + bi * kst.1 + hi * kst.2, vst.0 + bi * vst.1 + hi * vst.2);
-        let mut kt = vec![0f32; kern.packed_len(d, sk)];
-        crate::gemm::pack_into(kern, d, sk, &mut kt, |kk, j| unsafe {
-            *(kp as *const f32).add(k_off + j * kst.3 + kk)
-        });
-        let mut vv = vec![0f32; kern.packed_len(sk, dv)];
-        crate::gemm::pack_into(kern, sk, dv, &mut vv, |kk, j| unsafe {
-            *(vp as *const f32).add(v_off + kk * vst.3 + j)
-        });
+        // A few query rows (decode steps) read the keys and values directly: packing them
+        // would cost as much as the products.
+        let direct = sq <= FEW_QUERY_ROWS;
+        let (mut kt, mut vv) = (Vec::new(), Vec::new());
+        if !direct {
+            kt = vec![0f32; kern.packed_len(d, sk)];
+            crate::gemm::pack_into(kern, d, sk, &mut kt, |kk, j| unsafe {
+                *(kp as *const f32).add(k_off + j * kst.3 + kk)
+            });
+            vv = vec![0f32; kern.packed_len(sk, dv)];
+            crate::gemm::pack_into(kern, sk, dv, &mut vv, |kk, j| unsafe {
+                *(vp as *const f32).add(v_off + kk * vst.3 + j)
+            });
+        }
+        // SAFETY (row slices): offsets and extents were checked against the buffers above.
+        let row = |base: usize, off: usize, len: usize| unsafe {
+            std::slice::from_raw_parts((base as *const f32).add(off), len)
+        };
         let mut q0 = 0;
         while q0 < sq {
             let r = rows.min(sq - q0);
             let q_off = qst.0 + bi * qst.1 + hi * qst.2 + q0 * qst.3;
+            if direct {
+                for i in 0..r {
+                    let qr = row(qp, q_off + i * qst.3, d);
+                    for j in 0..sk {
+                        scores[i * sk + j] = scale * dot(qr, row(kp, k_off + j * kst.3, d), level.avx2());
+                    }
+                }
+            }
             let qk = crate::gemm::Operands {
                 a: unsafe { (qp as *const f32).add(q_off) },
                 lda: qst.3,
@@ -987,7 +1015,9 @@ pub fn attention(
             };
             // SAFETY: the artifact's level runs the kernel (checked at load); `q` rows and the
             // score block have the extents given.
-            unsafe { crate::gemm::matmul(kern, qk, r, d, sk, 1) };
+            if !direct {
+                unsafe { crate::gemm::matmul(kern, qk, r, d, sk, 1) };
+            }
             for row in 0..r {
                 for (j, st) in strides.iter().enumerate() {
                     offs[row * nops + j] = match st {
@@ -1019,8 +1049,19 @@ pub fn attention(
                 scale: 1.0,
                 post: None,
             };
-            // SAFETY: as above; this block's output rows belong to this task alone.
-            unsafe { crate::gemm::matmul(kern, pv, r, sk, dv, 1) };
+            if direct {
+                for i in 0..r {
+                    // SAFETY: this output row lies in the checked buffer and belongs to this task.
+                    let o = unsafe { std::slice::from_raw_parts_mut((op as *mut f32).add(o_off + i * ost.3), dv) };
+                    o.fill(0.0);
+                    for j in 0..sk {
+                        axpy(o, scores[i * sk + j], row(vp, v_off + j * vst.3, dv));
+                    }
+                }
+            } else {
+                // SAFETY: as above; this block's output rows belong to this task alone.
+                unsafe { crate::gemm::matmul(kern, pv, r, sk, dv, 1) };
+            }
             q0 += r;
         }
     };
