@@ -468,8 +468,10 @@ impl Model {
                 (bufs[*w as usize], &shapes[*w as usize], kernel),
                 (bufs[*out as usize], &shapes[*out as usize]),
                 *scale,
-                bias.map(|v| (bufs[v as usize], shapes[v as usize].as_slice())),
-                acc.map(|v| (bufs[v as usize], shapes[v as usize].as_slice())),
+                (
+                    bias.map(|v| (bufs[v as usize], shapes[v as usize].as_slice())),
+                    acc.map(|v| (bufs[v as usize], shapes[v as usize].as_slice())),
+                ),
                 post.map(|k| self.kernels[k as usize]),
                 self.threads,
             ),

@@ -399,6 +399,9 @@ pub fn matmul(
     Ok(())
 }
 
+/// An optional operand: its buffer and shape.
+type Operand<'a> = Option<(Buf, &'a [usize])>;
+
 /// A product by a weight packed for a microkernel (`Step::PackedMatMul`), after checking every
 /// shape against its buffer.
 pub fn packed_matmul(
@@ -406,8 +409,7 @@ pub fn packed_matmul(
     (w, ws, kernel): (Buf, &[usize], &str),
     out: (Buf, &[usize]),
     scale: f32,
-    bias: Option<(Buf, &[usize])>,
-    acc: Option<(Buf, &[usize])>,
+    (bias, acc): (Operand, Operand),
     post: Option<KernelFn>,
     threads: usize,
 ) -> Result<(), String> {
@@ -2210,6 +2212,7 @@ pub fn measure_sparse(
 }
 
 /// [`measure_against_dense`] for the packed 2:4 form of `w` (`vals`, `idx`).
+#[allow(clippy::too_many_arguments)]
 pub fn measure_sparse24(
     w: &[f32],
     vals: &[f32],
