@@ -11,6 +11,7 @@ import json
 import os
 import platform
 import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -187,3 +188,18 @@ def probe_kiln_level(kiln_bin: str, cpu: str | None, threads: int = 1) -> dict:
         return out
     out.update(level=kiln_level(res), features=kiln_features(res), cpu=res.get("cpu"))
     return out
+
+
+def run_and_report(run, json_out: Path | None) -> int:
+    """Runs ``run()`` (a bench's main job); a BenchError is printed as one line (exit 1); the
+    result goes to ``json_out`` when given. Returns the process exit code."""
+    try:
+        result = run()
+    except BenchError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    if json_out:
+        json_out.parent.mkdir(parents=True, exist_ok=True)
+        json_out.write_text(json.dumps(result, indent=2) + "\n")
+        print(f"\nraw numbers written to {json_out}", file=sys.stderr)
+    return 0

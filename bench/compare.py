@@ -50,7 +50,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
-import json
 import os
 import sys
 import time
@@ -68,6 +67,7 @@ import numpy as np  # noqa: E402
 
 # Shared helpers (bench/ is on sys.path when run as a script).
 from common import (  # noqa: E402
+    run_and_report,
     BenchError,
     cache_dir,
     check_kiln_bin,
@@ -515,16 +515,7 @@ def main(argv: list[str] | None = None) -> int:
         print("error: need --iters >= 1, --warmup >= 0, --threads >= 1, --gemm-runs >= 1",
               file=sys.stderr)
         return 2
-    try:
-        result = run_gemm(args) if args.gemm else run_compare(args)
-    except BenchError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    if args.json_out:
-        args.json_out.parent.mkdir(parents=True, exist_ok=True)
-        args.json_out.write_text(json.dumps(result, indent=2) + "\n")
-        print(f"\nraw numbers written to {args.json_out}", file=sys.stderr)
-    return 0
+    return run_and_report(lambda: run_gemm(args) if args.gemm else run_compare(args), args.json_out)
 
 
 if __name__ == "__main__":

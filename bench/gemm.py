@@ -33,7 +33,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
-import json
 import os
 import sys
 import tempfile
@@ -42,6 +41,7 @@ from pathlib import Path
 
 # numpy is imported in main(), after the BLAS thread variables are set: keep it that way.
 from common import (
+    run_and_report,
     REPO,
     BenchError,
     check_kiln_bin,
@@ -330,16 +330,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.iters < 1 or args.warmup < 0 or args.threads < 1:
         print("error: need --iters >= 1, --warmup >= 0, --threads >= 1", file=sys.stderr)
         return 2
-    try:
-        result = run(args)
-    except BenchError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    if args.json_out:
-        args.json_out.parent.mkdir(parents=True, exist_ok=True)
-        args.json_out.write_text(json.dumps(result, indent=2) + "\n")
-        print(f"\nraw numbers written to {args.json_out}", file=sys.stderr)
-    return 0
+    return run_and_report(lambda: run(args), args.json_out)
 
 
 if __name__ == "__main__":

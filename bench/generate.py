@@ -113,6 +113,7 @@ import numpy as np  # noqa: E402
 
 # Shared helpers of the benchmarks (bench/ is on sys.path when run as a script).
 from common import (  # noqa: E402
+    run_and_report,
     UNKNOWN_LEVEL,
     BenchError,
     cache_dir,
@@ -1237,16 +1238,7 @@ def main(argv: list[str] | None = None) -> int:
         print("error: need --reps >= 1, --warmup >= 0, --threads >= 1, --prompt-len >= 1, "
               "--new-tokens >= 2, --sweep-new >= 2, --bw-mib >= 0, --bw-reps >= 1", file=sys.stderr)
         return 2
-    try:
-        result = convert_only(args) if args.convert_only else run(args)
-    except BenchError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    if args.json_out:
-        args.json_out.parent.mkdir(parents=True, exist_ok=True)
-        args.json_out.write_text(json.dumps(result, indent=2) + "\n")
-        print(f"\nraw numbers written to {args.json_out}", file=sys.stderr)
-    return 0
+    return run_and_report(lambda: convert_only(args) if args.convert_only else run(args), args.json_out)
 
 
 if __name__ == "__main__":
