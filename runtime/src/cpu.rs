@@ -45,8 +45,7 @@ impl Level {
         if s == "native" {
             return Ok(Level::host());
         }
-        let found = Level::ALL.into_iter().find(|l| l.name() == s);
-        match found {
+        match Level::by_name(s) {
             Some(l) if l.exists_on_this_arch() => Ok(l),
             Some(l) => Err(format!(
                 "CPU level `{}` is for x86-64; this is {}",
@@ -58,6 +57,11 @@ impl Level {
                 Level::ALL.map(|l| l.name()).join(", ")
             )),
         }
+    }
+
+    /// The level of that name (`native` is not a name: see [`Level::parse`]).
+    pub fn by_name(s: &str) -> Option<Level> {
+        Level::ALL.into_iter().find(|l| l.name() == s)
     }
 
     fn exists_on_this_arch(self) -> bool {

@@ -396,6 +396,8 @@ impl Model {
         syms: &[usize],
         cache: Option<&mut crate::session::KvCache>,
     ) -> Result<(), String> {
+        // An optional operand (a product's bias or accumulator) with its shape.
+        let opt = |v: &Option<u32>| v.map(|v| (bufs[v as usize], shapes[v as usize].as_slice()));
         match step {
             Step::CacheAppend { x, out, slot, view } => {
                 let Some(cache) = cache else {
@@ -448,8 +450,8 @@ impl Model {
                     ta: *ta,
                     tb: *tb,
                     scale: *scale,
-                    bias: bias.map(|v| (bufs[v as usize], shapes[v as usize].as_slice())),
-                    acc: acc.map(|v| (bufs[v as usize], shapes[v as usize].as_slice())),
+                    bias: opt(bias),
+                    acc: opt(acc),
                 },
                 self.threads,
                 self.level,
@@ -468,10 +470,7 @@ impl Model {
                 (bufs[*w as usize], &shapes[*w as usize], kernel),
                 (bufs[*out as usize], &shapes[*out as usize]),
                 *scale,
-                (
-                    bias.map(|v| (bufs[v as usize], shapes[v as usize].as_slice())),
-                    acc.map(|v| (bufs[v as usize], shapes[v as usize].as_slice())),
-                ),
+                (opt(bias), opt(acc)),
                 post.map(|k| self.kernels[k as usize]),
                 self.threads,
             ),
@@ -500,8 +499,8 @@ impl Model {
                     },
                     (bufs[*out as usize], &shapes[*out as usize]),
                     *scale,
-                    bias.map(|v| (bufs[v as usize], shapes[v as usize].as_slice())),
-                    acc.map(|v| (bufs[v as usize], shapes[v as usize].as_slice())),
+                    opt(bias),
+                    opt(acc),
                     self.int8_activations,
                     self.threads,
                     self.level,
@@ -522,8 +521,8 @@ impl Model {
                 (bufs[*out as usize], &shapes[*out as usize]),
                 usize::try_from(*sparse_rows).unwrap_or(usize::MAX),
                 *scale,
-                bias.map(|v| (bufs[v as usize], shapes[v as usize].as_slice())),
-                acc.map(|v| (bufs[v as usize], shapes[v as usize].as_slice())),
+                opt(bias),
+                opt(acc),
                 self.threads,
                 self.level,
             ),
@@ -552,8 +551,8 @@ impl Model {
                 (bufs[*out as usize], &shapes[*out as usize]),
                 usize::try_from(*sparse_rows).unwrap_or(usize::MAX),
                 *scale,
-                bias.map(|v| (bufs[v as usize], shapes[v as usize].as_slice())),
-                acc.map(|v| (bufs[v as usize], shapes[v as usize].as_slice())),
+                opt(bias),
+                opt(acc),
                 self.threads,
                 self.level,
             ),

@@ -424,18 +424,7 @@ pub fn packed_matmul(
     check_len("matmul lhs", a.0, sa, 4)?;
     check_len("packed weight", w, ws, 4)?;
     check_len("matmul output", out.0, so, 4)?;
-    if let Some((b, s)) = bias {
-        if s != [n] {
-            return Err(format!("matmul bias {s:?} is not [{n}]"));
-        }
-        check_len("matmul bias", b, s, 4)?;
-    }
-    if let Some((r, s)) = acc {
-        if s != so {
-            return Err(format!("matmul accumulator {s:?} differs from the result {so:?}"));
-        }
-        check_len("matmul accumulator", r, s, 4)?;
-    }
+    check_epilogue(so, n, bias, acc)?;
     let ptr = |x: Option<(Buf, &[usize])>| x.map_or(std::ptr::null(), |(b, _)| b.ptr as *const f32);
     let o = crate::gemm::Operands {
         a: a.0.ptr as *const f32,
@@ -1486,26 +1475,13 @@ pub fn qmatmul(
 
 /// Writes a product's addends (`acc`, then `bias` per row) into `out` before the product
 /// accumulates into it; returns whether there were any.
-fn prefill_epilogue(
-    out: (Buf, &[usize]),
-    n: usize,
-    bias: Option<(Buf, &[usize])>,
-    acc: Option<(Buf, &[usize])>,
-) -> Result<bool, String> {
-    let so = out.1;
-    if let Some((accb, s)) = acc {
-        if s != so {
-            return Err(format!("matmul accumulator {s:?} differs from the result {so:?}"));
-        }
-        check_len("matmul accumulator", accb, s, 4)?;
-        // SAFETY: same length, distinct buffers.
+fn prefill_epilogue(out: (Buf, &[usize]), n: usize, bias: Operand, acc: Operand) -> Result<bool, String> {
+    check_epilogue(out.1, n, bias, acc)?;
+    if let Some((accb, _)) = acc {
+        // SAFETY: same length (checked), distinct buffers.
         unsafe { std::ptr::copy_nonoverlapping(accb.ptr, out.0.ptr, out.0.len) };
     }
-    if let Some((bb, s)) = bias {
-        if s != [n] {
-            return Err(format!("matmul bias {s:?} is not [{n}]"));
-        }
-        check_len("matmul bias", bb, s, 4)?;
+    if let Some((bb, _)) = bias {
         // SAFETY: checked lengths.
         let (bv, ov) = unsafe {
             (
@@ -1522,6 +1498,24 @@ fn prefill_epilogue(
         }
     }
     Ok(acc.is_some() || bias.is_some())
+}
+
+/// Checks a product's epilogue operands against its result `so` (`n` columns): the bias is `[n]`,
+/// the accumulator has the result's shape, and both buffers hold their shapes.
+fn check_epilogue(so: &[usize], n: usize, bias: Operand, acc: Operand) -> Result<(), String> {
+    if let Some((b, s)) = bias {
+        if s != [n] {
+            return Err(format!("matmul bias {s:?} is not [{n}]"));
+        }
+        check_len("matmul bias", b, s, 4)?;
+    }
+    if let Some((r, s)) = acc {
+        if s != so {
+            return Err(format!("matmul accumulator {s:?} differs from the result {so:?}"));
+        }
+        check_len("matmul accumulator", r, s, 4)?;
+    }
+    Ok(())
 }
 
 /// `(k, n)` of a sparse product `a [.., m, k] -> out [.., m, n]`, after checking that the rows

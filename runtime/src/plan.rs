@@ -41,10 +41,7 @@ impl Target {
     /// The level the code was compiled for: the recorded one, or for artifacts that record none
     /// (or one this runtime does not know) the highest level whose features are all listed.
     pub fn level(&self) -> crate::cpu::Level {
-        crate::cpu::Level::ALL
-            .into_iter()
-            .find(|l| l.name() == self.level)
-            .unwrap_or_else(|| crate::cpu::Level::from_features(&self.features))
+        crate::cpu::Level::by_name(&self.level).unwrap_or_else(|| crate::cpu::Level::from_features(&self.features))
     }
 }
 

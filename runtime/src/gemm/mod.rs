@@ -217,9 +217,9 @@ unsafe fn block(
     let nr = kern.nr;
     if k == 0 {
         // No depth: the product is zero; the epilogue still runs.
+        let zero = vec![0f32; kern.mr * nr];
         for p in panels {
             for i in rows.clone().step_by(kern.mr) {
-                let zero = vec![0f32; kern.mr * nr];
                 let t = tile(o, (i, p * nr), n, nr, 0, false, true, zero.as_ptr());
                 t.store_scalar(kern.mr.min(rows.end - i), nr, &zero);
             }

@@ -31,7 +31,7 @@ macro_rules! microkernel {
             /// # Safety
             /// The CPU has the kernel's features; the tile's pointers are valid for `rows` rows.
             pub unsafe fn run(rows: usize, t: &Tile) {
-                seq_macro_rows!(rows, t)
+                dispatch_rows!(rows, t)
             }
 
             #[target_feature(enable = $feature)]
@@ -84,7 +84,7 @@ macro_rules! microkernel {
 }
 
 /// Dispatches a runtime row count to the const-generic tile of that many rows.
-macro_rules! seq_macro_rows {
+macro_rules! dispatch_rows {
     ($rows:expr, $t:expr) => {
         match $rows {
             1 => tile::<1>($t),
