@@ -148,6 +148,7 @@ fn lower_levels_load_and_name_their_level() {
 /// Damages one field of the manifest in a way a checksum cannot catch (a hostile or buggy writer).
 fn mutate(m: &mut Manifest, r: &mut Rng) {
     let nv = m.values.len() as u32;
+    let nk = m.kernels.len();
     let pick = |r: &mut Rng, n: u32| -> u32 {
         if r.below(4) == 0 {
             n + r.below(3) as u32
@@ -259,8 +260,9 @@ fn mutate(m: &mut Manifest, r: &mut Rng) {
                     kernel_inputs,
                     contiguous,
                     seq_major,
+                    logits,
                     ..
-                } => match r.below(5) {
+                } => match r.below(6) {
                     0 => *[q, k, v, out][r.below(4)] = pick(r, nv),
                     1 if !kernel_inputs.is_empty() => {
                         let i = r.below(kernel_inputs.len());
@@ -274,6 +276,7 @@ fn mutate(m: &mut Manifest, r: &mut Rng) {
                         let i = r.below(4);
                         seq_major[i] = !seq_major[i];
                     }
+                    4 => *logits = Some(r.below(nk + 2) as u32),
                     _ => *out = pick(r, nv),
                 },
             }

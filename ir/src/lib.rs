@@ -24,6 +24,7 @@ mod dot;
 mod dtype;
 mod graph;
 mod op;
+pub mod progress;
 mod tensor;
 mod text;
 mod verify;

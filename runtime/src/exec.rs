@@ -6,10 +6,10 @@ use std::time::Instant;
 
 use kiln_ir::{DType, Tensor};
 
-use crate::artifact;
 use crate::cpu::Level;
 use crate::kernels::{self, Buf, KernelFn};
 use crate::plan::{Manifest, Step, Storage};
+use crate::{artifact, attention};
 use crate::{LoadError, RunError};
 
 enum Bytes {
@@ -620,6 +620,7 @@ impl Model {
                 out,
                 scale,
                 kernel,
+                logits,
                 kernel_inputs,
                 contiguous,
                 seq_major,
@@ -633,23 +634,27 @@ impl Model {
                     }
                     _ => None,
                 };
-                let cached = [cached[0].then_some(cap).flatten(), cached[1].then_some(cap).flatten()];
+                let layout = attention::Layout {
+                    contiguous,
+                    seq_major: *seq_major,
+                    views: *views,
+                    cached: [cached[0].then_some(cap).flatten(), cached[1].then_some(cap).flatten()],
+                };
                 let ins: Vec<Option<(Buf, &[usize])>> = kernel_inputs
                     .iter()
                     .map(|i| i.map(|x| (bufs[x as usize], shapes[x as usize].as_slice())))
                     .collect();
-                kernels::attention(
-                    (bufs[*q as usize], &shapes[*q as usize]),
-                    (bufs[*k as usize], &shapes[*k as usize]),
-                    (bufs[*v as usize], &shapes[*v as usize]),
-                    (bufs[*out as usize], &shapes[*out as usize]),
+                let softmax = match logits {
+                    Some(l) => attention::Softmax::Online(self.kernels[*l as usize]),
+                    None => attention::Softmax::Rows(self.kernels[*kernel as usize]),
+                };
+                let operand = |x: &u32| (bufs[*x as usize], shapes[*x as usize].as_slice());
+                attention::attention(
+                    [operand(q), operand(k), operand(v), operand(out)],
                     *scale,
-                    self.kernels[*kernel as usize],
+                    softmax,
                     &ins,
-                    contiguous,
-                    *seq_major,
-                    *views,
-                    cached,
+                    &layout,
                     self.threads,
                     self.level,
                 )

@@ -7,7 +7,7 @@ use kiln_ir::{DType, Dim, Op, Tensor, TensorType};
 use rayon::prelude::*;
 
 use crate::cpu::Level;
-use crate::plan::{ColumnView, KernelDecl, KernelKind};
+use crate::plan::{KernelDecl, KernelKind};
 
 /// The ABI of generated kernels: `rows` rows of `n` elements; `offs` holds, per row, the element
 /// offset of every operand (inputs, then the output); `ptrs` the operands' base addresses.
@@ -104,7 +104,7 @@ fn elems(shape: &[usize]) -> usize {
     shape.iter().fold(1usize, |a, d| a.saturating_mul(*d))
 }
 
-fn check_len(what: &str, b: Buf, shape: &[usize], es: usize) -> Result<(), String> {
+pub(crate) fn check_len(what: &str, b: Buf, shape: &[usize], es: usize) -> Result<(), String> {
     if elems(shape).saturating_mul(es) != b.len {
         return Err(format!(
             "{what} buffer of {} bytes does not hold shape {shape:?}",
@@ -830,237 +830,6 @@ pub fn fallback(
     }
     // SAFETY: sizes are equal, and the output buffer is a distinct temporary.
     unsafe { std::ptr::copy_nonoverlapping(bytes.as_ptr(), out.0.ptr, bytes.len()) };
-    Ok(())
-}
-
-/// An attention operand seen as `[b, h, s, d]` with `(base, batch, head, row)` element strides:
-/// stored `[b, h, s, d]`, or `[b, s, h, d]` (`seq_major`), or `heads · d` columns at an offset of
-/// a `[b, s, W]` row (a column view of a merged projection).
-#[allow(clippy::type_complexity)]
-pub(crate) fn attn_layout(
-    s: &[usize],
-    sm: bool,
-    view: Option<ColumnView>,
-) -> Result<([usize; 4], (usize, usize, usize, usize)), String> {
-    match view {
-        Some(cv) => {
-            let (h, d, off) = (cv.heads as usize, cv.head_dim as usize, cv.offset as usize);
-            if s.len() != 3 || off.saturating_add(h.saturating_mul(d)) > s[2] {
-                return Err(format!("column view {cv:?} does not fit a value of shape {s:?}"));
-            }
-            Ok(([s[0], h, s[1], d], (off, s[1] * s[2], d, s[2])))
-        }
-        None if s.len() != 4 => Err(format!("attention operand of shape {s:?} must have rank 4")),
-        None if sm => Ok(([s[0], s[2], s[1], s[3]], (0, s[1] * s[2] * s[3], s[3], s[2] * s[3]))),
-        None => Ok(([s[0], s[1], s[2], s[3]], (0, s[1] * s[2] * s[3], s[2] * s[3], s[3]))),
-    }
-}
-
-/// Query rows per attention block: the score block (rows × keys f32) stays in L2.
-const ATTN_ROWS: usize = 64;
-
-/// Attention with at most this many query rows reads keys and values in place (no packing).
-const FEW_QUERY_ROWS: usize = 4;
-
-/// `dst += a · x`.
-fn axpy(dst: &mut [f32], a: f32, x: &[f32]) {
-    for (d, x) in dst.iter_mut().zip(x) {
-        *d += a * x;
-    }
-}
-
-/// Blocked attention: see `Step::Attention`.
-#[allow(clippy::too_many_arguments)]
-pub fn attention(
-    q: (Buf, &[usize]),
-    k: (Buf, &[usize]),
-    v: (Buf, &[usize]),
-    out: (Buf, &[usize]),
-    scale: f32,
-    softmax: KernelFn,
-    inputs: &[Option<(Buf, &[usize])>],
-    contiguous: &[bool],
-    seq_major: [bool; 4],
-    views: [Option<ColumnView>; 3],
-    cached: [Option<usize>; 2],
-    threads: usize,
-    level: Level,
-) -> Result<(), String> {
-    if contiguous.len() != inputs.len() {
-        return Err("attention kernel layout does not match its inputs".into());
-    }
-    let layout = attn_layout;
-    let (qs, qst) = layout(q.1, seq_major[0], views[0])?;
-    let (ks, mut kst) = layout(k.1, seq_major[1], views[1])?;
-    let (vs, mut vst) = layout(v.1, seq_major[2], views[2])?;
-    // Keys and values read in place from the cache: [b, h, capacity, d], `s` rows valid per head.
-    for (c, st, sh, buf, what) in [(cached[0], &mut kst, ks, k.0, "k"), (cached[1], &mut vst, vs, v.0, "v")] {
-        if let Some(cap) = c {
-            if seq_major[if what == "k" { 1 } else { 2 }] || sh[2] > cap {
-                return Err(format!("{what} cannot be read from a cache of {cap} positions"));
-            }
-            if sh[0] * sh[1] * cap * sh[3] * 4 != buf.len {
-                return Err(format!(
-                    "{what}: the cache buffer of {} bytes does not hold {sh:?} at capacity {cap}",
-                    buf.len
-                ));
-            }
-            *st = (0, sh[1] * cap * sh[3], cap * sh[3], sh[3]);
-        }
-    }
-    let (os, ost) = layout(out.1, seq_major[3], None)?;
-    let (b, h, sq, d) = (qs[0], qs[1], qs[2], qs[3]);
-    let (sk, dv) = (ks[2], vs[3]);
-    if ks != [b, h, sk, d] || vs != [b, h, sk, dv] || os != [b, h, sq, dv] {
-        return Err(format!(
-            "attention shapes q {qs:?}, k {ks:?}, v {vs:?}, out {os:?} do not fit"
-        ));
-    }
-    for (what, x, from_cache) in [
-        ("q", q, false),
-        ("k", k, cached[0].is_some()),
-        ("v", v, cached[1].is_some()),
-        ("out", out, false),
-    ] {
-        if !from_cache {
-            check_len(what, x.0, x.1, 4)?;
-        }
-    }
-    let space = [b, h, sq, sk];
-    // Per kernel input: strides over [b, h, sq, sk] (the score block is laid out separately).
-    let mut strides = Vec::new();
-    for (i, c) in inputs.iter().zip(contiguous) {
-        match i {
-            None if *c || sk == 1 => strides.push(None),
-            None => return Err("the score block is contiguous, the kernel reads it as broadcast".into()),
-            Some((buf, s)) => {
-                check_len("attention kernel input", *buf, s, 4)?;
-                let st = bstrides(s, &space)?;
-                if sk > 1 && (st[3] == 1) != *c {
-                    return Err(format!("attention input {s:?} does not match the kernel's layout"));
-                }
-                strides.push(Some(st));
-            }
-        }
-    }
-    if b * h * sq == 0 || sk == 0 {
-        return Ok(());
-    }
-    let nops = inputs.len() + 1;
-    let (qp, kp, vp, op) = (q.0.ptr as usize, k.0.ptr as usize, v.0.ptr as usize, out.0.ptr as usize);
-    let input_ptrs: Vec<usize> = inputs
-        .iter()
-        .map(|i| i.map_or(0, |(buf, _)| buf.ptr as usize))
-        .collect();
-    let kern = crate::gemm::MicroKernel::for_level(level);
-    let work = |bh: usize| {
-        let (bi, hi) = (bh / h, bh % h);
-        let rows = ATTN_ROWS.min(sq);
-        let mut scores = vec![0f32; rows * sk];
-        let mut offs = vec![0i64; rows * nops];
-        let mut ptrs = input_ptrs.clone();
-        ptrs.push(0);
-        // This head's keys (as Kᵀ, [d, sk]) and values ([sk, dv]) packed once for every query
-        // block. SAFETY (reads): offsets and extents were checked against the buffers above.
-        let (k_off, v_off) = (kst.0 + bi * kst.1 + hi * kst.2, vst.0 + bi * vst.1 + hi * vst.2);
-        // A few query rows (decode steps) read the keys and values directly: packing them
-        // would cost as much as the products.
-        let direct = sq <= FEW_QUERY_ROWS;
-        let (mut kt, mut vv) = (Vec::new(), Vec::new());
-        if !direct {
-            kt = vec![0f32; kern.packed_len(d, sk)];
-            crate::gemm::pack_into(kern, d, sk, &mut kt, |kk, j| unsafe {
-                *(kp as *const f32).add(k_off + j * kst.3 + kk)
-            });
-            vv = vec![0f32; kern.packed_len(sk, dv)];
-            crate::gemm::pack_into(kern, sk, dv, &mut vv, |kk, j| unsafe {
-                *(vp as *const f32).add(v_off + kk * vst.3 + j)
-            });
-        }
-        // SAFETY (row slices): offsets and extents were checked against the buffers above.
-        let row = |base: usize, off: usize, len: usize| unsafe {
-            std::slice::from_raw_parts((base as *const f32).add(off), len)
-        };
-        let mut q0 = 0;
-        while q0 < sq {
-            let r = rows.min(sq - q0);
-            let q_off = qst.0 + bi * qst.1 + hi * qst.2 + q0 * qst.3;
-            if direct {
-                for i in 0..r {
-                    let qr = row(qp, q_off + i * qst.3, d);
-                    for j in 0..sk {
-                        scores[i * sk + j] = scale * dot(qr, row(kp, k_off + j * kst.3, d), level.avx2());
-                    }
-                }
-            }
-            let qk = crate::gemm::Operands {
-                a: unsafe { (qp as *const f32).add(q_off) },
-                lda: qst.3,
-                ldc: sk,
-                b: kt.as_ptr(),
-                out: scores.as_mut_ptr(),
-                bias: std::ptr::null(),
-                res: std::ptr::null(),
-                scale,
-                post: None,
-            };
-            // SAFETY: the artifact's level runs the kernel (checked at load); `q` rows and the
-            // score block have the extents given.
-            if !direct {
-                unsafe { crate::gemm::matmul(kern, qk, r, d, sk, 1) };
-            }
-            for row in 0..r {
-                for (j, st) in strides.iter().enumerate() {
-                    offs[row * nops + j] = match st {
-                        None => (row * sk) as i64,
-                        Some(st) => (bi * st[0] + hi * st[1] + (q0 + row) * st[2]) as i64,
-                    };
-                }
-                offs[row * nops + nops - 1] = (row * sk) as i64;
-            }
-            for (j, i) in inputs.iter().enumerate() {
-                if i.is_none() {
-                    ptrs[j] = scores.as_mut_ptr() as usize;
-                }
-            }
-            ptrs[nops - 1] = scores.as_mut_ptr() as usize;
-            // SAFETY: the kernel reads row `row` of each input at the offsets just computed (inside
-            // the checked buffers or the score block) and writes the score block in place; a
-            // softmax row reads each element before it writes it.
-            unsafe { softmax(r as i64, sk as i64, offs.as_ptr(), ptrs.as_ptr() as *const *mut u8) };
-            let o_off = ost.0 + bi * ost.1 + hi * ost.2 + q0 * ost.3;
-            let pv = crate::gemm::Operands {
-                a: scores.as_ptr(),
-                lda: sk,
-                ldc: ost.3,
-                b: vv.as_ptr(),
-                out: unsafe { (op as *mut f32).add(o_off) },
-                bias: std::ptr::null(),
-                res: std::ptr::null(),
-                scale: 1.0,
-                post: None,
-            };
-            if direct {
-                for i in 0..r {
-                    // SAFETY: this output row lies in the checked buffer and belongs to this task.
-                    let o = unsafe { std::slice::from_raw_parts_mut((op as *mut f32).add(o_off + i * ost.3), dv) };
-                    o.fill(0.0);
-                    for j in 0..sk {
-                        axpy(o, scores[i * sk + j], row(vp, v_off + j * vst.3, dv));
-                    }
-                }
-            } else {
-                // SAFETY: as above; this block's output rows belong to this task alone.
-                unsafe { crate::gemm::matmul(kern, pv, r, sk, dv, 1) };
-            }
-            q0 += r;
-        }
-    };
-    if threads > 1 && b * h > 1 {
-        (0..b * h).into_par_iter().for_each(work);
-    } else {
-        (0..b * h).for_each(work);
-    }
     Ok(())
 }
 
@@ -2074,7 +1843,7 @@ pub fn spmatmul24(
 }
 
 /// `Σ x·y`, eight lanes at a time where the CPU has AVX2 and FMA.
-fn dot(x: &[f32], y: &[f32], avx2: bool) -> f32 {
+pub(crate) fn dot(x: &[f32], y: &[f32], avx2: bool) -> f32 {
     #[cfg(target_arch = "x86_64")]
     if avx2 {
         // SAFETY: the artifact's level has AVX2 and FMA (checked at load).

@@ -15,6 +15,7 @@
 //! compiles anything.
 
 pub mod artifact;
+mod attention;
 pub mod cpu;
 #[cfg(feature = "cuda")]
 pub mod cuda;
@@ -25,6 +26,7 @@ pub mod npy;
 pub mod plan;
 mod q8;
 pub mod session;
+mod softmax;
 mod validate;
 
 pub use exec::{Model, Profile, RunStats};

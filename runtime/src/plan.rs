@@ -327,6 +327,10 @@ pub enum Step {
         scale: f32,
         /// The softmax kernel (kind `SoftmaxLast`).
         kernel: u32,
+        /// The same kernel's elementwise prologue alone (kind `Map`: the logits the softmax
+        /// normalises), for runtimes that run the softmax themselves, online over key blocks.
+        #[serde(default)]
+        logits: Option<u32>,
         /// The kernel's inputs: `None` for the score block, `Some(value)` otherwise.
         kernel_inputs: Vec<Option<u32>>,
         /// Per kernel input: contiguous along the key axis (`true`) or one value per row.

@@ -306,6 +306,7 @@ pub fn manifest(m: &Manifest, weights_len: usize, code_len: usize) -> Result<(),
                 v,
                 out,
                 kernel,
+                logits,
                 kernel_inputs,
                 contiguous,
                 ..
@@ -313,6 +314,17 @@ pub fn manifest(m: &Manifest, weights_len: usize, code_len: usize) -> Result<(),
                 let Some(kd) = m.kernels.get(*kernel as usize) else {
                     return bad(format!("step {si} calls a missing kernel"));
                 };
+                if let Some(l) = logits {
+                    let Some(ld) = m.kernels.get(*l as usize) else {
+                        return bad(format!("step {si} calls a missing logits kernel"));
+                    };
+                    if ld.inputs != kd.inputs || ld.output != DType::F32 {
+                        return bad(format!(
+                            "step {si}: logits kernel `{}` does not match `{}`",
+                            ld.name, kd.name
+                        ));
+                    }
+                }
                 let blocks = kernel_inputs.iter().filter(|i| i.is_none()).count();
                 let types: Vec<DType> = kernel_inputs.iter().map(|i| i.map_or(DType::F32, dt)).collect();
                 if blocks != 1

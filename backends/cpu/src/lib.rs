@@ -5,6 +5,7 @@
 //! (`kiln-runtime`) loads and runs the result without this crate.
 
 pub mod codegen;
+pub mod logits;
 pub mod pack;
 pub mod plan;
 pub mod quant;
@@ -93,6 +94,7 @@ pub fn compile(
         level: opts.cpu.name().to_string(),
     };
     let mut planned = plan::plan(graph, weights, dims, target, opts)?;
+    logits::add_logits_kernels(&mut planned);
     // KILN_PACK=off keeps products on the GEMM library (for side-by-side measurements).
     if opts.fuse && std::env::var("KILN_PACK").as_deref() != Ok("off") {
         pack::pack_weights(&mut planned, opts.cpu);

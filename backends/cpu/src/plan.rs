@@ -715,6 +715,7 @@ pub fn plan(
                     out: vid,
                     scale: epi[&s].scale,
                     kernel: k,
+                    logits: None,
                     kernel_inputs,
                     contiguous,
                     seq_major: a.seq_major,
@@ -894,7 +895,7 @@ pub fn plan(
 
 /// The index of a kernel computing `spec`: an identical earlier one (every layer of a model needs
 /// the same kernels) or a new one.
-fn intern_kernel(
+pub(crate) fn intern_kernel(
     kernels: &mut Vec<KernelSpec>,
     decls: &mut Vec<kiln_runtime::plan::KernelDecl>,
     spec: KernelSpec,

@@ -619,8 +619,8 @@ impl CudaModel {
                 views,
                 ..
             } => {
-                let (qs, _) = kernels::attn_layout(&shapes[*q as usize], seq_major[0], views[0])?;
-                let (ks, _) = kernels::attn_layout(&shapes[*k as usize], seq_major[1], views[1])?;
+                let (qs, _) = crate::attention::attn_layout(&shapes[*q as usize], seq_major[0], views[0])?;
+                let (ks, _) = crate::attention::attn_layout(&shapes[*k as usize], seq_major[1], views[1])?;
                 let space = [qs[0], qs[1], qs[2], ks[2]];
                 if elems(&space) == 0 {
                     return Ok(None);
@@ -1498,9 +1498,9 @@ impl Run<'_> {
                 cached,
                 ..
             } => {
-                let (qs, qst) = kernels::attn_layout(&self.shapes[*q as usize], seq_major[0], views[0])?;
-                let (ks, mut kst) = kernels::attn_layout(&self.shapes[*k as usize], seq_major[1], views[1])?;
-                let (vs, mut vst) = kernels::attn_layout(&self.shapes[*v as usize], seq_major[2], views[2])?;
+                let (qs, qst) = crate::attention::attn_layout(&self.shapes[*q as usize], seq_major[0], views[0])?;
+                let (ks, mut kst) = crate::attention::attn_layout(&self.shapes[*k as usize], seq_major[1], views[1])?;
+                let (vs, mut vst) = crate::attention::attn_layout(&self.shapes[*v as usize], seq_major[2], views[2])?;
                 // Keys and values read in place from the cache: [b, h, capacity, d].
                 for (i, (st, sh)) in [(&mut kst, ks), (&mut vst, vs)].into_iter().enumerate() {
                     if cached[i] {
@@ -1515,7 +1515,7 @@ impl Run<'_> {
                         *st = (0, sh[1] * cap * sh[3], cap * sh[3], sh[3]);
                     }
                 }
-                let (os, ost) = kernels::attn_layout(&self.shapes[*out as usize], seq_major[3], None)?;
+                let (os, ost) = crate::attention::attn_layout(&self.shapes[*out as usize], seq_major[3], None)?;
                 let (b, h, sq, d) = (qs[0], qs[1], qs[2], qs[3]);
                 let (sk, dv) = (ks[2], vs[3]);
                 if ks != [b, h, sk, d] || vs != [b, h, sk, dv] || os != [b, h, sq, dv] {
