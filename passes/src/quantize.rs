@@ -369,30 +369,47 @@ fn int4_params_weighted(vals: &[f32], imp: Option<&[f64]>) -> (f32, f32) {
         let m = half::f16::from_f32(lo).to_f32();
         return (1.0, m);
     }
-    let mut best = (f32::INFINITY, 1.0, lo);
-    for step in 0..20 {
+    // Every candidate's scale and minimum first; then one pass over the values accumulates all
+    // candidates' errors, each in value order as a candidate-at-a-time loop would (the same
+    // sums), but as independent chains instead of one latency-bound chain per candidate.
+    const CANDIDATES: usize = 20;
+    let (mut ss, mut ms) = ([0f32; CANDIDATES], [0f32; CANDIDATES]);
+    for step in 0..CANDIDATES {
         let shrink = 1.0 - 0.02 * step as f32;
         let mid = 0.5 * (lo + hi);
         let (l, h) = (mid - (mid - lo) * shrink, mid + (hi - mid) * shrink);
-        let s = half::f16::from_f32((h - l) / 15.0).to_f32().max(f32::MIN_POSITIVE);
-        let m = half::f16::from_f32(l).to_f32();
-        let err: f32 = vals
-            .iter()
-            .enumerate()
-            .map(|(i, v)| {
-                let d = code4(*v, s, m) as f32 * s + m - v;
-                d * d * imp.map_or(1.0, |w| w[i] as f32)
-            })
-            .sum();
-        if err < best.0 {
-            best = (err, s, m);
+        ss[step] = half::f16::from_f32((h - l) / 15.0).to_f32().max(f32::MIN_POSITIVE);
+        ms[step] = half::f16::from_f32(l).to_f32();
+    }
+    let mut err = [0f32; CANDIDATES];
+    let mut add = |v: f32, weight: f32| {
+        for ((e, s), m) in err.iter_mut().zip(&ss).zip(&ms) {
+            let d = code4(v, *s, *m) as f32 * s + m - v;
+            *e += d * d * weight;
+        }
+    };
+    match imp {
+        None => vals.iter().for_each(|v| add(*v, 1.0)),
+        Some(w) => vals.iter().zip(w).for_each(|(v, w)| add(*v, *w as f32)),
+    }
+    let mut best = (f32::INFINITY, 1.0, lo);
+    for ((e, s), m) in err.iter().zip(&ss).zip(&ms) {
+        if *e < best.0 {
+            best = (*e, *s, *m);
         }
     }
     (best.1, best.2)
 }
 
+/// The 4-bit code of `v`: `((v - m) / s)` rounded half away from zero, clamped to 0..=15.
+/// Clamping first lets the rounding be a truncation and one comparison (`t - ⌊t⌋` is exact for
+/// `t ≥ 0`), the same result as `f32::round` without its libm call: on x86-64's baseline (no
+/// SSE4.1) `round` is a function call, and this runs 20 times per weight in the clipping search.
+#[inline]
 fn code4(v: f32, s: f32, m: f32) -> u8 {
-    ((v - m) / s).round().clamp(0.0, 15.0) as u8
+    let t = ((v - m) / s).clamp(0.0, 15.0);
+    let i = t as u8;
+    i + (t - i as f32 >= 0.5) as u8
 }
 
 /// Packs `[n, k]` 4-bit codes: per 32-column block, byte `i` = column `i` | column `i + 16` << 4.
@@ -438,25 +455,34 @@ fn finish4(
 }
 
 fn quantize_int4(w: &[f32], n: usize, k: usize, group: usize) -> Quantized {
+    use rayon::prelude::*;
     let groups = k / group;
-    let (mut codes, mut scales, mut mins, mut deq) = (
-        vec![0u8; n * k],
-        vec![0f32; n * groups],
-        vec![0f32; n * groups],
-        vec![0f32; n * k],
-    );
-    for r in 0..n {
-        for gi in 0..groups {
-            let cols = r * k + gi * group..r * k + (gi + 1) * group;
-            let (s, m) = int4_params(&w[cols.clone()]);
-            scales[r * groups + gi] = s;
-            mins[r * groups + gi] = m;
-            for c in cols {
-                let q = code4(w[c], s, m);
-                codes[c] = q;
-                deq[c] = q as f32 * s + m;
+    // Rows in parallel: each is independent, and the clipping search is most of a compile.
+    let rows: Vec<(Vec<u8>, Vec<f32>, Vec<f32>, Vec<f32>)> = w
+        .par_chunks(k.max(1))
+        .take(n)
+        .map(|row| {
+            let (mut codes, mut scales, mut mins, mut deq) =
+                (vec![0u8; k], vec![0f32; groups], vec![0f32; groups], vec![0f32; k]);
+            for gi in 0..groups {
+                let cols = gi * group..(gi + 1) * group;
+                let (s, m) = int4_params(&row[cols.clone()]);
+                scales[gi] = s;
+                mins[gi] = m;
+                for c in cols {
+                    codes[c] = code4(row[c], s, m);
+                    deq[c] = codes[c] as f32 * s + m;
+                }
             }
-        }
+            (codes, scales, mins, deq)
+        })
+        .collect();
+    let (mut codes, mut scales, mut mins, mut deq) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    for (c, s, m, d) in rows {
+        codes.extend(c);
+        scales.extend(s);
+        mins.extend(m);
+        deq.extend(d);
     }
     finish4(codes, scales, mins, deq, n, k, group)
 }
@@ -757,7 +783,9 @@ pub fn apply(
     hessians: Option<&[Hessian]>,
 ) -> Result<QuantReport, String> {
     let mut report = QuantReport::default();
+    let progress = kiln_ir::progress::Progress::new(format!("quantizing products ({scheme})"), targets.len());
     for (ti, t) in targets.iter().enumerate() {
+        progress.tick();
         let (n, k) = (t.n, t.k);
         let group = match scheme {
             Scheme::Int8 => k,
@@ -883,6 +911,22 @@ mod tests {
         assert!("int4:48".parse::<Scheme>().is_err());
         assert!("int8:32".parse::<Scheme>().is_err());
         assert!("fp8".parse::<Scheme>().unwrap_err().contains("unknown quantization"));
+    }
+
+    #[test]
+    fn code4_rounds_like_f32_round() {
+        let (s, m) = (0.37f32, -1.3f32);
+        let mut vals: Vec<f32> = (-400..=6400).map(|i| m + s * i as f32 / 400.0).collect();
+        // Exact halves and their neighbours, where rounding decides.
+        for i in 0..=16 {
+            let t = m + s * (i as f32 - 0.5);
+            vals.extend([t, f32::from_bits(t.to_bits() + 1), f32::from_bits(t.to_bits() - 1)]);
+        }
+        vals.extend([f32::NAN, f32::INFINITY, f32::NEG_INFINITY]);
+        for v in vals {
+            let want = ((v - m) / s).round().clamp(0.0, 15.0) as u8;
+            assert_eq!(code4(v, s, m), want, "code of {v}");
+        }
     }
 
     #[test]

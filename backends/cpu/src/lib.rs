@@ -94,7 +94,10 @@ pub fn compile(
         level: opts.cpu.name().to_string(),
     };
     let mut planned = plan::plan(graph, weights, dims, target, opts)?;
-    logits::add_logits_kernels(&mut planned);
+    // KILN_ATTN=rows keeps the whole-row softmax kernel in attention (for side-by-side runs).
+    if std::env::var("KILN_ATTN").as_deref() != Ok("rows") {
+        logits::add_logits_kernels(&mut planned);
+    }
     // KILN_PACK=off keeps products on the GEMM library (for side-by-side measurements).
     if opts.fuse && std::env::var("KILN_PACK").as_deref() != Ok("off") {
         pack::pack_weights(&mut planned, opts.cpu);

@@ -85,8 +85,10 @@ pub fn calibrate(
         }
         Ok(())
     };
+    let progress = kiln_ir::progress::Progress::new("calibration samples", samples.len());
     if decoding {
         for s in samples {
+            progress.tick();
             let mut sess = m.session().map_err(|e| e.to_string())?;
             absorb(
                 sess.prefill_outputs(std::slice::from_ref(s))
@@ -97,6 +99,7 @@ pub fn calibrate(
     } else {
         // One sample per run: padding positions would add activations the model never uses.
         for chunk in samples.chunks(1) {
+            progress.tick();
             absorb(m.run(&feed(graph, chunk)?).map_err(|e| e.to_string())?, &chunk[0])?;
         }
     }
@@ -239,7 +242,9 @@ pub fn evaluate(
     };
     let f32s = |t: &Tensor| -> Vec<f32> { t.to_f64_vec().into_iter().map(|x| x as f32).collect() };
     if is_decoding(f32_model.0) {
+        let progress = kiln_ir::progress::Progress::new("accuracy report samples", samples.len());
         for s in samples.iter().filter(|s| !s.is_empty()) {
+            progress.tick();
             let (mut sf, mut sq) = (
                 mf.session().map_err(|e| e.to_string())?,
                 mq.session().map_err(|e| e.to_string())?,
@@ -260,7 +265,9 @@ pub fn evaluate(
             }
         }
     } else {
+        let progress = kiln_ir::progress::Progress::new("accuracy report batches", samples.len().div_ceil(8));
         for chunk in samples.chunks(8) {
+            progress.tick();
             let inputs = feed(f32_model.0, chunk)?;
             let (of, oq) = (
                 mf.run(&inputs).map_err(|e| e.to_string())?,
@@ -322,7 +329,9 @@ pub fn sparsify(
         kiln_passes::sparsity::Pattern::TwoFour => vec![Some([1, 1]), None],
         _ => vec![Some([1, 1])],
     };
+    let progress = kiln_ir::progress::Progress::new("measuring sparse kernels (products)", targets.len());
     let mut choose = |_: &str, w: &[f32], n: usize, k: usize| -> (Encoding, String) {
+        progress.tick();
         let mut best: Option<(f64, f64, Option<[usize; 2]>)> = None;
         let mut notes = Vec::new();
         let mut dense = (0.0, 0.0);
