@@ -1,5 +1,6 @@
 //! The `kiln` command line.
 
+mod bisect;
 mod generate;
 mod quant;
 
@@ -58,6 +59,31 @@ enum Cmd {
         /// Where to write outputs: FILE.npy for the first output, or NAME=FILE.npy (repeatable).
         #[arg(long = "output", value_name = "[NAME=]FILE.npy")]
         outputs: Vec<String>,
+    },
+    /// Find the rewrite rules that make the compiled model disagree with the interpreter: run both,
+    /// then halve the rules that fired until disabling the fewest removes the mismatch.
+    Bisect {
+        /// The model spec (.ron).
+        spec: PathBuf,
+        #[command(flatten)]
+        spec_opts: SpecOpts,
+        #[command(flatten)]
+        weights: WeightOpts,
+        /// An input, NAME=FILE.npy (repeat for each input).
+        #[arg(long = "input", value_name = "NAME=FILE.npy")]
+        inputs: Vec<String>,
+        /// Optimization level, as for `kiln compile`.
+        #[arg(short = 'O', value_name = "LEVEL", default_value = "2", value_parser = clap::value_parser!(u8).range(0..=2))]
+        opt: u8,
+        /// CPU level to compile for, as for `kiln compile`.
+        #[arg(long, value_name = "LEVEL", default_value = "native", value_parser = kiln_runtime::cpu::Level::parse)]
+        cpu: kiln_runtime::cpu::Level,
+        /// An element may differ from the interpreter's by TOL · (1 + |interpreter's|).
+        #[arg(long, value_name = "TOL", default_value_t = 1e-3)]
+        tol: f64,
+        /// Keep this rule disabled throughout (repeatable).
+        #[arg(long = "disable-rule", value_name = "NAME")]
+        disable_rule: Vec<String>,
     },
     /// Compile a spec and its weights into one artifact file.
     Compile {
@@ -904,6 +930,27 @@ fn main() -> ExitCode {
             inputs,
             outputs,
         } => run(spec, spec_opts, weights, *threads, inputs, outputs),
+        Cmd::Bisect {
+            spec,
+            spec_opts,
+            weights,
+            inputs,
+            opt,
+            cpu,
+            tol,
+            disable_rule,
+        } => bisect::run(
+            spec,
+            spec_opts,
+            weights,
+            &bisect::Args {
+                inputs,
+                opt: *opt,
+                cpu: *cpu,
+                tol: *tol,
+                disabled: disable_rule,
+            },
+        ),
         Cmd::Compile {
             spec,
             spec_opts,
@@ -930,6 +977,7 @@ fn main() -> ExitCode {
                     TargetArg::Cpu => "cpu",
                     TargetArg::Cuda => "cuda",
                 }),
+                ..Default::default()
             };
             let q = quant::QuantArgs {
                 scheme: *quantize,

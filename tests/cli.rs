@@ -596,3 +596,36 @@ fn quantize_and_sparsity_flags_end_to_end() {
     }
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn bisect_reports_agreement_and_refuses_missing_inputs() {
+    let o = kiln(&[
+        "bisect",
+        "specs/mlp.ron",
+        "--random-weights",
+        "1",
+        "--input",
+        "x=tests/data/mlp_x.npy",
+    ]);
+    let (out, err) = text(&o);
+    assert!(o.status.success(), "{err}");
+    assert!(out.contains("no mismatch"), "{out}");
+    let o = kiln(&["bisect", "specs/mlp.ron", "--random-weights", "1"]);
+    let (_, err) = text(&o);
+    assert!(!o.status.success() && err.contains("--input NAME=FILE.npy"), "{err}");
+    let o = kiln(&[
+        "bisect",
+        "specs/mlp.ron",
+        "--random-weights",
+        "1",
+        "--input",
+        "x=tests/data/mlp_x.npy",
+        "--disable-rule",
+        "no-such-rule",
+    ]);
+    let (_, err) = text(&o);
+    assert!(
+        !o.status.success() && err.contains("no rewrite rule is called `no-such-rule`"),
+        "{err}"
+    );
+}

@@ -101,3 +101,69 @@ fn ir_snapshots_after_each_pipeline() {
         }
     }
 }
+
+/// `kiln bisect` finds a deliberately wrong rule planted for this test alone (`exp a → a`, which
+/// extraction prefers because it is cheaper), names the node where the optimized graph first
+/// departs from the lowered one, and finds nothing wrong without it.
+#[test]
+fn bisect_names_a_planted_wrong_rule() {
+    let overrides = [
+        ("layers", "2"),
+        ("hidden", "64"),
+        ("heads", "4"),
+        ("vocab", "256"),
+        ("max_pos", "64"),
+    ];
+    let l = spec("gpt2.ron", &overrides);
+    let w = kiln_frontend::weights::load_safetensors(&l, &data("gpt2_tiny/model.safetensors"))
+        .unwrap_or_else(|e| panic!("{e}"));
+    let inputs = std::collections::BTreeMap::from([("input_ids".to_string(), npy("gpt2_tiny/input_ids.npy"))]);
+    let case = |extra: Vec<kiln_passes::rules::PatternRule>| kiln_cpu::bisect::Case {
+        graph: &l.graph,
+        weights: &w,
+        dims: &l.dims,
+        inputs: &inputs,
+        level: OptLevel::O2,
+        pipeline: kiln_passes::PipelineOptions {
+            extra_rules: extra,
+            ..Default::default()
+        },
+        options: kiln_cpu::Options::for_level(2),
+        tol: 1e-4,
+    };
+    let clean = kiln_cpu::bisect::bisect(&case(vec![])).unwrap_or_else(|e| panic!("{e}"));
+    assert!(clean.mismatch.is_none(), "{clean:?}");
+    let planted = kiln_passes::rules::PatternRule {
+        name: "plant-exp-identity".into(),
+        lhs: "(exp ?a)".into(),
+        rhs: "?a".into(),
+    };
+    // Correct rules that fire everywhere, so the wrong one has company to be told apart from.
+    let harmless = [
+        ("plant-add-commutes", "(add ?a ?b)", "(add ?b ?a)"),
+        ("plant-mul-commutes", "(mul ?a ?b)", "(mul ?b ?a)"),
+    ];
+    let mut rules: Vec<_> = harmless
+        .iter()
+        .map(|(n, l, r)| kiln_passes::rules::PatternRule {
+            name: n.to_string(),
+            lhs: l.to_string(),
+            rhs: r.to_string(),
+        })
+        .collect();
+    rules.insert(1, planted);
+    let r = kiln_cpu::bisect::bisect(&case(rules)).unwrap_or_else(|e| panic!("{e}"));
+    let m = r.mismatch.as_ref().expect("the planted rule breaks the softmax");
+    assert_eq!(m.output, "logits", "{r:?}");
+    assert!(
+        r.fired.len() >= 3 && r.fired.contains(&"plant-exp-identity".to_string()),
+        "{r:?}"
+    );
+    assert_eq!(r.culprits, vec!["plant-exp-identity".to_string()], "{r:?}");
+    eprintln!("{r:?}");
+    let d = r.divergence.as_ref().expect("a node diverges");
+    assert!(
+        d.node.starts_with("h.0/") && d.node.ends_with("/exp"),
+        "first divergence at {d:?}"
+    );
+}

@@ -37,5 +37,6 @@ pub fn run(g: &mut Graph, _: &crate::PipelineOptions) -> PassStats {
         removed: 0,
         merged,
         notes: Vec::new(),
+        fired: Vec::new(),
     }
 }

@@ -30,5 +30,6 @@ pub fn run(g: &mut Graph, _: &crate::PipelineOptions) -> PassStats {
         removed: dead.len(),
         merged: 0,
         notes: Vec::new(),
+        fired: Vec::new(),
     }
 }

@@ -35,6 +35,8 @@ pub struct PassStats {
     pub merged: usize,
     /// What else the pass reports (rules fired, saturation stop reason).
     pub notes: Vec<String>,
+    /// The rewrite rules that fired, by name (what `kiln bisect` searches).
+    pub fired: Vec<String>,
 }
 
 /// One line of a pipeline report.
@@ -81,6 +83,14 @@ pub enum PassError {
         /// Every rule's name.
         known: String,
     },
+    /// An added rule's patterns do not parse.
+    #[error("rule `{name}`: {msg}")]
+    BadRule {
+        /// The rule.
+        name: String,
+        /// What is wrong with it.
+        msg: String,
+    },
 }
 
 /// How to run a pipeline.
@@ -94,6 +104,8 @@ pub struct PipelineOptions {
     pub dump_dir: Option<std::path::PathBuf>,
     /// The target whose cost model drives extraction (`cpu` when unset).
     pub target: Option<&'static str>,
+    /// Rules added to the rule set (tests plant deliberately wrong ones for `kiln bisect`).
+    pub extra_rules: Vec<rules::PatternRule>,
 }
 
 impl PipelineOptions {
@@ -151,7 +163,17 @@ pub fn optimize(graph: &mut Graph, level: OptLevel, verify_each: bool) -> Result
 
 /// Runs the pipeline for `level` with options (rule switches, IR dumps).
 pub fn optimize_with(graph: &mut Graph, level: OptLevel, opts: &PipelineOptions) -> Result<Vec<PassReport>, PassError> {
-    let known: Vec<String> = rules::all().iter().map(|r| r.name.to_string()).collect();
+    let known: Vec<String> = rules::all()
+        .iter()
+        .map(|r| r.name.to_string())
+        .chain(opts.extra_rules.iter().map(|r| r.name.clone()))
+        .collect();
+    for r in &opts.extra_rules {
+        r.rule().map_err(|msg| PassError::BadRule {
+            name: r.name.clone(),
+            msg,
+        })?;
+    }
     for name in &opts.disabled_rules {
         if !known.contains(name) {
             return Err(PassError::UnknownRule {

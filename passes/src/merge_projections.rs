@@ -127,5 +127,6 @@ pub fn run(g: &mut Graph, _: &crate::PipelineOptions) -> PassStats {
         removed: 0,
         merged,
         notes,
+        fired: Vec::new(),
     }
 }

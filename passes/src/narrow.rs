@@ -176,5 +176,6 @@ pub fn run(g: &mut Graph, _: &crate::PipelineOptions) -> PassStats {
         } else {
             vec![]
         },
+        fired: Vec::new(),
     }
 }

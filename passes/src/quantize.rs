@@ -517,7 +517,9 @@ fn quantize_int4(w: &[f32], n: usize, k: usize, group: usize) -> Quantized {
     use rayon::prelude::*;
     let groups = k / group;
     // Rows in parallel: each is independent, and the clipping search is most of a compile.
-    let rows: Vec<(Vec<u8>, Vec<f32>, Vec<f32>, Vec<f32>)> = w
+    // Per row: codes, scales, minimums, dequantized values.
+    type Row = (Vec<u8>, Vec<f32>, Vec<f32>, Vec<f32>);
+    let rows: Vec<Row> = w
         .par_chunks(k.max(1))
         .take(n)
         .map(|row| {

@@ -105,6 +105,27 @@ fn tracked(r: Rule) -> Rule {
     Rewrite::new(r.name, Search(r.searcher), Tracked(r.applier)).expect("same variables as the rule")
 }
 
+/// A rule given as pattern text alone, without conditions: how tests plant a deliberately wrong
+/// rule (`PipelineOptions::extra_rules`) for `kiln bisect` to find.
+#[derive(Clone, Debug)]
+pub struct PatternRule {
+    /// Its name.
+    pub name: String,
+    /// What it matches, e.g. `(exp ?a)`.
+    pub lhs: String,
+    /// What it adds to the match's e-class, e.g. `?a`.
+    pub rhs: String,
+}
+
+impl PatternRule {
+    /// The rule, or why its patterns do not parse.
+    pub fn rule(&self) -> Result<Rule, String> {
+        let l: egg::Pattern<TensorLang> = self.lhs.parse().map_err(|e| format!("{}: {e}", self.lhs))?;
+        let r: egg::Pattern<TensorLang> = self.rhs.parse().map_err(|e| format!("{}: {e}", self.rhs))?;
+        Ok(tracked(Rewrite::new(self.name.as_str(), l, r)?))
+    }
+}
+
 /// Every rule of the `simplify` pass: [`algebraic`] and the layout rules.
 pub fn all() -> Vec<Rule> {
     let mut v = algebraic();

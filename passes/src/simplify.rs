@@ -70,6 +70,7 @@ pub fn run_rules(
         runner.egraph.total_number_of_nodes(),
         runner.iterations.len()
     )];
+    let fired_names: Vec<String> = fired.keys().cloned().collect();
     let fired_text: Vec<String> = fired.iter().map(|(r, n)| format!("{r} x{n}")).collect();
     if !fired_text.is_empty() {
         notes.push(format!("rules fired: {}", fired_text.join(", ")));
@@ -95,6 +96,7 @@ pub fn run_rules(
         removed,
         merged: 0,
         notes,
+        fired: fired_names,
     }
 }
 
@@ -103,6 +105,7 @@ pub fn run_rules(
 pub fn run(graph: &mut Graph, opts: &crate::PipelineOptions) -> PassStats {
     let rules: Vec<_> = crate::rules::all()
         .into_iter()
+        .chain(opts.extra_rules.iter().filter_map(|r| r.rule().ok()))
         .filter(|r| !opts.disabled_rules.iter().any(|d| r.name.as_str() == d))
         .collect();
     run_rules(graph, &rules, Limits::default(), opts.cost_model())

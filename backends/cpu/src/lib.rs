@@ -4,6 +4,7 @@
 //! ([`codegen`]) and returns the pieces of an artifact; [`compile_to_file`] writes it. The runtime
 //! (`kiln-runtime`) loads and runs the result without this crate.
 
+pub mod bisect;
 pub mod codegen;
 pub mod logits;
 pub mod pack;
