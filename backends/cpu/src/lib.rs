@@ -1,6 +1,7 @@
 //! kiln's CPU backend.
 //!
-//! [`compile`] plans a verified graph ([`plan`]), generates every fused kernel with Cranelift
+//! [`compile`] plans a verified graph ([`plan`], the shared planner of `kiln-plan`), packs weights
+//! for the level's microkernel ([`pack`]), generates every fused kernel with Cranelift
 //! ([`codegen`]) and returns the pieces of an artifact; [`compile_to_file`] writes it. The runtime
 //! (`kiln-runtime`) loads and runs the result without this crate.
 
@@ -8,78 +9,15 @@ pub mod bisect;
 pub mod codegen;
 pub mod logits;
 pub mod pack;
-pub mod plan;
 pub mod quant;
 
 use std::collections::BTreeMap;
 use std::path::Path;
 
 use kiln_ir::{Graph, Tensor};
-use kiln_runtime::cpu::Level;
-use kiln_runtime::plan::{Manifest, Target};
+use kiln_runtime::plan::Target;
 
-/// Why a graph could not be compiled.
-#[derive(Debug, thiserror::Error)]
-pub enum CompileError {
-    /// A parameter has no weight.
-    #[error("no weight for parameter `{0}`")]
-    MissingWeight(String),
-    /// A weight does not fit its parameter.
-    #[error("weight `{name}` is {got}, the graph expects {expected}")]
-    BadWeight {
-        /// Weight name.
-        name: String,
-        /// Declared type.
-        expected: String,
-        /// What was supplied.
-        got: String,
-    },
-    /// Cranelift could not be set up or failed on a kernel.
-    #[error("code generation failed: {0}")]
-    Codegen(String),
-    /// A bug in kiln.
-    #[error("internal compiler error: {0}")]
-    Internal(String),
-    /// The artifact could not be written.
-    #[error("{0}")]
-    Write(#[from] kiln_runtime::LoadError),
-}
-
-/// How to compile.
-#[derive(Clone, Debug)]
-pub struct Options {
-    /// Fuse elementwise chains, reductions, softmax and matmul epilogues into kernels. Without
-    /// it every primitive op is its own step (the -O0 baseline).
-    pub fuse: bool,
-    /// The optimization level, recorded in the manifest.
-    pub opt_level: String,
-    /// A `tokenizer.json` to carry in the artifact.
-    pub tokenizer: Option<String>,
-    /// The CPU level to compile for (`--cpu`; default: the best this machine runs).
-    pub cpu: Level,
-}
-
-impl Options {
-    /// The options for `-O<level>`.
-    pub fn for_level(level: u8) -> Options {
-        Options {
-            fuse: level > 0,
-            opt_level: format!("O{level}"),
-            tokenizer: None,
-            cpu: Level::host(),
-        }
-    }
-}
-
-/// An artifact's pieces.
-pub struct Compiled {
-    /// The manifest.
-    pub manifest: Manifest,
-    /// The weight section.
-    pub weights: Vec<u8>,
-    /// The code section.
-    pub code: Vec<u8>,
-}
+pub use kiln_plan::{plan, CompileError, Compiled, Options};
 
 /// Compiles `graph` for the CPU level `opts.cpu`.
 pub fn compile(

@@ -16,8 +16,8 @@ pub use flash_tc::{flash_tc, FT_DIMS, FT_ROWS, FT_THREADS};
 mod wgmma;
 pub use wgmma::{gemm_wgmma, wgmma_module, WG_BM, WG_BN, WG_SMEM};
 
-use kiln_cpu::plan::{Expr, KernelSpec};
 use kiln_ir::{BinaryOp, CmpOp, DType, ReduceOp, UnaryOp};
+use kiln_plan::plan::{Expr, KernelSpec};
 use kiln_runtime::plan::KernelKind;
 
 /// Threads per block of the fused (map, reduce, softmax) kernels.

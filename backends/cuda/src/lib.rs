@@ -1,6 +1,6 @@
 //! kiln's CUDA backend.
 //!
-//! The CUDA target reuses the CPU planner (`kiln_cpu::plan`): the same fusion groups, GEMM
+//! The CUDA target uses the shared planner (`kiln_plan::plan`): the same fusion groups, GEMM
 //! epilogues, attention steps and memory plan, so both targets run the same manifest steps and a
 //! fusion decision is made once. What differs is the code: every fusion group becomes a `gpu.func`
 //! (`emit::fused`), and a fixed set of kernels (`emit::fixed_kernels`: tiled GEMM for f32, int8
@@ -14,8 +14,8 @@ pub mod ptx;
 
 use std::collections::BTreeMap;
 
-use kiln_cpu::{CompileError, Compiled, Options};
 use kiln_ir::{Graph, Tensor};
+use kiln_plan::{CompileError, Compiled, Options};
 use kiln_runtime::plan::{Target, GPU_ARCH};
 
 /// The GPU architectures a CUDA artifact carries PTX for.
@@ -35,13 +35,13 @@ pub fn plan_mlir(
     weights: &BTreeMap<String, Tensor>,
     dims: &[(String, u64)],
     opts: &Options,
-) -> Result<(kiln_cpu::plan::Planned, String), CompileError> {
+) -> Result<(kiln_plan::plan::Planned, String), CompileError> {
     let target = Target {
         arch: GPU_ARCH.to_string(),
         features: CHIPS.iter().map(|c| c.to_string()).collect(),
         level: String::new(),
     };
-    let planned = kiln_cpu::plan::plan(graph, weights, dims, target, opts)?;
+    let planned = kiln_plan::plan::plan(graph, weights, dims, target, opts)?;
     let mlir = emit::module(&planned.kernels, &planned.manifest.flash_kernels()).map_err(CompileError::Codegen)?;
     Ok((planned, mlir))
 }

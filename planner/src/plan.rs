@@ -895,7 +895,7 @@ pub fn plan(
 
 /// The index of a kernel computing `spec`: an identical earlier one (every layer of a model needs
 /// the same kernels) or a new one.
-pub(crate) fn intern_kernel(
+pub fn intern_kernel(
     kernels: &mut Vec<KernelSpec>,
     decls: &mut Vec<kiln_runtime::plan::KernelDecl>,
     spec: KernelSpec,
