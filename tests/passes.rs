@@ -5,16 +5,18 @@ mod common;
 use common::*;
 use kiln_passes::{optimize, OptLevel};
 
+/// The config of `tests/data/gpt2_tiny`.
+const GPT2_TINY: [(&str, &str); 5] = [
+    ("layers", "2"),
+    ("hidden", "64"),
+    ("heads", "4"),
+    ("vocab", "256"),
+    ("max_pos", "64"),
+];
+
 #[test]
 fn pipelines_preserve_gpt2_tiny_outputs() {
-    let overrides = [
-        ("layers", "2"),
-        ("hidden", "64"),
-        ("heads", "4"),
-        ("vocab", "256"),
-        ("max_pos", "64"),
-    ];
-    let l = spec("gpt2.ron", &overrides);
+    let l = spec("gpt2.ron", &GPT2_TINY);
     let w = kiln_frontend::weights::load_safetensors(&l, &data("gpt2_tiny/model.safetensors"))
         .unwrap_or_else(|e| panic!("{e}"));
     let ids = npy("gpt2_tiny/input_ids.npy");
@@ -107,14 +109,7 @@ fn ir_snapshots_after_each_pipeline() {
 /// departs from the lowered one, and finds nothing wrong without it.
 #[test]
 fn bisect_names_a_planted_wrong_rule() {
-    let overrides = [
-        ("layers", "2"),
-        ("hidden", "64"),
-        ("heads", "4"),
-        ("vocab", "256"),
-        ("max_pos", "64"),
-    ];
-    let l = spec("gpt2.ron", &overrides);
+    let l = spec("gpt2.ron", &GPT2_TINY);
     let w = kiln_frontend::weights::load_safetensors(&l, &data("gpt2_tiny/model.safetensors"))
         .unwrap_or_else(|e| panic!("{e}"));
     let inputs = std::collections::BTreeMap::from([("input_ids".to_string(), npy("gpt2_tiny/input_ids.npy"))]);

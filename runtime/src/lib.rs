@@ -26,7 +26,7 @@ pub mod npy;
 pub mod plan;
 mod q8;
 pub mod session;
-mod softmax;
+pub mod softmax;
 mod validate;
 
 pub use exec::{Model, Profile, RunStats};

@@ -4,19 +4,23 @@
 //! Cranelift's x64 backend emits 128-bit vectors only, so the generated softmax kernels run at
 //! half (AVX2) or a quarter (AVX-512) of what the CPU offers; these run at the level's width. `exp`
 //! is the generated kernels' algorithm (round `x·log2 e` with the 1.5·2²³ trick, Taylor series to
-//! degree 7 on |r| ≤ ln 2 / 2, zero below −87), so every level computes the same function. One
+//! degree 7 on |r| ≤ ln 2 / 2, zero below −87), so every level computes the same function; the
+//! code generator builds its exp from the constants here. One
 //! macro writes the AVX2 and AVX-512 versions, so the AVX-512 one — which an AVX2-only machine
 //! cannot run — has exactly the structure of the one the tests run.
 
 use crate::cpu::Level;
 
-const LOG2_E: f32 = std::f32::consts::LOG2_E;
+/// log2(e).
+pub const LOG2_E: f32 = std::f32::consts::LOG2_E;
 /// 1.5 · 2²³: adding it rounds an f32 of magnitude < 2²² to an integer.
-const MAGIC: f32 = 12_582_912.0;
-const LN2_HI: f32 = -0.693_145_75;
-const LN2_LO: f32 = -1.428_606_8e-6;
+pub const MAGIC: f32 = 12_582_912.0;
+/// -ln 2 in two parts (Cody-Waite): the high part, exact in a product with small integers.
+pub const LN2_HI: f32 = -0.693_145_75;
+/// -ln 2, the low part.
+pub const LN2_LO: f32 = -1.428_606_8e-6;
 /// e^r's Taylor coefficients, highest degree first.
-const TAYLOR: [f32; 8] = [
+pub const TAYLOR: [f32; 8] = [
     1.0 / 5040.0,
     1.0 / 720.0,
     1.0 / 120.0,
@@ -27,10 +31,11 @@ const TAYLOR: [f32; 8] = [
     1.0,
 ];
 /// Below this, e^x is flushed to zero.
-const UNDER: f32 = -87.0;
-const OVER: f32 = 88.0;
+pub const UNDER: f32 = -87.0;
+/// Above this, the argument is clamped (e^88 is near the largest f32).
+pub const OVER: f32 = 88.0;
 /// `MAGIC`'s bits less the exponent bias: subtracted from a rounded value's bits, leaves `n + 127`.
-const EXP_BIAS_BITS: i32 = 0x4B40_0000 - 127;
+pub const EXP_BIAS_BITS: i32 = 0x4B40_0000 - 127;
 
 /// e^x, as the vector versions compute it lane by lane.
 #[inline(always)]

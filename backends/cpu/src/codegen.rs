@@ -525,37 +525,28 @@ impl Gen<'_, '_> {
     }
 
     fn exp(&mut self, vector: bool, x: Value) -> Value {
-        let lo = self.konst(vector, -87.0);
-        let hi = self.konst(vector, 88.0);
+        use kiln_runtime::softmax::{LN2_HI, LN2_LO, LOG2_E, MAGIC, OVER, TAYLOR, UNDER};
+        let lo = self.konst(vector, UNDER);
+        let hi = self.konst(vector, OVER);
         let under = self.b.ins().fcmp(FloatCC::LessThan, x, lo);
         let x = self.pick(FloatCC::GreaterThan, x, lo);
         let x = self.pick(FloatCC::LessThan, x, hi);
-        let log2e = self.konst(vector, std::f32::consts::LOG2_E);
-        let magic = self.konst(vector, 12582912.0); // 1.5 * 2^23: adding it rounds to an integer
+        let log2e = self.konst(vector, LOG2_E);
+        let magic = self.konst(vector, MAGIC); // 1.5 * 2^23: adding it rounds to an integer
         let t = self.mul_add(x, log2e, magic);
         let nf = self.b.ins().fsub(t, magic);
-        let ln2_hi = self.konst(vector, -0.693_145_75);
-        let ln2_lo = self.konst(vector, -1.428_606_8e-6);
+        let ln2_hi = self.konst(vector, LN2_HI);
+        let ln2_lo = self.konst(vector, LN2_LO);
         let r = self.mul_add(nf, ln2_hi, x);
         let r = self.mul_add(nf, ln2_lo, r);
         // e^r on |r| <= ln2/2, Taylor to degree 7.
-        let coeffs = [
-            1.0 / 5040.0,
-            1.0 / 720.0,
-            1.0 / 120.0,
-            1.0 / 24.0,
-            1.0 / 6.0,
-            0.5,
-            1.0,
-            1.0,
-        ];
-        let mut p = self.konst(vector, coeffs[0]);
-        for c in &coeffs[1..] {
+        let mut p = self.konst(vector, TAYLOR[0]);
+        for c in &TAYLOR[1..] {
             let cv = self.konst(vector, *c);
             p = self.mul_add(p, r, cv);
         }
         let ti = self.bitcast_int(vector, t);
-        let mi = self.iconst32(vector, 0x4B40_0000 - 127);
+        let mi = self.iconst32(vector, kiln_runtime::softmax::EXP_BIAS_BITS);
         let e = self.b.ins().isub(ti, mi);
         let e = self.b.ins().ishl_imm_u(e, 23);
         let scale = self.bitcast_float(vector, e);
