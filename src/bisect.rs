@@ -12,7 +12,7 @@ use crate::{load_spec, load_weights, split_pair, SpecOpts, WeightOpts};
 pub struct Args<'a> {
     pub inputs: &'a [String],
     pub opt: u8,
-    pub cpu: kiln_runtime::cpu::Level,
+    pub cpu: kiln_runtime::cpu::CpuArg,
     pub tol: f64,
     pub disabled: &'a [String],
 }
@@ -45,7 +45,8 @@ pub fn run(spec: &Path, o: &SpecOpts, w: &WeightOpts, a: &Args) -> Result<()> {
             ..PipelineOptions::default()
         },
         options: kiln_cpu::Options {
-            cpu: a.cpu,
+            cpu: a.cpu.level,
+            vnni: a.cpu.vnni,
             ..kiln_cpu::Options::for_level(a.opt)
         },
         tol: a.tol,

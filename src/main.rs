@@ -76,8 +76,8 @@ enum Cmd {
         #[arg(short = 'O', value_name = "LEVEL", default_value = "2", value_parser = clap::value_parser!(u8).range(0..=2))]
         opt: u8,
         /// CPU level to compile for, as for `kiln compile`.
-        #[arg(long, value_name = "LEVEL", default_value = "native", value_parser = kiln_runtime::cpu::Level::parse)]
-        cpu: kiln_runtime::cpu::Level,
+        #[arg(long, value_name = "LEVEL", default_value = "native", value_parser = kiln_runtime::cpu::CpuArg::parse)]
+        cpu: kiln_runtime::cpu::CpuArg,
         /// An element may differ from the interpreter's by TOL · (1 + |interpreter's|).
         #[arg(long, value_name = "TOL", default_value_t = 1e-3)]
         tol: f64,
@@ -97,10 +97,11 @@ enum Cmd {
         #[arg(long, value_enum, default_value_t = TargetArg::Cpu)]
         target: TargetArg,
         /// CPU level to compile for: native (the best this machine runs), x86-64-v2, x86-64-v3
-        /// (AVX2, FMA), x86-64-v4 (AVX-512) or portable. The artifact runs on any CPU with the
-        /// level's features.
-        #[arg(long, value_name = "LEVEL", default_value = "native", value_parser = kiln_runtime::cpu::Level::parse)]
-        cpu: kiln_runtime::cpu::Level,
+        /// (AVX2, FMA), x86-64-v4 (AVX-512) or portable; `+vnni` after v3 or v4 lets quantized
+        /// products use AVX-VNNI or AVX-512 VNNI (native does when this CPU has it). The artifact
+        /// runs on any CPU with the level's features (and VNNI, if it uses it).
+        #[arg(long, value_name = "LEVEL", default_value = "native", value_parser = kiln_runtime::cpu::CpuArg::parse)]
+        cpu: kiln_runtime::cpu::CpuArg,
         /// With --target cuda: also write the kernels' MLIR (before lowering to PTX) to this file.
         #[arg(long, value_name = "FILE")]
         dump_mlir: Option<PathBuf>,
@@ -428,7 +429,7 @@ fn compile(
     spec: &Path,
     o: &SpecOpts,
     w: &WeightOpts,
-    (target, cpu): (TargetArg, kiln_runtime::cpu::Level),
+    (target, cpu): (TargetArg, kiln_runtime::cpu::CpuArg),
     dump_mlir: Option<&Path>,
     opt: u8,
     out: &Path,
@@ -475,7 +476,8 @@ fn compile(
     let t_opt = start.elapsed() - t_front;
     let copts = kiln_cpu::Options {
         tokenizer,
-        cpu,
+        cpu: cpu.level,
+        vnni: cpu.vnni,
         ..kiln_cpu::Options::for_level(opt)
     };
     let compiled = match target {

@@ -6,7 +6,7 @@
 
 pub mod plan;
 
-use kiln_runtime::cpu::Level;
+use kiln_runtime::cpu::{Level, Vnni};
 use kiln_runtime::plan::Manifest;
 
 /// Why a graph could not be compiled.
@@ -48,6 +48,8 @@ pub struct Options {
     pub tokenizer: Option<String>,
     /// The CPU level to compile for (`--cpu`; default: the best this machine runs).
     pub cpu: Level,
+    /// The integer dot-product extension quantized products may use (recorded as a feature).
+    pub vnni: Vnni,
 }
 
 impl Options {
@@ -58,6 +60,7 @@ impl Options {
             opt_level: format!("O{level}"),
             tokenizer: None,
             cpu: Level::host(),
+            vnni: Vnni::host(Level::host()),
         }
     }
 }

@@ -126,6 +126,107 @@ impl fmt::Display for Level {
     }
 }
 
+/// The integer dot-product extension quantized products may use beyond the level (`vpdpbusd`):
+/// recorded in the artifact as one more feature, so loading checks it like the level's own.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Vnni {
+    /// None: quantized prefills dequantize for the f32 kernels.
+    None,
+    /// AVX-VNNI (256-bit, VEX), with x86-64-v3.
+    Avx,
+    /// AVX-512 VNNI (512-bit), with x86-64-v4.
+    Avx512,
+}
+
+impl Vnni {
+    /// The feature name it adds to an artifact.
+    pub fn feature(self) -> Option<&'static str> {
+        match self {
+            Vnni::None => None,
+            Vnni::Avx => Some("avxvnni"),
+            Vnni::Avx512 => Some("avx512vnni"),
+        }
+    }
+
+    /// The widest extension code of `level` may use whose features satisfy `has`.
+    fn best(level: Level, has: impl Fn(&str) -> bool) -> Vnni {
+        if level.avx512() && has("avx512vnni") {
+            Vnni::Avx512
+        } else if level.avx2() && has("avxvnni") {
+            Vnni::Avx
+        } else {
+            Vnni::None
+        }
+    }
+
+    /// The best this machine offers code of `level`.
+    pub fn host(level: Level) -> Vnni {
+        Vnni::best(level, |f| has(f) == Some(true))
+    }
+
+    /// What an artifact of `level` that records `features` uses.
+    pub fn from_features(level: Level, features: &[String]) -> Vnni {
+        Vnni::best(level, |f| {
+            features.iter().any(|g| g == f || (f == "avxvnni" && g == "avx_vnni"))
+        })
+    }
+}
+
+/// A `--cpu` value: a level, and whether VNNI is used with it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CpuArg {
+    /// The level.
+    pub level: Level,
+    /// The extension quantized products use.
+    pub vnni: Vnni,
+}
+
+impl CpuArg {
+    /// `native` (this machine's level and VNNI, if it has it), a level's name, or a level's name
+    /// with `+vnni` (AVX-512 VNNI with x86-64-v4, AVX-VNNI with x86-64-v3).
+    pub fn parse(s: &str) -> Result<CpuArg, String> {
+        let (name, vnni) = match s.strip_suffix("+vnni") {
+            Some(n) => (n, true),
+            None => (s, false),
+        };
+        let level = Level::parse(name)?;
+        let vnni = match (name, vnni) {
+            ("native", _) => Vnni::host(level),
+            (_, false) => Vnni::None,
+            (_, true) => match Vnni::best(level, |_| true) {
+                Vnni::None => return Err(format!("`+vnni` needs x86-64-v3 or x86-64-v4, not {level}")),
+                v => v,
+            },
+        };
+        Ok(CpuArg { level, vnni })
+    }
+
+    /// This machine's best.
+    pub fn host() -> CpuArg {
+        let level = Level::host();
+        CpuArg {
+            level,
+            vnni: Vnni::host(level),
+        }
+    }
+
+    /// The features an artifact for it records: the level's, and the extension's.
+    pub fn features(self) -> Vec<&'static str> {
+        let mut f = self.level.features();
+        f.extend(self.vnni.feature());
+        f
+    }
+}
+
+impl fmt::Display for CpuArg {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.vnni.feature() {
+            Some(v) => write!(f, "{}+{v}", self.level),
+            None => write!(f, "{}", self.level),
+        }
+    }
+}
+
 /// Whether this CPU has `feature` (names as Rust's `is_x86_feature_detected!` spells them);
 /// `None` for a name this runtime does not know.
 pub fn has(feature: &str) -> Option<bool> {
@@ -215,5 +316,24 @@ mod tests {
         }
         assert_eq!(has("some-future-extension"), None);
         assert!(missing(&["some-future-extension".to_string()]).is_empty());
+    }
+
+    #[test]
+    fn vnni_follows_the_level_and_is_recorded() {
+        let v4 = CpuArg::parse("x86-64-v4+vnni").unwrap();
+        assert_eq!((v4.level, v4.vnni), (Level::V4, Vnni::Avx512));
+        assert!(v4.features().contains(&"avx512vnni"));
+        assert_eq!(CpuArg::parse("x86-64-v3+vnni").unwrap().vnni, Vnni::Avx);
+        assert_eq!(CpuArg::parse("x86-64-v4").unwrap().vnni, Vnni::None);
+        assert!(CpuArg::parse("portable+vnni").unwrap_err().contains("x86-64-v3"));
+        let f = |l: &[&str]| l.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        assert_eq!(Vnni::from_features(Level::V4, &f(&["avx512vnni"])), Vnni::Avx512);
+        assert_eq!(Vnni::from_features(Level::V3, &f(&["avx512vnni"])), Vnni::None);
+        assert_eq!(Vnni::from_features(Level::V3, &f(&["avx_vnni"])), Vnni::Avx);
+        let host = CpuArg::host();
+        assert_eq!(CpuArg::parse("native"), Ok(host));
+        for f in host.features() {
+            assert_eq!(has(f), Some(true), "{f}");
+        }
     }
 }

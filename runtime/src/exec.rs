@@ -6,7 +6,7 @@ use std::time::Instant;
 
 use kiln_ir::{DType, Tensor};
 
-use crate::cpu::Level;
+use crate::cpu::{CpuArg, Level, Vnni};
 use crate::kernels::{self, Buf, KernelFn};
 use crate::plan::{Manifest, Step, Storage};
 use crate::{artifact, attention};
@@ -59,6 +59,8 @@ pub struct Model {
     int8_activations: bool,
     /// The CPU level kernels dispatch on: the artifact's.
     level: Level,
+    /// The integer dot products quantized prefills may use: the artifact's.
+    vnni: Vnni,
     /// Seconds spent in `load` after the file was mapped.
     pub load_seconds: f64,
 }
@@ -120,6 +122,7 @@ impl Model {
             });
         }
         let level = check_cpu(&m.target)?;
+        let vnni = Vnni::from_features(level, &m.target.features);
         crate::validate::manifest(&m, s.weights.len(), s.code.len())?;
         check_packed_weights(&m, &bytes.as_slice()[s.weights.clone()])?;
         let code_bytes = &bytes.as_slice()[s.code.clone()];
@@ -152,6 +155,7 @@ impl Model {
             threads,
             int8_activations: true,
             level,
+            vnni,
             load_seconds: start.elapsed().as_secs_f64(),
         })
     }
@@ -503,7 +507,10 @@ impl Model {
                     opt(acc),
                     self.int8_activations,
                     self.threads,
-                    self.level,
+                    CpuArg {
+                        level: self.level,
+                        vnni: self.vnni,
+                    },
                 )
             }
             Step::SpMatMul24 {

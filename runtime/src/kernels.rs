@@ -6,7 +6,7 @@
 use kiln_ir::{DType, Dim, Op, Tensor, TensorType};
 use rayon::prelude::*;
 
-use crate::cpu::Level;
+use crate::cpu::{CpuArg, Level};
 use crate::plan::{KernelDecl, KernelKind};
 
 /// The ABI of generated kernels: `rows` rows of `n` elements; `offs` holds, per row, the element
@@ -1084,8 +1084,9 @@ pub fn qmatmul(
     acc: Option<(Buf, &[usize])>,
     int8_activations: bool,
     threads: usize,
-    level: Level,
+    cpu: CpuArg,
 ) -> Result<(), String> {
+    let level = cpu.level;
     let (sa, so) = (a.1, out.1);
     let (Some(&k), Some(&n)) = (sa.last(), so.last()) else {
         return Err("quantized matmul operands need rank >= 1".into());
@@ -1218,6 +1219,35 @@ pub fn qmatmul(
         };
         for_blocks(blocks, threads, work);
         return Ok(());
+    }
+    if int8_activations && crate::igemm::usable(w.bits, g, cpu.vnni) {
+        if let Some(q) = crate::igemm::QRows::new(av, rows, k, g, w.bits) {
+            let kern = crate::igemm::IKernel::for_vnni(cpu.vnni).expect("a kernel per extension");
+            let (mut s, mut m) = (
+                vec![0f32; n * groups],
+                vec![0f32; if mf.is_some() { n * groups } else { 0 }],
+            );
+            sf.read(0, &mut s);
+            if let Some(mf) = &mf {
+                mf.read(0, &mut m);
+            }
+            let code = |j: usize, c: usize| {
+                if w.bits == 8 {
+                    codes[j * k + c] ^ 0x80
+                } else {
+                    let byte = codes[j * k / 2 + c / 32 * 16 + c % 16];
+                    if c % 32 < 16 {
+                        byte & 15
+                    } else {
+                        byte >> 4
+                    }
+                }
+            };
+            let p = crate::igemm::Packed::new((w.bits, n, k, g), kern.nr, code, &s, &m);
+            // SAFETY: the extension is the artifact's (checked at load); `out` is [rows, n].
+            unsafe { crate::igemm::matmul(kern, &q, &p, op as *mut f32, scale, read_dst, threads) };
+            return Ok(());
+        }
     }
     // SAFETY: a is [rows, k] and out [rows, n], as checked above.
     unsafe {

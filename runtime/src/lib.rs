@@ -21,6 +21,7 @@ pub mod cpu;
 pub mod cuda;
 mod exec;
 pub mod gemm;
+mod igemm;
 mod kernels;
 pub mod npy;
 pub mod plan;

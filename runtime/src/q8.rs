@@ -643,7 +643,7 @@ mod tests {
                         None,
                         true,
                         threads,
-                        crate::cpu::Level::host(),
+                        crate::cpu::CpuArg::host(),
                     )
                     .unwrap();
                     for r in 0..rows {
@@ -696,7 +696,7 @@ mod tests {
                         None,
                         false,
                         threads,
-                        crate::cpu::Level::host(),
+                        crate::cpu::CpuArg::host(),
                     )
                     .unwrap();
                     for (i, (x, y)) in out.iter().zip(&want.data).enumerate() {

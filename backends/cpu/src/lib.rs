@@ -29,7 +29,13 @@ pub fn compile(
     let cg = codegen::Codegen::for_level(opts.cpu).map_err(CompileError::Codegen)?;
     let target = Target {
         arch: std::env::consts::ARCH.to_string(),
-        features: opts.cpu.features().iter().map(|f| f.to_string()).collect(),
+        features: opts
+            .cpu
+            .features()
+            .iter()
+            .chain(&opts.vnni.feature())
+            .map(|f| f.to_string())
+            .collect(),
         level: opts.cpu.name().to_string(),
     };
     let mut planned = plan::plan(graph, weights, dims, target, opts)?;
