@@ -61,6 +61,8 @@ pub struct Model {
     level: Level,
     /// The integer dot products quantized prefills may use: the artifact's.
     vnni: Vnni,
+    /// Quantized weights packed for the VNNI kernel, by value, on first use (prefills).
+    ipacked: Vec<std::sync::OnceLock<crate::igemm::Packed>>,
     /// Seconds spent in `load` after the file was mapped.
     pub load_seconds: f64,
 }
@@ -145,6 +147,7 @@ impl Model {
         };
         let threads = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
         let pool = kernels::pool(threads).map_err(LoadError::Corrupt)?;
+        let values = m.values.len();
         Ok(Model {
             bytes,
             manifest: m,
@@ -156,6 +159,7 @@ impl Model {
             int8_activations: true,
             level,
             vnni,
+            ipacked: (0..values).map(|_| std::sync::OnceLock::new()).collect(),
             load_seconds: start.elapsed().as_secs_f64(),
         })
     }
@@ -505,7 +509,7 @@ impl Model {
                     *scale,
                     opt(bias),
                     opt(acc),
-                    self.int8_activations,
+                    (self.int8_activations, &self.ipacked[*codes as usize]),
                     self.threads,
                     CpuArg {
                         level: self.level,

@@ -1082,7 +1082,7 @@ pub fn qmatmul(
     scale: f32,
     bias: Option<(Buf, &[usize])>,
     acc: Option<(Buf, &[usize])>,
-    int8_activations: bool,
+    (int8_activations, packed): (bool, &std::sync::OnceLock<crate::igemm::Packed>),
     threads: usize,
     cpu: CpuArg,
 ) -> Result<(), String> {
@@ -1223,29 +1223,9 @@ pub fn qmatmul(
     if int8_activations && crate::igemm::usable(w.bits, g, cpu.vnni) {
         if let Some(q) = crate::igemm::QRows::new(av, rows, k, g, w.bits) {
             let kern = crate::igemm::IKernel::for_vnni(cpu.vnni).expect("a kernel per extension");
-            let (mut s, mut m) = (
-                vec![0f32; n * groups],
-                vec![0f32; if mf.is_some() { n * groups } else { 0 }],
-            );
-            sf.read(0, &mut s);
-            if let Some(mf) = &mf {
-                mf.read(0, &mut m);
-            }
-            let code = |j: usize, c: usize| {
-                if w.bits == 8 {
-                    codes[j * k + c] ^ 0x80
-                } else {
-                    let byte = codes[j * k / 2 + c / 32 * 16 + c % 16];
-                    if c % 32 < 16 {
-                        byte & 15
-                    } else {
-                        byte >> 4
-                    }
-                }
-            };
-            let p = crate::igemm::Packed::new((w.bits, n, k, g), kern.nr, code, &s, &m);
+            let p = packed.get_or_init(|| pack_for_vnni(&w, codes, (&sf, mf.as_ref()), (n, k), kern.nr));
             // SAFETY: the extension is the artifact's (checked at load); `out` is [rows, n].
-            unsafe { crate::igemm::matmul(kern, &q, &p, op as *mut f32, scale, read_dst, threads) };
+            unsafe { crate::igemm::matmul(kern, &q, p, op as *mut f32, scale, read_dst, threads) };
             return Ok(());
         }
     }
@@ -1270,6 +1250,38 @@ pub fn qmatmul(
         )
     };
     Ok(())
+}
+
+/// A quantized weight `[n, k]` packed for the integer kernel with `nr` channels per panel.
+fn pack_for_vnni(
+    w: &QWeight,
+    codes: &[u8],
+    (sf, mf): (&Floats, Option<&Floats>),
+    (n, k): (usize, usize),
+    nr: usize,
+) -> crate::igemm::Packed {
+    let groups = k / w.group;
+    let mut s = vec![0f32; n * groups];
+    sf.read(0, &mut s);
+    let mut m = Vec::new();
+    if let Some(mf) = mf {
+        m.resize(n * groups, 0.0);
+        mf.read(0, &mut m);
+    }
+    let code = |j: usize, c: usize| {
+        if w.bits == 8 {
+            codes[j * k + c] ^ 0x80
+        } else {
+            // Column i of a 32-column block: byte i % 16, the low nibble for i < 16.
+            let byte = codes[j * k / 2 + c / 32 * 16 + c % 16];
+            if c % 32 < 16 {
+                byte & 15
+            } else {
+                byte >> 4
+            }
+        }
+    };
+    crate::igemm::Packed::new((w.bits, n, k, w.group), nr, code, &s, &m)
 }
 
 /// Writes a product's addends (`acc`, then `bias` per row) into `out` before the product

@@ -641,7 +641,7 @@ mod tests {
                         1.0,
                         None,
                         None,
-                        true,
+                        (true, &Default::default()),
                         threads,
                         crate::cpu::CpuArg::host(),
                     )
@@ -694,7 +694,7 @@ mod tests {
                         1.0,
                         None,
                         None,
-                        false,
+                        (false, &Default::default()),
                         threads,
                         crate::cpu::CpuArg::host(),
                     )
