@@ -74,7 +74,7 @@ pub const REGISTRY: &[MicroKernel] = &[
         level: Level::V4,
         mr: x86::avx512::MR,
         nr: x86::avx512::NR,
-        kc: 384,
+        kc: 256,
         mc: 96,
         run: x86::avx512::run,
     },
