@@ -134,6 +134,11 @@ enum Cmd {
         /// Keep weights whose name matches this glob in f32 (repeatable), e.g. 'lm_head*'.
         #[arg(long = "quant-exclude", value_name = "PATTERN")]
         quant_exclude: Vec<String>,
+        /// With --quantize: prefill products (more than 4 rows) quantize their activations to int8
+        /// per row and 128 columns and use VNNI integer products (needs --cpu native on a CPU with
+        /// VNNI, or --cpu x86-64-v4+vnni / x86-64-v3+vnni). Faster, less accurate: the report shows it.
+        #[arg(long)]
+        int8_prefill: bool,
         /// A Hugging Face tokenizer.json to carry in the artifact (for `kiln generate --prompt`).
         #[arg(long, value_name = "FILE")]
         tokenizer: Option<PathBuf>,
@@ -438,6 +443,16 @@ fn compile(
     tokenizer: Option<&Path>,
     q: &quant::QuantArgs,
 ) -> Result<()> {
+    if q.int8_prefill && q.scheme.is_none() {
+        bail!("--int8-prefill applies to quantized products: give --quantize");
+    }
+    if q.int8_prefill && cpu.vnni == kiln_runtime::cpu::Vnni::None {
+        bail!(
+            "--int8-prefill needs VNNI: --cpu {cpu} has none (this CPU: {}; use --cpu native on a CPU with \
+             avx512vnni or avxvnni, or --cpu x86-64-v4+vnni / x86-64-v3+vnni)",
+            kiln_runtime::cpu::CpuArg::host()
+        );
+    }
     let tokenizer = match tokenizer {
         Some(p) => {
             let text = std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?;
@@ -478,6 +493,7 @@ fn compile(
         tokenizer,
         cpu: cpu.level,
         vnni: cpu.vnni,
+        int8_prefill: q.int8_prefill,
         ..kiln_cpu::Options::for_level(opt)
     };
     let compiled = match target {
@@ -969,6 +985,7 @@ fn main() -> ExitCode {
             quantize,
             calib,
             quant_exclude,
+            int8_prefill,
             sparsity,
         } => {
             let popts = kiln_passes::PipelineOptions {
@@ -986,6 +1003,7 @@ fn main() -> ExitCode {
                 sparsity: *sparsity,
                 calib: calib.clone(),
                 exclude: quant_exclude.clone(),
+                int8_prefill: *int8_prefill,
             };
             compile(
                 spec,

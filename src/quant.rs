@@ -13,6 +13,8 @@ pub struct QuantArgs {
     pub sparsity: Option<kiln_passes::sparsity::Pattern>,
     pub calib: Option<PathBuf>,
     pub exclude: Vec<String>,
+    /// Prefill products quantize their activations too (`--int8-prefill`).
+    pub int8_prefill: bool,
 }
 
 /// Token-id rows from a text file (one sample per line) or an integer .npy.
@@ -123,7 +125,14 @@ pub fn run(
         }
     }
     let Some(scheme) = q.scheme else {
-        return report_accuracy(lines, (&reference.0, &reference.1), graph, weights, dims, heldout);
+        return report_accuracy(
+            lines,
+            (&reference.0, &reference.1),
+            graph,
+            weights,
+            dims,
+            (heldout, q.int8_prefill),
+        );
     };
     let r = kiln_cpu::quant::quantize(graph, weights, dims, scheme, &q.exclude, calib)
         .map_err(|e| anyhow!("--quantize {scheme}: {e}"))?;
@@ -148,7 +157,14 @@ pub fn run(
     for (name, why) in &r.skipped {
         lines.push(format!("quant      kept f32: {name} ({why})"));
     }
-    report_accuracy(lines, (&reference.0, &reference.1), graph, weights, dims, heldout)
+    report_accuracy(
+        lines,
+        (&reference.0, &reference.1),
+        graph,
+        weights,
+        dims,
+        (heldout, q.int8_prefill),
+    )
 }
 
 fn report_accuracy(
@@ -157,13 +173,13 @@ fn report_accuracy(
     graph: &Graph,
     weights: &BTreeMap<String, Tensor>,
     dims: &[(String, u64)],
-    heldout: &[Vec<i64>],
+    (heldout, int8_prefill): (&[Vec<i64>], bool),
 ) -> Result<Vec<String>> {
     if heldout.is_empty() {
         lines.push("accuracy not measured: give --calib samples for a report against f32".into());
         return Ok(lines);
     }
-    let acc = kiln_cpu::quant::evaluate(reference, (graph, weights), dims, heldout)
+    let acc = kiln_cpu::quant::evaluate(reference, (graph, weights), dims, heldout, int8_prefill)
         .map_err(|e| anyhow!("accuracy report: {e}"))?;
     lines.push(format!("accuracy against f32 on {} held-out samples:", heldout.len()));
     for o in &acc.outputs {

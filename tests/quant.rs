@@ -173,7 +173,7 @@ fn minilm_quantization_accuracy() {
         );
         let want = if scheme == "int8" { 0.25..0.254 } else { 0.13..0.135 };
         assert!(want.contains(&ratio), "{scheme}: size ratio {ratio}");
-        let acc = kiln_cpu::quant::evaluate((&g0.graph, &w0), (&l.graph, &w), &l.dims, &held).unwrap();
+        let acc = kiln_cpu::quant::evaluate((&g0.graph, &w0), (&l.graph, &w), &l.dims, &held, false).unwrap();
         let e = acc.outputs.iter().find(|o| o.name == "sentence_embedding").unwrap();
         eprintln!(
             "{scheme}: sentence embedding cosine mean {:.5} min {:.5}",
@@ -323,7 +323,7 @@ fn decoder_report_has_kl_and_perplexity() {
     let (g0, w0) = (l.graph.clone(), w.clone());
     let mut w = w;
     kiln_cpu::quant::quantize(&mut l.graph, &mut w, &l.dims, Scheme::Int8, &[], &[]).unwrap();
-    let acc = kiln_cpu::quant::evaluate((&g0, &w0), (&l.graph, &w), &l.dims, &samples).unwrap();
+    let acc = kiln_cpu::quant::evaluate((&g0, &w0), (&l.graph, &w), &l.dims, &samples, false).unwrap();
     let lm = acc.lm.expect("a language model report");
     eprintln!(
         "int8 tiny GPT-2: KL {:.2e}, perplexity {:.3} vs {:.3}",

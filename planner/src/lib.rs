@@ -50,6 +50,8 @@ pub struct Options {
     pub cpu: Level,
     /// The integer dot-product extension quantized products may use (recorded as a feature).
     pub vnni: Vnni,
+    /// Let prefill products with quantized weights quantize their activations (with VNNI).
+    pub int8_prefill: bool,
 }
 
 impl Options {
@@ -61,6 +63,7 @@ impl Options {
             tokenizer: None,
             cpu: Level::host(),
             vnni: Vnni::host(Level::host()),
+            int8_prefill: false,
         }
     }
 }

@@ -59,7 +59,7 @@ pub struct Model {
     int8_activations: bool,
     /// The CPU level kernels dispatch on: the artifact's.
     level: Level,
-    /// The integer dot products quantized prefills may use: the artifact's.
+    /// The integer dot products quantized prefills use: the artifact's, if it allows them.
     vnni: Vnni,
     /// Quantized weights packed for the VNNI kernel, by value, on first use (prefills).
     ipacked: Vec<std::sync::OnceLock<crate::igemm::Packed>>,
@@ -124,7 +124,12 @@ impl Model {
             });
         }
         let level = check_cpu(&m.target)?;
-        let vnni = Vnni::from_features(level, &m.target.features);
+        // VNNI serves only prefills' integer products, which the artifact must allow.
+        let vnni = if m.target.int8_prefill {
+            Vnni::from_features(level, &m.target.features)
+        } else {
+            Vnni::None
+        };
         crate::validate::manifest(&m, s.weights.len(), s.code.len())?;
         check_packed_weights(&m, &bytes.as_slice()[s.weights.clone()])?;
         let code_bytes = &bytes.as_slice()[s.code.clone()];

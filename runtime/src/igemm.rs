@@ -230,8 +230,6 @@ impl Packed {
 
 /// One integer microkernel.
 pub struct IKernel {
-    /// For reports.
-    pub name: &'static str,
     /// The extension it needs.
     pub vnni: Vnni,
     /// Rows per tile.
@@ -245,7 +243,6 @@ pub struct IKernel {
 pub const KERNELS: &[IKernel] = &[
     #[cfg(target_arch = "x86_64")]
     IKernel {
-        name: "avxvnni_6x16",
         vnni: Vnni::Avx,
         mr: x86::avx::MR,
         nr: x86::avx::NR,
@@ -253,7 +250,6 @@ pub const KERNELS: &[IKernel] = &[
     },
     #[cfg(target_arch = "x86_64")]
     IKernel {
-        name: "avx512vnni_8x32",
         vnni: Vnni::Avx512,
         mr: x86::avx512::MR,
         nr: x86::avx512::NR,
@@ -521,7 +517,7 @@ mod tests {
     fn integer_tiles_match_the_quantized_arithmetic() {
         for kern in KERNELS {
             if !runs_here(kern.vnni) {
-                eprintln!("SKIPPED {}: this CPU lacks {:?}", kern.name, kern.vnni.feature());
+                eprintln!("SKIPPED the {:?} kernel: this CPU lacks it", kern.vnni);
                 continue;
             }
             for (bits, m, k, n, g) in [
@@ -585,13 +581,13 @@ mod tests {
                             let rounding = (k / q.ab + groups + 8) as f64 * f32::EPSILON as f64 * (mag + 1.0);
                             assert!(
                                 (got - on_codes).abs() <= rounding,
-                                "{} int{bits} {m}x{k}x{n} g{g} ({r}, {j}): {got} vs {on_codes}",
-                                kern.name
+                                "{:?} int{bits} {m}x{k}x{n} g{g} ({r}, {j}): {got} vs {on_codes}",
+                                kern.vnni
                             );
                             assert!(
                                 (got - exact).abs() <= bound + rounding,
-                                "{} ({r}, {j}): {got} vs exact {exact}",
-                                kern.name
+                                "{:?} ({r}, {j}): {got} vs exact {exact}",
+                                kern.vnni
                             );
                         }
                     }

@@ -35,6 +35,11 @@ pub struct Target {
     /// that predate levels, whose level is then read from `features`.
     #[serde(default)]
     pub level: String,
+    /// Prefill products with quantized weights quantize their activations to int8 and use the
+    /// VNNI feature `features` names (`kiln compile --int8-prefill`); otherwise only decode steps
+    /// (at most 4 rows) do.
+    #[serde(default)]
+    pub int8_prefill: bool,
 }
 
 impl Target {

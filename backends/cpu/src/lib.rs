@@ -37,6 +37,7 @@ pub fn compile(
             .map(|f| f.to_string())
             .collect(),
         level: opts.cpu.name().to_string(),
+        int8_prefill: opts.int8_prefill && opts.vnni != kiln_runtime::cpu::Vnni::None,
     };
     let mut planned = plan::plan(graph, weights, dims, target, opts)?;
     // KILN_ATTN=rows keeps the whole-row softmax kernel in attention (for side-by-side runs).

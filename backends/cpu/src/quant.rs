@@ -15,7 +15,16 @@ use kiln_passes::quantize::{self, Hessian, QuantReport, Scheme, Target};
 use kiln_runtime::Model;
 
 fn model(graph: &Graph, weights: &BTreeMap<String, Tensor>, dims: &[(String, u64)]) -> Result<Model, String> {
-    let c = crate::compile(graph, weights, dims, &crate::Options::for_level(2)).map_err(|e| e.to_string())?;
+    model_with(graph, weights, dims, &crate::Options::for_level(2))
+}
+
+fn model_with(
+    graph: &Graph,
+    weights: &BTreeMap<String, Tensor>,
+    dims: &[(String, u64)],
+    opts: &crate::Options,
+) -> Result<Model, String> {
+    let c = crate::compile(graph, weights, dims, opts).map_err(|e| e.to_string())?;
     let bytes = kiln_runtime::artifact::encode(&c.manifest, &c.weights, &c.code)?;
     Model::from_bytes(&bytes).map_err(|e| e.to_string())
 }
@@ -216,10 +225,15 @@ pub fn evaluate(
     quantized: (&Graph, &BTreeMap<String, Tensor>),
     dims: &[(String, u64)],
     samples: &[Vec<i64>],
+    int8_prefill: bool,
 ) -> Result<Accuracy, String> {
+    let qopts = crate::Options {
+        int8_prefill,
+        ..crate::Options::for_level(2)
+    };
     let (mf, mq) = (
         model(f32_model.0, f32_model.1, dims)?,
-        model(quantized.0, quantized.1, dims)?,
+        model_with(quantized.0, quantized.1, dims, &qopts)?,
     );
     let mut lm = LmSums::default();
     let mut acc: BTreeMap<String, (usize, f64, f64, f64)> = BTreeMap::new();

@@ -40,6 +40,7 @@ pub fn plan_mlir(
         arch: GPU_ARCH.to_string(),
         features: CHIPS.iter().map(|c| c.to_string()).collect(),
         level: String::new(),
+        int8_prefill: false,
     };
     let planned = kiln_plan::plan::plan(graph, weights, dims, target, opts)?;
     let mlir = emit::module(&planned.kernels, &planned.manifest.flash_kernels()).map_err(CompileError::Codegen)?;
