@@ -94,6 +94,54 @@ fn quantized_products_match_the_interpreter() {
     }
 }
 
+/// `--int8-prefill` (VNNI): prefill-sized products quantize their activations too, and move the
+/// outputs by no more than the weight quantization did (the same bound as the few-row path); without
+/// VNNI on this CPU it cannot run, and says so.
+#[test]
+fn integer_prefills_stay_within_the_weight_error() {
+    let vnni = kiln_runtime::cpu::Vnni::host(kiln_runtime::cpu::Level::host());
+    if vnni == kiln_runtime::cpu::Vnni::None {
+        eprintln!("SKIPPED: this CPU has neither AVX-512 VNNI nor AVX-VNNI; --int8-prefill is not tested here");
+        return;
+    }
+    let calib = ids(4, 12, 1);
+    for scheme in ["int8", "int4:32", "gptq4:64"] {
+        let scheme: Scheme = scheme.parse().unwrap();
+        let mut l = spec("gpt2.ron", GPT2);
+        let mut w = kiln_frontend::weights::load_safetensors(&l, &data("gpt2_tiny/model.safetensors")).unwrap();
+        optimize(&mut l.graph, OptLevel::O2, true).unwrap();
+        let (g0, w0) = (l.graph.clone(), w.clone());
+        kiln_cpu::quant::quantize(&mut l.graph, &mut w, &l.dims, scheme, &[], &calib).unwrap();
+        let opts = kiln_cpu::Options {
+            int8_prefill: true,
+            ..kiln_cpu::Options::for_level(2)
+        };
+        let c = kiln_cpu::compile(&l.graph, &w, &l.dims, &opts).unwrap();
+        assert!(c.manifest.target.int8_prefill && c.manifest.target.features.iter().any(|f| f.contains("vnni")));
+        let bytes = kiln_runtime::artifact::encode(&c.manifest, &c.weights, &c.code).unwrap();
+        let mut m = Model::from_bytes(&bytes).unwrap();
+        for (b, s) in [(3, 7), (2, 40)] {
+            let feed = kiln_cpu::quant::feed(&l.graph, &ids(b, s, 3)).unwrap();
+            let want = kiln_interp::run(&l.graph, &w, &feed).unwrap();
+            let weights = kiln_interp::run(&g0, &w0, &feed).unwrap()[0]
+                .1
+                .max_abs_diff(&want[0].1)
+                .unwrap();
+            let e = m.run(&feed).unwrap()[0].1.max_abs_diff(&want[0].1).unwrap();
+            eprintln!("{scheme} at {b}x{s}: integer prefill moves the outputs by {e:.2e}, weight quantization by {weights:.2e}");
+            assert!(
+                e > 0.0 && e <= 1.5 * weights,
+                "{scheme} at {b}x{s}: {e:e} vs weights' {weights:e}"
+            );
+            // The switch restores the exact path.
+            m.set_int8_activations(false);
+            let e = m.run(&feed).unwrap()[0].1.max_abs_diff(&want[0].1).unwrap();
+            assert!(e <= 1e-4, "{scheme} at {b}x{s}: exact path off by {e:e}");
+            m.set_int8_activations(true);
+        }
+    }
+}
+
 /// Decoding with quantized weights: the compiled session against the interpreter step by step.
 #[test]
 fn quantized_decoding_matches_the_interpreter() {
