@@ -63,6 +63,8 @@ pub struct Model {
     vnni: Vnni,
     /// Quantized weights packed for the VNNI kernel, by value, on first use (prefills).
     ipacked: Vec<std::sync::OnceLock<crate::igemm::Packed>>,
+    /// Activation arenas of finished runs, reused by the next.
+    arenas: crate::arena::Arenas,
     /// Seconds spent in `load` after the file was mapped.
     pub load_seconds: f64,
 }
@@ -165,6 +167,7 @@ impl Model {
             level,
             vnni,
             ipacked: (0..values).map(|_| std::sync::OnceLock::new()).collect(),
+            arenas: Default::default(),
             load_seconds: start.elapsed().as_secs_f64(),
         })
     }
@@ -273,16 +276,12 @@ impl Model {
                 msg: format!("activations need {arena_len} bytes"),
             });
         }
-        let mut arena: Vec<kernels::Align64> = Vec::new();
-        arena
-            .try_reserve_exact(arena_len.div_ceil(64))
-            .map_err(|_| RunError::Step {
-                step: usize::MAX,
-                node: String::new(),
-                msg: format!("cannot allocate {arena_len} bytes of activations"),
-            })?;
-        arena.resize(arena_len.div_ceil(64), kernels::Align64::default());
-        let arena_ptr = arena.as_mut_ptr() as *mut u8;
+        let mut arena = self.arenas.take(arena_len).ok_or_else(|| RunError::Step {
+            step: usize::MAX,
+            node: String::new(),
+            msg: format!("cannot allocate {arena_len} bytes of activations"),
+        })?;
+        let arena_ptr = arena.as_mut_ptr();
         let weights = &self.bytes.as_slice()[self.weights.clone()];
         // Base pointer and byte length of every value.
         let mut bufs: Vec<Buf> = vec![

@@ -38,6 +38,13 @@ impl Default for Align64 {
     }
 }
 
+impl Align64 {
+    /// 64 copies of `byte`.
+    pub fn filled(byte: u8) -> Self {
+        Align64([byte; 64])
+    }
+}
+
 /// Copies bytes into 64-byte aligned storage (the tail of the last block is zero).
 pub fn aligned_copy(b: &[u8]) -> Vec<Align64> {
     let mut v = vec![Align64::default(); b.len().div_ceil(64)];

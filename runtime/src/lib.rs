@@ -14,6 +14,7 @@
 //! a code generator. Loading copies the artifact's machine code into executable memory; it never
 //! compiles anything.
 
+mod arena;
 pub mod artifact;
 mod attention;
 pub mod cpu;

@@ -20,7 +20,7 @@ use crate::cpu::Level;
 pub use tile::Tile;
 
 /// One microkernel: its name (recorded in the artifact), tile, packing and required level.
-#[derive(Debug)]
+#[derive(Debug, Clone, Copy)]
 pub struct MicroKernel {
     /// Recorded in `Step::PackedMatMul`.
     pub name: &'static str,
@@ -75,7 +75,7 @@ pub const REGISTRY: &[MicroKernel] = &[
         mr: x86::avx512::MR,
         nr: x86::avx512::NR,
         kc: 256,
-        mc: 96,
+        mc: 192,
         run: x86::avx512::run,
     },
 ];
@@ -89,6 +89,15 @@ impl MicroKernel {
     /// The kernel of that name, if this runtime has it.
     pub fn by_name(name: &str) -> Option<&'static MicroKernel> {
         REGISTRY.iter().find(|k| k.name == name)
+    }
+
+    /// This kernel with other depth and row blocks (for measurements).
+    pub fn blocked(&self, kc: usize, mc: usize) -> MicroKernel {
+        MicroKernel {
+            kc,
+            mc: mc.div_ceil(self.mr) * self.mr,
+            ..*self
+        }
     }
 
     /// Floats of `B` (`[k, n]`) packed for this kernel.
@@ -166,8 +175,8 @@ pub unsafe fn matmul(kern: &MicroKernel, o: Operands, m: usize, k: usize, n: usi
         return;
     }
     let panels = n.div_ceil(kern.nr);
-    let row_blocks = m.div_ceil(kern.mc);
-    let mc = m.div_ceil(row_blocks).div_ceil(kern.mr) * kern.mr;
+    let tiles = m.div_ceil(kern.mr);
+    let row_blocks = balanced_blocks(tiles, kern.mc / kern.mr, threads);
     let groups = if threads > 1 {
         (3 * threads).div_ceil(row_blocks).clamp(1, panels)
     } else {
@@ -178,7 +187,8 @@ pub unsafe fn matmul(kern: &MicroKernel, o: Operands, m: usize, k: usize, n: usi
     let kc = if m <= kern.mr { k.max(1) } else { kern.kc };
     let task = |t: usize| {
         let (rb, g) = (t / groups, t % groups);
-        let rows = rb * mc..((rb + 1) * mc).min(m);
+        let tile_range = rb * tiles / row_blocks..(rb + 1) * tiles / row_blocks;
+        let rows = tile_range.start * kern.mr..(tile_range.end * kern.mr).min(m);
         let cols = g * per..((g + 1) * per).min(panels);
         // SAFETY: the caller's bounds; the task's tiles are its own.
         unsafe { block(kern, o, (rows.clone(), cols.clone()), (k, n, kc)) };
@@ -194,6 +204,17 @@ pub unsafe fn matmul(kern: &MicroKernel, o: Operands, m: usize, k: usize, n: usi
         (0..tasks).into_par_iter().for_each(task);
     } else {
         (0..tasks).for_each(task);
+    }
+}
+
+/// How many row blocks `tiles` row tiles make, about `per` tiles each: a multiple of `threads`
+/// where there are enough tiles, so that every thread gets the same number of equal blocks.
+fn balanced_blocks(tiles: usize, per: usize, threads: usize) -> usize {
+    let blocks = tiles.div_ceil(per.max(1));
+    if threads > 1 && blocks > 1 && tiles >= threads {
+        (blocks.div_ceil(threads) * threads).min(tiles)
+    } else {
+        blocks
     }
 }
 
