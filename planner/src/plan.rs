@@ -919,9 +919,31 @@ pub fn intern_kernel(
         inputs: spec.inputs.iter().map(|i| i.0).collect(),
         output: spec.output,
         ops: spec.ops as u32 + extra_ops,
+        tape: tape(&spec),
     });
     kernels.push(spec);
     (kernels.len() - 1) as u32
+}
+
+/// A one-input f32 Map kernel's expressions as a tape the runtime evaluates at full vector
+/// width (`kiln_runtime::vmap`), if every expression is one it evaluates.
+fn tape(spec: &KernelSpec) -> Option<Vec<kiln_runtime::vmap::TapeOp>> {
+    use kiln_runtime::vmap::{supports_binary, supports_unary, TapeOp, MAX_TAPE};
+    let one_f32 = spec.inputs.len() == 1 && spec.inputs[0].0 == DType::F32 && spec.output == DType::F32;
+    if spec.kind != KernelKind::Map || !one_f32 || spec.exprs.len() > MAX_TAPE {
+        return None;
+    }
+    let idx = |i: usize| u16::try_from(i).ok();
+    spec.exprs
+        .iter()
+        .map(|e| match *e {
+            Expr::Input(0) => Some(TapeOp::Input),
+            Expr::Const(c) => Some(TapeOp::Const(c)),
+            Expr::Unary(u, a) if supports_unary(u) => Some(TapeOp::Unary(u, idx(a)?)),
+            Expr::Binary(b, x, y) if supports_binary(b) => Some(TapeOp::Binary(b, idx(x)?, idx(y)?)),
+            _ => None,
+        })
+        .collect()
 }
 
 /// The expression tree of a group rooted at `root`, and the graph nodes feeding its inputs.

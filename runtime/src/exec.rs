@@ -232,6 +232,15 @@ impl Model {
         Ok(self.profile_of(&times))
     }
 
+    /// How a product's activation kernel runs: from its tape at the level's vector width where
+    /// that is faster, else the generated code.
+    fn post(&self, k: usize) -> crate::gemm::Post {
+        match &self.manifest.kernels[k].tape {
+            Some(t) if crate::vmap::pays(self.level) => crate::gemm::Post::Tape(t.as_ptr(), t.len(), self.level),
+            _ => crate::gemm::Post::Kernel(self.kernels[k]),
+        }
+    }
+
     /// Seconds per step, summed by kind of step, slowest first.
     pub(crate) fn profile_of(&self, times: &[f64]) -> Profile {
         let mut by: BTreeMap<String, (f64, usize)> = BTreeMap::new();
@@ -483,7 +492,7 @@ impl Model {
                 (bufs[*out as usize], &shapes[*out as usize]),
                 *scale,
                 (opt(bias), opt(acc)),
-                post.map(|k| self.kernels[k as usize]),
+                post.map(|k| self.post(k as usize)),
                 self.threads,
             ),
             Step::QMatMul {
@@ -700,7 +709,9 @@ fn step_kind(step: &Step) -> String {
             kind, inputs, space, ..
         } => format!("kernel:{kind:?}:{}in:rank{}", inputs.len(), space.len()),
         Step::MatMul { .. } => "matmul".into(),
-        Step::PackedMatMul { kernel, .. } => format!("matmul:{kernel}"),
+        Step::PackedMatMul { kernel, post, .. } => {
+            format!("matmul:{kernel}{}", if post.is_some() { "+activation" } else { "" })
+        }
         Step::QMatMul { bits, .. } => format!("matmul:int{bits}"),
         Step::SpMatMul { .. } => "matmul:csr".into(),
         Step::SpMatMul24 { .. } => "matmul:2:4".into(),

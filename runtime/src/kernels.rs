@@ -417,7 +417,7 @@ pub fn packed_matmul(
     out: (Buf, &[usize]),
     scale: f32,
     (bias, acc): (Operand, Operand),
-    post: Option<KernelFn>,
+    post: Option<crate::gemm::Post>,
     threads: usize,
 ) -> Result<(), String> {
     let kern = crate::gemm::MicroKernel::by_name(kernel).ok_or_else(|| format!("no microkernel `{kernel}`"))?;

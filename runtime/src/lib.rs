@@ -30,6 +30,7 @@ mod q8;
 pub mod session;
 pub mod softmax;
 mod validate;
+pub mod vmap;
 
 pub use exec::{Model, Profile, RunStats};
 pub use kernels::{measure_sparse, measure_sparse24};

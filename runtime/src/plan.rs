@@ -105,6 +105,10 @@ pub struct KernelDecl {
     pub output: DType,
     /// Primitive ops fused into it.
     pub ops: u32,
+    /// Its expressions, where the runtime can evaluate them at full vector width (one-input
+    /// Map kernels; `vmap.rs`).
+    #[serde(default)]
+    pub tape: Option<Vec<crate::vmap::TapeOp>>,
 }
 
 /// How a generated kernel walks its iteration space.

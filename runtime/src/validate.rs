@@ -105,6 +105,17 @@ pub fn manifest(m: &Manifest, weights_len: usize, code_len: usize) -> Result<(),
     if next != code_len as u64 {
         return bad(format!("the code section has {} bytes, its kernels {next}", code_len));
     }
+    for k in &m.kernels {
+        if let Some(t) = &k.tape {
+            if k.inputs != [DType::F32] || k.output != DType::F32 {
+                return bad(format!(
+                    "kernel `{}` has a tape but is not a one-input f32 kernel",
+                    k.name
+                ));
+            }
+            crate::vmap::check(t).map_err(|e| LoadError::Corrupt(format!("kernel `{}`: {e}", k.name)))?;
+        }
+    }
     // Temporaries: written once, by a step, before anything reads them.
     let mut written = vec![false; nv];
     let mut slots = std::collections::HashSet::new();

@@ -154,8 +154,17 @@ pub struct Operands {
     pub res: *const f32,
     /// Multiplies the product.
     pub scale: f32,
-    /// An elementwise kernel applied in place to each finished block (`rows × cols` of `out`).
-    pub post: Option<crate::kernels::KernelFn>,
+    /// An elementwise function applied in place to each finished block (`rows × cols` of `out`).
+    pub post: Option<Post>,
+}
+
+/// An activation applied to the product's blocks while they are in cache.
+#[derive(Clone, Copy)]
+pub enum Post {
+    /// A generated one-input elementwise kernel.
+    Kernel(crate::kernels::KernelFn),
+    /// The same kernel's tape (`vmap`), its length, and the level to evaluate it at.
+    Tape(*const crate::vmap::TapeOp, usize, Level),
 }
 
 // SAFETY: the pointers are only dereferenced inside `matmul`, whose caller vouches for them;
@@ -218,14 +227,23 @@ fn balanced_blocks(tiles: usize, per: usize, threads: usize) -> usize {
     }
 }
 
-/// Runs a one-input elementwise kernel in place over rows × columns `c` of `out`.
-unsafe fn post(f: crate::kernels::KernelFn, o: Operands, rows: std::ops::Range<usize>, c: std::ops::Range<usize>) {
+/// Applies the activation in place over rows × columns `c` of `out`.
+unsafe fn post(f: Post, o: Operands, rows: std::ops::Range<usize>, c: std::ops::Range<usize>) {
     if rows.is_empty() || c.is_empty() {
         return;
     }
-    let offs: Vec<i64> = rows.clone().flat_map(|r| [(r * o.ldc + c.start) as i64; 2]).collect();
-    let ptrs = [o.out as *mut u8; 2];
-    f(rows.len() as i64, c.len() as i64, offs.as_ptr(), ptrs.as_ptr());
+    match f {
+        Post::Kernel(f) => {
+            let offs: Vec<i64> = rows.clone().flat_map(|r| [(r * o.ldc + c.start) as i64; 2]).collect();
+            let ptrs = [o.out as *mut u8; 2];
+            f(rows.len() as i64, c.len() as i64, offs.as_ptr(), ptrs.as_ptr());
+        }
+        Post::Tape(tape, len, level) => {
+            let tape = std::slice::from_raw_parts(tape, len);
+            let at = o.out.add(rows.start * o.ldc + c.start);
+            crate::vmap::apply(tape, level, at, rows.len(), c.len(), o.ldc);
+        }
+    }
 }
 
 /// Rows × panels of the product, depth block by depth block.
