@@ -800,6 +800,9 @@ pub fn fallback(
     dim_names: &[String],
     syms: &[usize],
 ) -> Result<(), String> {
+    if let Some(r) = crate::reduce::try_reduce(op, args, out) {
+        return r;
+    }
     let mut vals = Vec::with_capacity(args.len());
     let mut tys = Vec::with_capacity(args.len());
     for (b, s, dt) in args {

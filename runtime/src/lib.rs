@@ -27,6 +27,7 @@ mod kernels;
 pub mod npy;
 pub mod plan;
 mod q8;
+mod reduce;
 pub mod session;
 pub mod softmax;
 mod validate;
