@@ -13,8 +13,6 @@
 //! as the products. Artifacts written before the logits kernel existed bring only the fused softmax
 //! kernel; it runs over whole score rows (one key block) and the normalisation is its own.
 
-use rayon::prelude::*;
-
 use crate::cpu::Level;
 use crate::gemm::{self, MicroKernel, Operands};
 use crate::kernels::{bstrides, check_len, dot, Buf, KernelFn};
@@ -106,7 +104,7 @@ pub fn attention(
         g,
     };
     if threads > 1 && g.b * g.h > 1 {
-        (0..g.b * g.h).into_par_iter().for_each(|bh| job.head(bh));
+        crate::pool::for_each(g.b * g.h, |bh| job.head(bh));
     } else {
         (0..g.b * g.h).for_each(|bh| job.head(bh));
     }

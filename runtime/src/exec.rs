@@ -54,6 +54,9 @@ pub struct Model {
     _code: Option<memmap2::Mmap>,
     kernels: Vec<KernelFn>,
     pool: rayon::ThreadPool,
+    /// The threads of products, attention and generated kernels (`pool.rs`); rayon's pool runs
+    /// the rest.
+    spin: crate::pool::Pool,
     threads: usize,
     /// Whether quantized products of a few rows quantize their activations to int8.
     int8_activations: bool,
@@ -154,6 +157,7 @@ impl Model {
         };
         let threads = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
         let pool = kernels::pool(threads).map_err(LoadError::Corrupt)?;
+        let spin = crate::pool::Pool::new(threads).map_err(LoadError::Corrupt)?;
         let values = m.values.len();
         Ok(Model {
             bytes,
@@ -162,6 +166,7 @@ impl Model {
             _code: code,
             kernels,
             pool,
+            spin,
             threads,
             int8_activations: true,
             level,
@@ -189,6 +194,7 @@ impl Model {
     pub fn set_threads(&mut self, n: usize) -> Result<(), String> {
         let n = n.max(1);
         self.pool = kernels::pool(n)?;
+        self.spin = crate::pool::Pool::new(n)?;
         self.threads = n;
         Ok(())
     }
@@ -351,23 +357,25 @@ impl Model {
                 }
             }
         }
-        self.pool.install(|| -> Result<(), RunError> {
-            for (si, step) in m.steps.iter().enumerate() {
-                let t = Instant::now();
-                self.exec(step, &bufs, &shapes, &syms, cache.as_deref_mut())
-                    .map_err(|msg| {
-                        let out = step.out() as usize;
-                        RunError::Step {
-                            step: si,
-                            node: m.values[out].name.clone(),
-                            msg,
-                        }
-                    })?;
-                if let Some(times) = times.as_deref_mut() {
-                    times[si] += t.elapsed().as_secs_f64();
+        self.pool.install(|| {
+            self.spin.install(|| -> Result<(), RunError> {
+                for (si, step) in m.steps.iter().enumerate() {
+                    let t = Instant::now();
+                    self.exec(step, &bufs, &shapes, &syms, cache.as_deref_mut())
+                        .map_err(|msg| {
+                            let out = step.out() as usize;
+                            RunError::Step {
+                                step: si,
+                                node: m.values[out].name.clone(),
+                                msg,
+                            }
+                        })?;
+                    if let Some(times) = times.as_deref_mut() {
+                        times[si] += t.elapsed().as_secs_f64();
+                    }
                 }
-            }
-            Ok(())
+                Ok(())
+            })
         })?;
         let mut outs = Vec::new();
         for p in &m.outputs {

@@ -326,8 +326,7 @@ pub unsafe fn matmul(
     };
     let tasks = row_blocks * groups;
     if threads > 1 && tasks > 1 {
-        use rayon::prelude::*;
-        (0..tasks).into_par_iter().for_each(task);
+        crate::pool::for_each(tasks, task);
     } else {
         (0..tasks).for_each(task);
     }

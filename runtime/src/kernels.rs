@@ -168,7 +168,7 @@ pub fn run_kernel(
     if chunks == 1 {
         call(0);
     } else {
-        (0..chunks).into_par_iter().for_each(call);
+        crate::pool::for_each(chunks, call);
     }
     Ok(())
 }
@@ -393,7 +393,7 @@ pub fn matmul(
         (oa * mat_a, ob * mat_b)
     };
     if nb >= threads && threads > 1 {
-        (0..nb).into_par_iter().for_each(|bi| {
+        crate::pool::for_each(nb, |bi| {
             let (oa, ob) = offsets(bi);
             one(oa, ob, bi * m * n, m, gemm::Parallelism::None);
         });
@@ -2051,7 +2051,7 @@ pub fn measure_sparse24(
 /// Runs `f(block)` for every block, across the pool when there is more than one thread to use.
 fn for_blocks(blocks: usize, threads: usize, f: impl Fn(usize) + Sync + Send) {
     if threads > 1 && blocks > 1 {
-        (0..blocks).into_par_iter().for_each(f);
+        crate::pool::for_each(blocks, f);
     } else {
         (0..blocks).for_each(f);
     }

@@ -26,6 +26,7 @@ mod igemm;
 mod kernels;
 pub mod npy;
 pub mod plan;
+pub mod pool;
 mod q8;
 mod reduce;
 pub mod session;
