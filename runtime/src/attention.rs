@@ -293,16 +293,16 @@ impl Job {
             g.vst.0 + bi * g.vst.1 + hi * g.vst.2,
         );
         let mut kt = vec![0f32; kern.packed_len(g.d, g.sk)];
-        // SAFETY (both): inside the buffers checked by `Geometry::new`.
-        gemm::pack_into(kern, g.d, g.sk, &mut kt, |kk, j| unsafe {
-            *kp.add(k_off + j * g.kst.3 + kk)
+        // SAFETY (both): rows inside the buffers checked by `Geometry::new`.
+        gemm::pack_cols(kern, g.d, g.sk, &mut kt, |j| unsafe {
+            std::slice::from_raw_parts(kp.add(k_off + j * g.kst.3), g.d)
         });
         let per = kern.packed_len(kv, g.dv);
         let mut v = vec![0f32; per * g.sk.div_ceil(kv)];
         for (bl, dst) in v.chunks_mut(per).enumerate() {
             let j0 = bl * kv;
-            gemm::pack_into(kern, kv.min(g.sk - j0), g.dv, dst, |kk, j| unsafe {
-                *vp.add(v_off + (j0 + kk) * g.vst.3 + j)
+            gemm::pack_rows(kern, kv.min(g.sk - j0), g.dv, dst, |kk| unsafe {
+                std::slice::from_raw_parts(vp.add(v_off + (j0 + kk) * g.vst.3), g.dv)
             });
         }
         Packed { kt, v }

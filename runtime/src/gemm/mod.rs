@@ -134,6 +134,36 @@ pub fn pack_into(kern: &MicroKernel, k: usize, n: usize, out: &mut [f32], at: im
     }
 }
 
+/// Packs `B [k, n]` whose row `kk` is `row(kk)` (at least `n` floats): panel rows are copies.
+pub fn pack_rows<'a>(kern: &MicroKernel, k: usize, n: usize, out: &mut [f32], row: impl Fn(usize) -> &'a [f32]) {
+    let nr = kern.nr;
+    if k == 0 {
+        return;
+    }
+    for (p, panel) in out[..kern.packed_len(k, n)].chunks_exact_mut(k * nr).enumerate() {
+        let (c0, width) = (p * nr, nr.min(n - p * nr));
+        for (kk, dst) in panel.chunks_exact_mut(nr).enumerate() {
+            dst[..width].copy_from_slice(&row(kk)[c0..c0 + width]);
+            dst[width..].fill(0.0);
+        }
+    }
+}
+
+/// Packs `B [k, n]` whose column `j` is `col(j)` (at least `k` floats): `Bᵀ` read row by row.
+pub fn pack_cols<'a>(kern: &MicroKernel, k: usize, n: usize, out: &mut [f32], col: impl Fn(usize) -> &'a [f32]) {
+    let nr = kern.nr;
+    let out = &mut out[..kern.packed_len(k, n)];
+    for j in 0..n.div_ceil(nr) * nr {
+        let base = (j / nr) * k * nr + j % nr;
+        let dst = out[base..].iter_mut().step_by(nr).take(k);
+        if j < n {
+            dst.zip(&col(j)[..k]).for_each(|(d, v)| *d = *v);
+        } else {
+            dst.for_each(|d| *d = 0.0);
+        }
+    }
+}
+
 /// A packed product's operands: `a` `[m, k]` with row stride `lda`, `b` packed for the kernel,
 /// `out` `[m, n]` with row stride `ldc`; `bias` `[n]` and `res` (`out`'s layout) may be null.
 #[derive(Clone, Copy)]

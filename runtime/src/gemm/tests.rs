@@ -129,3 +129,21 @@ fn levels_pick_their_kernels() {
     }
     assert!(MicroKernel::by_name("neon_8x12").is_none());
 }
+
+#[test]
+fn row_and_column_packing_match_pack() {
+    let mut seed = 3;
+    for kern in REGISTRY {
+        for (k, n) in [(1, 1), (5, 7), (32, 40), (17, 64), (3, 100)] {
+            let w = rand(&mut seed, k * n);
+            let want = pack(kern, &w, k, n, false);
+            let mut rows = vec![f32::NAN; kern.packed_len(k, n)];
+            pack_rows(kern, k, n, &mut rows, |kk| &w[kk * n..(kk + 1) * n]);
+            assert_eq!(rows, want, "{} rows {k}x{n}", kern.name);
+            let t: Vec<f32> = (0..n * k).map(|i| w[(i % k) * n + i / k]).collect();
+            let mut cols = vec![f32::NAN; kern.packed_len(k, n)];
+            pack_cols(kern, k, n, &mut cols, |j| &t[j * k..(j + 1) * k]);
+            assert_eq!(cols, want, "{} cols {k}x{n}", kern.name);
+        }
+    }
+}
