@@ -57,6 +57,8 @@ pub struct Model {
     /// The threads of products, attention and generated kernels (`pool.rs`); rayon's pool runs
     /// the rest.
     spin: crate::pool::Pool,
+    /// Whether a step may run the gemm crate, which parallelises on rayon's current pool.
+    uses_rayon: bool,
     threads: usize,
     /// Whether quantized products of a few rows quantize their activations to int8.
     int8_activations: bool,
@@ -158,6 +160,12 @@ impl Model {
         let threads = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
         let pool = kernels::pool(threads).map_err(LoadError::Corrupt)?;
         let spin = crate::pool::Pool::new(threads).map_err(LoadError::Corrupt)?;
+        let uses_rayon = m.steps.iter().any(|s| {
+            matches!(
+                s,
+                Step::MatMul { .. } | Step::QMatMul { .. } | Step::SpMatMul { .. } | Step::SpMatMul24 { .. }
+            )
+        });
         let values = m.values.len();
         Ok(Model {
             bytes,
@@ -167,6 +175,7 @@ impl Model {
             kernels,
             pool,
             spin,
+            uses_rayon,
             threads,
             int8_activations: true,
             level,
@@ -357,26 +366,31 @@ impl Model {
                 }
             }
         }
-        self.pool.install(|| {
-            self.spin.install(|| -> Result<(), RunError> {
-                for (si, step) in m.steps.iter().enumerate() {
-                    let t = Instant::now();
-                    self.exec(step, &bufs, &shapes, &syms, cache.as_deref_mut())
-                        .map_err(|msg| {
-                            let out = step.out() as usize;
-                            RunError::Step {
-                                step: si,
-                                node: m.values[out].name.clone(),
-                                msg,
-                            }
-                        })?;
-                    if let Some(times) = times.as_deref_mut() {
-                        times[si] += t.elapsed().as_secs_f64();
-                    }
+        let steps = || -> Result<(), RunError> {
+            for (si, step) in m.steps.iter().enumerate() {
+                let t = Instant::now();
+                self.exec(step, &bufs, &shapes, &syms, cache.as_deref_mut())
+                    .map_err(|msg| {
+                        let out = step.out() as usize;
+                        RunError::Step {
+                            step: si,
+                            node: m.values[out].name.clone(),
+                            msg,
+                        }
+                    })?;
+                if let Some(times) = times.as_deref_mut() {
+                    times[si] += t.elapsed().as_secs_f64();
                 }
-                Ok(())
-            })
-        })?;
+            }
+            Ok(())
+        };
+        // Handing the loop to rayon's pool costs a thread wake-up per run (up to half a
+        // millisecond here): only products through the gemm crate need rayon's pool.
+        if self.uses_rayon {
+            self.pool.install(|| self.spin.install(steps))?;
+        } else {
+            self.spin.install(steps)?;
+        }
         let mut outs = Vec::new();
         for p in &m.outputs {
             let v = p.value as usize;

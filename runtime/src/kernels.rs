@@ -4,7 +4,6 @@
 //! whose shapes disagree is an error, not an out-of-bounds access.
 
 use kiln_ir::{DType, Dim, Op, Tensor, TensorType};
-use rayon::prelude::*;
 
 use crate::cpu::{CpuArg, Level};
 use crate::plan::{KernelDecl, KernelKind};
@@ -519,7 +518,11 @@ unsafe fn gemv(
             acc
         };
         let parts: Vec<Vec<f32>> = if bands > 1 {
-            (0..bands).into_par_iter().map(band).collect()
+            let slots: Vec<std::sync::OnceLock<Vec<f32>>> = (0..bands).map(|_| Default::default()).collect();
+            crate::pool::for_each(bands, |t| {
+                let _ = slots[t].set(band(t));
+            });
+            slots.into_iter().map(|s| s.into_inner().unwrap_or_default()).collect()
         } else {
             vec![band(0)]
         };
