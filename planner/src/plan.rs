@@ -925,12 +925,13 @@ pub fn intern_kernel(
     (kernels.len() - 1) as u32
 }
 
-/// A one-input f32 Map kernel's expressions as a tape the runtime evaluates at full vector
-/// width (`kiln_runtime::vmap`), if every expression is one it evaluates.
+/// An f32 Map kernel's expressions as a tape (`kiln_runtime::vmap`), if every expression is one
+/// the runtime evaluates: it runs one-input tapes at full vector width and recognises some forms
+/// of several inputs.
 fn tape(spec: &KernelSpec) -> Option<Vec<kiln_runtime::vmap::TapeOp>> {
     use kiln_runtime::vmap::{supports_binary, supports_unary, TapeOp, MAX_TAPE};
-    let one_f32 = spec.inputs.len() == 1 && spec.inputs[0].0 == DType::F32 && spec.output == DType::F32;
-    if spec.kind != KernelKind::Map || !one_f32 || spec.exprs.len() > MAX_TAPE {
+    let f32s = spec.inputs.iter().all(|i| i.0 == DType::F32) && spec.output == DType::F32;
+    if spec.kind != KernelKind::Map || spec.inputs.is_empty() || !f32s || spec.exprs.len() > MAX_TAPE {
         return None;
     }
     let idx = |i: usize| u16::try_from(i).ok();
@@ -938,6 +939,7 @@ fn tape(spec: &KernelSpec) -> Option<Vec<kiln_runtime::vmap::TapeOp>> {
         .iter()
         .map(|e| match *e {
             Expr::Input(0) => Some(TapeOp::Input),
+            Expr::Input(i) => Some(TapeOp::Arg(idx(i)?)),
             Expr::Const(c) => Some(TapeOp::Const(c)),
             Expr::Unary(u, a) if supports_unary(u) => Some(TapeOp::Unary(u, idx(a)?)),
             Expr::Binary(b, x, y) if supports_binary(b) => Some(TapeOp::Binary(b, idx(x)?, idx(y)?)),

@@ -32,8 +32,9 @@ const FEW_QUERY_ROWS: usize = 4;
 /// The softmax a step brings.
 #[derive(Clone, Copy)]
 pub enum Softmax {
-    /// The logits kernel (the softmax's elementwise prologue only); the softmax runs here.
-    Online(KernelFn),
+    /// The logits kernel (the softmax's elementwise prologue only), and whether it only adds
+    /// its second input to the scores; the softmax runs here.
+    Online(KernelFn, bool),
     /// The whole fused softmax kernel, over complete score rows (artifacts without a logits kernel).
     Rows(KernelFn),
 }
@@ -90,6 +91,7 @@ pub fn attention(
     if g.b * g.h * g.sq == 0 || g.sk == 0 {
         return Ok(());
     }
+    let row_bias = row_bias(softmax, inputs, &strides);
     let job = Job {
         ptrs: [q.0.ptr as usize, k.0.ptr as usize, v.0.ptr as usize, out.0.ptr as usize],
         inputs: inputs
@@ -98,6 +100,7 @@ pub fn attention(
             .collect(),
         strides,
         scale,
+        row_bias,
         softmax,
         kern: MicroKernel::for_level(level),
         level,
@@ -208,6 +211,25 @@ fn input_strides(
     Ok(strides)
 }
 
+/// The mask a sum-of-two-inputs logits kernel adds, if the scores are its first input and the
+/// mask is contiguous along the keys and the same for every query row: its address and (batch,
+/// head, key) strides.
+fn row_bias(
+    softmax: Softmax,
+    inputs: &[Option<Operand>],
+    strides: &[Option<Vec<usize>>],
+) -> Option<(usize, [usize; 3])> {
+    let Softmax::Online(_, true) = softmax else {
+        return None;
+    };
+    match (inputs, strides) {
+        ([None, Some((buf, _))], [None, Some(st)]) if st[2] == 0 && st[3] == 1 => {
+            Some((buf.ptr as usize, [st[0], st[1], st[3]]))
+        }
+        _ => None,
+    }
+}
+
 /// What every head's task reads. Addresses are `usize` so tasks can share them; every offset
 /// derived from them was checked against its buffer in `Geometry::new` and `input_strides`.
 struct Job {
@@ -219,6 +241,9 @@ struct Job {
     strides: Vec<Option<Vec<usize>>>,
     scale: f32,
     softmax: Softmax,
+    /// Where the logits kernel only adds a mask that is the same for every query row: the
+    /// mask's address and strides, added as the scores' bias row instead.
+    row_bias: Option<(usize, [usize; 3])>,
     kern: &'static MicroKernel,
     level: Level,
 }
@@ -245,7 +270,7 @@ impl Job {
     fn head(&self, bh: usize) {
         let g = &self.g;
         let kv = match self.softmax {
-            Softmax::Online(_) => KV_BLOCK.min(g.sk),
+            Softmax::Online(..) => KV_BLOCK.min(g.sk),
             Softmax::Rows(_) => g.sk,
         };
         let (bi, hi) = (bh / g.h, bh % g.h);
@@ -277,7 +302,7 @@ impl Job {
                     s,
                 );
             }
-            if matches!(self.softmax, Softmax::Online(_)) {
+            if matches!(self.softmax, Softmax::Online(..)) {
                 for (i, (_, sum)) in state[..r].iter().enumerate() {
                     self.out_row(bi, hi, q0 + i).iter_mut().for_each(|o| *o /= sum);
                 }
@@ -335,11 +360,14 @@ impl Job {
     /// `s = scale · q kᵀ` for the block (`r × n`, row stride `n`).
     fn scores(&self, b: Block, packed: Option<&Packed>, s: &mut [f32]) {
         let g = &self.g;
+        let bias = self.bias_row(b);
         let Some(p) = packed else {
             for i in 0..b.r {
                 let q = self.row(0, b.bi, b.hi, b.q0 + i);
                 for j in 0..b.n {
-                    s[i * b.n + j] = self.scale * dot(q, self.row(1, b.bi, b.hi, b.j0 + j), self.level.avx2());
+                    // SAFETY: the bias row holds the block's `n` keys (`bias_row`).
+                    let m = if bias.is_null() { 0.0 } else { unsafe { *bias.add(j) } };
+                    s[i * b.n + j] = self.scale * dot(q, self.row(1, b.bi, b.hi, b.j0 + j), self.level.avx2()) + m;
                 }
             }
             return;
@@ -350,7 +378,7 @@ impl Job {
             ldc: b.n,
             b: p.kt[(b.j0 / self.kern.nr) * g.d * self.kern.nr..].as_ptr(),
             out: s.as_mut_ptr(),
-            bias: std::ptr::null(),
+            bias,
             res: std::ptr::null(),
             scale: self.scale,
             post: None,
@@ -360,14 +388,24 @@ impl Job {
         unsafe { gemm::matmul(self.kern, o, b.r, g.d, b.n, 1) };
     }
 
+    /// The mask row the scores' epilogue adds for this block (`row_bias`), or null.
+    fn bias_row(&self, b: Block) -> *const f32 {
+        match self.row_bias {
+            // Inside the mask checked by `input_strides`: this batch and head, keys j0...
+            Some((p, st)) => (p as *const f32).wrapping_add(b.bi * st[0] + b.hi * st[1] + b.j0 * st[2]),
+            None => std::ptr::null(),
+        }
+    }
+
     /// Runs the step's kernel over the score block in place; with the logits kernel, then the
     /// online softmax: `s ← exp(s − max)`, the running sums updated and the output rows written
     /// by earlier key blocks rescaled to the new maximum.
     fn softmax(&self, b: Block, s: &mut [f32], state: &mut [(f32, f32)]) {
-        let (Softmax::Online(f) | Softmax::Rows(f)) = self.softmax;
-        self.call(f, b, s);
-        if let Softmax::Rows(_) = self.softmax {
-            return;
+        match self.softmax {
+            // The mask was added by the scores' epilogue.
+            Softmax::Online(_, _) if self.row_bias.is_some() => {}
+            Softmax::Online(f, _) => self.call(f, b, s),
+            Softmax::Rows(f) => return self.call(f, b, s),
         }
         for (i, (row, (m, sum))) in s.chunks_exact_mut(b.n).zip(state.iter_mut()).enumerate() {
             let m_new = m.max(softmax::max(row, self.level));

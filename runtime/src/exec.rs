@@ -250,8 +250,11 @@ impl Model {
     /// How a product's activation kernel runs: from its tape at the level's vector width where
     /// that is faster, else the generated code.
     fn post(&self, k: usize) -> crate::gemm::Post {
-        match &self.manifest.kernels[k].tape {
-            Some(t) if crate::vmap::pays(self.level) => crate::gemm::Post::Tape(t.as_ptr(), t.len(), self.level),
+        let d = &self.manifest.kernels[k];
+        match &d.tape {
+            Some(t) if d.inputs.len() == 1 && crate::vmap::pays(self.level) => {
+                crate::gemm::Post::Tape(t.as_ptr(), t.len(), self.level)
+            }
             _ => crate::gemm::Post::Kernel(self.kernels[k]),
         }
     }
@@ -691,7 +694,11 @@ impl Model {
                     .map(|i| i.map(|x| (bufs[x as usize], shapes[x as usize].as_slice())))
                     .collect();
                 let softmax = match logits {
-                    Some(l) => attention::Softmax::Online(self.kernels[*l as usize]),
+                    Some(l) => {
+                        let sum = self.manifest.kernels[*l as usize].tape.as_deref();
+                        let sum = sum.is_some_and(crate::vmap::is_sum_of_two_inputs);
+                        attention::Softmax::Online(self.kernels[*l as usize], sum)
+                    }
                     None => attention::Softmax::Rows(self.kernels[*kernel as usize]),
                 };
                 let operand = |x: &u32| (bufs[*x as usize], shapes[*x as usize].as_slice());

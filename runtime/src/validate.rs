@@ -107,13 +107,11 @@ pub fn manifest(m: &Manifest, weights_len: usize, code_len: usize) -> Result<(),
     }
     for k in &m.kernels {
         if let Some(t) = &k.tape {
-            if k.inputs != [DType::F32] || k.output != DType::F32 {
-                return bad(format!(
-                    "kernel `{}` has a tape but is not a one-input f32 kernel",
-                    k.name
-                ));
+            if k.inputs.iter().any(|d| *d != DType::F32) || k.output != DType::F32 {
+                return bad(format!("kernel `{}` has a tape but is not an f32 kernel", k.name));
             }
-            crate::vmap::check(t).map_err(|e| LoadError::Corrupt(format!("kernel `{}`: {e}", k.name)))?;
+            crate::vmap::check(t, k.inputs.len())
+                .map_err(|e| LoadError::Corrupt(format!("kernel `{}`: {e}", k.name)))?;
         }
     }
     // Temporaries: written once, by a step, before anything reads them.

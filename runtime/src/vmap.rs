@@ -24,8 +24,11 @@ pub const MAX_TAPE: usize = 48;
 /// constants bit for bit (the manifest's equality).
 #[derive(Clone, Copy, Debug, Serialize, Deserialize)]
 pub enum TapeOp {
-    /// The kernel's input element.
+    /// The kernel's (first) input element.
     Input,
+    /// Input number `i` of a kernel with several (evaluated only by the runtime's recognised
+    /// forms, such as [`row_sum`]; `apply` takes one-input tapes).
+    Arg(u16),
     /// A constant.
     Const(f32),
     /// A unary function of an earlier expression.
@@ -39,6 +42,7 @@ impl PartialEq for TapeOp {
         match (self, other) {
             (TapeOp::Const(a), TapeOp::Const(b)) => a.to_bits() == b.to_bits(),
             (TapeOp::Input, TapeOp::Input) => true,
+            (TapeOp::Arg(a), TapeOp::Arg(b)) => a == b,
             (TapeOp::Unary(u, a), TapeOp::Unary(v, b)) => u == v && a == b,
             (TapeOp::Binary(o, a, b), TapeOp::Binary(p, c, d)) => o == p && a == c && b == d,
             _ => false,
@@ -58,8 +62,9 @@ pub fn supports_binary(b: BinaryOp) -> bool {
     b != BinaryOp::Pow
 }
 
-/// Checks a tape read from an artifact: short enough, operands earlier, functions supported.
-pub fn check(tape: &[TapeOp]) -> Result<(), String> {
+/// Checks a tape read from an artifact, for a kernel of `inputs` inputs: short enough, inputs
+/// that exist, operands earlier, functions supported.
+pub fn check(tape: &[TapeOp], inputs: usize) -> Result<(), String> {
     if tape.is_empty() || tape.len() > MAX_TAPE {
         return Err(format!(
             "a tape of {} expressions (1 to {MAX_TAPE} allowed)",
@@ -68,7 +73,8 @@ pub fn check(tape: &[TapeOp]) -> Result<(), String> {
     }
     for (i, op) in tape.iter().enumerate() {
         let ok = match *op {
-            TapeOp::Input | TapeOp::Const(_) => true,
+            TapeOp::Input | TapeOp::Const(_) => inputs > 0,
+            TapeOp::Arg(a) => (a as usize) < inputs,
             TapeOp::Unary(u, a) => supports_unary(u) && (a as usize) < i,
             TapeOp::Binary(b, x, y) => supports_binary(b) && (x as usize) < i && (y as usize) < i,
         };
@@ -79,6 +85,14 @@ pub fn check(tape: &[TapeOp]) -> Result<(), String> {
         }
     }
     Ok(())
+}
+
+/// Whether the tape is `input 0 + input 1` (attention's logits with an additive mask: the
+/// product's epilogue adds it as a bias row instead).
+pub fn is_sum_of_two_inputs(tape: &[TapeOp]) -> bool {
+    use TapeOp::{Arg, Binary, Input};
+    let loads = |a: TapeOp, b: TapeOp| matches!((a, b), (Input, Arg(1)) | (Arg(1), Input));
+    matches!(tape, [a, b, Binary(BinaryOp::Add, 0, 1) | Binary(BinaryOp::Add, 1, 0)] if loads(*a, *b))
 }
 
 /// Whether `level` evaluates tapes faster than the generated 128-bit kernels.
@@ -142,7 +156,8 @@ fn eval<const FMA: bool>(tape: &[TapeOp], x: &[f32], s: &mut [Chunk]) {
         let (done, rest) = s.split_at_mut(i);
         let dst = &mut rest[0];
         match *op {
-            TapeOp::Input => dst[..x.len()].copy_from_slice(x),
+            // `apply` runs one-input tapes only (`check(tape, 1)`): `Arg(0)` at most.
+            TapeOp::Input | TapeOp::Arg(_) => dst[..x.len()].copy_from_slice(x),
             TapeOp::Const(c) => dst.fill(c),
             TapeOp::Unary(u, a) => unary::<FMA>(u, &done[a as usize], dst),
             TapeOp::Binary(b, p, q) => binary(b, &done[p as usize], &done[q as usize], dst),

@@ -16,7 +16,7 @@ fn rand(seed: &mut u64, n: usize, scale: f32) -> Vec<f32> {
 /// `want` within `tol` (absolute, or relative above 1), and that the columns past `cols` are
 /// untouched.
 fn check_tape(tape: &[TapeOp], scale: f32, tol: f64, want: impl Fn(f64) -> f64) {
-    check(tape).unwrap();
+    check(tape, 1).unwrap();
     let (rows, cols, ldc) = (3, 150, 160);
     for level in Level::runnable() {
         let x = rand(&mut 7, rows * ldc, scale);
@@ -114,11 +114,39 @@ fn gelu_as_lowered_matches_f64() {
 
 #[test]
 fn bad_tapes_are_refused() {
-    assert!(check(&[]).is_err());
-    assert!(check(&[TapeOp::Input, TapeOp::Unary(UnaryOp::Exp, 1)]).is_err());
-    assert!(check(&[TapeOp::Input, TapeOp::Binary(BinaryOp::Add, 0, 5)]).is_err());
-    assert!(check(&[TapeOp::Input, TapeOp::Unary(UnaryOp::Log, 0)]).is_err());
-    assert!(check(&[TapeOp::Input, TapeOp::Binary(BinaryOp::Pow, 0, 0)]).is_err());
-    assert!(check(&vec![TapeOp::Input; MAX_TAPE + 1]).is_err());
-    assert!(check(&[TapeOp::Input, TapeOp::Unary(UnaryOp::Erf, 0)]).is_ok());
+    assert!(check(&[], 1).is_err());
+    assert!(check(&[TapeOp::Input, TapeOp::Unary(UnaryOp::Exp, 1)], 1).is_err());
+    assert!(check(&[TapeOp::Input, TapeOp::Binary(BinaryOp::Add, 0, 5)], 1).is_err());
+    assert!(check(&[TapeOp::Input, TapeOp::Unary(UnaryOp::Log, 0)], 1).is_err());
+    assert!(check(&[TapeOp::Input, TapeOp::Binary(BinaryOp::Pow, 0, 0)], 1).is_err());
+    assert!(check(&vec![TapeOp::Input; MAX_TAPE + 1], 1).is_err());
+    assert!(check(&[TapeOp::Input, TapeOp::Unary(UnaryOp::Erf, 0)], 1).is_ok());
+}
+
+#[test]
+fn sums_of_two_inputs_are_recognised() {
+    use BinaryOp::*;
+    let sum = [TapeOp::Input, TapeOp::Arg(1), TapeOp::Binary(Add, 0, 1)];
+    assert!(check(&sum, 2).is_ok() && check(&sum, 1).is_err());
+    assert!(is_sum_of_two_inputs(&sum));
+    assert!(is_sum_of_two_inputs(&[
+        TapeOp::Arg(1),
+        TapeOp::Input,
+        TapeOp::Binary(Add, 1, 0)
+    ]));
+    assert!(!is_sum_of_two_inputs(&[
+        TapeOp::Input,
+        TapeOp::Arg(1),
+        TapeOp::Binary(Sub, 0, 1)
+    ]));
+    assert!(!is_sum_of_two_inputs(&[
+        TapeOp::Input,
+        TapeOp::Input,
+        TapeOp::Binary(Add, 0, 1)
+    ]));
+    assert!(!is_sum_of_two_inputs(&[
+        TapeOp::Input,
+        TapeOp::Arg(2),
+        TapeOp::Binary(Add, 0, 1)
+    ]));
 }
