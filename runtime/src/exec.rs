@@ -66,6 +66,8 @@ pub struct Model {
     level: Level,
     /// The integer dot products quantized prefills use: the artifact's, if it allows them.
     vnni: Vnni,
+    /// The VNNI form of decode steps' integer dot products (the artifact's; exact either way).
+    decode_vnni: Vnni,
     /// Quantized weights packed for the VNNI kernel, by value, on first use (prefills).
     ipacked: Vec<std::sync::OnceLock<crate::igemm::Packed>>,
     /// Activation arenas of finished runs, reused by the next.
@@ -131,7 +133,9 @@ impl Model {
             });
         }
         let level = check_cpu(&m.target)?;
-        // VNNI serves only prefills' integer products, which the artifact must allow.
+        // Decode steps' integer products give the same sums with VNNI, if the artifact records it.
+        let decode_vnni = Vnni::from_features(level, &m.target.features);
+        // VNNI serves prefills' integer products only if the artifact allows them.
         let vnni = if m.target.int8_prefill {
             Vnni::from_features(level, &m.target.features)
         } else {
@@ -180,6 +184,7 @@ impl Model {
             int8_activations: true,
             level,
             vnni,
+            decode_vnni,
             ipacked: (0..values).map(|_| std::sync::OnceLock::new()).collect(),
             arenas: Default::default(),
             load_seconds: start.elapsed().as_secs_f64(),
@@ -547,7 +552,7 @@ impl Model {
                     *scale,
                     opt(bias),
                     opt(acc),
-                    (self.int8_activations, &self.ipacked[*codes as usize]),
+                    (self.int8_activations, &self.ipacked[*codes as usize], self.decode_vnni),
                     self.threads,
                     CpuArg {
                         level: self.level,

@@ -1095,7 +1095,7 @@ pub fn qmatmul(
     scale: f32,
     bias: Option<(Buf, &[usize])>,
     acc: Option<(Buf, &[usize])>,
-    (int8_activations, packed): (bool, &std::sync::OnceLock<crate::igemm::Packed>),
+    (int8_activations, packed, decode_vnni): (bool, &std::sync::OnceLock<crate::igemm::Packed>, crate::cpu::Vnni),
     threads: usize,
     cpu: CpuArg,
 ) -> Result<(), String> {
@@ -1173,7 +1173,11 @@ pub fn qmatmul(
                         mf.read(c0 * groups, &mut m);
                     }
                     // SAFETY: `usable` said yes; the codes are whole weight rows c0..c1.
-                    unsafe { crate::q8::rows(&q, &codes[c0 * cb..c1 * cb], &s, &m, |r, jj, v| store(r, c0 + jj, v)) };
+                    unsafe {
+                        crate::q8::rows(&q, decode_vnni, &codes[c0 * cb..c1 * cb], &s, &m, |r, jj, v| {
+                            store(r, c0 + jj, v)
+                        })
+                    };
                 }
             };
             for_blocks(blocks, threads, work);

@@ -26,6 +26,8 @@
 //! Assumes groups of a multiple of 32 columns and AVX2 and FMA ([`usable`]); the caller keeps the
 //! f32 path for everything else, and for activations that are not finite ([`Q8::new`]).
 
+use crate::cpu::Vnni;
+
 /// Values per activation block (one f32 scale each).
 pub const BLOCK: usize = 32;
 
@@ -245,29 +247,102 @@ unsafe fn hsum(v: std::arch::x86_64::__m256) -> f32 {
 /// # Safety
 /// [`usable`] said yes for `q.bits` and `q.group`; `codes` holds `n` whole weight rows of `q.k`
 /// columns.
-pub unsafe fn rows(q: &Q8, codes: &[u8], s: &[f32], m: &[f32], mut put: impl FnMut(usize, usize, f32)) {
+/// With `vnni` (the artifact's, for a CPU that has it), each block's integer dot product is one
+/// `vpdpbusd` instead of `vpmaddubsw` and `vpmaddwd`: the same sums exactly, as neither
+/// saturates.
+pub unsafe fn rows(q: &Q8, vnni: Vnni, codes: &[u8], s: &[f32], m: &[f32], mut put: impl FnMut(usize, usize, f32)) {
     #[cfg(target_arch = "x86_64")]
     {
-        match q.rows {
-            1 => band::<1>(q, codes, s, m, &mut put),
-            2 => band::<2>(q, codes, s, m, &mut put),
-            3 => band::<3>(q, codes, s, m, &mut put),
-            4 => band::<4>(q, codes, s, m, &mut put),
+        let put = &mut put;
+        match (q.rows, vnni) {
+            (1, Vnni::None) => band::<1>(q, codes, s, m, put),
+            (2, Vnni::None) => band::<2>(q, codes, s, m, put),
+            (3, Vnni::None) => band::<3>(q, codes, s, m, put),
+            (4, Vnni::None) => band::<4>(q, codes, s, m, put),
+            (1, Vnni::Avx) => band_avx_vnni::<1>(q, codes, s, m, put),
+            (2, Vnni::Avx) => band_avx_vnni::<2>(q, codes, s, m, put),
+            (3, Vnni::Avx) => band_avx_vnni::<3>(q, codes, s, m, put),
+            (4, Vnni::Avx) => band_avx_vnni::<4>(q, codes, s, m, put),
+            (1, Vnni::Avx512) => band_avx512_vnni::<1>(q, codes, s, m, put),
+            (2, Vnni::Avx512) => band_avx512_vnni::<2>(q, codes, s, m, put),
+            (3, Vnni::Avx512) => band_avx512_vnni::<3>(q, codes, s, m, put),
+            (4, Vnni::Avx512) => band_avx512_vnni::<4>(q, codes, s, m, put),
             _ => unreachable!("the integer path takes 1 to 4 rows"),
         }
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
-        let _ = (q, codes, s, m, &mut put);
+        let _ = (q, vnni, codes, s, m, &mut put);
         unreachable!("usable() is false off x86_64");
     }
 }
 
-/// [`rows`] for `R` activation rows: the loop over weight rows, compiled with AVX2 so that the
-/// per-row kernels inline into it.
+/// [`band_with`] on AVX2: `vpmaddubsw` and `vpmaddwd`.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 unsafe fn band<const R: usize>(q: &Q8, codes: &[u8], s: &[f32], m: &[f32], put: &mut impl FnMut(usize, usize, f32)) {
+    band_with::<R, NO_VNNI>(q, codes, s, m, put)
+}
+
+/// [`band_with`] with AVX-VNNI's `vpdpbusd` (VEX).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,avxvnni")]
+unsafe fn band_avx_vnni<const R: usize>(
+    q: &Q8,
+    codes: &[u8],
+    s: &[f32],
+    m: &[f32],
+    put: &mut impl FnMut(usize, usize, f32),
+) {
+    band_with::<R, AVX_VNNI>(q, codes, s, m, put)
+}
+
+/// [`band_with`] with AVX-512 VNNI's `vpdpbusd` on 256-bit vectors (EVEX).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,avx512f,avx512vl,avx512vnni")]
+unsafe fn band_avx512_vnni<const R: usize>(
+    q: &Q8,
+    codes: &[u8],
+    s: &[f32],
+    m: &[f32],
+    put: &mut impl FnMut(usize, usize, f32),
+) {
+    band_with::<R, AVX512_VNNI>(q, codes, s, m, put)
+}
+
+/// The integer dot product instruction of a band (a const parameter of the kernels).
+const NO_VNNI: u8 = 0;
+const AVX_VNNI: u8 = 1;
+const AVX512_VNNI: u8 = 2;
+
+/// `acc + Σ u · s` over each 4 adjacent bytes (`u` unsigned, `s` signed), as i32 lanes; exact
+/// when no pair of products exceeds an i16 (true of every caller here).
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn dot4<const V: u8>(
+    acc: std::arch::x86_64::__m256i,
+    u: std::arch::x86_64::__m256i,
+    s: std::arch::x86_64::__m256i,
+) -> std::arch::x86_64::__m256i {
+    use std::arch::x86_64::*;
+    match V {
+        AVX_VNNI => _mm256_dpbusd_avx_epi32(acc, u, s),
+        AVX512_VNNI => _mm256_dpbusd_epi32(acc, u, s),
+        _ => _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1))),
+    }
+}
+
+/// [`rows`] for `R` activation rows: the loop over weight rows; inlined into a wrapper compiled
+/// with the instructions `V` needs, with the per-row kernels inlined into it.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn band_with<const R: usize, const V: u8>(
+    q: &Q8,
+    codes: &[u8],
+    s: &[f32],
+    m: &[f32],
+    put: &mut impl FnMut(usize, usize, f32),
+) {
     let bits = q.bits;
     let cb = if bits == 8 { q.k } else { q.k / 2 };
     let l = Layout {
@@ -282,18 +357,18 @@ unsafe fn band<const R: usize>(q: &Q8, codes: &[u8], s: &[f32], m: &[f32], put: 
         let c = codes.as_ptr().add(jj * cb);
         let sr = s.as_ptr().add(jj * l.groups);
         let t: [f32; R] = if bits == 8 {
-            row8::<R>(q, l, c, sr)
+            row8::<R, V>(q, l, c, sr)
         } else {
             let mr = m.as_ptr().add(jj * l.groups);
             let acc = if !q.paired {
-                row4::<R>(q, l, c, sr)
+                row4::<R, V>(q, l, c, sr)
             } else if l.bpg == 2 {
                 // Groups of 64 and 128 columns: the loop over a group's pairs unrolls.
-                row4_paired::<R, 1>(q, l, c, sr)
+                row4_paired::<R, 1, V>(q, l, c, sr)
             } else if l.bpg == 4 {
-                row4_paired::<R, 2>(q, l, c, sr)
+                row4_paired::<R, 2, V>(q, l, c, sr)
             } else {
-                row4_paired::<R, 0>(q, l, c, sr)
+                row4_paired::<R, 0, V>(q, l, c, sr)
             };
             with_minimums(q, l, mr, acc)
         };
@@ -350,12 +425,15 @@ unsafe fn with_minimums<const R: usize>(
 /// activation step times its group's scale, alternating between two accumulator chains.
 #[allow(clippy::needless_range_loop)]
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-#[inline]
-unsafe fn row4<const R: usize>(q: &Q8, l: Layout, codes: *const u8, s: *const f32) -> [std::arch::x86_64::__m256; R] {
+#[inline(always)]
+unsafe fn row4<const R: usize, const V: u8>(
+    q: &Q8,
+    l: Layout,
+    codes: *const u8,
+    s: *const f32,
+) -> [std::arch::x86_64::__m256; R] {
     use std::arch::x86_64::*;
     let Layout { k, groups, nb, bpg } = l;
-    let ones = _mm256_set1_epi16(1);
     let low = _mm256_set1_epi8(15);
     let (mut a0, mut a1) = ([_mm256_setzero_ps(); R], [_mm256_setzero_ps(); R]);
     for gi in 0..groups {
@@ -368,7 +446,7 @@ unsafe fn row4<const R: usize>(q: &Q8, l: Layout, codes: *const u8, s: *const f3
             let w = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16::<4>(raw), raw), low);
             for r in 0..R {
                 let x = _mm256_loadu_si256(q.q.as_ptr().add(r * k + b * BLOCK) as *const __m256i);
-                let p = _mm256_madd_epi16(_mm256_maddubs_epi16(w, x), ones);
+                let p = dot4::<V>(_mm256_setzero_si256(), w, x);
                 let d = _mm256_set1_ps(*q.d.get_unchecked(r * nb + b) * sc);
                 a0[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), d, a0[r]);
             }
@@ -390,9 +468,8 @@ unsafe fn row4<const R: usize>(q: &Q8, l: Layout, codes: *const u8, s: *const f3
 /// than each group's sum, leaves no reduction per group: measured 10% faster for groups of 128.
 #[allow(clippy::needless_range_loop)]
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-#[inline]
-unsafe fn row4_paired<const R: usize, const PPG: usize>(
+#[inline(always)]
+unsafe fn row4_paired<const R: usize, const PPG: usize, const V: u8>(
     q: &Q8,
     l: Layout,
     codes: *const u8,
@@ -415,9 +492,14 @@ unsafe fn row4_paired<const R: usize, const PPG: usize>(
                 let x = q.q.as_ptr().add(r * k + p * 64);
                 let xl = _mm256_loadu_si256(x as *const __m256i);
                 let xh = _mm256_loadu_si256(x.add(32) as *const __m256i);
-                let s16 = _mm256_add_epi16(_mm256_maddubs_epi16(lo, xl), _mm256_maddubs_epi16(hi, xh));
+                let sum = if V == NO_VNNI {
+                    let s16 = _mm256_add_epi16(_mm256_maddubs_epi16(lo, xl), _mm256_maddubs_epi16(hi, xh));
+                    _mm256_madd_epi16(s16, ones)
+                } else {
+                    dot4::<V>(dot4::<V>(_mm256_setzero_si256(), lo, xl), hi, xh)
+                };
                 let d = _mm256_mul_ps(_mm256_loadu_ps(q.pair_d.as_ptr().add((r * np + p) * 8)), sc);
-                a0[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(s16, ones)), d, a0[r]);
+                a0[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum), d, a0[r]);
             }
             std::mem::swap(&mut a0, &mut a1);
         }
@@ -432,17 +514,15 @@ unsafe fn row4_paired<const R: usize, const PPG: usize>(
 /// One 8-bit weight row against `R` activation rows.
 #[allow(clippy::needless_range_loop)]
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-#[inline]
-unsafe fn row8<const R: usize>(q: &Q8, l: Layout, codes: *const u8, s: *const f32) -> [f32; R] {
+#[inline(always)]
+unsafe fn row8<const R: usize, const V: u8>(q: &Q8, l: Layout, codes: *const u8, s: *const f32) -> [f32; R] {
     use std::arch::x86_64::*;
     let Layout { k, groups, nb, bpg } = l;
-    let ones = _mm256_set1_epi16(1);
     let mut total = [_mm256_setzero_ps(); R];
     // |w| as the unsigned operand, w's sign moved onto the activations.
     let dot = |w: __m256i, aw: __m256i, r: usize, b: usize, acc: __m256| {
         let x = _mm256_loadu_si256(q.q.as_ptr().add(r * k + b * BLOCK) as *const __m256i);
-        let p = _mm256_madd_epi16(_mm256_maddubs_epi16(aw, _mm256_sign_epi8(x, w)), ones);
+        let p = dot4::<V>(_mm256_setzero_si256(), aw, _mm256_sign_epi8(x, w));
         _mm256_fmadd_ps(
             _mm256_cvtepi32_ps(p),
             _mm256_set1_ps(*q.d.get_unchecked(r * nb + b)),
@@ -570,6 +650,21 @@ mod tests {
         }
     }
 
+    /// The VNNI forms this CPU runs; the others are reported as skipped.
+    fn vnni_modes() -> Vec<Vnni> {
+        use crate::cpu::Level;
+        let host = Level::host();
+        let mut modes = Vec::new();
+        for (level, want) in [(Level::V3, Vnni::Avx), (Level::V4, Vnni::Avx512)] {
+            if host >= level && Vnni::host(level) == want {
+                modes.push(want);
+            } else {
+                eprintln!("SKIPPED: decode products with {want:?} VNNI (not on this CPU)");
+            }
+        }
+        modes
+    }
+
     fn buf(b: &[u8]) -> Buf {
         Buf {
             ptr: b.as_ptr() as *mut u8,
@@ -621,31 +716,43 @@ mod tests {
                 let want = kiln_interp::eval_op(&mm, &oty, &[&av, &deq], &Default::default()).unwrap();
                 let q = Q8::new(&a, rows, k, g, bits, crate::cpu::Level::host()).unwrap();
                 for threads in [1, 2] {
-                    let mut out = vec![0f32; rows * n];
-                    let ab: &[u8] = unsafe { std::slice::from_raw_parts(a.as_ptr() as *const u8, a.len() * 4) };
-                    let ob = Buf {
-                        ptr: out.as_mut_ptr() as *mut u8,
-                        len: out.len() * 4,
+                    let run = |int8: bool, vnni: Vnni| {
+                        let mut out = vec![0f32; rows * n];
+                        let ab: &[u8] = unsafe { std::slice::from_raw_parts(a.as_ptr() as *const u8, a.len() * 4) };
+                        let ob = Buf {
+                            ptr: out.as_mut_ptr() as *mut u8,
+                            len: out.len() * 4,
+                        };
+                        let qw = QWeight {
+                            codes: buf(&w.codes),
+                            scales: (buf(&w.scales), w.sdt),
+                            mins: (bits == 4).then(|| (buf(&w.mins), w.sdt)),
+                            bits,
+                            group: g,
+                        };
+                        qmatmul(
+                            (buf(ab), &[rows, k]),
+                            qw,
+                            (ob, &[rows, n]),
+                            1.0,
+                            None,
+                            None,
+                            (int8, &Default::default(), vnni),
+                            threads,
+                            crate::cpu::CpuArg::host(),
+                        )
+                        .unwrap();
+                        out
                     };
-                    let qw = QWeight {
-                        codes: buf(&w.codes),
-                        scales: (buf(&w.scales), w.sdt),
-                        mins: (bits == 4).then(|| (buf(&w.mins), w.sdt)),
-                        bits,
-                        group: g,
-                    };
-                    qmatmul(
-                        (buf(ab), &[rows, k]),
-                        qw,
-                        (ob, &[rows, n]),
-                        1.0,
-                        None,
-                        None,
-                        (true, &Default::default()),
-                        threads,
-                        crate::cpu::CpuArg::host(),
-                    )
-                    .unwrap();
+                    let out = run(true, Vnni::None);
+                    // The VNNI forms give the same sums: the same outputs, bit for bit.
+                    for vnni in vnni_modes() {
+                        let got = run(true, vnni);
+                        assert!(
+                            got.iter().zip(&out).all(|(x, y)| x.to_bits() == y.to_bits()),
+                            "{vnni:?}: {bits} bits, k {k}, group {g}, {rows} rows"
+                        );
+                    }
                     for r in 0..rows {
                         for j in 0..n {
                             let got = out[r * n + j] as f64;
@@ -680,25 +787,7 @@ mod tests {
                         }
                     }
                     // Without int8 activations, the f32 path (the fallback for other CPUs) is exact.
-                    let qw = QWeight {
-                        codes: buf(&w.codes),
-                        scales: (buf(&w.scales), w.sdt),
-                        mins: (bits == 4).then(|| (buf(&w.mins), w.sdt)),
-                        bits,
-                        group: g,
-                    };
-                    qmatmul(
-                        (buf(ab), &[rows, k]),
-                        qw,
-                        (ob, &[rows, n]),
-                        1.0,
-                        None,
-                        None,
-                        (false, &Default::default()),
-                        threads,
-                        crate::cpu::CpuArg::host(),
-                    )
-                    .unwrap();
+                    let out = run(false, Vnni::None);
                     for (i, (x, y)) in out.iter().zip(&want.data).enumerate() {
                         let mag: f64 = (0..k)
                             .map(|c| (a[i / n * k + c] as f64 * wf[i % n * k + c] as f64).abs())
