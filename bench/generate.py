@@ -97,6 +97,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import subprocess
 import sys
 import tempfile
 import time
@@ -650,6 +651,28 @@ class LlamaCppRunner:
         return {"prefill_ms": prefill_ms, "decode_ms": decode_ms, "tokens": tokens}
 
 
+LLAMA_PROBE = """
+import sys
+from llama_cpp import Llama
+llm = Llama(model_path=sys.argv[1], n_ctx=64, n_threads=int(sys.argv[2]), verbose=False)
+llm.eval([1, 2, 3, 4])
+"""
+
+
+def llama_cpp_crashes(path: Path, threads: int) -> str | None:
+    """Loads and evaluates a few tokens of `path` in a child process: why llama.cpp dies on it, or
+    None. A native llama.cpp build on a machine with AMX runs its AMX kernels for q8_0/q4_0, which
+    die with SIGSEGV on some VMs; in this process that would end the whole benchmark."""
+    r = subprocess.run([sys.executable, "-c", LLAMA_PROBE, str(path), str(threads)],
+                       capture_output=True, text=True)
+    if r.returncode == 0:
+        return None
+    how = f"signal {-r.returncode}" if r.returncode < 0 else f"exit status {r.returncode}"
+    return (f"llama.cpp dies evaluating {path.name} ({how}); skipped. If its build enables AMX "
+            "(llama.cpp's log says AMX_INT8 = 1), rebuild llama-cpp-python with "
+            "CMAKE_ARGS=\"-DGGML_NATIVE=OFF -DGGML_AVX512=ON -DGGML_AVX512_VNNI=ON -DGGML_AMX_INT8=OFF\"")
+
+
 def import_llama_cpp():
     """(module, None) or (None, why it is skipped)."""
     try:
@@ -1119,7 +1142,12 @@ def run(args) -> dict:
         if kiln:  # kiln first: a kiln that cannot run fails the script at once
             engines += [(QUANTS[q]["kiln"], kiln_fn(q)) for q in args.quant]
         if llama_cpp is not None:
-            engines += [(QUANTS[q]["llama"], llama_fn(q)) for q in args.quant]
+            for q in args.quant:
+                why = llama_cpp_crashes(llama_paths[q], args.threads)
+                if why:
+                    print(why, file=sys.stderr)
+                else:
+                    engines.append((QUANTS[q]["llama"], llama_fn(q)))
         engines.append(("torch", lambda prompt, n_new: torch_generate(model, prompt, n_new)))
 
         case_a = run_case("a", args.prompt_len, args.new_tokens, args.seed, args, model,
