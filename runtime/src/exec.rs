@@ -136,11 +136,7 @@ impl Model {
         // Decode steps' integer products give the same sums with VNNI, if the artifact records it.
         let decode_vnni = Vnni::from_features(level, &m.target.features);
         // VNNI serves prefills' integer products only if the artifact allows them.
-        let vnni = if m.target.int8_prefill {
-            Vnni::from_features(level, &m.target.features)
-        } else {
-            Vnni::None
-        };
+        let vnni = if m.target.int8_prefill { decode_vnni } else { Vnni::None };
         crate::validate::manifest(&m, s.weights.len(), s.code.len())?;
         check_packed_weights(&m, &bytes.as_slice()[s.weights.clone()])?;
         let code_bytes = &bytes.as_slice()[s.code.clone()];
