@@ -297,15 +297,55 @@ unsafe fn block(
     for k0 in (0..k).step_by(kc) {
         let depth = kc.min(k - k0);
         let (first, last) = (k0 == 0, k0 + depth == k);
+        let tiles = rows.len().div_ceil(kern.mr);
         for p in panels.clone() {
             let b = o.b.add(p * k * nr + k0 * nr);
-            for i in rows.clone().step_by(kern.mr) {
+            let next = next_block(nr, (k, k0, depth, kc), p, panels.clone(), o.b);
+            for (ti, i) in rows.clone().step_by(kern.mr).enumerate() {
+                if let (Some((nb, len)), true) = (next, tiles > 1) {
+                    prefetch(nb, len, ti, tiles);
+                }
                 let mut t = tile(o, (i, p * nr), n, nr, depth, !first, last, b);
                 t.a = t.a.add(k0);
                 (kern.run)(kern.mr.min(rows.end - i), &t);
             }
         }
     }
+}
+
+/// The panel block a task reads after panel `p` at depth `k0` (the next panel, or the first
+/// panel at the next depth block) and its length in floats.
+fn next_block(
+    nr: usize,
+    (k, k0, depth, kc): (usize, usize, usize, usize),
+    p: usize,
+    panels: std::ops::Range<usize>,
+    b: *const f32,
+) -> Option<(*const f32, usize)> {
+    if p + 1 < panels.end {
+        Some((b.wrapping_add((p + 1) * k * nr + k0 * nr), depth * nr))
+    } else if k0 + depth < k {
+        let d = kc.min(k - k0 - depth);
+        Some((b.wrapping_add(panels.start * k * nr + (k0 + depth) * nr), d * nr))
+    } else {
+        None
+    }
+}
+
+/// Hints the `part`-th of `parts` slices of `len` floats at `p` into L2.
+#[inline]
+fn prefetch(p: *const f32, len: usize, part: usize, parts: usize) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T1};
+        let lines = (len * 4).div_ceil(64);
+        let per = lines.div_ceil(parts.max(1));
+        for l in part * per..((part + 1) * per).min(lines) {
+            // SAFETY: a prefetch never faults; the address is computed without dereferencing.
+            unsafe { _mm_prefetch::<_MM_HINT_T1>(p.wrapping_add(l * 16) as *const i8) };
+        }
+    }
+    let _ = (p, len, part, parts);
 }
 
 /// The tile at row `i`, column `j`.
