@@ -47,6 +47,7 @@ pub fn run(spec: &Path, o: &SpecOpts, w: &WeightOpts, a: &Args) -> Result<()> {
         options: kiln_cpu::Options {
             cpu: a.cpu.level,
             vnni: a.cpu.vnni,
+            disabled_rules: a.disabled.to_vec(),
             ..kiln_cpu::Options::for_level(a.opt)
         },
         tol: a.tol,

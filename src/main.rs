@@ -494,6 +494,7 @@ fn compile(
         cpu: cpu.level,
         vnni: cpu.vnni,
         int8_prefill: q.int8_prefill,
+        disabled_rules: popts.disabled_rules.clone(),
         ..kiln_cpu::Options::for_level(opt)
     };
     let compiled = match target {
@@ -543,6 +544,9 @@ fn compile(
     summary.distinct = m.kernels.len();
     println!("  plan     {}", summary.line());
     if show_report {
+        for line in &compiled.fusion.notes {
+            println!("  fuse     {line}");
+        }
         for line in summary.groups() {
             println!("  fusion   {line}");
         }

@@ -629,3 +629,65 @@ fn bisect_reports_agreement_and_refuses_missing_inputs() {
         "{err}"
     );
 }
+
+/// `--report` names the fused ops by the rule that made them, and disabling a fusion rule keeps
+/// the outputs (more steps, the same logits).
+#[test]
+fn fusion_rules_are_reported_and_can_be_disabled() {
+    let dir = std::env::temp_dir().join(format!("kiln-cli-fusion-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let tiny = [
+        "--set",
+        "layers=2",
+        "--set",
+        "hidden=64",
+        "--set",
+        "heads=4",
+        "--set",
+        "vocab=256",
+        "--set",
+        "max_pos=64",
+    ];
+    let mut steps = Vec::new();
+    for (i, disable) in [None, Some("fuse-gemm-epilogue")].into_iter().enumerate() {
+        let art = dir.join(format!("gpt2-{i}.kiln"));
+        let mut args = vec!["compile", "specs/gpt2.ron"];
+        args.extend(tiny);
+        args.extend([
+            "--weights",
+            "tests/data/gpt2_tiny/model.safetensors",
+            "-o",
+            art.to_str().unwrap(),
+        ]);
+        args.push("--report");
+        if let Some(r) = disable {
+            args.extend(["--disable-rule", r]);
+        }
+        let o = kiln(&args);
+        let (out, err) = text(&o);
+        assert!(o.status.success(), "{err}");
+        let want = if disable.is_some() {
+            "fused ops: none"
+        } else {
+            "fused ops: fuse-gemm-epilogue x"
+        };
+        assert!(out.contains(want), "{out}");
+        let plan = out.lines().find(|l| l.contains("plan ")).expect("a plan line");
+        steps.push(plan.split_whitespace().nth(1).unwrap().parse::<usize>().unwrap());
+        let logits = dir.join(format!("logits-{i}.npy"));
+        let o = kiln(&[
+            "run",
+            art.to_str().unwrap(),
+            "--input",
+            "input_ids=tests/data/gpt2_tiny/input_ids.npy",
+            "--output",
+            logits.to_str().unwrap(),
+        ]);
+        assert!(o.status.success(), "{}", text(&o).1);
+        let got = kiln_runtime::npy::read(&logits).unwrap();
+        let e = got.max_abs_diff(&common::npy("gpt2_tiny/logits.npy")).unwrap();
+        assert!(e < 1e-4, "{disable:?}: compiled GPT-2 vs transformers: {e}");
+    }
+    assert!(steps[0] < steps[1], "fusing epilogues saves steps: {steps:?}");
+    std::fs::remove_dir_all(&dir).ok();
+}

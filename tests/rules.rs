@@ -527,3 +527,159 @@ fn narrow_moves_a_last_position_gather_ahead_of_norm_and_matmul() {
         assert!(a.max_abs_diff(&b).unwrap() <= 1e-6);
     }
 }
+
+/// The inputs of the fusion examples: `x` f32[n, 4, 6], `w` f32[5, 6], `b` f32[5], `r` f32[n, 4, 5].
+fn fusion_inputs(g: &mut Graph) -> [NodeId; 4] {
+    let n = Dim::sym("n");
+    let mut add = |name: &str, shape: Vec<Dim>| {
+        let ty = TensorType::new(DType::F32, shape);
+        g.add(Op::Input { name: name.into(), ty }, &[], name).unwrap()
+    };
+    let x = add("x", vec![n.clone(), Dim::known(4), Dim::known(6)]);
+    let w = add("w", vec![Dim::known(5), Dim::known(6)]);
+    let b = add("b", vec![Dim::known(5)]);
+    let r = add("r", vec![n, Dim::known(4), Dim::known(5)]);
+    [x, w, b, r]
+}
+
+fn fusion_feed(n: usize, seed: u64) -> BTreeMap<String, Tensor> {
+    let mut rng = common::Rng(seed);
+    let mut feed = BTreeMap::new();
+    for (name, shape) in [
+        ("x", vec![n, 4, 6]),
+        ("w", vec![5, 6]),
+        ("b", vec![5]),
+        ("r", vec![n, 4, 5]),
+    ] {
+        let c: usize = shape.iter().product();
+        let v = (0..c).map(|_| (rng.below(2001) as f32 - 1000.0) / 500.0).collect();
+        feed.insert(name.to_string(), Tensor::from_f32(shape, v).unwrap());
+    }
+    feed
+}
+
+fn scalar(g: &mut Graph, v: f64) -> NodeId {
+    let op = Op::Scalar {
+        value: Literal::float(v),
+        dtype: DType::F32,
+    };
+    g.add(op, &[], "c").unwrap()
+}
+
+fn bin(g: &mut Graph, op: BinaryOp, a: NodeId, b: NodeId) -> NodeId {
+    g.add(Op::Binary(op), &[a, b], "t").unwrap()
+}
+
+/// Examples per fusion rule: the graph, and how many fused ops extraction must keep.
+const FUSION: &[(&str, Build4, usize)] = &[
+    // residual + bias + 0.5 · (x @ wᵀ), written in the residual-first order models use.
+    (
+        "fuse-gemm-epilogue",
+        |g, [x, w, b, r]| {
+            let m = g.add(mm(false, true), &[x, w], "mm").unwrap();
+            let c = scalar(g, 0.5);
+            let s = bin(g, BinaryOp::Mul, c, m);
+            let t = bin(g, BinaryOp::Add, s, b);
+            bin(g, BinaryOp::Add, r, t)
+        },
+        1,
+    ),
+    // A product read twice keeps its own node: extraction would compute it twice otherwise.
+    (
+        "fuse-gemm-epilogue",
+        |g, [x, w, b, _]| {
+            let m = g.add(mm(false, true), &[x, w], "mm").unwrap();
+            let t = bin(g, BinaryOp::Add, m, b);
+            let u = g.add(Op::Unary(UnaryOp::Tanh), &[m], "u").unwrap();
+            bin(g, BinaryOp::Mul, t, u)
+        },
+        0,
+    ),
+    // A bias after the residual is not an epilogue of this form: the product takes the residual.
+    (
+        "fuse-gemm-epilogue",
+        |g, [x, w, b, r]| {
+            let m = g.add(mm(false, true), &[x, w], "mm").unwrap();
+            let t = bin(g, BinaryOp::Add, m, r);
+            bin(g, BinaryOp::Add, t, b)
+        },
+        1,
+    ),
+];
+
+type Build4 = fn(&mut Graph, [NodeId; 4]) -> NodeId;
+
+fn fused_ops(g: &Graph) -> Vec<kiln_ir::Fused> {
+    g.node_ids()
+        .filter_map(|n| match &g.node(n).op {
+            Op::Fused(f) => Some((**f).clone()),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn every_fusion_rule_is_correct_by_execution() {
+    for r in kiln_passes::fuse::rules() {
+        assert!(
+            FUSION.iter().any(|(n, _, _)| *n == r.name.as_str()),
+            "fusion rule {} has no example in tests/rules.rs",
+            r.name
+        );
+    }
+    for (i, (name, build, want)) in FUSION.iter().enumerate() {
+        let mut g = Graph::new("fusion");
+        let ins = fusion_inputs(&mut g);
+        let out = build(&mut g, ins);
+        g.add_output("out", out).unwrap();
+        let others: Vec<String> = kiln_passes::fuse::rules()
+            .iter()
+            .map(|r| r.name.to_string())
+            .filter(|r| r != name)
+            .collect();
+        let mut h = g.clone();
+        kiln_passes::fuse::run(&mut h, &others, CostModel::cpu());
+        kiln_ir::verify(&h).unwrap_or_else(|e| panic!("{name} #{i}: {e}"));
+        let fused = fused_ops(&h);
+        assert_eq!(fused.len(), *want, "{name} #{i}:\n{}", h.to_text());
+        assert!(fused.iter().all(|f| f.rule == *name), "{name} #{i}:\n{}", h.to_text());
+        for (n, seed) in [(1, 1), (3, 2), (5, 3)] {
+            let feed = fusion_feed(n, seed);
+            let a = kiln_interp::run(&g, &BTreeMap::new(), &feed).unwrap().remove(0).1;
+            let b = kiln_interp::run(&h, &BTreeMap::new(), &feed).unwrap().remove(0).1;
+            let e = a.max_abs_diff(&b).expect("same shape");
+            assert!(e <= 1e-6, "{name} #{i}: differs by {e}\n{}", h.to_text());
+        }
+    }
+}
+
+/// The fused product reads as `acc + bias + scale · (x @ wᵀ)`, and a disabled rule fuses nothing.
+#[test]
+fn gemm_epilogue_fuses_in_order_and_can_be_disabled() {
+    let mut g = Graph::new("fusion");
+    let ins = fusion_inputs(&mut g);
+    let out = (FUSION[0].1)(&mut g, ins);
+    g.add_output("out", out).unwrap();
+    let mut h = g.clone();
+    let stats = kiln_passes::fuse::run(&mut h, &[], CostModel::cpu());
+    let [f] = &fused_ops(&h)[..] else {
+        panic!("one fused op expected:\n{}", h.to_text())
+    };
+    let tys: Vec<TensorType> = {
+        let root = h.outputs()[0].node;
+        h.args(root).iter().map(|a| h.node(*a).ty.clone()).collect()
+    };
+    let gm = f
+        .gemm(&tys.iter().collect::<Vec<_>>())
+        .expect("a product with an epilogue");
+    assert_eq!((gm.transpose_a, gm.transpose_b, gm.scale), (false, true, 0.5));
+    assert_eq!((gm.bias, gm.acc), (Some(2), Some(3)));
+    assert!(
+        stats.notes.iter().any(|n| n.contains("fuse-gemm-epilogue x1")),
+        "{:?}",
+        stats.notes
+    );
+    let mut k = g.clone();
+    kiln_passes::fuse::run(&mut k, &["fuse-gemm-epilogue".to_string()], CostModel::cpu());
+    assert!(fused_ops(&k).is_empty(), "{}", k.to_text());
+}

@@ -5,6 +5,7 @@
 
 use std::fmt;
 
+use crate::fused::Fused;
 use crate::{DType, Dim, Shape, TensorType};
 
 /// The block of plain CSR (`Op::Densify` of artifacts written before blocks existed).
@@ -289,6 +290,8 @@ pub enum Op {
         /// Entries held after the append.
         len: Dim,
     },
+    /// A fused kernel made by a fusion rule: its body over its operands (see [`Fused`]).
+    Fused(Box<Fused>),
 }
 
 /// Why an op cannot be applied to operands of the given types.
@@ -359,6 +362,7 @@ impl Op {
                 }
             }
             Op::Concat { .. } => return None,
+            Op::Fused(f) => f.operands as usize,
         })
     }
 
@@ -421,6 +425,7 @@ impl Op {
             Op::Densify { .. } => "densify",
             Op::Densify24 { .. } => "densify_2_4",
             Op::Cast { .. } => "cast",
+            Op::Fused(_) => "fused",
         }
     }
 
@@ -466,6 +471,7 @@ impl Op {
                 block: [r, c],
             } => format!("n={n} k={k} sparse_rows={sparse_rows} block={r}x{c}"),
             Op::Cast { to } => format!("to={to}"),
+            Op::Fused(f) => f.attrs(),
             Op::Binary(_) | Op::Compare(_) | Op::Where | Op::Unary(_) => String::new(),
         }
     }
@@ -777,6 +783,7 @@ impl Op {
                 shape[2] = len.clone();
                 Ok(TensorType::new(t.dtype, shape))
             }
+            Op::Fused(f) => f.infer(args),
         }
     }
 }

@@ -9,6 +9,7 @@
 //! every op as its own pass over memory, which is what `-O0` runs.
 
 use egg::{CostFunction, Id, Language};
+use kiln_ir::fused::Arg;
 use kiln_ir::{BinaryOp, Graph, Op, TensorType, UnaryOp};
 
 use crate::egraph::{TensorEGraph, TensorLang};
@@ -87,16 +88,24 @@ impl CostModel {
         self.elements(t) * t.dtype.size_bytes() as f64
     }
 
-    /// Estimated ns for `op` with operand types `args` and result type `out`.
+    /// Estimated ns for `op` with operand types `args` and result type `out`: a fixed overhead,
+    /// the operands and result moved through memory once, and the arithmetic.
     pub fn op_ns(&self, op: &Op, args: &[&TensorType], out: &TensorType) -> f64 {
-        let moved = |extra: f64| {
-            let bytes: f64 = args.iter().map(|t| self.bytes(t)).sum::<f64>() + self.bytes(out);
-            self.op_overhead_ns + bytes / self.bytes_per_ns + extra
-        };
         match op {
-            Op::Input { .. } | Op::Param { .. } | Op::Scalar { .. } => 0.0,
-            Op::Reshape { .. } => 0.0,
+            Op::Input { .. } | Op::Param { .. } | Op::Scalar { .. } | Op::Reshape { .. } => 0.0,
             Op::Iota { .. } => self.op_overhead_ns,
+            _ => {
+                let bytes: f64 = args.iter().map(|t| self.bytes(t)).sum::<f64>() + self.bytes(out);
+                self.op_overhead_ns + bytes / self.bytes_per_ns + self.work_ns(op, args, out)
+            }
+        }
+    }
+
+    /// The arithmetic of `op` alone, in ns; a fused op's is its body's (its intermediate values
+    /// never go through memory).
+    fn work_ns(&self, op: &Op, args: &[&TensorType], out: &TensorType) -> f64 {
+        let per_element = |w: f64| w * self.elements(out) / self.vector_flops_per_ns;
+        match op {
             Op::MatMul { transpose_a, .. } => {
                 let a = args[0];
                 let k = if *transpose_a {
@@ -105,27 +114,42 @@ impl CostModel {
                     &a.shape[a.rank() - 1]
                 };
                 let k = self.elements(&TensorType::new(a.dtype, vec![k.clone()]));
-                moved(2.0 * self.elements(out) * k / self.matmul_flops_per_ns)
+                2.0 * self.elements(out) * k / self.matmul_flops_per_ns
             }
-            Op::Binary(b) => {
-                let w = match b {
-                    BinaryOp::Div | BinaryOp::Pow => 8.0,
-                    _ => 1.0,
+            Op::Binary(BinaryOp::Div | BinaryOp::Pow) => per_element(8.0),
+            Op::Binary(_) => per_element(1.0),
+            Op::Unary(UnaryOp::Neg | UnaryOp::Abs | UnaryOp::Relu | UnaryOp::Not) => per_element(1.0),
+            Op::Unary(UnaryOp::Recip | UnaryOp::Rsqrt) => per_element(4.0),
+            Op::Unary(UnaryOp::Sqrt) => per_element(8.0),
+            Op::Unary(_) => per_element(16.0),
+            Op::Compare(_) | Op::Where | Op::Cast { .. } => per_element(1.0),
+            Op::Reduce { .. } => self.elements(args[0]) / self.vector_flops_per_ns,
+            Op::Fused(f) => {
+                let Ok(tys) = f.types(args) else {
+                    return f64::INFINITY;
                 };
-                moved(w * self.elements(out) / self.vector_flops_per_ns)
+                f.body
+                    .iter()
+                    .zip(&tys)
+                    .map(|(n, t)| {
+                        let at: Vec<&TensorType> = n
+                            .args
+                            .iter()
+                            .map(|a| match *a {
+                                Arg::Operand(o) => args[o as usize],
+                                Arg::Node(j) => &tys[j as usize],
+                            })
+                            .collect();
+                        self.work_ns(&n.op, &at, t)
+                    })
+                    .sum()
             }
-            Op::Unary(u) => {
-                let w = match u {
-                    UnaryOp::Neg | UnaryOp::Abs | UnaryOp::Relu | UnaryOp::Not => 1.0,
-                    UnaryOp::Recip | UnaryOp::Rsqrt => 4.0,
-                    UnaryOp::Sqrt => 8.0,
-                    _ => 16.0,
-                };
-                moved(w * self.elements(out) / self.vector_flops_per_ns)
-            }
-            Op::Compare(_) | Op::Where | Op::Cast { .. } => moved(self.elements(out) / self.vector_flops_per_ns),
-            Op::Reduce { .. } => moved(self.elements(args[0]) / self.vector_flops_per_ns),
-            Op::Transpose { .. }
+            Op::Input { .. }
+            | Op::Param { .. }
+            | Op::Scalar { .. }
+            | Op::Iota { .. }
+            | Op::Reshape { .. }
+            | Op::Transpose { .. }
             | Op::Broadcast { .. }
             | Op::Slice { .. }
             | Op::Concat { .. }
@@ -133,7 +157,7 @@ impl CostModel {
             | Op::CacheAppend { .. }
             | Op::Dequantize { .. }
             | Op::Densify { .. }
-            | Op::Densify24 { .. } => moved(0.0),
+            | Op::Densify24 { .. } => 0.0,
         }
     }
 

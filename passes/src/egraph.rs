@@ -167,6 +167,9 @@ pub struct ClassData {
     pub ty: Option<TensorType>,
     /// The value, for rank-0 constants (folded).
     pub konst: Option<f64>,
+    /// How many graph nodes read the value, a graph output counting as one (set by the fusion
+    /// pass when it loads a graph; 0 otherwise): fusion never absorbs a value used twice.
+    pub uses: u32,
 }
 
 /// Types and constant folding, driven by the IR's own type rules.
@@ -230,6 +233,7 @@ impl Analysis<TensorLang> for TensorAnalysis {
         ClassData {
             ty,
             konst: konst.filter(|_| scalar),
+            uses: 0,
         }
     }
 
@@ -241,6 +245,10 @@ impl Analysis<TensorLang> for TensorAnalysis {
         }
         if a.konst.is_none() && b.konst.is_some() {
             a.konst = b.konst;
+            changed = true;
+        }
+        if b.uses > a.uses {
+            a.uses = b.uses;
             changed = true;
         }
         DidMerge(changed, a.ty.is_some() || a.konst.is_some())

@@ -36,12 +36,12 @@ pub struct NodeRule {
     f: NodeFn,
 }
 
-fn ty(eg: &TensorEGraph, id: Id) -> Option<&TensorType> {
+pub(crate) fn ty(eg: &TensorEGraph, id: Id) -> Option<&TensorType> {
     eg[id].data.ty.as_ref()
 }
 
 /// The (op, operands) of every node of class `id`.
-fn nodes(eg: &TensorEGraph, id: Id) -> impl Iterator<Item = (Cow<'_, Op>, &[Id])> {
+pub(crate) fn nodes(eg: &TensorEGraph, id: Id) -> impl Iterator<Item = (Cow<'_, Op>, &[Id])> {
     eg[id].nodes.iter().map(|n| (eg.analysis.op_of(n), n.children()))
 }
 

@@ -13,6 +13,8 @@ pub mod cost;
 pub mod cse;
 pub mod dce;
 pub mod egraph;
+pub mod fuse;
+pub mod fuse_gemm;
 pub mod layout;
 pub mod merge_projections;
 pub mod narrow;
@@ -165,6 +167,7 @@ pub fn optimize(graph: &mut Graph, level: OptLevel, verify_each: bool) -> Result
 pub fn optimize_with(graph: &mut Graph, level: OptLevel, opts: &PipelineOptions) -> Result<Vec<PassReport>, PassError> {
     let known: Vec<String> = rules::all()
         .iter()
+        .chain(fuse::rules().iter())
         .map(|r| r.name.to_string())
         .chain(opts.extra_rules.iter().map(|r| r.name.clone()))
         .collect();

@@ -4,7 +4,7 @@
 //! explicit iteration, node and time limits, and extracts the cheapest equivalent graph. Assumes a
 //! verified graph; leaves a verified graph whose outputs equal the input's up to floating-point
 //! reassociation. Reports which rules fired and why saturation stopped — a limit is reported,
-//! never hidden. Fusion is the backend's (see ARCHITECTURE.md).
+//! never hidden. Fusion is a later stage of its own (`fuse.rs`).
 
 use std::time::Duration;
 
@@ -44,6 +44,19 @@ pub fn run_rules(
     model: CostModel,
 ) -> PassStats {
     let loaded = egraph::load(graph);
+    saturate(graph, loaded, rules, limits, model, "simplify")
+}
+
+/// Runs `rules` on the loaded `graph` and replaces it by the cheapest equivalent; nodes the rules
+/// made without naming one record `pass`.
+pub fn saturate(
+    graph: &mut Graph,
+    loaded: egraph::Loaded,
+    rules: &[Rewrite<TensorLang, TensorAnalysis>],
+    limits: Limits,
+    model: CostModel,
+    pass: &str,
+) -> PassStats {
     let before = loaded.egraph.total_number_of_nodes();
     let runner = Runner::default()
         .with_iter_limit(limits.iterations)
@@ -89,7 +102,7 @@ pub fn run_rules(
         egraph: &loaded.egraph,
         model,
     };
-    let new = egraph::extract(&loaded, &graph.name, "simplify", cost);
+    let new = egraph::extract(&loaded, &graph.name, pass, cost);
     let removed = graph.len().saturating_sub(new.len());
     *graph = new;
     PassStats {

@@ -4,6 +4,7 @@
 //! lowers its own way (`kiln-cpu` with Cranelift, `kiln-cuda` through MLIR). Neither backend
 //! depends on the other.
 
+mod gemm;
 pub mod plan;
 
 use kiln_runtime::cpu::{Level, Vnni};
@@ -52,6 +53,8 @@ pub struct Options {
     pub vnni: Vnni,
     /// Let prefill products with quantized weights quantize their activations (with VNNI).
     pub int8_prefill: bool,
+    /// Fusion rules not to apply (`--disable-rule`), by name.
+    pub disabled_rules: Vec<String>,
 }
 
 impl Options {
@@ -64,6 +67,7 @@ impl Options {
             cpu: Level::host(),
             vnni: Vnni::host(Level::host()),
             int8_prefill: false,
+            disabled_rules: Vec::new(),
         }
     }
 }
@@ -76,4 +80,6 @@ pub struct Compiled {
     pub weights: Vec<u8>,
     /// The code section.
     pub code: Vec<u8>,
+    /// What fusion did: the rules that fired and the fused ops extraction kept, by rule.
+    pub fusion: kiln_passes::PassStats,
 }

@@ -12,6 +12,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use kiln_ir::{BinaryOp, CmpOp, DType, Dim, Graph, NodeId, Op, ReduceOp, Tensor, UnaryOp};
 use kiln_runtime::plan::{DimExpr, KernelKind, Manifest, Port, Step, Storage, Target, ValueDecl};
 
+use crate::gemm::{self, Epilogue};
 use crate::CompileError;
 
 /// One expression node inside a kernel.
@@ -58,6 +59,8 @@ pub struct Planned {
     pub weights: Vec<u8>,
     /// One spec per manifest kernel.
     pub kernels: Vec<KernelSpec>,
+    /// What fusion did (the fusion pass's report).
+    pub fusion: kiln_passes::PassStats,
 }
 
 fn kernel_unary(u: UnaryOp) -> bool {
@@ -214,14 +217,6 @@ struct AttnPlan {
     cached: [bool; 2],
 }
 
-/// A matrix product and what follows it: `acc + bias + scale * (a @ b)`.
-struct Epilogue {
-    matmul: NodeId,
-    scale: f32,
-    bias: Option<NodeId>,
-    acc: Option<NodeId>,
-}
-
 #[derive(Clone, Copy, PartialEq)]
 enum GroupKind {
     Map,
@@ -238,6 +233,26 @@ struct Group {
     members: HashSet<NodeId>,
 }
 
+/// `graph` with the fusion rules applied (`kiln_passes::fuse`), extracted with the target's
+/// cost model (the CPU's for a target of this machine's architecture, the GPU's otherwise), and
+/// what fusion reports.
+fn fuse(
+    graph: &Graph,
+    target: &Target,
+    opts: &crate::Options,
+) -> Result<(Graph, kiln_passes::PassStats), CompileError> {
+    use kiln_passes::cost::CostModel;
+    let model = if target.arch == std::env::consts::ARCH {
+        CostModel::cpu()
+    } else {
+        CostModel::cuda()
+    };
+    let mut g = graph.clone();
+    let stats = kiln_passes::fuse::run(&mut g, &opts.disabled_rules, model);
+    kiln_ir::verify(&g).map_err(|e| CompileError::Internal(format!("the graph is invalid after fusion: {e}")))?;
+    Ok((g, stats))
+}
+
 /// Plans `graph` (already verified and optimized) with its weights.
 pub fn plan(
     graph: &Graph,
@@ -246,6 +261,14 @@ pub fn plan(
     target: Target,
     opts: &crate::Options,
 ) -> Result<Planned, CompileError> {
+    let fused_graph;
+    let (graph, fusion) = if opts.fuse {
+        let (g, notes) = fuse(graph, &target, opts)?;
+        fused_graph = g;
+        (&fused_graph, notes)
+    } else {
+        (graph, kiln_passes::PassStats::default())
+    };
     let opt_level = opts.opt_level.as_str();
     let order = graph
         .topo_order()
@@ -262,87 +285,15 @@ pub fn plan(
         .filter(|n| outputs.contains(n) || users[n].iter().any(|u| !folded.contains_key(u)))
         .collect();
 
-    // 0. Matrix-product epilogues: a scale, a bias row and a residual that follow a product
-    //    are folded into the GEMM call (it accumulates into a pre-filled output).
-    let mut epi: HashMap<NodeId, Epilogue> = HashMap::new();
-    let mut absorbed: HashSet<NodeId> = HashSet::new();
-    for &n in &order {
-        if folded.contains_key(&n)
-            || !matches!(graph.node(n).op, Op::MatMul { .. })
-            || graph.node(n).ty.dtype != DType::F32
-        {
-            continue;
-        }
-        let mut e = Epilogue {
-            matmul: n,
-            scale: 1.0,
-            bias: None,
-            acc: None,
-        };
-        let mut cur = n;
-        loop {
-            let us = &users[&cur];
-            if !opts.fuse || us.len() != 1 || outputs.contains(&cur) {
-                break;
-            }
-            let u = us[0];
-            let args = graph.args(u);
-            let other = match args.as_slice() {
-                [x, y] if *x == cur && *y != cur => *y,
-                [x, y] if *y == cur && *x != cur => *x,
-                _ => break,
-            };
-            let (ct, ot, ut) = (&graph.node(cur).ty, &graph.node(other).ty, &graph.node(u).ty);
-            if ut != ct || ot.dtype != DType::F32 {
-                break;
-            }
-            match graph.node(u).op {
-                Op::Binary(BinaryOp::Mul) if e.scale == 1.0 && e.bias.is_none() && e.acc.is_none() => {
-                    match is_f32_scalar(graph, other) {
-                        Some(c) => e.scale = c,
-                        None => break,
-                    }
-                }
-                Op::Binary(BinaryOp::Add)
-                    if e.bias.is_none() && e.acc.is_none() && ot.rank() == 1 && ot.shape.last() == ct.shape.last() =>
-                {
-                    e.bias = Some(other)
-                }
-                Op::Binary(BinaryOp::Add) if e.acc.is_none() && ot == ct => e.acc = Some(other),
-                _ => break,
-            }
-            absorbed.insert(cur);
-            cur = u;
-        }
-        epi.insert(cur, e);
-    }
-    let special = |n: NodeId| absorbed.contains(&n) || epi.contains_key(&n) || folded.contains_key(&n);
+    // 0. Matrix products, with the epilogues `fuse-gemm-epilogue` fused into them.
+    let epi: HashMap<NodeId, Epilogue> = order
+        .iter()
+        .filter(|n| !folded.contains_key(n))
+        .filter_map(|&n| gemm::epilogue(graph, n).map(|e| (n, e)))
+        .collect();
+    let special = |n: NodeId| epi.contains_key(&n) || folded.contains_key(&n);
     // Products whose right operand is a dequantized weight read the codes directly.
-    let dequant_of = |m: NodeId| -> Option<NodeId> {
-        let Op::MatMul {
-            transpose_a: false,
-            transpose_b: true,
-        } = graph.node(m).op
-        else {
-            return None;
-        };
-        let b = graph.args(m)[1];
-        let only_products = users[&b].iter().all(|u| {
-            matches!(
-                graph.node(*u).op,
-                Op::MatMul {
-                    transpose_a: false,
-                    transpose_b: true
-                }
-            ) && graph.args(*u)[0] != b
-        });
-        (matches!(
-            graph.node(b).op,
-            Op::Dequantize { .. } | Op::Densify { .. } | Op::Densify24 { .. }
-        ) && only_products
-            && !outputs.contains(&b))
-        .then_some(b)
-    };
+    let dequant_of = |e: &Epilogue| gemm::stored_weight(graph, e, &users, &outputs);
 
     // 1. Fusion groups, formed from the outputs backwards.
     let mut group_of: HashMap<NodeId, usize> = HashMap::new();
@@ -410,16 +361,9 @@ pub fn plan(
             continue;
         }
         let [pv] = users[&g.root][..] else { continue };
-        let pv_ok = matches!(
-            graph.node(pv).op,
-            Op::MatMul {
-                transpose_a: false,
-                transpose_b: false
-            }
-        ) && graph.args(pv)[0] == g.root
-            && epi
-                .get(&pv)
-                .is_some_and(|e| e.matmul == pv && e.scale == 1.0 && e.bias.is_none() && e.acc.is_none());
+        let pv_ok = epi
+            .get(&pv)
+            .is_some_and(|e| e.plain() && !e.ta && !e.tb && e.a == g.root && e.b != g.root);
         if !pv_ok {
             continue;
         }
@@ -435,24 +379,16 @@ pub fn plan(
             .iter()
             .copied()
             .filter(|s| {
-                epi.get(s).is_some_and(|e| {
-                    e.bias.is_none()
-                        && e.acc.is_none()
-                        && matches!(
-                            graph.node(e.matmul).op,
-                            Op::MatMul {
-                                transpose_a: false,
-                                transpose_b: true
-                            }
-                        )
-                }) && !outputs.contains(s)
+                epi.get(s)
+                    .is_some_and(|e| e.bias.is_none() && e.acc.is_none() && !e.ta && e.tb)
+                    && !outputs.contains(s)
                     && users[s].iter().all(|u| g.members.contains(u))
                     && graph.node(*s).ty == graph.node(g.top).ty
             })
             .collect();
         let [s] = scores[..] else { continue };
         let e = &epi[&s];
-        let (q, k, v) = (graph.args(e.matmul)[0], graph.args(e.matmul)[1], graph.args(pv)[1]);
+        let (q, k, v) = (e.a, e.b, epi[&pv].b);
         let rank4 = [q, k, v, pv].iter().all(|n| graph.node(*n).ty.rank() == 4);
         if !rank4 {
             continue;
@@ -468,7 +404,7 @@ pub fn plan(
         let ((qn, qsm), (kn, ksm), (vn, vsm)) = if q == k {
             ((q, false), (k, false), fold(v, pv))
         } else {
-            (fold(q, e.matmul), fold(k, e.matmul), fold(v, pv))
+            (fold(q, s), fold(k, s), fold(v, pv))
         };
         let (emit, osm) = match users[&pv][..] {
             [t] if !outputs.contains(&pv)
@@ -561,20 +497,13 @@ pub fn plan(
     let interior = |n: NodeId| group_of.get(&n).is_some_and(|g| groups[*g].root != n);
     let eff_args = |n: NodeId| -> Vec<NodeId> {
         match epi.get(&n) {
-            Some(e) => {
-                let mm = graph.args(e.matmul);
-                let operands = match dequant_of(e.matmul) {
-                    Some(dq) => std::iter::once(mm[0]).chain(graph.args(dq)).collect(),
-                    None => mm,
-                };
-                operands.into_iter().chain(e.bias).chain(e.acc).collect()
-            }
+            Some(e) => gemm::operands(graph, e, dequant_of(e)),
             None => graph.args(n),
         }
     };
     let mut needed: HashSet<NodeId> = outputs.clone();
     for &n in &order {
-        if interior(n) || absorbed.contains(&n) || attn_skip.contains(&n) || folded.contains_key(&n) {
+        if interior(n) || attn_skip.contains(&n) || folded.contains_key(&n) {
             continue;
         }
         if let Some(a) = attn.get(&n) {
@@ -623,11 +552,7 @@ pub fn plan(
     let mut wbytes: Vec<u8> = Vec::new();
     let mut inputs = Vec::new();
     for &n in &order {
-        if interior(n)
-            || absorbed.contains(&n)
-            || attn_skip.contains(&n)
-            || (!needed.contains(&n) && !group_of.contains_key(&n))
-        {
+        if interior(n) || attn_skip.contains(&n) || (!needed.contains(&n) && !group_of.contains_key(&n)) {
             continue;
         }
         if folded.contains_key(&n) && !fold_boundary.contains(&n) {
@@ -725,82 +650,7 @@ pub fn plan(
             }
             _ if epi.contains_key(&n) => {
                 let e = &epi[&n];
-                let Op::MatMul {
-                    transpose_a,
-                    transpose_b,
-                } = graph.node(e.matmul).op
-                else {
-                    unreachable!("epilogues start at a matmul")
-                };
-                let mm = graph.args(e.matmul);
-                let fused = dequant_of(e.matmul).map(|d| (d, graph.node(d).op.clone()));
-                if let Some((dq, Op::Densify24 { sparse_rows, .. })) = &fused {
-                    let sa = graph.args(*dq);
-                    steps.push(Step::SpMatMul24 {
-                        a: val(&mm[0])?,
-                        vals: val(&sa[0])?,
-                        idx: val(&sa[1])?,
-                        out: vid,
-                        sparse_rows: *sparse_rows,
-                        scale: e.scale,
-                        bias: e.bias.as_ref().map(&val).transpose()?,
-                        acc: e.acc.as_ref().map(&val).transpose()?,
-                    });
-                    values.push(decl);
-                    value_of.insert(n, vid);
-                    continue;
-                }
-                if let Some((dq, Op::Densify { sparse_rows, block, .. })) = &fused {
-                    let sa = graph.args(*dq);
-                    steps.push(Step::SpMatMul {
-                        a: val(&mm[0])?,
-                        row_ptr: val(&sa[0])?,
-                        cols: val(&sa[1])?,
-                        vals: val(&sa[2])?,
-                        out: vid,
-                        sparse_rows: *sparse_rows,
-                        block: *block,
-                        scale: e.scale,
-                        bias: e.bias.as_ref().map(&val).transpose()?,
-                        acc: e.acc.as_ref().map(&val).transpose()?,
-                    });
-                    values.push(decl);
-                    value_of.insert(n, vid);
-                    continue;
-                }
-                if let (Some(dq), Op::Dequantize { bits, group }) = (
-                    dequant_of(e.matmul),
-                    dequant_of(e.matmul)
-                        .map(|d| graph.node(d).op.clone())
-                        .unwrap_or(Op::Where),
-                ) {
-                    let qa = graph.args(dq);
-                    steps.push(Step::QMatMul {
-                        a: val(&mm[0])?,
-                        codes: val(&qa[0])?,
-                        scales: val(&qa[1])?,
-                        mins: qa.get(2).map(&val).transpose()?,
-                        bits,
-                        group,
-                        out: vid,
-                        scale: e.scale,
-                        bias: e.bias.as_ref().map(&val).transpose()?,
-                        acc: e.acc.as_ref().map(&val).transpose()?,
-                    });
-                    values.push(decl);
-                    value_of.insert(n, vid);
-                    continue;
-                }
-                steps.push(Step::MatMul {
-                    a: val(&mm[0])?,
-                    b: val(&mm[1])?,
-                    out: vid,
-                    ta: transpose_a,
-                    tb: transpose_b,
-                    scale: e.scale,
-                    bias: e.bias.as_ref().map(&val).transpose()?,
-                    acc: e.acc.as_ref().map(&val).transpose()?,
-                })
+                steps.push(gemm::step(graph, e, dequant_of(e), vid, &val)?);
             }
             Op::Reshape { .. } => decl.storage = Storage::Alias(val(&args[0])?),
             Op::Gather { axis } if matches!(graph.node(args[1]).ty.dtype, DType::I64 | DType::I32) => {
@@ -890,6 +740,7 @@ pub fn plan(
         manifest,
         weights: wbytes,
         kernels,
+        fusion,
     })
 }
 

@@ -1,7 +1,7 @@
 //! `kiln bisect`: which rewrite rules make the compiled model disagree with the interpreter.
 //!
 //! The reference is the interpreter on the lowered, unoptimized graph. The model is optimized,
-//! compiled and run as `kiln compile` would. On a mismatch beyond the tolerance, the rules that
+//! compiled (fusion rules included) and run as `kiln compile` would. On a mismatch beyond the tolerance, the rules that
 //! fired are halved — the mismatch checked with one half disabled, then with the other — down to
 //! the smallest set whose disabling removes it (when neither half alone does, both stay: the
 //! culprits then interact). Then the optimized graph, rules on, is run on the interpreter with
@@ -117,7 +117,10 @@ fn check(
     opts.disabled_rules.extend(disabled.iter().cloned());
     let reports = kiln_passes::optimize_with(&mut g, c.level, &opts).map_err(|e| e.to_string())?;
     let fired: BTreeSet<String> = reports.iter().flat_map(|r| r.stats.fired.iter().cloned()).collect();
-    let compiled = crate::compile(&g, c.weights, c.dims, &c.options).map_err(|e| e.to_string())?;
+    let mut options = c.options.clone();
+    options.disabled_rules.extend(disabled.iter().cloned());
+    let compiled = crate::compile(&g, c.weights, c.dims, &options).map_err(|e| e.to_string())?;
+    let fired: BTreeSet<String> = fired.into_iter().chain(compiled.fusion.fired.iter().cloned()).collect();
     let bytes = kiln_runtime::artifact::encode(&compiled.manifest, &compiled.weights, &compiled.code)?;
     let model = kiln_runtime::Model::from_bytes(&bytes).map_err(|e| e.to_string())?;
     let out = model.run(c.inputs).map_err(|e| e.to_string())?;
@@ -162,6 +165,10 @@ fn worst(reference: &[(String, Tensor)], got: &[(String, Tensor)], tol: f64) -> 
 fn first_divergence(c: &Case) -> Result<Option<Divergence>, String> {
     let mut opt = c.graph.clone();
     kiln_passes::optimize_with(&mut opt, c.level, &c.pipeline).map_err(|e| e.to_string())?;
+    if c.options.fuse {
+        let model = kiln_passes::cost::CostModel::cpu();
+        kiln_passes::fuse::run(&mut opt, &c.options.disabled_rules, model);
+    }
     // Only names that are unique in both graphs identify a node.
     let unique = |g: &Graph| -> BTreeMap<String, Option<kiln_ir::NodeId>> {
         let mut m: BTreeMap<String, Option<kiln_ir::NodeId>> = BTreeMap::new();

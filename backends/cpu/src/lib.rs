@@ -66,6 +66,7 @@ pub fn compile(
         manifest,
         weights: planned.weights,
         code,
+        fusion: planned.fusion,
     })
 }
 

@@ -92,6 +92,7 @@ pub fn compile(
             manifest,
             weights: planned.weights,
             code,
+            fusion: planned.fusion,
         },
         mlir,
     })

@@ -50,6 +50,34 @@ fn for_each_broadcast<const N: usize>(out: &[usize], strides: [&[usize]; N], mut
     }
 }
 
+/// A fused op: its body node by node, on the operands' concrete types.
+fn fused(f: &kiln_ir::Fused, args: &[&Value], b: &Bindings) -> Result<Value, String> {
+    let tys: Vec<TensorType> = args
+        .iter()
+        .map(|v| {
+            TensorType::new(
+                v.dtype,
+                v.shape.iter().map(|d| kiln_ir::Dim::known(*d as u64)).collect(),
+            )
+        })
+        .collect();
+    let body_tys = f.types(&tys.iter().collect::<Vec<_>>()).map_err(|e| e.0)?;
+    let mut vals: Vec<Value> = Vec::with_capacity(f.body.len());
+    for (n, ty) in f.body.iter().zip(&body_tys) {
+        let operands: Vec<&Value> = n
+            .args
+            .iter()
+            .map(|a| match *a {
+                kiln_ir::fused::Arg::Operand(o) => args[o as usize],
+                kiln_ir::fused::Arg::Node(j) => &vals[j as usize],
+            })
+            .collect();
+        let v = eval(&n.op, ty, &operands, b)?;
+        vals.push(v);
+    }
+    Ok(vals.pop().expect("types checks the body is not empty"))
+}
+
 fn concrete(ty: &TensorType, b: &Bindings) -> Result<Vec<usize>, String> {
     ty.shape
         .iter()
@@ -117,6 +145,7 @@ pub fn eval(op: &Op, ty: &TensorType, args: &[&Value], b: &Bindings) -> Result<V
         Op::Unary(u) => args[0].data.iter().map(|x| unary(*u, *x)).collect(),
         Op::Cast { .. } => args[0].data.clone(),
         Op::CacheAppend { .. } => return Err("cache_append runs only with a cache (`run_with_cache`)".into()),
+        Op::Fused(f) => return fused(f, args, b),
         Op::Dequantize { bits, group } => dequantize(*bits, *group as usize, &out_shape, args),
         Op::Densify24 { n, k, .. } => unpack24(*n as usize, *k as usize, args)?,
         Op::Densify { n, k, block, .. } => {
