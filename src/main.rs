@@ -495,6 +495,7 @@ fn compile(
         vnni: cpu.vnni,
         int8_prefill: q.int8_prefill,
         disabled_rules: popts.disabled_rules.clone(),
+        dump_dir: popts.dump_dir.clone(),
         ..kiln_cpu::Options::for_level(opt)
     };
     let compiled = match target {

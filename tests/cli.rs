@@ -292,7 +292,8 @@ fn compile_dumps_ir_and_disables_rules() {
             "06-dce.txt",
             "07-cse.txt",
             "08-merge-projections.txt",
-            "09-dce.txt"
+            "09-dce.txt",
+            "10-fuse.txt"
         ]
     );
     assert!(std::fs::read_to_string(dump.join("04-simplify.txt"))
@@ -630,7 +631,7 @@ fn bisect_reports_agreement_and_refuses_missing_inputs() {
     );
 }
 
-/// `--report` names the fused ops by the rule that made them, and disabling a fusion rule keeps
+/// `--report` names the fused ops by the rule that made them, and disabling any fusion rule keeps
 /// the outputs (more steps, the same logits).
 #[test]
 fn fusion_rules_are_reported_and_can_be_disabled() {
@@ -649,7 +650,14 @@ fn fusion_rules_are_reported_and_can_be_disabled() {
         "max_pos=64",
     ];
     let mut steps = Vec::new();
-    for (i, disable) in [None, Some("fuse-gemm-epilogue")].into_iter().enumerate() {
+    let rules = [
+        "fuse-gemm-epilogue",
+        "fuse-elementwise",
+        "fuse-reduction",
+        "fuse-softmax",
+    ];
+    let runs = std::iter::once(None).chain(rules.iter().copied().map(Some));
+    for (i, disable) in runs.enumerate() {
         let art = dir.join(format!("gpt2-{i}.kiln"));
         let mut args = vec!["compile", "specs/gpt2.ron"];
         args.extend(tiny);
@@ -666,12 +674,13 @@ fn fusion_rules_are_reported_and_can_be_disabled() {
         let o = kiln(&args);
         let (out, err) = text(&o);
         assert!(o.status.success(), "{err}");
-        let want = if disable.is_some() {
-            "fused ops: none"
-        } else {
-            "fused ops: fuse-gemm-epilogue x"
-        };
-        assert!(out.contains(want), "{out}");
+        let fused = out
+            .lines()
+            .find(|l| l.contains("fused ops:"))
+            .expect("a fused-ops line");
+        for r in rules {
+            assert_eq!(fused.contains(&format!("{r} x")), disable != Some(r), "{out}");
+        }
         let plan = out.lines().find(|l| l.contains("plan ")).expect("a plan line");
         steps.push(plan.split_whitespace().nth(1).unwrap().parse::<usize>().unwrap());
         let logits = dir.join(format!("logits-{i}.npy"));
@@ -688,6 +697,9 @@ fn fusion_rules_are_reported_and_can_be_disabled() {
         let e = got.max_abs_diff(&common::npy("gpt2_tiny/logits.npy")).unwrap();
         assert!(e < 1e-4, "{disable:?}: compiled GPT-2 vs transformers: {e}");
     }
-    assert!(steps[0] < steps[1], "fusing epilogues saves steps: {steps:?}");
+    assert!(
+        steps[1..].iter().all(|s| *s > steps[0]),
+        "every rule saves steps: {steps:?}"
+    );
     std::fs::remove_dir_all(&dir).ok();
 }

@@ -170,6 +170,9 @@ pub struct ClassData {
     /// How many graph nodes read the value, a graph output counting as one (set by the fusion
     /// pass when it loads a graph; 0 otherwise): fusion never absorbs a value used twice.
     pub uses: u32,
+    /// The value depends on weights and constants alone (no input, no symbolic extent): the
+    /// planner computes it at compile time, so fusion leaves it out of kernels.
+    pub fixed: bool,
 }
 
 /// Types and constant folding, driven by the IR's own type rules.
@@ -230,10 +233,24 @@ impl Analysis<TensorLang> for TensorAnalysis {
             .filter(|v| v.is_finite())
             .map(|v| round(ty.as_ref().map_or(DType::F32, |t| t.dtype), v));
         let scalar = ty.as_ref().is_some_and(|t| t.rank() == 0);
+        let known = ty
+            .as_ref()
+            .is_some_and(|t| t.shape.iter().all(|d| d.as_known().is_some()));
+        let fixed = known
+            && match &op {
+                Op::Param { .. } | Op::Scalar { .. } | Op::Iota { .. } => true,
+                Op::Input { .. }
+                | Op::CacheAppend { .. }
+                | Op::Dequantize { .. }
+                | Op::Densify { .. }
+                | Op::Densify24 { .. } => false,
+                _ => !kids.is_empty() && kids.iter().all(|k| k.fixed),
+            };
         ClassData {
             ty,
             konst: konst.filter(|_| scalar),
             uses: 0,
+            fixed,
         }
     }
 
@@ -245,6 +262,10 @@ impl Analysis<TensorLang> for TensorAnalysis {
         }
         if a.konst.is_none() && b.konst.is_some() {
             a.konst = b.konst;
+            changed = true;
+        }
+        if b.fixed && !a.fixed {
+            a.fixed = true;
             changed = true;
         }
         if b.uses > a.uses {

@@ -2,59 +2,148 @@
 //! the e-classes of what they replace, and extraction with the target's cost model chooses; the
 //! planner lowers the fused ops extraction kept and decides nothing else about them.
 //!
-//! Fusion is its own saturation stage, after the algebraic and layout rules and the weight
-//! rewrites (quantization, sparsity): it loads the final graph, records how many nodes read each
-//! value (a value read twice is never absorbed, or extraction would compute it twice), and runs
-//! the fusion rules alone.
+//! Fusion runs after the algebraic and layout rules and the weight rewrites (quantization,
+//! sparsity), on the final graph, in two saturation stages: products with their epilogues
+//! (`fuse_gemm.rs`), then the generated kernels' element-wise trees, reductions and softmax rows
+//! (`fuse_kernel.rs`), which never absorb a product. Loading records how many nodes read each
+//! value: a value read twice is never absorbed, or the fused graph would compute it twice.
 
-use kiln_ir::{Graph, Op};
+use egg::{CostFunction, Id, Language, Runner};
+use kiln_ir::{Graph, Op, TensorType};
 
-use crate::egraph::{self, Loaded};
+use crate::cost::CostModel;
+use crate::egraph::{self, Loaded, TensorEGraph, TensorLang};
 use crate::layout::node_rule;
 use crate::rules::Rule;
-use crate::simplify::Limits;
 use crate::PassStats;
+
+/// The fusion stages' rules, in order.
+fn stages() -> [Vec<Rule>; 2] {
+    use crate::fuse_kernel as k;
+    [
+        vec![node_rule(crate::fuse_gemm::NAME, crate::fuse_gemm::fuse_gemm_epilogue)],
+        vec![
+            node_rule(k::ELEMENTWISE, k::fuse_elementwise),
+            node_rule(k::REDUCTION, k::fuse_reduction),
+            node_rule(k::SOFTMAX, k::fuse_softmax),
+        ],
+    ]
+}
 
 /// Every fusion rule.
 pub fn rules() -> Vec<Rule> {
-    vec![node_rule(crate::fuse_gemm::NAME, crate::fuse_gemm::fuse_gemm_epilogue)]
+    stages().into_iter().flatten().collect()
 }
 
-/// Sets every class's use count from the loaded graph: one per reading e-node, one per output.
+/// Sets every class's use count from the loaded graph: one per distinct reading node, one per
+/// output.
 fn count_uses(loaded: &mut Loaded) {
     let eg = &mut loaded.egraph;
-    let mut uses: std::collections::HashMap<egg::Id, u32> = std::collections::HashMap::new();
+    let mut uses: std::collections::HashMap<Id, u32> = std::collections::HashMap::new();
     for class in eg.classes() {
         for node in &class.nodes {
-            for k in egg::Language::children(node) {
-                *uses.entry(eg.find(*k)).or_default() += 1;
+            let mut kids: Vec<Id> = node.children().iter().map(|k| eg.find(*k)).collect();
+            kids.sort();
+            kids.dedup();
+            for k in kids {
+                *uses.entry(k).or_default() += 1;
             }
         }
     }
     for (_, c) in &loaded.outputs {
         *uses.entry(eg.find(*c)).or_default() += 1;
     }
-    let ids: Vec<egg::Id> = eg.classes().map(|c| c.id).collect();
+    let ids: Vec<Id> = eg.classes().map(|c| c.id).collect();
     for id in ids {
         eg[id].data.uses = uses.get(&id).copied().unwrap_or(0);
     }
 }
 
+/// Extraction cost for fusion: an e-node's own estimated time plus its operands' costs, each
+/// shared among the nodes that read it (a value read by `k` nodes charges each `1/k` of its cost).
+/// Summed over a tree this is the tree's cost exactly; over a shared value it counts the value
+/// once in total and never grows with the number of paths to it, and a fused op wins exactly
+/// when it saves the traffic and overhead of the ops it absorbs.
+struct FusionCost<'a> {
+    egraph: &'a TensorEGraph,
+    model: CostModel,
+}
+
+impl CostFunction<TensorLang> for FusionCost<'_> {
+    type Cost = f64;
+    fn cost<C: FnMut(Id) -> f64>(&mut self, enode: &TensorLang, mut costs: C) -> f64 {
+        let eg = self.egraph;
+        let op = eg.analysis.op_of(enode);
+        let tys: Option<Vec<&TensorType>> = enode.children().iter().map(|c| eg[*c].data.ty.as_ref()).collect();
+        let own = match tys.as_ref().and_then(|t| op.infer(t).ok().map(|o| (t, o))) {
+            Some((args, out)) => self.model.op_ns(&op, args, &out),
+            None => f64::INFINITY,
+        };
+        let mut kids: Vec<Id> = enode.children().to_vec();
+        kids.sort();
+        kids.dedup();
+        own + kids
+            .into_iter()
+            .map(|k| costs(k) / eg[k].data.uses.max(1) as f64)
+            .sum::<f64>()
+    }
+}
+
 /// Runs the fusion rules not in `disabled` on `graph` and extracts the cheapest graph.
-pub fn run(graph: &mut Graph, disabled: &[String], model: crate::cost::CostModel) -> PassStats {
-    let rules: Vec<Rule> = rules()
-        .into_iter()
-        .filter(|r| !disabled.iter().any(|d| r.name.as_str() == d))
-        .collect();
+pub fn run(graph: &mut Graph, disabled: &[String], model: CostModel) -> PassStats {
     let mut loaded = egraph::load(graph);
     count_uses(&mut loaded);
-    let limits = Limits {
-        iterations: 8,
-        ..Limits::default()
+    let before = loaded.egraph.total_number_of_nodes();
+    let mut eg = loaded.egraph;
+    let mut fired: std::collections::BTreeMap<String, usize> = std::collections::BTreeMap::new();
+    let mut iterations = 0;
+    for stage in stages() {
+        let rules: Vec<Rule> = stage
+            .into_iter()
+            .filter(|r| !disabled.iter().any(|d| r.name.as_str() == d))
+            .collect();
+        let runner = Runner::default()
+            .with_iter_limit(4)
+            .with_node_limit(2_000_000)
+            .with_time_limit(std::time::Duration::from_secs(30))
+            .with_egraph(eg)
+            .run(&rules);
+        for it in &runner.iterations {
+            for (rule, n) in &it.applied {
+                *fired.entry(rule.to_string()).or_default() += n;
+            }
+        }
+        iterations += runner.iterations.len();
+        eg = runner.egraph;
+    }
+    let mut notes = vec![format!(
+        "e-graph: {before} -> {} nodes in {iterations} iterations (two stages)",
+        eg.total_number_of_nodes()
+    )];
+    let fired_text: Vec<String> = fired.iter().map(|(r, n)| format!("{r} x{n}")).collect();
+    if !fired_text.is_empty() {
+        notes.push(format!("rules fired: {}", fired_text.join(", ")));
+    }
+    let outputs = loaded.outputs.iter().map(|(n, c)| (n.clone(), eg.find(*c))).collect();
+    let loaded = Loaded {
+        egraph: eg,
+        outputs,
+        ..loaded
     };
-    let mut stats = crate::simplify::saturate(graph, loaded, &rules, limits, model, "fuse");
-    stats.notes.push(fused_summary(graph));
-    stats
+    let cost = FusionCost {
+        egraph: &loaded.egraph,
+        model,
+    };
+    let new = egraph::extract(&loaded, &graph.name, "fuse", cost);
+    let removed = graph.len().saturating_sub(new.len());
+    *graph = new;
+    notes.push(fused_summary(graph));
+    PassStats {
+        removed,
+        merged: 0,
+        notes,
+        fired: fired.into_keys().collect(),
+    }
 }
 
 /// How many fused ops the graph has, by rule: `fused ops: fuse-gemm-epilogue x36`.

@@ -15,6 +15,7 @@ pub mod dce;
 pub mod egraph;
 pub mod fuse;
 pub mod fuse_gemm;
+pub mod fuse_kernel;
 pub mod layout;
 pub mod merge_projections;
 pub mod narrow;

@@ -5,6 +5,7 @@
 //! depends on the other.
 
 mod gemm;
+mod group;
 pub mod plan;
 
 use kiln_runtime::cpu::{Level, Vnni};
@@ -32,6 +33,15 @@ pub enum CompileError {
     /// A bug in kiln.
     #[error("internal compiler error: {0}")]
     Internal(String),
+    /// An IR dump (`--dump-ir`) could not be written.
+    #[error("writing {path}: {source}")]
+    Dump {
+        /// The file.
+        path: String,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
     /// The artifact could not be written.
     #[error("{0}")]
     Write(#[from] kiln_runtime::LoadError),
@@ -55,6 +65,8 @@ pub struct Options {
     pub int8_prefill: bool,
     /// Fusion rules not to apply (`--disable-rule`), by name.
     pub disabled_rules: Vec<String>,
+    /// Where `--dump-ir` writes the passes' graphs: the fused graph joins them (`10-fuse.txt`).
+    pub dump_dir: Option<std::path::PathBuf>,
 }
 
 impl Options {
@@ -68,6 +80,7 @@ impl Options {
             vnni: Vnni::host(Level::host()),
             int8_prefill: false,
             disabled_rules: Vec::new(),
+            dump_dir: None,
         }
     }
 }

@@ -13,6 +13,7 @@ use kiln_ir::{BinaryOp, CmpOp, DType, Dim, Graph, NodeId, Op, ReduceOp, Tensor, 
 use kiln_runtime::plan::{DimExpr, KernelKind, Manifest, Port, Step, Storage, Target, ValueDecl};
 
 use crate::gemm::{self, Epilogue};
+use crate::group::{self, Group, GroupKind};
 use crate::CompileError;
 
 /// One expression node inside a kernel.
@@ -61,96 +62,6 @@ pub struct Planned {
     pub kernels: Vec<KernelSpec>,
     /// What fusion did (the fusion pass's report).
     pub fusion: kiln_passes::PassStats,
-}
-
-fn kernel_unary(u: UnaryOp) -> bool {
-    matches!(
-        u,
-        UnaryOp::Neg
-            | UnaryOp::Abs
-            | UnaryOp::Exp
-            | UnaryOp::Sqrt
-            | UnaryOp::Rsqrt
-            | UnaryOp::Tanh
-            | UnaryOp::Erf
-            | UnaryOp::Sigmoid
-            | UnaryOp::Relu
-            | UnaryOp::Recip
-    )
-}
-
-/// Whether `id` can live inside a generated kernel.
-fn fusible(g: &Graph, id: NodeId) -> bool {
-    let n = g.node(id);
-    let f32_args = || g.args(id).iter().all(|a| g.node(*a).ty.dtype == DType::F32);
-    match &n.op {
-        Op::Binary(b) => n.ty.dtype == DType::F32 && *b != BinaryOp::Pow,
-        Op::Unary(u) => n.ty.dtype == DType::F32 && kernel_unary(*u),
-        Op::Compare(_) => f32_args(),
-        Op::Where => n.ty.dtype == DType::F32,
-        _ => false,
-    }
-}
-
-fn is_f32_scalar(g: &Graph, id: NodeId) -> Option<f32> {
-    match &g.node(id).op {
-        Op::Scalar {
-            value,
-            dtype: DType::F32,
-        } => Some(value.as_f64() as f32),
-        _ => None,
-    }
-}
-
-fn reduce_last(g: &Graph, id: NodeId) -> Option<ReduceOp> {
-    match &g.node(id).op {
-        Op::Reduce { op, axes, .. } => {
-            let x = &g.node(g.args(id)[0]).ty;
-            (x.dtype == DType::F32 && axes.len() == 1 && axes[0] + 1 == x.rank()).then_some(*op)
-        }
-        _ => None,
-    }
-}
-
-/// Matches `e / sum(e)` with `e = exp(x - max(x))`, all over the last axis, where only the pattern
-/// uses its intermediates. Returns `x` and the pattern's nodes.
-fn softmax_last(
-    g: &Graph,
-    y: NodeId,
-    users: &HashMap<NodeId, Vec<NodeId>>,
-    outputs: &HashSet<NodeId>,
-) -> Option<(NodeId, [NodeId; 5])> {
-    let only = |n: NodeId, u: &[NodeId]| {
-        !outputs.contains(&n) && {
-            let mut us = users[&n].clone();
-            us.sort();
-            let mut want = u.to_vec();
-            want.sort();
-            us == want
-        }
-    };
-    if g.node(y).op != Op::Binary(BinaryOp::Div) || g.node(y).ty.dtype != DType::F32 {
-        return None;
-    }
-    let [e, s] = g.args(y)[..] else { return None };
-    let is_last = |n: NodeId, want: ReduceOp| match &g.node(n).op {
-        Op::Reduce {
-            op,
-            axes,
-            keep_dims: true,
-        } => *op == want && axes.len() == 1 && axes[0] + 1 == g.node(n).ty.rank(),
-        _ => false,
-    };
-    if g.node(e).op != Op::Unary(UnaryOp::Exp) || !is_last(s, ReduceOp::Sum) || g.args(s)[0] != e {
-        return None;
-    }
-    let d = g.args(e)[0];
-    let [x, m] = g.args(d)[..] else { return None };
-    if g.node(d).op != Op::Binary(BinaryOp::Sub) || !is_last(m, ReduceOp::Max) || g.args(m)[0] != x || x == m {
-        return None;
-    }
-    let ok = only(e, &[s, y]) && only(s, &[y]) && only(d, &[e]) && only(m, &[d]) && g.node(x).ty == g.node(y).ty;
-    ok.then_some((x, [y, e, s, d, m]))
 }
 
 /// The largest tensor a weight-only subgraph may be folded into (elements).
@@ -217,22 +128,6 @@ struct AttnPlan {
     cached: [bool; 2],
 }
 
-#[derive(Clone, Copy, PartialEq)]
-enum GroupKind {
-    Map,
-    Reduce(ReduceOp),
-    Softmax,
-}
-
-struct Group {
-    /// The node whose value the kernel writes.
-    root: NodeId,
-    /// The node whose value the kernel's expression computes (the root, or what it reduces).
-    top: NodeId,
-    kind: GroupKind,
-    members: HashSet<NodeId>,
-}
-
 /// `graph` with the fusion rules applied (`kiln_passes::fuse`), extracted with the target's
 /// cost model (the CPU's for a target of this machine's architecture, the GPU's otherwise), and
 /// what fusion reports.
@@ -249,6 +144,13 @@ fn fuse(
     };
     let mut g = graph.clone();
     let stats = kiln_passes::fuse::run(&mut g, &opts.disabled_rules, model);
+    if let Some(dir) = &opts.dump_dir {
+        let path = dir.join("10-fuse.txt");
+        std::fs::write(&path, g.to_text()).map_err(|source| CompileError::Dump {
+            path: path.display().to_string(),
+            source,
+        })?;
+    }
     kiln_ir::verify(&g).map_err(|e| CompileError::Internal(format!("the graph is invalid after fusion: {e}")))?;
     Ok((g, stats))
 }
@@ -295,61 +197,17 @@ pub fn plan(
     // Products whose right operand is a dequantized weight read the codes directly.
     let dequant_of = |e: &Epilogue| gemm::stored_weight(graph, e, &users, &outputs);
 
-    // 1. Fusion groups, formed from the outputs backwards.
+    // 1. Generated kernels: the fused ops the kernel rules made, and single ops a kernel computes.
     let mut group_of: HashMap<NodeId, usize> = HashMap::new();
     let mut groups: Vec<Group> = Vec::new();
-    for &x in order.iter().rev() {
-        if group_of.contains_key(&x) {
+    for &x in &order {
+        if special(x) {
             continue;
         }
-        let softmax = softmax_last(graph, x, &users, &outputs)
-            .filter(|_| opts.fuse)
-            .filter(|(_, p)| p.iter().all(|n| !group_of.contains_key(n) && !special(*n)));
-        let reduce = reduce_last(graph, x);
-        if special(x) || (!fusible(graph, x) && reduce.is_none() && softmax.is_none()) {
-            continue;
+        if let Some(g) = group::group(graph, x)? {
+            group_of.insert(x, groups.len());
+            groups.push(g);
         }
-        let (top, kind) = match (softmax, reduce) {
-            (Some((input, _)), _) => (input, GroupKind::Softmax),
-            (None, Some(op)) => (graph.args(x)[0], GroupKind::Reduce(op)),
-            (None, None) => (x, GroupKind::Map),
-        };
-        let space = graph.node(top).ty.shape.clone();
-        let gi = groups.len();
-        let mut members = HashSet::from([x]);
-        group_of.insert(x, gi);
-        let mut stack = match softmax {
-            Some((input, pattern)) => {
-                for p in pattern {
-                    members.insert(p);
-                    group_of.insert(p, gi);
-                }
-                vec![input]
-            }
-            None if opts.fuse => graph.args(x),
-            // Without fusion every op is its own kernel (constants are still inlined).
-            None => Vec::new(),
-        };
-        while let Some(y) = stack.pop() {
-            if members.contains(&y) || group_of.contains_key(&y) || outputs.contains(&y) {
-                continue;
-            }
-            if fusible(graph, y)
-                && !special(y)
-                && graph.node(y).ty.shape == space
-                && users[&y].iter().all(|u| members.contains(u))
-            {
-                members.insert(y);
-                group_of.insert(y, gi);
-                stack.extend(graph.args(y));
-            }
-        }
-        groups.push(Group {
-            root: x,
-            top,
-            kind,
-            members,
-        });
     }
 
     // 1b. Attention: scores = scale * q kᵀ feeding only a softmax group whose result feeds only
@@ -367,14 +225,7 @@ pub fn plan(
         if !pv_ok {
             continue;
         }
-        let leaves: Vec<NodeId> = g
-            .members
-            .iter()
-            .flat_map(|m| graph.args(*m))
-            .filter(|a| !g.members.contains(a) && is_f32_scalar(graph, *a).is_none())
-            .collect::<HashSet<_>>()
-            .into_iter()
-            .collect();
+        let leaves = g.leaves.clone();
         let scores: Vec<NodeId> = leaves
             .iter()
             .copied()
@@ -382,8 +233,8 @@ pub fn plan(
                 epi.get(s)
                     .is_some_and(|e| e.bias.is_none() && e.acc.is_none() && !e.ta && e.tb)
                     && !outputs.contains(s)
-                    && users[s].iter().all(|u| g.members.contains(u))
-                    && graph.node(*s).ty == graph.node(g.top).ty
+                    && users[s] == [g.root]
+                    && graph.node(*s).ty == g.space
             })
             .collect();
         let [s] = scores[..] else { continue };
@@ -494,7 +345,6 @@ pub fn plan(
     }
 
     // 2. Which nodes need a value: outputs, group leaves, operands of everything else.
-    let interior = |n: NodeId| group_of.get(&n).is_some_and(|g| groups[*g].root != n);
     let eff_args = |n: NodeId| -> Vec<NodeId> {
         match epi.get(&n) {
             Some(e) => gemm::operands(graph, e, dequant_of(e)),
@@ -503,7 +353,7 @@ pub fn plan(
     };
     let mut needed: HashSet<NodeId> = outputs.clone();
     for &n in &order {
-        if interior(n) || attn_skip.contains(&n) || folded.contains_key(&n) {
+        if attn_skip.contains(&n) || folded.contains_key(&n) {
             continue;
         }
         if let Some(a) = attn.get(&n) {
@@ -512,15 +362,7 @@ pub fn plan(
             continue;
         }
         match group_of.get(&n) {
-            Some(&gi) => {
-                for m in &groups[gi].members {
-                    for a in graph.args(*m) {
-                        if !groups[gi].members.contains(&a) && is_f32_scalar(graph, a).is_none() {
-                            needed.insert(a);
-                        }
-                    }
-                }
-            }
+            Some(&gi) => needed.extend(groups[gi].leaves.iter().copied()),
             None => needed.extend(eff_args(n)),
         }
     }
@@ -552,7 +394,7 @@ pub fn plan(
     let mut wbytes: Vec<u8> = Vec::new();
     let mut inputs = Vec::new();
     for &n in &order {
-        if interior(n) || attn_skip.contains(&n) || (!needed.contains(&n) && !group_of.contains_key(&n)) {
+        if attn_skip.contains(&n) || (!needed.contains(&n) && !group_of.contains_key(&n)) {
             continue;
         }
         if folded.contains_key(&n) && !fold_boundary.contains(&n) {
@@ -619,7 +461,7 @@ pub fn plan(
             _ if attn.contains_key(&n) => {
                 let a = &attn[&n];
                 let g = &groups[a.group];
-                let (spec, leaves) = kernel_spec(graph, g)?;
+                let (spec, leaves) = (g.spec.clone(), g.leaves.clone());
                 let s = a.scores;
                 let kernel_inputs = leaves
                     .iter()
@@ -689,8 +531,8 @@ pub fn plan(
             }),
             _ if group_of.contains_key(&n) => {
                 let g = &groups[group_of[&n]];
-                let (spec, leaves) = kernel_spec(graph, g)?;
-                let space = graph.node(g.top).ty.shape.clone();
+                let (spec, leaves) = (g.spec.clone(), g.leaves.clone());
+                let space = g.space.shape.clone();
                 let (kind, contiguous) = (spec.kind, spec.inputs.iter().map(|i| i.1).collect());
                 let k = intern_kernel(&mut kernels, &mut kernel_decls, spec, node.name.clone(), 0);
                 steps.push(Step::Kernel {
@@ -797,87 +639,4 @@ fn tape(spec: &KernelSpec) -> Option<Vec<kiln_runtime::vmap::TapeOp>> {
             _ => None,
         })
         .collect()
-}
-
-/// The expression tree of a group rooted at `root`, and the graph nodes feeding its inputs.
-fn kernel_spec(g: &Graph, group: &Group) -> Result<(KernelSpec, Vec<NodeId>), CompileError> {
-    let (root, top) = (group.root, group.top);
-    let reduce = match group.kind {
-        GroupKind::Reduce(op) => Some(op),
-        _ => None,
-    };
-    let space = g.node(top).ty.shape.clone();
-    let mut exprs = Vec::new();
-    let mut memo: HashMap<NodeId, usize> = HashMap::new();
-    let mut leaves: Vec<NodeId> = Vec::new();
-    let mut inputs = Vec::new();
-    let mut ops = match group.kind {
-        GroupKind::Map => 0,
-        GroupKind::Reduce(_) => 1,
-        GroupKind::Softmax => 5,
-    };
-    // Iterative post-order over the group's expression tree.
-    let mut stack = vec![(top, false)];
-    while let Some((n, expanded)) = stack.pop() {
-        if memo.contains_key(&n) {
-            continue;
-        }
-        let inside = group.members.contains(&n);
-        if let Some(c) = is_f32_scalar(g, n) {
-            memo.insert(n, exprs.len());
-            exprs.push(Expr::Const(c));
-            continue;
-        }
-        if !inside {
-            let ty = &g.node(n).ty;
-            let last_in = ty.shape.last();
-            let last_space = space.last();
-            let contiguous = ty.rank() > 0 && last_in == last_space && !last_in.is_some_and(|d| d.is_one());
-            memo.insert(n, exprs.len());
-            exprs.push(Expr::Input(leaves.len()));
-            leaves.push(n);
-            inputs.push((ty.dtype, contiguous));
-            continue;
-        }
-        let args = g.args(n);
-        if !expanded {
-            stack.push((n, true));
-            for a in args.iter().rev() {
-                stack.push((*a, false));
-            }
-            continue;
-        }
-        let a = |i: usize| memo[&args[i]];
-        let e = match &g.node(n).op {
-            Op::Unary(u) => Expr::Unary(*u, a(0)),
-            Op::Binary(b) => Expr::Binary(*b, a(0), a(1)),
-            Op::Compare(c) => Expr::Compare(*c, a(0), a(1)),
-            Op::Where => Expr::Where(a(0), a(1), a(2)),
-            other => {
-                return Err(CompileError::Internal(format!(
-                    "`{}` ({}) in a fusion group",
-                    g.node(n).name,
-                    other.mnemonic()
-                )))
-            }
-        };
-        ops += 1;
-        memo.insert(n, exprs.len());
-        exprs.push(e);
-    }
-    let output = g.node(root).ty.dtype;
-    let spec = KernelSpec {
-        name: g.node(root).name.clone(),
-        kind: match group.kind {
-            GroupKind::Map => KernelKind::Map,
-            GroupKind::Reduce(_) => KernelKind::ReduceLast,
-            GroupKind::Softmax => KernelKind::SoftmaxLast,
-        },
-        reduce,
-        inputs,
-        output,
-        exprs,
-        ops,
-    };
-    Ok((spec, leaves))
 }
