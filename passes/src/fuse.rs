@@ -3,9 +3,10 @@
 //! planner lowers the fused ops extraction kept and decides nothing else about them.
 //!
 //! Fusion runs after the algebraic and layout rules and the weight rewrites (quantization,
-//! sparsity), on the final graph, in two saturation stages: products with their epilogues
+//! sparsity), on the final graph, in three saturation stages: products with their epilogues
 //! (`fuse_gemm.rs`), then the generated kernels' element-wise trees, reductions and softmax rows
-//! (`fuse_kernel.rs`), which never absorb a product. Loading records how many nodes read each
+//! (`fuse_kernel.rs`), which never absorb a product, then attention over the fused softmax
+//! (`fuse_attention.rs`). Loading records how many nodes read each
 //! value: a value read twice is never absorbed, or the fused graph would compute it twice.
 
 use egg::{CostFunction, Id, Language, Runner};
@@ -18,7 +19,7 @@ use crate::rules::Rule;
 use crate::PassStats;
 
 /// The fusion stages' rules, in order.
-fn stages() -> [Vec<Rule>; 2] {
+fn stages() -> [Vec<Rule>; 3] {
     use crate::fuse_kernel as k;
     [
         vec![node_rule(crate::fuse_gemm::NAME, crate::fuse_gemm::fuse_gemm_epilogue)],
@@ -27,6 +28,10 @@ fn stages() -> [Vec<Rule>; 2] {
             node_rule(k::REDUCTION, k::fuse_reduction),
             node_rule(k::SOFTMAX, k::fuse_softmax),
         ],
+        vec![node_rule(
+            crate::fuse_attention::NAME,
+            crate::fuse_attention::fuse_attention,
+        )],
     ]
 }
 
@@ -117,7 +122,7 @@ pub fn run(graph: &mut Graph, disabled: &[String], model: CostModel) -> PassStat
         eg = runner.egraph;
     }
     let mut notes = vec![format!(
-        "e-graph: {before} -> {} nodes in {iterations} iterations (two stages)",
+        "e-graph: {before} -> {} nodes in {iterations} iterations (three stages)",
         eg.total_number_of_nodes()
     )];
     let fired_text: Vec<String> = fired.iter().map(|(r, n)| format!("{r} x{n}")).collect();

@@ -14,6 +14,7 @@ pub mod cse;
 pub mod dce;
 pub mod egraph;
 pub mod fuse;
+pub mod fuse_attention;
 pub mod fuse_gemm;
 pub mod fuse_kernel;
 pub mod layout;

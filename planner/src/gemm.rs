@@ -22,13 +22,6 @@ pub(crate) struct Epilogue {
     pub acc: Option<NodeId>,
 }
 
-impl Epilogue {
-    /// A product with nothing after it.
-    pub fn plain(&self) -> bool {
-        self.scale == 1.0 && self.bias.is_none() && self.acc.is_none()
-    }
-}
-
 /// The product node `n` computes, if it is an f32 product or a fused product with an epilogue.
 pub(crate) fn epilogue(graph: &Graph, n: NodeId) -> Option<Epilogue> {
     let node = graph.node(n);
@@ -46,7 +39,7 @@ pub(crate) fn epilogue(graph: &Graph, n: NodeId) -> Option<Epilogue> {
             bias: None,
             acc: None,
         }),
-        Op::Fused(f) => {
+        Op::Fused(f) if f.rule == kiln_passes::fuse_gemm::NAME => {
             let tys: Vec<&TensorType> = args.iter().map(|a| &graph.node(*a).ty).collect();
             let g = f.gemm(&tys)?;
             Some(Epilogue {

@@ -5,6 +5,7 @@
 
 use std::collections::{HashMap, HashSet};
 
+use kiln_ir::fused::{Arg, BodyNode};
 use kiln_ir::{DType, Graph, NodeId, Op, ReduceOp, TensorType};
 use kiln_passes::fuse_kernel as rules;
 use kiln_runtime::plan::KernelKind;
@@ -13,17 +14,14 @@ use crate::plan::{Expr, KernelSpec};
 use crate::CompileError;
 
 #[derive(Clone, Copy, PartialEq, Debug)]
-pub(crate) enum GroupKind {
+enum GroupKind {
     Map,
     Reduce(ReduceOp),
     Softmax,
 }
 
-/// One generated kernel: the node whose value it writes, what it computes and reads.
+/// One generated kernel: what it computes and reads.
 pub(crate) struct Group {
-    /// The node whose value the kernel writes.
-    pub root: NodeId,
-    pub kind: GroupKind,
     /// The type of what the kernel's expression computes (the value, or what it reduces).
     pub space: TensorType,
     pub spec: KernelSpec,
@@ -87,60 +85,62 @@ pub(crate) fn group(g: &Graph, n: NodeId) -> Result<Option<Group>, CompileError>
     };
     let (spec, leaves) = kernel_spec(g, &m)?;
     Ok(Some(Group {
-        root: n,
-        kind,
         space: g.node(top).ty.clone(),
         spec,
         leaves,
     }))
 }
 
-/// The kernel of a fused op made by one of the kernel rules: its body as a graph whose inputs
-/// are the operands, planned like any group, its inputs mapped back to the operands.
-fn fused(g: &Graph, n: NodeId, f: &kiln_ir::Fused) -> Result<Option<Group>, CompileError> {
-    let bad = |e: String| CompileError::Internal(format!("fused `{}`: {e}", g.node(n).name));
-    let rule = f.rule.as_str();
-    if ![rules::ELEMENTWISE, rules::REDUCTION, rules::SOFTMAX].contains(&rule) {
-        return Ok(None);
-    }
-    let operands = g.args(n);
-    let mut body = Graph::new("body");
+/// A fused body as a graph: an input per operand type, a node per body node (in order).
+fn body_graph(types: &[TensorType], body: &[BodyNode]) -> Result<(Graph, Vec<NodeId>, Vec<NodeId>), String> {
+    let mut g = Graph::new("body");
     let mut at: Vec<NodeId> = Vec::new();
-    for (i, a) in operands.iter().enumerate() {
+    for (i, ty) in types.iter().enumerate() {
         let op = Op::Input {
             name: format!("#{i}"),
-            ty: g.node(*a).ty.clone(),
+            ty: ty.clone(),
         };
-        at.push(body.add(op, &[], format!("#{i}")).map_err(|e| bad(e.to_string()))?);
+        at.push(g.add(op, &[], format!("#{i}")).map_err(|e| e.to_string())?);
     }
     let mut nodes: Vec<NodeId> = Vec::new();
-    for (j, b) in f.body.iter().enumerate() {
+    for (j, b) in body.iter().enumerate() {
         let args: Vec<NodeId> = b
             .args
             .iter()
             .map(|a| match *a {
-                kiln_ir::fused::Arg::Operand(o) => at[o as usize],
-                kiln_ir::fused::Arg::Node(k) => nodes[k as usize],
+                Arg::Operand(o) => at[o as usize],
+                Arg::Node(k) => nodes[k as usize],
             })
             .collect();
-        nodes.push(
-            body.add(b.op.clone(), &args, format!("%{j}"))
-                .map_err(|e| bad(e.to_string()))?,
-        );
+        nodes.push(g.add(b.op.clone(), &args, format!("%{j}")).map_err(|e| e.to_string())?);
     }
-    let root = *nodes.last().ok_or_else(|| bad("empty body".into()))?;
+    if nodes.is_empty() {
+        return Err("empty body".into());
+    }
+    Ok((g, at, nodes))
+}
+
+/// The kernel of a body over operands of `types`: its spec, and per kernel input the operand
+/// it reads.
+fn body_kernel(
+    types: &[TensorType],
+    body: &[BodyNode],
+    rule: &str,
+) -> Result<(KernelSpec, Vec<usize>, TensorType, GroupKind), String> {
+    let (g, at, nodes) = body_graph(types, body)?;
+    let root = *nodes.last().expect("body_graph refuses an empty body");
     let (top, kind) = match rule {
         rules::ELEMENTWISE => (root, GroupKind::Map),
-        rules::REDUCTION => match &body.node(root).op {
-            Op::Reduce { op, .. } => (body.args(root)[0], GroupKind::Reduce(*op)),
-            _ => return Err(bad("a reduction's body ends in a reduction".into())),
+        rules::REDUCTION => match &g.node(root).op {
+            Op::Reduce { op, .. } => (g.args(root)[0], GroupKind::Reduce(*op)),
+            _ => return Err("a reduction's body ends in a reduction".into()),
         },
         _ => {
             let max = nodes
                 .iter()
-                .find(|m| matches!(body.node(**m).op, Op::Reduce { op: ReduceOp::Max, .. }))
-                .ok_or_else(|| bad("a softmax body has a maximum".into()))?;
-            (body.args(*max)[0], GroupKind::Softmax)
+                .find(|m| matches!(g.node(**m).op, Op::Reduce { op: ReduceOp::Max, .. }))
+                .ok_or("a softmax body has a maximum")?;
+            (g.args(*max)[0], GroupKind::Softmax)
         }
     };
     let m = Members {
@@ -149,25 +149,96 @@ fn fused(g: &Graph, n: NodeId, f: &kiln_ir::Fused) -> Result<Option<Group>, Comp
         kind,
         members: nodes.iter().copied().collect(),
     };
-    let (mut spec, leaves) = kernel_spec(&body, &m)?;
-    spec.name = g.node(n).name.clone();
+    let (spec, leaves) = kernel_spec(&g, &m).map_err(|e| e.to_string())?;
     let index: HashMap<NodeId, usize> = at.iter().enumerate().map(|(i, a)| (*a, i)).collect();
     let leaves = leaves
         .iter()
-        .map(|l| {
-            index
-                .get(l)
-                .map(|i| operands[*i])
-                .ok_or_else(|| bad("a leaf that is no operand".into()))
-        })
+        .map(|l| index.get(l).copied().ok_or("a kernel input that is no operand"))
         .collect::<Result<Vec<_>, _>>()?;
+    Ok((spec, leaves, g.node(top).ty.clone(), kind))
+}
+
+/// The kernel of a fused op made by one of the kernel rules.
+fn fused(g: &Graph, n: NodeId, f: &kiln_ir::Fused) -> Result<Option<Group>, CompileError> {
+    let rule = f.rule.as_str();
+    if ![rules::ELEMENTWISE, rules::REDUCTION, rules::SOFTMAX].contains(&rule) {
+        return Ok(None);
+    }
+    let operands = g.args(n);
+    let types: Vec<TensorType> = operands.iter().map(|a| g.node(*a).ty.clone()).collect();
+    let (mut spec, leaves, space, _) = body_kernel(&types, &f.body, rule)
+        .map_err(|e| CompileError::Internal(format!("fused `{}`: {e}", g.node(n).name)))?;
+    spec.name = g.node(n).name.clone();
     Ok(Some(Group {
-        root: n,
-        kind,
-        space: body.node(top).ty.clone(),
+        space,
         spec,
-        leaves,
+        leaves: leaves.into_iter().map(|i| operands[i]).collect(),
     }))
+}
+
+/// A fused attention (`fuse-attention`), as the planner lowers it.
+pub(crate) struct Attention {
+    /// Multiplies `q kᵀ`.
+    pub scale: f32,
+    /// The softmax kernel over the scores.
+    pub spec: KernelSpec,
+    /// Per kernel input: `None` for the scores, else the node it reads.
+    pub inputs: Vec<Option<NodeId>>,
+}
+
+/// The parts of node `n`, if it is a fused attention: its body is the scores product (with a
+/// scale), the softmax over them, and the product by `v` (operands `q, k, v`, then the
+/// softmax's others).
+pub(crate) fn attention(g: &Graph, n: NodeId) -> Result<Option<Attention>, CompileError> {
+    let Op::Fused(f) = &g.node(n).op else { return Ok(None) };
+    if f.rule != kiln_passes::fuse_attention::NAME {
+        return Ok(None);
+    }
+    let bad = |e: String| CompileError::Internal(format!("fused attention `{}`: {e}", g.node(n).name));
+    let operands = g.args(n);
+    let types: Vec<TensorType> = operands.iter().map(|a| g.node(*a).ty.clone()).collect();
+    let scaled = matches!(f.body.get(1).map(|b| &b.op), Some(Op::Scalar { .. }));
+    let (scale, scores) = match (scaled, f.body.get(1)) {
+        (
+            true,
+            Some(BodyNode {
+                op: Op::Scalar { value, .. },
+                ..
+            }),
+        ) => (value.as_f64() as f32, 2),
+        _ => (1.0, 0),
+    };
+    let end = f
+        .body
+        .len()
+        .checked_sub(1)
+        .filter(|e| *e > scores)
+        .ok_or_else(|| bad("a short body".into()))?;
+    // The softmax alone, over operands (scores, operand 3, operand 4, …).
+    let remap = |a: &Arg| match *a {
+        Arg::Node(j) if j as usize == scores => Ok(Arg::Operand(0)),
+        Arg::Node(j) if j as usize > scores => Ok(Arg::Node(j - scores as u32 - 1)),
+        Arg::Operand(o) if o >= 3 => Ok(Arg::Operand(o - 2)),
+        other => Err(format!("the softmax reads {other:?}")),
+    };
+    let sub: Vec<BodyNode> = f.body[scores + 1..end]
+        .iter()
+        .map(|b| {
+            Ok(BodyNode {
+                op: b.op.clone(),
+                args: b.args.iter().map(remap).collect::<Result<_, String>>()?,
+            })
+        })
+        .collect::<Result<_, String>>()
+        .map_err(bad)?;
+    let body_types = f.types(&types.iter().collect::<Vec<_>>()).map_err(|e| bad(e.0))?;
+    let sub_types: Vec<TensorType> = std::iter::once(body_types[scores].clone())
+        .chain(types[3..].iter().cloned())
+        .collect();
+    let (mut spec, leaves, _, _) = body_kernel(&sub_types, &sub, rules::SOFTMAX).map_err(bad)?;
+    spec.name = g.node(n).name.clone();
+    let inputs = leaves.into_iter().map(|i| (i > 0).then(|| operands[i + 2])).collect();
+    Ok(Some(Attention { scale, spec, inputs }))
 }
 
 /// The expression tree of a group rooted at `root`, and the graph nodes feeding its inputs.

@@ -13,7 +13,7 @@ use kiln_ir::{BinaryOp, CmpOp, DType, Dim, Graph, NodeId, Op, ReduceOp, Tensor, 
 use kiln_runtime::plan::{DimExpr, KernelKind, Manifest, Port, Step, Storage, Target, ValueDecl};
 
 use crate::gemm::{self, Epilogue};
-use crate::group::{self, Group, GroupKind};
+use crate::group::{self, Group};
 use crate::CompileError;
 
 /// One expression node inside a kernel.
@@ -116,8 +116,8 @@ fn fold_static(
 /// An attention block: the softmax group, its scores, its operands (possibly seen through a
 /// folded head-split transpose), and the other inputs of its softmax kernel.
 struct AttnPlan {
-    group: usize,
-    scores: NodeId,
+    /// The fused attention's scale, softmax kernel and that kernel's inputs (`None`: the scores).
+    parts: group::Attention,
     q: NodeId,
     k: NodeId,
     v: NodeId,
@@ -210,40 +210,18 @@ pub fn plan(
         }
     }
 
-    // 1b. Attention: scores = scale * q kᵀ feeding only a softmax group whose result feeds only
-    //     `@ v` become one blocked step; neither the scores nor the probabilities are stored.
+    // 1b. Attention: the fused attentions `fuse-attention` made become blocked steps; the head
+    //     split and merge transposes around them, and column slices of merged projections, are
+    //     read through strides.
     let mut attn: HashMap<NodeId, AttnPlan> = HashMap::new(); // keyed by the node it computes
     let mut attn_skip: HashSet<NodeId> = HashSet::new();
-    for (gi, g) in groups.iter().enumerate() {
-        if !opts.fuse || g.kind != GroupKind::Softmax || outputs.contains(&g.root) {
+    for &pv in &order {
+        let Some(parts) = group::attention(graph, pv)? else {
             continue;
-        }
-        let [pv] = users[&g.root][..] else { continue };
-        let pv_ok = epi
-            .get(&pv)
-            .is_some_and(|e| e.plain() && !e.ta && !e.tb && e.a == g.root && e.b != g.root);
-        if !pv_ok {
-            continue;
-        }
-        let leaves = g.leaves.clone();
-        let scores: Vec<NodeId> = leaves
-            .iter()
-            .copied()
-            .filter(|s| {
-                epi.get(s)
-                    .is_some_and(|e| e.bias.is_none() && e.acc.is_none() && !e.ta && e.tb)
-                    && !outputs.contains(s)
-                    && users[s] == [g.root]
-                    && graph.node(*s).ty == g.space
-            })
-            .collect();
-        let [s] = scores[..] else { continue };
-        let e = &epi[&s];
-        let (q, k, v) = (e.a, e.b, epi[&pv].b);
-        let rank4 = [q, k, v, pv].iter().all(|n| graph.node(*n).ty.rank() == 4);
-        if !rank4 {
-            continue;
-        }
+        };
+        let args = graph.args(pv);
+        let (q, k, v) = (args[0], args[1], args[2]);
+        let s = pv;
         // Head-split transposes feeding only this attention, and the head merge after it, are
         // folded into the step as strides.
         let fold = |x: NodeId, consumer: NodeId| match &graph.node(x).op {
@@ -308,23 +286,20 @@ pub fn plan(
         if emit != pv {
             attn_skip.insert(pv);
         }
-        let bias_leaves = leaves.iter().copied().filter(|l| *l != s).collect();
+        let leaves = parts.inputs.iter().flatten().copied().collect();
         attn.insert(
             emit,
             AttnPlan {
-                group: gi,
-                scores: s,
+                parts,
                 q: qn,
                 k: kn,
                 v: vn,
                 seq_major: [qsm, ksm, vsm, osm],
                 views,
-                leaves: bias_leaves,
+                leaves,
                 cached: [false; 2],
             },
         );
-        attn_skip.insert(s);
-        attn_skip.insert(g.root);
     }
     // Keys and values that come straight from the cache and feed nothing but their attention
     // step are read from the cache in place (no per-step copy of the whole cache).
@@ -460,27 +435,22 @@ pub fn plan(
             }
             _ if attn.contains_key(&n) => {
                 let a = &attn[&n];
-                let g = &groups[a.group];
-                let (spec, leaves) = (g.spec.clone(), g.leaves.clone());
-                let s = a.scores;
-                let kernel_inputs = leaves
+                let spec = a.parts.spec.clone();
+                let kernel_inputs = a
+                    .parts
+                    .inputs
                     .iter()
-                    .map(|l| if *l == s { Ok(None) } else { val(l).map(Some) })
+                    .map(|l| l.as_ref().map(&val).transpose())
                     .collect::<Result<Vec<_>, _>>()?;
                 let contiguous = spec.inputs.iter().map(|i| i.1).collect();
-                let k = intern_kernel(
-                    &mut kernels,
-                    &mut kernel_decls,
-                    spec,
-                    graph.node(g.root).name.clone(),
-                    2,
-                );
+                let name = spec.name.clone();
+                let k = intern_kernel(&mut kernels, &mut kernel_decls, spec, name, 2);
                 steps.push(Step::Attention {
                     q: val(&a.q)?,
                     k: val(&a.k)?,
                     v: val(&a.v)?,
                     out: vid,
-                    scale: epi[&s].scale,
+                    scale: a.parts.scale,
                     kernel: k,
                     logits: None,
                     kernel_inputs,
