@@ -4,6 +4,7 @@
 //! lowers its own way (`kiln-cpu` with Cranelift, `kiln-cuda` through MLIR). Neither backend
 //! depends on the other.
 
+mod attention;
 mod gemm;
 mod group;
 pub mod plan;

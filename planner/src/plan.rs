@@ -12,6 +12,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use kiln_ir::{BinaryOp, CmpOp, DType, Dim, Graph, NodeId, Op, ReduceOp, Tensor, UnaryOp};
 use kiln_runtime::plan::{DimExpr, KernelKind, Manifest, Port, Step, Storage, Target, ValueDecl};
 
+use crate::attention::{self, Attentions};
 use crate::gemm::{self, Epilogue};
 use crate::group::{self, Group};
 use crate::CompileError;
@@ -113,21 +114,6 @@ fn fold_static(
     Ok(folded)
 }
 
-/// An attention block: the softmax group, its scores, its operands (possibly seen through a
-/// folded head-split transpose), and the other inputs of its softmax kernel.
-struct AttnPlan {
-    /// The fused attention's scale, softmax kernel and that kernel's inputs (`None`: the scores).
-    parts: group::Attention,
-    q: NodeId,
-    k: NodeId,
-    v: NodeId,
-    seq_major: [bool; 4],
-    views: [Option<kiln_runtime::plan::ColumnView>; 3],
-    leaves: Vec<NodeId>,
-    /// k and v read in place from the key/value cache.
-    cached: [bool; 2],
-}
-
 /// `graph` with the fusion rules applied (`kiln_passes::fuse`), extracted with the target's
 /// cost model (the CPU's for a target of this machine's architecture, the GPU's otherwise), and
 /// what fusion reports.
@@ -210,114 +196,12 @@ pub fn plan(
         }
     }
 
-    // 1b. Attention: the fused attentions `fuse-attention` made become blocked steps; the head
-    //     split and merge transposes around them, and column slices of merged projections, are
-    //     read through strides.
-    let mut attn: HashMap<NodeId, AttnPlan> = HashMap::new(); // keyed by the node it computes
-    let mut attn_skip: HashSet<NodeId> = HashSet::new();
-    for &pv in &order {
-        let Some(parts) = group::attention(graph, pv)? else {
-            continue;
-        };
-        let args = graph.args(pv);
-        let (q, k, v) = (args[0], args[1], args[2]);
-        let s = pv;
-        // Head-split transposes feeding only this attention, and the head merge after it, are
-        // folded into the step as strides.
-        let fold = |x: NodeId, consumer: NodeId| match &graph.node(x).op {
-            Op::Transpose { perm } if perm[..] == [0, 2, 1, 3] && users[&x] == [consumer] && !outputs.contains(&x) => {
-                (graph.args(x)[0], true)
-            }
-            _ => (x, false),
-        };
-        let ((qn, qsm), (kn, ksm), (vn, vsm)) = if q == k {
-            ((q, false), (k, false), fold(v, pv))
-        } else {
-            (fold(q, s), fold(k, s), fold(v, pv))
-        };
-        let (emit, osm) = match users[&pv][..] {
-            [t] if !outputs.contains(&pv)
-                && matches!(&graph.node(t).op, Op::Transpose { perm } if perm[..] == [0, 2, 1, 3]) =>
-            {
-                (t, true)
-            }
-            _ => (pv, false),
-        };
-        for (folded, node) in [(qsm, q), (ksm, k), (vsm, v)] {
-            if folded {
-                attn_skip.insert(node);
-            }
-        }
-        // A folded operand that is the head split of a column slice of a wider [b, s, W] value
-        // (a merged projection, GPT-2's c_attn) is read in place.
-        let mut views = [None; 3];
-        let mut srcs = [qn, kn, vn];
-        for (i, (src, folded)) in [(qn, qsm), (kn, ksm), (vn, vsm)].into_iter().enumerate() {
-            if !folded || !matches!(graph.node(src).op, Op::Reshape { .. }) || users[&src].len() != 1 {
-                continue;
-            }
-            let sl = graph.args(src)[0];
-            let (st, ht) = (&graph.node(sl).ty, &graph.node(src).ty);
-            let Op::Slice { axis, start, .. } = graph.node(sl).op else {
-                continue;
-            };
-            if axis != 2
-                || st.rank() != 3
-                || ht.rank() != 4
-                || users[&sl].len() != 1
-                || outputs.contains(&sl)
-                || st.shape[..2] != ht.shape[..2]
-            {
-                continue;
-            }
-            let (Some(hh), Some(dd)) = (ht.shape[2].as_known(), ht.shape[3].as_known()) else {
-                continue;
-            };
-            views[i] = Some(kiln_runtime::plan::ColumnView {
-                offset: start,
-                heads: hh,
-                head_dim: dd,
-            });
-            srcs[i] = graph.args(sl)[0];
-            attn_skip.insert(src);
-            attn_skip.insert(sl);
-        }
-        let [qn, kn, vn] = srcs;
-        if emit != pv {
-            attn_skip.insert(pv);
-        }
-        let leaves = parts.inputs.iter().flatten().copied().collect();
-        attn.insert(
-            emit,
-            AttnPlan {
-                parts,
-                q: qn,
-                k: kn,
-                v: vn,
-                seq_major: [qsm, ksm, vsm, osm],
-                views,
-                leaves,
-                cached: [false; 2],
-            },
-        );
-    }
-    // Keys and values that come straight from the cache and feed nothing but their attention
-    // step are read from the cache in place (no per-step copy of the whole cache).
-    let mut cache_views: HashSet<NodeId> = HashSet::new();
-    for a in attn.values_mut() {
-        for (i, (node, sm)) in [(a.k, a.seq_major[1]), (a.v, a.seq_major[2])].into_iter().enumerate() {
-            if !sm
-                && a.views[i + 1].is_none()
-                && a.k != a.v
-                && matches!(graph.node(node).op, Op::CacheAppend { .. })
-                && users[&node].len() == 1
-                && !outputs.contains(&node)
-            {
-                a.cached[i] = true;
-                cache_views.insert(node);
-            }
-        }
-    }
+    // 1b. Attention steps, with the layouts they read in place.
+    let Attentions {
+        plans: attn,
+        skip: attn_skip,
+        cache_views,
+    } = attention::plan(graph, &order, &users, &outputs)?;
 
     // 2. Which nodes need a value: outputs, group leaves, operands of everything else.
     let eff_args = |n: NodeId| -> Vec<NodeId> {
