@@ -214,18 +214,38 @@ pub(crate) fn weight_rows(g: &Graph, t: &Target, weights: &BTreeMap<String, Tens
         memo.insert(n, v.clone());
         Ok(v)
     }
-    let v = eval(g, t.weight, weights, &mut HashMap::new())?;
     let Op::MatMul { transpose_b, .. } = g.node(t.matmul).op else {
         unreachable!("targets are matrix products")
     };
     let (n, k) = (t.n, t.k);
+    // A weight bound as it is (the usual case) is read as f32, without the evaluator's f64 copy.
+    let stored = match &g.node(t.weight).op {
+        Op::Param { name, .. } => weights.get(name).and_then(|t| match t.data() {
+            kiln_ir::TensorData::F32(v) if v.len() == n * k => Some(v.as_slice()),
+            _ => None,
+        }),
+        _ => None,
+    };
+    let flat: std::borrow::Cow<[f32]> = match stored {
+        Some(v) => std::borrow::Cow::Borrowed(v),
+        None => {
+            let v = eval(g, t.weight, weights, &mut HashMap::new())?;
+            std::borrow::Cow::Owned(v.data.iter().map(|x| *x as f32).collect())
+        }
+    };
     Ok(if transpose_b {
-        v.data.iter().map(|x| *x as f32).collect()
+        flat.into_owned()
     } else {
+        // [k, n] → [n, k] in 32 × 32 tiles: row by row, every write would touch a new line.
+        const T: usize = 32;
         let mut w = vec![0f32; n * k];
-        for r in 0..k {
-            for c in 0..n {
-                w[c * k + r] = v.data[r * n + c] as f32;
+        for r0 in (0..k).step_by(T) {
+            for c0 in (0..n).step_by(T) {
+                for r in r0..(r0 + T).min(k) {
+                    for c in c0..(c0 + T).min(n) {
+                        w[c * k + r] = flat[r * n + c];
+                    }
+                }
             }
         }
         w
@@ -382,7 +402,7 @@ struct Quantized {
 }
 
 fn quantize_int8(w: &[f32], n: usize, k: usize) -> Quantized {
-    let mut codes = vec![0i64; n * k];
+    let mut codes = vec![0i8; n * k];
     let mut scales = vec![0f32; n];
     let mut deq = vec![0f32; n * k];
     for r in 0..n {
@@ -392,17 +412,12 @@ fn quantize_int8(w: &[f32], n: usize, k: usize) -> Quantized {
         scales[r] = s;
         for c in 0..k {
             let q = (row[c] / s).round().clamp(-127.0, 127.0);
-            codes[r * k + c] = q as i64;
+            codes[r * k + c] = q as i8;
             deq[r * k + c] = q * s;
         }
     }
     Quantized {
-        codes: Tensor::from_f64(
-            DType::I8,
-            vec![n, k],
-            &codes.iter().map(|c| *c as f64).collect::<Vec<_>>(),
-        )
-        .expect("codes fit i8"),
+        codes: Tensor::new(vec![n, k], kiln_ir::TensorData::I8(codes)).expect("n × k codes"),
         scale: Tensor::from_f32(vec![n, 1], scales).expect("shape"),
         min: None,
         dequantized: deq,
@@ -417,8 +432,39 @@ fn int4_params(vals: &[f32]) -> (f32, f32) {
     int4_params_weighted(vals, None)
 }
 
-/// [`int4_params`] with each value's squared error weighted by `imp`.
+/// [`int4_params`] with each value's squared error weighted by `imp`: the search compiled for
+/// the widest vectors this CPU has (the candidates' loop vectorises; IEEE division and no
+/// contraction into FMA, so every width computes the same result).
 fn int4_params_weighted(vals: &[f32], imp: Option<&[f64]>) -> (f32, f32) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::arch::is_x86_feature_detected!("avx512f") {
+            // SAFETY: the CPU has AVX-512F.
+            return unsafe { int4_search_avx512(vals, imp) };
+        }
+        if std::arch::is_x86_feature_detected!("avx2") {
+            // SAFETY: the CPU has AVX2.
+            return unsafe { int4_search_avx2(vals, imp) };
+        }
+    }
+    int4_search(vals, imp)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn int4_search_avx512(vals: &[f32], imp: Option<&[f64]>) -> (f32, f32) {
+    int4_search(vals, imp)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn int4_search_avx2(vals: &[f32], imp: Option<&[f64]>) -> (f32, f32) {
+    int4_search(vals, imp)
+}
+
+/// The clipping search behind [`int4_params_weighted`].
+#[inline(always)]
+fn int4_search(vals: &[f32], imp: Option<&[f64]>) -> (f32, f32) {
     let (mut lo, mut hi) = (f32::INFINITY, f32::NEG_INFINITY);
     for v in vals {
         lo = lo.min(*v);
@@ -473,17 +519,17 @@ fn code4(v: f32, s: f32, m: f32) -> u8 {
 
 /// Packs `[n, k]` 4-bit codes: per 32-column block, byte `i` = column `i` | column `i + 16` << 4.
 fn pack4(codes: &[u8], n: usize, k: usize) -> Tensor {
-    let mut out = vec![0f64; n * k / 2];
+    let mut out = vec![0u8; n * k / 2];
     for r in 0..n {
         for b in 0..k / 32 {
             for i in 0..16 {
                 let lo = codes[r * k + b * 32 + i];
                 let hi = codes[r * k + b * 32 + i + 16];
-                out[r * k / 2 + b * 16 + i] = (lo | (hi << 4)) as f64;
+                out[r * k / 2 + b * 16 + i] = lo | (hi << 4);
             }
         }
     }
-    Tensor::from_f64(DType::U8, vec![n, k / 2], &out).expect("packed codes fit u8")
+    Tensor::new(vec![n, k / 2], kiln_ir::TensorData::U8(out)).expect("n × k/2 codes")
 }
 
 fn finish4(
@@ -538,7 +584,8 @@ fn quantize_int4(w: &[f32], n: usize, k: usize, group: usize) -> Quantized {
             (codes, scales, mins, deq)
         })
         .collect();
-    let (mut codes, mut scales, mut mins, mut deq) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let (mut codes, mut deq) = (Vec::with_capacity(n * k), Vec::with_capacity(n * k));
+    let (mut scales, mut mins) = (Vec::with_capacity(n * groups), Vec::with_capacity(n * groups));
     for (c, s, m, d) in rows {
         codes.extend(c);
         scales.extend(s);
