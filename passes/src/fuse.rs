@@ -96,6 +96,7 @@ impl CostFunction<TensorLang> for FusionCost<'_> {
 
 /// Runs the fusion rules not in `disabled` on `graph` and extracts the cheapest graph.
 pub fn run(graph: &mut Graph, disabled: &[String], model: CostModel) -> PassStats {
+    let start = std::time::Instant::now();
     let mut loaded = egraph::load(graph);
     count_uses(&mut loaded);
     let before = loaded.egraph.total_number_of_nodes();
@@ -143,6 +144,10 @@ pub fn run(graph: &mut Graph, disabled: &[String], model: CostModel) -> PassStat
     let removed = graph.len().saturating_sub(new.len());
     *graph = new;
     notes.push(fused_summary(graph));
+    notes[0].push_str(&format!(
+        ", {:.1} ms with extraction",
+        start.elapsed().as_secs_f64() * 1e3
+    ));
     PassStats {
         removed,
         merged: 0,
