@@ -188,6 +188,18 @@ impl CostModel {
     }
 }
 
+impl CostModel {
+    /// Estimated ns of one e-node on its classes' types (infinite where they do not type-check).
+    pub fn enode_ns(&self, eg: &TensorEGraph, enode: &TensorLang) -> f64 {
+        let op = eg.analysis.op_of(enode);
+        let tys: Option<Vec<&TensorType>> = enode.children().iter().map(|c| eg[*c].data.ty.as_ref()).collect();
+        match tys.as_ref().and_then(|t| op.infer(t).ok().map(|o| (t, o))) {
+            Some((args, out)) => self.op_ns(&op, args, &out),
+            None => f64::INFINITY,
+        }
+    }
+}
+
 /// Extraction cost: an e-node's own estimated time plus the dearest of its operands.
 ///
 /// Summing operands (egg's usual tree cost) counts a shared subgraph once per use, which grows as
@@ -203,13 +215,7 @@ pub struct ExtractCost<'a> {
 impl CostFunction<TensorLang> for ExtractCost<'_> {
     type Cost = f64;
     fn cost<C: FnMut(Id) -> f64>(&mut self, enode: &TensorLang, mut costs: C) -> f64 {
-        let eg = self.egraph;
-        let op = eg.analysis.op_of(enode);
-        let tys: Option<Vec<&TensorType>> = enode.children().iter().map(|c| eg[*c].data.ty.as_ref()).collect();
-        let own = match tys.as_ref().and_then(|t| op.infer(t).ok().map(|o| (t, o))) {
-            Some((args, out)) => self.model.op_ns(&op, args, &out),
-            None => f64::INFINITY,
-        };
+        let own = self.model.enode_ns(self.egraph, enode);
         own + enode.fold(0.0, |m: f64, id| m.max(costs(id)))
     }
 }

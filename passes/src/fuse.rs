@@ -10,7 +10,7 @@
 //! value: a value read twice is never absorbed, or the fused graph would compute it twice.
 
 use egg::{CostFunction, Id, Language, Runner};
-use kiln_ir::{Graph, Op, TensorType};
+use kiln_ir::{Graph, Op};
 
 use crate::cost::CostModel;
 use crate::egraph::{self, Loaded, TensorEGraph, TensorLang};
@@ -78,12 +78,7 @@ impl CostFunction<TensorLang> for FusionCost<'_> {
     type Cost = f64;
     fn cost<C: FnMut(Id) -> f64>(&mut self, enode: &TensorLang, mut costs: C) -> f64 {
         let eg = self.egraph;
-        let op = eg.analysis.op_of(enode);
-        let tys: Option<Vec<&TensorType>> = enode.children().iter().map(|c| eg[*c].data.ty.as_ref()).collect();
-        let own = match tys.as_ref().and_then(|t| op.infer(t).ok().map(|o| (t, o))) {
-            Some((args, out)) => self.model.op_ns(&op, args, &out),
-            None => f64::INFINITY,
-        };
+        let own = self.model.enode_ns(eg, enode);
         let mut kids: Vec<Id> = enode.children().to_vec();
         kids.sort();
         kids.dedup();
