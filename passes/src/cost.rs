@@ -210,12 +210,27 @@ pub struct ExtractCost<'a> {
     pub egraph: &'a TensorEGraph,
     /// The target's constants.
     pub model: CostModel,
+    /// Each e-node's own time, computed once: egg's extractor asks for every node's cost once
+    /// per sweep, and sweeps as many times as the graph is deep.
+    pub own: std::collections::HashMap<TensorLang, f64>,
+}
+
+impl ExtractCost<'_> {
+    /// `enode`'s own estimated time, from the cache.
+    pub fn own(&mut self, enode: &TensorLang) -> f64 {
+        if let Some(c) = self.own.get(enode) {
+            return *c;
+        }
+        let c = self.model.enode_ns(self.egraph, enode);
+        self.own.insert(enode.clone(), c);
+        c
+    }
 }
 
 impl CostFunction<TensorLang> for ExtractCost<'_> {
     type Cost = f64;
     fn cost<C: FnMut(Id) -> f64>(&mut self, enode: &TensorLang, mut costs: C) -> f64 {
-        let own = self.model.enode_ns(self.egraph, enode);
+        let own = self.own(enode);
         own + enode.fold(0.0, |m: f64, id| m.max(costs(id)))
     }
 }

@@ -72,13 +72,23 @@ fn count_uses(loaded: &mut Loaded) {
 struct FusionCost<'a> {
     egraph: &'a TensorEGraph,
     model: CostModel,
+    /// Each e-node's own time: egg's extractor asks for every node's cost once per sweep, and it
+    /// sweeps until nothing changes (as many times as the graph is deep).
+    own: std::collections::HashMap<TensorLang, f64>,
 }
 
 impl CostFunction<TensorLang> for FusionCost<'_> {
     type Cost = f64;
     fn cost<C: FnMut(Id) -> f64>(&mut self, enode: &TensorLang, mut costs: C) -> f64 {
         let eg = self.egraph;
-        let own = self.model.enode_ns(eg, enode);
+        let own = match self.own.get(enode) {
+            Some(c) => *c,
+            None => {
+                let c = self.model.enode_ns(eg, enode);
+                self.own.insert(enode.clone(), c);
+                c
+            }
+        };
         let mut kids: Vec<Id> = enode.children().to_vec();
         kids.sort();
         kids.dedup();
@@ -98,13 +108,15 @@ pub fn run(graph: &mut Graph, disabled: &[String], model: CostModel) -> PassStat
     let mut eg = loaded.egraph;
     let mut fired: std::collections::BTreeMap<String, usize> = std::collections::BTreeMap::new();
     let mut iterations = 0;
-    for stage in stages() {
+    // The epilogue rule grows a product one op per application (scale, bias, addend); the kernel
+    // and attention rules build their whole fused op in one, so one round each is saturation.
+    for (stage, rounds) in stages().into_iter().zip([4, 1, 1]) {
         let rules: Vec<Rule> = stage
             .into_iter()
             .filter(|r| !disabled.iter().any(|d| r.name.as_str() == d))
             .collect();
         let runner = Runner::default()
-            .with_iter_limit(4)
+            .with_iter_limit(rounds)
             .with_node_limit(2_000_000)
             .with_time_limit(std::time::Duration::from_secs(30))
             .with_egraph(eg)
@@ -134,6 +146,7 @@ pub fn run(graph: &mut Graph, disabled: &[String], model: CostModel) -> PassStat
     let cost = FusionCost {
         egraph: &loaded.egraph,
         model,
+        own: std::collections::HashMap::new(),
     };
     let new = egraph::extract(&loaded, &graph.name, "fuse", cost);
     let removed = graph.len().saturating_sub(new.len());

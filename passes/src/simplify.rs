@@ -101,6 +101,7 @@ pub fn saturate(
     let cost = ExtractCost {
         egraph: &loaded.egraph,
         model,
+        own: Default::default(),
     };
     let new = egraph::extract(&loaded, &graph.name, pass, cost);
     let removed = graph.len().saturating_sub(new.len());
