@@ -12,8 +12,8 @@
 use egg::{CostFunction, Id, Language, Runner};
 use kiln_ir::{Graph, Op};
 
-use crate::cost::CostModel;
-use crate::egraph::{self, Loaded, TensorEGraph, TensorLang};
+use crate::cost::{CostModel, ExtractCost};
+use crate::egraph::{self, Loaded, TensorLang};
 use crate::layout::node_rule;
 use crate::rules::Rule;
 use crate::PassStats;
@@ -69,26 +69,13 @@ fn count_uses(loaded: &mut Loaded) {
 /// Summed over a tree this is the tree's cost exactly; over a shared value it counts the value
 /// once in total and never grows with the number of paths to it, and a fused op wins exactly
 /// when it saves the traffic and overhead of the ops it absorbs.
-struct FusionCost<'a> {
-    egraph: &'a TensorEGraph,
-    model: CostModel,
-    /// Each e-node's own time: egg's extractor asks for every node's cost once per sweep, and it
-    /// sweeps until nothing changes (as many times as the graph is deep).
-    own: std::collections::HashMap<TensorLang, f64>,
-}
+struct FusionCost<'a>(ExtractCost<'a>);
 
 impl CostFunction<TensorLang> for FusionCost<'_> {
     type Cost = f64;
     fn cost<C: FnMut(Id) -> f64>(&mut self, enode: &TensorLang, mut costs: C) -> f64 {
-        let eg = self.egraph;
-        let own = match self.own.get(enode) {
-            Some(c) => *c,
-            None => {
-                let c = self.model.enode_ns(eg, enode);
-                self.own.insert(enode.clone(), c);
-                c
-            }
-        };
+        let eg = self.0.egraph;
+        let own = self.0.own(enode);
         let mut kids: Vec<Id> = enode.children().to_vec();
         kids.sort();
         kids.dedup();
@@ -143,11 +130,11 @@ pub fn run(graph: &mut Graph, disabled: &[String], model: CostModel) -> PassStat
         outputs,
         ..loaded
     };
-    let cost = FusionCost {
+    let cost = FusionCost(ExtractCost {
         egraph: &loaded.egraph,
         model,
-        own: std::collections::HashMap::new(),
-    };
+        own: Default::default(),
+    });
     let new = egraph::extract(&loaded, &graph.name, "fuse", cost);
     let removed = graph.len().saturating_sub(new.len());
     *graph = new;
