@@ -754,7 +754,7 @@ def kiln_compile(kiln_bin: str, spec: Path, weights: Path, artifact: Path, force
     artifact.parent.mkdir(parents=True, exist_ok=True)
     qflag = QUANTS[quant]["kiln_flag"]
     cmd = [kiln_bin, "compile", str(spec), "--generate", "--weights", str(weights), "-O2",
-           *(["--quantize", qflag] if qflag else []), *cpu_args(cpu), "-o", str(artifact)]
+           *(["--quantize", qflag, "--quant-strict"] if qflag else []), *cpu_args(cpu), "-o", str(artifact)]
     print(f"kiln: {' '.join(cmd)}", file=sys.stderr)
     t0 = time.perf_counter()
     run_kiln(cmd, "compile")

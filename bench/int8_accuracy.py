@@ -72,7 +72,7 @@ def kiln_report(kiln: str, model_dir: Path, cpu: str, int8_prefill: bool) -> lis
     out = ROOT / "out" / "minilm-int8-accuracy.kiln"
     out.parent.mkdir(exist_ok=True)
     cmd = [kiln, "compile", str(ROOT / "specs/minilm.ron"), "--weights", str(model_dir / "model.safetensors"),
-           "-O2", "--cpu", cpu, "--quantize", "int8", "--calib", str(ROOT / "specs/data/calibration.txt"),
+           "-O2", "--cpu", cpu, "--quantize", "int8", "--quant-strict", "--calib", str(ROOT / "specs/data/calibration.txt"),
            "--tokenizer", str(model_dir / "tokenizer.json"), "-o", str(out)]
     if int8_prefill:
         cmd.append("--int8-prefill")

@@ -139,6 +139,11 @@ enum Cmd {
         /// VNNI, or --cpu x86-64-v4+vnni / x86-64-v3+vnni). Faster, less accurate: the report shows it.
         #[arg(long)]
         int8_prefill: bool,
+        /// With --quantize: quantize every eligible product with SCHEME. Without it, each product's
+        /// f32, int8 and SCHEME forms are measured on this CPU (at 1 row for a decoder, 128 for an
+        /// encoder) and the fastest is kept, as extraction from the e-graph holding all three.
+        #[arg(long)]
+        quant_strict: bool,
         /// A Hugging Face tokenizer.json to carry in the artifact (for `kiln generate --prompt`).
         #[arg(long, value_name = "FILE")]
         tokenizer: Option<PathBuf>,
@@ -991,6 +996,7 @@ fn main() -> ExitCode {
             calib,
             quant_exclude,
             int8_prefill,
+            quant_strict,
             sparsity,
         } => {
             let popts = kiln_passes::PipelineOptions {
@@ -1009,6 +1015,9 @@ fn main() -> ExitCode {
                 calib: calib.clone(),
                 exclude: quant_exclude.clone(),
                 int8_prefill: *int8_prefill,
+                strict: *quant_strict,
+                // Forms are measured on the CPU the artifact is for.
+                cpu: matches!(target, TargetArg::Cpu).then_some(*cpu),
             };
             compile(
                 spec,

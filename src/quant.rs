@@ -15,6 +15,10 @@ pub struct QuantArgs {
     pub exclude: Vec<String>,
     /// Prefill products quantize their activations too (`--int8-prefill`).
     pub int8_prefill: bool,
+    /// Every eligible product takes the scheme (`--quant-strict`).
+    pub strict: bool,
+    /// The CPU the artifact is for, where forms are measured (`None`: another target).
+    pub cpu: Option<kiln_runtime::cpu::CpuArg>,
 }
 
 /// Token-id rows from a text file (one sample per line) or an integer .npy.
@@ -68,6 +72,9 @@ pub fn run(
 ) -> Result<Vec<String>> {
     if q.scheme.is_some() && q.sparsity.is_some() {
         bail!("--quantize and --sparsity cannot be combined yet: quantized codes have no sparse encoding");
+    }
+    if q.strict && q.scheme.is_none() {
+        bail!("--quant-strict applies to --quantize");
     }
     if q.scheme.is_none() && q.sparsity.is_none() {
         if q.calib.is_some() || !q.exclude.is_empty() {
@@ -134,13 +141,25 @@ pub fn run(
             (heldout, q.int8_prefill),
         );
     };
-    let r = kiln_cpu::quant::quantize(graph, weights, dims, scheme, &q.exclude, calib)
+    // --int8-prefill names the prefill kernel: its products are not measured against others.
+    let fastest = q.cpu.filter(|_| !q.strict && !q.int8_prefill);
+    let r = kiln_cpu::quant::quantize_with(graph, weights, dims, (scheme, fastest), &q.exclude, calib)
         .map_err(|e| anyhow!("--quantize {scheme}: {e}"))?;
     let mib = |b: usize| b as f64 / 1048576.0;
+    let mut by_form: BTreeMap<&str, usize> = BTreeMap::new();
+    for x in &r.quantized {
+        *by_form.entry(&x.4).or_default() += 1;
+    }
+    let by_form: Vec<String> = by_form.iter().map(|(f, n)| format!("{n} {f}")).collect();
     lines.push(format!(
-        "quant    {scheme}: {} products quantized, {} left in f32; their weights {:.1} MiB -> {:.1} MiB{}",
+        "quant    {scheme}: {} products quantized ({}), {} left in f32; their weights {:.1} MiB -> {:.1} MiB{}",
         r.quantized.len(),
-        r.skipped.len(),
+        if by_form.is_empty() {
+            "none".into()
+        } else {
+            by_form.join(", ")
+        },
+        r.skipped.len() + r.kept.len(),
         mib(r.bytes.0),
         mib(r.bytes.1),
         if matches!(scheme, Scheme::Gptq4 { .. }) {
@@ -149,9 +168,25 @@ pub fn run(
             String::new()
         }
     ));
+    if !r.forms.is_empty() {
+        lines.push(format!(
+            "quant      forms chosen by measured time at {} on {}: {} kept f32 (--quant-strict quantizes every one)",
+            match kiln_cpu::quant::measured_rows(&reference.0) {
+                1 => "1 row (a decoder's step)".to_string(),
+                r => format!("{r} rows"),
+            },
+            fastest.map(|c| c.to_string()).unwrap_or_default(),
+            r.kept.len()
+        ));
+    }
     if verbose {
-        for (name, n, k, rel) in &r.quantized {
-            lines.push(format!("quant      {name} [{n}, {k}]: relative weight error {rel:.4}"));
+        for (name, n, k, rel, form) in &r.quantized {
+            lines.push(format!(
+                "quant      {name} [{n}, {k}]: {form}, relative weight error {rel:.4}"
+            ));
+        }
+        for (name, form, why) in &r.forms {
+            lines.push(format!("quant      {name}: {form} ({why})"));
         }
     }
     for (name, why) in &r.skipped {

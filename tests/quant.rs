@@ -273,7 +273,7 @@ fn sparse_products_match_the_interpreter() {
                     block,
                 }
             };
-            (e, String::new())
+            (vec![(e, 0.0)], String::new())
         };
         let r = apply(&mut l.graph, &mut w, &targets, pattern, &mut choose).unwrap();
         assert_eq!(r.pruned.len(), 9, "{pattern}: {:?}", r.skipped);
@@ -314,10 +314,13 @@ fn corrupt_csr_indices_are_refused() {
     let (targets, _) = kiln_passes::quantize::targets(&l.graph, &[]);
     let mut choose = |_: &str, _: &[f32], _: usize, _: usize| {
         (
-            Encoding::Csr {
-                sparse_rows: u64::MAX,
-                block: [1, 1],
-            },
+            vec![(
+                Encoding::Csr {
+                    sparse_rows: u64::MAX,
+                    block: [1, 1],
+                },
+                0.0,
+            )],
             String::new(),
         )
     };
@@ -341,7 +344,8 @@ fn corrupt_24_offsets_are_refused() {
     let mut w = kiln_frontend::weights::load_safetensors(&l, &data("gpt2_tiny/model.safetensors")).unwrap();
     optimize(&mut l.graph, OptLevel::O2, true).unwrap();
     let (targets, _) = kiln_passes::quantize::targets(&l.graph, &[]);
-    let mut choose = |_: &str, _: &[f32], _: usize, _: usize| (Encoding::TwoFour { sparse_rows: 4 }, String::new());
+    let mut choose =
+        |_: &str, _: &[f32], _: usize, _: usize| (vec![(Encoding::TwoFour { sparse_rows: 4 }, 0.0)], String::new());
     apply(&mut l.graph, &mut w, &targets, Pattern::TwoFour, &mut choose).unwrap();
     let name = w.keys().find(|k| k.ends_with(".sparse.idx24")).unwrap().clone();
     let t = &w[&name];
@@ -392,7 +396,7 @@ fn zero_columns_shrink_the_neighbouring_products() {
     optimize(&mut l.graph, OptLevel::O2, true).unwrap();
     let (targets, _) = kiln_passes::quantize::targets(&l.graph, &[]);
     let pattern: Pattern = "block:64x8:0.5".parse().unwrap();
-    let mut choose = |_: &str, _: &[f32], _: usize, _: usize| (Encoding::Dense, String::new());
+    let mut choose = |_: &str, _: &[f32], _: usize, _: usize| (vec![(Encoding::Dense, 0.0)], String::new());
     // The pruned graph before shrinking, as the reference.
     let mut reference = l.clone();
     let mut rw = w.clone();
@@ -424,4 +428,107 @@ fn zero_columns_shrink_the_neighbouring_products() {
         let c = m.run(&feed).unwrap();
         assert!(c[0].1.max_abs_diff(&want[0].1).unwrap() <= 1e-4);
     }
+}
+
+/// With measured forms, each product's f32, int8 and int4 forms share its e-class and extraction
+/// keeps the one with the least time: given times that favour a different form per kind of
+/// product, every product gets its own, the forms not kept leave the graph and the weights, and
+/// the compiled model equals the interpreter on the chosen graph.
+#[test]
+fn extraction_keeps_the_fastest_weight_form() {
+    use kiln_passes::quantize::{apply, targets, Choice};
+    let mut l = spec("gpt2.ron", GPT2);
+    let mut w = kiln_frontend::weights::load_safetensors(&l, &data("gpt2_tiny/model.safetensors")).unwrap();
+    optimize(&mut l.graph, OptLevel::O2, true).unwrap();
+    let (ts, _) = targets(&l.graph, &[]);
+    // Wide outputs (the MLP's first product, the merged projection, the LM head) favour int4,
+    // wide inputs (the MLP's second product) int8, square ones f32.
+    let mut time = |kernel: &str, n: usize, k: usize| -> Option<f64> {
+        let best = if n > k {
+            "int4:32"
+        } else if k > n {
+            "int8"
+        } else {
+            "f32"
+        };
+        Some(if kernel == best { 1.0 } else { 2.0 })
+    };
+    let scheme: Scheme = "int4:32".parse().unwrap();
+    let r = apply(&mut l.graph, &mut w, &ts, scheme, None, Choice::Measured(&mut time)).unwrap();
+    assert_eq!(r.forms.len(), ts.len(), "{:?}", r.skipped);
+    for (t, (name, form, why)) in ts.iter().zip(&r.forms) {
+        let want = if t.n > t.k {
+            "int4:32"
+        } else if t.k > t.n {
+            "int8"
+        } else {
+            "f32"
+        };
+        assert_eq!((name, form.as_str()), (&t.name, want), "{why}");
+    }
+    assert!(!r.kept.is_empty() && r.quantized.iter().any(|q| q.4 == "int8"));
+    assert!(r.quantized.iter().any(|q| q.4 == "int4:32"));
+    kiln_ir::verify(&l.graph).unwrap();
+    // Only the kept forms' weights remain, and every remaining weight is a parameter of the graph.
+    let params: std::collections::BTreeSet<String> = l
+        .graph
+        .node_ids()
+        .filter_map(|n| match &l.graph.node(n).op {
+            Op::Param { name, .. } => Some(name.clone()),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(params, w.keys().cloned().collect());
+    let dequantized = l
+        .graph
+        .node_ids()
+        .filter(|n| matches!(l.graph.node(*n).op, Op::Dequantize { .. }))
+        .count();
+    assert_eq!(dequantized, r.quantized.len());
+    let (m, _) = model(&l, &w);
+    let feed = kiln_cpu::quant::feed(&l.graph, &ids(2, 5, 4)).unwrap();
+    let want = kiln_interp::run(&l.graph, &w, &feed).unwrap();
+    let e = m.run(&feed).unwrap()[0].1.max_abs_diff(&want[0].1).unwrap();
+    assert!(e <= 1e-4, "compiled differs from the interpreter by {e:e}");
+}
+
+/// Sparse encodings as forms: the chooser's measured candidates join the product's e-class and
+/// the cheapest is kept, per product.
+#[test]
+fn extraction_keeps_the_fastest_sparse_encoding() {
+    use kiln_passes::sparsity::{apply, Encoding, Pattern};
+    let mut l = spec("gpt2.ron", GPT2);
+    let mut w = kiln_frontend::weights::load_safetensors(&l, &data("gpt2_tiny/model.safetensors")).unwrap();
+    optimize(&mut l.graph, OptLevel::O2, true).unwrap();
+    let (targets, _) = kiln_passes::quantize::targets(&l.graph, &[]);
+    let csr = Encoding::Csr {
+        sparse_rows: u64::MAX,
+        block: [1, 1],
+    };
+    let two_four = Encoding::TwoFour { sparse_rows: u64::MAX };
+    // Dense is dearest for the MLP, packed 2:4 cheapest for the attention products.
+    let mut choose = |name: &str, _: &[f32], _: usize, _: usize| {
+        let (d, c, t) = if name.contains("mlp") {
+            (3.0, 1.0, 2.0)
+        } else {
+            (2.0, 3.0, 1.0)
+        };
+        (
+            vec![(Encoding::Dense, d), (csr.clone(), c), (two_four.clone(), t)],
+            String::new(),
+        )
+    };
+    let r = apply(&mut l.graph, &mut w, &targets, Pattern::TwoFour, &mut choose).unwrap();
+    assert_eq!(r.pruned.len(), targets.len());
+    for p in &r.pruned {
+        let want = if p.0.contains("mlp") { &csr } else { &two_four };
+        assert_eq!(&p.5, want, "{}", p.0);
+    }
+    assert!(r.pruned.iter().any(|p| p.5 == csr) && r.pruned.iter().any(|p| p.5 == two_four));
+    kiln_ir::verify(&l.graph).unwrap();
+    let (m, _) = model(&l, &w);
+    let feed = kiln_cpu::quant::feed(&l.graph, &ids(1, 6, 2)).unwrap();
+    let want = kiln_interp::run(&l.graph, &w, &feed).unwrap();
+    let e = m.run(&feed).unwrap()[0].1.max_abs_diff(&want[0].1).unwrap();
+    assert!(e <= 1e-4, "compiled differs from the interpreter by {e:e}");
 }

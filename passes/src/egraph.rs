@@ -301,6 +301,8 @@ pub struct Loaded {
     pub original: Vec<TensorLang>,
     /// Provenance the loaded nodes already carried, by e-class.
     pub rules: HashMap<Id, Vec<String>>,
+    /// The e-class each graph node was loaded into (look up through [`egg::EGraph::find`]).
+    pub class: HashMap<NodeId, Id>,
 }
 
 /// Loads `graph` into a fresh e-graph.
@@ -345,6 +347,7 @@ pub fn load(graph: &Graph) -> Loaded {
         inputs,
         original,
         rules,
+        class,
     }
 }
 
@@ -352,8 +355,17 @@ pub fn load(graph: &Graph) -> Loaded {
 /// was not in the loaded graph records the rules that fired on its e-class (or `pass`, when it was
 /// built inside a rule's right-hand side).
 pub fn extract(loaded: &Loaded, name: &str, pass: &str, cost: impl egg::CostFunction<TensorLang>) -> Graph {
+    extract_from(loaded, name, pass, &egg::Extractor::new(&loaded.egraph, cost))
+}
+
+/// [`extract`] with an extractor the caller built (and may also ask which node it chose).
+pub fn extract_from<C: egg::CostFunction<TensorLang>>(
+    loaded: &Loaded,
+    name: &str,
+    pass: &str,
+    extractor: &egg::Extractor<'_, C, TensorLang, TensorAnalysis>,
+) -> Graph {
     let eg = &loaded.egraph;
-    let extractor = egg::Extractor::new(eg, cost);
     let canon = |n: &TensorLang| n.clone().map_children(|c| eg.find(c));
     let original: std::collections::HashSet<TensorLang> = loaded.original.iter().map(canon).collect();
     let mut provenance: HashMap<Id, Vec<String>> = HashMap::new();
@@ -369,7 +381,7 @@ pub fn extract(loaded: &Loaded, name: &str, pass: &str, cost: impl egg::CostFunc
     }
     let ctx = Ctx {
         eg,
-        ex: &extractor,
+        ex: extractor,
         names: &loaded.names,
         original: &original,
         provenance: &provenance,

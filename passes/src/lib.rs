@@ -13,6 +13,7 @@ pub mod cost;
 pub mod cse;
 pub mod dce;
 pub mod egraph;
+pub mod forms;
 pub mod fuse;
 pub mod fuse_attention;
 pub mod fuse_gemm;

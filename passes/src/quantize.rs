@@ -383,8 +383,13 @@ impl Hessian {
 /// What quantization did.
 #[derive(Clone, Debug, Default)]
 pub struct QuantReport {
-    /// Per quantized weight: name, `[n, k]`, relative Frobenius error of the dequantized weight.
-    pub quantized: Vec<(String, usize, usize, f64)>,
+    /// Per quantized weight: name, `[n, k]`, relative Frobenius error of the dequantized weight,
+    /// the scheme of the form kept.
+    pub quantized: Vec<(String, usize, usize, f64, String)>,
+    /// Weights whose f32 form was measured fastest and kept.
+    pub kept: Vec<String>,
+    /// Per weight given a choice: name, the form kept, the measured times of every form.
+    pub forms: Vec<(String, String, String)>,
     /// Weights left in f32, and why.
     pub skipped: Vec<(String, String)>,
     /// Bytes of the quantized weights before (f32) and after (codes, scales, mins).
@@ -924,7 +929,147 @@ pub fn calibration_graph(g: &Graph, targets: &[Target]) -> Graph {
     c
 }
 
-/// Replaces each target's weight by its quantized form; `hessians[i]` (for GPTQ) belongs to
+/// How each product's form is chosen.
+pub enum Choice<'a> {
+    /// Every eligible product takes the granted scheme (`--quant-strict`).
+    Strict,
+    /// The product's f32 form, its int8 form (when the scheme is 4-bit) and the granted one join
+    /// its e-class and extraction keeps the fastest ([`crate::forms`]); `time(kernel, n, k)`
+    /// measures a product's kernel (`f32`, `int8`, `int4:G`) at the weight's shape, `None` where
+    /// it cannot (the product then takes the granted scheme).
+    Measured(&'a mut dyn FnMut(&str, usize, usize) -> Option<f64>),
+}
+
+/// A product over one quantized form of a target's weight.
+struct Encoded {
+    product: NodeId,
+    /// Relative Frobenius error of the dequantized weight.
+    rel: f64,
+    /// Bytes of codes, scales and minimums.
+    bytes: usize,
+}
+
+/// Quantizes target `t` (f32 values `w`, `[n, k]`) as `scheme` and adds the product over the
+/// quantized weight, read by nothing yet.
+fn encode(
+    g: &mut Graph,
+    weights: &mut BTreeMap<String, Tensor>,
+    t: &Target,
+    w: &[f32],
+    scheme: Scheme,
+    hessian: Option<&Hessian>,
+) -> Result<Encoded, String> {
+    let (n, k) = (t.n, t.k);
+    let group = match scheme {
+        Scheme::Int8 => k,
+        Scheme::Int4 { group } | Scheme::Gptq4 { group } => group as usize,
+    };
+    let q = match scheme {
+        Scheme::Int8 => quantize_int8(w, n, k),
+        Scheme::Int4 { .. } => quantize_int4(w, n, k, group),
+        Scheme::Gptq4 { .. } => {
+            let h = hessian.ok_or("gptq4 needs calibration statistics for every product")?;
+            if h.rows() == 0 {
+                return Err(format!("no calibration rows reached `{}`", t.name));
+            }
+            quantize_gptq4(w, n, k, group, h).map_err(|e| format!("{}: {e}", t.name))?
+        }
+    };
+    let (num, den) = w.iter().zip(&q.dequantized).fold((0.0f64, 0.0f64), |(a, b), (x, y)| {
+        (a + ((x - y) as f64).powi(2), b + (*x as f64).powi(2))
+    });
+    let bits = if scheme == Scheme::Int8 { 8 } else { 4 };
+    let base = format!("{}.q{bits}", t.name);
+    let mut bytes = 0;
+    let mut add = |suffix: &str, tensor: Tensor| -> Result<NodeId, String> {
+        let pname = format!("{base}.{suffix}");
+        let ty = kiln_ir::TensorType::new(
+            tensor.dtype(),
+            tensor.shape().iter().map(|d| Dim::known(*d as u64)).collect(),
+        );
+        bytes += tensor.as_bytes().len();
+        weights.insert(pname.clone(), tensor);
+        g.add(
+            Op::Param {
+                name: pname.clone(),
+                ty,
+            },
+            &[],
+            pname,
+        )
+        .map_err(|e| e.to_string())
+    };
+    let mut args = vec![add("codes", q.codes)?, add("scale", q.scale)?];
+    if let Some(m) = q.min {
+        args.push(add("min", m)?);
+    }
+    let perm = match &q.perm {
+        Some(p) => Some(add(
+            "perm",
+            Tensor::from_f64(DType::I32, vec![k], &p.iter().map(|c| *c as f64).collect::<Vec<_>>())
+                .expect("column indices fit i32"),
+        )?),
+        None => None,
+    };
+    let rule = format!("quantize-{scheme}");
+    let name = g.node(t.matmul).name.clone();
+    let dq = g
+        .add(
+            Op::Dequantize {
+                bits,
+                group: group as u64,
+            },
+            &args,
+            format!("{name}/dequantize"),
+        )
+        .map_err(|e| e.to_string())?;
+    g.add_rules(dq, [rule.clone()]);
+    let mut a = g.args(t.matmul)[0];
+    if let Some(pn) = perm {
+        let axis = g.node(a).ty.rank() - 1;
+        a = g
+            .add(Op::Gather { axis }, &[a, pn], format!("{name}/act_order"))
+            .map_err(|e| e.to_string())?;
+        g.add_rules(a, [rule.clone()]);
+    }
+    let product = g
+        .add(
+            Op::MatMul {
+                transpose_a: false,
+                transpose_b: true,
+            },
+            &[a, dq],
+            name,
+        )
+        .map_err(|e| e.to_string())?;
+    g.add_rules(product, [rule]);
+    Ok(Encoded {
+        product,
+        rel: (num / den.max(f64::MIN_POSITIVE)).sqrt(),
+        bytes,
+    })
+}
+
+/// The kernel a scheme's products run (GPTQ's codes are int4 codes).
+fn kernel(scheme: Scheme) -> String {
+    match scheme {
+        Scheme::Int8 => "int8".into(),
+        Scheme::Int4 { group } | Scheme::Gptq4 { group } => format!("int4:{group}"),
+    }
+}
+
+/// The forms target `t` may take under `scheme`, most accurate first: the granted scheme alone,
+/// or with `Measured`, f32 and (for a 4-bit scheme) int8 before it.
+fn schemes(scheme: Scheme, choice: &Choice) -> Vec<Option<Scheme>> {
+    match (choice, scheme) {
+        (Choice::Strict, _) => vec![Some(scheme)],
+        (Choice::Measured(_), Scheme::Int8) => vec![None, Some(scheme)],
+        (Choice::Measured(_), _) => vec![None, Some(Scheme::Int8), Some(scheme)],
+    }
+}
+
+/// Quantizes each target's weight as `scheme` — or, with [`Choice::Measured`], gives it its f32,
+/// int8 and `scheme` forms and keeps the fastest; `hessians[i]` (for GPTQ) belongs to
 /// `targets[i]`.
 pub fn apply(
     g: &mut Graph,
@@ -932,122 +1077,103 @@ pub fn apply(
     targets: &[Target],
     scheme: Scheme,
     hessians: Option<&[Hessian]>,
+    mut choice: Choice,
 ) -> Result<QuantReport, String> {
     let mut report = QuantReport::default();
     let progress = kiln_ir::progress::Progress::new(format!("quantizing products ({scheme})"), targets.len());
+    let mut alts = Vec::new();
+    // Per alternative: the target, and per form its scheme (None: f32), error and bytes.
+    let mut meta: Vec<(&Target, Vec<(Option<Scheme>, f64, usize)>)> = Vec::new();
     for (ti, t) in targets.iter().enumerate() {
         progress.tick();
         let (n, k) = (t.n, t.k);
-        let group = match scheme {
-            Scheme::Int8 => k,
-            Scheme::Int4 { group } | Scheme::Gptq4 { group } => group as usize,
-        };
-        if k % group != 0 {
-            report.skipped.push((
-                t.name.clone(),
-                format!("{k} input columns do not split into groups of {group}"),
-            ));
-            continue;
+        if let Scheme::Int4 { group } | Scheme::Gptq4 { group } = scheme {
+            if k % group as usize != 0 {
+                report.skipped.push((
+                    t.name.clone(),
+                    format!("{k} input columns do not split into groups of {group}"),
+                ));
+                continue;
+            }
         }
         let w = weight_rows(g, t, weights)?;
-        let q = match scheme {
-            Scheme::Int8 => quantize_int8(&w, n, k),
-            Scheme::Int4 { .. } => quantize_int4(&w, n, k, group),
-            Scheme::Gptq4 { .. } => {
-                let h = hessians
-                    .and_then(|h| h.get(ti))
-                    .ok_or("gptq4 needs calibration statistics for every product")?;
-                if h.rows() == 0 {
-                    return Err(format!("no calibration rows reached `{}`", t.name));
+        let hessian = hessians.and_then(|h| h.get(ti));
+        let mut forms = Vec::new();
+        let mut info = Vec::new();
+        for s in schemes(scheme, &choice) {
+            let (product, rel, bytes, label) = match s {
+                None => (t.matmul, 0.0, n * k * 4, "f32".to_string()),
+                Some(s) => {
+                    let e = encode(g, weights, t, &w, s, hessian)?;
+                    (e.product, e.rel, e.bytes, s.to_string())
                 }
-                quantize_gptq4(&w, n, k, group, h).map_err(|e| format!("{}: {e}", t.name))?
-            }
-        };
-        let (num, den) = w.iter().zip(&q.dequantized).fold((0.0f64, 0.0f64), |(a, b), (x, y)| {
-            (a + ((x - y) as f64).powi(2), b + (*x as f64).powi(2))
-        });
-        let rel = (num / den.max(f64::MIN_POSITIVE)).sqrt();
-        let base = format!(
-            "{}.q{}",
-            t.name,
-            match scheme {
-                Scheme::Int8 => 8,
-                _ => 4,
-            }
-        );
-        let mut add = |suffix: &str, tensor: Tensor| -> Result<NodeId, String> {
-            let pname = format!("{base}.{suffix}");
-            let ty = kiln_ir::TensorType::new(
-                tensor.dtype(),
-                tensor.shape().iter().map(|d| Dim::known(*d as u64)).collect(),
-            );
-            report.bytes.1 += tensor.as_bytes().len();
-            weights.insert(pname.clone(), tensor);
-            g.add(
-                Op::Param {
-                    name: pname.clone(),
-                    ty,
-                },
-                &[],
-                pname,
-            )
-            .map_err(|e| e.to_string())
-        };
-        let qn = add("codes", q.codes)?;
-        let sn = add("scale", q.scale)?;
-        let mut args = vec![qn, sn];
-        if let Some(m) = q.min {
-            args.push(add("min", m)?);
+            };
+            let ns = match &mut choice {
+                Choice::Strict => Some(0.0),
+                Choice::Measured(time) => time(&s.map_or("f32".into(), kernel), n, k),
+            };
+            info.push((s, rel, bytes));
+            forms.push((label, product, ns));
         }
-        let perm = match &q.perm {
-            Some(p) => Some(add(
-                "perm",
-                Tensor::from_f64(DType::I32, vec![k], &p.iter().map(|c| *c as f64).collect::<Vec<_>>())
-                    .expect("column indices fit i32"),
-            )?),
-            None => None,
-        };
-        report.bytes.0 += n * k * 4;
-        let bits = if scheme == Scheme::Int8 { 8 } else { 4 };
-        let dq = g
-            .add(
-                Op::Dequantize {
-                    bits,
-                    group: group as u64,
-                },
-                &args,
-                format!("{}/dequantize", g.node(t.matmul).name),
-            )
-            .map_err(|e| e.to_string())?;
-        g.add_rules(dq, [format!("quantize-{scheme}")]);
-        let mut a = g.args(t.matmul)[0];
-        if let Some(pn) = perm {
-            let axis = g.node(a).ty.rank() - 1;
-            a = g
-                .add(
-                    Op::Gather { axis },
-                    &[a, pn],
-                    format!("{}/act_order", g.node(t.matmul).name),
-                )
-                .map_err(|e| e.to_string())?;
-            g.add_rules(a, [format!("quantize-{scheme}")]);
+        if forms.iter().all(|f| f.2.is_some()) && forms.len() > 1 {
+            let forms = forms
+                .into_iter()
+                .map(|(label, product, ns)| crate::forms::Form {
+                    label,
+                    product,
+                    ns: ns.unwrap_or(0.0),
+                })
+                .collect();
+            alts.push(crate::forms::Alternatives {
+                product: t.matmul,
+                forms,
+            });
+            meta.push((t, info));
+        } else {
+            // Strict, or not measured: the granted scheme.
+            let (_, product, _) = forms.last().expect("the granted form");
+            g.replace_uses(t.matmul, *product);
+            let (_, rel, bytes) = info.last().expect("the granted form");
+            report.bytes.0 += n * k * 4;
+            report.bytes.1 += bytes;
+            report.quantized.push((t.name.clone(), n, k, *rel, scheme.to_string()));
         }
-        let mm = g
-            .add(
-                Op::MatMul {
-                    transpose_a: false,
-                    transpose_b: true,
-                },
-                &[a, dq],
-                g.node(t.matmul).name.clone(),
-            )
-            .map_err(|e| e.to_string())?;
-        g.add_rules(mm, [format!("quantize-{scheme}")]);
-        g.replace_uses(t.matmul, mm);
-        report.quantized.push((t.name.clone(), n, k, rel));
+    }
+    if !alts.is_empty() {
+        let chosen = crate::forms::choose(g, &alts, crate::cost::CostModel::cpu());
+        for ((a, (t, info)), c) in alts.iter().zip(&meta).zip(chosen) {
+            let times: Vec<String> = a
+                .forms
+                .iter()
+                .map(|f| format!("{} {:.1} µs", f.label, f.ns / 1e3))
+                .collect();
+            let why = format!("measured {}", times.join(", "));
+            report.forms.push((t.name.clone(), a.forms[c].label.clone(), why));
+            match info[c] {
+                (None, ..) => report.kept.push(t.name.clone()),
+                (Some(s), rel, bytes) => {
+                    report.bytes.0 += t.n * t.k * 4;
+                    report.bytes.1 += bytes;
+                    report.quantized.push((t.name.clone(), t.n, t.k, rel, s.to_string()));
+                }
+            }
+        }
     }
     crate::dce::run(g, &crate::PipelineOptions::default());
+    drop_unused(g, weights);
     Ok(report)
+}
+
+/// Removes the weights no parameter of `g` names (forms extraction did not keep).
+pub fn drop_unused(g: &Graph, weights: &mut BTreeMap<String, Tensor>) {
+    let used: std::collections::HashSet<&str> = g
+        .node_ids()
+        .filter_map(|n| match &g.node(n).op {
+            Op::Param { name, .. } => Some(name.as_str()),
+            _ => None,
+        })
+        .collect();
+    weights.retain(|k, _| used.contains(k.as_str()));
 }
 
 #[cfg(test)]

@@ -266,12 +266,114 @@ fn param(g: &mut Graph, weights: &mut BTreeMap<String, Tensor>, name: String, t:
         .map_err(|e| e.to_string())
 }
 
-/// Picks the encoding of a pruned weight: `(name, pruned [n, k], n, k)` → the encoding and the
-/// reason (measured times, say).
-pub type Chooser<'a> = dyn FnMut(&str, &[f32], usize, usize) -> (Encoding, String) + 'a;
+/// Picks the encodings a pruned weight may take: `(name, pruned [n, k], n, k)` → each candidate
+/// encoding with its measured time, and a note for the report (the measured times, say). One
+/// candidate is taken as it is; several join the product's e-class and extraction keeps the
+/// fastest ([`crate::forms`]).
+pub type Chooser<'a> = dyn FnMut(&str, &[f32], usize, usize) -> (Vec<(Encoding, f64)>, String) + 'a;
 
-/// Prunes every target's weight and re-encodes it as `choose(name, pruned [n, k], n, k)` says
-/// (the encoding and the reason, e.g. measured times).
+/// The weight node storing pruned `w` (`[n, k]`) of target `t` as `enc`.
+fn stored(
+    g: &mut Graph,
+    weights: &mut BTreeMap<String, Tensor>,
+    t: &Target,
+    w: &[f32],
+    enc: &Encoding,
+    pattern: Pattern,
+) -> Result<NodeId, String> {
+    let (n, k) = (t.n, t.k);
+    let base = format!("{}.sparse", t.name);
+    Ok(match *enc {
+        Encoding::Dense => param(
+            g,
+            weights,
+            format!("{base}.dense"),
+            Tensor::from_f32(vec![n, k], w.to_vec()).map_err(|e| e.to_string())?,
+        )?,
+        Encoding::TwoFour { sparse_rows } => {
+            let (vals, idx) = pack24(w, n, k)?;
+            let vn = param(
+                g,
+                weights,
+                format!("{base}.vals24"),
+                Tensor::from_f32(vec![n, k / 2], vals).map_err(|e| e.to_string())?,
+            )?;
+            let idx_t = Tensor::from_f64(
+                DType::U8,
+                vec![n, k / 4],
+                &idx.iter().map(|b| *b as f64).collect::<Vec<_>>(),
+            )
+            .map_err(|e| e.to_string())?;
+            let inn = param(g, weights, format!("{base}.idx24"), idx_t)?;
+            let d = g
+                .add(
+                    Op::Densify24 {
+                        n: n as u64,
+                        k: k as u64,
+                        sparse_rows,
+                    },
+                    &[vn, inn],
+                    format!("{}/densify_2_4", g.node(t.matmul).name),
+                )
+                .map_err(|e| e.to_string())?;
+            g.add_rules(d, [format!("sparsity-{pattern}")]);
+            d
+        }
+        Encoding::Csr { sparse_rows, block } => {
+            let c = Csr::blocked(w, n, k, [block[0] as usize, block[1] as usize]);
+            let i32s = |v: &[i32]| {
+                Tensor::from_f64(
+                    DType::I32,
+                    vec![v.len()],
+                    &v.iter().map(|x| *x as f64).collect::<Vec<_>>(),
+                )
+                .map_err(|e| e.to_string())
+            };
+            let rp = param(g, weights, format!("{base}.row_ptr"), i32s(&c.row_ptr)?)?;
+            let cols = param(g, weights, format!("{base}.cols"), i32s(&c.cols)?)?;
+            let vals = param(
+                g,
+                weights,
+                format!("{base}.vals"),
+                Tensor::from_f32(vec![c.vals.len()], c.vals).map_err(|e| e.to_string())?,
+            )?;
+            let d = g
+                .add(
+                    Op::Densify {
+                        n: n as u64,
+                        k: k as u64,
+                        sparse_rows,
+                        block,
+                    },
+                    &[rp, cols, vals],
+                    format!("{}/densify", g.node(t.matmul).name),
+                )
+                .map_err(|e| e.to_string())?;
+            g.add_rules(d, [format!("sparsity-{pattern}")]);
+            d
+        }
+    })
+}
+
+/// A product over the stored weight `b` in place of `t`'s, read by nothing yet.
+fn product(g: &mut Graph, t: &Target, b: NodeId, pattern: Pattern) -> Result<NodeId, String> {
+    let a = g.args(t.matmul)[0];
+    let mm = g
+        .add(
+            Op::MatMul {
+                transpose_a: false,
+                transpose_b: true,
+            },
+            &[a, b],
+            g.node(t.matmul).name.clone(),
+        )
+        .map_err(|e| e.to_string())?;
+    g.add_rules(mm, [format!("sparsity-{pattern}")]);
+    Ok(mm)
+}
+
+/// Prunes every target's weight and re-encodes it in the fastest of the encodings `choose`
+/// offers (and measured).
 pub fn apply(
     g: &mut Graph,
     weights: &mut BTreeMap<String, Tensor>,
@@ -280,6 +382,8 @@ pub fn apply(
     choose: &mut Chooser,
 ) -> Result<SparsityReport, String> {
     let mut report = SparsityReport::default();
+    let mut alts = Vec::new();
+    let mut pending = Vec::new();
     for t in targets {
         let (n, k) = (t.n, t.k);
         let orig = crate::quantize::weight_rows(g, t, weights)?;
@@ -292,102 +396,48 @@ pub fn apply(
         let (num, den) = orig.iter().zip(&w).fold((0.0f64, 0.0f64), |(a, b), (x, y)| {
             (a + ((x - y) as f64).powi(2), b + (*x as f64).powi(2))
         });
-        let (enc, why) = choose(&t.name, &w, n, k);
-        let base = format!("{}.sparse", t.name);
-        let b = match enc {
-            Encoding::Dense => param(
-                g,
-                weights,
-                format!("{base}.dense"),
-                Tensor::from_f32(vec![n, k], w.clone()).map_err(|e| e.to_string())?,
-            )?,
-            Encoding::TwoFour { sparse_rows } => {
-                let (vals, idx) = pack24(&w, n, k)?;
-                let vn = param(
-                    g,
-                    weights,
-                    format!("{base}.vals24"),
-                    Tensor::from_f32(vec![n, k / 2], vals).map_err(|e| e.to_string())?,
-                )?;
-                let idx_t = Tensor::from_f64(
-                    DType::U8,
-                    vec![n, k / 4],
-                    &idx.iter().map(|b| *b as f64).collect::<Vec<_>>(),
-                )
-                .map_err(|e| e.to_string())?;
-                let inn = param(g, weights, format!("{base}.idx24"), idx_t)?;
-                let d = g
-                    .add(
-                        Op::Densify24 {
-                            n: n as u64,
-                            k: k as u64,
-                            sparse_rows,
-                        },
-                        &[vn, inn],
-                        format!("{}/densify_2_4", g.node(t.matmul).name),
-                    )
-                    .map_err(|e| e.to_string())?;
-                g.add_rules(d, [format!("sparsity-{pattern}")]);
-                d
-            }
-            Encoding::Csr { sparse_rows, block } => {
-                let c = Csr::blocked(&w, n, k, [block[0] as usize, block[1] as usize]);
-                let i32s = |v: &[i32]| {
-                    Tensor::from_f64(
-                        DType::I32,
-                        vec![v.len()],
-                        &v.iter().map(|x| *x as f64).collect::<Vec<_>>(),
-                    )
-                    .map_err(|e| e.to_string())
-                };
-                let rp = param(g, weights, format!("{base}.row_ptr"), i32s(&c.row_ptr)?)?;
-                let cols = param(g, weights, format!("{base}.cols"), i32s(&c.cols)?)?;
-                let vals = param(
-                    g,
-                    weights,
-                    format!("{base}.vals"),
-                    Tensor::from_f32(vec![c.vals.len()], c.vals).map_err(|e| e.to_string())?,
-                )?;
-                let d = g
-                    .add(
-                        Op::Densify {
-                            n: n as u64,
-                            k: k as u64,
-                            sparse_rows,
-                            block,
-                        },
-                        &[rp, cols, vals],
-                        format!("{}/densify", g.node(t.matmul).name),
-                    )
-                    .map_err(|e| e.to_string())?;
-                g.add_rules(d, [format!("sparsity-{pattern}")]);
-                d
-            }
-        };
-        let a = g.args(t.matmul)[0];
-        let mm = g
-            .add(
-                Op::MatMul {
-                    transpose_a: false,
-                    transpose_b: true,
-                },
-                &[a, b],
-                g.node(t.matmul).name.clone(),
-            )
-            .map_err(|e| e.to_string())?;
-        g.add_rules(mm, [format!("sparsity-{pattern}")]);
-        g.replace_uses(t.matmul, mm);
-        report.pruned.push((
+        let (cands, why) = choose(&t.name, &w, n, k);
+        if cands.is_empty() {
+            return Err(format!("no encoding offered for `{}`", t.name));
+        }
+        let mut forms = Vec::new();
+        for (enc, ns) in &cands {
+            let b = stored(g, weights, t, &w, enc, pattern)?;
+            forms.push(crate::forms::Form {
+                label: enc.kind(),
+                product: product(g, t, b, pattern)?,
+                ns: *ns,
+            });
+        }
+        let entry = (
             t.name.clone(),
             n,
             k,
             nnz as f64 / (n * k) as f64,
             (num / den.max(f64::MIN_POSITIVE)).sqrt(),
-            enc,
+            cands[0].0.clone(),
             why,
-        ));
+        );
+        if forms.len() == 1 {
+            g.replace_uses(t.matmul, forms[0].product);
+            report.pruned.push(entry);
+        } else {
+            alts.push(crate::forms::Alternatives {
+                product: t.matmul,
+                forms,
+            });
+            pending.push((entry, cands));
+        }
+    }
+    if !alts.is_empty() {
+        let chosen = crate::forms::choose(g, &alts, crate::cost::CostModel::cpu());
+        for ((mut entry, cands), c) in pending.into_iter().zip(chosen) {
+            entry.5 = cands[c].0.clone();
+            report.pruned.push(entry);
+        }
     }
     crate::dce::run(g, &crate::PipelineOptions::default());
+    crate::quantize::drop_unused(g, weights);
     report.shrunk = crate::shrink::run(g, weights);
     Ok(report)
 }

@@ -2001,7 +2001,7 @@ fn measure_against_dense(
 }
 
 /// Reads 64 MiB, pushing earlier data out of the caches.
-fn evict_caches() {
+pub(crate) fn evict_caches() {
     static JUNK: std::sync::LazyLock<Vec<u64>> = std::sync::LazyLock::new(|| vec![1u64; 8 << 20]);
     let s = JUNK.iter().step_by(8).fold(0u64, |a, x| a.wrapping_add(*x));
     std::hint::black_box(s);

@@ -24,6 +24,7 @@ mod exec;
 pub mod gemm;
 mod igemm;
 mod kernels;
+pub mod measure;
 pub mod npy;
 pub mod plan;
 pub mod pool;

@@ -7,6 +7,7 @@
 
 pub mod bisect;
 pub mod codegen;
+pub mod costs;
 pub mod logits;
 pub mod pack;
 pub mod quant;

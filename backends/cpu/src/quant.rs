@@ -115,13 +115,39 @@ pub fn calibrate(
     Ok(hs)
 }
 
-/// Quantizes `graph`'s eligible products in place (see `kiln_passes::quantize`); GPTQ calibrates on
-/// `calib` first.
+/// Quantizes `graph`'s eligible products in place as `scheme` (see `kiln_passes::quantize`); GPTQ
+/// calibrates on `calib` first.
 pub fn quantize(
     graph: &mut Graph,
     weights: &mut BTreeMap<String, Tensor>,
     dims: &[(String, u64)],
     scheme: Scheme,
+    exclude: &[String],
+    calib: &[Vec<i64>],
+) -> Result<QuantReport, String> {
+    quantize_with(graph, weights, dims, (scheme, None), exclude, calib)
+}
+
+/// Rows a product is measured at when choosing its form: 1 for a decoding graph (its generation
+/// time is in one-token steps), [`ENCODER_ROWS`] otherwise.
+pub fn measured_rows(graph: &Graph) -> usize {
+    if is_decoding(graph) {
+        1
+    } else {
+        ENCODER_ROWS
+    }
+}
+
+/// The rows an encoder's products are measured at (a 128-token sequence).
+pub const ENCODER_ROWS: usize = 128;
+
+/// [`quantize`], or with `fastest` (the CPU the artifact is for, which this machine must run),
+/// each product's f32, int8 and `scheme` forms measured there and the fastest kept.
+pub fn quantize_with(
+    graph: &mut Graph,
+    weights: &mut BTreeMap<String, Tensor>,
+    dims: &[(String, u64)],
+    (scheme, fastest): (Scheme, Option<kiln_runtime::cpu::CpuArg>),
     exclude: &[String],
     calib: &[Vec<i64>],
 ) -> Result<QuantReport, String> {
@@ -138,7 +164,17 @@ pub fn quantize(
         }
         _ => None,
     };
-    let mut r = quantize::apply(graph, weights, &targets, scheme, hessians.as_deref())?;
+    let rows = measured_rows(graph);
+    let threads = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+    let mut time = |kernel: &str, n: usize, k: usize| -> Option<f64> {
+        let cpu = fastest?;
+        crate::costs::product_ns(kernel, [rows, n, k], threads, cpu).ok()
+    };
+    let choice = match fastest {
+        Some(cpu) if cpu.level.runs_here() => quantize::Choice::Measured(&mut time),
+        _ => quantize::Choice::Strict,
+    };
+    let mut r = quantize::apply(graph, weights, &targets, scheme, hessians.as_deref(), choice)?;
     r.skipped.extend(skipped);
     kiln_ir::verify(graph).map_err(|e| format!("internal compiler error after quantization: {e}"))?;
     Ok(r)
@@ -344,63 +380,69 @@ pub fn sparsify(
         _ => vec![Some([1, 1])],
     };
     let progress = kiln_ir::progress::Progress::new("measuring sparse kernels (products)", targets.len());
-    let mut choose = |_: &str, w: &[f32], n: usize, k: usize| -> (Encoding, String) {
+    let cpu = kiln_runtime::cpu::CpuArg::host();
+    let mut choose = |_: &str, w: &[f32], n: usize, k: usize| -> (Vec<(Encoding, f64)>, String) {
         progress.tick();
-        let mut best: Option<(f64, f64, Option<[usize; 2]>)> = None;
+        let nnz = w.iter().filter(|v| **v != 0.0).count();
+        let dense = |m| crate::costs::product_ns("f32", [m, n, k], threads, cpu);
+        let (d1, dm) = match (dense(1), dense(rows)) {
+            (Ok(a), Ok(b)) => (a, b),
+            (Err(e), _) | (_, Err(e)) => return (vec![(Encoding::Dense, 0.0)], format!("not measured: {e}")),
+        };
+        let mut forms = vec![(Encoding::Dense, if decoding { d1 } else { dm })];
         let mut notes = Vec::new();
-        let mut dense = (0.0, 0.0);
         for &cand in &candidates {
-            let time = |m| match cand {
-                Some(block) => {
-                    let c = kiln_passes::sparsity::Csr::blocked(w, n, k, block);
-                    kiln_runtime::measure_sparse(w, &c.row_ptr, &c.cols, &c.vals, block, n, k, m, threads, level)
-                }
-                None => {
-                    let (vals, idx) = kiln_passes::sparsity::pack24(w, n, k)?;
-                    kiln_runtime::measure_sparse24(w, &vals, &idx, n, k, m, threads, level)
+            let label = match cand {
+                Some([1, 1]) => "CSR".to_string(),
+                Some([r, c]) => format!("{r}x{c} blocks"),
+                None => "packed 2:4".to_string(),
+            };
+            let time = |m: usize| {
+                let key = crate::costs::key(cpu, threads, &label, [m, n, k], nnz);
+                crate::costs::cached(key, || match cand {
+                    Some(block) => {
+                        let c = kiln_passes::sparsity::Csr::blocked(w, n, k, block);
+                        kiln_runtime::measure_sparse(w, &c.row_ptr, &c.cols, &c.vals, block, n, k, m, threads, level)
+                            .map(|t| t.1)
+                    }
+                    None => {
+                        let (vals, idx) = kiln_passes::sparsity::pack24(w, n, k)?;
+                        kiln_runtime::measure_sparse24(w, &vals, &idx, n, k, m, threads, level).map(|t| t.1)
+                    }
+                })
+            };
+            let (s1, sm) = match (time(1), time(rows)) {
+                (Ok(a), Ok(b)) => (a, b),
+                (Err(e), _) | (_, Err(e)) => {
+                    notes.push(format!("{label} not measured: {e}"));
+                    continue;
                 }
             };
-            match (time(1), time(rows)) {
-                (Ok((d1, s1)), Ok((dm, sm))) => {
-                    dense = (d1, dm);
-                    let name = match cand {
-                        Some([1, 1]) => "CSR".to_string(),
-                        Some([r, c]) => format!("{r}x{c} blocks"),
-                        None => "packed 2:4".to_string(),
-                    };
-                    notes.push(format!("{name} {:.1} / {:.1} µs", s1 / 1e3, sm / 1e3));
-                    let key = if decoding { s1 } else { sm };
-                    if best.is_none_or(|b| key < if decoding { b.0 } else { b.1 }) {
-                        best = Some((s1, sm, cand));
-                    }
-                }
-                (Err(e), _) | (_, Err(e)) => return (Encoding::Dense, format!("not measured: {e}")),
-            }
+            notes.push(format!("{label} {:.1} / {:.1} µs", s1 / 1e3, sm / 1e3));
+            // Sparse wherever it wins; a decoder that wins only at 1 row densifies tiles beyond 4.
+            let sparse_rows = if sm < dm {
+                u64::MAX
+            } else if decoding && s1 < d1 {
+                4
+            } else {
+                continue;
+            };
+            let encoding = match cand {
+                Some(b) => Encoding::Csr {
+                    sparse_rows,
+                    block: [b[0] as u64, b[1] as u64],
+                },
+                None => Encoding::TwoFour { sparse_rows },
+            };
+            forms.push((encoding, if decoding { s1 } else { sm }));
         }
-        let (d1, dm) = dense;
         let why = format!(
             "1 / {rows} rows: dense {:.1} / {:.1} µs, {}",
             d1 / 1e3,
             dm / 1e3,
             notes.join(", ")
         );
-        let Some((s1, sm, cand)) = best else {
-            return (Encoding::Dense, why);
-        };
-        let encoding = |sparse_rows: u64| match cand {
-            Some(b) => Encoding::Csr {
-                sparse_rows,
-                block: [b[0] as u64, b[1] as u64],
-            },
-            None => Encoding::TwoFour { sparse_rows },
-        };
-        if sm < dm {
-            (encoding(u64::MAX), why)
-        } else if decoding && s1 < d1 {
-            (encoding(4), why)
-        } else {
-            (Encoding::Dense, why)
-        }
+        (forms, why)
     };
     let mut r = kiln_passes::sparsity::apply(graph, weights, &targets, pattern, &mut choose)?;
     r.skipped.extend(skipped);

@@ -1,0 +1,75 @@
+//! Measured kernel times, cached by (CPU model, level, build, threads, kernel, shape) in memory and on
+//! disk, `$KILN_CACHE/costs/<cpu model>.tsv` (default `~/.cache/kiln`): the first compile on a
+//! machine measures, later ones read the same numbers and so choose the same forms.
+//! `KILN_COST_CACHE=off` measures afresh and writes nothing.
+
+use std::collections::HashMap;
+use std::io::Write;
+use std::path::PathBuf;
+use std::sync::Mutex;
+
+use kiln_runtime::cpu::CpuArg;
+use kiln_runtime::measure::ProductKernel;
+
+static TABLE: Mutex<Option<HashMap<String, f64>>> = Mutex::new(None);
+
+/// The cache file of this CPU, unless caching is off.
+fn file() -> Option<PathBuf> {
+    if std::env::var("KILN_COST_CACHE").as_deref() == Ok("off") {
+        return None;
+    }
+    let root = std::env::var_os("KILN_CACHE")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/kiln")))?;
+    let model: String = kiln_runtime::cpu::model_name()
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() { c } else { '-' })
+        .collect();
+    Some(root.join("costs").join(format!("{model}.tsv")))
+}
+
+fn load() -> HashMap<String, f64> {
+    let text = file().and_then(|f| std::fs::read_to_string(f).ok()).unwrap_or_default();
+    text.lines()
+        .filter_map(|l| {
+            let (key, ns) = l.rsplit_once('\t')?;
+            Some((key.to_string(), ns.parse().ok()?))
+        })
+        .collect()
+}
+
+/// The time recorded under `key`, or `measure()`'s, recorded. Measurements run one at a time.
+pub fn cached(key: String, measure: impl FnOnce() -> Result<f64, String>) -> Result<f64, String> {
+    let mut table = TABLE.lock().unwrap_or_else(|e| e.into_inner());
+    let table = table.get_or_insert_with(load);
+    if let Some(ns) = table.get(&key) {
+        return Ok(*ns);
+    }
+    let ns = measure()?;
+    table.insert(key.clone(), ns);
+    if let Some(f) = file() {
+        // A cache that cannot be written costs only a measurement next time.
+        let _ = f.parent().map(std::fs::create_dir_all);
+        if let Ok(mut out) = std::fs::OpenOptions::new().create(true).append(true).open(&f) {
+            let _ = out.write_all(format!("{key}\t{ns}\n").as_bytes());
+        }
+    }
+    Ok(ns)
+}
+
+/// The key of a measurement: level, threads, kernel, rows, shape, and what else decides the time
+/// (nonzeros of a sparse weight).
+pub fn key(cpu: CpuArg, threads: usize, kernel: &str, [m, n, k]: [usize; 3], extra: usize) -> String {
+    // Kernels built without optimisation run several times slower: their times are kept apart.
+    let build = if cfg!(debug_assertions) { "debug" } else { "release" };
+    format!("{cpu}\t{build}\t{threads}\t{kernel}\t{m}\t{n}\t{k}\t{extra}")
+}
+
+/// Median ns of an `m`-row product with an `[n, k]` weight in form `kernel` (`f32`, `int8`,
+/// `int4:G`), measured once per machine.
+pub fn product_ns(kernel: &str, [m, n, k]: [usize; 3], threads: usize, cpu: CpuArg) -> Result<f64, String> {
+    let pk: ProductKernel = kernel.parse()?;
+    cached(key(cpu, threads, kernel, [m, n, k], 0), || {
+        kiln_runtime::measure::product_ns(pk, m, n, k, threads, cpu)
+    })
+}
