@@ -2,6 +2,7 @@
 
 mod bisect;
 mod generate;
+mod predict;
 mod quant;
 
 use std::collections::BTreeMap;
@@ -501,6 +502,13 @@ fn compile(
         int8_prefill: q.int8_prefill,
         disabled_rules: popts.disabled_rules.clone(),
         dump_dir: popts.dump_dir.clone(),
+        measured_costs: match target {
+            TargetArg::Cpu if show_report && cpu.level.runs_here() => {
+                let threads = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+                kiln_cpu::costs::model(cpu, threads).ok()
+            }
+            _ => None,
+        },
         ..kiln_cpu::Options::for_level(opt)
     };
     let compiled = match target {
@@ -558,6 +566,16 @@ fn compile(
         }
         if let Some((layer, per)) = steps_per_layer(m) {
             println!("  layer    {layer}: {}", per.line());
+        }
+        if matches!(target, TargetArg::Cpu) && cpu.level.runs_here() {
+            for line in predict::lines(
+                out,
+                (&l.graph, &l.dims),
+                &compiled.predicted,
+                copts.measured_costs.as_ref(),
+            ) {
+                println!("  {line}");
+            }
         }
     }
     if let Some(g) = &m.gpu {

@@ -468,6 +468,7 @@ fn report_and_dump_ir_work_on_every_spec() {
             "cost     ",
             "fusion   ",
             "plan     ",
+            "steps    estimated ",
         ] {
             assert!(out.contains(want), "{name}: no `{want}` in the report:\n{out}");
         }

@@ -94,6 +94,11 @@ impl CostModel {
         match op {
             Op::Input { .. } | Op::Param { .. } | Op::Scalar { .. } | Op::Reshape { .. } => 0.0,
             Op::Iota { .. } => self.op_overhead_ns,
+            // A lookup reads the rows it gathers, not the whole table.
+            Op::Gather { .. } => {
+                let bytes = self.bytes(args[1]) + 2.0 * self.bytes(out);
+                self.op_overhead_ns + bytes / self.bytes_per_ns
+            }
             _ => {
                 let bytes: f64 = args.iter().map(|t| self.bytes(t)).sum::<f64>() + self.bytes(out);
                 self.op_overhead_ns + bytes / self.bytes_per_ns + self.work_ns(op, args, out)

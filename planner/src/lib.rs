@@ -68,6 +68,10 @@ pub struct Options {
     pub disabled_rules: Vec<String>,
     /// Where `--dump-ir` writes the passes' graphs: the fused graph joins them (`10-fuse.txt`).
     pub dump_dir: Option<std::path::PathBuf>,
+    /// Constants measured on this machine for the steps' estimates (`--report`); `None`: the
+    /// target's fixed model. Fusion always extracts with the fixed model, so a plan never depends
+    /// on how a machine's timings came out.
+    pub measured_costs: Option<kiln_passes::cost::CostModel>,
 }
 
 impl Options {
@@ -82,6 +86,7 @@ impl Options {
             int8_prefill: false,
             disabled_rules: Vec::new(),
             dump_dir: None,
+            measured_costs: None,
         }
     }
 }
@@ -96,4 +101,6 @@ pub struct Compiled {
     pub code: Vec<u8>,
     /// What fusion did: the rules that fired and the fused ops extraction kept, by rule.
     pub fusion: kiln_passes::PassStats,
+    /// The cost model's estimate of every manifest step, ns (symbolic dims at its extents).
+    pub predicted: Vec<f64>,
 }

@@ -63,6 +63,9 @@ pub struct Planned {
     pub kernels: Vec<KernelSpec>,
     /// What fusion did (the fusion pass's report).
     pub fusion: kiln_passes::PassStats,
+    /// The cost model's estimate of every step, ns (symbolic dims at its extents), for
+    /// `kiln compile --report` to set against measured times.
+    pub predicted: Vec<f64>,
 }
 
 /// The largest tensor a weight-only subgraph may be folded into (elements).
@@ -122,12 +125,7 @@ fn fuse(
     target: &Target,
     opts: &crate::Options,
 ) -> Result<(Graph, kiln_passes::PassStats), CompileError> {
-    use kiln_passes::cost::CostModel;
-    let model = if target.arch == std::env::consts::ARCH {
-        CostModel::cpu()
-    } else {
-        CostModel::cuda()
-    };
+    let model = cost_model(target);
     let mut g = graph.clone();
     let stats = kiln_passes::fuse::run(&mut g, &opts.disabled_rules, model);
     if let Some(dir) = &opts.dump_dir {
@@ -139,6 +137,16 @@ fn fuse(
     }
     kiln_ir::verify(&g).map_err(|e| CompileError::Internal(format!("the graph is invalid after fusion: {e}")))?;
     Ok((g, stats))
+}
+
+/// The cost model of `target`: the CPU's for this machine's architecture, the GPU's otherwise.
+fn cost_model(target: &Target) -> kiln_passes::cost::CostModel {
+    use kiln_passes::cost::CostModel;
+    if target.arch == std::env::consts::ARCH {
+        CostModel::cpu()
+    } else {
+        CostModel::cuda()
+    }
 }
 
 /// Plans `graph` (already verified and optimized) with its weights.
@@ -211,6 +219,8 @@ pub fn plan(
         }
     };
     let mut needed: HashSet<NodeId> = outputs.clone();
+    let model = opts.measured_costs.unwrap_or_else(|| cost_model(&target));
+    let mut predicted = Vec::new();
     for &n in &order {
         if attn_skip.contains(&n) || folded.contains_key(&n) {
             continue;
@@ -404,6 +414,10 @@ pub fn plan(
                 out: vid,
             }),
         }
+        if predicted.len() < steps.len() {
+            let tys: Vec<&kiln_ir::TensorType> = args.iter().map(|a| &graph.node(*a).ty).collect();
+            predicted.resize(steps.len(), model.op_ns(&node.op, &tys, &node.ty));
+        }
         values.push(decl);
         value_of.insert(n, vid);
     }
@@ -437,6 +451,7 @@ pub fn plan(
         weights: wbytes,
         kernels,
         fusion,
+        predicted,
     })
 }
 

@@ -248,6 +248,13 @@ impl Model {
         Ok(self.profile_of(&times))
     }
 
+    /// Runs the model once, timing every step: seconds per manifest step.
+    pub fn step_times(&self, inputs: &BTreeMap<String, Tensor>) -> Result<Vec<f64>, RunError> {
+        let mut times = vec![0.0f64; self.manifest.steps.len()];
+        self.run_inner(inputs, Some(&mut times), None)?;
+        Ok(times)
+    }
+
     /// How a product's activation kernel runs: from its tape at the level's vector width where
     /// that is faster, else the generated code.
     fn post(&self, k: usize) -> crate::gemm::Post {
@@ -733,7 +740,8 @@ impl Model {
     }
 }
 
-fn step_kind(step: &Step) -> String {
+/// A step's kind for profiles: `matmul`, `kernel:map`, `attention`, `transpose`, ...
+pub fn step_kind(step: &Step) -> String {
     match step {
         Step::Kernel {
             kind, inputs, space, ..

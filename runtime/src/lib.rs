@@ -35,7 +35,7 @@ pub mod softmax;
 mod validate;
 pub mod vmap;
 
-pub use exec::{Model, Profile, RunStats};
+pub use exec::{step_kind, Model, Profile, RunStats};
 pub use kernels::{measure_sparse, measure_sparse24};
 pub use kiln_ir::{DType, Tensor};
 pub use session::{Decoder, Feed, KvCache, Sampler, Sampling, Session};

@@ -73,3 +73,18 @@ pub fn product_ns(kernel: &str, [m, n, k]: [usize; 3], threads: usize, cpu: CpuA
         kiln_runtime::measure::product_ns(pk, m, n, k, threads, cpu)
     })
 }
+
+/// The CPU cost model with its product rate, streaming bandwidth and per-step overhead measured
+/// on kiln's own kernels here (`cpu` must run on this machine): a 128x1536x384 f32 product, a
+/// one-row int8 product over 16 MiB of codes, and a 1x16x16 product.
+pub fn model(cpu: CpuArg, threads: usize) -> Result<kiln_passes::cost::CostModel, String> {
+    let gemm = product_ns("f32", [128, 1536, 384], threads, cpu)?;
+    let stream = product_ns("int8", [1, 4096, 4096], threads, cpu)?;
+    let tiny = product_ns("f32", [1, 16, 16], threads, cpu)?;
+    Ok(kiln_passes::cost::CostModel {
+        matmul_flops_per_ns: 2.0 * 128.0 * 1536.0 * 384.0 / gemm,
+        bytes_per_ns: (4096.0 * 4096.0) / stream,
+        op_overhead_ns: tiny,
+        ..kiln_passes::cost::CostModel::cpu()
+    })
+}

@@ -68,6 +68,7 @@ pub fn compile(
         weights: planned.weights,
         code,
         fusion: planned.fusion,
+        predicted: planned.predicted,
     })
 }
 

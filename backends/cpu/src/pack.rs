@@ -58,7 +58,7 @@ pub fn pack_weights(p: &mut Planned, level: Level) -> usize {
         count += 1;
     }
     if count > 0 {
-        fuse_activations(&mut p.manifest);
+        fuse_activations(&mut p.manifest, &mut p.predicted);
         drop_unread_weights(&mut p.manifest, &mut p.weights);
     }
     count
@@ -66,8 +66,9 @@ pub fn pack_weights(p: &mut Planned, level: Level) -> usize {
 
 /// Moves a one-input elementwise kernel that is the only reader of a packed product's result
 /// into the product (`post`): it then runs on each block of the result while the block is in
-/// cache, in place, and the value it computed becomes an alias of the product's.
-fn fuse_activations(m: &mut Manifest) {
+/// cache, in place, and the value it computed becomes an alias of the product's. The kernel's
+/// estimated time joins the product's.
+fn fuse_activations(m: &mut Manifest, predicted: &mut Vec<f64>) {
     let mut si = 0;
     while si < m.steps.len() {
         let Step::PackedMatMul { out, post: None, .. } = m.steps[si] else {
@@ -76,6 +77,10 @@ fn fuse_activations(m: &mut Manifest) {
         };
         if let Some((ki, kernel, p)) = sole_map_reader(m, out) {
             m.steps.remove(ki);
+            if ki < predicted.len() {
+                let t = predicted.remove(ki);
+                predicted[si] += t;
+            }
             m.values[p as usize].storage = Storage::Alias(out);
             if let Step::PackedMatMul { post, .. } = &mut m.steps[si] {
                 *post = Some(kernel);

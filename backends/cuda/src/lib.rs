@@ -93,6 +93,7 @@ pub fn compile(
             weights: planned.weights,
             code,
             fusion: planned.fusion,
+            predicted: planned.predicted,
         },
         mlir,
     })
