@@ -1955,6 +1955,7 @@ fn measure_against_dense(
     sparse: &Product,
 ) -> Result<(f64, f64), String> {
     let pool = pool(threads)?;
+    let spin = crate::pool::Pool::new(threads)?;
     let a: Vec<f32> = (0..m * k).map(|i| ((i % 7) as f32 - 3.0) * 0.1).collect();
     let mut out = vec![0f32; m * n];
     let buf = |p: *const u8, len: usize| Buf { ptr: p as *mut u8, len };
@@ -1962,41 +1963,30 @@ fn measure_against_dense(
     // Few-row (decoding) products stream their weights from memory, not from a warm cache: each
     // timed run starts after reading a buffer larger than the last-level cache.
     let cold = m <= 4;
-    let time = |f: &dyn Fn() -> Result<(), String>| -> Result<f64, String> {
-        f()?;
-        let mut t = Vec::new();
-        for _ in 0..5 {
-            if cold {
-                evict_caches();
-            }
-            let s = std::time::Instant::now();
-            f()?;
-            t.push(s.elapsed().as_secs_f64() * 1e9);
-        }
-        t.sort_by(f64::total_cmp);
-        Ok(t[2])
-    };
+    let time = |f: &dyn Fn() -> Result<(), String>| crate::measure::median_ns(cold, f);
     let ob = buf(out.as_mut_ptr() as *const u8, out.len() * 4);
     let ab = buf(a.as_ptr() as *const u8, a.len() * 4);
-    pool.install(|| {
-        let dense = time(&|| {
-            matmul(
-                (ab, &sa),
-                (buf(w.as_ptr() as *const u8, w.len() * 4), &sw),
-                (ob, &so),
-                Epilogue {
-                    ta: false,
-                    tb: true,
-                    scale: 1.0,
-                    bias: None,
-                    acc: None,
-                },
-                threads,
-                level,
-            )
-        })?;
-        let sparse = time(&|| sparse((ab, &sa), (ob, &so)))?;
-        Ok((dense, sparse))
+    spin.install(|| {
+        pool.install(|| {
+            let dense = time(&|| {
+                matmul(
+                    (ab, &sa),
+                    (buf(w.as_ptr() as *const u8, w.len() * 4), &sw),
+                    (ob, &so),
+                    Epilogue {
+                        ta: false,
+                        tb: true,
+                        scale: 1.0,
+                        bias: None,
+                        acc: None,
+                    },
+                    threads,
+                    level,
+                )
+            })?;
+            let sparse = time(&|| sparse((ab, &sa), (ob, &so)))?;
+            Ok((dense, sparse))
+        })
     })
 }
 

@@ -1,5 +1,5 @@
 //! Measured kernel times, cached by (CPU model, level, build, threads, kernel, shape) in memory and on
-//! disk, `$KILN_CACHE/costs/<cpu model>.tsv` (default `~/.cache/kiln`): the first compile on a
+//! disk, `$KILN_CACHE/costs/<cpu model>.v<VERSION>.tsv` (default `~/.cache/kiln`): the first compile on a
 //! machine measures, later ones read the same numbers and so choose the same forms.
 //! `KILN_COST_CACHE=off` measures afresh and writes nothing.
 
@@ -13,6 +13,9 @@ use kiln_runtime::measure::ProductKernel;
 
 static TABLE: Mutex<Option<HashMap<String, f64>>> = Mutex::new(None);
 
+/// Bumped when how kernels are measured changes: older files are then ignored.
+const VERSION: u32 = 3;
+
 /// The cache file of this CPU, unless caching is off.
 fn file() -> Option<PathBuf> {
     if std::env::var("KILN_COST_CACHE").as_deref() == Ok("off") {
@@ -25,7 +28,7 @@ fn file() -> Option<PathBuf> {
         .chars()
         .map(|c| if c.is_ascii_alphanumeric() { c } else { '-' })
         .collect();
-    Some(root.join("costs").join(format!("{model}.tsv")))
+    Some(root.join("costs").join(format!("{model}.v{VERSION}.tsv")))
 }
 
 fn load() -> HashMap<String, f64> {
