@@ -235,7 +235,7 @@ fn quantized_and_sparse_weights_on_the_emulated_gpu() {
                 _ => (Pattern::TwoFour, Encoding::TwoFour { sparse_rows: u64::MAX }),
             };
             let (targets, _) = kiln_passes::quantize::targets(&l.graph, &[]);
-            let mut choose = |_: &str, _: &[f32], _: usize, _: usize| (encoding.clone(), String::new());
+            let mut choose = |_: &str, _: &[f32], _: usize, _: usize| (vec![(encoding.clone(), 0.0)], String::new());
             let r = apply(&mut l.graph, &mut w, &targets, pattern, &mut choose).unwrap();
             assert!(!r.pruned.is_empty(), "{variant}: nothing pruned");
         }
@@ -337,7 +337,7 @@ fn gpt2_dense_and_sparse_weights_on_tensor_cores() {
                 )
             };
             let (targets, _) = kiln_passes::quantize::targets(&l.graph, &[]);
-            let mut choose = |_: &str, _: &[f32], _: usize, _: usize| (encoding.clone(), String::new());
+            let mut choose = |_: &str, _: &[f32], _: usize, _: usize| (vec![(encoding.clone(), 0.0)], String::new());
             assert!(!apply(&mut l.graph, &mut w, &targets, pattern, &mut choose)
                 .unwrap()
                 .pruned
