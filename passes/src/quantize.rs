@@ -1068,6 +1068,35 @@ fn schemes(scheme: Scheme, choice: &Choice) -> Vec<Option<Scheme>> {
     }
 }
 
+/// A form's scheme (`None`: f32), the relative error of its weight, and its bytes.
+type FormInfo = (Option<Scheme>, f64, usize);
+
+/// Enters the form extraction kept for each target (`chosen[i]` of `alts[i]`) in the report.
+fn record_choices(
+    report: &mut QuantReport,
+    alts: &[crate::forms::Alternatives],
+    meta: &[(&Target, Vec<FormInfo>)],
+    chosen: &[usize],
+) {
+    for ((a, (t, info)), &c) in alts.iter().zip(meta).zip(chosen) {
+        let times: Vec<String> = a
+            .forms
+            .iter()
+            .map(|f| format!("{} {:.1} µs", f.label, f.ns / 1e3))
+            .collect();
+        let why = format!("measured {}", times.join(", "));
+        report.forms.push((t.name.clone(), a.forms[c].label.clone(), why));
+        match info[c] {
+            (None, ..) => report.kept.push(t.name.clone()),
+            (Some(s), rel, bytes) => {
+                report.bytes.0 += t.n * t.k * 4;
+                report.bytes.1 += bytes;
+                report.quantized.push((t.name.clone(), t.n, t.k, rel, s.to_string()));
+            }
+        }
+    }
+}
+
 /// Quantizes each target's weight as `scheme` — or, with [`Choice::Measured`], gives it its f32,
 /// int8 and `scheme` forms and keeps the fastest; `hessians[i]` (for GPTQ) belongs to
 /// `targets[i]`.
@@ -1082,8 +1111,7 @@ pub fn apply(
     let mut report = QuantReport::default();
     let progress = kiln_ir::progress::Progress::new(format!("quantizing products ({scheme})"), targets.len());
     let mut alts = Vec::new();
-    // Per alternative: the target, and per form its scheme (None: f32), error and bytes.
-    let mut meta: Vec<(&Target, Vec<(Option<Scheme>, f64, usize)>)> = Vec::new();
+    let mut meta: Vec<(&Target, Vec<FormInfo>)> = Vec::new();
     for (ti, t) in targets.iter().enumerate() {
         progress.tick();
         let (n, k) = (t.n, t.k);
@@ -1141,23 +1169,7 @@ pub fn apply(
     }
     if !alts.is_empty() {
         let chosen = crate::forms::choose(g, &alts, crate::cost::CostModel::cpu());
-        for ((a, (t, info)), c) in alts.iter().zip(&meta).zip(chosen) {
-            let times: Vec<String> = a
-                .forms
-                .iter()
-                .map(|f| format!("{} {:.1} µs", f.label, f.ns / 1e3))
-                .collect();
-            let why = format!("measured {}", times.join(", "));
-            report.forms.push((t.name.clone(), a.forms[c].label.clone(), why));
-            match info[c] {
-                (None, ..) => report.kept.push(t.name.clone()),
-                (Some(s), rel, bytes) => {
-                    report.bytes.0 += t.n * t.k * 4;
-                    report.bytes.1 += bytes;
-                    report.quantized.push((t.name.clone(), t.n, t.k, rel, s.to_string()));
-                }
-            }
-        }
+        record_choices(&mut report, &alts, &meta, &chosen);
     }
     crate::dce::run(g, &crate::PipelineOptions::default());
     drop_unused(g, weights);

@@ -112,7 +112,7 @@ pub fn product_ns(
             }
             ProductKernel::Quantized { bits, group } => {
                 let group = if bits == 8 { k } else { group };
-                if group == 0 || k % group != 0 {
+                if group == 0 || !k.is_multiple_of(group) {
                     return Err(format!("{k} columns do not split into groups of {group}"));
                 }
                 let codes: Vec<u8> = (0..n * k * bits as usize / 8).map(|i| (i * 37 % 251) as u8).collect();
