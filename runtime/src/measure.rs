@@ -140,9 +140,14 @@ pub fn product_ns(
                         1.0,
                         None,
                         None,
-                        (false, &packed, cpu.vnni),
+                        // As a default artifact runs them: few-row products on int8 activations
+                        // (VNNI where `cpu` has it), prefills on dequantized tiles.
+                        (true, &packed, cpu.vnni),
                         threads,
-                        cpu,
+                        CpuArg {
+                            vnni: crate::cpu::Vnni::None,
+                            ..cpu
+                        },
                     )
                 })
             }
