@@ -193,6 +193,11 @@ impl Tensor {
         &self.data
     }
 
+    /// The shape and the elements, without copying them.
+    pub fn into_parts(self) -> (Vec<usize>, TensorData) {
+        (self.shape, self.data)
+    }
+
     /// Number of elements.
     pub fn len(&self) -> usize {
         self.data.len()

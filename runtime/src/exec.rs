@@ -6,6 +6,8 @@ use std::time::Instant;
 
 use kiln_ir::{DType, Tensor};
 
+use crate::input::InputTensor;
+
 use crate::cpu::{CpuArg, Level, Vnni};
 use crate::kernels::{self, Buf, KernelFn};
 use crate::plan::{Manifest, Step, Storage};
@@ -229,14 +231,14 @@ impl Model {
     }
 
     /// Runs the model.
-    pub fn run(&self, inputs: &BTreeMap<String, Tensor>) -> Result<Vec<(String, Tensor)>, RunError> {
+    pub fn run<T: InputTensor>(&self, inputs: &BTreeMap<String, T>) -> Result<Vec<(String, Tensor)>, RunError> {
         self.run_with_stats(inputs).map(|(o, _)| o)
     }
 
     /// Runs the model and reports memory use.
-    pub fn run_with_stats(
+    pub fn run_with_stats<T: InputTensor>(
         &self,
-        inputs: &BTreeMap<String, Tensor>,
+        inputs: &BTreeMap<String, T>,
     ) -> Result<(Vec<(String, Tensor)>, RunStats), RunError> {
         self.run_inner(inputs, None, None)
     }
@@ -280,9 +282,9 @@ impl Model {
         Profile { by_kind }
     }
 
-    pub(crate) fn run_inner(
+    pub(crate) fn run_inner<T: InputTensor>(
         &self,
-        inputs: &BTreeMap<String, Tensor>,
+        inputs: &BTreeMap<String, T>,
         mut times: Option<&mut Vec<f64>>,
         mut cache: Option<&mut crate::session::KvCache>,
     ) -> Result<(Vec<(String, Tensor)>, RunStats), RunError> {
@@ -331,8 +333,8 @@ impl Model {
                 Storage::Input(n) => {
                     let t = &inputs[&m.inputs[*n as usize].name];
                     Buf {
-                        ptr: t.as_bytes().as_ptr() as *mut u8,
-                        len: t.as_bytes().len(),
+                        ptr: t.bytes().as_ptr() as *mut u8,
+                        len: t.bytes().len(),
                     }
                 }
                 Storage::Weight { offset, len } => Buf {
@@ -435,7 +437,7 @@ impl Model {
         }
     }
 
-    fn bind(&self, inputs: &BTreeMap<String, Tensor>) -> Result<Vec<usize>, RunError> {
+    fn bind<T: InputTensor>(&self, inputs: &BTreeMap<String, T>) -> Result<Vec<usize>, RunError> {
         bind(&self.manifest, inputs)
     }
 
@@ -779,7 +781,7 @@ pub(crate) fn check_packed_weights(m: &Manifest, weights: &[u8]) -> Result<(), L
 }
 
 /// Binds every symbolic dim from the inputs' shapes, checking dtypes, ranks and bounds.
-pub(crate) fn bind(m: &Manifest, inputs: &BTreeMap<String, Tensor>) -> Result<Vec<usize>, RunError> {
+pub(crate) fn bind<T: InputTensor>(m: &Manifest, inputs: &BTreeMap<String, T>) -> Result<Vec<usize>, RunError> {
     for k in inputs.keys() {
         if !m.inputs.iter().any(|p| &p.name == k) {
             let names: Vec<&str> = m.inputs.iter().map(|p| p.name.as_str()).collect();

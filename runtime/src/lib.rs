@@ -23,6 +23,7 @@ pub mod cuda;
 mod exec;
 pub mod gemm;
 mod igemm;
+mod input;
 mod kernels;
 pub mod measure;
 pub mod npy;
@@ -36,6 +37,7 @@ mod validate;
 pub mod vmap;
 
 pub use exec::{step_kind, Model, Profile, RunStats};
+pub use input::{InputTensor, TensorRef};
 pub use kernels::{measure_sparse, measure_sparse24};
 pub use kiln_ir::{DType, Tensor};
 pub use session::{Decoder, Feed, KvCache, Sampler, Sampling, Session};

@@ -1,0 +1,66 @@
+//! What a model reads an input from: an owned [`Tensor`], or a [`TensorRef`] that borrows its
+//! elements where they already are (the Python package reads numpy arrays in place). Inputs are
+//! never copied: plan steps read them from these bytes.
+
+use kiln_ir::{DType, Tensor};
+
+/// An input's element type, shape and bytes (little-endian, as [`Tensor::as_bytes`]).
+pub trait InputTensor {
+    /// The element type.
+    fn dtype(&self) -> DType;
+    /// The shape.
+    fn shape(&self) -> &[usize];
+    /// The elements, row-major.
+    fn bytes(&self) -> &[u8];
+}
+
+impl InputTensor for Tensor {
+    fn dtype(&self) -> DType {
+        Tensor::dtype(self)
+    }
+    fn shape(&self) -> &[usize] {
+        Tensor::shape(self)
+    }
+    fn bytes(&self) -> &[u8] {
+        self.as_bytes()
+    }
+}
+
+/// Borrowed row-major elements of a tensor.
+#[derive(Clone, Debug)]
+pub struct TensorRef<'a> {
+    dtype: DType,
+    shape: Vec<usize>,
+    bytes: &'a [u8],
+}
+
+impl<'a> TensorRef<'a> {
+    /// A view of `bytes` as a `dtype` tensor of `shape`; the bytes must hold exactly that many
+    /// elements and start at an address aligned for the element type.
+    pub fn new(dtype: DType, shape: Vec<usize>, bytes: &'a [u8]) -> Result<TensorRef<'a>, String> {
+        let size = dtype.size_bytes();
+        let want = shape.iter().try_fold(size, |a, d| a.checked_mul(*d));
+        if want != Some(bytes.len()) {
+            return Err(format!(
+                "{} bytes do not hold a {dtype} tensor of shape {shape:?}",
+                bytes.len()
+            ));
+        }
+        if bytes.as_ptr() as usize % size != 0 {
+            return Err(format!("{dtype} elements must start at a multiple of {size} bytes"));
+        }
+        Ok(TensorRef { dtype, shape, bytes })
+    }
+}
+
+impl InputTensor for TensorRef<'_> {
+    fn dtype(&self) -> DType {
+        self.dtype
+    }
+    fn shape(&self) -> &[usize] {
+        &self.shape
+    }
+    fn bytes(&self) -> &[u8] {
+        self.bytes
+    }
+}
