@@ -19,6 +19,9 @@ Default mode
       (``--reexport`` forces a new export).  CPUExecutionProvider,
       ``ORT_ENABLE_ALL``, ``intra_op_num_threads=T``, ``inter_op_num_threads=1``.
       Its output is checked against PyTorch's on every shape.
+    * kiln through the Python package (``--kiln-python`` and ``--kiln-model``):
+      ``kiln.Model(MODEL, threads=T).run`` in this process on the same feeds,
+      its output checked against PyTorch's.
     * kiln (optional, ``--kiln-bin`` and ``--kiln-model``): one subprocess per
       shape, ``KILN bench MODEL --shape input_ids=BxS ... --iters N --warmup W
       --threads T --json``; the last line of its stdout must be a JSON object
@@ -255,6 +258,24 @@ def bench_kiln(kiln_bin: str, kiln_model: str, batch: int, seq: int,
     return kiln_bench(kiln_bin, kiln_model, shapes, iters, warmup, threads)
 
 
+def load_kiln_package(kiln_model: str, threads: int):
+    """The artifact loaded through the Python package (``pip install ./python``)."""
+    try:
+        import kiln
+    except ImportError as e:
+        raise BenchError(f"--kiln-python: cannot import the kiln package ({e}); pip install ./python")
+    return kiln.Model(kiln_model, threads=threads)
+
+
+def bench_kiln_python(model, feed: dict, warmup: int, iters: int, out_torch) -> dict:
+    """kiln in process through the package's ``Model.run``, on the same feeds as the others;
+    its output is compared with PyTorch's."""
+    times, out = time_calls(lambda: model.run([OUTPUT_NAME], feed)[0], warmup, iters)
+    diff = float(np.max(np.abs(out - out_torch)))
+    return {**stats_ms(times), "times_ms": times, "level": model.level, "via": "python package",
+            "vs_torch_max_abs_diff": diff}
+
+
 # --------------------------------------------------------------------------
 # report
 
@@ -307,13 +328,17 @@ def markdown_table(rows: list[dict]) -> str:
 def run_compare(args) -> dict:
     import torch
 
-    use_kiln = bool(args.kiln_bin or args.kiln_model)
+    use_kiln = bool(args.kiln_bin or args.kiln_model or args.kiln_python)
+    kiln_py = None
     if use_kiln:
-        if not (args.kiln_bin and args.kiln_model):
-            raise BenchError("kiln needs both --kiln-bin and --kiln-model")
-        check_kiln_bin(args.kiln_bin)
+        if not args.kiln_model or not (args.kiln_bin or args.kiln_python):
+            raise BenchError("kiln needs --kiln-model and --kiln-bin (or --kiln-python)")
         if not os.path.isfile(args.kiln_model):
             raise BenchError(f"--kiln-model {args.kiln_model}: no such file")
+        if args.kiln_python:
+            kiln_py = load_kiln_package(args.kiln_model, args.threads)
+        else:
+            check_kiln_bin(args.kiln_bin)
 
     threads = args.threads
     torch.set_num_threads(threads)
@@ -332,6 +357,7 @@ def run_compare(args) -> dict:
     model = load_torch_model(args.model_dir, args.attn)
 
     extra = f" · PyTorch attn: {args.attn}" + (" · ORT: dynamic int8" if args.ort_int8 else "")
+    extra += " · kiln: Python package" if kiln_py is not None else ""
     print(header_line(threads, extra), file=sys.stderr)
     rows = []
     for batch, seq in args.shapes:
@@ -344,7 +370,9 @@ def run_compare(args) -> dict:
         row["torch"] = {**stats_ms(t_torch), "times_ms": t_torch}
         diff = float(np.max(np.abs(out_ort - out_torch)))
         row["ort_vs_torch_max_abs_diff"] = diff
-        if use_kiln:
+        if kiln_py is not None:
+            row["kiln"] = bench_kiln_python(kiln_py, feed, args.warmup, args.iters, out_torch)
+        elif use_kiln:
             row["kiln"] = bench_kiln(args.kiln_bin, args.kiln_model, batch, seq,
                                      args.warmup, args.iters, threads)
 
@@ -501,6 +529,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "(onnxruntime.quantization.quantize_dynamic, QInt8 weights)")
     p.add_argument("--kiln-bin", help="kiln executable (enables kiln)")
     p.add_argument("--kiln-model", help="compiled .kiln model (enables kiln)")
+    p.add_argument("--kiln-python", action="store_true",
+                   help="time kiln in process through the Python package's Model.run "
+                        "(pip install ./python) instead of `kiln bench`")
     p.add_argument("--json-out", type=Path, help="write raw numbers to this JSON file")
     p.add_argument("--gemm", action="store_true",
                    help="instead: numpy sgemm GFLOP/s at 128x384x1536 and 1024^3")

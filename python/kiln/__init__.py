@@ -25,6 +25,10 @@ from typing import Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Uni
 
 import numpy as np
 
+__all__ = [
+    "ArtifactError", "CompileError", "Generation", "KilnError", "Model", "Port", "RunError", "compile",
+]
+
 from ._kiln import ArtifactError, CompileError, KilnError, RunError
 from ._kiln import Model as _Model
 from ._kiln import compile_args as _compile_args
@@ -132,6 +136,11 @@ class Model:
     def is_decoder(self) -> bool:
         """Whether the artifact generates (compiled with ``generate=True``)."""
         return self._m.is_decoder
+
+    @property
+    def level(self) -> str:
+        """The CPU level the kernels run at on this machine (``x86-64-v3``, ``x86-64-v4``, ...)."""
+        return self._m.level
 
     @property
     def has_tokenizer(self) -> bool:

@@ -104,6 +104,12 @@ impl Model {
         self.inner.is_decoder()
     }
 
+    /// The CPU level the kernels run at here (`x86-64-v3`, `x86-64-v4`, …).
+    #[getter]
+    fn level(&self) -> String {
+        self.inner.level().to_string()
+    }
+
     /// Whether the artifact carries a tokenizer.
     #[getter]
     fn has_tokenizer(&self) -> bool {
