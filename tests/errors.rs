@@ -270,3 +270,19 @@ fn binary_file_as_spec() {
     std::fs::remove_file(&path).ok();
     assert!(e.contains("is not a model spec") && e.contains("kiln run"), "{e}");
 }
+
+#[test]
+fn sliding_window_without_causal_attention() {
+    insta::assert_snapshot!(error_of(
+        r#"heads: "heads", causal: true)"#,
+        r#"heads: "heads", window: 8)"#
+    ));
+}
+
+#[test]
+fn sliding_window_of_zero() {
+    insta::assert_snapshot!(error_of(
+        r#"heads: "heads", causal: true)"#,
+        r#"heads: "heads", causal: true, window: "hidden - 64")"#
+    ));
+}

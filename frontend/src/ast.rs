@@ -387,6 +387,10 @@ pub enum Layer {
         /// Defaults to `1/sqrt(head_dim)`.
         #[serde(default)]
         scale: Option<FloatExpr>,
+        /// Sliding-window attention (Mistral): a causal query at position `i` attends keys at
+        /// `i - window < j <= i`.
+        #[serde(default)]
+        window: Option<IntExpr>,
     },
     /// Splits along an axis into `parts` equal pieces or pieces of `sizes`; bound as `name.0`, `name.1`…
     Split {

@@ -968,8 +968,20 @@ impl<'a> Lowerer<'a> {
                 mask,
                 rope,
                 scale,
+                window,
             } => {
                 let h = self.pos(heads, &scope.env, path, "heads")?;
+                let window = match window {
+                    Some(_) if !*causal => {
+                        return Err(Diagnostic::at(
+                            path.field("window"),
+                            "a sliding window needs causal attention (`causal: true`)",
+                        )
+                        .into())
+                    }
+                    Some(w) => Some(self.pos(w, &scope.env, path, "window")?),
+                    None => None,
+                };
                 let kvh = match kv_heads {
                     Some(e) => self.pos(e, &scope.env, path, "kv_heads")?,
                     None => h,
@@ -995,6 +1007,7 @@ impl<'a> Lowerer<'a> {
                     causal: *causal,
                     rope: rope.clone(),
                     scale,
+                    window,
                 };
                 one(self.attention(a, &n, path, &scope.env)?)
             }
@@ -1761,9 +1774,13 @@ impl<'a> Lowerer<'a> {
                 path,
                 kind,
             )?;
+            let inner = match a.window {
+                Some(w) => self.window_bias(rows, cols, w, [zero_f, lowest], n, path)?,
+                None => zero_f,
+            };
             bias = Some(self.add(
                 Op::Where,
-                &[keep, zero_f, lowest],
+                &[keep, inner, lowest],
                 format!("{n}/causal_bias"),
                 path,
                 kind,
@@ -1814,6 +1831,38 @@ impl<'a> Lowerer<'a> {
     }
 }
 
+impl Lowerer<'_> {
+    /// A sliding window's part of the attention bias: `zero` where query row `i` may see key `j`
+    /// (`i - j < window`), `lowest` elsewhere. `rows` is `[seq, 1]` and `cols` `[kv]`, both i64.
+    fn window_bias(
+        &mut self,
+        rows: NodeId,
+        cols: NodeId,
+        window: u64,
+        [zero, lowest]: [NodeId; 2],
+        n: &str,
+        path: &SpecPath,
+    ) -> LResult<NodeId> {
+        let kind = "Attention";
+        let back = self.bin(BinaryOp::Sub, rows, cols, format!("{n}/window_distance"), path, kind)?;
+        let w = self.scalar(window as f64, DType::I64, &format!("{n}/window"));
+        let inside = self.add(
+            Op::Compare(CmpOp::Lt),
+            &[back, w],
+            format!("{n}/window_keep"),
+            path,
+            kind,
+        )?;
+        self.add(
+            Op::Where,
+            &[inside, zero, lowest],
+            format!("{n}/window_bias"),
+            path,
+            kind,
+        )
+    }
+}
+
 struct AttnArgs {
     q: NodeId,
     k: NodeId,
@@ -1824,4 +1873,5 @@ struct AttnArgs {
     causal: bool,
     rope: Option<Rope>,
     scale: Option<f64>,
+    window: Option<u64>,
 }

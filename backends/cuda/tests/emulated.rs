@@ -96,6 +96,17 @@ const LLAMA: &[(&str, &str)] = &[
     ("ffn", "40"),
     ("max_pos", "16"),
 ];
+/// Llama's shape with a sliding window of 2 (Mistral): shorter than the prompts and the steps.
+const MISTRAL: &[(&str, &str)] = &[
+    ("layers", "1"),
+    ("vocab", "60"),
+    ("hidden", "32"),
+    ("heads", "4"),
+    ("kv_heads", "2"),
+    ("ffn", "40"),
+    ("max_pos", "16"),
+    ("window", "2"),
+];
 
 /// An encoder with a padding mask (attention's mask prologue, gathers, layer norms, GELU) at -O0
 /// and -O2, every output against the interpreter.
@@ -129,12 +140,13 @@ fn minilm_runs_on_the_emulated_gpu() {
 
 /// Decoding with the key/value cache on the (emulated) GPU: a batch of two prompts, then steps,
 /// each step's logits against the interpreter with its own cache. GPT-2 (learned positions, GELU)
-/// and Llama (rotary positions, grouped-query attention, SiLU gate, RMS norm).
+/// and Llama (rotary positions, grouped-query attention, SiLU gate, RMS norm), and Mistral
+/// (Llama with a sliding window).
 #[test]
 #[cfg_attr(feature = "mlir", ignore = "the same check runs in the plain test pass")]
 fn decoders_generate_on_the_emulated_gpu() {
     let Some(script) = emulator() else { return };
-    for (spec, set) in [("gpt2.ron", GPT2), ("llama.ron", LLAMA)] {
+    for (spec, set) in [("gpt2.ron", GPT2), ("llama.ron", LLAMA), ("mistral.ron", MISTRAL)] {
         let l = load(spec, set, true, OptLevel::O2);
         let w = kiln_frontend::weights::random(&l, 5);
         let model = emulated(&l, &w, OptLevel::O2, &script);
