@@ -20,14 +20,11 @@ pub struct Args<'a> {
 /// Runs the bisection and prints what it found; fails (exit 1) when a mismatch remains
 /// unexplained or is found, so scripts can use it.
 pub fn run(spec: &Path, o: &SpecOpts, w: &WeightOpts, a: &Args) -> Result<()> {
-    if w.weights.is_none() && w.random_weights.is_none() {
-        bail!("give --weights FILE or --random-weights SEED");
-    }
     if a.inputs.is_empty() {
         bail!("give the model's inputs: --input NAME=FILE.npy for each");
     }
     let l = load_spec(spec, o)?;
-    let weights = load_weights(&l, w)?;
+    let weights = load_weights(spec, &l, w)?;
     let mut inputs = BTreeMap::new();
     for s in a.inputs {
         let (k, f) = split_pair(s, "--input")?;

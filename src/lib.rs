@@ -87,9 +87,19 @@ enum Cmd {
         #[arg(long = "disable-rule", value_name = "NAME")]
         disable_rule: Vec<String>,
     },
+    /// Write the spec of a Hugging Face folder (config.json + safetensors): bert, gpt2, llama,
+    /// mistral, qwen2. `kiln compile DIR` does this on the fly.
+    Import {
+        /// The folder.
+        dir: PathBuf,
+        /// Where to write the spec (default: print it).
+        #[arg(short = 'o', long = "output", value_name = "SPEC.ron")]
+        output: Option<PathBuf>,
+    },
     /// Compile a spec and its weights into one artifact file.
     Compile {
-        /// The model spec (.ron).
+        /// The model spec (.ron), or a Hugging Face folder (its checkpoint and tokenizer.json are
+        /// used unless --weights / --tokenizer say otherwise).
         spec: PathBuf,
         #[command(flatten)]
         spec_opts: SpecOpts,
@@ -250,12 +260,40 @@ fn load_spec(path: &Path, o: &SpecOpts) -> Result<Lowered> {
     Ok(kiln_frontend::load(path, &opts)?)
 }
 
-fn load_weights(l: &Lowered, w: &WeightOpts) -> Result<BTreeMap<String, Tensor>> {
+/// The weights `w` names; without either option, the checkpoint of a Hugging Face folder `spec`.
+fn load_weights(spec: &Path, l: &Lowered, w: &WeightOpts) -> Result<BTreeMap<String, Tensor>> {
     match (&w.weights, w.random_weights) {
         (Some(p), _) => Ok(kiln_frontend::weights::load_safetensors(l, p)?),
         (None, Some(seed)) => Ok(kiln_frontend::weights::random(l, seed)),
+        (None, None) if kiln_frontend::hf::is_folder(spec) => Ok(kiln_frontend::weights::load_safetensors(l, spec)?),
         (None, None) => bail!("give --weights FILE or --random-weights SEED"),
     }
+}
+
+/// `kiln import`: a Hugging Face folder's spec, written to `out` or printed.
+fn import(dir: &Path, out: Option<&Path>) -> Result<()> {
+    let imported = kiln_frontend::hf::import(dir)?;
+    // The spec must lower as written (it is the one `kiln compile DIR` uses).
+    kiln_frontend::lower_source(&dir.display().to_string(), &imported.spec, &Options::default())?;
+    match out {
+        Some(p) => {
+            std::fs::write(p, &imported.spec).with_context(|| format!("writing {}", p.display()))?;
+            eprintln!(
+                "imported {} ({}) to {}; compile with `kiln compile {} --weights {}{}`",
+                dir.display(),
+                imported.model_type,
+                p.display(),
+                p.display(),
+                imported.checkpoint.display(),
+                imported
+                    .tokenizer
+                    .as_ref()
+                    .map_or(String::new(), |t| format!(" --tokenizer {}", t.display()))
+            );
+        }
+        None => print!("{}", imported.spec),
+    }
+    Ok(())
 }
 
 fn signature(l: &Lowered) -> (Vec<String>, Vec<String>) {
@@ -404,7 +442,7 @@ fn run(
         }
     } else {
         let l = load_spec(spec, o)?;
-        let weights = load_weights(&l, w)?;
+        let weights = load_weights(spec, &l, w)?;
         kiln_interp::run(&l.graph, &weights, &feed)?
     };
     for (name, t) in &results {
@@ -460,7 +498,11 @@ fn compile(
             kiln_runtime::cpu::CpuArg::host()
         );
     }
-    let tokenizer = match tokenizer {
+    // A Hugging Face folder's tokenizer comes along unless another is given.
+    let folder_tokenizer = kiln_frontend::hf::is_folder(spec)
+        .then(|| spec.join("tokenizer.json"))
+        .filter(|p| p.is_file());
+    let tokenizer = match tokenizer.or(folder_tokenizer.as_deref()) {
         Some(p) => {
             let text = std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?;
             tokenizers::Tokenizer::from_bytes(text.as_bytes())
@@ -471,11 +513,7 @@ fn compile(
     };
     let start = Instant::now();
     let mut l = load_spec(spec, o)?;
-    let mut weights = if w.weights.is_none() && w.random_weights.is_none() {
-        bail!("give --weights FILE or --random-weights SEED");
-    } else {
-        load_weights(&l, w)?
-    };
+    let mut weights = load_weights(spec, &l, w)?;
     let t_front = start.elapsed();
     let level = match opt {
         0 => OptLevel::O0,
@@ -1026,6 +1064,7 @@ fn dispatch(cli: &Cli) -> Result<()> {
                 disabled: disable_rule,
             },
         ),
+        Cmd::Import { dir, output } => import(dir, output.as_deref()),
         Cmd::Compile {
             spec,
             spec_opts,

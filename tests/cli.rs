@@ -721,3 +721,39 @@ fn fusion_rules_are_reported_and_can_be_disabled() {
     );
     std::fs::remove_dir_all(&dir).ok();
 }
+
+#[test]
+fn import_then_compile_a_hugging_face_folder() {
+    let dir = std::env::temp_dir().join(format!("kiln-cli-import-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let spec = dir.join("mistral.ron");
+    let o = kiln(&["import", "tests/data/mistral_tiny", "-o", spec.to_str().unwrap()]);
+    let (_, err) = text(&o);
+    assert!(o.status.success(), "{err}");
+    let text_of_spec = std::fs::read_to_string(&spec).unwrap();
+    assert!(text_of_spec.contains("window: \"window\""), "{text_of_spec}");
+    // The folder itself compiles (its checkpoint is the default weights), and runs.
+    let art = dir.join("mistral.kiln");
+    let o = kiln(&["compile", "tests/data/mistral_tiny", "-o", art.to_str().unwrap()]);
+    let (_, err) = text(&o);
+    assert!(o.status.success(), "{err}");
+    let out_file = dir.join("logits.npy");
+    let o = kiln(&[
+        "run",
+        art.to_str().unwrap(),
+        "--input",
+        "input_ids=tests/data/mistral_tiny/input_ids.npy",
+        "--output",
+        out_file.to_str().unwrap(),
+    ]);
+    let (_, err) = text(&o);
+    assert!(o.status.success(), "{err}");
+    let got = kiln_runtime::npy::read(&out_file).unwrap();
+    let e = got.max_abs_diff(&common::npy("mistral_tiny/logits.npy")).unwrap();
+    assert!(e < 1e-4, "max abs error {e}");
+    // An unsupported family is refused, naming it.
+    let o = kiln(&["import", "tests/data"]);
+    let (_, err) = text(&o);
+    assert!(!o.status.success() && err.contains("config.json"), "{err}");
+    std::fs::remove_dir_all(&dir).ok();
+}

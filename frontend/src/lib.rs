@@ -9,6 +9,7 @@
 pub mod ast;
 pub mod diag;
 pub mod expr;
+pub mod hf;
 pub mod lower;
 pub mod parse;
 pub mod weights;
@@ -50,6 +51,9 @@ pub enum FrontendError {
         /// What the safetensors reader said.
         msg: String,
     },
+    /// A Hugging Face folder could not be imported.
+    #[error(transparent)]
+    Import(#[from] hf::ImportError),
     /// The lowered graph failed verification: a bug in kiln, not in the spec.
     #[error("internal compiler error: the lowered graph is invalid: {0}\nplease report this with the spec")]
     Internal(#[from] kiln_ir::VerifyError),
@@ -57,6 +61,10 @@ pub enum FrontendError {
 
 /// Reads, parses and lowers a spec file.
 pub fn load(path: &Path, opts: &Options) -> Result<Lowered, FrontendError> {
+    if hf::is_folder(path) {
+        let imported = hf::import(path)?;
+        return lower_source(&format!("{} (imported)", path.display()), &imported.spec, opts);
+    }
     let bytes = std::fs::read(path).map_err(|source| FrontendError::Io {
         path: path.display().to_string(),
         source,

@@ -6,7 +6,7 @@
 //! at the spec line that asked for the weight.
 
 use std::collections::BTreeMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use kiln_ir::{DType, Tensor};
 use safetensors::{Dtype as StDtype, SafeTensors};
@@ -57,29 +57,70 @@ pub fn glob_match(pattern: &str, name: &str) -> bool {
     true
 }
 
-/// Loads and checks every parameter of `lowered` from a safetensors file.
-pub fn load_safetensors(lowered: &Lowered, path: &Path) -> Result<Weights, FrontendError> {
-    let p = path.display().to_string();
-    let file = std::fs::File::open(path).map_err(|source| FrontendError::Io {
-        path: p.clone(),
-        source,
-    })?;
-    // SAFETY: the map is read-only and lives only for this function; a checkpoint modified while
-    // kiln reads it is outside what kiln can defend against, as for any mmap-based loader.
-    let map = unsafe { memmap2::Mmap::map(&file) }.map_err(|source| FrontendError::Io {
-        path: p.clone(),
-        source,
-    })?;
-    let st = SafeTensors::deserialize(&map).map_err(|e| FrontendError::Checkpoint {
-        path: p.clone(),
-        msg: e.to_string(),
-    })?;
-    bind(lowered, &st, &p)
+/// The safetensors files of a checkpoint path: the file itself, the shards a
+/// `model.safetensors.index.json` lists (each once, in order), or a Hugging Face folder's.
+fn checkpoint_files(path: &Path) -> Result<Vec<PathBuf>, FrontendError> {
+    if path.is_dir() {
+        return checkpoint_files(&crate::hf::Checkpoint::find(path)?.path);
+    }
+    if !path.to_string_lossy().ends_with(".index.json") {
+        return Ok(vec![path.to_path_buf()]);
+    }
+    let mut files: Vec<PathBuf> = Vec::new();
+    for (_, f) in crate::hf::checkpoint::shard_map(path)? {
+        if !files.contains(&f) {
+            files.push(f);
+        }
+    }
+    Ok(files)
 }
 
-fn bind(lowered: &Lowered, st: &SafeTensors, file: &str) -> Result<Weights, FrontendError> {
+/// Loads and checks every parameter of `lowered` from a safetensors checkpoint: one file, a
+/// shard index (`model.safetensors.index.json`) or a Hugging Face folder. Float16 and bfloat16
+/// tensors bind to f32 parameters, widened exactly.
+pub fn load_safetensors(lowered: &Lowered, path: &Path) -> Result<Weights, FrontendError> {
+    let files = checkpoint_files(path)?;
+    let mut maps = Vec::with_capacity(files.len());
+    for f in &files {
+        let p = f.display().to_string();
+        let file = std::fs::File::open(f).map_err(|source| FrontendError::Io {
+            path: p.clone(),
+            source,
+        })?;
+        // SAFETY: the map is read-only and lives only for this function; a checkpoint modified
+        // while kiln reads it is outside what kiln can defend against, as for any mmap-based loader.
+        let map = unsafe { memmap2::Mmap::map(&file) }.map_err(|source| FrontendError::Io {
+            path: p.clone(),
+            source,
+        })?;
+        maps.push((p, map));
+    }
+    let mut shards = Vec::with_capacity(maps.len());
+    for (p, map) in &maps {
+        let st = SafeTensors::deserialize(map).map_err(|e| FrontendError::Checkpoint {
+            path: p.clone(),
+            msg: e.to_string(),
+        })?;
+        shards.push((p.as_str(), st));
+    }
+    bind(lowered, &shards, &path.display().to_string())
+}
+
+/// `view`'s data as little-endian f32 when it is float16 or bfloat16.
+fn widened(view: &safetensors::tensor::TensorView) -> Option<Vec<u8>> {
+    let halves = view.data().chunks_exact(2).map(|b| [b[0], b[1]]);
+    let out: Vec<f32> = match view.dtype() {
+        StDtype::F16 => halves.map(|b| half::f16::from_le_bytes(b).to_f32()).collect(),
+        StDtype::BF16 => halves.map(|b| half::bf16::from_le_bytes(b).to_f32()).collect(),
+        _ => return None,
+    };
+    Some(out.iter().flat_map(|x| x.to_le_bytes()).collect())
+}
+
+fn bind(lowered: &Lowered, shards: &[(&str, SafeTensors)], file: &str) -> Result<Weights, FrontendError> {
     let mut diags = Vec::new();
     let mut out = Weights::new();
+    let names: Vec<&str> = shards.iter().flat_map(|(_, st)| st.names()).collect();
     for decl in &lowered.params {
         let want: Vec<usize> = decl
             .ty
@@ -87,10 +128,9 @@ fn bind(lowered: &Lowered, st: &SafeTensors, file: &str) -> Result<Weights, Fron
             .iter()
             .map(|d| d.as_known().unwrap_or(0) as usize)
             .collect();
-        let view = match st.tensor(&decl.name) {
-            Ok(v) => v,
-            Err(_) => {
-                let names = st.names();
+        let view = match shards.iter().find_map(|(_, st)| st.tensor(&decl.name).ok()) {
+            Some(v) => v,
+            None => {
                 let mut d = Diagnostic::at(
                     decl.path.clone(),
                     format!("weight `{}` is missing from {file}", decl.name),
@@ -110,7 +150,16 @@ fn bind(lowered: &Lowered, st: &SafeTensors, file: &str) -> Result<Weights, Fron
                 continue;
             }
         };
-        let dt = st_dtype(view.dtype());
+        let wide = if decl.ty.dtype == DType::F32 {
+            widened(&view)
+        } else {
+            None
+        };
+        let dt = if wide.is_some() {
+            Some(DType::F32)
+        } else {
+            st_dtype(view.dtype())
+        };
         if dt != Some(decl.ty.dtype) {
             diags.push(
                 Diagnostic::at(
@@ -141,7 +190,7 @@ fn bind(lowered: &Lowered, st: &SafeTensors, file: &str) -> Result<Weights, Fron
             );
             continue;
         }
-        match Tensor::from_le_bytes(decl.ty.dtype, want, view.data()) {
+        match Tensor::from_le_bytes(decl.ty.dtype, want, wide.as_deref().unwrap_or(view.data())) {
             Ok(t) => {
                 out.insert(decl.name.clone(), t);
             }
@@ -151,10 +200,9 @@ fn bind(lowered: &Lowered, st: &SafeTensors, file: &str) -> Result<Weights, Fron
             )),
         }
     }
-    let mut extra: Vec<String> = st
-        .names()
-        .into_iter()
-        .filter(|n| !out.contains_key(*n) && !lowered.params.iter().any(|p| p.name == **n))
+    let mut extra: Vec<String> = names
+        .iter()
+        .filter(|n| !out.contains_key(**n) && !lowered.params.iter().any(|p| p.name == **n))
         .filter(|n| !lowered.ignore_weights.iter().any(|g| glob_match(g, n)))
         .map(|n| n.to_string())
         .collect();

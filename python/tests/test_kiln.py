@@ -201,6 +201,23 @@ def test_embed_matches_sentence_transformers(tmp_path):
     np.testing.assert_allclose(raw / np.linalg.norm(raw, axis=1, keepdims=True), want, atol=1e-4, rtol=0)
 
 
+def test_hugging_face_folders_compile_directly(tmp_path):
+    import json
+    folder = minilm_dir()
+    if not (folder / "model.safetensors").exists():
+        pytest.skip(f"SKIPPED: no MiniLM checkpoint in {folder} (bash scripts/fetch-minilm.sh)")
+    # The folder's config, checkpoint and tokenizer.json: no spec, no weights argument.
+    m = kiln.Model(kiln.compile(folder, output=tmp_path / "minilm.kiln"))
+    assert m.has_tokenizer
+    sentences = json.loads((DATA / "minilm/sentences.json").read_text())["padded"]
+    want = np.load(DATA / "minilm/padded_sentence_embedding.npy")
+    np.testing.assert_allclose(m.embed(sentences), want, atol=1e-4, rtol=0)
+    q = kiln.Model(kiln.compile(DATA / "qwen2_tiny", generate=True, output=tmp_path / "qwen2.kiln"))
+    ref = json.loads((DATA / "qwen2_tiny/generate.json").read_text())
+    got = list(q.generate(ref["prompts"][1], max_new_tokens=len(ref["greedy"][1])))
+    assert got == ref["greedy"][1]
+
+
 def test_arrays_that_are_not_contiguous_are_copied(gpt2):
     ids = np.load(DATA / "gpt2_tiny/input_ids.npy")
     want = gpt2.run({"input_ids": ids})["logits"]

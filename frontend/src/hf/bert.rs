@@ -1,0 +1,91 @@
+//! BERT encoders (sentence-transformers checkpoints such as all-MiniLM-L6-v2) as a spec: post-LN
+//! blocks, absolute positions, token types, a padding mask; `last_hidden_state` (the pooler is
+//! not built).
+
+use super::{config_block, float, folder, gpt2::activation, prefix, Checkpoint, Config, ImportError};
+
+/// The spec body for a BERT folder.
+pub fn spec(c: &Config, ck: &Checkpoint) -> Result<String, ImportError> {
+    let act = activation(c, "hidden_act", "gelu")?;
+    c.only(
+        "position_embedding_type",
+        &["absolute".into()],
+        "only absolute positions are implemented",
+    )?;
+    c.only("is_decoder", &[false.into()], "BERT as a decoder is not implemented")?;
+    c.only(
+        "add_cross_attention",
+        &[false.into()],
+        "cross-attention is not implemented",
+    )?;
+    let cfg = [
+        ("vocab", c.int("vocab_size")?.to_string()),
+        ("hidden", c.int("hidden_size")?.to_string()),
+        ("heads", c.int("num_attention_heads")?.to_string()),
+        ("layers", c.int("num_hidden_layers")?.to_string()),
+        ("ffn", c.int("intermediate_size")?.to_string()),
+        ("max_pos", c.int("max_position_embeddings")?.to_string()),
+        ("type_vocab", c.int("type_vocab_size")?.to_string()),
+        ("eps", float(c.float_or("layer_norm_eps", 1e-12)?)),
+    ];
+    let p = prefix(
+        ck,
+        folder(ck),
+        &["embeddings.word_embeddings.weight"],
+        "the word embedding",
+    )?;
+    // The pooler (a dense layer over the first token) is not built: slicing the first row of a
+    // symbolic sequence axis is not in the language yet, so `pooler_output` is left out.
+    let ignore = format!("\"{p}pooler.*\", \"{p}embeddings.position_ids\"");
+    let l = format!("{p}encoder.layer.{{i}}");
+    Ok(format!(
+        r#"Model(
+    name: "bert",
+    config: {{
+{cfg}    }},
+    dims: {{ "batch": 64, "seq": "max_pos" }},
+    inputs: {{
+        "input_ids": (dtype: i64, shape: ["batch", "seq"]),
+        // 1 for real tokens, 0 for padding.
+        "attention_mask": (dtype: i64, shape: ["batch", "seq"]),
+        "token_type_ids": (dtype: i64, shape: ["batch", "seq"]),
+    }},
+    ignore_weights: [{ignore}],
+    blocks: {{
+        "layer": (
+            input: "x",
+            body: {{
+                "q": Linear(x: "x", param: "{l}.attention.self.query", in_features: "hidden", out_features: "hidden"),
+                "k": Linear(x: "x", param: "{l}.attention.self.key", in_features: "hidden", out_features: "hidden"),
+                "v": Linear(x: "x", param: "{l}.attention.self.value", in_features: "hidden", out_features: "hidden"),
+                "ctx": Attention(q: "q", k: "k", v: "v", heads: "heads", mask: "attention_mask"),
+                "attn_out": Linear(x: "ctx", param: "{l}.attention.output.dense", in_features: "hidden", out_features: "hidden"),
+                "res1": Add(a: "attn_out", b: "x"),
+                "h1": LayerNorm(x: "res1", param: "{l}.attention.output.LayerNorm", dim: "hidden", eps: "eps"),
+                "up": Linear(x: "h1", param: "{l}.intermediate.dense", in_features: "hidden", out_features: "ffn"),
+                "act": {act}(x: "up"),
+                "down": Linear(x: "act", param: "{l}.output.dense", in_features: "ffn", out_features: "hidden"),
+                "res2": Add(a: "down", b: "h1"),
+                "out": LayerNorm(x: "res2", param: "{l}.output.LayerNorm", dim: "hidden", eps: "eps"),
+            }},
+            output: "out",
+        ),
+    }},
+    body: {{
+        "words": Embedding(ids: "input_ids", weight: "{p}embeddings.word_embeddings.weight", rows: "vocab", dim: "hidden"),
+        "pos_ids": Positions(of: "input_ids"),
+        "positions": Embedding(ids: "pos_ids", weight: "{p}embeddings.position_embeddings.weight", rows: "max_pos", dim: "hidden"),
+        "types": Embedding(ids: "token_type_ids", weight: "{p}embeddings.token_type_embeddings.weight", rows: "type_vocab", dim: "hidden"),
+        "wp": Add(a: "words", b: "positions"),
+        "emb_sum": Add(a: "wp", b: "types"),
+        "emb": LayerNorm(x: "emb_sum", param: "{p}embeddings.LayerNorm", dim: "hidden", eps: "eps"),
+        "encoded": Repeat(block: "layer", x: "emb", times: "layers", index: "i"),
+    }},
+    outputs: {{
+        "last_hidden_state": "encoded",
+    }},
+)
+"#,
+        cfg = config_block(&cfg)
+    ))
+}

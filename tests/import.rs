@@ -1,0 +1,231 @@
+//! Hugging Face folders compiled without a hand-written spec: `kiln_frontend::load(DIR)` imports
+//! `config.json` (hf/), binds the folder's checkpoint, and must reproduce transformers' outputs
+//! (the tiny references of scripts/make-references.py and make-family-references.py, MiniLM's
+//! real checkpoint); the decoders generate transformers' greedy tokens. Bad folders are errors
+//! that name the field.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use common::*;
+use kiln_frontend::Options;
+use kiln_ir::Tensor;
+use kiln_runtime::{Decoder, Model, Sampler, Sampling};
+
+fn load(dir: &Path, decode: bool) -> kiln_frontend::Lowered {
+    let opts = Options {
+        decode,
+        ..Options::default()
+    };
+    kiln_frontend::load(dir, &opts).unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
+}
+
+fn weights(l: &kiln_frontend::Lowered, dir: &Path) -> BTreeMap<String, Tensor> {
+    kiln_frontend::weights::load_safetensors(l, dir).unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
+}
+
+fn compiled(dir: &Path, decode: bool) -> Model {
+    let mut l = load(dir, decode);
+    let w = weights(&l, dir);
+    kiln_passes::optimize(&mut l.graph, kiln_passes::OptLevel::O2, true).unwrap_or_else(|e| panic!("{e}"));
+    let c =
+        kiln_cpu::compile(&l.graph, &w, &l.dims, &kiln_cpu::Options::for_level(2)).unwrap_or_else(|e| panic!("{e}"));
+    let bytes = kiln_runtime::artifact::encode(&c.manifest, &c.weights, &c.code).unwrap();
+    Model::from_bytes(&bytes).unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// The lists of ids under `key` in a `generate.json` (one list per line).
+fn id_lists(dir: &str, key: &str) -> Vec<Vec<i64>> {
+    let text = std::fs::read_to_string(data(&format!("{dir}/generate.json"))).unwrap();
+    let start = text
+        .find(&format!("\"{key}\": ["))
+        .unwrap_or_else(|| panic!("{dir}: no {key}"));
+    text[start..]
+        .lines()
+        .skip(1)
+        .take_while(|l| l.trim_start().starts_with('['))
+        .map(|l| {
+            let l = l.trim().trim_end_matches(',').trim_matches(['[', ']']);
+            l.split(',').map(|x| x.trim().parse().unwrap()).collect()
+        })
+        .collect()
+}
+
+const DECODERS: [&str; 4] = ["gpt2_tiny", "llama_tiny", "mistral_tiny", "qwen2_tiny"];
+
+#[test]
+fn imported_decoders_match_transformers_logits() {
+    for dir in DECODERS {
+        let path = data(dir);
+        let l = load(&path, false);
+        let w = weights(&l, &path);
+        let out = run(&l, &w, &[("input_ids", npy(&format!("{dir}/input_ids.npy")))]);
+        assert_close(
+            &format!("imported {dir} logits"),
+            &out["logits"],
+            &npy(&format!("{dir}/logits.npy")),
+            1e-4,
+        );
+    }
+}
+
+#[test]
+fn imported_decoders_generate_transformers_tokens() {
+    for dir in DECODERS {
+        let m = compiled(&data(dir), true);
+        let (prompts, greedy) = (id_lists(dir, "prompts"), id_lists(dir, "greedy"));
+        for (p, want) in prompts.iter().zip(&greedy) {
+            let got = m
+                .session()
+                .unwrap()
+                .generate(
+                    std::slice::from_ref(p),
+                    want.len(),
+                    &mut Sampler::new(Sampling::default()),
+                    None,
+                    &mut |_, _| true,
+                )
+                .unwrap_or_else(|e| panic!("{dir}: {e}"));
+            assert_eq!(&got[0], want, "imported {dir}: greedy tokens of {p:?}");
+        }
+    }
+}
+
+#[test]
+fn imported_minilm_matches_pytorch() {
+    let dir = minilm_dir();
+    let m = compiled(&dir, false);
+    let feed: BTreeMap<String, Tensor> = ["input_ids", "attention_mask", "token_type_ids"]
+        .iter()
+        .map(|n| (n.to_string(), npy(&format!("minilm/padded_{n}.npy"))))
+        .collect();
+    let out = m.run(&feed).unwrap_or_else(|e| panic!("{e}"));
+    let (name, got) = &out[0];
+    assert_eq!(name, "last_hidden_state");
+    assert_close(
+        "imported minilm",
+        got,
+        &npy("minilm/padded_last_hidden_state.npy"),
+        1e-4,
+    );
+}
+
+/// A folder holding `config` (JSON text) and a copy of the tiny Qwen2 checkpoint.
+fn folder(name: &str, config: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("kiln-import-{}-{name}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("config.json"), config).unwrap();
+    std::fs::copy(data("qwen2_tiny/model.safetensors"), dir.join("model.safetensors")).unwrap();
+    dir
+}
+
+/// The error of importing the Qwen2 reference's config with `from` replaced by `to`.
+fn error_of(name: &str, from: &str, to: &str) -> String {
+    let config = std::fs::read_to_string(data("qwen2_tiny/config.json")).unwrap();
+    assert!(config.contains(from), "case does not apply: {from}");
+    let dir = folder(name, &config.replacen(from, to, 1));
+    let err = match kiln_frontend::load(&dir, &Options::default()) {
+        Ok(_) => panic!("{name}: expected an error"),
+        Err(e) => e.to_string(),
+    };
+    std::fs::remove_dir_all(&dir).ok();
+    err.replace(&dir.display().to_string(), "DIR")
+}
+
+#[test]
+fn import_errors_name_the_field() {
+    insta::assert_snapshot!(
+        "unsupported_model_type",
+        error_of("type", r#""model_type": "qwen2""#, r#""model_type": "t5""#)
+    );
+    insta::assert_snapshot!(
+        "rope_scaling",
+        error_of(
+            "rope",
+            r#""rope_type": "default""#,
+            r#""rope_type": "yarn", "factor": 4.0"#
+        )
+    );
+    insta::assert_snapshot!(
+        "unknown_field",
+        error_of(
+            "field",
+            r#""hidden_act": "silu","#,
+            r#""hidden_act": "silu", "logit_softcapping": 30.0,"#
+        )
+    );
+    insta::assert_snapshot!("missing_field", error_of("missing", r#""num_hidden_layers": 2,"#, ""));
+    insta::assert_snapshot!(
+        "activation",
+        error_of("act", r#""hidden_act": "silu""#, r#""hidden_act": "gelu""#)
+    );
+    insta::assert_snapshot!(
+        "per_layer_windows",
+        error_of(
+            "window",
+            r#""use_sliding_window": false"#,
+            r#""use_sliding_window": true"#
+        )
+    );
+}
+
+#[test]
+fn sharded_bf16_checkpoint_binds() {
+    // Two shards of the tiny Llama in bfloat16, listed by an index: the import finds the names
+    // in the index, the loader reads both shards and widens bf16 to f32 exactly.
+    let src = data("llama_tiny");
+    let dir = std::env::temp_dir().join(format!("kiln-import-{}-shards", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::copy(src.join("config.json"), dir.join("config.json")).unwrap();
+    let bytes = std::fs::read(src.join("model.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let mut names: Vec<String> = st.names().into_iter().map(str::to_string).collect();
+    names.sort();
+    let rounded: BTreeMap<String, Vec<u8>> = names
+        .iter()
+        .map(|n| {
+            let v = st.tensor(n).unwrap();
+            let b = v
+                .data()
+                .chunks_exact(4)
+                .flat_map(|c| half::bf16::from_f32(f32::from_le_bytes([c[0], c[1], c[2], c[3]])).to_le_bytes());
+            (n.clone(), b.collect())
+        })
+        .collect();
+    let mut map = Vec::new();
+    for (k, part) in names.chunks(names.len() / 2 + 1).enumerate() {
+        let file = format!("model-{k:05}-of-00002.safetensors");
+        let views: Vec<(String, safetensors::tensor::TensorView)> = part
+            .iter()
+            .map(|n| {
+                let shape = st.tensor(n).unwrap().shape().to_vec();
+                let v = safetensors::tensor::TensorView::new(safetensors::Dtype::BF16, shape, &rounded[n]).unwrap();
+                (n.clone(), v)
+            })
+            .collect();
+        safetensors::serialize_to_file(views, None, &dir.join(&file)).unwrap();
+        map.extend(part.iter().map(|n| format!("\"{n}\": \"{file}\"")));
+    }
+    let index = format!("{{\"metadata\": {{}}, \"weight_map\": {{{}}}}}", map.join(", "));
+    std::fs::write(dir.join("model.safetensors.index.json"), index).unwrap();
+    let l = load(&dir, false);
+    let w = weights(&l, &dir);
+    let f32w = weights(&l, &src);
+    assert_eq!(w.len(), f32w.len());
+    for (n, t) in &w {
+        let (a, b) = (t.to_f64_vec(), f32w[n].to_f64_vec());
+        let worst = a
+            .iter()
+            .zip(&b)
+            .map(|(x, y)| ((x - y) / y.abs().max(1e-30)).abs())
+            .fold(0.0, f64::max);
+        assert!(worst <= 1.0 / 256.0, "{n}: bf16 off by {worst:e} relative");
+        assert!(
+            a.iter().all(|x| half::bf16::from_f64(*x).to_f64() == *x),
+            "{n}: not widened exactly"
+        );
+    }
+    std::fs::remove_dir_all(&dir).ok();
+}
