@@ -23,8 +23,11 @@ const TINY: &[(&str, &str)] = &[
     ("max_pos", "128"),
 ];
 
+/// Config overrides, `(name, value)`.
+type Overrides = &'static [(&'static str, &'static str)];
+
 /// `(spec, reference folder, overrides beyond TINY)`.
-const FAMILIES: &[(&str, &str, &[(&str, &str)])] = &[
+const FAMILIES: &[(&str, &str, Overrides)] = &[
     (
         "mistral.ron",
         "mistral_tiny",

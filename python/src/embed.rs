@@ -39,8 +39,11 @@ fn batch_tokenizer(t: &Tokenizer, max_len: usize) -> PyResult<Tokenizer> {
     Ok(t)
 }
 
+/// A batch's inputs by name, and each text's attention mask.
+type Feeds = (BTreeMap<String, Tensor>, Vec<Vec<u32>>);
+
 /// The model's inputs for one batch of texts.
-fn feeds(m: &Manifest, tok: &Tokenizer, texts: &[String]) -> PyResult<(BTreeMap<String, Tensor>, Vec<Vec<u32>>)> {
+fn feeds(m: &Manifest, tok: &Tokenizer, texts: &[String]) -> PyResult<Feeds> {
     let enc = tok
         .encode_batch(texts.to_vec(), true)
         .map_err(|e| KilnError::new_err(format!("tokenizing: {e}")))?;

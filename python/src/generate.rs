@@ -113,7 +113,7 @@ impl Generation {
             let mut s = self.state.lock().map_err(|_| "an earlier step panicked".to_string())?;
             s.next()
         })
-        .map_err(|e| RunError::new_err(e))
+        .map_err(RunError::new_err)
     }
 
     /// The tokens generated so far.

@@ -69,7 +69,7 @@ fn embed_texts<'py>(
     let rows = embed::embed(model.get(), py, &texts, normalize)?;
     let h = rows[0].len();
     let flat: Vec<f32> = rows.concat();
-    Ok(numpy::IntoPyArray::into_pyarray(flat, py).reshape([texts.len(), h])?)
+    numpy::IntoPyArray::into_pyarray(flat, py).reshape([texts.len(), h])
 }
 
 #[pymodule]

@@ -46,7 +46,7 @@ impl<'a> TensorRef<'a> {
                 bytes.len()
             ));
         }
-        if bytes.as_ptr() as usize % size != 0 {
+        if !(bytes.as_ptr() as usize).is_multiple_of(size) {
             return Err(format!("{dtype} elements must start at a multiple of {size} bytes"));
         }
         Ok(TensorRef { dtype, shape, bytes })
