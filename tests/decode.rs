@@ -20,16 +20,7 @@ const GPT2: &[(&str, &str)] = &[
     ("vocab", "256"),
     ("max_pos", "64"),
 ];
-const LLAMA: &[(&str, &str)] = &[
-    ("layers", "2"),
-    ("hidden", "64"),
-    ("heads", "4"),
-    ("kv_heads", "2"),
-    ("ffn", "128"),
-    ("vocab", "256"),
-    ("eps", "1e-6"),
-    ("max_pos", "128"),
-];
+const LLAMA: &[(&str, &str)] = LLAMA_TINY;
 
 struct Reference {
     prompts: Vec<Vec<i64>>,

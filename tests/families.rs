@@ -8,25 +8,12 @@ use std::collections::BTreeMap;
 
 use common::*;
 use kiln_ir::Tensor;
-use kiln_passes::{optimize, OptLevel};
-use kiln_runtime::{Decoder, Model, Sampler, Sampling};
-
-/// The tiny shape every family's reference shares (`SHAPE` in the script).
-const TINY: &[(&str, &str)] = &[
-    ("layers", "2"),
-    ("hidden", "64"),
-    ("heads", "4"),
-    ("kv_heads", "2"),
-    ("ffn", "128"),
-    ("vocab", "256"),
-    ("eps", "1e-6"),
-    ("max_pos", "128"),
-];
+use kiln_runtime::{Decoder, Sampler, Sampling};
 
 /// Config overrides, `(name, value)`.
 type Overrides = &'static [(&'static str, &'static str)];
 
-/// `(spec, reference folder, overrides beyond TINY)`.
+/// `(spec, reference folder, overrides beyond LLAMA_TINY)`.
 const FAMILIES: &[(&str, &str, Overrides)] = &[
     (
         "mistral.ron",
@@ -37,36 +24,12 @@ const FAMILIES: &[(&str, &str, Overrides)] = &[
 ];
 
 fn overrides(extra: &[(&'static str, &'static str)]) -> Vec<(&'static str, &'static str)> {
-    TINY.iter().chain(extra).copied().collect()
-}
-
-/// The lists of ids under `key` in `generate.json` (one list per line, as the script writes).
-fn id_lists(dir: &str, key: &str) -> Vec<Vec<i64>> {
-    let text = std::fs::read_to_string(data(&format!("{dir}/generate.json"))).unwrap();
-    let start = text
-        .find(&format!("\"{key}\": ["))
-        .unwrap_or_else(|| panic!("{dir}: no {key}"));
-    text[start..]
-        .lines()
-        .skip(1)
-        .take_while(|l| l.trim_start().starts_with('['))
-        .map(|l| {
-            let l = l.trim().trim_end_matches(',').trim_matches(['[', ']']);
-            l.split(',').map(|x| x.trim().parse().unwrap()).collect()
-        })
-        .collect()
+    LLAMA_TINY.iter().chain(extra).copied().collect()
 }
 
 fn weights(l: &kiln_frontend::Lowered, dir: &str) -> BTreeMap<String, Tensor> {
     kiln_frontend::weights::load_safetensors(l, &data(&format!("{dir}/model.safetensors")))
         .unwrap_or_else(|e| panic!("{dir}: {e}"))
-}
-
-fn compile(mut l: kiln_frontend::Lowered, w: &BTreeMap<String, Tensor>) -> Model {
-    optimize(&mut l.graph, OptLevel::O2, true).unwrap_or_else(|e| panic!("{e}"));
-    let c = kiln_cpu::compile(&l.graph, w, &l.dims, &kiln_cpu::Options::for_level(2)).unwrap_or_else(|e| panic!("{e}"));
-    let bytes = kiln_runtime::artifact::encode(&c.manifest, &c.weights, &c.code).unwrap();
-    Model::from_bytes(&bytes).unwrap_or_else(|e| panic!("{e}"))
 }
 
 #[test]
@@ -79,7 +42,7 @@ fn families_logits_match_transformers() {
         let want = npy(&format!("{dir}/logits.npy"));
         let out = run(&l, &w, &[("input_ids", ids.clone())]);
         assert_close(&format!("{dir} interpreter logits"), &out["logits"], &want, 1e-4);
-        let m = compile(l, &w);
+        let m = compile_o2(l, &w);
         let feed: BTreeMap<String, Tensor> = [("input_ids".to_string(), ids)].into_iter().collect();
         let got = m.run(&feed).unwrap_or_else(|e| panic!("{e}")).remove(0).1;
         assert_close(&format!("{dir} compiled logits"), &got, &want, 1e-4);
@@ -91,7 +54,7 @@ fn families_generate_transformers_tokens() {
     for (name, dir, extra) in FAMILIES {
         let l = spec_with(name, &overrides(extra), true);
         let w = weights(&l, dir);
-        let m = compile(l, &w);
+        let m = compile_o2(l, &w);
         let (prompts, greedy) = (id_lists(dir, "prompts"), id_lists(dir, "greedy"));
         assert_eq!(prompts.len(), 3, "{dir}: generate.json");
         let generate = |ps: &[Vec<i64>]| {

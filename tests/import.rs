@@ -27,30 +27,9 @@ fn weights(l: &kiln_frontend::Lowered, dir: &Path) -> BTreeMap<String, Tensor> {
 }
 
 fn compiled(dir: &Path, decode: bool) -> Model {
-    let mut l = load(dir, decode);
+    let l = load(dir, decode);
     let w = weights(&l, dir);
-    kiln_passes::optimize(&mut l.graph, kiln_passes::OptLevel::O2, true).unwrap_or_else(|e| panic!("{e}"));
-    let c =
-        kiln_cpu::compile(&l.graph, &w, &l.dims, &kiln_cpu::Options::for_level(2)).unwrap_or_else(|e| panic!("{e}"));
-    let bytes = kiln_runtime::artifact::encode(&c.manifest, &c.weights, &c.code).unwrap();
-    Model::from_bytes(&bytes).unwrap_or_else(|e| panic!("{e}"))
-}
-
-/// The lists of ids under `key` in a `generate.json` (one list per line).
-fn id_lists(dir: &str, key: &str) -> Vec<Vec<i64>> {
-    let text = std::fs::read_to_string(data(&format!("{dir}/generate.json"))).unwrap();
-    let start = text
-        .find(&format!("\"{key}\": ["))
-        .unwrap_or_else(|| panic!("{dir}: no {key}"));
-    text[start..]
-        .lines()
-        .skip(1)
-        .take_while(|l| l.trim_start().starts_with('['))
-        .map(|l| {
-            let l = l.trim().trim_end_matches(',').trim_matches(['[', ']']);
-            l.split(',').map(|x| x.trim().parse().unwrap()).collect()
-        })
-        .collect()
+    compile_o2(l, &w)
 }
 
 const DECODERS: [&str; 4] = ["gpt2_tiny", "llama_tiny", "mistral_tiny", "qwen2_tiny"];

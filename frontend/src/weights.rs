@@ -108,13 +108,17 @@ pub fn load_safetensors(lowered: &Lowered, path: &Path) -> Result<Weights, Front
 
 /// `view`'s data as little-endian f32 when it is float16 or bfloat16.
 fn widened(view: &safetensors::tensor::TensorView) -> Option<Vec<u8>> {
-    let halves = view.data().chunks_exact(2).map(|b| [b[0], b[1]]);
-    let out: Vec<f32> = match view.dtype() {
-        StDtype::F16 => halves.map(|b| half::f16::from_le_bytes(b).to_f32()).collect(),
-        StDtype::BF16 => halves.map(|b| half::bf16::from_le_bytes(b).to_f32()).collect(),
+    let widen: fn([u8; 2]) -> f32 = match view.dtype() {
+        StDtype::F16 => |b| half::f16::from_le_bytes(b).to_f32(),
+        StDtype::BF16 => |b| half::bf16::from_le_bytes(b).to_f32(),
         _ => return None,
     };
-    Some(out.iter().flat_map(|x| x.to_le_bytes()).collect())
+    Some(
+        view.data()
+            .chunks_exact(2)
+            .flat_map(|b| widen([b[0], b[1]]).to_le_bytes())
+            .collect(),
+    )
 }
 
 fn bind(lowered: &Lowered, shards: &[(&str, SafeTensors)], file: &str) -> Result<Weights, FrontendError> {

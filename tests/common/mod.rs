@@ -87,3 +87,42 @@ impl Rng {
         (self.next() % n.max(1) as u64) as usize
     }
 }
+
+/// The tiny Llama shape of `tests/data/llama_tiny` (and of every family in
+/// scripts/make-family-references.py), with the 128-position bound decoding needs.
+pub const LLAMA_TINY: &[(&str, &str)] = &[
+    ("layers", "2"),
+    ("hidden", "64"),
+    ("heads", "4"),
+    ("kv_heads", "2"),
+    ("ffn", "128"),
+    ("vocab", "256"),
+    ("eps", "1e-6"),
+    ("max_pos", "128"),
+];
+
+/// The lists of ids under `key` in a reference's `generate.json` (one list per line, as the
+/// scripts write it).
+pub fn id_lists(dir: &str, key: &str) -> Vec<Vec<i64>> {
+    let text = std::fs::read_to_string(data(&format!("{dir}/generate.json"))).unwrap();
+    let start = text
+        .find(&format!("\"{key}\": ["))
+        .unwrap_or_else(|| panic!("{dir}: no {key}"));
+    text[start..]
+        .lines()
+        .skip(1)
+        .take_while(|l| l.trim_start().starts_with('['))
+        .map(|l| {
+            let l = l.trim().trim_end_matches(',').trim_matches(['[', ']']);
+            l.split(',').map(|x| x.trim().parse().unwrap()).collect()
+        })
+        .collect()
+}
+
+/// `l` optimized at -O2, compiled for the CPU at level 2, encoded and loaded.
+pub fn compile_o2(mut l: Lowered, w: &BTreeMap<String, Tensor>) -> kiln_runtime::Model {
+    kiln_passes::optimize(&mut l.graph, kiln_passes::OptLevel::O2, true).unwrap_or_else(|e| panic!("{e}"));
+    let c = kiln_cpu::compile(&l.graph, w, &l.dims, &kiln_cpu::Options::for_level(2)).unwrap_or_else(|e| panic!("{e}"));
+    let bytes = kiln_runtime::artifact::encode(&c.manifest, &c.weights, &c.code).unwrap();
+    kiln_runtime::Model::from_bytes(&bytes).unwrap_or_else(|e| panic!("{e}"))
+}
