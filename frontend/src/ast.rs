@@ -166,6 +166,46 @@ from_raw!(BiasField, "true, false, or a weight name", |raw| match raw {
     _ => None,
 });
 
+/// One integer for every axis (`3`, `"patch"`), or one per axis (`[2, 3]`).
+#[derive(Clone, Debug, PartialEq)]
+pub enum PerAxis {
+    /// The same value on every axis.
+    One(IntExpr),
+    /// A value per axis, in axis order.
+    Each(Vec<IntExpr>),
+}
+
+impl<'de> Deserialize<'de> for PerAxis {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = PerAxis;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("an integer or expression for every axis, or a list of one per axis")
+            }
+            fn visit_i64<E: de::Error>(self, v: i64) -> Result<PerAxis, E> {
+                Ok(PerAxis::One(IntExpr::Lit(v)))
+            }
+            fn visit_u64<E: de::Error>(self, v: u64) -> Result<PerAxis, E> {
+                i64::try_from(v)
+                    .map(|v| PerAxis::One(IntExpr::Lit(v)))
+                    .map_err(|_| E::custom("integer too large"))
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<PerAxis, E> {
+                Ok(PerAxis::One(IntExpr::Expr(v.to_string())))
+            }
+            fn visit_seq<A: de::SeqAccess<'de>>(self, mut seq: A) -> Result<PerAxis, A::Error> {
+                let mut out = Vec::new();
+                while let Some(e) = seq.next_element::<IntExpr>()? {
+                    out.push(e);
+                }
+                Ok(PerAxis::Each(out))
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
 /// Element types as written in specs.
 #[derive(Clone, Copy, Debug, Deserialize, PartialEq)]
 #[serde(rename_all = "lowercase")]
@@ -392,6 +432,36 @@ pub enum Layer {
         #[serde(default)]
         window: Option<IntExpr>,
     },
+    /// Convolution over the 1 or 2 trailing spatial axes of `x [batch, channels, ...]`, PyTorch's
+    /// `ConvNd`: weight `[out_channels, in_channels / groups, *kernel]`, zero padding.
+    Conv {
+        x: String,
+        #[serde(default)]
+        param: Option<String>,
+        #[serde(default)]
+        weight: Option<String>,
+        #[serde(default)]
+        bias: Option<BiasField>,
+        in_channels: IntExpr,
+        out_channels: IntExpr,
+        kernel: PerAxis,
+        #[serde(default)]
+        stride: Option<PerAxis>,
+        #[serde(default)]
+        padding: Option<PerAxis>,
+        #[serde(default)]
+        groups: Option<IntExpr>,
+    },
+    /// Joins tensors along an axis; extents of 1 on the other axes stretch (a class token).
+    Concat {
+        xs: Vec<String>,
+        #[serde(default = "default_axis")]
+        axis: i64,
+    },
+    /// A learned tensor used as it is (class token, position table).
+    Param { weight: String, shape: Vec<IntExpr> },
+    /// `cap * tanh(x / cap)`: logit soft-capping (Gemma 2).
+    SoftCap { x: String, cap: FloatExpr },
     /// Splits along an axis into `parts` equal pieces or pieces of `sizes`; bound as `name.0`, `name.1`…
     Split {
         x: String,
@@ -470,6 +540,10 @@ impl Layer {
             Layer::Mul { .. } => "Mul",
             Layer::Scale { .. } => "Scale",
             Layer::Attention { .. } => "Attention",
+            Layer::Conv { .. } => "Conv",
+            Layer::Concat { .. } => "Concat",
+            Layer::Param { .. } => "Param",
+            Layer::SoftCap { .. } => "SoftCap",
             Layer::Split { .. } => "Split",
             Layer::Slice { .. } => "Slice",
             Layer::MatMul { .. } => "MatMul",

@@ -15,6 +15,9 @@ use crate::ast::{
 use crate::diag::{Diagnostic, SpecError, SpecPath};
 use crate::expr::Env;
 
+mod conv;
+mod tensors;
+
 /// The largest weight tensor a spec may declare (2^34 elements, 64 GiB of f32).
 const MAX_PARAM_ELEMENTS: u64 = 1 << 34;
 /// The most applications one `Repeat` may expand to.
@@ -66,6 +69,8 @@ pub enum ParamRole {
     Scale,
     /// An additive bias or shift (near 0).
     Bias,
+    /// A tensor used as it is (`Param`: class token, position table; small values).
+    Tensor,
 }
 
 /// A weight the graph needs, and where the spec asked for it.
@@ -1011,6 +1016,10 @@ impl<'a> Lowerer<'a> {
                 };
                 one(self.attention(a, &n, path, &scope.env)?)
             }
+            Layer::Conv { .. } => one(self.conv(layer, &n, path, scope)?),
+            Layer::Concat { xs, axis } => one(self.concat(xs, *axis, &n, path, scope)?),
+            Layer::Param { weight, shape } => one(self.param_layer(weight, shape, path, scope)?),
+            Layer::SoftCap { x, cap } => one(self.soft_cap(x, cap, &n, path, scope)?),
             Layer::Split { x, parts, sizes, axis } => {
                 let xi = self.get(scope, path, "x", x)?;
                 let t = self.ty(xi);

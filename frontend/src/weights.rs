@@ -258,7 +258,7 @@ pub fn random(lowered: &Lowered, seed: u64) -> Weights {
         let (center, scale) = match p.role {
             ParamRole::Matrix | ParamRole::Table => (0.0, 1.0 / fan_in.sqrt()),
             ParamRole::Scale => (1.0, 0.1),
-            ParamRole::Bias => (0.0, 0.02),
+            ParamRole::Bias | ParamRole::Tensor => (0.0, 0.02),
         };
         let v: Vec<f64> = (0..n).map(|_| center + scale * next()).collect();
         out.insert(

@@ -1,0 +1,129 @@
+#!/usr/bin/env python3
+"""References for kiln's vision layers: convolutions against torch, a tiny ViT against transformers.
+
+tests/data/conv/<case>.safetensors   one case per file: `x`, `weight`, `bias` (input and the
+                                     layer's parameters) and `y = torch.nn.functional.convNd(...)`;
+                                     the metadata holds the Conv layer's fields as RON values
+                                     (in_channels, out_channels, kernel, stride, padding, groups)
+
+tests/data/vit_tiny/                 a Hugging Face folder written by `save_pretrained` (config.json,
+                                     model.safetensors with the hub's tensor names: what
+                                     `kiln import` reads) plus
+  pixel_values.npy                   float32 [2, 3, 32, 32], N(0, 1) from a fixed generator
+  last_hidden_state.npy              float32 [2, 17, 64]
+  pooler_output.npy                  float32 [2, 64]
+
+Every tensor is float32; CPU, 2 threads, offline, fixed seeds; parameters are perturbed by N(0, 0.02²)
+after initialisation so that no weight is left at an exact 0 or 1 (LayerNorm, biases).
+
+Usage: python3 scripts/make-vision-references.py
+"""
+
+import json
+import os
+import sys
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import transformers
+from safetensors.torch import save_file
+
+REPO = Path(__file__).resolve().parent.parent
+DATA = REPO / "tests" / "data"
+PERTURB_STD = 0.02
+
+# name: (x shape, out channels, kernel, stride, padding, groups). Spatial rank = len(x shape) - 2.
+CONV_CASES = {
+    # ViT's patch embedding: stride = kernel, no padding.
+    "patch2d": ((2, 3, 8, 8), 5, [4, 4], [4, 4], [0, 0], 1),
+    # Strided, padded, grouped, uneven extents (9 and 7 do not divide by the stride).
+    "grouped2d": ((2, 4, 9, 7), 6, [3, 3], [2, 2], [1, 1], 2),
+    # A rectangular kernel with a different stride and padding per axis.
+    "rect2d": ((1, 3, 6, 8), 4, [2, 3], [1, 2], [0, 1], 1),
+    # Depthwise 1-D with same padding (audio front ends).
+    "depthwise1d": ((2, 4, 10), 4, [3], [1], [1], 4),
+    # Strided 1-D whose last window does not reach the end.
+    "strided1d": ((1, 2, 11), 3, [4], [2], [0], 1),
+}
+
+VIT = dict(
+    hidden_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    intermediate_size=128,
+    image_size=32,
+    patch_size=8,
+    num_channels=3,
+    layer_norm_eps=1e-12,
+)
+
+
+def save_npy(path: Path, arr) -> None:
+    np.save(path, np.ascontiguousarray(np.asarray(arr, dtype=np.float32)))
+
+
+@torch.no_grad()
+def conv_cases() -> None:
+    out = DATA / "conv"
+    out.mkdir(parents=True, exist_ok=True)
+    g = torch.Generator().manual_seed(5)
+    for name, (shape, o, kernel, stride, padding, groups) in CONV_CASES.items():
+        c = shape[1]
+        x = torch.randn(shape, generator=g)
+        w = torch.randn((o, c // groups, *kernel), generator=g) * 0.3
+        b = torch.randn((o,), generator=g) * 0.1
+        conv = F.conv2d if len(kernel) == 2 else F.conv1d
+        y = conv(x, w, b, stride=stride, padding=padding, groups=groups)
+        fields = dict(in_channels=c, out_channels=o, kernel=kernel, stride=stride, padding=padding,
+                      groups=groups)
+        save_file({"x": x, "weight": w, "bias": b, "y": y.contiguous()}, str(out / f"{name}.safetensors"),
+                  metadata={k: json.dumps(v) for k, v in fields.items()})
+        os.chmod(out / f"{name}.safetensors", 0o644)
+        print(f"conv {name}: x {list(shape)} -> y {list(y.shape)}")
+
+
+@torch.no_grad()
+def vit() -> None:
+    config = transformers.ViTConfig(**VIT)
+    config._attn_implementation = "eager"
+    torch.manual_seed(0)
+    model = transformers.ViTModel(config, add_pooling_layer=True).to(torch.float32)
+    torch.manual_seed(1)
+    for _, p in model.named_parameters():
+        p.add_(torch.randn_like(p) * PERTURB_STD)
+    model.eval()
+    g = torch.Generator().manual_seed(3)
+    pixels = torch.randn((2, 3, 32, 32), generator=g)
+    res = model(pixel_values=pixels)
+    out = DATA / "vit_tiny"
+    model.save_pretrained(out)
+    os.chmod(out / "model.safetensors", 0o644)
+    for extra in ("generation_config.json",):
+        (out / extra).unlink(missing_ok=True)
+    from safetensors import safe_open
+    with safe_open(str(out / "model.safetensors"), "pt") as f:
+        names = set(f.keys())
+    assert "encoder.layer.0.attention.attention.query.weight" in names, sorted(names)[:8]
+    save_npy(out / "pixel_values.npy", pixels.numpy())
+    save_npy(out / "last_hidden_state.npy", res.last_hidden_state.numpy())
+    save_npy(out / "pooler_output.npy", res.pooler_output.numpy())
+    print(f"vit_tiny: {len(names)} tensors, last_hidden_state {list(res.last_hidden_state.shape)}, "
+          f"pooler_output {list(res.pooler_output.shape)}")
+
+
+def main() -> int:
+    torch.set_num_threads(2)
+    conv_cases()
+    vit()
+    print(f"torch {torch.__version__}, transformers {transformers.__version__}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
