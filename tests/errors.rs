@@ -286,3 +286,104 @@ fn sliding_window_of_zero() {
         r#"heads: "heads", causal: true, window: "hidden - 64")"#
     ));
 }
+
+/// A small valid vision front end; each case below breaks one thing in it.
+const VISION: &str = r#"Model(
+    name: "patches",
+    config: { "hidden": 32, "image": 32, "patch": 8, "tokens": 17 },
+    dims: { "batch": 8, "side": 64 },
+    inputs: { "pixels": (dtype: f32, shape: ["batch", 3, "image", "image"]) },
+    body: {
+        "conv": Conv(x: "pixels", param: "proj", in_channels: 3, out_channels: "hidden", kernel: "patch", stride: "patch"),
+        "flat": Reshape(x: "conv", shape: ["batch", "hidden", 16]),
+        "seq": Transpose(x: "flat", perm: [0, 2, 1]),
+        "cls": Param(weight: "cls_token", shape: [1, 1, "hidden"]),
+        "joined": Concat(xs: ["cls", "seq"], axis: 1),
+        "capped": SoftCap(x: "joined", cap: 30.0),
+    },
+    outputs: { "y": "capped" },
+)
+"#;
+
+/// Lowers `VISION` with one substitution and returns the rendered error.
+fn vision_error_of(from: &str, to: &str) -> String {
+    assert!(VISION.contains(from), "case does not apply: {from}");
+    match lower(&VISION.replacen(from, to, 1)) {
+        Ok(_) => panic!("expected an error after replacing {from:?} with {to:?}"),
+        Err(e) => e.to_string(),
+    }
+}
+
+#[test]
+fn vision_spec_is_valid() {
+    let l = lower(VISION).unwrap_or_else(|e| panic!("{e}"));
+    let names: Vec<&str> = l.params.iter().map(|p| p.name.as_str()).collect();
+    assert_eq!(names, ["proj.weight", "proj.bias", "cls_token"]);
+}
+
+#[test]
+fn conv_channels_mismatch() {
+    insta::assert_snapshot!(vision_error_of("in_channels: 3", "in_channels: 4"));
+}
+
+#[test]
+fn conv_groups_do_not_divide_channels() {
+    insta::assert_snapshot!(vision_error_of(r#"stride: "patch")"#, r#"stride: "patch", groups: 2)"#));
+}
+
+#[test]
+fn conv_kernel_larger_than_input() {
+    insta::assert_snapshot!(vision_error_of(r#"kernel: "patch""#, r#"kernel: "image + 1""#));
+}
+
+#[test]
+fn conv_kernel_per_axis_count() {
+    insta::assert_snapshot!(vision_error_of(r#"kernel: "patch""#, "kernel: [8, 8, 8]"));
+}
+
+#[test]
+fn conv_stride_of_zero() {
+    insta::assert_snapshot!(vision_error_of(r#"stride: "patch""#, "stride: [8, 0]"));
+}
+
+#[test]
+fn conv_symbolic_spatial_axis() {
+    insta::assert_snapshot!(vision_error_of(r#""image", "image"]"#, r#""side", "image"]"#));
+}
+
+#[test]
+fn conv_of_a_sequence_of_vectors() {
+    insta::assert_snapshot!(vision_error_of(
+        r#"shape: ["batch", 3, "image", "image"]"#,
+        r#"shape: ["batch", 3]"#
+    ));
+}
+
+#[test]
+fn concat_of_mismatched_extents() {
+    insta::assert_snapshot!(vision_error_of(
+        r#"shape: [1, 1, "hidden"]"#,
+        r#"shape: [1, 1, "hidden + 1"]"#
+    ));
+}
+
+#[test]
+fn concat_along_a_symbolic_axis() {
+    insta::assert_snapshot!(vision_error_of(
+        r#"xs: ["cls", "seq"], axis: 1"#,
+        r#"xs: ["seq", "seq"], axis: 0"#
+    ));
+}
+
+#[test]
+fn param_of_zero_extent() {
+    insta::assert_snapshot!(vision_error_of(
+        r#"shape: [1, 1, "hidden"]"#,
+        r#"shape: [1, 0, "hidden"]"#
+    ));
+}
+
+#[test]
+fn soft_cap_of_zero() {
+    insta::assert_snapshot!(vision_error_of("cap: 30.0", "cap: 0"));
+}

@@ -59,7 +59,7 @@ impl Lowerer<'_> {
         }
         let xi = self.get(scope, path, "x", x)?;
         let t = self.float_input(xi, path, "x", "Conv")?;
-        let axes = self.conv_axes(&t, c, kernel, stride, padding, env, path)?;
+        let axes = self.conv_axes((x, &t), c, kernel, stride, padding, env, path)?;
         let (wn, bn) = self.weight_names(param, weight, bias, path, "Conv")?;
         let wfield = if param.is_some() { "param" } else { "weight" };
         let mut wshape = vec![o, c / g];
@@ -84,7 +84,7 @@ impl Lowerer<'_> {
     #[allow(clippy::too_many_arguments)]
     fn conv_axes(
         &self,
-        t: &TensorType,
+        (x, t): (&str, &TensorType),
         c: u64,
         kernel: &PerAxis,
         stride: &Option<PerAxis>,
@@ -95,14 +95,14 @@ impl Lowerer<'_> {
         if !(3..=4).contains(&t.rank()) {
             return Err(Diagnostic::at(
                 path.field("x"),
-                format!("Conv takes [batch, channels, length] or [batch, channels, height, width], but `x` is {t}"),
+                format!("Conv takes [batch, channels, length] or [batch, channels, height, width], but `{x}` is {t}"),
             )
             .into());
         }
         if t.shape[1] != Dim::known(c) {
             return Err(Diagnostic::at(
                 path.field("x"),
-                format!("Conv expects axis 1 of its input to be in_channels = {c}, but `x` is {t}"),
+                format!("Conv expects axis 1 of its input to be in_channels = {c}, but `{x}` is {t}"),
             )
             .label("shape mismatch")
             .into());
@@ -123,7 +123,7 @@ impl Lowerer<'_> {
                 return Err(Diagnostic::at(
                     path.field("x"),
                     format!(
-                        "Conv needs known spatial extents, but axis {} of `x` is symbolic ({t}); fix it in `inputs`",
+                        "Conv needs known spatial extents, but axis {} of `{x}` is symbolic ({t}); fix it in `inputs`",
                         2 + i
                     ),
                 )
@@ -134,7 +134,7 @@ impl Lowerer<'_> {
                 return Err(Diagnostic::at(
                     path.field("kernel"),
                     format!(
-                        "kernel {} is larger than axis {} of `x` with padding ({size} + 2·{} = {padded})",
+                        "kernel {} is larger than axis {} of `{x}` with padding ({size} + 2·{} = {padded})",
                         k[i],
                         2 + i,
                         p[i]
