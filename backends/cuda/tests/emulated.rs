@@ -560,3 +560,49 @@ fn reductions_on_the_emulated_gpu() {
         }
     }
 }
+
+const VIT: &[(&str, &str)] = &[
+    ("layers", "1"),
+    ("hidden", "16"),
+    ("heads", "2"),
+    ("ffn", "24"),
+    ("image", "16"),
+    ("patch", "8"),
+];
+
+/// A strided, padded, grouped convolution (the strided-slice im2col path; ViT's patch embedding
+/// takes the reshape path).
+const CONV: &str = r#"Model(
+    name: "conv",
+    dims: { "batch": 4 },
+    inputs: { "x": (dtype: f32, shape: ["batch", 4, 7, 5]) },
+    body: { "y": Conv(x: "x", param: "c", in_channels: 4, out_channels: 6, kernel: 3, stride: [2, 1], padding: 1, groups: 2) },
+    outputs: { "y": "y" },
+)"#;
+
+/// Vision layers on the emulated GPU: ViT (patch embedding, class token concatenated, position
+/// table, pooler over a slice) and a grouped strided convolution, against the interpreter.
+#[test]
+#[cfg_attr(feature = "mlir", ignore = "the same check runs in the plain test pass")]
+fn vision_on_the_emulated_gpu() {
+    let Some(script) = emulator() else { return };
+    let pixels: Vec<f64> = (0..2 * 3 * 16 * 16)
+        .map(|i| ((i * 37 % 101) as f64 / 50.0) - 1.0)
+        .collect();
+    let vit = load("vit.ron", VIT, false, OptLevel::O2);
+    let px = Tensor::from_f64(kiln_ir::DType::F32, vec![2, 3, 16, 16], &pixels).unwrap();
+    let mut conv = kiln_frontend::lower_source("conv.ron", CONV, &Options::default()).unwrap();
+    kiln_passes::optimize(&mut conv.graph, OptLevel::O2, true).unwrap();
+    let xs: Vec<f64> = (0..2 * 4 * 7 * 5)
+        .map(|i| ((i * 13 % 29) as f64 / 14.0) - 1.0)
+        .collect();
+    let x = Tensor::from_f64(kiln_ir::DType::F32, vec![2, 4, 7, 5], &xs).unwrap();
+    for (name, l, feed) in [("vit", &vit, ("pixel_values", px)), ("conv", &conv, ("x", x))] {
+        let w = kiln_frontend::weights::random(l, 5);
+        let model = emulated(l, &w, OptLevel::O2, &script);
+        let feed: BTreeMap<String, Tensor> = [(feed.0.to_string(), feed.1)].into_iter().collect();
+        let (worst, _) = compare(&model, l, &w, &feed);
+        eprintln!("{name} on the emulated GPU: relative difference {worst:.2e}");
+        assert!(worst <= 1e-5, "{name}: {worst:e}");
+    }
+}
