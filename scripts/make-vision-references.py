@@ -3,8 +3,8 @@
 
 tests/data/conv/<case>.safetensors   one case per file: `x`, `weight`, `bias` (input and the
                                      layer's parameters) and `y = torch.nn.functional.convNd(...)`;
-                                     the metadata holds the Conv layer's fields as RON values
-                                     (in_channels, out_channels, kernel, stride, padding, groups)
+                                     metadata "conv" holds the Conv layer's fields as RON
+                                     ("in_channels: 4, out_channels: 6, kernel: [3, 3], ...")
 
 tests/data/vit_tiny/                 a Hugging Face folder written by `save_pretrained` (config.json,
                                      model.safetensors with the hub's tensor names: what
@@ -12,6 +12,10 @@ tests/data/vit_tiny/                 a Hugging Face folder written by `save_pret
   pixel_values.npy                   float32 [2, 3, 32, 32], N(0, 1) from a fixed generator
   last_hidden_state.npy              float32 [2, 17, 64]
   pooler_output.npy                  float32 [2, 64]
+
+tests/data/vit_classifier_tiny/      ViTForImageClassification (one layer, three labels: tensors
+                                     under `vit.`, no pooler, a `classifier`) plus
+  pixel_values.npy, logits.npy       float32 [2, 3, 32, 32] and [2, 3]
 
 Every tensor is float32; CPU, 2 threads, offline, fixed seeds; parameters are perturbed by N(0, 0.02²)
 after initialisation so that no weight is left at an exact 0 or 1 (LayerNorm, biases).
@@ -83,44 +87,74 @@ def conv_cases() -> None:
         fields = dict(in_channels=c, out_channels=o, kernel=kernel, stride=stride, padding=padding,
                       groups=groups)
         save_file({"x": x, "weight": w, "bias": b, "y": y.contiguous()}, str(out / f"{name}.safetensors"),
-                  metadata={k: json.dumps(v) for k, v in fields.items()})
+                  metadata={"conv": ", ".join(f"{k}: {json.dumps(v)}" for k, v in fields.items())})
         os.chmod(out / f"{name}.safetensors", 0o644)
         print(f"conv {name}: x {list(shape)} -> y {list(y.shape)}")
 
 
-@torch.no_grad()
-def vit() -> None:
-    config = transformers.ViTConfig(**VIT)
+def tiny(model_cls, **kwargs):
+    """A random-init model in eval mode, perturbed, eager attention."""
+    config = transformers.ViTConfig(**kwargs)
     config._attn_implementation = "eager"
     torch.manual_seed(0)
-    model = transformers.ViTModel(config, add_pooling_layer=True).to(torch.float32)
+    if model_cls is transformers.ViTModel:
+        model = model_cls(config, add_pooling_layer=True)
+    else:
+        model = model_cls(config)
     torch.manual_seed(1)
     for _, p in model.named_parameters():
         p.add_(torch.randn_like(p) * PERTURB_STD)
-    model.eval()
-    g = torch.Generator().manual_seed(3)
-    pixels = torch.randn((2, 3, 32, 32), generator=g)
-    res = model(pixel_values=pixels)
-    out = DATA / "vit_tiny"
+    return model.to(torch.float32).eval()
+
+
+def save_folder(model, name: str, first_tensor: str) -> Path:
+    """`save_pretrained` into tests/data/<name>, checking the hub's tensor names came out."""
+    out = DATA / name
     model.save_pretrained(out)
     os.chmod(out / "model.safetensors", 0o644)
-    for extra in ("generation_config.json",):
-        (out / extra).unlink(missing_ok=True)
+    (out / "generation_config.json").unlink(missing_ok=True)
     from safetensors import safe_open
     with safe_open(str(out / "model.safetensors"), "pt") as f:
         names = set(f.keys())
-    assert "encoder.layer.0.attention.attention.query.weight" in names, sorted(names)[:8]
-    save_npy(out / "pixel_values.npy", pixels.numpy())
+    assert first_tensor in names, sorted(names)[:8]
+    return out
+
+
+def pixels() -> torch.Tensor:
+    g = torch.Generator().manual_seed(3)
+    return torch.randn((2, 3, 32, 32), generator=g)
+
+
+@torch.no_grad()
+def vit() -> None:
+    model = tiny(transformers.ViTModel, **VIT)
+    px = pixels()
+    res = model(pixel_values=px)
+    out = save_folder(model, "vit_tiny", "encoder.layer.0.attention.attention.query.weight")
+    save_npy(out / "pixel_values.npy", px.numpy())
     save_npy(out / "last_hidden_state.npy", res.last_hidden_state.numpy())
     save_npy(out / "pooler_output.npy", res.pooler_output.numpy())
-    print(f"vit_tiny: {len(names)} tensors, last_hidden_state {list(res.last_hidden_state.shape)}, "
+    print(f"vit_tiny: last_hidden_state {list(res.last_hidden_state.shape)}, "
           f"pooler_output {list(res.pooler_output.shape)}")
+
+
+@torch.no_grad()
+def vit_classifier() -> None:
+    kwargs = dict(VIT, num_hidden_layers=1, num_labels=3)
+    model = tiny(transformers.ViTForImageClassification, **kwargs)
+    px = pixels()
+    logits = model(pixel_values=px).logits
+    out = save_folder(model, "vit_classifier_tiny", "vit.encoder.layer.0.attention.attention.query.weight")
+    save_npy(out / "pixel_values.npy", px.numpy())
+    save_npy(out / "logits.npy", logits.numpy())
+    print(f"vit_classifier_tiny: logits {list(logits.shape)}")
 
 
 def main() -> int:
     torch.set_num_threads(2)
     conv_cases()
     vit()
+    vit_classifier()
     print(f"torch {torch.__version__}, transformers {transformers.__version__}")
     return 0
 

@@ -91,20 +91,54 @@ fn imported_minilm_matches_pytorch() {
     );
 }
 
-/// A folder holding `config` (JSON text) and a copy of the tiny Qwen2 checkpoint.
-fn folder(name: &str, config: &str) -> PathBuf {
+#[test]
+fn imported_vit_matches_transformers() {
+    // ViTModel: last_hidden_state and the pooler; ViTForImageClassification: tensors under
+    // `vit.`, no pooler, a classifier over the class token.
+    let cases: [(&str, &[&str]); 2] = [
+        ("vit_tiny", &["last_hidden_state", "pooler_output"]),
+        ("vit_classifier_tiny", &["logits"]),
+    ];
+    for (dir, outputs) in cases {
+        let m = compiled(&data(dir), false);
+        let feed: BTreeMap<String, Tensor> = [("pixel_values".to_string(), npy(&format!("{dir}/pixel_values.npy")))]
+            .into_iter()
+            .collect();
+        let got: BTreeMap<String, Tensor> = m
+            .run(&feed)
+            .unwrap_or_else(|e| panic!("{dir}: {e}"))
+            .into_iter()
+            .collect();
+        for name in outputs {
+            let want = npy(&format!("{dir}/{name}.npy"));
+            assert_close(&format!("imported {dir} {name}"), &got[*name], &want, 1e-4);
+        }
+    }
+}
+
+/// A folder holding `config` (JSON text) and a copy of the reference `base`'s checkpoint.
+fn folder(base: &str, name: &str, config: &str) -> PathBuf {
     let dir = std::env::temp_dir().join(format!("kiln-import-{}-{name}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     std::fs::write(dir.join("config.json"), config).unwrap();
-    std::fs::copy(data("qwen2_tiny/model.safetensors"), dir.join("model.safetensors")).unwrap();
+    std::fs::copy(
+        data(&format!("{base}/model.safetensors")),
+        dir.join("model.safetensors"),
+    )
+    .unwrap();
     dir
 }
 
 /// The error of importing the Qwen2 reference's config with `from` replaced by `to`.
 fn error_of(name: &str, from: &str, to: &str) -> String {
-    let config = std::fs::read_to_string(data("qwen2_tiny/config.json")).unwrap();
+    error_in("qwen2_tiny", name, from, to)
+}
+
+/// The error of importing the reference `base`'s config with `from` replaced by `to`.
+fn error_in(base: &str, name: &str, from: &str, to: &str) -> String {
+    let config = std::fs::read_to_string(data(&format!("{base}/config.json"))).unwrap();
     assert!(config.contains(from), "case does not apply: {from}");
-    let dir = folder(name, &config.replacen(from, to, 1));
+    let dir = folder(base, name, &config.replacen(from, to, 1));
     let err = match kiln_frontend::load(&dir, &Options::default()) {
         Ok(_) => panic!("{name}: expected an error"),
         Err(e) => e.to_string(),
@@ -146,6 +180,23 @@ fn import_errors_name_the_field() {
             "window",
             r#""use_sliding_window": false"#,
             r#""use_sliding_window": true"#
+        )
+    );
+}
+
+#[test]
+fn vit_import_errors_name_the_field() {
+    insta::assert_snapshot!(
+        "vit_uneven_patches",
+        error_in("vit_tiny", "patches", r#""patch_size": 8"#, r#""patch_size": 6"#)
+    );
+    insta::assert_snapshot!(
+        "vit_pooler_activation",
+        error_in(
+            "vit_tiny",
+            "pool_act",
+            r#""pooler_act": "tanh""#,
+            r#""pooler_act": "softsign""#
         )
     );
 }

@@ -33,25 +33,21 @@ fn reference(rel: &str) -> (BTreeMap<String, Tensor>, BTreeMap<String, String>) 
     )
 }
 
-/// A one-layer spec: `y = Conv(x)` with the case's fields, batch symbolic.
-fn conv_spec(x: &[usize], m: &BTreeMap<String, String>) -> String {
+/// A one-layer spec: `y = Conv(x)` with the case's fields (RON, from the file's metadata), batch
+/// symbolic.
+fn conv_spec(x: &[usize], fields: &str) -> String {
     let spatial: Vec<String> = x[2..].iter().map(|d| d.to_string()).collect();
-    let fields: Vec<String> = ["in_channels", "out_channels", "kernel", "stride", "padding", "groups"]
-        .iter()
-        .map(|k| format!("{k}: {}", m[*k]))
-        .collect();
     format!(
         r#"Model(
     name: "conv",
     dims: {{ "batch": 4 }},
     inputs: {{ "x": (dtype: f32, shape: ["batch", {}, {}]) }},
     ignore_weights: ["x", "y"],
-    body: {{ "y": Conv(x: "x", weight: "weight", bias: "bias", {}) }},
+    body: {{ "y": Conv(x: "x", weight: "weight", bias: "bias", {fields}) }},
     outputs: {{ "y": "y" }},
 )"#,
         x[1],
         spatial.join(", "),
-        fields.join(", ")
     )
 }
 
@@ -59,7 +55,7 @@ fn conv_spec(x: &[usize], m: &BTreeMap<String, String>) -> String {
 fn conv_matches_pytorch() {
     for case in CONV_CASES {
         let (t, meta) = reference(&format!("conv/{case}.safetensors"));
-        let src = conv_spec(t["x"].shape(), &meta);
+        let src = conv_spec(t["x"].shape(), &meta["conv"]);
         let l = kiln_frontend::lower_source("conv.ron", &src, &Options::default())
             .unwrap_or_else(|e| panic!("{case}: {e}"));
         let w: BTreeMap<String, Tensor> = ["weight", "bias"]

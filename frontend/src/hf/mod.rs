@@ -7,6 +7,7 @@ pub mod checkpoint;
 mod config;
 mod decoder;
 mod gpt2;
+mod vit;
 
 use std::path::{Path, PathBuf};
 
@@ -14,7 +15,7 @@ pub use checkpoint::Checkpoint;
 pub use config::Config;
 
 /// The model types `import` reads.
-pub const SUPPORTED: &[&str] = &["bert", "gpt2", "llama", "mistral", "qwen2"];
+pub const SUPPORTED: &[&str] = &["bert", "gpt2", "llama", "mistral", "qwen2", "vit"];
 
 /// Why a folder could not be imported.
 #[derive(Debug, thiserror::Error)]
@@ -108,6 +109,7 @@ pub fn import(dir: &Path) -> Result<Imported, ImportError> {
         "llama" | "mistral" | "qwen2" => decoder::spec(&c, &ck, &model_type)?,
         "gpt2" => gpt2::spec(&c, &ck)?,
         "bert" => bert::spec(&c, &ck)?,
+        "vit" => vit::spec(&c, &ck)?,
         "" => return Err(c.unsupported("model_type", "expected the model family, e.g. \"llama\"")),
         _ => {
             return Err(ImportError::UnsupportedType {
@@ -117,9 +119,14 @@ pub fn import(dir: &Path) -> Result<Imported, ImportError> {
         }
     };
     c.finish(&model_type)?;
+    let example = if body.contains("\"max_pos\"") {
+        " (e.g. --set max_pos=512 bounds the sequence)"
+    } else {
+        ""
+    };
     let header = format!(
         "// Imported by `kiln import` from {} (model_type \"{model_type}\"); edit freely.\n\
-         // Config entries take --set NAME=VALUE (e.g. --set max_pos=512 bounds the sequence).\n",
+         // Config entries take --set NAME=VALUE{example}.\n",
         dir.display()
     );
     let tokenizer = Some(dir.join("tokenizer.json")).filter(|p| p.is_file());
