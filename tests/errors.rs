@@ -387,3 +387,27 @@ fn param_of_zero_extent() {
 fn soft_cap_of_zero() {
     insta::assert_snapshot!(vision_error_of("cap: 30.0", "cap: 0"));
 }
+
+#[test]
+fn block_linear_blocks_do_not_divide() {
+    insta::assert_snapshot!(error_of(
+        r#""up": Linear(x: "h", param: "up", in_features: "hidden", out_features: "ffn"),"#,
+        r#""up": BlockLinear(x: "h", param: "up", blocks: 3, in_features: "hidden", out_features: "ffn"),"#
+    ));
+}
+
+#[test]
+fn nested_weight_smaller_than_used() {
+    insta::assert_snapshot!(error_of(
+        r#""up": Linear(x: "h", param: "up", in_features: "hidden", out_features: "ffn"),"#,
+        r#""up": Linear(x: "h", param: "up", in_features: "hidden", out_features: "ffn", full: [128, "hidden"]),"#
+    ));
+}
+
+#[test]
+fn nested_weight_shape_of_three_axes() {
+    insta::assert_snapshot!(error_of(
+        r#""up": Linear(x: "h", param: "up", in_features: "hidden", out_features: "ffn"),"#,
+        r#""up": Linear(x: "h", param: "up", in_features: "hidden", out_features: "ffn", full: [512, 64, 1]),"#
+    ));
+}

@@ -360,6 +360,24 @@ pub enum Layer {
         out_features: IntExpr,
         #[serde(default)]
         layout: Layout,
+        /// The checkpoint tensor's shape when larger (MatFormer): the layer uses its leading
+        /// `[out_features, in_features]` block (`[in, out]` for `InOut`) and bias entries.
+        #[serde(default)]
+        full: Option<Vec<IntExpr>>,
+    },
+    /// A block-diagonal product (Monarch): `blocks` independent `Linear`s over consecutive
+    /// slices of the last axis; weight `[blocks, out_features / blocks, in_features / blocks]`.
+    BlockLinear {
+        x: String,
+        #[serde(default)]
+        param: Option<String>,
+        #[serde(default)]
+        weight: Option<String>,
+        #[serde(default)]
+        bias: Option<BiasField>,
+        blocks: IntExpr,
+        in_features: IntExpr,
+        out_features: IntExpr,
     },
     /// Layer normalisation over the last axis, with scale and shift.
     LayerNorm {
@@ -540,6 +558,7 @@ impl Layer {
             Layer::Mul { .. } => "Mul",
             Layer::Scale { .. } => "Scale",
             Layer::Attention { .. } => "Attention",
+            Layer::BlockLinear { .. } => "BlockLinear",
             Layer::Conv { .. } => "Conv",
             Layer::Concat { .. } => "Concat",
             Layer::Param { .. } => "Param",

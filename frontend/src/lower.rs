@@ -15,7 +15,9 @@ use crate::ast::{
 use crate::diag::{Diagnostic, SpecError, SpecPath};
 use crate::expr::Env;
 
+mod block_linear;
 mod conv;
+mod nested;
 mod tensors;
 
 /// The largest weight tensor a spec may declare (2^34 elements, 64 GiB of f32).
@@ -770,20 +772,23 @@ impl<'a> Lowerer<'a> {
                 in_features,
                 out_features,
                 layout,
+                full,
             } => {
                 // Config fields first: their errors do not depend on earlier layers having lowered.
                 let fin = self.pos(in_features, &scope.env, path, "in_features")?;
                 let fout = self.pos(out_features, &scope.env, path, "out_features")?;
+                let (shape, tb) = match layout {
+                    Layout::OutIn => ([fout, fin], true),
+                    Layout::InOut => ([fin, fout], false),
+                };
+                let stored = self.full_shape(full, shape, &scope.env, path)?;
                 let xi = self.get(scope, path, "x", x)?;
                 self.float_input(xi, path, "x", kind)?;
                 self.check_last(xi, fin, path, "x", kind, "in_features")?;
                 let (wn, bn) = self.weight_names(param, weight, bias, path, kind)?;
                 let wfield = if param.is_some() { "param" } else { "weight" };
-                let (shape, tb) = match layout {
-                    Layout::OutIn => ([fout, fin], true),
-                    Layout::InOut => ([fin, fout], false),
-                };
-                let w = self.param(&wn, &shape, ParamRole::Matrix, &scope.env, path, wfield)?;
+                let w = self.param(&wn, &stored, ParamRole::Matrix, &scope.env, path, wfield)?;
+                let w = self.leading(w, &shape, &format!("{n}/weight"), path)?;
                 let mut y = self.add(
                     Op::MatMul {
                         transpose_a: false,
@@ -800,11 +805,14 @@ impl<'a> Lowerer<'a> {
                     } else {
                         wfield
                     };
-                    let b = self.param(&bn, &[fout], ParamRole::Bias, &scope.env, path, bfield)?;
+                    let out_axis = usize::from(*layout == Layout::InOut);
+                    let b = self.param(&bn, &[stored[out_axis]], ParamRole::Bias, &scope.env, path, bfield)?;
+                    let b = self.leading(b, &[fout], &format!("{n}/bias_used"), path)?;
                     y = self.bin(BinaryOp::Add, y, b, format!("{n}/bias"), path, kind)?;
                 }
                 one(y)
             }
+            Layer::BlockLinear { .. } => one(self.block_linear(layer, &n, path, scope)?),
             Layer::LayerNorm {
                 x,
                 param,
