@@ -15,6 +15,10 @@ Families (each exercises what it adds over Llama):
                  past the first prompt, so the window changes the logits; checked)
   qwen2_tiny     q/k/v biases, LM head tied to the embedding (no lm_head.weight in the file,
                  as Qwen2's small checkpoints ship)
+  phi3_tiny      fused projections: qkv_proj [q + k + v rows] and gate_up_proj [gate; up]
+  gpt_neox_tiny  parallel residual (x + attn(ln1 x) + mlp(ln2 x)), query_key_value interleaved
+                 per head ([heads, 3, head_dim] rows), rotary on a quarter of each head,
+                 LayerNorm with biases, GELU, untied embed_out
 
 Greedy tokens come from `generate(do_sample=False)` and must equal a loop that recomputes the
 whole sequence at every step; EOS never stops (cleared, min_new_tokens = max_new_tokens). Every
@@ -64,6 +68,14 @@ FAMILIES = {
                      dict(SHAPE, sliding_window=4, tie_word_embeddings=False)),
     "qwen2_tiny": ("Qwen2Config", "Qwen2ForCausalLM",
                    dict(SHAPE, tie_word_embeddings=True, use_sliding_window=False)),
+    "phi3_tiny": ("Phi3Config", "Phi3ForCausalLM",
+                  dict(SHAPE, tie_word_embeddings=False, pad_token_id=0, bos_token_id=1, eos_token_id=2)),
+    # GPT-NeoX has its own field names (no key/value heads, LayerNorm epsilon, rotary_pct).
+    "gpt_neox_tiny": ("GPTNeoXConfig", "GPTNeoXForCausalLM",
+                      dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                           num_attention_heads=4, max_position_embeddings=128, rotary_pct=0.25,
+                           use_parallel_residual=True, tie_word_embeddings=False,
+                           initializer_range=0.1)),  # wider logits: greedy steps win clearly
 }
 
 
@@ -90,12 +102,17 @@ def save_config(path: Path, config) -> None:
     path.write_text(json.dumps(d, indent=2, sort_keys=True, default=str) + "\n")
 
 
-def checkpoint(model) -> dict:
-    """The parameters by name, a tied LM head left out (as Hugging Face saves it)."""
+# Parameters transformers 5 renames in memory but `save_pretrained` (and the hub) name the old way.
+SAVED_NAMES = {"gpt_neox_tiny": {"lm_head.weight": "embed_out.weight"}}
+
+
+def checkpoint(model, family: str) -> dict:
+    """The parameters by the names `save_pretrained` writes, a tied LM head left out."""
     tied = model.config.tie_word_embeddings
+    rename = SAVED_NAMES.get(family, {})
     out = {}
     for name, p in model.named_parameters(remove_duplicate=True):
-        out[name] = p.detach().to(torch.float32).clone().contiguous()
+        out[rename.get(name, name)] = p.detach().to(torch.float32).clone().contiguous()
     if tied:
         out.pop("lm_head.weight", None)
     return out
@@ -164,7 +181,7 @@ def make(name: str) -> None:
     if gap < MIN_SAFE_GAP:
         print(f"warning: {name}: a greedy step wins by {gap:.2e} only", file=sys.stderr)
 
-    sd = checkpoint(model)
+    sd = checkpoint(model, name)
     save_file(sd, str(out / "model.safetensors"), metadata={"format": "pt"})
     os.chmod(out / "model.safetensors", 0o644)
     save_config(out / "config.json", config)

@@ -13,18 +13,31 @@ use kiln_runtime::{Decoder, Sampler, Sampling};
 /// Config overrides, `(name, value)`.
 type Overrides = &'static [(&'static str, &'static str)];
 
-/// `(spec, reference folder, overrides beyond LLAMA_TINY)`.
-const FAMILIES: &[(&str, &str, Overrides)] = &[
+/// GPT-NeoX's tiny shape (no key/value heads; LayerNorm epsilon).
+const NEOX_TINY: Overrides = &[
+    ("layers", "2"),
+    ("hidden", "64"),
+    ("heads", "4"),
+    ("ffn", "128"),
+    ("vocab", "256"),
+    ("max_pos", "128"),
+];
+
+/// `(spec, reference folder, tiny shape, further overrides)`.
+const FAMILIES: &[(&str, &str, Overrides, Overrides)] = &[
     (
         "mistral.ron",
         "mistral_tiny",
+        LLAMA_TINY,
         &[("window", "4"), ("rope_theta", "10000.0")],
     ),
-    ("qwen2.ron", "qwen2_tiny", &[("rope_theta", "10000.0")]),
+    ("qwen2.ron", "qwen2_tiny", LLAMA_TINY, &[("rope_theta", "10000.0")]),
+    ("phi3.ron", "phi3_tiny", LLAMA_TINY, &[]),
+    ("gpt_neox.ron", "gpt_neox_tiny", NEOX_TINY, &[]),
 ];
 
-fn overrides(extra: &[(&'static str, &'static str)]) -> Vec<(&'static str, &'static str)> {
-    LLAMA_TINY.iter().chain(extra).copied().collect()
+fn overrides(base: Overrides, extra: Overrides) -> Vec<(&'static str, &'static str)> {
+    base.iter().chain(extra).copied().collect()
 }
 
 fn weights(l: &kiln_frontend::Lowered, dir: &str) -> BTreeMap<String, Tensor> {
@@ -34,8 +47,8 @@ fn weights(l: &kiln_frontend::Lowered, dir: &str) -> BTreeMap<String, Tensor> {
 
 #[test]
 fn families_logits_match_transformers() {
-    for (name, dir, extra) in FAMILIES {
-        let o = overrides(extra);
+    for (name, dir, base, extra) in FAMILIES {
+        let o = overrides(base, extra);
         let l = spec(name, &o);
         let w = weights(&l, dir);
         let ids = npy(&format!("{dir}/input_ids.npy"));
@@ -51,8 +64,8 @@ fn families_logits_match_transformers() {
 
 #[test]
 fn families_generate_transformers_tokens() {
-    for (name, dir, extra) in FAMILIES {
-        let l = spec_with(name, &overrides(extra), true);
+    for (name, dir, base, extra) in FAMILIES {
+        let l = spec_with(name, &overrides(base, extra), true);
         let w = weights(&l, dir);
         let m = compile_o2(l, &w);
         let (prompts, greedy) = (id_lists(dir, "prompts"), id_lists(dir, "greedy"));
