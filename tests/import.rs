@@ -32,7 +32,14 @@ fn compiled(dir: &Path, decode: bool) -> Model {
     compile_o2(l, &w)
 }
 
-const DECODERS: [&str; 4] = ["gpt2_tiny", "llama_tiny", "mistral_tiny", "qwen2_tiny"];
+const DECODERS: [&str; 6] = [
+    "gpt2_tiny",
+    "llama_tiny",
+    "mistral_tiny",
+    "qwen2_tiny",
+    "phi3_tiny",
+    "gpt_neox_tiny",
+];
 
 #[test]
 fn imported_decoders_match_transformers_logits() {
@@ -189,6 +196,15 @@ fn vit_import_errors_name_the_field() {
     insta::assert_snapshot!(
         "vit_uneven_patches",
         error_in("vit_tiny", "patches", r#""patch_size": 8"#, r#""patch_size": 6"#)
+    );
+    insta::assert_snapshot!(
+        "neox_tied_head",
+        error_in(
+            "gpt_neox_tiny",
+            "neox_tied",
+            r#""tie_word_embeddings": false"#,
+            r#""tie_word_embeddings": true"#
+        )
     );
     insta::assert_snapshot!(
         "vit_pooler_activation",

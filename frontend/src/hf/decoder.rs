@@ -1,15 +1,16 @@
-//! Llama-family decoders — `llama`, `mistral`, `qwen2` — as a spec: RMSNorm, rotary positions
-//! (rotate-half), grouped-query attention, SwiGLU MLP. What differs comes from the config: biases
-//! (Qwen2's q/k/v, Llama's `attention_bias` and `mlp_bias`), Mistral's sliding window, a tied or
-//! untied head (found from the checkpoint), head_dim, partial rotary.
+//! Llama-family decoders — `llama`, `mistral`, `qwen2`, `phi3` — as a spec: RMSNorm, rotary
+//! positions (rotate-half), grouped-query attention, SwiGLU MLP. What differs comes from the
+//! config: biases (Qwen2's q/k/v, Llama's `attention_bias` and `mlp_bias`), Mistral's and Phi-3's
+//! sliding window, Phi-3's fused qkv and gate/up projections (split after one product each), a
+//! tied or untied head (found from the checkpoint), head_dim, partial rotary.
 
 use serde_json::Value;
 
 use super::{config_block, float, folder, prefix, Checkpoint, Config, ImportError};
 
 /// Rotary settings: base and the rotated fraction of each head.
-fn rope(c: &Config) -> Result<(f64, f64), ImportError> {
-    let mut theta = None;
+pub(super) fn rope(c: &Config) -> Result<(f64, f64), ImportError> {
+    let (mut theta, mut partial) = (None, None);
     if let Some(rp) = c.get("rope_parameters") {
         let obj = rp
             .as_object()
@@ -24,6 +25,7 @@ fn rope(c: &Config) -> Result<(f64, f64), ImportError> {
             match (k.as_str(), v) {
                 ("rope_type", _) => {}
                 ("rope_theta", v) if v.is_number() => theta = v.as_f64(),
+                ("partial_rotary_factor", v) if v.is_number() => partial = v.as_f64(),
                 _ => return Err(c.unsupported("rope_parameters", format!("`{k}` is not implemented"))),
             }
         }
@@ -35,13 +37,20 @@ fn rope(c: &Config) -> Result<(f64, f64), ImportError> {
     if theta.is_some_and(|t| t != top) {
         return Err(c.unsupported("rope_theta", "disagrees with rope_parameters.rope_theta"));
     }
-    Ok((top, c.float_or("partial_rotary_factor", 1.0)?))
+    let fraction = c.float_or("partial_rotary_factor", partial.unwrap_or(1.0))?;
+    if partial.is_some_and(|p| p != fraction) {
+        return Err(c.unsupported(
+            "partial_rotary_factor",
+            "disagrees with rope_parameters.partial_rotary_factor",
+        ));
+    }
+    Ok((top, fraction))
 }
 
 /// The sliding window, if the family and config have one.
 fn window(c: &Config, model_type: &str) -> Result<Option<u64>, ImportError> {
     match model_type {
-        "mistral" => c.opt_int("sliding_window"),
+        "mistral" | "phi3" => c.opt_int("sliding_window"),
         "qwen2" => {
             c.get("sliding_window");
             if c.bool_or("use_sliding_window", false)? {
@@ -118,18 +127,42 @@ pub fn spec(c: &Config, ck: &Checkpoint, model_type: &str) -> Result<String, Imp
             "                \"{name}\": Linear(x: \"{{X}}\", param: \"{l}.{param}\", bias: {bias}, in_features: \"{inf}\", out_features: \"{outf}\"),\n"
         )
     };
+    let ctx = format!("                \"ctx\": Attention(q: \"q\", k: \"k\", v: \"v\", heads: \"heads\", kv_heads: \"kv_heads\", causal: true{attn_window}, {rope}),\n");
+    let (qkv, gate_up) = if model_type == "phi3" {
+        // Phi-3 fuses the projections: one product for q/k/v, one for the gate and up halves.
+        c.get("original_max_position_embeddings"); // read by longrope scaling only (refused above)
+        (
+            lin("qkv", "self_attn.qkv_proj", false, "hidden", "(heads + 2 * kv_heads) * head_dim").replace("{X}", "n1")
+                + "                \"qkv_parts\": Split(x: \"qkv\", sizes: [\"heads * head_dim\", \"kv_heads * head_dim\", \"kv_heads * head_dim\"]),\n"
+                + &ctx.replace("q: \"q\", k: \"k\", v: \"v\"", "q: \"qkv_parts.0\", k: \"qkv_parts.1\", v: \"qkv_parts.2\""),
+            lin("gate_up", "mlp.gate_up_proj", false, "hidden", "2 * ffn").replace("{X}", "n2")
+                + "                \"halves\": Split(x: \"gate_up\", parts: 2),\n                \"act\": Silu(x: \"halves.0\"),\n                \"glu\": Mul(a: \"act\", b: \"halves.1\"),\n",
+        )
+    } else {
+        (
+            [
+                lin("q", "self_attn.q_proj", qkv_bias, "hidden", "heads * head_dim").replace("{X}", "n1"),
+                lin("k", "self_attn.k_proj", qkv_bias, "hidden", "kv_heads * head_dim").replace("{X}", "n1"),
+                lin("v", "self_attn.v_proj", qkv_bias, "hidden", "kv_heads * head_dim").replace("{X}", "n1"),
+                ctx,
+            ]
+            .concat(),
+            [
+                lin("gate", "mlp.gate_proj", mlp_bias, "hidden", "ffn").replace("{X}", "n2"),
+                lin("up", "mlp.up_proj", mlp_bias, "hidden", "ffn").replace("{X}", "n2"),
+                "                \"act\": Silu(x: \"gate\"),\n                \"glu\": Mul(a: \"act\", b: \"up\"),\n"
+                    .to_string(),
+            ]
+            .concat(),
+        )
+    };
     let block = [
         format!("                \"n1\": RMSNorm(x: \"x\", param: \"{l}.input_layernorm\", dim: \"hidden\", eps: \"eps\"),\n"),
-        lin("q", "self_attn.q_proj", qkv_bias, "hidden", "heads * head_dim").replace("{X}", "n1"),
-        lin("k", "self_attn.k_proj", qkv_bias, "hidden", "kv_heads * head_dim").replace("{X}", "n1"),
-        lin("v", "self_attn.v_proj", qkv_bias, "hidden", "kv_heads * head_dim").replace("{X}", "n1"),
-        format!("                \"ctx\": Attention(q: \"q\", k: \"k\", v: \"v\", heads: \"heads\", kv_heads: \"kv_heads\", causal: true{attn_window}, {rope}),\n"),
+        qkv,
         lin("o", "self_attn.o_proj", o_bias, "heads * head_dim", "hidden").replace("{X}", "ctx"),
         "                \"r1\": Add(a: \"x\", b: \"o\"),\n".to_string(),
         format!("                \"n2\": RMSNorm(x: \"r1\", param: \"{l}.post_attention_layernorm\", dim: \"hidden\", eps: \"eps\"),\n"),
-        lin("gate", "mlp.gate_proj", mlp_bias, "hidden", "ffn").replace("{X}", "n2"),
-        lin("up", "mlp.up_proj", mlp_bias, "hidden", "ffn").replace("{X}", "n2"),
-        "                \"act\": Silu(x: \"gate\"),\n                \"glu\": Mul(a: \"act\", b: \"up\"),\n".to_string(),
+        gate_up,
         lin("down", "mlp.down_proj", mlp_bias, "ffn", "hidden").replace("{X}", "glu"),
         "                \"out\": Add(a: \"r1\", b: \"down\"),\n".to_string(),
     ]

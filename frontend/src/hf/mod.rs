@@ -7,6 +7,7 @@ pub mod checkpoint;
 mod config;
 mod decoder;
 mod gpt2;
+mod gpt_neox;
 mod vit;
 
 use std::path::{Path, PathBuf};
@@ -15,7 +16,7 @@ pub use checkpoint::Checkpoint;
 pub use config::Config;
 
 /// The model types `import` reads.
-pub const SUPPORTED: &[&str] = &["bert", "gpt2", "llama", "mistral", "qwen2", "vit"];
+pub const SUPPORTED: &[&str] = &["bert", "gpt2", "gpt_neox", "llama", "mistral", "phi3", "qwen2", "vit"];
 
 /// Why a folder could not be imported.
 #[derive(Debug, thiserror::Error)]
@@ -106,7 +107,8 @@ pub fn import(dir: &Path) -> Result<Imported, ImportError> {
     let ck = Checkpoint::find(dir)?;
     let model_type = c.str_or("model_type", "")?.to_string();
     let body = match model_type.as_str() {
-        "llama" | "mistral" | "qwen2" => decoder::spec(&c, &ck, &model_type)?,
+        "llama" | "mistral" | "qwen2" | "phi3" => decoder::spec(&c, &ck, &model_type)?,
+        "gpt_neox" => gpt_neox::spec(&c, &ck)?,
         "gpt2" => gpt2::spec(&c, &ck)?,
         "bert" => bert::spec(&c, &ck)?,
         "vit" => vit::spec(&c, &ck)?,
