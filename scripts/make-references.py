@@ -142,6 +142,8 @@ def make_minilm() -> None:
         save_npy(out / f"{prefix}_attention_mask.npy", mask, np.int64)
         save_npy(out / f"{prefix}_token_type_ids.npy", types, np.int64)
         save_npy(out / f"{prefix}_last_hidden_state.npy", hidden.numpy(), np.float32)
+        # BertModel's pooler: dense + tanh over the first ([CLS]) token.
+        save_npy(out / f"{prefix}_pooler_output.npy", res.pooler_output.float().numpy(), np.float32)
         line = (
             f"minilm/{prefix}: input_ids {list(ids.shape)} tokens/row {mask.sum(1).tolist()} "
             f"last_hidden_state {list(hidden.shape)} sum|x|={checksum(hidden):.6f}"

@@ -411,3 +411,40 @@ fn nested_weight_shape_of_three_axes() {
         r#""up": Linear(x: "h", param: "up", in_features: "hidden", out_features: "ffn", full: [512, 64, 1]),"#
     ));
 }
+
+#[test]
+fn slice_past_a_short_sequence_is_a_run_time_error() {
+    // `seq` is symbolic: the slice becomes a checked gather of positions 4..6, so a 3-token
+    // input is refused by the interpreter and by the compiled model alike, never read past.
+    let src = BASE.replacen(
+        r#""up": Linear(x: "h", param: "up", in_features: "hidden", out_features: "ffn"),"#,
+        r#""tail": Slice(x: "h", axis: 1, start: 4, end: 6),
+        "up": Linear(x: "tail", param: "up", in_features: "hidden", out_features: "ffn"),"#,
+        1,
+    );
+    let l = lower(&src).unwrap_or_else(|e| panic!("{e}"));
+    let w = kiln_frontend::weights::random(&l, 1);
+    let x = kiln_ir::Tensor::from_f32(vec![1, 3, 64], vec![0.5; 3 * 64]).unwrap();
+    let feed: std::collections::BTreeMap<String, kiln_ir::Tensor> = [("x".to_string(), x)].into_iter().collect();
+    let e = kiln_interp::run(&l.graph, &w, &feed).unwrap_err().to_string();
+    assert!(e.contains("index 4") && e.contains("out of range"), "{e}");
+    // BASE's attention reads one tensor as q, k and v: the planner once skipped the value it
+    // shares (an internal compiler error); compiled and interpreted must agree when it fits.
+    let long = kiln_ir::Tensor::from_f64(
+        kiln_ir::DType::F32,
+        vec![2, 7, 64],
+        &(0..2 * 7 * 64)
+            .map(|i| ((i % 13) as f64 - 6.0) / 6.0)
+            .collect::<Vec<_>>(),
+    )
+    .unwrap();
+    let fits: std::collections::BTreeMap<String, kiln_ir::Tensor> = [("x".to_string(), long)].into_iter().collect();
+    let want = kiln_interp::run(&l.graph, &w, &fits).unwrap().remove(0).1;
+    let m = common::compile_o2(l, &w);
+    let got = m.run(&fits).unwrap_or_else(|e| panic!("{e}")).remove(0).1;
+    assert_eq!(got.shape(), [2, 2, 256]);
+    common::assert_close("slice of positions 4..6, compiled", &got, &want, 1e-4);
+    let e = m.run(&feed).unwrap_err().to_string();
+    assert!(e.contains("out of range"), "{e}");
+    eprintln!("{e}");
+}

@@ -1104,6 +1104,9 @@ impl<'a> Lowerer<'a> {
                 if s < 0 || e <= s {
                     return Err(Diagnostic::at(path.clone(), format!("Slice {s}..{e} is empty or negative")).into());
                 }
+                if t.shape[ax].as_known().is_none() {
+                    return one(self.slice_symbolic(xi, ax, (s as u64, e as u64), &n, path)?);
+                }
                 one(self.add(
                     Op::Slice {
                         axis: ax,

@@ -58,7 +58,10 @@ pub(crate) fn plan(
             _ => (x, false),
         };
         let ((qn, qsm), (kn, ksm), (vn, vsm)) = if q == k {
-            ((q, false), (k, false), fold(v, pv))
+            // q and k stay as they are; v too when it is the same value (`Attention(q: "x",
+            // k: "x", v: "x")`): folding it would skip the value q and k still read.
+            let vf = if v == q { (v, false) } else { fold(v, pv) };
+            ((q, false), (k, false), vf)
         } else {
             (fold(q, s), fold(k, s), fold(v, pv))
         };

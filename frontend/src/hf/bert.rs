@@ -1,6 +1,6 @@
 //! BERT encoders (sentence-transformers checkpoints such as all-MiniLM-L6-v2) as a spec: post-LN
-//! blocks, absolute positions, token types, a padding mask; `last_hidden_state` (the pooler is
-//! not built).
+//! blocks, absolute positions, token types, a padding mask; `last_hidden_state`, and
+//! `pooler_output` when the checkpoint has the pooler.
 
 use super::{config_block, float, folder, gpt2::activation, prefix, Checkpoint, Config, ImportError};
 
@@ -34,9 +34,23 @@ pub fn spec(c: &Config, ck: &Checkpoint) -> Result<String, ImportError> {
         &["embeddings.word_embeddings.weight"],
         "the word embedding",
     )?;
-    // The pooler (a dense layer over the first token) is not built: slicing the first row of a
-    // symbolic sequence axis is not in the language yet, so `pooler_output` is left out.
-    let ignore = format!("\"{p}pooler.*\", \"{p}embeddings.position_ids\"");
+    // The pooler (dense + tanh over the first token), when the checkpoint has it.
+    let pooled = ck.has(&format!("{p}pooler.dense.weight"));
+    let ignore = format!("\"{p}embeddings.position_ids\"");
+    let (pooler, pooler_output) = if pooled {
+        (
+            format!(
+                r#"        "first": Slice(x: "encoded", axis: 1, start: 0, end: 1),
+        "first_token": Reshape(x: "first", shape: ["batch", "hidden"]),
+        "pool_dense": Linear(x: "first_token", param: "{p}pooler.dense", in_features: "hidden", out_features: "hidden"),
+        "pooler_output": Tanh(x: "pool_dense"),
+"#
+            ),
+            "        \"pooler_output\": \"pooler_output\",\n",
+        )
+    } else {
+        (String::new(), "")
+    };
     let l = format!("{p}encoder.layer.{{i}}");
     Ok(format!(
         r#"Model(
@@ -80,10 +94,10 @@ pub fn spec(c: &Config, ck: &Checkpoint) -> Result<String, ImportError> {
         "emb_sum": Add(a: "wp", b: "types"),
         "emb": LayerNorm(x: "emb_sum", param: "{p}embeddings.LayerNorm", dim: "hidden", eps: "eps"),
         "encoded": Repeat(block: "layer", x: "emb", times: "layers", index: "i"),
-    }},
+{pooler}    }},
     outputs: {{
         "last_hidden_state": "encoded",
-    }},
+{pooler_output}    }},
 )
 "#,
         cfg = config_block(&cfg)

@@ -1,7 +1,7 @@
-//! Layers that make or join whole tensors: `Param` (a learned tensor as it is), `Concat`, and
-//! `SoftCap` (Gemma 2's logit soft-capping).
+//! Layers that make, join or cut whole tensors: `Param` (a learned tensor as it is), `Concat`,
+//! `SoftCap` (Gemma 2's logit soft-capping), and `Slice` along a symbolic axis.
 
-use kiln_ir::{BinaryOp, Dim, NodeId, Op, UnaryOp};
+use kiln_ir::{BinaryOp, DType, Dim, NodeId, Op, UnaryOp};
 
 use super::{LResult, Lowerer, ParamRole, Scope};
 use crate::ast::{FloatExpr, IntExpr};
@@ -132,5 +132,28 @@ impl Lowerer<'_> {
         let th = self.un(UnaryOp::Tanh, s, format!("{n}/tanh"), path, "SoftCap")?;
         let cv = self.scalar(c, t.dtype, n);
         self.bin(BinaryOp::Mul, th, cv, n.to_string(), path, "SoftCap")
+    }
+
+    /// `start..end` of a symbolic axis (BERT's pooler reads position 0 of `seq`): a gather of
+    /// the constant positions, which checks them against the extent at run time — a sequence
+    /// shorter than `end` is an index error, never a read past the tensor.
+    pub(super) fn slice_symbolic(
+        &mut self,
+        x: NodeId,
+        axis: usize,
+        (start, end): (u64, u64),
+        n: &str,
+        path: &SpecPath,
+    ) -> LResult<NodeId> {
+        let iota = Op::Iota {
+            len: Dim::known(end - start),
+            dtype: DType::I64,
+        };
+        let mut idx = self.add(iota, &[], format!("{n}/positions"), path, "Slice")?;
+        if start > 0 {
+            let s = self.scalar(start as f64, DType::I64, n);
+            idx = self.bin(BinaryOp::Add, idx, s, format!("{n}/from"), path, "Slice")?;
+        }
+        self.add(Op::Gather { axis }, &[x, idx], n.to_string(), path, "Slice")
     }
 }
