@@ -36,9 +36,13 @@ fn lower(src: &str) -> Result<Lowered, FrontendError> {
 
 /// Lowers `BASE` with one substitution and returns the rendered error.
 fn error_of(from: &str, to: &str) -> String {
-    assert!(BASE.contains(from), "case does not apply: {from}");
-    let src = BASE.replacen(from, to, 1);
-    match lower(&src) {
+    error_in(BASE, from, to)
+}
+
+/// Lowers `base` with one substitution and returns the rendered error.
+fn error_in(base: &str, from: &str, to: &str) -> String {
+    assert!(base.contains(from), "case does not apply: {from}");
+    match lower(&base.replacen(from, to, 1)) {
         Ok(_) => panic!("expected an error after replacing {from:?} with {to:?}"),
         Err(e) => e.to_string(),
     }
@@ -307,11 +311,7 @@ const VISION: &str = r#"Model(
 
 /// Lowers `VISION` with one substitution and returns the rendered error.
 fn vision_error_of(from: &str, to: &str) -> String {
-    assert!(VISION.contains(from), "case does not apply: {from}");
-    match lower(&VISION.replacen(from, to, 1)) {
-        Ok(_) => panic!("expected an error after replacing {from:?} with {to:?}"),
-        Err(e) => e.to_string(),
-    }
+    error_in(VISION, from, to)
 }
 
 #[test]

@@ -8,7 +8,6 @@ use std::collections::BTreeMap;
 
 use common::*;
 use kiln_ir::Tensor;
-use kiln_runtime::{Decoder, Sampler, Sampling};
 
 /// Config overrides, `(name, value)`.
 type Overrides = &'static [(&'static str, &'static str)];
@@ -70,27 +69,16 @@ fn families_generate_transformers_tokens() {
         let m = compile_o2(l, &w);
         let (prompts, greedy) = (id_lists(dir, "prompts"), id_lists(dir, "greedy"));
         assert_eq!(prompts.len(), 3, "{dir}: generate.json");
-        let generate = |ps: &[Vec<i64>]| {
-            m.session()
-                .unwrap()
-                .generate(
-                    ps,
-                    greedy[0].len(),
-                    &mut Sampler::new(Sampling::default()),
-                    None,
-                    &mut |_, _| true,
-                )
-                .unwrap_or_else(|e| panic!("{dir}: {e}"))
-        };
+        let n = greedy[0].len();
         for (p, want) in prompts.iter().zip(&greedy) {
             assert_eq!(
-                &generate(std::slice::from_ref(p))[0],
+                &common::greedy(&m, std::slice::from_ref(p), n)[0],
                 want,
                 "{dir}: greedy tokens of {p:?}"
             );
         }
         assert_eq!(
-            generate(&prompts),
+            common::greedy(&m, &prompts, n),
             greedy,
             "{dir}: greedy tokens of the left-padded batch"
         );

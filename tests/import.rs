@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use common::*;
 use kiln_frontend::Options;
 use kiln_ir::Tensor;
-use kiln_runtime::{Decoder, Model, Sampler, Sampling};
+use kiln_runtime::Model;
 
 fn load(dir: &Path, decode: bool) -> kiln_frontend::Lowered {
     let opts = Options {
@@ -63,17 +63,7 @@ fn imported_decoders_generate_transformers_tokens() {
         let m = compiled(&data(dir), true);
         let (prompts, greedy) = (id_lists(dir, "prompts"), id_lists(dir, "greedy"));
         for (p, want) in prompts.iter().zip(&greedy) {
-            let got = m
-                .session()
-                .unwrap()
-                .generate(
-                    std::slice::from_ref(p),
-                    want.len(),
-                    &mut Sampler::new(Sampling::default()),
-                    None,
-                    &mut |_, _| true,
-                )
-                .unwrap_or_else(|e| panic!("{dir}: {e}"));
+            let got = common::greedy(&m, std::slice::from_ref(p), want.len());
             assert_eq!(&got[0], want, "imported {dir}: greedy tokens of {p:?}");
         }
     }

@@ -9,7 +9,6 @@ use std::collections::BTreeMap;
 
 use common::*;
 use kiln_ir::Tensor;
-use kiln_runtime::{Decoder, Sampler, Sampling};
 
 /// `(spec, reference folder, overrides, logits file, greedy key)`.
 type Case = (
@@ -61,17 +60,7 @@ fn papers_generate_reference_tokens() {
         let w = weights(&l, dir);
         let m = compile_o2(l, &w);
         for (p, want) in id_lists(dir, "prompts").iter().zip(id_lists(dir, key)) {
-            let got = m
-                .session()
-                .unwrap()
-                .generate(
-                    std::slice::from_ref(p),
-                    want.len(),
-                    &mut Sampler::new(Sampling::default()),
-                    None,
-                    &mut |_, _| true,
-                )
-                .unwrap_or_else(|e| panic!("{name}: {e}"));
+            let got = greedy(&m, std::slice::from_ref(p), want.len());
             assert_eq!(got[0], want, "{name} {set:?}: greedy tokens of {p:?}");
         }
     }

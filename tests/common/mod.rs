@@ -126,3 +126,14 @@ pub fn compile_o2(mut l: Lowered, w: &BTreeMap<String, Tensor>) -> kiln_runtime:
     let bytes = kiln_runtime::artifact::encode(&c.manifest, &c.weights, &c.code).unwrap();
     kiln_runtime::Model::from_bytes(&bytes).unwrap_or_else(|e| panic!("{e}"))
 }
+
+/// Greedy generation of `n` tokens for `prompts` as one (left-padded) batch on a fresh session.
+pub fn greedy(m: &kiln_runtime::Model, prompts: &[Vec<i64>], n: usize) -> Vec<Vec<i64>> {
+    use kiln_runtime::{Decoder, Sampler, Sampling};
+    m.session()
+        .unwrap()
+        .generate(prompts, n, &mut Sampler::new(Sampling::default()), None, &mut |_, _| {
+            true
+        })
+        .unwrap_or_else(|e| panic!("generate: {e}"))
+}
