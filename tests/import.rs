@@ -111,6 +111,20 @@ fn imported_vit_matches_transformers() {
     }
 }
 
+#[test]
+fn imported_distilbert_matches_transformers() {
+    // The second row is padding after 6 tokens: every position, padded ones too, as transformers.
+    let dir = "distilbert_tiny";
+    let m = compiled(&data(dir), false);
+    let feed: BTreeMap<String, Tensor> = ["input_ids", "attention_mask"]
+        .iter()
+        .map(|n| (n.to_string(), npy(&format!("{dir}/{n}.npy"))))
+        .collect();
+    let out = m.run(&feed).unwrap_or_else(|e| panic!("{e}"));
+    let want = npy(&format!("{dir}/last_hidden_state.npy"));
+    assert_close("imported distilbert last_hidden_state", &out[0].1, &want, 1e-4);
+}
+
 /// A folder holding `config` (JSON text) and a copy of the reference `base`'s checkpoint.
 fn folder(base: &str, name: &str, config: &str) -> PathBuf {
     let dir = std::env::temp_dir().join(format!("kiln-import-{}-{name}", std::process::id()));

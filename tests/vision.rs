@@ -1,4 +1,4 @@
-//! Vision layers against PyTorch (scripts/make-vision-references.py): `Conv` (1-D and 2-D;
+//! Vision layers against PyTorch (scripts/make-encoder-references.py): `Conv` (1-D and 2-D;
 //! stride, padding, groups) against `torch.nn.functional.convNd`, and `specs/vit.ron` (Conv patch
 //! embedding, `Param` class token and position table, `Concat`) against transformers' ViTModel,
 //! through the interpreter and compiled.

@@ -6,6 +6,7 @@ mod bert;
 pub mod checkpoint;
 mod config;
 mod decoder;
+mod distilbert;
 mod gpt2;
 mod gpt_neox;
 mod vit;
@@ -16,7 +17,17 @@ pub use checkpoint::Checkpoint;
 pub use config::Config;
 
 /// The model types `import` reads.
-pub const SUPPORTED: &[&str] = &["bert", "gpt2", "gpt_neox", "llama", "mistral", "phi3", "qwen2", "vit"];
+pub const SUPPORTED: &[&str] = &[
+    "bert",
+    "distilbert",
+    "gpt2",
+    "gpt_neox",
+    "llama",
+    "mistral",
+    "phi3",
+    "qwen2",
+    "vit",
+];
 
 /// Why a folder could not be imported.
 #[derive(Debug, thiserror::Error)]
@@ -111,6 +122,7 @@ pub fn import(dir: &Path) -> Result<Imported, ImportError> {
         "gpt_neox" => gpt_neox::spec(&c, &ck)?,
         "gpt2" => gpt2::spec(&c, &ck)?,
         "bert" => bert::spec(&c, &ck)?,
+        "distilbert" => distilbert::spec(&c, &ck)?,
         "vit" => vit::spec(&c, &ck)?,
         "" => return Err(c.unsupported("model_type", "expected the model family, e.g. \"llama\"")),
         _ => {

@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
-"""References for kiln's vision layers: convolutions against torch, a tiny ViT against transformers.
+"""References for kiln's encoders: convolutions against torch, tiny ViTs and DistilBERT against
+transformers.
 
 tests/data/conv/<case>.safetensors   one case per file: `x`, `weight`, `bias` (input and the
                                      layer's parameters) and `y = torch.nn.functional.convNd(...)`;
@@ -17,10 +18,14 @@ tests/data/vit_classifier_tiny/      ViTForImageClassification (one layer, three
                                      under `vit.`, no pooler, a `classifier`) plus
   pixel_values.npy, logits.npy       float32 [2, 3, 32, 32] and [2, 3]
 
+tests/data/distilbert_tiny/          DistilBertModel (save_pretrained) plus
+  input_ids.npy, attention_mask.npy  int64 [2, 10]; the second row is padding after 6 tokens
+  last_hidden_state.npy              float32 [2, 10, 64]
+
 Every tensor is float32; CPU, 2 threads, offline, fixed seeds; parameters are perturbed by N(0, 0.02²)
 after initialisation so that no weight is left at an exact 0 or 1 (LayerNorm, biases).
 
-Usage: python3 scripts/make-vision-references.py
+Usage: python3 scripts/make-encoder-references.py
 """
 
 import json
@@ -150,11 +155,36 @@ def vit_classifier() -> None:
     print(f"vit_classifier_tiny: logits {list(logits.shape)}")
 
 
+@torch.no_grad()
+def distilbert() -> None:
+    config = transformers.DistilBertConfig(vocab_size=256, dim=64, n_layers=2, n_heads=4, hidden_dim=128,
+                                           max_position_embeddings=64)
+    config._attn_implementation = "eager"
+    torch.manual_seed(0)
+    model = transformers.DistilBertModel(config)
+    torch.manual_seed(1)
+    for _, p in model.named_parameters():
+        p.add_(torch.randn_like(p) * PERTURB_STD)
+    model = model.to(torch.float32).eval()
+    g = torch.Generator().manual_seed(3)
+    ids = torch.randint(1, 256, (2, 10), generator=g)
+    mask = torch.ones((2, 10), dtype=torch.int64)
+    mask[1, 6:] = 0
+    ids[1, 6:] = 0  # the pad token
+    hidden = model(input_ids=ids, attention_mask=mask).last_hidden_state
+    out = save_folder(model, "distilbert_tiny", "transformer.layer.0.attention.q_lin.weight")
+    np.save(out / "input_ids.npy", ids.numpy())
+    np.save(out / "attention_mask.npy", mask.numpy())
+    save_npy(out / "last_hidden_state.npy", hidden.numpy())
+    print(f"distilbert_tiny: last_hidden_state {list(hidden.shape)}")
+
+
 def main() -> int:
     torch.set_num_threads(2)
     conv_cases()
     vit()
     vit_classifier()
+    distilbert()
     print(f"torch {torch.__version__}, transformers {transformers.__version__}")
     return 0
 
