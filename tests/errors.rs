@@ -347,6 +347,14 @@ fn conv_stride_of_zero() {
 }
 
 #[test]
+fn conv_padding_not_smaller_than_kernel() {
+    insta::assert_snapshot!(vision_error_of(
+        r#"stride: "patch")"#,
+        r#"stride: "patch", padding: [0, 8])"#
+    ));
+}
+
+#[test]
 fn conv_symbolic_spatial_axis() {
     insta::assert_snapshot!(vision_error_of(r#""image", "image"]"#, r#""side", "image"]"#));
 }

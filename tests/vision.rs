@@ -107,3 +107,24 @@ fn vit_matches_transformers() {
     );
     assert_close("vit compiled pooler_output", &got["pooler_output"], &want_p, 1e-4);
 }
+
+#[test]
+fn conv_with_a_stride_longer_than_the_input_reads_one_window() {
+    // One window per axis whatever the stride: the first window of the strided reference.
+    let (t, meta) = reference("conv/strided1d.safetensors");
+    let fields = meta["conv"].replace("stride: [2]", "stride: [1000000000000]");
+    assert_ne!(fields, meta["conv"], "case does not apply");
+    let l = kiln_frontend::lower_source("conv.ron", &conv_spec(t["x"].shape(), &fields), &Options::default())
+        .unwrap_or_else(|e| panic!("{e}"));
+    let w: BTreeMap<String, Tensor> = ["weight", "bias"]
+        .iter()
+        .map(|k| (k.to_string(), t[*k].clone()))
+        .collect();
+    let y = &t["y"];
+    let first: Vec<f64> = y.to_f64_vec().chunks(y.shape()[2]).map(|row| row[0]).collect();
+    let want = Tensor::from_f64(DType::F32, vec![y.shape()[0], y.shape()[1], 1], &first).unwrap();
+    let m = compile_o2(l, &w);
+    let feed: BTreeMap<String, Tensor> = [("x".to_string(), t["x"].clone())].into_iter().collect();
+    let got = m.run(&feed).unwrap_or_else(|e| panic!("{e}")).remove(0).1;
+    assert_close("conv with a stride of 10^12, compiled", &got, &want, 1e-5);
+}

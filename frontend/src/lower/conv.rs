@@ -129,6 +129,16 @@ impl Lowerer<'_> {
                 )
                 .into());
             };
+            if p[i] >= k[i] {
+                return Err(Diagnostic::at(
+                    path.field("padding"),
+                    format!(
+                        "padding {} is not smaller than kernel {}: windows of padding alone would only repeat the bias",
+                        p[i], k[i]
+                    ),
+                )
+                .into());
+            }
             let padded = size + 2 * p[i];
             if k[i] > padded {
                 return Err(Diagnostic::at(
@@ -143,10 +153,13 @@ impl Lowerer<'_> {
                 .into());
             }
             let out = (padded - k[i]) / s[i] + 1;
+            // One window: the stride plays no part; as `kernel` it takes the reshape path rather
+            // than padding zeros out to a stride longer than the axis.
+            let stride = if out == 1 { k[i] } else { s[i] };
             axes.push(Axis {
                 size,
                 kernel: k[i],
-                stride: s[i],
+                stride,
                 padding: p[i],
                 out,
             });
@@ -327,28 +340,20 @@ impl Lowerer<'_> {
         perm.extend((0..sp).map(|i| 3 + 2 * i));
         let cols = self.add(Op::Transpose { perm }, &[cols], format!("{n}/cols_t"), path, "Conv")?;
         let k = |v: u64| Dim::known(v);
-        let cols_shape = vec![batch.clone(), k(windows), k(g), k(per_group)];
-        let cols = self.add(
-            Op::Reshape { shape: cols_shape },
-            &[cols],
-            format!("{n}/cols"),
-            path,
-            "Conv",
-        )?;
-        let wm = self.add(
-            Op::Reshape {
-                shape: vec![k(g), k(o / g), k(per_group)],
-            },
-            &[w],
-            format!("{n}/weight_matrix"),
-            path,
-            "Conv",
-        )?;
         let mut y = if g == 1 {
-            let cols2 = self.reshape(cols, vec![batch.clone(), k(windows), k(per_group)], n, "cols2d", path)?;
-            let wm2 = self.reshape(wm, vec![k(o), k(per_group)], n, "weight_2d", path)?;
-            self.matmul_t(cols2, wm2, n, path)?
+            // [b, L, C·K] @ [O, C·K]ᵀ
+            let cols = self.reshape(cols, vec![batch.clone(), k(windows), k(per_group)], n, "cols", path)?;
+            let wm = self.reshape(w, vec![k(o), k(per_group)], n, "weight_matrix", path)?;
+            self.matmul_t(cols, wm, n, path)?
         } else {
+            let cols = self.reshape(
+                cols,
+                vec![batch.clone(), k(windows), k(g), k(per_group)],
+                n,
+                "cols",
+                path,
+            )?;
+            let wm = self.reshape(w, vec![k(g), k(o / g), k(per_group)], n, "weight_matrix", path)?;
             // [b, L, g, Cg·K] → [b, g, L, Cg·K] @ [g, O/g, Cg·K]ᵀ → [b, g, L, O/g] → [b, L, g, O/g]
             let ct = self.add(
                 Op::Transpose { perm: vec![0, 2, 1, 3] },
