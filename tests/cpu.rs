@@ -143,18 +143,9 @@ fn gpt2_tiny_matches_interpreter() {
 
 #[test]
 fn llama_tiny_matches_interpreter() {
-    let o = [
-        ("layers", "2"),
-        ("hidden", "64"),
-        ("heads", "4"),
-        ("kv_heads", "2"),
-        ("ffn", "128"),
-        ("vocab", "256"),
-        ("eps", "1e-6"),
-    ];
     check_spec(
         "llama.ron",
-        &o,
+        LLAMA_TINY,
         &[
             &[("batch", 1), ("seq", 1)],
             &[("batch", 2), ("seq", 9)],

@@ -11,15 +11,6 @@ const GPT2_TINY: &[(&str, &str)] = &[
     ("vocab", "256"),
     ("max_pos", "64"),
 ];
-const LLAMA_TINY: &[(&str, &str)] = &[
-    ("layers", "2"),
-    ("hidden", "64"),
-    ("heads", "4"),
-    ("kv_heads", "2"),
-    ("ffn", "128"),
-    ("vocab", "256"),
-    ("eps", "1e-6"),
-];
 
 #[test]
 fn gpt2_tiny_logits_match_transformers() {

@@ -52,6 +52,19 @@ pub fn spec(c: &Config, ck: &Checkpoint) -> Result<String, ImportError> {
         (String::new(), "")
     };
     let l = format!("{p}encoder.layer.{{i}}");
+    let layer = post_ln_layer(
+        &[
+            format!("{l}.attention.self.query"),
+            format!("{l}.attention.self.key"),
+            format!("{l}.attention.self.value"),
+            format!("{l}.attention.output.dense"),
+            format!("{l}.attention.output.LayerNorm"),
+            format!("{l}.intermediate.dense"),
+            format!("{l}.output.dense"),
+            format!("{l}.output.LayerNorm"),
+        ],
+        act,
+    );
     Ok(format!(
         r#"Model(
     name: "bert",
@@ -69,19 +82,7 @@ pub fn spec(c: &Config, ck: &Checkpoint) -> Result<String, ImportError> {
         "layer": (
             input: "x",
             body: {{
-                "q": Linear(x: "x", param: "{l}.attention.self.query", in_features: "hidden", out_features: "hidden"),
-                "k": Linear(x: "x", param: "{l}.attention.self.key", in_features: "hidden", out_features: "hidden"),
-                "v": Linear(x: "x", param: "{l}.attention.self.value", in_features: "hidden", out_features: "hidden"),
-                "ctx": Attention(q: "q", k: "k", v: "v", heads: "heads", mask: "attention_mask"),
-                "attn_out": Linear(x: "ctx", param: "{l}.attention.output.dense", in_features: "hidden", out_features: "hidden"),
-                "res1": Add(a: "attn_out", b: "x"),
-                "h1": LayerNorm(x: "res1", param: "{l}.attention.output.LayerNorm", dim: "hidden", eps: "eps"),
-                "up": Linear(x: "h1", param: "{l}.intermediate.dense", in_features: "hidden", out_features: "ffn"),
-                "act": {act}(x: "up"),
-                "down": Linear(x: "act", param: "{l}.output.dense", in_features: "ffn", out_features: "hidden"),
-                "res2": Add(a: "down", b: "h1"),
-                "out": LayerNorm(x: "res2", param: "{l}.output.LayerNorm", dim: "hidden", eps: "eps"),
-            }},
+{layer}            }},
             output: "out",
         ),
     }},
@@ -102,4 +103,26 @@ pub fn spec(c: &Config, ck: &Checkpoint) -> Result<String, ImportError> {
 "#,
         cfg = config_block(&cfg)
     ))
+}
+
+/// The body of a post-LN encoder layer (BERT's, DistilBERT's) over the carried `x`, with the
+/// padding mask `attention_mask`. `params`: the query, key, value and attention-output
+/// projections, the attention norm, the MLP's up and down projections, the output norm.
+pub(super) fn post_ln_layer(params: &[String; 8], act: &str) -> String {
+    let [q, k, v, o, n1, up, down, n2] = params;
+    format!(
+        r#"                "q": Linear(x: "x", param: "{q}", in_features: "hidden", out_features: "hidden"),
+                "k": Linear(x: "x", param: "{k}", in_features: "hidden", out_features: "hidden"),
+                "v": Linear(x: "x", param: "{v}", in_features: "hidden", out_features: "hidden"),
+                "ctx": Attention(q: "q", k: "k", v: "v", heads: "heads", mask: "attention_mask"),
+                "attn_out": Linear(x: "ctx", param: "{o}", in_features: "hidden", out_features: "hidden"),
+                "res1": Add(a: "attn_out", b: "x"),
+                "h1": LayerNorm(x: "res1", param: "{n1}", dim: "hidden", eps: "eps"),
+                "up": Linear(x: "h1", param: "{up}", in_features: "hidden", out_features: "ffn"),
+                "act": {act}(x: "up"),
+                "down": Linear(x: "act", param: "{down}", in_features: "ffn", out_features: "hidden"),
+                "res2": Add(a: "down", b: "h1"),
+                "out": LayerNorm(x: "res2", param: "{n2}", dim: "hidden", eps: "eps"),
+"#
+    )
 }

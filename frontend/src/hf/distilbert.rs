@@ -2,6 +2,7 @@
 //! a padding mask), `last_hidden_state`. Task heads in the checkpoint (masked-LM projector,
 //! classifiers) are not built: their tensors are listed in `ignore_weights`.
 
+use super::bert::post_ln_layer;
 use super::{config_block, folder, gpt2::activation, prefix, Checkpoint, Config, ImportError};
 
 /// Task-head tensors of the `DistilBertFor…` classes, relative to the checkpoint's root.
@@ -49,6 +50,19 @@ pub fn spec(c: &Config, ck: &Checkpoint) -> Result<String, ImportError> {
     )?;
     let ignore: Vec<String> = HEADS.iter().map(|h| format!("\"{h}\"")).collect();
     let l = format!("{p}transformer.layer.{{i}}");
+    let layer = post_ln_layer(
+        &[
+            format!("{l}.attention.q_lin"),
+            format!("{l}.attention.k_lin"),
+            format!("{l}.attention.v_lin"),
+            format!("{l}.attention.out_lin"),
+            format!("{l}.sa_layer_norm"),
+            format!("{l}.ffn.lin1"),
+            format!("{l}.ffn.lin2"),
+            format!("{l}.output_layer_norm"),
+        ],
+        act,
+    );
     Ok(format!(
         r#"Model(
     name: "distilbert",
@@ -65,19 +79,7 @@ pub fn spec(c: &Config, ck: &Checkpoint) -> Result<String, ImportError> {
         "layer": (
             input: "x",
             body: {{
-                "q": Linear(x: "x", param: "{l}.attention.q_lin", in_features: "hidden", out_features: "hidden"),
-                "k": Linear(x: "x", param: "{l}.attention.k_lin", in_features: "hidden", out_features: "hidden"),
-                "v": Linear(x: "x", param: "{l}.attention.v_lin", in_features: "hidden", out_features: "hidden"),
-                "ctx": Attention(q: "q", k: "k", v: "v", heads: "heads", mask: "attention_mask"),
-                "attn_out": Linear(x: "ctx", param: "{l}.attention.out_lin", in_features: "hidden", out_features: "hidden"),
-                "res1": Add(a: "attn_out", b: "x"),
-                "h1": LayerNorm(x: "res1", param: "{l}.sa_layer_norm", dim: "hidden", eps: "eps"),
-                "up": Linear(x: "h1", param: "{l}.ffn.lin1", in_features: "hidden", out_features: "ffn"),
-                "act": {act}(x: "up"),
-                "down": Linear(x: "act", param: "{l}.ffn.lin2", in_features: "ffn", out_features: "hidden"),
-                "res2": Add(a: "down", b: "h1"),
-                "out": LayerNorm(x: "res2", param: "{l}.output_layer_norm", dim: "hidden", eps: "eps"),
-            }},
+{layer}            }},
             output: "out",
         ),
     }},
