@@ -16,6 +16,11 @@ Families (each exercises what it adds over Llama):
   qwen2_tiny     q/k/v biases, LM head tied to the embedding (no lm_head.weight in the file,
                  as Qwen2's small checkpoints ship)
   phi3_tiny      fused projections: qkv_proj [q + k + v rows] and gate_up_proj [gate; up]
+  mixtral_tiny   mixture of experts: 8 experts, top 2, softmax router renormalized over the chosen
+                 two; saved as the hub names them (block_sparse_moe.experts.{e}.w1/w2/w3, what
+                 `save_pretrained` writes; transformers 5 fuses them only in memory). The smallest gap
+                 between a token's 2nd and 3rd router probability is printed and must exceed 1e-4,
+                 so that a 1e-6 difference cannot change which experts a token uses
   gpt_neox_tiny  parallel residual (x + attn(ln1 x) + mlp(ln2 x)), query_key_value interleaved
                  per head ([heads, 3, head_dim] rows), rotary on a quarter of each head,
                  LayerNorm with biases, GELU, untied embed_out
@@ -70,6 +75,9 @@ FAMILIES = {
                    dict(SHAPE, tie_word_embeddings=True, use_sliding_window=False)),
     "phi3_tiny": ("Phi3Config", "Phi3ForCausalLM",
                   dict(SHAPE, tie_word_embeddings=False, pad_token_id=0, bos_token_id=1, eos_token_id=2)),
+    "mixtral_tiny": ("MixtralConfig", "MixtralForCausalLM",
+                     dict(SHAPE, intermediate_size=32, num_local_experts=8, num_experts_per_tok=2,
+                          tie_word_embeddings=False, initializer_range=0.1)),
     # GPT-NeoX has its own field names (no key/value heads, LayerNorm epsilon, rotary_pct).
     "gpt_neox_tiny": ("GPTNeoXConfig", "GPTNeoXForCausalLM",
                       dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
@@ -106,8 +114,18 @@ def save_config(path: Path, config) -> None:
 SAVED_NAMES = {"gpt_neox_tiny": {"lm_head.weight": "embed_out.weight"}}
 
 
+# Families whose in-memory parameters differ from the hub layout: their file is save_pretrained's.
+SAVE_PRETRAINED = {"mixtral_tiny"}
+
+
 def checkpoint(model, family: str) -> dict:
     """The parameters by the names `save_pretrained` writes, a tied LM head left out."""
+    if family in SAVE_PRETRAINED:
+        import tempfile
+        from safetensors.torch import load_file
+        with tempfile.TemporaryDirectory() as d:
+            model.save_pretrained(d)
+            return {k: v.to(torch.float32).contiguous() for k, v in load_file(os.path.join(d, "model.safetensors")).items()}
     tied = model.config.tie_word_embeddings
     rename = SAVED_NAMES.get(family, {})
     out = {}
@@ -144,6 +162,19 @@ def greedy_no_cache(model, prompt, n: int) -> tuple:
 
 
 @torch.no_grad()
+def check_routing_margin(model, ids, k: int) -> None:
+    """Every token's k-th router probability must beat its (k+1)-th by a margin."""
+    out = model(input_ids=ids, use_cache=False, output_router_logits=True)
+    gap = float("inf")
+    for logits in out.router_logits:
+        probs = torch.softmax(logits.float(), dim=-1).sort(dim=-1, descending=True).values
+        gap = min(gap, float((probs[:, k - 1] - probs[:, k]).min()))
+    print(f"routing: smallest gap between the top {k} experts and the next {gap:.1e}")
+    if gap < 1e-4:
+        raise SystemExit(f"error: a token's routing is decided by {gap:.1e}; change the seed")
+
+
+@torch.no_grad()
 def make(name: str) -> None:
     config_cls, model_cls, kwargs = FAMILIES[name]
     config = getattr(transformers, config_cls)(**kwargs)
@@ -167,6 +198,9 @@ def make(name: str) -> None:
         full = model(input_ids=ids, use_cache=False).logits
         config.sliding_window = w
         assert float((full - logits).abs().max()) > 1e-3, f"{name}: the window changes nothing"
+
+    if hasattr(config, "num_experts_per_tok"):
+        check_routing_margin(model, ids, config.num_experts_per_tok)
 
     g = torch.Generator().manual_seed(9)
     prompts = [torch.randint(0, VOCAB, (1, n), generator=g, dtype=torch.int64) for n in PROMPT_LENGTHS]

@@ -32,6 +32,12 @@ const FAMILIES: &[(&str, &str, Overrides, Overrides)] = &[
     ),
     ("qwen2.ron", "qwen2_tiny", LLAMA_TINY, &[("rope_theta", "10000.0")]),
     ("phi3.ron", "phi3_tiny", LLAMA_TINY, &[]),
+    (
+        "mixtral.ron",
+        "mixtral_tiny",
+        LLAMA_TINY,
+        &[("ffn", "32"), ("rope_theta", "10000.0")],
+    ),
     ("gpt_neox.ron", "gpt_neox_tiny", NEOX_TINY, &[]),
 ];
 

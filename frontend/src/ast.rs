@@ -299,6 +299,34 @@ pub enum Layout {
     InOut,
 }
 
+/// How a mixture of experts scores its router logits.
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq)]
+pub enum MoeScores {
+    /// A softmax over all experts.
+    #[default]
+    Softmax,
+    /// A sigmoid per expert.
+    Sigmoid,
+}
+
+/// The activation of an expert's gate projection.
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq)]
+pub enum MoeAct {
+    /// SwiGLU.
+    #[default]
+    Silu,
+    /// GeGLU, exact GELU.
+    Gelu,
+    /// GeGLU, tanh-approximated GELU.
+    GeluTanh,
+    /// ReGLU.
+    Relu,
+}
+
+fn default_true() -> bool {
+    true
+}
+
 /// Rotary position embedding options.
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -478,6 +506,28 @@ pub enum Layer {
     },
     /// A learned tensor used as it is (class token, position table).
     Param { weight: String, shape: Vec<IntExpr> },
+    /// A mixture of experts (Mixtral): each row of `x [.., dim]` goes to the `top_k` experts with
+    /// the highest scores of its router `logits [.., experts]` (a tensor, usually a `Linear`), and
+    /// the experts' SwiGLU-style blocks `down(act(gate·x) ⊙ up·x)` are summed, weighted by those
+    /// scores. `gate`, `up`, `down` are weight names with an `{e}` hole for the expert's index
+    /// (`[ffn, dim]`, `[ffn, dim]`, `[dim, ffn]`); only the routed rows go through each expert.
+    Moe {
+        x: String,
+        logits: String,
+        experts: IntExpr,
+        top_k: IntExpr,
+        dim: IntExpr,
+        ffn: IntExpr,
+        gate: String,
+        up: String,
+        down: String,
+        #[serde(default)]
+        scores: MoeScores,
+        #[serde(default = "default_true")]
+        renormalize: bool,
+        #[serde(default)]
+        act: MoeAct,
+    },
     /// `cap * tanh(x / cap)`: logit soft-capping (Gemma 2).
     SoftCap { x: String, cap: FloatExpr },
     /// Splits along an axis into `parts` equal pieces or pieces of `sizes`; bound as `name.0`, `name.1`…
@@ -562,6 +612,7 @@ impl Layer {
             Layer::Conv { .. } => "Conv",
             Layer::Concat { .. } => "Concat",
             Layer::Param { .. } => "Param",
+            Layer::Moe { .. } => "Moe",
             Layer::SoftCap { .. } => "SoftCap",
             Layer::Split { .. } => "Split",
             Layer::Slice { .. } => "Slice",

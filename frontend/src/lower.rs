@@ -17,6 +17,7 @@ use crate::expr::Env;
 
 mod block_linear;
 mod conv;
+mod moe;
 mod nested;
 mod tensors;
 
@@ -813,6 +814,7 @@ impl<'a> Lowerer<'a> {
                 one(y)
             }
             Layer::BlockLinear { .. } => one(self.block_linear(layer, &n, path, scope)?),
+            Layer::Moe { .. } => one(self.moe(layer, &n, path, scope)?),
             Layer::LayerNorm {
                 x,
                 param,

@@ -6,6 +6,7 @@
 use std::fmt;
 
 use crate::fused::Fused;
+use crate::moe::{ExpertAct, Gating};
 use crate::{DType, Dim, Shape, TensorType};
 
 /// The block of plain CSR (`Op::Densify` of artifacts written before blocks existed).
@@ -290,6 +291,22 @@ pub enum Op {
         /// Entries held after the append.
         len: Dim,
     },
+    /// A mixture of experts (see `moe.rs`): operands `x [.., d]`, router `logits [.., E]`, then
+    /// per expert its weights `gate [f, d]`, `up [f, d]`, `down [d, f]`; result `[.., d]`. Row `r` goes to the `top_k` experts with the highest scores (`gating` of its
+    /// logits; ties to the lower index), weighted by those scores (divided by their sum when
+    /// `renormalize`): `out[r] = Σ wₑ · downₑ(act(gateₑ·x[r]) ⊙ upₑ·x[r])`.
+    Moe {
+        /// Experts.
+        experts: u32,
+        /// Experts per row.
+        top_k: u32,
+        /// Scores from logits.
+        gating: Gating,
+        /// Divide the chosen scores by their sum.
+        renormalize: bool,
+        /// The gate projection's activation.
+        act: ExpertAct,
+    },
     /// A fused kernel made by a fusion rule: its body over its operands (see [`Fused`]).
     Fused(Box<Fused>),
 }
@@ -354,6 +371,7 @@ impl Op {
             | Op::CacheAppend { .. } => 1,
             Op::Densify { .. } => 3,
             Op::Densify24 { .. } => 2,
+            Op::Moe { experts, .. } => 2 + 3 * *experts as usize,
             Op::Dequantize { bits, .. } => {
                 if *bits == 4 {
                     3
@@ -425,6 +443,7 @@ impl Op {
             Op::Densify { .. } => "densify",
             Op::Densify24 { .. } => "densify_2_4",
             Op::Cast { .. } => "cast",
+            Op::Moe { .. } => "moe",
             Op::Fused(_) => "fused",
         }
     }
@@ -471,6 +490,17 @@ impl Op {
                 block: [r, c],
             } => format!("n={n} k={k} sparse_rows={sparse_rows} block={r}x{c}"),
             Op::Cast { to } => format!("to={to}"),
+            Op::Moe {
+                experts,
+                top_k,
+                gating,
+                renormalize,
+                act,
+            } => format!(
+                "experts={experts} top_k={top_k} {gating}{} act={}",
+                if *renormalize { " renormalize" } else { "" },
+                act.name()
+            ),
             Op::Fused(f) => f.attrs(),
             Op::Binary(_) | Op::Compare(_) | Op::Where | Op::Unary(_) => String::new(),
         }
@@ -783,6 +813,7 @@ impl Op {
                 shape[2] = len.clone();
                 Ok(TensorType::new(t.dtype, shape))
             }
+            Op::Moe { experts, top_k, .. } => crate::moe::infer(*experts, *top_k, args),
             Op::Fused(f) => f.infer(args),
         }
     }

@@ -99,6 +99,15 @@ impl CostModel {
                 let bytes = self.bytes(args[1]) + 2.0 * self.bytes(out);
                 self.op_overhead_ns + bytes / self.bytes_per_ns
             }
+            // Each row reads its top-k experts' weights, at most every expert once.
+            Op::Moe { experts, top_k, .. } => {
+                let rows = self.elements(out)
+                    / self.elements(&TensorType::new(out.dtype, out.shape[out.rank() - 1..].to_vec()));
+                let per_expert: f64 = args[2..5].iter().map(|t| self.bytes(t)).sum();
+                let read = (rows * f64::from(*top_k)).min(f64::from(*experts));
+                let bytes = self.bytes(args[0]) + self.bytes(args[1]) + self.bytes(out) + read * per_expert;
+                self.op_overhead_ns + bytes / self.bytes_per_ns + self.work_ns(op, args, out)
+            }
             _ => {
                 let bytes: f64 = args.iter().map(|t| self.bytes(t)).sum::<f64>() + self.bytes(out);
                 self.op_overhead_ns + bytes / self.bytes_per_ns + self.work_ns(op, args, out)
@@ -163,6 +172,13 @@ impl CostModel {
             | Op::Dequantize { .. }
             | Op::Densify { .. }
             | Op::Densify24 { .. } => 0.0,
+            // Three products of each routed row with one expert's weights.
+            Op::Moe { top_k, .. } => {
+                let rows = self.elements(out)
+                    / self.elements(&TensorType::new(out.dtype, out.shape[out.rank() - 1..].to_vec()));
+                let per_expert: f64 = args[2..5].iter().map(|t| self.elements(t)).sum();
+                2.0 * rows * f64::from(*top_k) * per_expert / self.matmul_flops_per_ns
+            }
         }
     }
 

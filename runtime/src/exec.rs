@@ -38,6 +38,9 @@ pub struct RunStats {
     pub peak_activation_bytes: usize,
     /// What the same temporaries would take without reuse.
     pub unshared_activation_bytes: usize,
+    /// Bytes of weights the steps read: every weight operand, except that a mixture of experts
+    /// counts only the experts some row was routed to.
+    pub weight_bytes_read: usize,
 }
 
 /// Where one run spent its time, by kind of step.
@@ -379,10 +382,11 @@ impl Model {
                 }
             }
         }
+        let routed = std::sync::atomic::AtomicUsize::new(0);
         let steps = || -> Result<(), RunError> {
             for (si, step) in m.steps.iter().enumerate() {
                 let t = Instant::now();
-                self.exec(step, &bufs, &shapes, &syms, cache.as_deref_mut())
+                self.exec(step, &bufs, &shapes, &syms, cache.as_deref_mut(), &routed)
                     .map_err(|msg| {
                         let out = step.out() as usize;
                         RunError::Step {
@@ -420,6 +424,7 @@ impl Model {
             RunStats {
                 peak_activation_bytes: arena_len,
                 unshared_activation_bytes: unshared,
+                weight_bytes_read: static_weight_bytes(m) + routed.into_inner(),
             },
         ))
     }
@@ -451,6 +456,7 @@ impl Model {
         shapes: &[Vec<usize>],
         syms: &[usize],
         cache: Option<&mut crate::session::KvCache>,
+        routed: &std::sync::atomic::AtomicUsize,
     ) -> Result<(), String> {
         // An optional operand (a product's bias or accumulator) with its shape.
         let opt = |v: &Option<u32>| v.map(|v| (bufs[v as usize], shapes[v as usize].as_slice()));
@@ -724,19 +730,21 @@ impl Model {
             }
             Step::Fallback { op, inputs, out } => {
                 let m = &self.manifest;
-                let args: Vec<(Buf, &[usize], DType)> = inputs
-                    .iter()
-                    .map(|v| {
-                        (
-                            bufs[*v as usize],
-                            shapes[*v as usize].as_slice(),
-                            m.values[*v as usize].dtype,
-                        )
-                    })
-                    .collect();
-                let o = *out as usize;
+                let arg = |v: &u32| {
+                    (
+                        bufs[*v as usize],
+                        shapes[*v as usize].as_slice(),
+                        m.values[*v as usize].dtype,
+                    )
+                };
+                let args: Vec<(Buf, &[usize], DType)> = inputs.iter().map(arg).collect();
+                let o = arg(out);
+                if let Some(r) = crate::moe::try_moe(op, &args, o, self.threads, self.level) {
+                    routed.fetch_add(r?.weight_bytes, std::sync::atomic::Ordering::Relaxed);
+                    return Ok(());
+                }
                 let names: Vec<String> = m.dims.iter().map(|d| d.0.clone()).collect();
-                kernels::fallback(op, &args, (bufs[o], &shapes[o], m.values[o].dtype), &names, syms)
+                kernels::fallback(op, &args, o, &names, syms)
             }
         }
     }
@@ -760,10 +768,44 @@ pub fn step_kind(step: &Step) -> String {
         Step::Slice { .. } => "slice".into(),
         Step::Concat { .. } => "concat".into(),
         Step::Broadcast { .. } => "broadcast".into(),
+        Step::Fallback {
+            op: kiln_ir::Op::Moe { .. },
+            ..
+        } => "moe".into(),
         Step::Fallback { op, .. } => format!("fallback:{}", op.mnemonic()),
         Step::CacheAppend { .. } => "cache".into(),
         Step::Attention { .. } => "attention".into(),
     }
+}
+
+/// Bytes of the weights the steps read, other than a mixture of experts' expert weights (its
+/// step counts the experts it routes to as it runs).
+fn static_weight_bytes(m: &Manifest) -> usize {
+    let weight = |mut v: u32| loop {
+        match m.values[v as usize].storage {
+            Storage::Weight { len, .. } => return len as usize,
+            Storage::Alias(src) => v = src,
+            _ => return 0,
+        }
+    };
+    let mut seen = std::collections::HashSet::new();
+    let mut total = 0;
+    for step in &m.steps {
+        let reads = step.inputs();
+        let reads = match step {
+            Step::Fallback {
+                op: kiln_ir::Op::Moe { .. },
+                ..
+            } => &reads[..2],
+            _ => &reads[..],
+        };
+        for v in reads {
+            if seen.insert(*v) {
+                total += weight(*v);
+            }
+        }
+    }
+    total
 }
 
 /// Packed 2:4 offsets stored in the artifact are checked once, at load (the product masks them,

@@ -806,6 +806,9 @@ pub fn fallback(
     if let Some(r) = crate::reduce::try_reduce(op, args, out) {
         return r;
     }
+    if let Some(r) = crate::moe::try_moe(op, args, out, 1, crate::cpu::Level::Portable) {
+        return r.map(|_| ());
+    }
     let mut vals = Vec::with_capacity(args.len());
     let mut tys = Vec::with_capacity(args.len());
     for (b, s, dt) in args {

@@ -26,6 +26,7 @@ mod igemm;
 mod input;
 mod kernels;
 pub mod measure;
+pub mod moe;
 pub mod npy;
 pub mod plan;
 pub mod pool;

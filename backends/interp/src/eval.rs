@@ -146,6 +146,13 @@ pub fn eval(op: &Op, ty: &TensorType, args: &[&Value], b: &Bindings) -> Result<V
         Op::Cast { .. } => args[0].data.clone(),
         Op::CacheAppend { .. } => return Err("cache_append runs only with a cache (`run_with_cache`)".into()),
         Op::Fused(f) => return fused(f, args, b),
+        Op::Moe {
+            top_k,
+            gating,
+            renormalize,
+            act,
+            ..
+        } => crate::moe::moe(args, *top_k as usize, *gating, *renormalize, *act),
         Op::Dequantize { bits, group } => dequantize(*bits, *group as usize, &out_shape, args),
         Op::Densify24 { n, k, .. } => unpack24(*n as usize, *k as usize, args)?,
         Op::Densify { n, k, block, .. } => {

@@ -9,6 +9,7 @@
 //! is checked and reported as an [`InterpError`]; nothing a caller supplies can make it panic.
 
 mod eval;
+mod moe;
 mod value;
 
 use std::collections::{BTreeMap, HashMap};
