@@ -32,13 +32,14 @@ fn compiled(dir: &Path, decode: bool) -> Model {
     compile_o2(l, &w)
 }
 
-const DECODERS: [&str; 6] = [
+const DECODERS: [&str; 7] = [
     "gpt2_tiny",
     "llama_tiny",
     "mistral_tiny",
     "qwen2_tiny",
     "phi3_tiny",
     "gpt_neox_tiny",
+    "mixtral_tiny",
 ];
 
 #[test]
@@ -191,6 +192,43 @@ fn import_errors_name_the_field() {
             r#""use_sliding_window": true"#
         )
     );
+}
+
+#[test]
+fn mixtral_import_errors_name_the_field() {
+    insta::assert_snapshot!(
+        "mixtral_top_k",
+        error_in(
+            "mixtral_tiny",
+            "top_k",
+            r#""num_experts_per_tok": 2"#,
+            r#""num_experts_per_tok": 9"#
+        )
+    );
+    // Qwen2-MoE-style shared experts are another model type; an unknown field is refused.
+    insta::assert_snapshot!(
+        "mixtral_unknown_field",
+        error_in(
+            "mixtral_tiny",
+            "shared",
+            r#""num_local_experts": 8,"#,
+            r#""num_local_experts": 8, "shared_expert_intermediate_size": 64,"#
+        )
+    );
+    // A config with more experts than the checkpoint holds: the weights do not load.
+    let config = std::fs::read_to_string(data("mixtral_tiny/config.json")).unwrap();
+    let dir = folder(
+        "mixtral_tiny",
+        "experts",
+        &config.replacen(r#""num_local_experts": 8"#, r#""num_local_experts": 9"#, 1),
+    );
+    let l = kiln_frontend::load(&dir, &Options::default()).unwrap_or_else(|e| panic!("{e}"));
+    let err = match kiln_frontend::weights::load_safetensors(&l, &dir) {
+        Ok(_) => panic!("nine experts loaded from a checkpoint of eight"),
+        Err(e) => e.to_string().replace(&dir.display().to_string(), "DIR"),
+    };
+    std::fs::remove_dir_all(&dir).ok();
+    insta::assert_snapshot!("mixtral_missing_expert", err);
 }
 
 #[test]

@@ -1,8 +1,9 @@
-//! Llama-family decoders — `llama`, `mistral`, `qwen2`, `phi3` — as a spec: RMSNorm, rotary
-//! positions (rotate-half), grouped-query attention, SwiGLU MLP. What differs comes from the
-//! config: biases (Qwen2's q/k/v, Llama's `attention_bias` and `mlp_bias`), Mistral's and Phi-3's
-//! sliding window, Phi-3's fused qkv and gate/up projections (split after one product each), a
-//! tied or untied head (found from the checkpoint), head_dim, partial rotary.
+//! Llama-family decoders — `llama`, `mistral`, `qwen2`, `phi3`, `mixtral` — as a spec: RMSNorm,
+//! rotary positions (rotate-half), grouped-query attention, SwiGLU MLP. What differs comes from the
+//! config: biases (Qwen2's q/k/v, Llama's `attention_bias` and `mlp_bias`), Mistral's, Phi-3's and
+//! Mixtral's sliding window, Phi-3's fused qkv and gate/up projections (split after one product
+//! each), Mixtral's mixture of experts in place of the MLP, a tied or untied head (found from the
+//! checkpoint), head_dim, partial rotary.
 
 use serde_json::Value;
 
@@ -50,7 +51,7 @@ pub(super) fn rope(c: &Config) -> Result<(f64, f64), ImportError> {
 /// The sliding window, if the family and config have one.
 fn window(c: &Config, model_type: &str) -> Result<Option<u64>, ImportError> {
     match model_type {
-        "mistral" | "phi3" => c.opt_int("sliding_window"),
+        "mistral" | "phi3" | "mixtral" => c.opt_int("sliding_window"),
         "qwen2" => {
             c.get("sliding_window");
             if c.bool_or("use_sliding_window", false)? {
@@ -128,6 +129,9 @@ pub fn spec(c: &Config, ck: &Checkpoint, model_type: &str) -> Result<String, Imp
         )
     };
     let ctx = format!("                \"ctx\": Attention(q: \"q\", k: \"k\", v: \"v\", heads: \"heads\", kv_heads: \"kv_heads\", causal: true{attn_window}, {rope}),\n");
+    if model_type == "mixtral" {
+        cfg.extend(experts(c)?);
+    }
     let (qkv, gate_up) = if model_type == "phi3" {
         // Phi-3 fuses the projections: one product for q/k/v, one for the gate and up halves.
         c.get("original_max_position_embeddings"); // read by longrope scaling only (refused above)
@@ -156,15 +160,22 @@ pub fn spec(c: &Config, ck: &Checkpoint, model_type: &str) -> Result<String, Imp
             .concat(),
         )
     };
+    let (mlp, mlp_out) = if model_type == "mixtral" {
+        (moe_lines(&l), "moe")
+    } else {
+        (
+            gate_up + &lin("down", "mlp.down_proj", mlp_bias, "ffn", "hidden").replace("{X}", "glu"),
+            "down",
+        )
+    };
     let block = [
         format!("                \"n1\": RMSNorm(x: \"x\", param: \"{l}.input_layernorm\", dim: \"hidden\", eps: \"eps\"),\n"),
         qkv,
         lin("o", "self_attn.o_proj", o_bias, "heads * head_dim", "hidden").replace("{X}", "ctx"),
         "                \"r1\": Add(a: \"x\", b: \"o\"),\n".to_string(),
         format!("                \"n2\": RMSNorm(x: \"r1\", param: \"{l}.post_attention_layernorm\", dim: \"hidden\", eps: \"eps\"),\n"),
-        gate_up,
-        lin("down", "mlp.down_proj", mlp_bias, "ffn", "hidden").replace("{X}", "glu"),
-        "                \"out\": Add(a: \"r1\", b: \"down\"),\n".to_string(),
+        mlp,
+        format!("                \"out\": Add(a: \"r1\", b: \"{mlp_out}\"),\n"),
     ]
     .concat();
     Ok(format!(
@@ -194,6 +205,38 @@ pub fn spec(c: &Config, ck: &Checkpoint, model_type: &str) -> Result<String, Imp
 ",
         cfg = config_block(&cfg)
     ))
+}
+
+/// Mixtral's expert settings: how many, and how many each token uses. The router's jitter noise
+/// and auxiliary loss act in training only.
+fn experts(c: &Config) -> Result<Vec<(&'static str, String)>, ImportError> {
+    for training_only in ["router_aux_loss_coef", "output_router_logits", "router_jitter_noise"] {
+        c.get(training_only);
+    }
+    let n = c.int("num_local_experts")?;
+    let k = c.int("num_experts_per_tok")?;
+    if n == 0 || k == 0 || k > n {
+        return Err(c.unsupported(
+            "num_experts_per_tok",
+            format!("{k} experts per token out of {n} (must be between 1 and num_local_experts)"),
+        ));
+    }
+    Ok(vec![("experts", n.to_string()), ("top_k", k.to_string())])
+}
+
+/// Mixtral's block in place of the MLP: the router's logits, then the experts.
+fn moe_lines(l: &str) -> String {
+    let m = format!("{l}.block_sparse_moe");
+    format!(
+        "                \"router\": Linear(x: \"n2\", param: \"{m}.gate\", bias: false, in_features: \"hidden\", out_features: \"experts\"),
+                \"moe\": Moe(
+                    x: \"n2\", logits: \"router\", experts: \"experts\", top_k: \"top_k\", dim: \"hidden\", ffn: \"ffn\",
+                    gate: \"{m}.experts.{{e}}.w1.weight\",
+                    up: \"{m}.experts.{{e}}.w3.weight\",
+                    down: \"{m}.experts.{{e}}.w2.weight\",
+                ),
+"
+    )
 }
 
 /// The LM head's line and the outputs: an untied `lm_head`, the embedding when tied, or the

@@ -24,6 +24,7 @@ pub const SUPPORTED: &[&str] = &[
     "gpt_neox",
     "llama",
     "mistral",
+    "mixtral",
     "phi3",
     "qwen2",
     "vit",
@@ -118,7 +119,7 @@ pub fn import(dir: &Path) -> Result<Imported, ImportError> {
     let ck = Checkpoint::find(dir)?;
     let model_type = c.str_or("model_type", "")?.to_string();
     let body = match model_type.as_str() {
-        "llama" | "mistral" | "qwen2" | "phi3" => decoder::spec(&c, &ck, &model_type)?,
+        "llama" | "mistral" | "qwen2" | "phi3" | "mixtral" => decoder::spec(&c, &ck, &model_type)?,
         "gpt_neox" => gpt_neox::spec(&c, &ck)?,
         "gpt2" => gpt2::spec(&c, &ck)?,
         "bert" => bert::spec(&c, &ck)?,
