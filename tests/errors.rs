@@ -456,3 +456,45 @@ fn slice_past_a_short_sequence_is_a_run_time_error() {
     assert!(e.contains("out of range"), "{e}");
     eprintln!("{e}");
 }
+
+/// `BASE`'s last layer as a mixture of 4 experts of width 32, top 2.
+fn moe_error_of(from: &str, to: &str) -> String {
+    let moe = BASE.replacen(
+        r#""up": Linear(x: "h", param: "up", in_features: "hidden", out_features: "ffn"),"#,
+        r#""router": Linear(x: "h", param: "router", bias: false, in_features: "hidden", out_features: 4),
+        "up": Moe(x: "h", logits: "router", experts: 4, top_k: 2, dim: "hidden", ffn: 32, gate: "e.{e}.w1", up: "e.{e}.w3", down: "e.{e}.w2"),"#,
+        1,
+    );
+    lower(&moe).unwrap_or_else(|e| panic!("the mixture of experts case is invalid: {e}"));
+    error_in(&moe, from, to)
+}
+
+#[test]
+fn moe_top_k_above_the_experts() {
+    insta::assert_snapshot!(moe_error_of("top_k: 2", "top_k: 5"));
+}
+
+#[test]
+fn moe_weight_name_without_an_expert_hole() {
+    insta::assert_snapshot!(moe_error_of(r#"up: "e.{e}.w3""#, r#"up: "e.0.w3""#));
+}
+
+#[test]
+fn moe_router_logits_of_the_wrong_width() {
+    insta::assert_snapshot!(moe_error_of("experts: 4,", "experts: 3,"));
+}
+
+#[test]
+fn moe_input_of_the_wrong_width() {
+    insta::assert_snapshot!(moe_error_of(r#"dim: "hidden", ffn: 32"#, r#"dim: 32, ffn: 32"#));
+}
+
+#[test]
+fn moe_of_zero_experts_per_row() {
+    insta::assert_snapshot!(moe_error_of("top_k: 2", "top_k: 0"));
+}
+
+#[test]
+fn moe_of_an_unknown_activation() {
+    insta::assert_snapshot!(moe_error_of("top_k: 2,", "top_k: 2, act: Swish,"));
+}
