@@ -51,7 +51,9 @@ pub struct GenerateArgs {
     /// Time every step of the decode loop and print where a decode step spends its time.
     #[arg(long)]
     pub profile: bool,
-    /// Write timings and tokens as JSON: {"prefill_ms", "decode_ms": [per token], "tokens"}.
+    /// Write timings and tokens as JSON: {"prefill_ms", "decode_ms": [per token], "tokens"}, and
+    /// on the CPU the mean weight bytes a decode step read ("weight_bytes_per_step") and the
+    /// artifact's ("weight_bytes_stored").
     #[arg(long, value_name = "FILE")]
     pub timing_json: Option<PathBuf>,
 }
@@ -256,6 +258,21 @@ fn drive(args: &GenerateArgs, manifest: &kiln_runtime::plan::Manifest, session: 
         session.len(),
         session.capacity()
     );
+    let stored: u64 = manifest
+        .values
+        .iter()
+        .map(|v| match v.storage {
+            kiln_runtime::plan::Storage::Weight { len, .. } => len,
+            _ => 0,
+        })
+        .sum();
+    if let Some(b) = session.decode_weight_bytes() {
+        eprintln!(
+            "weights  {:.2} MiB read per decode step, of {:.2} MiB stored",
+            b / 1048576.0,
+            stored as f64 / 1048576.0
+        );
+    }
     if let Some(p) = session.decode_profile() {
         let total: f64 = p.by_kind.iter().map(|k| k.1).sum();
         eprintln!("profile  mean decode step {:.2} ms by kind of step:", total * 1e3);
@@ -267,9 +284,13 @@ fn drive(args: &GenerateArgs, manifest: &kiln_runtime::plan::Manifest, session: 
         let list = |v: &[f64]| v.iter().map(|x| format!("{x:.4}")).collect::<Vec<_>>().join(", ");
         let toks: Vec<String> = generated[0].iter().map(|t| t.to_string()).collect();
         let json = format!(
-            "{{\"prefill_ms\": {prefill_ms:.4}, \"decode_ms\": [{}], \"tokens\": [{}], \"batch\": {batch}, \"prompt_tokens\": {longest}}}\n",
+            "{{\"prefill_ms\": {prefill_ms:.4}, \"decode_ms\": [{}], \"tokens\": [{}], \"batch\": {batch}, \"prompt_tokens\": {longest}{}}}\n",
             list(&decode),
-            toks.join(", ")
+            toks.join(", "),
+            match session.decode_weight_bytes() {
+                Some(b) => format!(", \"weight_bytes_per_step\": {b:.0}, \"weight_bytes_stored\": {stored}"),
+                None => String::new(),
+            }
         );
         std::fs::write(path, json).with_context(|| format!("writing {}", path.display()))?;
     }

@@ -424,7 +424,7 @@ impl Model {
             RunStats {
                 peak_activation_bytes: arena_len,
                 unshared_activation_bytes: unshared,
-                weight_bytes_read: static_weight_bytes(m) + routed.into_inner(),
+                weight_bytes_read: static_weight_bytes(m, &sizes) + routed.into_inner(),
             },
         ))
     }
@@ -778,9 +778,10 @@ pub fn step_kind(step: &Step) -> String {
     }
 }
 
-/// Bytes of the weights the steps read, other than a mixture of experts' expert weights (its
-/// step counts the experts it routes to as it runs).
-fn static_weight_bytes(m: &Manifest) -> usize {
+/// Bytes of the weights the steps read, values being `sizes` bytes long: a lookup in a weight
+/// table reads the rows it gathers, and a mixture of experts' expert weights are left to its step
+/// (which counts the experts it routes to as it runs).
+fn static_weight_bytes(m: &Manifest, sizes: &[usize]) -> usize {
     let weight = |mut v: u32| loop {
         match m.values[v as usize].storage {
             Storage::Weight { len, .. } => return len as usize,
@@ -791,6 +792,10 @@ fn static_weight_bytes(m: &Manifest) -> usize {
     let mut seen = std::collections::HashSet::new();
     let mut total = 0;
     for step in &m.steps {
+        if let Step::Gather { table, out, .. } = step {
+            total += weight(*table).min(sizes[*out as usize]);
+            continue;
+        }
         let reads = step.inputs();
         let reads = match step {
             Step::Fallback {

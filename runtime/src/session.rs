@@ -393,6 +393,8 @@ pub struct Session<'m> {
     failed: bool,
     /// Seconds per plan step summed over decode steps, and how many, when profiling.
     profile: Option<(Vec<f64>, usize)>,
+    /// Weight bytes the decode steps read (`RunStats::weight_bytes_read`), summed, and how many.
+    decode_reads: (usize, usize),
 }
 
 impl crate::plan::Manifest {
@@ -464,6 +466,7 @@ impl<'m> Session<'m> {
             feed,
             failed: false,
             profile: None,
+            decode_reads: (0, 0),
         })
     }
 }
@@ -504,6 +507,12 @@ pub trait Decoder {
 
     /// Mean time per decode step by kind of step, where the session profiles.
     fn decode_profile(&self) -> Option<crate::Profile> {
+        None
+    }
+
+    /// Mean weight bytes a decode step read so far (a mixture of experts counts only the experts
+    /// its tokens were routed to), where the session measures it.
+    fn decode_weight_bytes(&self) -> Option<f64> {
         None
     }
 
@@ -582,7 +591,11 @@ impl Session<'_> {
             }
             _ => None,
         };
-        let (outs, _) = self.model.run_inner(&inputs, times, Some(&mut self.cache))?;
+        let (outs, stats) = self.model.run_inner(&inputs, times, Some(&mut self.cache))?;
+        if decode_step {
+            self.decode_reads.0 += stats.weight_bytes_read;
+            self.decode_reads.1 += 1;
+        }
         self.cache.len = self.feed.len();
         self.failed = false;
         Ok(outs)
@@ -614,6 +627,11 @@ impl Decoder for Session<'_> {
 
     fn cache_bytes(&self) -> usize {
         self.cache.bytes()
+    }
+
+    fn decode_weight_bytes(&self) -> Option<f64> {
+        let (bytes, n) = self.decode_reads;
+        (n > 0).then(|| bytes as f64 / n as f64)
     }
 
     fn decode_profile(&self) -> Option<crate::Profile> {
