@@ -129,15 +129,23 @@ fn minilm_runs_on_the_emulated_gpu() {
 
 /// Decoding with the key/value cache on the (emulated) GPU: a batch of two prompts, then steps,
 /// each step's logits against the interpreter with its own cache. GPT-2 (learned positions, GELU)
-/// and Llama (rotary positions, grouped-query attention, SiLU gate, RMS norm), and Mistral
-/// (Llama with a sliding window).
+/// and Llama (rotary positions, grouped-query attention, SiLU gate, RMS norm), Mistral (Llama
+/// with a sliding window) and Mixtral (Llama with a mixture of 4 experts, top 2, in place of the
+/// MLP: routed on the host).
 #[test]
 #[cfg_attr(feature = "mlir", ignore = "the same check runs in the plain test pass")]
 fn decoders_generate_on_the_emulated_gpu() {
     let Some(script) = emulator() else { return };
     // Mistral: Llama's shape with a sliding window of 2, shorter than the prompts and the steps.
     let mistral: Vec<(&str, &str)> = LLAMA.iter().copied().chain([("window", "2")]).collect();
-    for (spec, set) in [("gpt2.ron", GPT2), ("llama.ron", LLAMA), ("mistral.ron", &mistral)] {
+    let mixtral: Vec<(&str, &str)> = LLAMA.iter().copied().chain([("experts", "4")]).collect();
+    let decoders = [
+        ("gpt2.ron", GPT2),
+        ("llama.ron", LLAMA),
+        ("mistral.ron", &mistral),
+        ("mixtral.ron", &mixtral),
+    ];
+    for (spec, set) in decoders {
         let l = load(spec, set, true, OptLevel::O2);
         let w = kiln_frontend::weights::random(&l, 5);
         let model = emulated(&l, &w, OptLevel::O2, &script);
