@@ -22,10 +22,19 @@ tests/data/distilbert_tiny/          DistilBertModel (save_pretrained) plus
   input_ids.npy, attention_mask.npy  int64 [2, 10]; the second row is padding after 6 tokens
   last_hidden_state.npy              float32 [2, 10, 64]
 
+tests/data/roberta_tiny/             RobertaModel with its pooler (save_pretrained, type_vocab_size 1
+                                     as RoBERTa's checkpoints) plus
+  input_ids.npy, attention_mask.npy  int64 [3, 10]: a full row, a row padded after 6 tokens and a
+                                     row padded before its last 7 (padding id 1: positions count
+                                     only real tokens, from padding_idx + 1)
+  token_type_ids.npy                 int64 [3, 10] of zeros
+  last_hidden_state.npy              float32 [3, 10, 64]
+  pooler_output.npy                  float32 [3, 64]
+
 Every tensor is float32; CPU, 2 threads, offline, fixed seeds; parameters are perturbed by N(0, 0.02²)
 after initialisation so that no weight is left at an exact 0 or 1 (LayerNorm, biases).
 
-Usage: python3 scripts/make-encoder-references.py
+Usage: python3 scripts/make-encoder-references.py [conv|vit|vit_classifier|distilbert|roberta ...]
 """
 
 import json
@@ -179,15 +188,44 @@ def distilbert() -> None:
     print(f"distilbert_tiny: last_hidden_state {list(hidden.shape)}")
 
 
-def main() -> int:
+@torch.no_grad()
+def roberta() -> None:
+    config = transformers.RobertaConfig(vocab_size=256, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                        intermediate_size=128, max_position_embeddings=66, type_vocab_size=1)
+    config._attn_implementation = "eager"
+    torch.manual_seed(0)
+    model = transformers.RobertaModel(config, add_pooling_layer=True)
+    torch.manual_seed(1)
+    for _, p in model.named_parameters():
+        p.add_(torch.randn_like(p) * PERTURB_STD)
+    model = model.to(torch.float32).eval()
+    g = torch.Generator().manual_seed(3)
+    ids = torch.randint(3, 256, (3, 10), generator=g)
+    mask = torch.ones((3, 10), dtype=torch.int64)
+    mask[1, 6:] = 0
+    mask[2, :3] = 0
+    ids[mask == 0] = config.pad_token_id
+    types = torch.zeros_like(ids)
+    res = model(input_ids=ids, attention_mask=mask, token_type_ids=types)
+    out = save_folder(model, "roberta_tiny", "encoder.layer.0.attention.self.query.weight")
+    for name, t in (("input_ids", ids), ("attention_mask", mask), ("token_type_ids", types)):
+        np.save(out / f"{name}.npy", t.numpy())
+    save_npy(out / "last_hidden_state.npy", res.last_hidden_state.numpy())
+    save_npy(out / "pooler_output.npy", res.pooler_output.numpy())
+    print(f"roberta_tiny: last_hidden_state {list(res.last_hidden_state.shape)}")
+
+
+def main(argv) -> int:
     torch.set_num_threads(2)
-    conv_cases()
-    vit()
-    vit_classifier()
-    distilbert()
+    makers = {"conv": conv_cases, "vit": vit, "vit_classifier": vit_classifier, "distilbert": distilbert,
+              "roberta": roberta}
+    for name in argv or list(makers):
+        if name not in makers:
+            raise SystemExit(f"error: unknown reference {name!r} (known: {', '.join(makers)})")
+        makers[name]()
     print(f"torch {torch.__version__}, transformers {transformers.__version__}")
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(sys.argv[1:]))

@@ -288,7 +288,10 @@ fn drive(args: &GenerateArgs, manifest: &kiln_runtime::plan::Manifest, session: 
             list(&decode),
             toks.join(", "),
             match session.decode_weight_bytes() {
-                Some(b) => format!(", \"weight_bytes_per_step\": {b:.0}, \"weight_bytes_stored\": {stored}"),
+                Some(b) => format!(
+                    ", \"weight_bytes_per_step\": {b:.0}, \"weight_bytes_stored\": {stored}, \"level\": \"{}\"",
+                    manifest.target.level().name()
+                ),
                 None => String::new(),
             }
         );

@@ -498,3 +498,12 @@ fn moe_of_zero_experts_per_row() {
 fn moe_of_an_unknown_activation() {
     insta::assert_snapshot!(moe_error_of("top_k: 2,", "top_k: 2, act: Swish,"));
 }
+
+#[test]
+fn padded_positions_of_float_values() {
+    insta::assert_snapshot!(error_of(
+        r#""h": Repeat(block: "layer", x: "x", times: 2),"#,
+        r#""h": Repeat(block: "layer", x: "x", times: 2),
+        "pos": Positions(of: "x", padding_idx: 1),"#
+    ));
+}

@@ -126,6 +126,35 @@ fn imported_distilbert_matches_transformers() {
     assert_close("imported distilbert last_hidden_state", &out[0].1, &want, 1e-4);
 }
 
+#[test]
+fn imported_roberta_matches_transformers() {
+    // Positions count real tokens only, from padding_idx + 1: rows padded on the right and on the
+    // left give each real token the position transformers gives it.
+    let dir = "roberta_tiny";
+    let path = data(dir);
+    let feed: BTreeMap<String, Tensor> = ["input_ids", "attention_mask", "token_type_ids"]
+        .iter()
+        .map(|n| (n.to_string(), npy(&format!("{dir}/{n}.npy"))))
+        .collect();
+    let l = load(&path, false);
+    let w = weights(&l, &path);
+    let inputs: Vec<(&str, Tensor)> = feed.iter().map(|(k, v)| (k.as_str(), v.clone())).collect();
+    let interp = run(&l, &w, &inputs);
+    let m = compile_o2(l, &w);
+    let out = m.run(&feed).unwrap_or_else(|e| panic!("{e}"));
+    for (name, got) in &out {
+        let want = npy(&format!("{dir}/{name}.npy"));
+        assert_close(
+            &format!("imported roberta {name}, interpreter"),
+            &interp[name],
+            &want,
+            1e-4,
+        );
+        assert_close(&format!("imported roberta {name}, compiled"), got, &want, 1e-4);
+    }
+    assert_eq!(out.len(), 2, "last_hidden_state and pooler_output");
+}
+
 /// A folder holding `config` (JSON text) and a copy of the reference `base`'s checkpoint.
 fn folder(base: &str, name: &str, config: &str) -> PathBuf {
     let dir = std::env::temp_dir().join(format!("kiln-import-{}-{name}", std::process::id()));

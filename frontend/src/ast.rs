@@ -374,6 +374,10 @@ pub enum Layer {
         of: String,
         #[serde(default = "default_seq_axis")]
         axis: i64,
+        /// RoBERTa: count only tokens other than this id, from `padding_idx + 1`; padding
+        /// tokens take position `padding_idx`.
+        #[serde(default)]
+        padding_idx: Option<IntExpr>,
     },
     /// `x @ Wᵀ + b` over the last axis.
     Linear {

@@ -19,6 +19,7 @@ mod block_linear;
 mod conv;
 mod moe;
 mod nested;
+mod positions;
 mod tensors;
 
 /// The largest weight tensor a spec may declare (2^34 elements, 64 GiB of f32).
@@ -739,7 +740,16 @@ impl<'a> Lowerer<'a> {
                 let w = self.param(weight, &[rows, dim], ParamRole::Table, &scope.env, path, "weight")?;
                 one(self.add(Op::Gather { axis: 0 }, &[w, i], n, path, kind)?)
             }
-            Layer::Positions { of, axis } => {
+            Layer::Positions {
+                of,
+                axis: _,
+                padding_idx: Some(pad),
+            } => {
+                let pad = self.int(pad, &scope.env, path, "padding_idx")?;
+                let x = self.get(scope, path, "of", of)?;
+                one(self.padded_positions(x, pad, &n, path)?)
+            }
+            Layer::Positions { of, axis, .. } => {
                 let x = self.get(scope, path, "of", of)?;
                 let t = self.ty(x);
                 let ax = self.axis(*axis, t.rank(), path, "axis")?;

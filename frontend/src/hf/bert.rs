@@ -1,11 +1,12 @@
-//! BERT encoders (sentence-transformers checkpoints such as all-MiniLM-L6-v2) as a spec: post-LN
-//! blocks, absolute positions, token types, a padding mask; `last_hidden_state`, and
-//! `pooler_output` when the checkpoint has the pooler.
+//! BERT and RoBERTa encoders (sentence-transformers checkpoints such as all-MiniLM-L6-v2) as a
+//! spec: post-LN blocks, absolute positions, token types, a padding mask; `last_hidden_state`, and
+//! `pooler_output` when the checkpoint has the pooler. RoBERTa differs in its positions: they
+//! count only non-padding tokens and start at `pad_token_id + 1`.
 
 use super::{config_block, float, folder, gpt2::activation, prefix, Checkpoint, Config, ImportError};
 
-/// The spec body for a BERT folder.
-pub fn spec(c: &Config, ck: &Checkpoint) -> Result<String, ImportError> {
+/// The spec body for a BERT (`model_type` "bert") or RoBERTa ("roberta") folder.
+pub fn spec(c: &Config, ck: &Checkpoint, model_type: &str) -> Result<String, ImportError> {
     let act = activation(c, "hidden_act", "gelu")?;
     c.only(
         "position_embedding_type",
@@ -18,7 +19,7 @@ pub fn spec(c: &Config, ck: &Checkpoint) -> Result<String, ImportError> {
         &[false.into()],
         "cross-attention is not implemented",
     )?;
-    let cfg = [
+    let mut cfg = vec![
         ("vocab", c.int("vocab_size")?.to_string()),
         ("hidden", c.int("hidden_size")?.to_string()),
         ("heads", c.int("num_attention_heads")?.to_string()),
@@ -28,6 +29,16 @@ pub fn spec(c: &Config, ck: &Checkpoint) -> Result<String, ImportError> {
         ("type_vocab", c.int("type_vocab_size")?.to_string()),
         ("eps", float(c.float_or("layer_norm_eps", 1e-12)?)),
     ];
+    let positions = if model_type == "roberta" {
+        c.get("tie_word_embeddings"); // RobertaModel has no LM head to tie
+        cfg.push(("pad", c.int("pad_token_id")?.to_string()));
+        // Positions run from pad + 1: the table holds max_pos - pad - 1 tokens' positions.
+        cfg.push(("max_seq", "\"max_pos - pad - 1\"".to_string()));
+        r#"Positions(of: "input_ids", padding_idx: "pad")"#
+    } else {
+        cfg.push(("max_seq", "\"max_pos\"".to_string()));
+        r#"Positions(of: "input_ids")"#
+    };
     let p = prefix(
         ck,
         folder(ck),
@@ -67,10 +78,10 @@ pub fn spec(c: &Config, ck: &Checkpoint) -> Result<String, ImportError> {
     );
     Ok(format!(
         r#"Model(
-    name: "bert",
+    name: "{model_type}",
     config: {{
 {cfg}    }},
-    dims: {{ "batch": 64, "seq": "max_pos" }},
+    dims: {{ "batch": 64, "seq": "max_seq" }},
     inputs: {{
         "input_ids": (dtype: i64, shape: ["batch", "seq"]),
         // 1 for real tokens, 0 for padding.
@@ -88,7 +99,7 @@ pub fn spec(c: &Config, ck: &Checkpoint) -> Result<String, ImportError> {
     }},
     body: {{
         "words": Embedding(ids: "input_ids", weight: "{p}embeddings.word_embeddings.weight", rows: "vocab", dim: "hidden"),
-        "pos_ids": Positions(of: "input_ids"),
+        "pos_ids": {positions},
         "positions": Embedding(ids: "pos_ids", weight: "{p}embeddings.position_embeddings.weight", rows: "max_pos", dim: "hidden"),
         "types": Embedding(ids: "token_type_ids", weight: "{p}embeddings.token_type_embeddings.weight", rows: "type_vocab", dim: "hidden"),
         "wp": Add(a: "words", b: "positions"),

@@ -27,6 +27,7 @@ pub const SUPPORTED: &[&str] = &[
     "mixtral",
     "phi3",
     "qwen2",
+    "roberta",
     "vit",
 ];
 
@@ -122,7 +123,7 @@ pub fn import(dir: &Path) -> Result<Imported, ImportError> {
         "llama" | "mistral" | "qwen2" | "phi3" | "mixtral" => decoder::spec(&c, &ck, &model_type)?,
         "gpt_neox" => gpt_neox::spec(&c, &ck)?,
         "gpt2" => gpt2::spec(&c, &ck)?,
-        "bert" => bert::spec(&c, &ck)?,
+        "bert" | "roberta" => bert::spec(&c, &ck, &model_type)?,
         "distilbert" => distilbert::spec(&c, &ck)?,
         "vit" => vit::spec(&c, &ck)?,
         "" => return Err(c.unsupported("model_type", "expected the model family, e.g. \"llama\"")),
