@@ -86,7 +86,7 @@ mod tests {
         let ws = expert_weights(&[0.5, 2.0, -1.0, 1.0], 2, Gating::Softmax, true);
         let (a, b) = (2.0f64.exp(), 1.0f64.exp());
         let want = [0.0, a / (a + b), 0.0, b / (a + b)];
-        for (g, w) in w.iter().zip(want) {
+        for (g, w) in ws.iter().zip(want) {
             assert!((g - w).abs() < 1e-12, "{g} vs {w}");
         }
     }
@@ -95,6 +95,6 @@ mod tests {
     fn ties_go_to_the_lower_index_and_sigmoid_scores_stay_unnormalized() {
         let ws = expert_weights(&[1.0, 3.0, 3.0, 3.0], 2, Gating::Sigmoid, false);
         let s = 1.0 / (1.0 + (-3.0f64).exp());
-        assert_eq!(w, vec![0.0, s, s, 0.0]);
+        assert_eq!(ws, vec![0.0, s, s, 0.0]);
     }
 }
