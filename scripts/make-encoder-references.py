@@ -106,19 +106,21 @@ def conv_cases() -> None:
         print(f"conv {name}: x {list(shape)} -> y {list(y.shape)}")
 
 
-def tiny(model_cls, **kwargs):
+def perturbed(model_cls, config, **init):
     """A random-init model in eval mode, perturbed, eager attention."""
-    config = transformers.ViTConfig(**kwargs)
     config._attn_implementation = "eager"
     torch.manual_seed(0)
-    if model_cls is transformers.ViTModel:
-        model = model_cls(config, add_pooling_layer=True)
-    else:
-        model = model_cls(config)
+    model = model_cls(config, **init)
     torch.manual_seed(1)
     for _, p in model.named_parameters():
         p.add_(torch.randn_like(p) * PERTURB_STD)
     return model.to(torch.float32).eval()
+
+
+def tiny(model_cls, **kwargs):
+    """A perturbed tiny ViT (with the pooler for ViTModel)."""
+    init = {"add_pooling_layer": True} if model_cls is transformers.ViTModel else {}
+    return perturbed(model_cls, transformers.ViTConfig(**kwargs), **init)
 
 
 def save_folder(model, name: str, first_tensor: str) -> Path:
@@ -168,13 +170,7 @@ def vit_classifier() -> None:
 def distilbert() -> None:
     config = transformers.DistilBertConfig(vocab_size=256, dim=64, n_layers=2, n_heads=4, hidden_dim=128,
                                            max_position_embeddings=64)
-    config._attn_implementation = "eager"
-    torch.manual_seed(0)
-    model = transformers.DistilBertModel(config)
-    torch.manual_seed(1)
-    for _, p in model.named_parameters():
-        p.add_(torch.randn_like(p) * PERTURB_STD)
-    model = model.to(torch.float32).eval()
+    model = perturbed(transformers.DistilBertModel, config)
     g = torch.Generator().manual_seed(3)
     ids = torch.randint(1, 256, (2, 10), generator=g)
     mask = torch.ones((2, 10), dtype=torch.int64)
@@ -192,13 +188,7 @@ def distilbert() -> None:
 def roberta() -> None:
     config = transformers.RobertaConfig(vocab_size=256, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
                                         intermediate_size=128, max_position_embeddings=66, type_vocab_size=1)
-    config._attn_implementation = "eager"
-    torch.manual_seed(0)
-    model = transformers.RobertaModel(config, add_pooling_layer=True)
-    torch.manual_seed(1)
-    for _, p in model.named_parameters():
-        p.add_(torch.randn_like(p) * PERTURB_STD)
-    model = model.to(torch.float32).eval()
+    model = perturbed(transformers.RobertaModel, config, add_pooling_layer=True)
     g = torch.Generator().manual_seed(3)
     ids = torch.randint(3, 256, (3, 10), generator=g)
     mask = torch.ones((3, 10), dtype=torch.int64)
