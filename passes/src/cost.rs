@@ -101,8 +101,7 @@ impl CostModel {
             }
             // Each row reads its top-k experts' weights, at most every expert once.
             Op::Moe { experts, top_k, .. } => {
-                let rows = self.elements(out)
-                    / self.elements(&TensorType::new(out.dtype, out.shape[out.rank() - 1..].to_vec()));
+                let rows = self.rows(out);
                 let per_expert: f64 = args[2..5].iter().map(|t| self.bytes(t)).sum();
                 let read = (rows * f64::from(*top_k)).min(f64::from(*experts));
                 let bytes = self.bytes(args[0]) + self.bytes(args[1]) + self.bytes(out) + read * per_expert;
@@ -113,6 +112,14 @@ impl CostModel {
                 self.op_overhead_ns + bytes / self.bytes_per_ns + self.work_ns(op, args, out)
             }
         }
+    }
+
+    /// Rows of `t`: the elements of every axis but the last.
+    fn rows(&self, t: &TensorType) -> f64 {
+        self.elements(&TensorType::new(
+            t.dtype,
+            t.shape[..t.rank().saturating_sub(1)].to_vec(),
+        ))
     }
 
     /// The arithmetic of `op` alone, in ns; a fused op's is its body's (its intermediate values
@@ -174,8 +181,7 @@ impl CostModel {
             | Op::Densify24 { .. } => 0.0,
             // Three products of each routed row with one expert's weights.
             Op::Moe { top_k, .. } => {
-                let rows = self.elements(out)
-                    / self.elements(&TensorType::new(out.dtype, out.shape[out.rank() - 1..].to_vec()));
+                let rows = self.rows(out);
                 let per_expert: f64 = args[2..5].iter().map(|t| self.elements(t)).sum();
                 2.0 * rows * f64::from(*top_k) * per_expert / self.matmul_flops_per_ns
             }

@@ -77,6 +77,8 @@ pub struct Model {
     ipacked: Vec<std::sync::OnceLock<crate::igemm::Packed>>,
     /// Activation arenas of finished runs, reused by the next.
     arenas: crate::arena::Arenas,
+    /// The weight bytes runs read, worked out at load.
+    reads: crate::reads::WeightReads,
     /// Seconds spent in `load` after the file was mapped.
     pub load_seconds: f64,
 }
@@ -172,6 +174,7 @@ impl Model {
             )
         });
         let values = m.values.len();
+        let reads = crate::reads::WeightReads::of(&m);
         Ok(Model {
             bytes,
             manifest: m,
@@ -188,6 +191,7 @@ impl Model {
             decode_vnni,
             ipacked: (0..values).map(|_| std::sync::OnceLock::new()).collect(),
             arenas: Default::default(),
+            reads,
             load_seconds: start.elapsed().as_secs_f64(),
         })
     }
@@ -424,7 +428,7 @@ impl Model {
             RunStats {
                 peak_activation_bytes: arena_len,
                 unshared_activation_bytes: unshared,
-                weight_bytes_read: static_weight_bytes(m, &sizes) + routed.into_inner(),
+                weight_bytes_read: self.reads.bytes(&sizes) + routed.into_inner(),
             },
         ))
     }
@@ -776,41 +780,6 @@ pub fn step_kind(step: &Step) -> String {
         Step::CacheAppend { .. } => "cache".into(),
         Step::Attention { .. } => "attention".into(),
     }
-}
-
-/// Bytes of the weights the steps read, values being `sizes` bytes long: a lookup in a weight
-/// table reads the rows it gathers, and a mixture of experts' expert weights are left to its step
-/// (which counts the experts it routes to as it runs).
-fn static_weight_bytes(m: &Manifest, sizes: &[usize]) -> usize {
-    let weight = |mut v: u32| loop {
-        match m.values[v as usize].storage {
-            Storage::Weight { len, .. } => return len as usize,
-            Storage::Alias(src) => v = src,
-            _ => return 0,
-        }
-    };
-    let mut seen = std::collections::HashSet::new();
-    let mut total = 0;
-    for step in &m.steps {
-        if let Step::Gather { table, out, .. } = step {
-            total += weight(*table).min(sizes[*out as usize]);
-            continue;
-        }
-        let reads = step.inputs();
-        let reads = match step {
-            Step::Fallback {
-                op: kiln_ir::Op::Moe { .. },
-                ..
-            } => &reads[..2],
-            _ => &reads[..],
-        };
-        for v in reads {
-            if seen.insert(*v) {
-                total += weight(*v);
-            }
-        }
-    }
-    total
 }
 
 /// Packed 2:4 offsets stored in the artifact are checked once, at load (the product masks them,

@@ -31,6 +31,7 @@ pub mod npy;
 pub mod plan;
 pub mod pool;
 mod q8;
+mod reads;
 mod reduce;
 pub mod session;
 pub mod softmax;
