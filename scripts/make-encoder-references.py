@@ -22,6 +22,14 @@ tests/data/distilbert_tiny/          DistilBertModel (save_pretrained) plus
   input_ids.npy, attention_mask.npy  int64 [2, 10]; the second row is padding after 6 tokens
   last_hidden_state.npy              float32 [2, 10, 64]
 
+tests/data/bert_tiny/                BertModel with its pooler (save_pretrained, type_vocab_size 2) plus
+  input_ids.npy, attention_mask.npy  int64 [3, 10]: a full row, a row padded after 6 tokens and a
+  token_type_ids.npy                 row padded before its last 7; types 0 then 1 (two segments)
+  last_hidden_state.npy              float32 [3, 10, 64]
+  pooler_output.npy                  float32 [3, 64]
+  defaults_last_hidden_state.npy     the same model given input_ids only (transformers' defaults:
+  defaults_pooler_output.npy         a mask of ones, token types of zeros)
+
 tests/data/roberta_tiny/             RobertaModel with its pooler (save_pretrained, type_vocab_size 1
                                      as RoBERTa's checkpoints) plus
   input_ids.npy, attention_mask.npy  int64 [3, 10]: a full row, a row padded after 6 tokens and a
@@ -34,7 +42,7 @@ tests/data/roberta_tiny/             RobertaModel with its pooler (save_pretrain
 Every tensor is float32; CPU, 2 threads, offline, fixed seeds; parameters are perturbed by N(0, 0.02²)
 after initialisation so that no weight is left at an exact 0 or 1 (LayerNorm, biases).
 
-Usage: python3 scripts/make-encoder-references.py [conv|vit|vit_classifier|distilbert|roberta ...]
+Usage: python3 scripts/make-encoder-references.py [conv|vit|vit_classifier|distilbert|bert|roberta ...]
 """
 
 import json
@@ -184,17 +192,43 @@ def distilbert() -> None:
     print(f"distilbert_tiny: last_hidden_state {list(hidden.shape)}")
 
 
+def padded_rows(g, vocab: int, pad: int):
+    """Token ids [3, 10] from `g` with a full row, a row padded after 6 tokens and one padded before
+    its last 7; and their attention mask."""
+    ids = torch.randint(3, vocab, (3, 10), generator=g)
+    mask = torch.ones((3, 10), dtype=torch.int64)
+    mask[1, 6:] = 0
+    mask[2, :3] = 0
+    ids[mask == 0] = pad
+    return ids, mask
+
+
+@torch.no_grad()
+def bert() -> None:
+    config = transformers.BertConfig(vocab_size=256, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                     intermediate_size=128, max_position_embeddings=64, type_vocab_size=2)
+    model = perturbed(transformers.BertModel, config, add_pooling_layer=True)
+    ids, mask = padded_rows(torch.Generator().manual_seed(3), 256, config.pad_token_id)
+    types = torch.zeros_like(ids)
+    types[:, 5:] = 1
+    res = model(input_ids=ids, attention_mask=mask, token_type_ids=types)
+    bare = model(input_ids=ids)
+    out = save_folder(model, "bert_tiny", "encoder.layer.0.attention.self.query.weight")
+    for name, t in (("input_ids", ids), ("attention_mask", mask), ("token_type_ids", types)):
+        np.save(out / f"{name}.npy", t.numpy())
+    for prefix, r in (("", res), ("defaults_", bare)):
+        save_npy(out / f"{prefix}last_hidden_state.npy", r.last_hidden_state.numpy())
+        save_npy(out / f"{prefix}pooler_output.npy", r.pooler_output.numpy())
+    print(f"bert_tiny: last_hidden_state {list(res.last_hidden_state.shape)}; given input_ids only, "
+          f"{(res.last_hidden_state - bare.last_hidden_state).abs().max().item():.3f} away")
+
+
 @torch.no_grad()
 def roberta() -> None:
     config = transformers.RobertaConfig(vocab_size=256, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
                                         intermediate_size=128, max_position_embeddings=66, type_vocab_size=1)
     model = perturbed(transformers.RobertaModel, config, add_pooling_layer=True)
-    g = torch.Generator().manual_seed(3)
-    ids = torch.randint(3, 256, (3, 10), generator=g)
-    mask = torch.ones((3, 10), dtype=torch.int64)
-    mask[1, 6:] = 0
-    mask[2, :3] = 0
-    ids[mask == 0] = config.pad_token_id
+    ids, mask = padded_rows(torch.Generator().manual_seed(3), 256, config.pad_token_id)
     types = torch.zeros_like(ids)
     res = model(input_ids=ids, attention_mask=mask, token_type_ids=types)
     out = save_folder(model, "roberta_tiny", "encoder.layer.0.attention.self.query.weight")
@@ -208,7 +242,7 @@ def roberta() -> None:
 def main(argv) -> int:
     torch.set_num_threads(2)
     makers = {"conv": conv_cases, "vit": vit, "vit_classifier": vit_classifier, "distilbert": distilbert,
-              "roberta": roberta}
+              "bert": bert, "roberta": roberta}
     for name in argv or list(makers):
         if name not in makers:
             raise SystemExit(f"error: unknown reference {name!r} (known: {', '.join(makers)})")

@@ -302,7 +302,10 @@ fn signature(l: &Lowered) -> (Vec<String>, Vec<String>) {
         .inputs()
         .iter()
         .filter_map(|i| match &g.node(*i).op {
-            Op::Input { name, ty } => Some(format!("{name}: {ty}")),
+            Op::Input { name, ty, default } => Some(match default {
+                Some(d) => format!("{name}: {ty} (optional, default {d})"),
+                None => format!("{name}: {ty}"),
+            }),
             _ => None,
         })
         .collect();

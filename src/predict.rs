@@ -26,7 +26,7 @@ fn feed(graph: &Graph, dims: &[(String, u64)]) -> Result<BTreeMap<String, kiln_i
     };
     let mut out = BTreeMap::new();
     for &i in graph.inputs() {
-        let Op::Input { name, ty } = &graph.node(i).op else {
+        let Op::Input { name, ty, .. } = &graph.node(i).op else {
             continue;
         };
         let shape: Vec<usize> = ty

@@ -26,7 +26,7 @@ fn inputs_for(
     };
     let mut out = BTreeMap::new();
     for &i in l.graph.inputs() {
-        let Op::Input { name, ty } = &l.graph.node(i).op else {
+        let Op::Input { name, ty, .. } = &l.graph.node(i).op else {
             continue;
         };
         let shape: Vec<usize> = ty

@@ -155,6 +155,31 @@ fn imported_roberta_matches_transformers() {
     assert_eq!(out.len(), 2, "last_hidden_state and pooler_output");
 }
 
+#[test]
+fn imported_bert_matches_transformers_with_and_without_optional_inputs() {
+    // attention_mask and token_type_ids are optional, as in transformers: left out, the mask is
+    // all ones and the types all zeros. The reference was made both ways (two token types here,
+    // so a wrong default would show).
+    let dir = "bert_tiny";
+    let path = data(dir);
+    let l = load(&path, false);
+    let w = weights(&l, &path);
+    let m = compile_o2(l.clone(), &w);
+    let all = ["input_ids", "attention_mask", "token_type_ids"];
+    for (given, prefix) in [(&all[..], ""), (&all[..1], "defaults_")] {
+        let inputs: Vec<(&str, Tensor)> = given.iter().map(|n| (*n, npy(&format!("{dir}/{n}.npy")))).collect();
+        let feed: BTreeMap<String, Tensor> = inputs.iter().map(|(k, v)| (k.to_string(), v.clone())).collect();
+        let interp = run(&l, &w, &inputs);
+        let out: BTreeMap<String, Tensor> = m.run(&feed).unwrap_or_else(|e| panic!("{e}")).into_iter().collect();
+        for name in ["last_hidden_state", "pooler_output"] {
+            let want = npy(&format!("{dir}/{prefix}{name}.npy"));
+            let what = format!("imported bert {name} given {given:?}");
+            assert_close(&format!("{what}, interpreter"), &interp[name], &want, 1e-4);
+            assert_close(&format!("{what}, compiled"), &out[name], &want, 1e-4);
+        }
+    }
+}
+
 /// A folder holding `config` (JSON text) and a copy of the reference `base`'s checkpoint.
 fn folder(base: &str, name: &str, config: &str) -> PathBuf {
     let dir = std::env::temp_dir().join(format!("kiln-import-{}-{name}", std::process::id()));

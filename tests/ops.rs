@@ -25,6 +25,7 @@ fn input(g: &mut Graph, name: &str, dtype: DType, shape: &[&str]) -> NodeId {
         Op::Input {
             name: name.into(),
             ty: TensorType::new(dtype, shape),
+            default: None,
         },
         &[],
         name,
@@ -49,7 +50,7 @@ fn check(name: &str, g: &Graph, sizes: &[usize], tol: f64) {
             let mut rng = Rng(n as u64 * 31 + 7);
             let mut feed = BTreeMap::new();
             for &i in g.inputs() {
-                let Op::Input { name: iname, ty } = &g.node(i).op else {
+                let Op::Input { name: iname, ty, .. } = &g.node(i).op else {
                     unreachable!()
                 };
                 let shape: Vec<usize> = ty

@@ -24,7 +24,7 @@ fn graph_of(src: &str) -> Graph {
         let ty = TensorType::new(DType::F32, vec![Dim::sym("n"), Dim::known(3)]);
         inputs.insert(
             name.into(),
-            g.add(Op::Input { name: name.into(), ty }, &[], name).unwrap(),
+            g.add(Op::Input { name: name.into(), ty, default: None }, &[], name).unwrap(),
         );
     }
     fn parse(toks: &[String], pos: &mut usize, g: &mut Graph, inputs: &BTreeMap<String, NodeId>) -> NodeId {
@@ -255,7 +255,7 @@ fn o2_simplifies_every_spec_and_keeps_outputs() {
         let dims: BTreeMap<&str, usize> = [("batch", 2), ("seq", 7)].into_iter().collect();
         let mut feed = BTreeMap::new();
         for &i in l.graph.inputs() {
-            let Op::Input { name: n, ty } = &l.graph.node(i).op else {
+            let Op::Input { name: n, ty, .. } = &l.graph.node(i).op else {
                 unreachable!()
             };
             let shape: Vec<usize> = ty
@@ -293,7 +293,7 @@ fn layout_inputs(g: &mut Graph) -> [NodeId; 3] {
     let n = Dim::sym("n");
     let mut add = |name: &str, shape: Vec<Dim>| {
         let ty = TensorType::new(DType::F32, shape);
-        g.add(Op::Input { name: name.into(), ty }, &[], name).unwrap()
+        g.add(Op::Input { name: name.into(), ty, default: None }, &[], name).unwrap()
     };
     let x = add("x", vec![n.clone(), Dim::known(4), Dim::known(6)]);
     let y = add("y", vec![n, Dim::known(4), Dim::known(6)]);
@@ -500,6 +500,7 @@ fn narrow_moves_a_last_position_gather_ahead_of_norm_and_matmul() {
             Op::Input {
                 name: "last".into(),
                 ty: TensorType::new(DType::I64, vec![Dim::known(1)]),
+                default: None,
             },
             &[],
             "last",
@@ -533,7 +534,7 @@ fn fusion_inputs(g: &mut Graph) -> [NodeId; 4] {
     let n = Dim::sym("n");
     let mut add = |name: &str, shape: Vec<Dim>| {
         let ty = TensorType::new(DType::F32, shape);
-        g.add(Op::Input { name: name.into(), ty }, &[], name).unwrap()
+        g.add(Op::Input { name: name.into(), ty, default: None }, &[], name).unwrap()
     };
     let x = add("x", vec![n.clone(), Dim::known(4), Dim::known(6)]);
     let w = add("w", vec![Dim::known(5), Dim::known(6)]);

@@ -258,7 +258,29 @@ pub struct InputDecl {
     pub dtype: DTypeName,
     /// Axes: dim names from `dims`, or integer expressions.
     pub shape: Vec<IntExpr>,
+    /// Makes the input optional: a caller may leave it out, and every element is then this value
+    /// (`default: 1` for an attention mask of ones, `default: 0` for token type ids).
+    #[serde(default)]
+    pub default: Option<InputDefault>,
 }
+
+/// An optional input's element value.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum InputDefault {
+    /// An integer (also fits a float input).
+    Int(i64),
+    /// A float.
+    Float(f64),
+    /// A boolean.
+    Bool(bool),
+}
+
+from_raw!(InputDefault, "a number, true or false", |raw| match raw {
+    Raw::Int(v) => Some(InputDefault::Int(v)),
+    Raw::Float(v) => Some(InputDefault::Float(v)),
+    Raw::Bool(v) => Some(InputDefault::Bool(v)),
+    Raw::Str(_) => None,
+});
 
 /// A reusable sequence of layers with one carried input and one output.
 #[derive(Clone, Debug, Deserialize)]

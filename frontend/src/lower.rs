@@ -10,7 +10,7 @@ use std::collections::{HashMap, HashSet};
 use kiln_ir::{BinaryOp, CmpOp, DType, Dim, Graph, GraphError, Literal, NodeId, Op, ReduceOp, TensorType, UnaryOp};
 
 use crate::ast::{
-    BiasField, Block, ConfigValue, DTypeName, FloatExpr, IntExpr, Layer, Layout, Ordered, Rope, RopeStyle, Spec,
+    BiasField, Block, ConfigValue, DTypeName, FloatExpr, InputDefault, IntExpr, Layer, Layout, Ordered, Rope, RopeStyle, Spec,
 };
 use crate::diag::{Diagnostic, SpecError, SpecPath};
 use crate::expr::Env;
@@ -267,6 +267,21 @@ fn undefined(path: SpecPath, name: &str, scope: &Scope) -> Diagnostic {
     d
 }
 
+/// An optional input's default as a literal of its `dtype`.
+fn input_default(d: InputDefault, dtype: DType) -> Result<Literal, String> {
+    let lit = match d {
+        InputDefault::Int(v) => Literal::Int(v),
+        InputDefault::Float(v) if v.is_finite() => Literal::float(v),
+        InputDefault::Float(v) => return Err(format!("default {v} is not a finite number")),
+        InputDefault::Bool(v) => Literal::Bool(v),
+    };
+    match lit {
+        _ if !lit.fits(dtype) => Err(format!("default {lit} is not a {dtype} value (the input's dtype)")),
+        Literal::Int(v) if dtype.is_float() => Ok(Literal::float(v as f64)),
+        _ => Ok(lit),
+    }
+}
+
 fn dtype(d: DTypeName) -> DType {
     match d {
         DTypeName::F32 => DType::F32,
@@ -322,7 +337,7 @@ impl<'a> Lowerer<'a> {
         let kv = Dim::sym(CACHE_DIM);
         let mut input = |name: &str, shape: Vec<Dim>| {
             let ty = TensorType::new(DType::I64, shape);
-            self.g.add(Op::Input { name: name.into(), ty }, &[], name).ok()
+            self.g.add(Op::Input { name: name.into(), ty, default: None }, &[], name).ok()
         };
         let positions = input(DECODE_INPUTS[0], vec![b.clone(), s.clone()])?;
         let slots = input(DECODE_INPUTS[1], vec![s.clone()])?;
@@ -458,7 +473,15 @@ impl<'a> Lowerer<'a> {
                 continue;
             }
             let ty = TensorType::new(dtype(decl.dtype), shape);
-            match self.g.add(Op::Input { name: name.clone(), ty }, &[], name.clone()) {
+            let default = match decl.default.map(|d| input_default(d, ty.dtype)).transpose() {
+                Ok(d) => d,
+                Err(m) => {
+                    self.report(Diagnostic::at(path.field("default"), m));
+                    scope.vars.insert(name.clone(), Binding::Poisoned);
+                    continue;
+                }
+            };
+            match self.g.add(Op::Input { name: name.clone(), ty, default }, &[], name.clone()) {
                 Ok(id) => {
                     scope.vars.insert(name.clone(), Binding::Node(id));
                 }

@@ -49,6 +49,7 @@ mod tests {
                 Op::Input {
                     name: "x".into(),
                     ty: TensorType::new(DType::F32, vec![Dim::known(2)]),
+                    default: None,
                 },
                 &[],
                 "x",

@@ -31,6 +31,26 @@ impl Literal {
         Literal::Float(v.to_bits())
     }
 
+    /// Whether the literal is a `dtype` value as written: integers fit integer types whose range
+    /// holds them and float types that hold them exactly; floats fit float types; booleans fit
+    /// `bool`.
+    pub fn fits(self, dtype: DType) -> bool {
+        match self {
+            Literal::Int(i) => match dtype {
+                DType::I64 => true,
+                DType::I32 => i32::try_from(i).is_ok(),
+                DType::I8 => i8::try_from(i).is_ok(),
+                DType::U8 => u8::try_from(i).is_ok(),
+                DType::Bool => false,
+                DType::F32 => i.unsigned_abs() <= 1 << 24,
+                DType::F16 => i.unsigned_abs() <= 1 << 11,
+                DType::BF16 => i.unsigned_abs() <= 1 << 8,
+            },
+            Literal::Float(_) => dtype.is_float(),
+            Literal::Bool(_) => dtype == DType::Bool,
+        }
+    }
+
     /// The value as an `f64` (booleans as 0 or 1).
     pub fn as_f64(self) -> f64 {
         match self {
@@ -149,6 +169,10 @@ pub enum Op {
         name: String,
         /// Declared type.
         ty: TensorType,
+        /// The value of every element when the caller leaves the input out (an optional input,
+        /// such as an attention mask of ones); `None`: the input is required.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        default: Option<Literal>,
     },
     /// A named weight (no operands), bound from a checkpoint.
     Param {

@@ -21,7 +21,10 @@ impl Graph {
             .inputs
             .iter()
             .map(|i| match &self.node(*i).op {
-                Op::Input { name, ty } => format!("{name}: {ty}"),
+                Op::Input { name, ty, default } => match default {
+                    Some(d) => format!("{name}: {ty} = {d}"),
+                    None => format!("{name}: {ty}"),
+                },
                 _ => "?".into(),
             })
             .collect();
@@ -70,6 +73,7 @@ mod tests {
                 Op::Input {
                     name: "x".into(),
                     ty: TensorType::new(DType::F32, vec![Dim::sym("batch"), Dim::known(4)]),
+                    default: None,
                 },
                 &[],
                 "x",

@@ -295,8 +295,8 @@ pub struct Loaded {
     pub outputs: Vec<(String, Id)>,
     /// A name for each e-class that came from the graph (its first node's name).
     pub names: HashMap<Id, String>,
-    /// The graph's inputs in order (the signature survives even if unused).
-    pub inputs: Vec<(String, TensorType)>,
+    /// The graph's inputs in order (the signature survives even if unused): their `Op::Input`s.
+    pub inputs: Vec<Op>,
     /// Every e-node as loaded: an extracted node not among them was made by a rule.
     pub original: Vec<TensorLang>,
     /// Provenance the loaded nodes already carried, by e-class.
@@ -335,7 +335,7 @@ pub fn load(graph: &Graph) -> Loaded {
         .inputs()
         .iter()
         .filter_map(|i| match &graph.node(*i).op {
-            Op::Input { name, ty } => Some((name.clone(), ty.clone())),
+            op @ Op::Input { .. } => Some(op.clone()),
             _ => None,
         })
         .collect();
@@ -391,11 +391,11 @@ pub fn extract_from<C: egg::CostFunction<TensorLang>>(
     let mut g = Graph::new(name);
     let mut built: HashMap<Id, NodeId> = HashMap::new();
     // Inputs first, in signature order, so the graph keeps its interface.
-    for (iname, ty) in &loaded.inputs {
-        let op = Op::Input {
-            name: iname.clone(),
-            ty: ty.clone(),
+    for op in &loaded.inputs {
+        let Op::Input { name: iname, .. } = op else {
+            continue;
         };
+        let op = op.clone();
         let r = eg.analysis.table.index.get(&op).copied();
         let id = g.add(op, &[], iname.clone()).expect("inputs are well typed");
         if let Some(r) = r {

@@ -99,6 +99,7 @@ fn body_graph(types: &[TensorType], body: &[BodyNode]) -> Result<(Graph, Vec<Nod
         let op = Op::Input {
             name: format!("#{i}"),
             ty: ty.clone(),
+            default: None,
         };
         at.push(g.add(op, &[], format!("#{i}")).map_err(|e| e.to_string())?);
     }

@@ -288,11 +288,12 @@ pub fn plan(
             })
         };
         match &node.op {
-            Op::Input { name, .. } => {
+            Op::Input { name, default, .. } => {
                 decl.storage = Storage::Input(inputs.len() as u32);
                 inputs.push(Port {
                     name: name.clone(),
                     value: vid,
+                    default: *default,
                 });
             }
             _ if folded.contains_key(&n) => {
@@ -426,6 +427,7 @@ pub fn plan(
         .iter()
         .map(|o| {
             Ok(Port {
+                default: None,
                 name: o.name.clone(),
                 value: *value_of
                     .get(&o.node)

@@ -297,6 +297,7 @@ impl Model {
     ) -> Result<(Vec<(String, Tensor)>, RunStats), RunError> {
         let m = &self.manifest;
         let syms = self.bind(inputs)?;
+        let defaults = crate::input::defaults(m, inputs, &syms)?;
         let shapes: Vec<Vec<usize>> = m
             .values
             .iter()
@@ -338,10 +339,10 @@ impl Model {
         for (i, v) in m.values.iter().enumerate() {
             bufs[i] = match &v.storage {
                 Storage::Input(n) => {
-                    let t = &inputs[&m.inputs[*n as usize].name];
+                    let b = crate::input::input_bytes(m, inputs, &defaults, *n as usize);
                     Buf {
-                        ptr: t.bytes().as_ptr() as *mut u8,
-                        len: t.bytes().len(),
+                        ptr: b.as_ptr() as *mut u8,
+                        len: b.len(),
                     }
                 }
                 Storage::Weight { offset, len } => Buf {
@@ -810,9 +811,12 @@ pub(crate) fn bind<T: InputTensor>(m: &Manifest, inputs: &BTreeMap<String, T>) -
     let mut syms: Vec<Option<(usize, String)>> = vec![None; m.dims.len()];
     for pass in 0..2 {
         for p in &m.inputs {
-            let t = inputs
-                .get(&p.name)
-                .ok_or_else(|| RunError::MissingInput(p.name.clone()))?;
+            let Some(t) = inputs.get(&p.name) else {
+                if p.default.is_some() {
+                    continue;
+                }
+                return Err(RunError::MissingInput(p.name.clone()));
+            };
             let v = &m.values[p.value as usize];
             let bad = |msg: String| RunError::BadInput {
                 name: p.name.clone(),
@@ -860,13 +864,24 @@ pub(crate) fn bind<T: InputTensor>(m: &Manifest, inputs: &BTreeMap<String, T>) -
     }
     syms.into_iter()
         .enumerate()
-        .map(|(i, s)| {
-            s.map(|x| x.0).ok_or_else(|| RunError::BadInput {
-                name: m.dims[i].0.clone(),
-                msg: "no input determines this dim".into(),
-            })
-        })
+        .map(|(i, s)| s.map(|x| x.0).ok_or_else(|| unbound_dim(m, inputs, i)))
         .collect()
+}
+
+/// The error for dim `i`, which no supplied input's shape determines.
+fn unbound_dim<T: InputTensor>(m: &Manifest, inputs: &BTreeMap<String, T>, i: usize) -> RunError {
+    let name = m.dims[i].0.clone();
+    let left_out = m.inputs.iter().find(|p| {
+        !inputs.contains_key(&p.name) && m.values[p.value as usize].shape.iter().any(|d| d.syms.contains(&(i as u32)))
+    });
+    let msg = match left_out {
+        Some(p) => format!(
+            "only input `{}` determines this dim, and it was left out: pass it to set `{name}`",
+            p.name
+        ),
+        None => "no input determines this dim".into(),
+    };
+    RunError::BadInput { name, msg }
 }
 /// Liveness-based first-fit placement of every temporary in one arena.
 pub(crate) fn plan_memory(m: &Manifest, sizes: &[usize]) -> (Vec<usize>, usize, usize) {

@@ -2,7 +2,13 @@
 //! elements where they already are (the Python package reads numpy arrays in place). Inputs are
 //! never copied: plan steps read them from these bytes.
 
+use std::borrow::Cow;
+use std::collections::BTreeMap;
+
 use kiln_ir::{DType, Tensor};
+
+use crate::plan::{Manifest, Port};
+use crate::RunError;
 
 /// An input's element type, shape and bytes (little-endian, as [`Tensor::as_bytes`]).
 pub trait InputTensor {
@@ -63,4 +69,64 @@ impl InputTensor for TensorRef<'_> {
     fn bytes(&self) -> &[u8] {
         self.bytes
     }
+}
+
+/// The optional inputs the caller left out, each a tensor of its declared default over the shape
+/// the bound dims `syms` give it; `None` where the caller supplied the input. (`bind` has already
+/// refused a missing input without a default.)
+pub(crate) fn defaults<T: InputTensor>(
+    m: &Manifest,
+    inputs: &BTreeMap<String, T>,
+    syms: &[usize],
+) -> Result<Vec<Option<Tensor>>, RunError> {
+    let fill = |p: &Port| -> Result<Option<Tensor>, RunError> {
+        let (Some(d), false) = (p.default, inputs.contains_key(&p.name)) else {
+            return Ok(None);
+        };
+        let v = &m.values[p.value as usize];
+        let shape: Vec<usize> = v.shape.iter().map(|x| x.eval(syms)).collect();
+        let n = shape.iter().product();
+        Tensor::from_f64(v.dtype, shape, &vec![d.as_f64(); n])
+            .map(Some)
+            .map_err(|e| RunError::BadInput {
+                name: p.name.clone(),
+                msg: format!("filling its default {d}: {e}"),
+            })
+    };
+    m.inputs.iter().map(fill).collect()
+}
+
+/// The bytes input `n` is read from: the caller's tensor, or its default.
+pub(crate) fn input_bytes<'a, T: InputTensor>(
+    m: &Manifest,
+    inputs: &'a BTreeMap<String, T>,
+    defaults: &'a [Option<Tensor>],
+    n: usize,
+) -> &'a [u8] {
+    match (inputs.get(&m.inputs[n].name), &defaults[n]) {
+        (Some(t), _) => t.bytes(),
+        (None, Some(d)) => d.as_bytes(),
+        (None, None) => &[],
+    }
+}
+
+/// `inputs` with every left-out optional input added at its default (borrowed when none was left
+/// out), for runners that read inputs by name.
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+pub(crate) fn with_defaults<'a>(
+    m: &Manifest,
+    inputs: &'a BTreeMap<String, Tensor>,
+    syms: &[usize],
+) -> Result<Cow<'a, BTreeMap<String, Tensor>>, RunError> {
+    let filled = defaults(m, inputs, syms)?;
+    if filled.iter().all(Option::is_none) {
+        return Ok(Cow::Borrowed(inputs));
+    }
+    let mut all = inputs.clone();
+    for (p, t) in m.inputs.iter().zip(filled) {
+        if let Some(t) = t {
+            all.insert(p.name.clone(), t);
+        }
+    }
+    Ok(Cow::Owned(all))
 }

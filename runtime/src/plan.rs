@@ -3,7 +3,7 @@
 //! The compiler writes it; [`crate::Model::load`] validates every index in it before anything runs,
 //! so the executor may index without further checks.
 
-use kiln_ir::{DType, Op};
+use kiln_ir::{DType, Literal, Op};
 use serde::{Deserialize, Serialize};
 
 /// A dim as a constant times a product of symbols (indices into [`Manifest::dims`]).
@@ -88,6 +88,9 @@ pub struct Port {
     pub name: String,
     /// The value.
     pub value: u32,
+    /// For an optional input: every element's value when the caller leaves it out.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub default: Option<Literal>,
 }
 
 /// A generated kernel.

@@ -68,6 +68,10 @@ pub fn manifest(m: &Manifest, weights_len: usize, code_len: usize) -> Result<(),
         if m.values[p.value as usize].storage != Storage::Input(i as u32) {
             return bad(format!("input `{}` is not backed by its input storage", p.name));
         }
+        let dtype = m.values[p.value as usize].dtype;
+        if let Some(d) = p.default.filter(|d| !d.fits(dtype)) {
+            return bad(format!("input `{}` defaults to {d}, which is not a {dtype} value", p.name));
+        }
     }
     // The code section is exactly the kernels (or, for a CUDA artifact, the PTX modules), in
     // order, each 16-byte aligned: an entry point can only be the start of code the compiler emitted.

@@ -35,7 +35,7 @@ pub fn feed(graph: &Graph, rows: &[Vec<i64>]) -> Result<BTreeMap<String, Tensor>
     let b = rows.len();
     let mut out = BTreeMap::new();
     for &i in graph.inputs() {
-        let Op::Input { name, ty } = &graph.node(i).op else {
+        let Op::Input { name, ty, .. } = &graph.node(i).op else {
             continue;
         };
         if !ty.dtype.is_int() || ty.rank() != 2 {

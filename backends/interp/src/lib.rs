@@ -14,7 +14,7 @@ mod value;
 
 use std::collections::{BTreeMap, HashMap};
 
-use kiln_ir::{Bindings, Graph, NodeId, Op, Tensor};
+use kiln_ir::{Bindings, Graph, Literal, NodeId, Op, Tensor};
 
 pub use value::Value;
 
@@ -155,12 +155,11 @@ pub fn run_with_cache(
         let node = graph.node(id);
         let args = graph.args(id);
         let v = match &node.op {
-            Op::Input { name, ty } => {
-                let t = inputs
-                    .get(name)
-                    .ok_or_else(|| InterpError::MissingInput(name.clone()))?;
-                Value::from_tensor(t, ty.dtype)
-            }
+            Op::Input { name, ty, default } => match (inputs.get(name), default) {
+                (Some(t), _) => Value::from_tensor(t, ty.dtype),
+                (None, Some(d)) => Value::from_tensor(&filled(name, ty, *d, &bindings)?, ty.dtype),
+                (None, None) => return Err(InterpError::MissingInput(name.clone())),
+            },
             Op::Param { name, ty } => {
                 let t = weights.get(name).ok_or_else(|| InterpError::BadWeight {
                     name: name.clone(),
@@ -217,19 +216,35 @@ pub fn run_with_cache(
         .collect()
 }
 
+/// Optional input `name`, left out: its default `d` over the shape `bindings` give `ty`.
+fn filled(name: &str, ty: &kiln_ir::TensorType, d: Literal, bindings: &Bindings) -> Result<Tensor, InterpError> {
+    let bad = |msg: String| InterpError::BadInput {
+        name: name.to_string(),
+        msg,
+    };
+    let shape = ty
+        .shape
+        .iter()
+        .map(|x| x.eval(bindings))
+        .collect::<Result<Vec<usize>, String>>()
+        .map_err(|s| bad(format!("left out, but only this input determines `{s}`: pass it")))?;
+    let n = shape.iter().product();
+    Tensor::from_f64(ty.dtype, shape, &vec![d.as_f64(); n]).map_err(|e| bad(format!("filling its default {d}: {e}")))
+}
+
 /// Checks inputs against the declared types and binds the symbolic dims they determine.
 pub fn bind_inputs(graph: &Graph, inputs: &BTreeMap<String, Tensor>) -> Result<Bindings, InterpError> {
-    let declared: Vec<(&str, &kiln_ir::TensorType)> = graph
+    let declared: Vec<(&str, &kiln_ir::TensorType, bool)> = graph
         .inputs()
         .iter()
         .filter_map(|i| match &graph.node(*i).op {
-            Op::Input { name, ty } => Some((name.as_str(), ty)),
+            Op::Input { name, ty, default } => Some((name.as_str(), ty, default.is_some())),
             _ => None,
         })
         .collect();
     for name in inputs.keys() {
-        if !declared.iter().any(|(n, _)| n == name) {
-            let expected: Vec<&str> = declared.iter().map(|(n, _)| *n).collect();
+        if !declared.iter().any(|(n, _, _)| n == name) {
+            let expected: Vec<&str> = declared.iter().map(|(n, _, _)| *n).collect();
             return Err(InterpError::UnknownInput {
                 name: name.clone(),
                 expected: expected.join(", "),
@@ -240,10 +255,13 @@ pub fn bind_inputs(graph: &Graph, inputs: &BTreeMap<String, Tensor>) -> Result<B
     let mut origin: BTreeMap<String, String> = BTreeMap::new();
     // Single-symbol axes bind first; products and constants are checked once everything is bound.
     for pass in 0..2 {
-        for (name, ty) in &declared {
-            let t = inputs
-                .get(*name)
-                .ok_or_else(|| InterpError::MissingInput(name.to_string()))?;
+        for (name, ty, optional) in &declared {
+            let Some(t) = inputs.get(*name) else {
+                if *optional {
+                    continue;
+                }
+                return Err(InterpError::MissingInput(name.to_string()));
+            };
             let bad = |msg: String| InterpError::BadInput {
                 name: name.to_string(),
                 msg,

@@ -14,6 +14,7 @@ fn input(g: &mut Graph, name: &str, dtype: DType, shape: &[&str]) -> NodeId {
         Op::Input {
             name: name.into(),
             ty: TensorType::new(dtype, shape),
+            default: None,
         },
         &[],
         name,

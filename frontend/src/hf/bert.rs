@@ -29,8 +29,8 @@ pub fn spec(c: &Config, ck: &Checkpoint, model_type: &str) -> Result<String, Imp
         ("type_vocab", c.int("type_vocab_size")?.to_string()),
         ("eps", float(c.float_or("layer_norm_eps", 1e-12)?)),
     ];
+    c.get("tie_word_embeddings"); // the base model has no LM head to tie
     let positions = if model_type == "roberta" {
-        c.get("tie_word_embeddings"); // RobertaModel has no LM head to tie
         cfg.push(("pad", c.int("pad_token_id")?.to_string()));
         // Positions run from pad + 1: the table holds max_pos - pad - 1 tokens' positions.
         cfg.push(("max_seq", "\"max_pos - pad - 1\"".to_string()));
@@ -84,9 +84,10 @@ pub fn spec(c: &Config, ck: &Checkpoint, model_type: &str) -> Result<String, Imp
     dims: {{ "batch": 64, "seq": "max_seq" }},
     inputs: {{
         "input_ids": (dtype: i64, shape: ["batch", "seq"]),
-        // 1 for real tokens, 0 for padding.
-        "attention_mask": (dtype: i64, shape: ["batch", "seq"]),
-        "token_type_ids": (dtype: i64, shape: ["batch", "seq"]),
+        // 1 for real tokens, 0 for padding; left out, every token is real.
+        "attention_mask": (dtype: i64, shape: ["batch", "seq"], default: 1),
+        // Left out, every token is of the first segment.
+        "token_type_ids": (dtype: i64, shape: ["batch", "seq"], default: 0),
     }},
     ignore_weights: [{ignore}],
     blocks: {{

@@ -71,8 +71,8 @@ pub fn spec(c: &Config, ck: &Checkpoint) -> Result<String, ImportError> {
     dims: {{ "batch": 64, "seq": "max_pos" }},
     inputs: {{
         "input_ids": (dtype: i64, shape: ["batch", "seq"]),
-        // 1 for real tokens, 0 for padding.
-        "attention_mask": (dtype: i64, shape: ["batch", "seq"]),
+        // 1 for real tokens, 0 for padding; left out, every token is real.
+        "attention_mask": (dtype: i64, shape: ["batch", "seq"], default: 1),
     }},
     ignore_weights: [{ignore}],
     blocks: {{

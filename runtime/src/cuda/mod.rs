@@ -407,6 +407,7 @@ impl CudaModel {
         };
         self.dev.bind().map_err(|e| fail(usize::MAX, usize::MAX, e))?;
         let syms = crate::exec::bind(m, inputs)?;
+        let inputs = &*crate::input::with_defaults(m, inputs, &syms)?;
         let shapes: Vec<Vec<usize>> = m
             .values
             .iter()
