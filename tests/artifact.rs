@@ -65,6 +65,82 @@ fn round_trip_and_bounds() {
 }
 
 #[test]
+fn optional_inputs_take_their_defaults() {
+    // minilm.ron declares attention_mask (default 1) and token_type_ids (default 0) optional.
+    let l = spec(
+        "minilm.ron",
+        &[("layers", "1"), ("vocab", "64"), ("hidden", "32"), ("heads", "2")],
+    );
+    let w = kiln_frontend::weights::random(&l, 5);
+    let c = kiln_cpu::compile(&l.graph, &w, &l.dims, &kiln_cpu::Options::for_level(1)).unwrap();
+    let model = Model::from_bytes(&artifact::encode(&c.manifest, &c.weights, &c.code).unwrap()).unwrap();
+    let bare = ids(2, 5);
+    let mut full = bare.clone();
+    full.insert(
+        "attention_mask".into(),
+        Tensor::from_i64(vec![2, 5], vec![1; 10]).unwrap(),
+    );
+    full.insert(
+        "token_type_ids".into(),
+        Tensor::from_i64(vec![2, 5], vec![0; 10]).unwrap(),
+    );
+    let (a, b) = (model.run(&bare).unwrap(), model.run(&full).unwrap());
+    assert_eq!(
+        a[0].1.to_f64_vec(),
+        b[0].1.to_f64_vec(),
+        "left out = given as the defaults"
+    );
+    let interp = kiln_interp::run(&l.graph, &w, &bare).unwrap();
+    assert!(
+        interp[0].1.max_abs_diff(&a[0].1).unwrap() < 1e-4,
+        "interpreter fills them too"
+    );
+    // A required input is still required; a default that is no value of its dtype is refused.
+    let e = model.run(&BTreeMap::<String, Tensor>::new()).unwrap_err().to_string();
+    assert!(e.contains("missing input `input_ids`"), "{e}");
+    let mut m = c.manifest.clone();
+    let mask = m.inputs.iter_mut().find(|p| p.name == "attention_mask").unwrap();
+    mask.default = Some(kiln_ir::Literal::float(0.5));
+    let e = Model::from_bytes(&artifact::encode(&m, &c.weights, &c.code).unwrap())
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("input `attention_mask` defaults to") && e.contains("which does not fit its dtype i64"),
+        "{e}"
+    );
+}
+
+#[test]
+fn a_dim_only_an_omitted_input_sets_is_an_error() {
+    let src = r#"Model(
+        name: "scale",
+        dims: { "n": 8, "k": 4 },
+        inputs: {
+            "x": (dtype: f32, shape: ["n", 1]),
+            "w": (dtype: f32, shape: ["n", "k"], default: 2),
+        },
+        body: { "y": Mul(a: "w", b: "x") },
+        outputs: { "y": "y" },
+    )"#;
+    let l = kiln_frontend::lower_source("scale.ron", src, &kiln_frontend::Options::default()).unwrap();
+    let c = kiln_cpu::compile(&l.graph, &BTreeMap::new(), &l.dims, &kiln_cpu::Options::for_level(1)).unwrap();
+    let model = Model::from_bytes(&artifact::encode(&c.manifest, &c.weights, &c.code).unwrap()).unwrap();
+    let x: BTreeMap<String, Tensor> = [("x".to_string(), Tensor::from_f32(vec![3, 1], vec![1.5; 3]).unwrap())].into();
+    let e = model.run(&x).unwrap_err().to_string();
+    assert!(
+        e.contains("`k`") && e.contains("only input `w` determines this dim"),
+        "{e}"
+    );
+    let e = kiln_interp::run(&l.graph, &BTreeMap::new(), &x)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("`w`") && e.contains("only this input determines `k`"), "{e}");
+    let mut given = x.clone();
+    given.insert("w".into(), Tensor::from_f32(vec![3, 2], vec![3.0; 6]).unwrap());
+    assert_eq!(model.run(&given).unwrap()[0].1.to_f64_vec(), vec![4.5; 6]);
+}
+
+#[test]
 fn damaged_files_are_refused() {
     let (_, c) = tiny_gpt2();
     let bytes = artifact::encode(&c.manifest, &c.weights, &c.code).unwrap();
@@ -156,7 +232,7 @@ fn mutate(m: &mut Manifest, r: &mut Rng) {
             r.below(n as usize) as u32
         }
     };
-    match r.below(9) {
+    match r.below(10) {
         0 => {
             let v = r.below(m.values.len());
             if let Some(d) = m.values[v].shape.get_mut(0) {
@@ -321,6 +397,18 @@ fn mutate(m: &mut Manifest, r: &mut Rng) {
         7 => {
             let v = r.below(m.values.len());
             m.values[v].dtype = kiln_ir::DType::ALL[r.below(8)];
+        }
+        8 => {
+            use kiln_ir::Literal;
+            let i = r.below(m.inputs.len());
+            let lits = [
+                Literal::Int(0),
+                Literal::Int(-1),
+                Literal::Int(i64::MAX),
+                Literal::float(0.5),
+                Literal::Bool(true),
+            ];
+            m.inputs[i].default = Some(lits[r.below(lits.len())]);
         }
         _ => {
             let d = r.below(m.dims.len());

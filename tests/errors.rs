@@ -507,3 +507,39 @@ fn padded_positions_of_float_values() {
         "pos": Positions(of: "x", padding_idx: 1),"#
     ));
 }
+
+const X_INPUT: &str = r#""x": (dtype: f32, shape: ["batch", "seq", "hidden"])"#;
+
+#[test]
+fn optional_input_default_of_another_dtype() {
+    insta::assert_snapshot!(error_of(
+        X_INPUT,
+        r#""x": (dtype: f32, shape: ["batch", "seq", "hidden"]),
+        "mask": (dtype: i64, shape: ["batch", "seq"], default: 0.5)"#
+    ));
+}
+
+#[test]
+fn optional_input_default_outside_its_dtype() {
+    insta::assert_snapshot!(error_of(
+        X_INPUT,
+        r#""x": (dtype: f32, shape: ["batch", "seq", "hidden"]),
+        "ids": (dtype: u8, shape: ["batch", "seq"], default: 256)"#
+    ));
+}
+
+#[test]
+fn optional_input_default_that_is_no_number() {
+    insta::assert_snapshot!(error_of(
+        X_INPUT,
+        r#""x": (dtype: f32, shape: ["batch", "seq", "hidden"], default: "one")"#
+    ));
+}
+
+#[test]
+fn optional_input_default_of_a_boolean_on_floats() {
+    insta::assert_snapshot!(error_of(
+        X_INPUT,
+        r#""x": (dtype: f32, shape: ["batch", "seq", "hidden"], default: true)"#
+    ));
+}

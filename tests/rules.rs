@@ -24,7 +24,16 @@ fn graph_of(src: &str) -> Graph {
         let ty = TensorType::new(DType::F32, vec![Dim::sym("n"), Dim::known(3)]);
         inputs.insert(
             name.into(),
-            g.add(Op::Input { name: name.into(), ty, default: None }, &[], name).unwrap(),
+            g.add(
+                Op::Input {
+                    name: name.into(),
+                    ty,
+                    default: None,
+                },
+                &[],
+                name,
+            )
+            .unwrap(),
         );
     }
     fn parse(toks: &[String], pos: &mut usize, g: &mut Graph, inputs: &BTreeMap<String, NodeId>) -> NodeId {
@@ -293,7 +302,16 @@ fn layout_inputs(g: &mut Graph) -> [NodeId; 3] {
     let n = Dim::sym("n");
     let mut add = |name: &str, shape: Vec<Dim>| {
         let ty = TensorType::new(DType::F32, shape);
-        g.add(Op::Input { name: name.into(), ty, default: None }, &[], name).unwrap()
+        g.add(
+            Op::Input {
+                name: name.into(),
+                ty,
+                default: None,
+            },
+            &[],
+            name,
+        )
+        .unwrap()
     };
     let x = add("x", vec![n.clone(), Dim::known(4), Dim::known(6)]);
     let y = add("y", vec![n, Dim::known(4), Dim::known(6)]);
@@ -534,7 +552,16 @@ fn fusion_inputs(g: &mut Graph) -> [NodeId; 4] {
     let n = Dim::sym("n");
     let mut add = |name: &str, shape: Vec<Dim>| {
         let ty = TensorType::new(DType::F32, shape);
-        g.add(Op::Input { name: name.into(), ty, default: None }, &[], name).unwrap()
+        g.add(
+            Op::Input {
+                name: name.into(),
+                ty,
+                default: None,
+            },
+            &[],
+            name,
+        )
+        .unwrap()
     };
     let x = add("x", vec![n.clone(), Dim::known(4), Dim::known(6)]);
     let w = add("w", vec![Dim::known(5), Dim::known(6)]);

@@ -282,6 +282,16 @@ from_raw!(InputDefault, "a number, true or false", |raw| match raw {
     Raw::Str(_) => None,
 });
 
+impl fmt::Display for InputDefault {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            InputDefault::Int(v) => write!(f, "{v}"),
+            InputDefault::Float(v) => write!(f, "{v}"),
+            InputDefault::Bool(v) => write!(f, "{v}"),
+        }
+    }
+}
+
 /// A reusable sequence of layers with one carried input and one output.
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]

@@ -10,7 +10,8 @@ use std::collections::{HashMap, HashSet};
 use kiln_ir::{BinaryOp, CmpOp, DType, Dim, Graph, GraphError, Literal, NodeId, Op, ReduceOp, TensorType, UnaryOp};
 
 use crate::ast::{
-    BiasField, Block, ConfigValue, DTypeName, FloatExpr, InputDefault, IntExpr, Layer, Layout, Ordered, Rope, RopeStyle, Spec,
+    BiasField, Block, ConfigValue, DTypeName, FloatExpr, InputDefault, IntExpr, Layer, Layout, Ordered, Rope,
+    RopeStyle, Spec,
 };
 use crate::diag::{Diagnostic, SpecError, SpecPath};
 use crate::expr::Env;
@@ -276,7 +277,7 @@ fn input_default(d: InputDefault, dtype: DType) -> Result<Literal, String> {
         InputDefault::Bool(v) => Literal::Bool(v),
     };
     match lit {
-        _ if !lit.fits(dtype) => Err(format!("default {lit} is not a {dtype} value (the input's dtype)")),
+        _ if !lit.fits(dtype) => Err(format!("default {d} does not fit the input's dtype {dtype}")),
         Literal::Int(v) if dtype.is_float() => Ok(Literal::float(v as f64)),
         _ => Ok(lit),
     }
@@ -337,7 +338,17 @@ impl<'a> Lowerer<'a> {
         let kv = Dim::sym(CACHE_DIM);
         let mut input = |name: &str, shape: Vec<Dim>| {
             let ty = TensorType::new(DType::I64, shape);
-            self.g.add(Op::Input { name: name.into(), ty, default: None }, &[], name).ok()
+            self.g
+                .add(
+                    Op::Input {
+                        name: name.into(),
+                        ty,
+                        default: None,
+                    },
+                    &[],
+                    name,
+                )
+                .ok()
         };
         let positions = input(DECODE_INPUTS[0], vec![b.clone(), s.clone()])?;
         let slots = input(DECODE_INPUTS[1], vec![s.clone()])?;
@@ -481,7 +492,15 @@ impl<'a> Lowerer<'a> {
                     continue;
                 }
             };
-            match self.g.add(Op::Input { name: name.clone(), ty, default }, &[], name.clone()) {
+            match self.g.add(
+                Op::Input {
+                    name: name.clone(),
+                    ty,
+                    default,
+                },
+                &[],
+                name.clone(),
+            ) {
                 Ok(id) => {
                     scope.vars.insert(name.clone(), Binding::Node(id));
                 }

@@ -872,7 +872,11 @@ pub(crate) fn bind<T: InputTensor>(m: &Manifest, inputs: &BTreeMap<String, T>) -
 fn unbound_dim<T: InputTensor>(m: &Manifest, inputs: &BTreeMap<String, T>, i: usize) -> RunError {
     let name = m.dims[i].0.clone();
     let left_out = m.inputs.iter().find(|p| {
-        !inputs.contains_key(&p.name) && m.values[p.value as usize].shape.iter().any(|d| d.syms.contains(&(i as u32)))
+        !inputs.contains_key(&p.name)
+            && m.values[p.value as usize]
+                .shape
+                .iter()
+                .any(|d| d.syms.contains(&(i as u32)))
     });
     let msg = match left_out {
         Some(p) => format!(

@@ -70,7 +70,10 @@ pub fn manifest(m: &Manifest, weights_len: usize, code_len: usize) -> Result<(),
         }
         let dtype = m.values[p.value as usize].dtype;
         if let Some(d) = p.default.filter(|d| !d.fits(dtype)) {
-            return bad(format!("input `{}` defaults to {d}, which is not a {dtype} value", p.name));
+            return bad(format!(
+                "input `{}` defaults to {d}, which does not fit its dtype {dtype}",
+                p.name
+            ));
         }
     }
     // The code section is exactly the kernels (or, for a CUDA artifact, the PTX modules), in
