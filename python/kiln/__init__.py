@@ -47,12 +47,20 @@ _END_TOKENS = ("<|endoftext|>", "</s>", "<|end_of_text|>", "<|eot_id|>")
 @dataclass(frozen=True)
 class Port:
     """A model input or output: its name, numpy dtype name and shape (numbers, or symbolic dims
-    such as ``"seq"`` with their largest value in ``bounds``)."""
+    such as ``"seq"`` with their largest value in ``bounds``). An optional input has a
+    ``default``: ``run`` may be given no array for it, and every element is then that value
+    (``attention_mask`` defaults to 1 and ``token_type_ids`` to 0, as in transformers)."""
 
     name: str
     dtype: str
     shape: Tuple[Union[int, str], ...]
     bounds: Dict[str, int]
+    default: Union[None, int, float, bool] = None
+
+    @property
+    def optional(self) -> bool:
+        """Whether ``run`` may leave this input out."""
+        return self.default is not None
 
 
 def _dim(d: str) -> Union[int, str]:
@@ -108,10 +116,10 @@ class Model:
         self._m = _Model(str(path), threads)
         bounds = dict(self._m.bounds)
         self.inputs: List[Port] = [
-            Port(n, d, tuple(_dim(x) for x in s), bounds) for n, d, s in self._m.inputs
+            Port(n, d, tuple(_dim(x) for x in s), bounds, v) for n, d, s, v in self._m.inputs
         ]
         self.outputs: List[Port] = [
-            Port(n, d, tuple(_dim(x) for x in s), bounds) for n, d, s in self._m.outputs
+            Port(n, d, tuple(_dim(x) for x in s), bounds) for n, d, s, _ in self._m.outputs
         ]
 
     def run(self, *args):

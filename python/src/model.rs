@@ -11,11 +11,32 @@ use pyo3::prelude::*;
 use pyo3::types::PyDict;
 use tokenizers::Tokenizer;
 
+use kiln_ir::Literal;
+
 use crate::convert::{dim_text, input_ref, numpy_dtype, output_array};
 use crate::{ArtifactError, KilnError, RunError};
 
-/// `(name, dtype, shape)` of a port: dims are numbers or symbol expressions such as `"seq"`.
-type PortInfo = (String, &'static str, Vec<String>);
+/// `(name, dtype, shape, default)` of a port: dims are numbers or symbol expressions such as
+/// `"seq"`; `default` is an optional input's element value, `None` for a required one.
+type PortInfo = (String, &'static str, Vec<String>, Option<Default>);
+
+/// An optional input's element value, as the Python number it is.
+#[derive(IntoPyObject)]
+enum Default {
+    Int(i64),
+    Float(f64),
+    Bool(bool),
+}
+
+impl From<Literal> for Default {
+    fn from(l: Literal) -> Default {
+        match l {
+            Literal::Int(v) => Default::Int(v),
+            Literal::Float(_) => Default::Float(l.as_f64()),
+            Literal::Bool(v) => Default::Bool(v),
+        }
+    }
+}
 
 /// A compiled model, loaded.
 #[pyclass(frozen, module = "kiln._kiln")]
@@ -33,7 +54,7 @@ impl Model {
             .map(|p| {
                 let v = &m.values[p.value as usize];
                 let shape = v.shape.iter().map(|d| dim_text(d, &m.dims)).collect();
-                (p.name.clone(), numpy_dtype(v.dtype), shape)
+                (p.name.clone(), numpy_dtype(v.dtype), shape, p.default.map(Default::from))
             })
             .collect()
     }
@@ -80,13 +101,13 @@ impl Model {
         })
     }
 
-    /// `(name, dtype, shape)` of every input.
+    /// `(name, dtype, shape, default)` of every input.
     #[getter]
     fn inputs(&self) -> Vec<PortInfo> {
         self.ports(&self.inner.manifest().inputs)
     }
 
-    /// `(name, dtype, shape)` of every output.
+    /// `(name, dtype, shape, None)` of every output.
     #[getter]
     fn outputs(&self) -> Vec<PortInfo> {
         self.ports(&self.inner.manifest().outputs)

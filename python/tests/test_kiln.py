@@ -218,6 +218,24 @@ def test_hugging_face_folders_compile_directly(tmp_path):
     assert got == ref["greedy"][1]
 
 
+def test_optional_inputs_may_be_left_out(tmp_path):
+    # Imported BERT: attention_mask and token_type_ids are optional, as in transformers.
+    folder = DATA / "bert_tiny"
+    m = kiln.Model(kiln.compile(folder, output=tmp_path / "bert.kiln"))
+    ports = {p.name: p for p in m.inputs}
+    assert not ports["input_ids"].optional and ports["input_ids"].default is None
+    assert ports["attention_mask"].default == 1 and ports["token_type_ids"].default == 0
+    assert ports["attention_mask"].optional and isinstance(ports["attention_mask"].default, int)
+    feeds = {n: np.load(folder / f"{n}.npy") for n in ports}
+    for given, prefix in ((feeds, ""), ({"input_ids": feeds["input_ids"]}, "defaults_")):
+        out = m.run(given)
+        for name in ("last_hidden_state", "pooler_output"):
+            want = np.load(folder / f"{prefix}{name}.npy")
+            np.testing.assert_allclose(out[name], want, atol=1e-4, rtol=0)
+    with pytest.raises(kiln.RunError, match="missing input `input_ids`"):
+        m.run({"attention_mask": feeds["attention_mask"]})
+
+
 def test_arrays_that_are_not_contiguous_are_copied(gpt2):
     ids = np.load(DATA / "gpt2_tiny/input_ids.npy")
     want = gpt2.run({"input_ids": ids})["logits"]
