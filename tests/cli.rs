@@ -757,3 +757,33 @@ fn import_then_compile_a_hugging_face_folder() {
     assert!(!o.status.success() && err.contains("config.json"), "{err}");
     std::fs::remove_dir_all(&dir).ok();
 }
+
+#[test]
+fn optional_inputs_may_be_left_out_on_the_command_line() {
+    let dir = std::env::temp_dir().join(format!("kiln-cli-optional-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let o = kiln(&["check", "tests/data/bert_tiny"]);
+    let (out, err) = text(&o);
+    assert!(o.status.success(), "{err}");
+    assert!(out.contains("attention_mask: i64[batch, seq] (optional, default 1)"), "{out}");
+    let art = dir.join("bert.kiln");
+    let o = kiln(&["compile", "tests/data/bert_tiny", "-o", art.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", text(&o).1);
+    // The artifact and the spec's interpreter, given input_ids only: transformers' defaults.
+    for model in [art.to_str().unwrap(), "tests/data/bert_tiny"] {
+        let file = dir.join("pooled.npy");
+        let o = kiln(&[
+            "run",
+            model,
+            "--input",
+            "input_ids=tests/data/bert_tiny/input_ids.npy",
+            "--output",
+            &format!("pooler_output={}", file.display()),
+        ]);
+        assert!(o.status.success(), "{model}: {}", text(&o).1);
+        let got = kiln_runtime::npy::read(&file).unwrap();
+        let e = got.max_abs_diff(&common::npy("bert_tiny/defaults_pooler_output.npy")).unwrap();
+        assert!(e < 1e-4, "{model}: max abs error {e}");
+    }
+    std::fs::remove_dir_all(&dir).ok();
+}
