@@ -780,7 +780,8 @@ fn bench_input(name: &str, dtype: kiln_ir::DType, shape: Vec<usize>) -> Result<T
     })
 }
 
-/// Synthetic inputs of the given shapes (`NAME=D0xD1…`) for every input of the model.
+/// Synthetic inputs of the given shapes (`NAME=D0xD1…`) for every input of the model; an
+/// optional input without a shape is left out (the run fills its default).
 fn bench_feed(m: &kiln_runtime::plan::Manifest, shapes: &[String]) -> Result<BTreeMap<String, Tensor>> {
     let mut given: BTreeMap<String, Vec<usize>> = BTreeMap::new();
     for s in shapes {
@@ -790,6 +791,9 @@ fn bench_feed(m: &kiln_runtime::plan::Manifest, shapes: &[String]) -> Result<BTr
     let mut feed = BTreeMap::new();
     for p in &m.inputs {
         let v = &m.values[p.value as usize];
+        if p.default.is_some() && !given.contains_key(&p.name) {
+            continue;
+        }
         let shape = given.remove(&p.name).ok_or_else(|| {
             anyhow!(
                 "--shape {}=…: missing (inputs: {})",

@@ -765,10 +765,26 @@ fn optional_inputs_may_be_left_out_on_the_command_line() {
     let o = kiln(&["check", "tests/data/bert_tiny"]);
     let (out, err) = text(&o);
     assert!(o.status.success(), "{err}");
-    assert!(out.contains("attention_mask: i64[batch, seq] (optional, default 1)"), "{out}");
+    assert!(
+        out.contains("attention_mask: i64[batch, seq] (optional, default 1)"),
+        "{out}"
+    );
     let art = dir.join("bert.kiln");
     let o = kiln(&["compile", "tests/data/bert_tiny", "-o", art.to_str().unwrap()]);
     assert!(o.status.success(), "{}", text(&o).1);
+    let o = kiln(&[
+        "bench",
+        art.to_str().unwrap(),
+        "--shape",
+        "input_ids=2x7",
+        "--iters",
+        "2",
+    ]);
+    assert!(
+        o.status.success(),
+        "bench without the optional inputs' shapes: {}",
+        text(&o).1
+    );
     // The artifact and the spec's interpreter, given input_ids only: transformers' defaults.
     for model in [art.to_str().unwrap(), "tests/data/bert_tiny"] {
         let file = dir.join("pooled.npy");
@@ -782,7 +798,9 @@ fn optional_inputs_may_be_left_out_on_the_command_line() {
         ]);
         assert!(o.status.success(), "{model}: {}", text(&o).1);
         let got = kiln_runtime::npy::read(&file).unwrap();
-        let e = got.max_abs_diff(&common::npy("bert_tiny/defaults_pooler_output.npy")).unwrap();
+        let e = got
+            .max_abs_diff(&common::npy("bert_tiny/defaults_pooler_output.npy"))
+            .unwrap();
         assert!(e < 1e-4, "{model}: max abs error {e}");
     }
     std::fs::remove_dir_all(&dir).ok();

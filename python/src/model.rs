@@ -54,7 +54,12 @@ impl Model {
             .map(|p| {
                 let v = &m.values[p.value as usize];
                 let shape = v.shape.iter().map(|d| dim_text(d, &m.dims)).collect();
-                (p.name.clone(), numpy_dtype(v.dtype), shape, p.default.map(Default::from))
+                (
+                    p.name.clone(),
+                    numpy_dtype(v.dtype),
+                    shape,
+                    p.default.map(Default::from),
+                )
             })
             .collect()
     }
