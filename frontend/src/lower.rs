@@ -301,20 +301,29 @@ fn last(ty: &TensorType) -> Option<&Dim> {
 }
 
 impl<'a> Lowerer<'a> {
+    /// Whether `m` is an optional graph input whose default keeps every key (a padding mask of
+    /// ones): while decoding, the decoder's own key mask stands in for it.
+    fn is_padding_input(&self, m: NodeId) -> bool {
+        matches!(self.g.node(m).op, Op::Input { default: Some(d), .. } if d.as_f64() != 0.0)
+    }
+
     /// Adds the decoding inputs; returns the cache length bound (the token axis's bound).
     fn decode_inputs(&mut self, root: &SpecPath, dims: &[(String, u64)]) -> Option<u64> {
-        let ids: Vec<NodeId> = self.g.inputs().to_vec();
+        // Optional inputs (an attention mask of ones by default) are not fed while decoding.
+        let ids: Vec<NodeId> = (self.g.inputs().iter().copied())
+            .filter(|i| matches!(self.g.node(*i).op, Op::Input { default: None, .. }))
+            .collect();
         let ty = match ids.as_slice() {
             [one] => Some(self.ty(*one)),
             _ => None,
         };
         let bad = |msg: String| {
             Diagnostic::at(root.field("inputs"), msg)
-                .note("decoding (`--generate`) needs one input: integer token ids [batch, seq] with symbolic dims")
+                .note("decoding (`--generate`) needs one required input: integer token ids [batch, seq] with symbolic dims")
         };
         let Some(ty) = ty.filter(|t| t.dtype.is_int() && t.rank() == 2) else {
             self.report(bad(format!(
-                "decoding needs exactly one integer [batch, seq] input, the spec has {}",
+                "decoding needs exactly one required integer [batch, seq] input, the spec has {}",
                 ids.len()
             )));
             return None;
@@ -1718,10 +1727,11 @@ impl<'a> Lowerer<'a> {
         let mut mask = a.mask;
         let mut causal_rows = None;
         if let Some(dec) = self.decode.clone() {
-            if !a.causal || a.mask.is_some() {
+            if !a.causal || a.mask.is_some_and(|m| !self.is_padding_input(m)) {
                 return Err(Diagnostic::at(
                     path.clone(),
-                    "decoding (`--generate`) supports causal self-attention without an explicit mask",
+                    "decoding (`--generate`) supports causal self-attention, masked by nothing or by an optional input \
+                     (the decoder masks padding itself)",
                 )
                 .into());
             }

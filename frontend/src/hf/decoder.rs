@@ -128,7 +128,7 @@ pub fn spec(c: &Config, ck: &Checkpoint, model_type: &str) -> Result<String, Imp
             "                \"{name}\": Linear(x: \"{{X}}\", param: \"{l}.{param}\", bias: {bias}, in_features: \"{inf}\", out_features: \"{outf}\"),\n"
         )
     };
-    let ctx = format!("                \"ctx\": Attention(q: \"q\", k: \"k\", v: \"v\", heads: \"heads\", kv_heads: \"kv_heads\", causal: true{attn_window}, {rope}),\n");
+    let ctx = format!("                \"ctx\": Attention(q: \"q\", k: \"k\", v: \"v\", heads: \"heads\", kv_heads: \"kv_heads\", causal: true, mask: \"attention_mask\"{attn_window}, {rope}),\n");
     if model_type == "mixtral" {
         cfg.extend(experts(c)?);
     }
@@ -186,6 +186,8 @@ pub fn spec(c: &Config, ck: &Checkpoint, model_type: &str) -> Result<String, Imp
     dims: {{ \"batch\": 64, \"seq\": \"max_pos\" }},
     inputs: {{
         \"input_ids\": (dtype: i64, shape: [\"batch\", \"seq\"]),
+        // 1 for real tokens, 0 for padding; left out, every token is real.
+        \"attention_mask\": (dtype: i64, shape: [\"batch\", \"seq\"], default: 1),
     }},
     blocks: {{
         \"decoder\": (

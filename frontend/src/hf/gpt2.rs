@@ -70,6 +70,8 @@ pub fn spec(c: &Config, ck: &Checkpoint) -> Result<String, ImportError> {
     dims: {{ "batch": 64, "seq": "max_pos" }},
     inputs: {{
         "input_ids": (dtype: i64, shape: ["batch", "seq"]),
+        // 1 for real tokens, 0 for padding; left out, every token is real.
+        "attention_mask": (dtype: i64, shape: ["batch", "seq"], default: 1),
     }},
     ignore_weights: ["{l}.attn.bias", "{l}.attn.masked_bias"],
     blocks: {{
@@ -79,7 +81,7 @@ pub fn spec(c: &Config, ck: &Checkpoint) -> Result<String, ImportError> {
                 "ln1": LayerNorm(x: "x", param: "{l}.ln_1", dim: "hidden", eps: "eps"),
                 "qkv": Linear(x: "ln1", param: "{l}.attn.c_attn", in_features: "hidden", out_features: "3 * hidden", layout: InOut),
                 "parts": Split(x: "qkv", parts: 3),
-                "ctx": Attention(q: "parts.0", k: "parts.1", v: "parts.2", heads: "heads", causal: true),
+                "ctx": Attention(q: "parts.0", k: "parts.1", v: "parts.2", heads: "heads", causal: true, mask: "attention_mask"),
                 "proj": Linear(x: "ctx", param: "{l}.attn.c_proj", in_features: "hidden", out_features: "hidden", layout: InOut),
                 "res1": Add(a: "x", b: "proj"),
                 "ln2": LayerNorm(x: "res1", param: "{l}.ln_2", dim: "hidden", eps: "eps"),

@@ -74,6 +74,8 @@ pub fn spec(c: &Config, ck: &Checkpoint) -> Result<String, ImportError> {
     dims: {{ "batch": 64, "seq": "max_pos" }},
     inputs: {{
         "input_ids": (dtype: i64, shape: ["batch", "seq"]),
+        // 1 for real tokens, 0 for padding; left out, every token is real.
+        "attention_mask": (dtype: i64, shape: ["batch", "seq"], default: 1),
     }},
     blocks: {{
         "decoder": (
@@ -87,7 +89,7 @@ pub fn spec(c: &Config, ck: &Checkpoint) -> Result<String, ImportError> {
                 "q": Reshape(x: "parts.0", shape: ["batch", "seq", "hidden"]),
                 "k": Reshape(x: "parts.1", shape: ["batch", "seq", "hidden"]),
                 "v": Reshape(x: "parts.2", shape: ["batch", "seq", "hidden"]),
-                "ctx": Attention(q: "q", k: "k", v: "v", heads: "heads", causal: true, rope: (theta: "rope_theta", dim: "rotary_dim")),
+                "ctx": Attention(q: "q", k: "k", v: "v", heads: "heads", causal: true, mask: "attention_mask", rope: (theta: "rope_theta", dim: "rotary_dim")),
                 "attn": Linear(x: "ctx", param: "{l}.attention.dense", bias: {bias}, in_features: "hidden", out_features: "hidden"),
                 "with_attn": Add(a: "x", b: "attn"),
 {comment}                "n2": LayerNorm(x: "{mlp_in}", param: "{l}.post_attention_layernorm", dim: "hidden", eps: "eps"),
