@@ -231,6 +231,37 @@ fn decoding_errors_are_clear() {
 }
 
 #[test]
+fn a_decoder_mask_must_be_an_optional_input_of_ones() {
+    // While decoding, the decoder's own key mask replaces an optional padding mask (default 1);
+    // any other mask would be silently dropped, so it is refused.
+    let src = std::fs::read_to_string(root().join("specs/gpt2.ron")).unwrap();
+    let with_mask = |default: &str| {
+        src.replacen(
+            r#""input_ids": (dtype: i64, shape: ["batch", "seq"]),"#,
+            &format!(
+                r#""input_ids": (dtype: i64, shape: ["batch", "seq"]),
+        "attention_mask": (dtype: i64, shape: ["batch", "seq"], default: {default}),"#
+            ),
+            1,
+        )
+        .replacen(
+            r#"heads: "heads", causal: true)"#,
+            r#"heads: "heads", causal: true, mask: "attention_mask")"#,
+            1,
+        )
+    };
+    let opts = kiln_frontend::Options {
+        decode: true,
+        ..Default::default()
+    };
+    kiln_frontend::lower_source("gpt2.ron", &with_mask("1"), &opts).unwrap_or_else(|e| panic!("{e}"));
+    let e = kiln_frontend::lower_source("gpt2.ron", &with_mask("0"), &opts)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("a mask here must be an optional input (default 1)"), "{e}");
+}
+
+#[test]
 fn encoder_specs_cannot_be_lowered_for_decoding() {
     let opts = kiln_frontend::Options {
         decode: true,
@@ -241,7 +272,7 @@ fn encoder_specs_cannot_be_lowered_for_decoding() {
         .unwrap_err()
         .to_string();
     assert!(
-        e.contains("decoding needs exactly one integer [batch, seq] input"),
+        e.contains("needs causal attention; this one is bidirectional (an encoder cannot generate)"),
         "{e}"
     );
 }

@@ -318,8 +318,9 @@ impl<'a> Lowerer<'a> {
             _ => None,
         };
         let bad = |msg: String| {
-            Diagnostic::at(root.field("inputs"), msg)
-                .note("decoding (`--generate`) needs one required input: integer token ids [batch, seq] with symbolic dims")
+            Diagnostic::at(root.field("inputs"), msg).note(
+                "decoding (`--generate`) needs one required input: integer token ids [batch, seq] with symbolic dims",
+            )
         };
         let Some(ty) = ty.filter(|t| t.dtype.is_int() && t.rank() == 2) else {
             self.report(bad(format!(
@@ -1727,13 +1728,15 @@ impl<'a> Lowerer<'a> {
         let mut mask = a.mask;
         let mut causal_rows = None;
         if let Some(dec) = self.decode.clone() {
-            if !a.causal || a.mask.is_some_and(|m| !self.is_padding_input(m)) {
-                return Err(Diagnostic::at(
-                    path.clone(),
-                    "decoding (`--generate`) supports causal self-attention, masked by nothing or by an optional input \
-                     (the decoder masks padding itself)",
-                )
-                .into());
+            let why = if !a.causal {
+                Some("decoding (`--generate`) needs causal attention; this one is bidirectional (an encoder cannot generate)")
+            } else if a.mask.is_some_and(|m| !self.is_padding_input(m)) {
+                Some("decoding (`--generate`) masks padding itself: a mask here must be an optional input (default 1)")
+            } else {
+                None
+            };
+            if let Some(why) = why {
+                return Err(Diagnostic::at(path.clone(), why).into());
             }
             // Keys and values of the new tokens join the cache; attention reads all of it.
             for (x, tag) in [(&mut k, "k"), (&mut v, "v")] {
