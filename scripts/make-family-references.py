@@ -24,6 +24,7 @@ Families (each exercises what it adds over Llama):
   gpt_neox_tiny  parallel residual (x + attn(ln1 x) + mlp(ln2 x)), query_key_value interleaved
                  per head ([heads, 3, head_dim] rows), rotary on a quarter of each head,
                  LayerNorm with biases, GELU, untied embed_out
+  gpt_neox_sequential_tiny  the same with use_parallel_residual = false (a sequential residual)
 
 Greedy tokens come from `generate(do_sample=False)` and must equal a loop that recomputes the
 whole sequence at every step; EOS never stops (cleared, min_new_tokens = max_new_tokens). Every
@@ -84,6 +85,12 @@ FAMILIES = {
                            num_attention_heads=4, max_position_embeddings=128, rotary_pct=0.25,
                            use_parallel_residual=True, tie_word_embeddings=False,
                            initializer_range=0.1)),  # wider logits: greedy steps win clearly
+    # The sequential residual (x + attn(ln1 x), then + mlp(ln2 ·)), as Pythia's successors use.
+    "gpt_neox_sequential_tiny": ("GPTNeoXConfig", "GPTNeoXForCausalLM",
+                                 dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                      num_attention_heads=4, max_position_embeddings=128, rotary_pct=0.25,
+                                      use_parallel_residual=False, tie_word_embeddings=False,
+                                      initializer_range=0.1)),
 }
 
 

@@ -28,7 +28,8 @@ import torch
 import transformers
 
 DATA = Path(__file__).resolve().parent.parent / "tests" / "data"
-DECODERS = ["gpt2_tiny", "llama_tiny", "mistral_tiny", "qwen2_tiny", "phi3_tiny", "mixtral_tiny", "gpt_neox_tiny"]
+DECODERS = ["gpt2_tiny", "llama_tiny", "mistral_tiny", "qwen2_tiny", "phi3_tiny", "mixtral_tiny", "gpt_neox_tiny",
+            "gpt_neox_sequential_tiny"]
 PAD = 3
 
 

@@ -32,13 +32,14 @@ fn compiled(dir: &Path, decode: bool) -> Model {
     compile_o2(l, &w)
 }
 
-const DECODERS: [&str; 7] = [
+const DECODERS: [&str; 8] = [
     "gpt2_tiny",
     "llama_tiny",
     "mistral_tiny",
     "qwen2_tiny",
     "phi3_tiny",
     "gpt_neox_tiny",
+    "gpt_neox_sequential_tiny",
     "mixtral_tiny",
 ];
 
