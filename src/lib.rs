@@ -671,6 +671,7 @@ struct PlanSummary {
     matmuls: usize,
     epilogues: usize,
     attention: usize,
+    experts: usize,
     other: usize,
 }
 
@@ -679,7 +680,7 @@ impl PlanSummary {
         let calls: usize = self.kernels.values().map(|(n, _)| n).sum();
         let fused: u32 = self.kernels.values().map(|(_, f)| f).sum();
         format!(
-            "{} steps: {calls} kernel calls ({fused} ops fused){}, {} matmuls, {} attention, {} other",
+            "{} steps: {calls} kernel calls ({fused} ops fused){}, {} matmuls, {} attention, {}{} other",
             self.steps,
             if self.distinct > 0 {
                 format!(" of {} distinct generated kernels", self.distinct)
@@ -688,6 +689,11 @@ impl PlanSummary {
             },
             self.matmuls,
             self.attention,
+            if self.experts > 0 {
+                format!("{} mixture-of-experts, ", self.experts)
+            } else {
+                String::new()
+            },
             self.other
         )
     }
@@ -738,6 +744,7 @@ fn plan_summary<'a>(
                 }
             }
             Step::Attention { .. } => s.attention += 1,
+            Step::Fallback { op: Op::Moe { .. }, .. } => s.experts += 1,
             _ => s.other += 1,
         }
     }

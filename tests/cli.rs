@@ -751,6 +751,16 @@ fn import_then_compile_a_hugging_face_folder() {
     let got = kiln_runtime::npy::read(&out_file).unwrap();
     let e = got.max_abs_diff(&common::npy("mistral_tiny/logits.npy")).unwrap();
     assert!(e < 1e-4, "max abs error {e}");
+    // The plan summary names the mixture-of-experts steps (one per layer).
+    let o = kiln(&[
+        "compile",
+        "tests/data/mixtral_tiny",
+        "-o",
+        dir.join("mixtral.kiln").to_str().unwrap(),
+    ]);
+    let (out, err) = text(&o);
+    assert!(o.status.success(), "{err}");
+    assert!(format!("{out}{err}").contains(" 2 mixture-of-experts, "), "{out}{err}");
     // An unsupported family is refused, naming it.
     let o = kiln(&["import", "tests/data"]);
     let (_, err) = text(&o);
