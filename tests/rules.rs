@@ -22,19 +22,7 @@ fn graph_of(src: &str) -> Graph {
     let mut inputs: BTreeMap<String, NodeId> = BTreeMap::new();
     for name in ["x", "y"] {
         let ty = TensorType::new(DType::F32, vec![Dim::sym("n"), Dim::known(3)]);
-        inputs.insert(
-            name.into(),
-            g.add(
-                Op::Input {
-                    name: name.into(),
-                    ty,
-                    default: None,
-                },
-                &[],
-                name,
-            )
-            .unwrap(),
-        );
+        inputs.insert(name.into(), g.add(Op::input(name, ty), &[], name).unwrap());
     }
     fn parse(toks: &[String], pos: &mut usize, g: &mut Graph, inputs: &BTreeMap<String, NodeId>) -> NodeId {
         let t = toks[*pos].clone();
@@ -302,16 +290,7 @@ fn layout_inputs(g: &mut Graph) -> [NodeId; 3] {
     let n = Dim::sym("n");
     let mut add = |name: &str, shape: Vec<Dim>| {
         let ty = TensorType::new(DType::F32, shape);
-        g.add(
-            Op::Input {
-                name: name.into(),
-                ty,
-                default: None,
-            },
-            &[],
-            name,
-        )
-        .unwrap()
+        g.add(Op::input(name, ty), &[], name).unwrap()
     };
     let x = add("x", vec![n.clone(), Dim::known(4), Dim::known(6)]);
     let y = add("y", vec![n, Dim::known(4), Dim::known(6)]);
@@ -515,11 +494,7 @@ fn narrow_moves_a_last_position_gather_ahead_of_norm_and_matmul() {
     let logits = g.add(mm(false, true), &[nrm, z], "logits").unwrap();
     let idx = g
         .add(
-            Op::Input {
-                name: "last".into(),
-                ty: TensorType::new(DType::I64, vec![Dim::known(1)]),
-                default: None,
-            },
+            Op::input("last", TensorType::new(DType::I64, vec![Dim::known(1)])),
             &[],
             "last",
         )
@@ -552,16 +527,7 @@ fn fusion_inputs(g: &mut Graph) -> [NodeId; 4] {
     let n = Dim::sym("n");
     let mut add = |name: &str, shape: Vec<Dim>| {
         let ty = TensorType::new(DType::F32, shape);
-        g.add(
-            Op::Input {
-                name: name.into(),
-                ty,
-                default: None,
-            },
-            &[],
-            name,
-        )
-        .unwrap()
+        g.add(Op::input(name, ty), &[], name).unwrap()
     };
     let x = add("x", vec![n.clone(), Dim::known(4), Dim::known(6)]);
     let w = add("w", vec![Dim::known(5), Dim::known(6)]);

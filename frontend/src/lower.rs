@@ -348,17 +348,7 @@ impl<'a> Lowerer<'a> {
         let kv = Dim::sym(CACHE_DIM);
         let mut input = |name: &str, shape: Vec<Dim>| {
             let ty = TensorType::new(DType::I64, shape);
-            self.g
-                .add(
-                    Op::Input {
-                        name: name.into(),
-                        ty,
-                        default: None,
-                    },
-                    &[],
-                    name,
-                )
-                .ok()
+            self.g.add(Op::input(name, ty), &[], name).ok()
         };
         let positions = input(DECODE_INPUTS[0], vec![b.clone(), s.clone()])?;
         let slots = input(DECODE_INPUTS[1], vec![s.clone()])?;

@@ -46,11 +46,7 @@ mod tests {
         let mut g = Graph::new("g");
         let x = g
             .add(
-                Op::Input {
-                    name: "x".into(),
-                    ty: TensorType::new(DType::F32, vec![Dim::known(2)]),
-                    default: None,
-                },
+                Op::input("x", TensorType::new(DType::F32, vec![Dim::known(2)])),
                 &[],
                 "x",
             )

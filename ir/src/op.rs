@@ -379,6 +379,17 @@ pub(crate) fn broadcast_shapes(shapes: &[&Shape]) -> Result<Shape, TypeError> {
 }
 
 impl Op {
+    /// A required graph input (no default): the caller must bind it.
+    pub fn input(name: impl Into<String>, ty: TensorType) -> Op {
+        Op::Input {
+            name: name.into(),
+            ty,
+            default: None,
+        }
+    }
+}
+
+impl Op {
     /// Number of operands the op takes, or `None` for variadic ops (`Concat`).
     pub fn arity(&self) -> Option<usize> {
         Some(match self {

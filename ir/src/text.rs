@@ -70,11 +70,7 @@ mod tests {
         let mut g = Graph::new("tiny");
         let x = g
             .add(
-                Op::Input {
-                    name: "x".into(),
-                    ty: TensorType::new(DType::F32, vec![Dim::sym("batch"), Dim::known(4)]),
-                    default: None,
-                },
+                Op::input("x", TensorType::new(DType::F32, vec![Dim::sym("batch"), Dim::known(4)])),
                 &[],
                 "x",
             )

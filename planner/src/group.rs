@@ -96,11 +96,7 @@ fn body_graph(types: &[TensorType], body: &[BodyNode]) -> Result<(Graph, Vec<Nod
     let mut g = Graph::new("body");
     let mut at: Vec<NodeId> = Vec::new();
     for (i, ty) in types.iter().enumerate() {
-        let op = Op::Input {
-            name: format!("#{i}"),
-            ty: ty.clone(),
-            default: None,
-        };
+        let op = Op::input(format!("#{i}"), ty.clone());
         at.push(g.add(op, &[], format!("#{i}")).map_err(|e| e.to_string())?);
     }
     let mut nodes: Vec<NodeId> = Vec::new();

@@ -549,17 +549,7 @@ fn reductions_on_the_emulated_gpu() {
         for axes in [vec![0], vec![1], vec![2], vec![0, 1], vec![1, 2], vec![0, 2]] {
             let mut g = Graph::new("reduce");
             let ty = TensorType::new(DType::F32, shape.iter().map(|d| Dim::known(*d as u64)).collect());
-            let xi = g
-                .add(
-                    Op::Input {
-                        name: "x".into(),
-                        ty,
-                        default: None,
-                    },
-                    &[],
-                    "x",
-                )
-                .unwrap();
+            let xi = g.add(Op::input("x", ty), &[], "x").unwrap();
             let sq = g.add(Op::Binary(BinaryOp::Mul), &[xi, xi], "sq").unwrap();
             let r = g
                 .add(

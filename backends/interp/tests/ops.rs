@@ -10,16 +10,8 @@ fn input(g: &mut Graph, name: &str, dtype: DType, shape: &[&str]) -> NodeId {
         .iter()
         .map(|d| d.parse::<u64>().map(Dim::known).unwrap_or_else(|_| Dim::sym(*d)))
         .collect();
-    g.add(
-        Op::Input {
-            name: name.into(),
-            ty: TensorType::new(dtype, shape),
-            default: None,
-        },
-        &[],
-        name,
-    )
-    .unwrap()
+    g.add(Op::input(name, TensorType::new(dtype, shape)), &[], name)
+        .unwrap()
 }
 
 fn f32s(shape: &[usize], v: &[f32]) -> Tensor {
