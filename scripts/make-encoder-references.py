@@ -203,6 +203,15 @@ def padded_rows(g, vocab: int, pad: int):
     return ids, mask
 
 
+def save_encoder_io(out: Path, ids, mask, types, res, prefix: str = "") -> None:
+    """The int64 inputs given (None: not saved) and the float32 outputs, as <prefix><name>.npy."""
+    for name, t in (("input_ids", ids), ("attention_mask", mask), ("token_type_ids", types)):
+        if t is not None:
+            np.save(out / f"{name}.npy", t.numpy())
+    save_npy(out / f"{prefix}last_hidden_state.npy", res.last_hidden_state.numpy())
+    save_npy(out / f"{prefix}pooler_output.npy", res.pooler_output.numpy())
+
+
 @torch.no_grad()
 def bert() -> None:
     config = transformers.BertConfig(vocab_size=256, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
@@ -214,11 +223,8 @@ def bert() -> None:
     res = model(input_ids=ids, attention_mask=mask, token_type_ids=types)
     bare = model(input_ids=ids)
     out = save_folder(model, "bert_tiny", "encoder.layer.0.attention.self.query.weight")
-    for name, t in (("input_ids", ids), ("attention_mask", mask), ("token_type_ids", types)):
-        np.save(out / f"{name}.npy", t.numpy())
-    for prefix, r in (("", res), ("defaults_", bare)):
-        save_npy(out / f"{prefix}last_hidden_state.npy", r.last_hidden_state.numpy())
-        save_npy(out / f"{prefix}pooler_output.npy", r.pooler_output.numpy())
+    save_encoder_io(out, ids, mask, types, res)
+    save_encoder_io(out, None, None, None, bare, prefix="defaults_")
     print(f"bert_tiny: last_hidden_state {list(res.last_hidden_state.shape)}; given input_ids only, "
           f"{(res.last_hidden_state - bare.last_hidden_state).abs().max().item():.3f} away")
 
@@ -232,10 +238,7 @@ def roberta() -> None:
     types = torch.zeros_like(ids)
     res = model(input_ids=ids, attention_mask=mask, token_type_ids=types)
     out = save_folder(model, "roberta_tiny", "encoder.layer.0.attention.self.query.weight")
-    for name, t in (("input_ids", ids), ("attention_mask", mask), ("token_type_ids", types)):
-        np.save(out / f"{name}.npy", t.numpy())
-    save_npy(out / "last_hidden_state.npy", res.last_hidden_state.numpy())
-    save_npy(out / "pooler_output.npy", res.pooler_output.numpy())
+    save_encoder_io(out, ids, mask, types, res)
     print(f"roberta_tiny: last_hidden_state {list(res.last_hidden_state.shape)}")
 
 

@@ -18,22 +18,22 @@ use crate::{ArtifactError, KilnError, RunError};
 
 /// `(name, dtype, shape, default)` of a port: dims are numbers or symbol expressions such as
 /// `"seq"`; `default` is an optional input's element value, `None` for a required one.
-type PortInfo = (String, &'static str, Vec<String>, Option<Default>);
+type PortInfo = (String, &'static str, Vec<String>, Option<DefaultValue>);
 
 /// An optional input's element value, as the Python number it is.
 #[derive(IntoPyObject)]
-enum Default {
+enum DefaultValue {
     Int(i64),
     Float(f64),
     Bool(bool),
 }
 
-impl From<Literal> for Default {
-    fn from(l: Literal) -> Default {
+impl From<Literal> for DefaultValue {
+    fn from(l: Literal) -> DefaultValue {
         match l {
-            Literal::Int(v) => Default::Int(v),
-            Literal::Float(_) => Default::Float(l.as_f64()),
-            Literal::Bool(v) => Default::Bool(v),
+            Literal::Int(v) => DefaultValue::Int(v),
+            Literal::Float(_) => DefaultValue::Float(l.as_f64()),
+            Literal::Bool(v) => DefaultValue::Bool(v),
         }
     }
 }
@@ -58,7 +58,7 @@ impl Model {
                     p.name.clone(),
                     numpy_dtype(v.dtype),
                     shape,
-                    p.default.map(Default::from),
+                    p.default.map(DefaultValue::from),
                 )
             })
             .collect()

@@ -2,7 +2,6 @@
 //! elements where they already are (the Python package reads numpy arrays in place). Inputs are
 //! never copied: plan steps read them from these bytes.
 
-use std::borrow::Cow;
 use std::collections::BTreeMap;
 
 use kiln_ir::{DType, Tensor};
@@ -108,25 +107,4 @@ pub(crate) fn input_bytes<'a, T: InputTensor>(
         (None, Some(d)) => d.as_bytes(),
         (None, None) => &[],
     }
-}
-
-/// `inputs` with every left-out optional input added at its default (borrowed when none was left
-/// out), for runners that read inputs by name.
-#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
-pub(crate) fn with_defaults<'a>(
-    m: &Manifest,
-    inputs: &'a BTreeMap<String, Tensor>,
-    syms: &[usize],
-) -> Result<Cow<'a, BTreeMap<String, Tensor>>, RunError> {
-    let filled = defaults(m, inputs, syms)?;
-    if filled.iter().all(Option::is_none) {
-        return Ok(Cow::Borrowed(inputs));
-    }
-    let mut all = inputs.clone();
-    for (p, t) in m.inputs.iter().zip(filled) {
-        if let Some(t) = t {
-            all.insert(p.name.clone(), t);
-        }
-    }
-    Ok(Cow::Owned(all))
 }

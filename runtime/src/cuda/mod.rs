@@ -407,7 +407,7 @@ impl CudaModel {
         };
         self.dev.bind().map_err(|e| fail(usize::MAX, usize::MAX, e))?;
         let syms = crate::exec::bind(m, inputs)?;
-        let inputs = &*crate::input::with_defaults(m, inputs, &syms)?;
+        let defaults = crate::input::defaults(m, inputs, &syms)?;
         let shapes: Vec<Vec<usize>> = m
             .values
             .iter()
@@ -432,7 +432,7 @@ impl CudaModel {
             };
             let known: Option<Vec<Vec<u8>>> = args
                 .iter()
-                .map(|v| self.host_bytes(*v, sizes[*v as usize], inputs, &early))
+                .map(|v| self.host_bytes(*v, sizes[*v as usize], (inputs, &defaults), &early))
                 .collect();
             let Some(known) = known else { continue };
             let value = host_eval(m, op, args, known, (&shapes, &sizes), *out, &syms)
@@ -457,10 +457,10 @@ impl CudaModel {
             }));
         }
         let mut input_at = Vec::with_capacity(m.inputs.len());
-        for p in &m.inputs {
+        for n in 0..m.inputs.len() {
             pad(&mut host);
             input_at.push(host.len());
-            host.extend_from_slice(inputs[&p.name].as_bytes());
+            host.extend_from_slice(crate::input::input_bytes(m, inputs, &defaults, n));
         }
         let mut early_at = BTreeMap::new();
         for (v, bytes) in &early {
@@ -557,12 +557,12 @@ impl CudaModel {
         &self,
         mut v: u32,
         len: usize,
-        inputs: &BTreeMap<String, Tensor>,
+        (inputs, defaults): (&BTreeMap<String, Tensor>, &[Option<Tensor>]),
         early: &BTreeMap<u32, Vec<u8>>,
     ) -> Option<Vec<u8>> {
         let bytes: &[u8] = loop {
             match &self.manifest.values[v as usize].storage {
-                Storage::Input(n) => break inputs[&self.manifest.inputs[*n as usize].name].as_bytes(),
+                Storage::Input(n) => break crate::input::input_bytes(&self.manifest, inputs, defaults, *n as usize),
                 Storage::Weight { offset, len } => break &self.host_weights[*offset as usize..(offset + len) as usize],
                 Storage::Alias(src) => v = *src,
                 Storage::Temp => break early.get(&v)?,
